@@ -1,0 +1,344 @@
+//! Domain types shared by every layer of the orchestrator: release versions, release states, node
+//! identifiers and version listings. Pure data with validation and serde; no I/O.
+//!
+//! Every type that comes from outside (a user, a file, the network) has a `FromStr`/`new` that
+//! validates it, so code holding one of these values can rely on its invariants.
+
+pub mod rollout;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a value from outside was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("invalid version {0:?}: expected strict x.y.z with decimal numbers and no leading zeros (for example 4.2.1)")]
+    Version(String),
+    #[error("invalid release state {0:?}: expected one of unpacked, current, permanent, old")]
+    ReleaseState(String),
+    #[error("invalid node id {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with '.' or '-'")]
+    NodeId(String),
+    #[error("invalid package name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")]
+    PackageName(String),
+}
+
+/// A release version: strict `major.minor.patch`, ordered numerically (4.2.10 > 4.2.9).
+///
+/// Leading zeros are refused so that each version has exactly one spelling (and one directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    pub major: u64,
+    pub minor: u64,
+    pub patch: u64,
+}
+
+impl Version {
+    pub const fn new(major: u64, minor: u64, patch: u64) -> Self {
+        Version {
+            major,
+            minor,
+            patch,
+        }
+    }
+
+    /// A hot upgrade or downgrade is only allowed between versions of the same `major.minor`.
+    pub fn is_patch_hop(&self, other: &Version) -> bool {
+        self.major == other.major && self.minor == other.minor
+    }
+}
+
+impl FromStr for Version {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseError::Version(s.chars().take(64).collect());
+        let mut parts = s.split('.');
+        let mut next = || -> Result<u64, ParseError> {
+            let p = parts.next().ok_or_else(err)?;
+            if p.is_empty()
+                || p.len() > 19
+                || !p.bytes().all(|b| b.is_ascii_digit())
+                || (p.len() > 1 && p.starts_with('0'))
+            {
+                return Err(err());
+            }
+            p.parse().map_err(|_| err())
+        };
+        let v = Version::new(next()?, next()?, next()?);
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        Ok(v)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+impl Serialize for Version {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The state of one release in a node's store, as Erlang/OTP's release_handler names them.
+///
+/// A release that is both running and permanent shows as `Permanent`; `Current` means running
+/// but not permanent (a restart would boot the permanent one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseState {
+    Unpacked,
+    Current,
+    Permanent,
+    Old,
+}
+
+impl ReleaseState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReleaseState::Unpacked => "unpacked",
+            ReleaseState::Current => "current",
+            ReleaseState::Permanent => "permanent",
+            ReleaseState::Old => "old",
+        }
+    }
+}
+
+impl fmt::Display for ReleaseState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ReleaseState {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "unpacked" => ReleaseState::Unpacked,
+            "current" => ReleaseState::Current,
+            "permanent" => ReleaseState::Permanent,
+            "old" => ReleaseState::Old,
+            _ => return Err(ParseError::ReleaseState(s.chars().take(64).collect())),
+        })
+    }
+}
+
+/// One line of a `versions` listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    pub version: Version,
+    pub state: ReleaseState,
+}
+
+/// Renders a listing exactly as operators' scripts parse it (EMQX 4.x `emqx versions`):
+/// a header line, then `* VERSION<TAB>STATE` per release, newest first.
+pub fn format_versions(entries: &[VersionEntry]) -> String {
+    let mut sorted: Vec<&VersionEntry> = entries.iter().collect();
+    sorted.sort_by(|a, b| b.version.cmp(&a.version));
+    let mut out = String::from("Installed versions:\n");
+    for e in sorted {
+        out.push_str(&format!("* {}\t{}\n", e.version, e.state));
+    }
+    out
+}
+
+/// Parses the `versions` format back (used by the EMQX driver). Lines that are not entries are
+/// skipped, so a banner or warning printed by the tool does not break parsing.
+pub fn parse_versions(text: &str) -> Result<Vec<VersionEntry>, ParseError> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("* ") else {
+            continue;
+        };
+        let mut it = rest.split(|c: char| c == '\t' || c == ' ').filter(|s| !s.is_empty());
+        let (Some(v), Some(st)) = (it.next(), it.next()) else {
+            continue;
+        };
+        out.push(VersionEntry {
+            version: v.parse()?,
+            state: st.parse()?,
+        });
+    }
+    Ok(out)
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// A node identifier. Restricted to a path- and log-safe alphabet because ids end up in file
+/// names, certificate SANs and log lines.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(String);
+
+impl NodeId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if valid_ident(s) {
+            Ok(NodeId(s.to_string()))
+        } else {
+            Err(ParseError::NodeId(s.chars().take(64).collect()))
+        }
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Validates a package name (the `<name>` of `<name>-<version>.zip`).
+pub fn validate_package_name(s: &str) -> Result<(), ParseError> {
+    if valid_ident(s) {
+        Ok(())
+    } else {
+        Err(ParseError::PackageName(s.chars().take(64).collect()))
+    }
+}
+
+/// Splits a package file name `<name>-<version>.zip` into its parts, validating both.
+pub fn parse_package_file_name(file_name: &str) -> Option<(String, Version)> {
+    let stem = file_name.strip_suffix(".zip")?;
+    let (name, version) = stem.rsplit_once('-')?;
+    validate_package_name(name).ok()?;
+    Some((name.to_string(), version.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn version_parse_strict() {
+        assert_eq!("4.2.1".parse::<Version>(), Ok(Version::new(4, 2, 1)));
+        assert_eq!("0.0.0".parse::<Version>(), Ok(Version::new(0, 0, 0)));
+        for bad in [
+            "", "4", "4.2", "4.2.1.0", "v4.2.1", "4.2.1-rc1", "4.02.1", "4.2.01", " 4.2.1", "4.2.1 ",
+            "4..1", "4.2.", "+4.2.1", "-4.2.1", "4.2.x", "99999999999999999999.0.0", "4.2.1\n",
+        ] {
+            assert!(bad.parse::<Version>().is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn version_orders_numerically() {
+        let a: Version = "4.2.10".parse().unwrap();
+        let b: Version = "4.2.9".parse().unwrap();
+        assert!(a > b);
+        assert!("10.0.0".parse::<Version>().unwrap() > "9.9.9".parse::<Version>().unwrap());
+    }
+
+    #[test]
+    fn patch_hop() {
+        let v = |s: &str| s.parse::<Version>().unwrap();
+        assert!(v("4.2.0").is_patch_hop(&v("4.2.7")));
+        assert!(!v("4.2.0").is_patch_hop(&v("4.3.0")));
+        assert!(!v("4.2.0").is_patch_hop(&v("5.2.0")));
+    }
+
+    #[test]
+    fn versions_format_is_byte_exact_and_round_trips() {
+        let entries = vec![
+            VersionEntry {
+                version: "4.2.0".parse().unwrap(),
+                state: ReleaseState::Old,
+            },
+            VersionEntry {
+                version: "4.2.1".parse().unwrap(),
+                state: ReleaseState::Permanent,
+            },
+        ];
+        let text = format_versions(&entries);
+        assert_eq!(text, "Installed versions:\n* 4.2.1\tpermanent\n* 4.2.0\told\n");
+        let mut back = parse_versions(&text).unwrap();
+        back.reverse();
+        assert_eq!(back, entries);
+        assert_eq!(format_versions(&[]), "Installed versions:\n");
+    }
+
+    #[test]
+    fn json_shapes() {
+        let e = VersionEntry {
+            version: "4.2.1".parse().unwrap(),
+            state: ReleaseState::Permanent,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"version":"4.2.1","state":"permanent"}"#
+        );
+        assert!(serde_json::from_str::<Version>(r#""4.2""#).is_err());
+    }
+
+    #[test]
+    fn node_ids() {
+        assert!("n1".parse::<NodeId>().is_ok());
+        assert!("node-1.eu_west".parse::<NodeId>().is_ok());
+        for bad in ["", "../n1", "n/1", ".hidden", "-x", "a b", &"x".repeat(65), "n1\0"] {
+            assert!(bad.parse::<NodeId>().is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn package_file_names() {
+        assert_eq!(
+            parse_package_file_name("emqx-ee-4.2.1.zip"),
+            Some(("emqx-ee".to_string(), Version::new(4, 2, 1)))
+        );
+        assert_eq!(parse_package_file_name("emqx-4.2.zip"), None);
+        assert_eq!(parse_package_file_name("-4.2.1.zip"), None);
+        assert_eq!(parse_package_file_name("emqx-4.2.1.tar"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn version_display_parse_round_trip(a in 0u64..100_000, b in 0u64..100_000, c in 0u64..100_000) {
+            let v = Version::new(a, b, c);
+            prop_assert_eq!(v.to_string().parse::<Version>(), Ok(v));
+        }
+
+        #[test]
+        fn version_parse_never_panics(s in ".{0,40}") {
+            let _ = s.parse::<Version>();
+        }
+    }
+}

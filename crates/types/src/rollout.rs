@@ -1,0 +1,1 @@
+//! Rollout specification and progress types (owned by the rollout engine work).
