@@ -14,13 +14,19 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Why a value from outside was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("invalid version {0:?}: expected strict x.y.z with decimal numbers and no leading zeros (for example 4.2.1)")]
+    #[error(
+        "invalid version {0:?}: expected strict x.y.z with decimal numbers and no leading zeros (for example 4.2.1)"
+    )]
     Version(String),
     #[error("invalid release state {0:?}: expected one of unpacked, current, permanent, old")]
     ReleaseState(String),
-    #[error("invalid node id {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with '.' or '-'")]
+    #[error(
+        "invalid node id {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with '.' or '-'"
+    )]
     NodeId(String),
-    #[error("invalid package name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")]
+    #[error(
+        "invalid package name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+    )]
     PackageName(String),
 }
 
@@ -148,7 +154,7 @@ pub struct VersionEntry {
 /// a header line, then `* VERSION<TAB>STATE` per release, newest first.
 pub fn format_versions(entries: &[VersionEntry]) -> String {
     let mut sorted: Vec<&VersionEntry> = entries.iter().collect();
-    sorted.sort_by(|a, b| b.version.cmp(&a.version));
+    sorted.sort_by_key(|e| std::cmp::Reverse(e.version));
     let mut out = String::from("Installed versions:\n");
     for e in sorted {
         out.push_str(&format!("* {}\t{}\n", e.version, e.state));
@@ -164,7 +170,7 @@ pub fn parse_versions(text: &str) -> Result<Vec<VersionEntry>, ParseError> {
         let Some(rest) = line.strip_prefix("* ") else {
             continue;
         };
-        let mut it = rest.split(|c: char| c == '\t' || c == ' ').filter(|s| !s.is_empty());
+        let mut it = rest.split(['\t', ' ']).filter(|s| !s.is_empty());
         let (Some(v), Some(st)) = (it.next(), it.next()) else {
             continue;
         };
@@ -253,8 +259,23 @@ mod tests {
         assert_eq!("4.2.1".parse::<Version>(), Ok(Version::new(4, 2, 1)));
         assert_eq!("0.0.0".parse::<Version>(), Ok(Version::new(0, 0, 0)));
         for bad in [
-            "", "4", "4.2", "4.2.1.0", "v4.2.1", "4.2.1-rc1", "4.02.1", "4.2.01", " 4.2.1", "4.2.1 ",
-            "4..1", "4.2.", "+4.2.1", "-4.2.1", "4.2.x", "99999999999999999999.0.0", "4.2.1\n",
+            "",
+            "4",
+            "4.2",
+            "4.2.1.0",
+            "v4.2.1",
+            "4.2.1-rc1",
+            "4.02.1",
+            "4.2.01",
+            " 4.2.1",
+            "4.2.1 ",
+            "4..1",
+            "4.2.",
+            "+4.2.1",
+            "-4.2.1",
+            "4.2.x",
+            "99999999999999999999.0.0",
+            "4.2.1\n",
         ] {
             assert!(bad.parse::<Version>().is_err(), "{bad:?} must be refused");
         }
@@ -289,7 +310,10 @@ mod tests {
             },
         ];
         let text = format_versions(&entries);
-        assert_eq!(text, "Installed versions:\n* 4.2.1\tpermanent\n* 4.2.0\told\n");
+        assert_eq!(
+            text,
+            "Installed versions:\n* 4.2.1\tpermanent\n* 4.2.0\told\n"
+        );
         let mut back = parse_versions(&text).unwrap();
         back.reverse();
         assert_eq!(back, entries);
@@ -313,7 +337,16 @@ mod tests {
     fn node_ids() {
         assert!("n1".parse::<NodeId>().is_ok());
         assert!("node-1.eu_west".parse::<NodeId>().is_ok());
-        for bad in ["", "../n1", "n/1", ".hidden", "-x", "a b", &"x".repeat(65), "n1\0"] {
+        for bad in [
+            "",
+            "../n1",
+            "n/1",
+            ".hidden",
+            "-x",
+            "a b",
+            &"x".repeat(65),
+            "n1\0",
+        ] {
             assert!(bad.parse::<NodeId>().is_err(), "{bad:?} must be refused");
         }
     }

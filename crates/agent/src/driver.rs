@@ -1,0 +1,92 @@
+//! How the agent performs a node's steps: the native release store, or an existing tool (the
+//! EMQX 4.x `emqx` script). Synchronous: the service calls drivers through `spawn_blocking`.
+
+use orch_release::{PackageSource, Store};
+use orch_types::{ReleaseState, Version, VersionEntry};
+
+use crate::error::Result;
+
+/// What a step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// False when the result already held.
+    pub changed: bool,
+    pub messages: Vec<String>,
+}
+
+/// The node-layer steps. Every step is idempotent: repeating one whose result holds succeeds
+/// with `changed == false`. Packages are looked up in `ROOT/releases/`.
+pub trait Driver: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn versions(&self) -> Result<Vec<VersionEntry>>;
+    fn unpack(&self, v: Version) -> Result<StepOutcome>;
+    fn install(&self, v: Version, permanent: bool) -> Result<StepOutcome>;
+    fn permanent(&self, v: Version) -> Result<StepOutcome>;
+    fn downgrade(&self, v: Version) -> Result<StepOutcome>;
+    fn uninstall(&self, v: Version) -> Result<StepOutcome>;
+    /// The service reported running `reported`; a driver that keeps its own state repairs it
+    /// (a restarted node runs its permanent release). Returns a note when something changed.
+    fn reconcile_running(&self, reported: Version) -> Result<Option<String>>;
+
+    /// The release the driver says runs: the current one, else the permanent one.
+    fn running(&self) -> Result<Option<Version>> {
+        let v = self.versions()?;
+        let find = |st| v.iter().find(|e| e.state == st).map(|e| e.version);
+        Ok(find(ReleaseState::Current).or_else(|| find(ReleaseState::Permanent)))
+    }
+}
+
+/// The built-in release store (`crates/release`).
+pub struct NativeDriver {
+    store: Store,
+}
+
+impl NativeDriver {
+    pub fn new(store: Store) -> Self {
+        NativeDriver { store }
+    }
+}
+
+fn outcome(o: orch_release::Outcome) -> StepOutcome {
+    StepOutcome {
+        changed: o.changed,
+        messages: o.messages,
+    }
+}
+
+impl Driver for NativeDriver {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn versions(&self) -> Result<Vec<VersionEntry>> {
+        Ok(self.store.versions()?)
+    }
+
+    fn unpack(&self, v: Version) -> Result<StepOutcome> {
+        Ok(outcome(self.store.unpack(&PackageSource::Lookup(v))?))
+    }
+
+    fn install(&self, v: Version, permanent: bool) -> Result<StepOutcome> {
+        Ok(outcome(
+            self.store.install(&PackageSource::Lookup(v), permanent)?,
+        ))
+    }
+
+    fn permanent(&self, v: Version) -> Result<StepOutcome> {
+        Ok(outcome(self.store.make_permanent(v)?))
+    }
+
+    fn downgrade(&self, v: Version) -> Result<StepOutcome> {
+        Ok(outcome(self.store.downgrade(v)?))
+    }
+
+    fn uninstall(&self, v: Version) -> Result<StepOutcome> {
+        Ok(outcome(self.store.uninstall(v)?))
+    }
+
+    fn reconcile_running(&self, reported: Version) -> Result<Option<String>> {
+        let o = self.store.reconcile_running(reported)?;
+        Ok(o.changed.then(|| o.messages.join(" ")))
+    }
+}

@@ -1,0 +1,219 @@
+//! The node agent: serves the `Agent` gRPC API (proto/agent.proto) over one node's releases.
+//! Coordinators and operators reach a node only through it. Steps are fenced (a deposed
+//! coordinator cannot act after its successor), idempotent, serialized per node, and run on the
+//! blocking pool; health is probed by URL, command, or the store's own view.
+//!
+//! `serve(config, listener, shutdown)` is the whole daemon, so tests run agents in-process.
+
+pub mod driver;
+pub mod emqx;
+pub mod error;
+pub mod fence;
+pub mod health;
+pub mod push;
+mod service;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orch_proto::agent::agent_server::AgentServer;
+use orch_release::{Store, StoreConfig};
+use orch_types::NodeId;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+pub use error::{Error, Result};
+pub use health::HealthConfig;
+
+/// Which implementation performs the node's steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverKind {
+    Native,
+    /// An EMQX 4.x installation's `emqx` script.
+    Emqx {
+        bin: PathBuf,
+    },
+}
+
+/// Everything the agent daemon needs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_id: NodeId,
+    pub root_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// The address coordinators should dial (defaults to `listen`).
+    pub advertise: Option<String>,
+    /// Coordinators to register with (registration arrives with the coordinator work).
+    pub coordinators: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub health: HealthConfig,
+    pub activate_cmd: Option<Vec<String>>,
+    pub activate_timeout: Duration,
+    pub driver: DriverKind,
+    pub insecure: bool,
+    pub max_package_bytes: u64,
+    /// How long a SIGTERM waits for an in-flight step before exiting anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(node_id: NodeId, root_dir: PathBuf, listen: SocketAddr) -> Self {
+        AgentConfig {
+            node_id,
+            root_dir,
+            listen,
+            advertise: None,
+            coordinators: Vec::new(),
+            labels: BTreeMap::new(),
+            health: HealthConfig {
+                url: None,
+                cmd: None,
+                timeout: Duration::from_secs(2),
+            },
+            activate_cmd: None,
+            activate_timeout: Duration::from_secs(60),
+            driver: DriverKind::Native,
+            insecure: false,
+            max_package_bytes: 4 << 30,
+            shutdown_grace: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The `--config FILE` format: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentFileConfig {
+    pub node_id: Option<String>,
+    pub root_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub advertise: Option<String>,
+    #[serde(default)]
+    pub coordinator: Vec<String>,
+    #[serde(default)]
+    pub label: BTreeMap<String, String>,
+    pub health_url: Option<String>,
+    pub health_cmd: Option<String>,
+    pub health_timeout: Option<String>,
+    pub activate_cmd: Option<String>,
+    pub activate_timeout: Option<String>,
+    pub driver: Option<String>,
+    pub emqx_bin: Option<PathBuf>,
+    pub insecure: Option<bool>,
+}
+
+impl AgentFileConfig {
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown` resolves.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves on an already bound listener (port 0 in tests) until `shutdown` resolves; then stops
+/// accepting and waits up to `shutdown_grace` for an in-flight step to finish.
+pub async fn serve(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    if !config.insecure {
+        return Err(Error::Refused(
+            "TLS is not available in this build yet: pass --insecure to serve plain-text gRPC \
+             (only on a trusted network)"
+                .into(),
+        ));
+    }
+    tracing::warn!(
+        "agent serving plain-text gRPC (--insecure): anyone who can reach it can act on this node"
+    );
+    let mut store_cfg = StoreConfig::new(&config.root_dir);
+    store_cfg.activate_cmd = config.activate_cmd.clone();
+    store_cfg.activate_timeout = config.activate_timeout;
+    let store = Store::open(store_cfg)?;
+    clear_stale_uploads(store.releases_dir());
+    let driver: Arc<dyn driver::Driver> = match &config.driver {
+        DriverKind::Native => Arc::new(driver::NativeDriver::new(store)),
+        DriverKind::Emqx { bin } => {
+            Arc::new(emqx::EmqxDriver::new(bin.clone(), config.activate_timeout))
+        }
+    };
+    let fences = fence::FenceStore::open(&config.root_dir.join("agent"), config.node_id.as_str())?;
+    let steps = Arc::new(Mutex::new(fences));
+    let svc = service::AgentService {
+        shared: Arc::new(service::Shared {
+            node_id: config.node_id.to_string(),
+            root: config.root_dir.clone(),
+            labels: config.labels.clone(),
+            driver,
+            health: config.health.clone(),
+            max_package_bytes: config.max_package_bytes,
+            steps: steps.clone(),
+        }),
+    };
+    if !config.coordinators.is_empty() {
+        tracing::warn!(
+            coordinators = ?config.coordinators,
+            "registration with coordinators is not implemented yet; coordinators must be told about this agent"
+        );
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let local = listener.local_addr().ok();
+    tracing::info!(node = %config.node_id, addr = ?local, "agent listening");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(AgentServer::new(svc).max_decoding_message_size(8 << 20))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.map_err(|e| Error::Internal(format!("server: {e}"))),
+        () = shutdown => {}
+    }
+    tracing::info!("shutting down: no new requests; waiting for an in-flight step");
+    let _ = stop_tx.send(());
+    let grace = config.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        let _ = (&mut server).await;
+        // The step lock is held by the blocking work itself, so this waits for it to finish.
+        let _ = steps.lock().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            "an in-flight step did not finish within the grace period"
+        );
+    }
+    Ok(())
+}
+
+/// Uploads interrupted by a previous crash are incomplete by definition.
+fn clear_stale_uploads(releases: &std::path::Path) {
+    if let Ok(rd) = std::fs::read_dir(releases) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".push-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}

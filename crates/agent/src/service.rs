@@ -1,0 +1,310 @@
+//! The tonic `Agent` service: fenced, idempotent steps, one at a time per node, with the
+//! blocking driver work run off the async runtime.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use orch_proto::agent::{self as pb, agent_server::Agent};
+use orch_types::{Version, VersionEntry};
+use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::driver::{Driver, StepOutcome};
+use crate::error::{Error, Result};
+use crate::fence::{Fence, FenceStore};
+use crate::health::{self, HealthConfig};
+use crate::push::{Header, Upload};
+
+pub(crate) struct Shared {
+    pub node_id: String,
+    pub root: PathBuf,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub driver: Arc<dyn Driver>,
+    pub health: HealthConfig,
+    pub max_package_bytes: u64,
+    /// Held for the whole of a mutating step: one step at a time per node.
+    pub steps: Arc<Mutex<FenceStore>>,
+}
+
+#[derive(Clone)]
+pub struct AgentService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn fence_of(f: Option<pb::Fence>) -> Option<Fence> {
+    f.map(|f| Fence {
+        term: f.term,
+        rollout_id: f.rollout_id,
+        step: f.step,
+    })
+}
+
+fn parse_version(s: &str) -> Result<Version> {
+    s.parse::<Version>()
+        .map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+fn entries(v: &[VersionEntry]) -> Vec<pb::VersionEntry> {
+    v.iter().map(pb::VersionEntry::from).collect()
+}
+
+impl AgentService {
+    /// Runs blocking driver work on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Driver) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let driver = self.shared.driver.clone();
+        tokio::task::spawn_blocking(move || f(driver.as_ref()))
+            .await
+            .map_err(|e| Error::Internal(format!("step task failed: {e}")))?
+    }
+
+    /// A fenced, serialized step that returns the outcome and the releases after it.
+    async fn step(
+        &self,
+        fence: Option<pb::Fence>,
+        what: String,
+        f: impl FnOnce(&dyn Driver) -> Result<StepOutcome> + Send + 'static,
+    ) -> Result<pb::StepReply> {
+        let mut fences = self.shared.steps.clone().lock_owned().await;
+        fences.admit(fence_of(fence).as_ref(), &what)?;
+        // The guard moves into the blocking task: even if this request is cancelled, the next
+        // step (and a graceful shutdown) waits until the driver work has really finished.
+        let (outcome, versions) = self
+            .blocking(move |d| {
+                let _step = fences;
+                let o = f(d)?;
+                Ok((o, d.versions()?))
+            })
+            .await?;
+        tracing::info!(node = %self.shared.node_id, step = %what, changed = outcome.changed, "step done");
+        Ok(pb::StepReply {
+            changed: outcome.changed,
+            messages: outcome.messages,
+            versions: entries(&versions),
+        })
+    }
+
+    /// What the service reports (health URL `version`), repairing the store when it shows
+    /// the node was restarted. Skips the repair while a step is in flight.
+    async fn reported_and_reconcile(&self) -> Option<String> {
+        let url = self.shared.health.url.as_ref()?;
+        let r = health::probe_http(url, self.shared.health.timeout, None).await;
+        let reported = r.reported?;
+        if let (Ok(v), Ok(_guard)) = (reported.parse::<Version>(), self.shared.steps.try_lock()) {
+            match self.blocking(move |d| d.reconcile_running(v)).await {
+                Ok(Some(note)) => tracing::warn!(node = %self.shared.node_id, "{note}"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(node = %self.shared.node_id, "reconcile failed: {e}"),
+            }
+        }
+        Some(reported)
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn node_info(
+        &self,
+        _req: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfoReply>, Status> {
+        let fences = self.shared.steps.lock().await;
+        let last_fence = fences.highest().map(|f| pb::Fence {
+            term: f.term,
+            rollout_id: f.rollout_id.clone(),
+            step: f.step,
+        });
+        drop(fences);
+        Ok(Response::new(pb::NodeInfoReply {
+            node_id: self.shared.node_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            root_dir: self.shared.root.display().to_string(),
+            labels: self.shared.labels.clone().into_iter().collect(),
+            free_disk_bytes: free_disk(&self.shared.root),
+            driver: self.shared.driver.name().to_string(),
+            last_fence,
+        }))
+    }
+
+    async fn versions(
+        &self,
+        _req: Request<pb::VersionsRequest>,
+    ) -> Result<Response<pb::VersionsReply>, Status> {
+        let reported = self.reported_and_reconcile().await.unwrap_or_default();
+        let (versions, running) = self
+            .blocking(|d| {
+                let v = d.versions()?;
+                let r = d.running()?;
+                Ok((v, r))
+            })
+            .await?;
+        Ok(Response::new(pb::VersionsReply {
+            versions: entries(&versions),
+            running_version: running.map(|v| v.to_string()).unwrap_or_default(),
+            reported_version: reported,
+        }))
+    }
+
+    async fn push_package(
+        &self,
+        req: Request<Streaming<pb::PackageChunk>>,
+    ) -> Result<Response<pb::PushReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("push refused: empty stream"))??;
+        let h = first.header.ok_or_else(|| {
+            Status::invalid_argument("push refused: the first chunk must carry the header")
+        })?;
+        let header = Header::validate(
+            &h.name,
+            &h.version,
+            &h.sha256,
+            h.size,
+            self.shared.max_package_bytes,
+        )?;
+        let file_name = header.file_name();
+        self.shared
+            .steps
+            .lock()
+            .await
+            .admit(fence_of(h.fence).as_ref(), &format!("push {file_name}"))?;
+        let releases = self.shared.root.join("releases");
+        let path = format!("releases/{file_name}");
+        let Some(mut upload) = Upload::start(&releases, header)? else {
+            // Drain what the client still sends; the identical package is already here.
+            while let Some(chunk) = stream.next().await {
+                chunk?;
+            }
+            return Ok(Response::new(pb::PushReply {
+                path,
+                already: true,
+                message: format!("Package {file_name} is already on this node"),
+            }));
+        };
+        upload.write(&first.data)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                Status::cancelled(format!(
+                    "push of {file_name} interrupted ({e}); package discarded"
+                ))
+            })?;
+            upload.write(&chunk.data)?;
+        }
+        let finished = tokio::task::spawn_blocking(move || upload.finish())
+            .await
+            .map_err(|e| Status::internal(format!("push task failed: {e}")))??;
+        tracing::info!(node = %self.shared.node_id, file = %finished.display(), "package received");
+        Ok(Response::new(pb::PushReply {
+            path,
+            already: false,
+            message: format!("Received package {file_name}"),
+        }))
+    }
+
+    async fn unpack(
+        &self,
+        req: Request<pb::UnpackRequest>,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let r = req.into_inner();
+        let v = parse_version(&r.version)?;
+        Ok(Response::new(
+            self.step(r.fence, format!("unpack {v}"), move |d| d.unpack(v))
+                .await?,
+        ))
+    }
+
+    async fn install(
+        &self,
+        req: Request<pb::InstallRequest>,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let r = req.into_inner();
+        let v = parse_version(&r.version)?;
+        let p = r.permanent;
+        Ok(Response::new(
+            self.step(r.fence, format!("install {v} permanent={p}"), move |d| {
+                d.install(v, p)
+            })
+            .await?,
+        ))
+    }
+
+    async fn permanent(
+        &self,
+        req: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let r = req.into_inner();
+        let v = parse_version(&r.version)?;
+        Ok(Response::new(
+            self.step(r.fence, format!("permanent {v}"), move |d| d.permanent(v))
+                .await?,
+        ))
+    }
+
+    async fn downgrade(
+        &self,
+        req: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let r = req.into_inner();
+        let v = parse_version(&r.version)?;
+        Ok(Response::new(
+            self.step(r.fence, format!("downgrade {v}"), move |d| d.downgrade(v))
+                .await?,
+        ))
+    }
+
+    async fn uninstall(
+        &self,
+        req: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let r = req.into_inner();
+        let v = parse_version(&r.version)?;
+        Ok(Response::new(
+            self.step(r.fence, format!("uninstall {v}"), move |d| d.uninstall(v))
+                .await?,
+        ))
+    }
+
+    async fn health(
+        &self,
+        req: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthReply>, Status> {
+        let r = req.into_inner();
+        let expect = if r.expect_version.is_empty() {
+            None
+        } else {
+            Some(parse_version(&r.expect_version)?)
+        };
+        if self.shared.health.url.is_some() {
+            self.reported_and_reconcile().await;
+        }
+        let running = self.blocking(|d| d.running()).await?;
+        let h = health::check(&self.shared.health, expect, running).await;
+        Ok(Response::new(pb::HealthReply {
+            healthy: h.healthy,
+            reported_version: h.reported.unwrap_or_default(),
+            check: h.check.to_string(),
+            detail: h.detail,
+        }))
+    }
+}
+
+/// Free bytes for unprivileged users on the root's file system (0 when unknown).
+fn free_disk(root: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is a valid C string.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) == 0 {
+            (s.f_bavail as u64).saturating_mul(s.f_frsize as u64)
+        } else {
+            0
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! `orchestrator node ...`: the EMQX-style commands on a local release store.
+
+use anyhow::{Context, Result, bail};
+use orch_release::{Limits, PackageSource, Store, StoreConfig};
+use orch_types::{format_versions, parse_package_file_name};
+
+use crate::args::{NodeArgs, NodeCmd, PackageTarget};
+
+pub fn run(args: NodeArgs) -> Result<()> {
+    let Some(root) = args.root_dir.clone() else {
+        bail!("no root directory: pass --root-dir DIR or set ORCH_ROOT_DIR");
+    };
+    if let NodeCmd::RootDir = args.cmd {
+        println!("{}", root.display());
+        return Ok(());
+    }
+    let mut cfg = StoreConfig::new(root);
+    cfg.activate_timeout = args.activate_timeout;
+    cfg.lock_timeout = args.lock_timeout;
+    cfg.limits = Limits {
+        max_total_bytes: args.max_unpacked_bytes,
+        max_entries: args.max_entries,
+    };
+    if let Some(cmd) = &args.activate_cmd {
+        let words = shell_words::split(cmd).context("--activate-cmd is not valid shell words")?;
+        if words.is_empty() {
+            bail!("--activate-cmd is empty");
+        }
+        cfg.activate_cmd = Some(words);
+    }
+    let store = Store::open(cfg)?;
+    let outcome = match args.cmd {
+        NodeCmd::Versions { json } => {
+            let entries = store.versions()?;
+            if json {
+                println!("{}", serde_json::to_string(&entries)?);
+            } else {
+                print!("{}", format_versions(&entries));
+            }
+            return Ok(());
+        }
+        NodeCmd::RootDir => unreachable!("handled above"),
+        NodeCmd::Unpack(t) => store.unpack(&source(&store, t)?)?,
+        NodeCmd::Install(a) | NodeCmd::Upgrade(a) => {
+            store.install(&source(&store, a.target)?, !a.no_permanent)?
+        }
+        NodeCmd::Permanent { version } => store.make_permanent(version)?,
+        NodeCmd::Downgrade { version } => store.downgrade(version)?,
+        NodeCmd::Uninstall { version } => store.uninstall(version)?,
+    };
+    for line in outcome.messages {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Turns `VERSION` / `--package FILE` / `--sha256` into a package source.
+fn source(store: &Store, t: PackageTarget) -> Result<PackageSource> {
+    match (t.version, t.package) {
+        (None, None) => bail!("give a VERSION or --package FILE"),
+        (version, Some(path)) => {
+            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if let (Some(v), Some((_, pv))) = (version, parse_package_file_name(file_name))
+                && v != pv
+            {
+                bail!("version {v} was given but the package {file_name} holds {pv}");
+            }
+            Ok(PackageSource::File {
+                path,
+                sha256: t.sha256,
+            })
+        }
+        (Some(v), None) => Ok(match t.sha256 {
+            // An explicit digest needs the file itself.
+            Some(d) => PackageSource::File {
+                path: store.find_package(v)?,
+                sha256: Some(d),
+            },
+            None => PackageSource::Lookup(v),
+        }),
+    }
+}

@@ -1,0 +1,476 @@
+//! The release store on disk: `ROOT/releases/` holds packages, one directory per unpacked
+//! release, `state.json` (the states) and `.lock`.
+//!
+//! Every mutation runs under the exclusive lock and in this order, so that a crash at any point
+//! leaves a state that `reconcile` turns into either the old or the new one:
+//! unpack = extract to `.unpack-*`, syncfs, rename to `<v>/`, fsync dir, then write state;
+//! uninstall = rename `<v>/` to `.trash-*`, fsync dir, write state, then delete the trash;
+//! switch = run the hook, then write state. Reads take no lock: state.json is replaced
+//! atomically and the in-memory reconcile gives the same view a writer would persist.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use orch_types::{Version, VersionEntry, parse_package_file_name};
+use serde::{Deserialize, Serialize};
+
+use crate::activate::{Activation, hook_for, run_hook};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{StoreLock, fsync_dir, remove_tree, syncfs, unique_suffix, write_atomic};
+use crate::package::{self, Limits, MANIFEST, PackageInfo};
+use crate::rules::{self, Op, Plan, Releases};
+
+const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = ".lock";
+const STATE_FORMAT: u32 = 1;
+/// Prefixes of our own temporary entries in `releases/`, removed under the lock.
+const TEMP_PREFIXES: [&str; 4] = [".unpack-", ".trash-", ".activate-", ".state.json.tmp-"];
+
+/// How a store behaves; everything but `root` has a sensible default.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub root: PathBuf,
+    /// Overrides the release's own `hooks/activate` (already shell-split).
+    pub activate_cmd: Option<Vec<String>>,
+    pub activate_timeout: Duration,
+    pub limits: Limits,
+    /// How long a writer waits for another one to finish.
+    pub lock_timeout: Duration,
+}
+
+impl StoreConfig {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            root: root.into(),
+            activate_cmd: None,
+            activate_timeout: Duration::from_secs(60),
+            limits: Limits::default(),
+            lock_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the package for an unpack or install comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PackageSource {
+    /// `ROOT/releases/<name>-<version>.zip` (with its `.sha256` if present).
+    Lookup(Version),
+    /// A package file anywhere, with an optional expected digest (else its sidecar's, if any).
+    File {
+        path: PathBuf,
+        sha256: Option<String>,
+    },
+}
+
+/// What an operation did, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Lines to print, in order.
+    pub messages: Vec<String>,
+    /// False when the result already held.
+    pub changed: bool,
+    /// Present when the operation switched the running release.
+    pub activation: Option<Activation>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    #[serde(flatten)]
+    table: Releases,
+}
+
+/// A node's release store. Cheap to clone; holds no lock or descriptor between calls, so a
+/// daemon and local commands can share one root (they take turns through the lock).
+#[derive(Debug, Clone)]
+pub struct Store {
+    cfg: StoreConfig,
+    releases: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating `ROOT/releases/` if needed) a store.
+    pub fn open(cfg: StoreConfig) -> Result<Store> {
+        let releases = cfg.root.join("releases");
+        fs::create_dir_all(&releases).ctx("create", &releases)?;
+        Ok(Store { cfg, releases })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.cfg.root
+    }
+
+    pub fn releases_dir(&self) -> &Path {
+        &self.releases
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    /// Every release and its state, newest first.
+    pub fn versions(&self) -> Result<Vec<VersionEntry>> {
+        Ok(self.view()?.entries())
+    }
+
+    /// The release the service runs according to the store.
+    pub fn running(&self) -> Result<Option<Version>> {
+        Ok(self.view()?.running())
+    }
+
+    /// The reconciled table, without writing anything.
+    pub fn view(&self) -> Result<Releases> {
+        let table = self.load()?;
+        let dirs = self.scan_dirs()?;
+        rules::reconcile(&table, &dirs)
+            .map(|(t, _)| t)
+            .map_err(|reason| self.corrupt(reason))
+    }
+
+    /// Unpacks a package; an already known version is a no-op that says its state.
+    pub fn unpack(&self, src: &PackageSource) -> Result<Outcome> {
+        let (version, pkg) = self.resolve(src)?;
+        self.execute(&format!("unpack {version}"), Op::Unpack(version), Some(pkg))
+    }
+
+    /// `install`/`upgrade`: unpacks if needed, switches, and (unless `permanent` is false)
+    /// makes the release permanent. With a `File` source the version is the package's.
+    pub fn install(&self, src: &PackageSource, permanent: bool) -> Result<Outcome> {
+        let (version, pkg) = match src {
+            // A known version needs no package; only look one up when it is unknown.
+            PackageSource::Lookup(v) if self.view()?.state(v).is_some() => (*v, None),
+            _ => {
+                let (v, p) = self.resolve(src)?;
+                (v, Some(p))
+            }
+        };
+        self.execute(
+            &format!("install {version}"),
+            Op::Install { version, permanent },
+            pkg,
+        )
+    }
+
+    pub fn make_permanent(&self, v: Version) -> Result<Outcome> {
+        self.execute(&format!("permanent {v}"), Op::Permanent(v), None)
+    }
+
+    pub fn downgrade(&self, v: Version) -> Result<Outcome> {
+        self.execute(&format!("downgrade {v}"), Op::Downgrade(v), None)
+    }
+
+    pub fn uninstall(&self, v: Version) -> Result<Outcome> {
+        self.execute(&format!("uninstall {v}"), Op::Uninstall(v), None)
+    }
+
+    /// Called when the service reports that it runs `reported`. If that is the permanent
+    /// release while another one is recorded as current, the node was restarted (and booted
+    /// the permanent release): the former current release becomes `unpacked`.
+    pub fn reconcile_running(&self, reported: Version) -> Result<Outcome> {
+        self.with_lock("reconcile", |table| {
+            if table.permanent() == Some(reported)
+                && let Some(cur) = table.current()
+            {
+                let mut next = table.clone();
+                next.restarted();
+                self.save(&next)?;
+                *table = next;
+                return Ok(Outcome {
+                    messages: vec![format!(
+                        "The service runs the permanent release {reported}: it was restarted, so {cur} is now unpacked"
+                    )],
+                    changed: true,
+                    activation: None,
+                });
+            }
+            Ok(Outcome {
+                messages: vec![],
+                changed: false,
+                activation: None,
+            })
+        })
+    }
+
+    // ---- internals ----
+
+    fn corrupt(&self, reason: String) -> Error {
+        Error::Corrupt {
+            root: self.cfg.root.clone(),
+            reason,
+        }
+    }
+
+    fn load(&self) -> Result<Releases> {
+        let path = self.releases.join(STATE_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Releases::default()),
+            Err(e) => return Err(e).ctx("read", &path),
+        };
+        let file: StateFile = serde_json::from_slice(&bytes)
+            .map_err(|e| self.corrupt(format!("{} is unreadable: {e}", path.display())))?;
+        if file.format != STATE_FORMAT {
+            return Err(self.corrupt(format!(
+                "{} has format {}, this version understands {STATE_FORMAT}",
+                path.display(),
+                file.format
+            )));
+        }
+        file.table
+            .check_invariants()
+            .map_err(|e| self.corrupt(format!("{}: {e}", path.display())))?;
+        Ok(file.table)
+    }
+
+    fn save(&self, table: &Releases) -> Result<()> {
+        let file = StateFile {
+            format: STATE_FORMAT,
+            table: table.clone(),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&file)
+            .map_err(|e| self.corrupt(format!("cannot encode state: {e}")))?;
+        bytes.push(b'\n');
+        write_atomic(&self.releases.join(STATE_FILE), &bytes)
+    }
+
+    /// Release directories present: `releases/<x.y.z>/release.toml` whose manifest agrees.
+    fn scan_dirs(&self) -> Result<BTreeMap<Version, String>> {
+        let mut out = BTreeMap::new();
+        for entry in fs::read_dir(&self.releases).ctx("read directory", &self.releases)? {
+            let entry = entry.ctx("read directory", &self.releases)?;
+            let Some(v) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Version>().ok())
+            else {
+                continue;
+            };
+            let manifest = entry.path().join(MANIFEST);
+            let Ok(text) = fs::read_to_string(&manifest) else {
+                continue;
+            };
+            if let Ok((name, mv)) = package::parse_manifest(&text)
+                && mv == v
+            {
+                out.insert(v, name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` on the reconciled table under the exclusive lock, after clearing debris of
+    /// interrupted operations and persisting any repair.
+    fn with_lock<T>(&self, what: &str, f: impl FnOnce(&mut Releases) -> Result<T>) -> Result<T> {
+        let _lock = StoreLock::acquire(
+            &self.cfg.root,
+            self.releases.join(LOCK_FILE),
+            self.cfg.lock_timeout,
+            what,
+        )?;
+        for entry in fs::read_dir(&self.releases).ctx("read directory", &self.releases)? {
+            let entry = entry.ctx("read directory", &self.releases)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if TEMP_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                let path = entry.path();
+                if path.is_dir() {
+                    remove_tree(&path)?;
+                } else {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let stored = self.load()?;
+        let dirs = self.scan_dirs()?;
+        let (mut table, notes) =
+            rules::reconcile(&stored, &dirs).map_err(|reason| self.corrupt(reason))?;
+        if !notes.is_empty() {
+            tracing::warn!(root = %self.cfg.root.display(), repairs = ?notes, "repaired release store after an interrupted operation");
+            self.save(&table)?;
+        }
+        f(&mut table)
+    }
+
+    /// Finds the package for a source and reads its identity from the file name.
+    fn resolve(&self, src: &PackageSource) -> Result<(Version, ResolvedPackage)> {
+        match src {
+            PackageSource::Lookup(v) => {
+                let path = self.find_package(*v)?;
+                let name = file_identity(&path)?.0;
+                Ok((
+                    *v,
+                    ResolvedPackage {
+                        path,
+                        name,
+                        sha256: None,
+                    },
+                ))
+            }
+            PackageSource::File { path, sha256 } => {
+                let (name, v) = file_identity(path)?;
+                Ok((
+                    v,
+                    ResolvedPackage {
+                        path: path.clone(),
+                        name,
+                        sha256: sha256.clone(),
+                    },
+                ))
+            }
+        }
+    }
+
+    /// `releases/<name>-<v>.zip`; refuses when several names match.
+    pub fn find_package(&self, v: Version) -> Result<PathBuf> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.releases).ctx("read directory", &self.releases)? {
+            let entry = entry.ctx("read directory", &self.releases)?;
+            if let Some(name) = entry.file_name().to_str()
+                && let Some((_, pv)) = parse_package_file_name(name)
+                && pv == v
+                && entry.path().is_file()
+            {
+                found.push(entry.path());
+            }
+        }
+        found.sort();
+        match found.len() {
+            0 => Err(Error::PackageNotFound {
+                version: v,
+                dir: self.releases.clone(),
+            }),
+            1 => Ok(found.remove(0)),
+            _ => Err(Error::Refused(format!(
+                "refused: several packages hold version {v} ({}); pass --package FILE",
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    fn execute(&self, what: &str, op: Op, pkg: Option<ResolvedPackage>) -> Result<Outcome> {
+        self.with_lock(what, |table| {
+            let change = match rules::plan(table, op, pkg.as_ref().map(|p| p.name.as_str()))
+                .map_err(Error::Refused)?
+            {
+                Plan::Already(msg) => {
+                    return Ok(Outcome {
+                        messages: vec![msg],
+                        changed: false,
+                        activation: None,
+                    });
+                }
+                Plan::Apply(change) => change,
+            };
+            if let (Some(v), Some(p)) = (change.unpack, &pkg) {
+                self.unpack_dir(v, p)?;
+                // Recorded before any switch: if activation fails, the release stays unpacked
+                // and a retry need not extract it again.
+                let mut unpacked = table.clone();
+                unpacked.releases.insert(
+                    v,
+                    rules::Record {
+                        state: orch_types::ReleaseState::Unpacked,
+                        name: p.name.clone(),
+                    },
+                );
+                self.save(&unpacked)?;
+                *table = unpacked;
+            }
+            let mut activation = None;
+            if let Some(sw) = change.switch {
+                let dir = self.releases.join(sw.to.to_string());
+                activation = Some(match hook_for(self.cfg.activate_cmd.as_deref(), &dir) {
+                    Some((prog, args)) => run_hook(
+                        &prog,
+                        &args,
+                        &self.cfg.root,
+                        &dir,
+                        sw.from,
+                        sw.to,
+                        self.cfg.activate_timeout,
+                    )?,
+                    None => Activation::StateOnly,
+                });
+            }
+            if let Some(v) = change.delete {
+                let dir = self.releases.join(v.to_string());
+                let trash = self
+                    .releases
+                    .join(format!(".trash-{v}-{}", unique_suffix()));
+                fs::rename(&dir, &trash).ctx("move away", &dir)?;
+                fsync_dir(&self.releases)?;
+                self.save(&change.next)?;
+                remove_tree(&trash)?;
+            } else {
+                self.save(&change.next)?;
+            }
+            *table = change.next;
+            let mut messages = change.messages;
+            if activation == Some(Activation::StateOnly) {
+                messages.push(
+                    "No activation hook: only the recorded state changed (state-only switch)"
+                        .to_string(),
+                );
+            }
+            Ok(Outcome {
+                messages,
+                changed: true,
+                activation,
+            })
+        })
+    }
+
+    /// Extracts into a temp dir, flushes it, and renames it to `releases/<v>`.
+    fn unpack_dir(&self, v: Version, p: &ResolvedPackage) -> Result<PackageInfo> {
+        let final_dir = self.releases.join(v.to_string());
+        if final_dir.exists() {
+            return Err(self.corrupt(format!(
+                "{} exists but is not a valid release of {v}; move it away and retry",
+                final_dir.display()
+            )));
+        }
+        let tmp = self
+            .releases
+            .join(format!(".unpack-{v}-{}", unique_suffix()));
+        let info = package::extract(
+            &p.path,
+            &tmp,
+            p.sha256.as_deref(),
+            Some(v),
+            &self.cfg.limits,
+        )?;
+        let done = (|| {
+            syncfs(&tmp)?;
+            fs::rename(&tmp, &final_dir).ctx("rename into place", &final_dir)?;
+            fsync_dir(&self.releases)
+        })();
+        if done.is_err() {
+            let _ = remove_tree(&tmp);
+        }
+        done.map(|()| info)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ResolvedPackage {
+    path: PathBuf,
+    name: String,
+    sha256: Option<String>,
+}
+
+fn file_identity(path: &Path) -> Result<(String, Version)> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    parse_package_file_name(file_name).ok_or_else(|| Error::BadPackage {
+        file: file_name.to_string(),
+        reason: "its file name is not <name>-<x.y.z>.zip with a valid name and version".into(),
+    })
+}
