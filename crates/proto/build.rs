@@ -2,7 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["agent.proto"];
+    let files = ["agent.proto", "control.proto", "raft.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={}", dir.join(f).display());
     }

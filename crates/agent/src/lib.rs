@@ -11,6 +11,7 @@ pub mod error;
 pub mod fence;
 pub mod health;
 pub mod push;
+mod register;
 mod service;
 
 use std::collections::BTreeMap;
@@ -162,17 +163,25 @@ pub async fn serve(
             steps: steps.clone(),
         }),
     };
-    if !config.coordinators.is_empty() {
-        tracing::warn!(
-            coordinators = ?config.coordinators,
-            "registration with coordinators is not implemented yet; coordinators must be told about this agent"
-        );
-    }
+    let local = listener.local_addr().ok();
+    let registration = (!config.coordinators.is_empty()).then(|| {
+        let address = config
+            .advertise
+            .clone()
+            .or_else(|| local.map(|a| a.to_string()))
+            .unwrap_or_else(|| config.listen.to_string());
+        tokio::spawn(register::keep_registered(
+            config.coordinators.clone(),
+            config.node_id.to_string(),
+            address,
+            config.labels.clone(),
+            svc.shared.driver.clone(),
+        ))
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let local = listener.local_addr().ok();
     tracing::info!(node = %config.node_id, addr = ?local, "agent listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -185,6 +194,7 @@ pub async fn serve(
             },
         );
     tokio::pin!(server);
+    let _registration = AbortOnDrop(registration);
     tokio::select! {
         r = &mut server => return r.map_err(|e| Error::Internal(format!("server: {e}"))),
         () = shutdown => {}
@@ -207,11 +217,21 @@ pub async fn serve(
     Ok(())
 }
 
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
 /// Uploads interrupted by a previous crash are incomplete by definition.
 fn clear_stale_uploads(releases: &std::path::Path) {
     if let Ok(rd) = std::fs::read_dir(releases) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".push-") {
+            if e.file_name().to_string_lossy().starts_with(".incoming-") {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -2,14 +2,12 @@
 //! against the header's size and digest, then renamed into place with its `.sha256` beside it.
 //! Any mismatch or truncation discards the file.
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use orch_release::fsutil::{fsync_dir, write_atomic};
-use orch_release::package::{hex, normalize_digest, sha256_file, sidecar_path};
+use orch_release::fsutil::write_atomic;
+use orch_release::incoming::IncomingFile;
+use orch_release::package::{normalize_digest, sha256_file, sidecar_path};
 use orch_types::{Version, validate_package_name};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -55,14 +53,11 @@ impl Header {
     }
 }
 
-/// An upload in progress. Dropping it without `finish` removes the temp file.
+/// An upload in progress: an [`IncomingFile`] plus the sidecar digest written on success.
 pub struct Upload {
     header: Header,
-    dir: PathBuf,
-    tmp: PathBuf,
-    file: Option<fs::File>,
-    hasher: Sha256,
-    written: u64,
+    dest: PathBuf,
+    file: IncomingFile,
 }
 
 impl Upload {
@@ -79,78 +74,25 @@ impl Upload {
                 header.file_name()
             )));
         }
-        let tmp = releases.join(format!(
-            ".push-{}-{}",
-            header.file_name(),
-            orch_release::fsutil::unique_suffix()
-        ));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| Error::Internal(format!("create {}: {e}", tmp.display())))?;
-        Ok(Some(Upload {
-            header,
-            dir: releases.to_path_buf(),
-            tmp,
-            file: Some(file),
-            hasher: Sha256::new(),
-            written: 0,
-        }))
+        let file = IncomingFile::create(&dest, &header.sha256, header.size)?;
+        Ok(Some(Upload { header, dest, file }))
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.written += data.len() as u64;
-        if self.written > self.header.size {
-            return Err(Error::BadRequest(format!(
-                "push refused: more data than the announced {} bytes; package discarded",
-                self.header.size
-            )));
-        }
-        self.hasher.update(data);
-        if let Some(f) = &mut self.file {
-            f.write_all(data)
-                .map_err(|e| Error::Internal(format!("write {}: {e}", self.tmp.display())))?;
-        }
-        Ok(())
+        Ok(self.file.write(data)?)
     }
 
-    /// Checks size and digest, then renames into place. Returns the final path.
-    pub fn finish(mut self) -> Result<PathBuf> {
-        if self.written != self.header.size {
-            return Err(Error::BadRequest(format!(
-                "push refused: stream ended after {} of {} bytes (truncated); package discarded",
-                self.written, self.header.size
-            )));
-        }
-        let digest = hex(&std::mem::take(&mut self.hasher).finalize());
-        if digest != self.header.sha256 {
-            return Err(Error::BadRequest(format!(
-                "push refused: SHA-256 mismatch (announced {}, received {digest}); package discarded",
-                self.header.sha256
-            )));
-        }
-        let file = self.file.take();
-        if let Some(f) = file {
-            f.sync_all()
-                .map_err(|e| Error::Internal(format!("fsync {}: {e}", self.tmp.display())))?;
-        }
-        let dest = self.dir.join(self.header.file_name());
+    /// Checks size and digest, writes the `.sha256` sidecar, then renames into place.
+    pub fn finish(self) -> Result<PathBuf> {
         // Sidecar first: the package is never in place without the digest that guards it.
+        let sidecar = sidecar_path(&self.dest);
         write_atomic(
-            &sidecar_path(&dest),
-            format!("{digest}  {}\n", self.header.file_name()).as_bytes(),
+            &sidecar,
+            format!("{}  {}\n", self.header.sha256, self.header.file_name()).as_bytes(),
         )?;
-        fs::rename(&self.tmp, &dest)
-            .map_err(|e| Error::Internal(format!("rename {}: {e}", dest.display())))?;
-        fsync_dir(&self.dir)?;
-        Ok(dest)
-    }
-}
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        // Still present only if the upload was not finished: discard it.
-        let _ = fs::remove_file(&self.tmp);
+        self.file.finish().map_err(|e| {
+            let _ = std::fs::remove_file(&sidecar);
+            e.into()
+        })
     }
 }

@@ -5,6 +5,14 @@ pub mod agent {
     tonic::include_proto!("orchestrator.agent.v1");
 }
 
+pub mod control {
+    tonic::include_proto!("orchestrator.control.v1");
+}
+
+pub mod raft {
+    tonic::include_proto!("orchestrator.raft.v1");
+}
+
 /// Encoded file descriptor set of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 

@@ -8,6 +8,7 @@
 pub mod activate;
 pub mod error;
 pub mod fsutil;
+pub mod incoming;
 pub mod package;
 pub mod rules;
 pub mod store;

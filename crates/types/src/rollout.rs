@@ -1,1 +1,674 @@
-//! Rollout specification and progress types (owned by the rollout engine work).
+//! Rollout specification and progress types: what an operator asked for ([`RolloutSpec`]), where
+//! a rollout stands ([`Phase`], [`NodeStep`], [`NodeProgress`]) and its audit trail
+//! ([`AuditEvent`]). The state machine that moves a rollout lives in `orch-rollout`; these types
+//! are here because the wire conversions, the client and the CLI need them without it.
+//!
+//! Everything is stored in the Raft state machine and sent as JSON, so every type is serde. Enums
+//! use serde's default (externally tagged) representation and snake_case names, which works with
+//! self-describing formats (JSON) and with compact ones (bincode-like) alike.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeId, Version};
+
+/// Nodes upgraded at a time when the operator does not say (`--batch-size`).
+pub const DEFAULT_BATCH_SIZE: u32 = 1;
+/// Nodes pushed and unpacked at a time during staging (and made permanent at a time during
+/// committing). Both steps leave the running service alone, so parallelism is bounded only to
+/// spare the network and the coordinator.
+pub const DEFAULT_MAX_PARALLEL_STAGING: u32 = 4;
+/// How long a node's probe must pass continuously before it counts as healthy.
+pub const DEFAULT_MIN_HEALTHY_TIME_MS: u64 = 10_000;
+/// How long a node gets, from the start of its health gate, to become healthy.
+pub const DEFAULT_HEALTHY_DEADLINE_MS: u64 = 300_000;
+
+/// Why a [`RolloutSpec`] was refused. Each message names the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "invalid rollout id {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+    )]
+    InvalidId(String),
+    #[error("a rollout needs at least one node")]
+    NoNodes,
+    #[error("node {0} is listed more than once")]
+    DuplicateNode(NodeId),
+    #[error("batch size must be at least 1")]
+    ZeroBatchSize,
+    #[error("max parallel staging must be at least 1")]
+    ZeroParallelStaging,
+    #[error("a canary of {canary} nodes is larger than the rollout's {nodes} nodes")]
+    CanaryTooLarge { canary: u32, nodes: usize },
+    #[error("healthy deadline must be greater than 0 ms")]
+    ZeroHealthyDeadline,
+    #[error(
+        "healthy deadline ({deadline_ms} ms) is shorter than the minimum healthy time ({min_healthy_ms} ms): no node could ever pass its health gate"
+    )]
+    DeadlineBelowMinHealthy {
+        deadline_ms: u64,
+        min_healthy_ms: u64,
+    },
+    #[error("invalid package name {0:?}")]
+    InvalidPackageName(String),
+    #[error("package {name}-{package} does not match the rollout's target version {target}")]
+    PackageVersionMismatch {
+        name: String,
+        package: Version,
+        target: Version,
+    },
+    #[error("invalid package sha256 {0:?}: expected 64 lowercase hexadecimal characters")]
+    InvalidSha256(String),
+}
+
+/// The package a rollout installs, as recorded in the Raft log: never the bytes, which live in
+/// each coordinator's content-addressed store under `sha256`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PackageRef {
+    pub name: String,
+    pub version: Version,
+    /// Lowercase hex digest of the zip.
+    pub sha256: String,
+    /// Size of the zip in bytes.
+    pub size: u64,
+}
+
+/// What a rollout does when a node fails to stage, install, pass its health gate or commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Downgrade every touched node, newest first (the default).
+    #[default]
+    Rollback,
+    /// Stop and wait for an operator's `resume`, `rollback` or `abort`.
+    Pause,
+}
+
+impl OnFailure {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnFailure::Rollback => "rollback",
+            OnFailure::Pause => "pause",
+        }
+    }
+}
+
+impl fmt::Display for OnFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OnFailure {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rollback" => Ok(OnFailure::Rollback),
+            "pause" => Ok(OnFailure::Pause),
+            _ => Err(format!(
+                "invalid on-failure policy {:?}: expected rollback or pause",
+                s.chars().take(64).collect::<String>()
+            )),
+        }
+    }
+}
+
+fn default_max_parallel_staging() -> u32 {
+    DEFAULT_MAX_PARALLEL_STAGING
+}
+
+/// What an operator asked for: move `nodes`, in this order, to `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub id: String,
+    /// The target version.
+    pub version: Version,
+    /// The package to push; `None` when the agents already have it (their own package store).
+    pub package: Option<PackageRef>,
+    /// Targets, in upgrade order.
+    pub nodes: Vec<NodeId>,
+    /// Nodes installed and health-gated at a time (at least 1).
+    pub batch_size: u32,
+    /// Upgrade the first `canary` nodes, then wait for `promote` (0: no canary).
+    pub canary: u32,
+    /// Make the new release permanent at the end (`false`: `--no-permanent`).
+    pub permanent: bool,
+    pub min_healthy_time_ms: u64,
+    pub healthy_deadline_ms: u64,
+    pub on_failure: OnFailure,
+    /// The operator's identity (from their certificate).
+    pub requested_by: String,
+    /// Nodes staged (and committed) at a time; absent in older JSON, hence the default.
+    #[serde(default = "default_max_parallel_staging")]
+    pub max_parallel_staging: u32,
+}
+
+impl RolloutSpec {
+    /// A spec with the defaults an operator gets without flags: one node at a time, no canary,
+    /// permanent, roll back on failure.
+    pub fn new(
+        id: impl Into<String>,
+        version: Version,
+        nodes: Vec<NodeId>,
+        requested_by: impl Into<String>,
+    ) -> Self {
+        RolloutSpec {
+            id: id.into(),
+            version,
+            package: None,
+            nodes,
+            batch_size: DEFAULT_BATCH_SIZE,
+            canary: 0,
+            permanent: true,
+            min_healthy_time_ms: DEFAULT_MIN_HEALTHY_TIME_MS,
+            healthy_deadline_ms: DEFAULT_HEALTHY_DEADLINE_MS,
+            on_failure: OnFailure::Rollback,
+            requested_by: requested_by.into(),
+            max_parallel_staging: DEFAULT_MAX_PARALLEL_STAGING,
+        }
+    }
+
+    /// Checks everything that can be checked without talking to a node. A spec that passes can
+    /// be driven to an end: every health gate is satisfiable, every batch is non-empty.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !valid_rollout_id(&self.id) {
+            return Err(SpecError::InvalidId(self.id.chars().take(64).collect()));
+        }
+        if self.nodes.is_empty() {
+            return Err(SpecError::NoNodes);
+        }
+        let mut seen = HashSet::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            if !seen.insert(n) {
+                return Err(SpecError::DuplicateNode(n.clone()));
+            }
+        }
+        if self.batch_size == 0 {
+            return Err(SpecError::ZeroBatchSize);
+        }
+        if self.max_parallel_staging == 0 {
+            return Err(SpecError::ZeroParallelStaging);
+        }
+        // u32 -> usize never truncates on the 32/64-bit targets we build for.
+        if self.canary as usize > self.nodes.len() {
+            return Err(SpecError::CanaryTooLarge {
+                canary: self.canary,
+                nodes: self.nodes.len(),
+            });
+        }
+        if self.healthy_deadline_ms == 0 {
+            return Err(SpecError::ZeroHealthyDeadline);
+        }
+        if self.healthy_deadline_ms < self.min_healthy_time_ms {
+            return Err(SpecError::DeadlineBelowMinHealthy {
+                deadline_ms: self.healthy_deadline_ms,
+                min_healthy_ms: self.min_healthy_time_ms,
+            });
+        }
+        if let Some(p) = &self.package {
+            if crate::validate_package_name(&p.name).is_err() {
+                return Err(SpecError::InvalidPackageName(
+                    p.name.chars().take(64).collect(),
+                ));
+            }
+            if p.version != self.version {
+                return Err(SpecError::PackageVersionMismatch {
+                    name: p.name.clone(),
+                    package: p.version,
+                    target: self.version,
+                });
+            }
+            if p.sha256.len() != 64
+                || !p
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(SpecError::InvalidSha256(
+                    p.sha256.chars().take(80).collect(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rollout ids go into fences, log lines and possibly file names: same alphabet as node ids.
+fn valid_rollout_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Where a rollout stands. Serialized as the snake_case names operators see in `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Accepted and replicated; no driver has started it yet.
+    Pending,
+    /// Asking every target its running version and free disk. Touches nothing.
+    Preflight,
+    /// Pushing and unpacking the package on every node that needs it. The service is untouched.
+    Staging,
+    /// Installing (hot, not permanent) and health-gating, batch by batch.
+    Upgrading,
+    /// Making the new release permanent on every upgraded node.
+    Committing,
+    Succeeded,
+    /// Waiting for an operator (after `pause`, or after a failure with `--on-failure pause`).
+    Paused,
+    /// Downgrading every touched node, newest first, each health-gated.
+    RollingBack,
+    RolledBack,
+    /// A downgrade or its health gate failed on some node; the error names them.
+    RollbackFailed,
+    /// Stopped; nodes left as they were at that moment (the events say how).
+    Aborted,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 11] = [
+        Phase::Pending,
+        Phase::Preflight,
+        Phase::Staging,
+        Phase::Upgrading,
+        Phase::Committing,
+        Phase::Succeeded,
+        Phase::Paused,
+        Phase::RollingBack,
+        Phase::RolledBack,
+        Phase::RollbackFailed,
+        Phase::Aborted,
+    ];
+
+    /// A terminal phase never changes again and accepts no command.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Phase::Succeeded | Phase::RolledBack | Phase::RollbackFailed | Phase::Aborted
+        )
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Preflight => "preflight",
+            Phase::Staging => "staging",
+            Phase::Upgrading => "upgrading",
+            Phase::Committing => "committing",
+            Phase::Succeeded => "succeeded",
+            Phase::Paused => "paused",
+            Phase::RollingBack => "rolling_back",
+            Phase::RolledBack => "rolled_back",
+            Phase::RollbackFailed => "rollback_failed",
+            Phase::Aborted => "aborted",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("invalid phase {:?}", s.chars().take(64).collect::<String>()))
+    }
+}
+
+/// Where one node stands within a rollout. Serialized as snake_case names.
+///
+/// The forward path is `pending -> preflight_ok -> staging -> staged -> installing -> installed
+/// -> verifying -> upgraded -> committing -> committed`; `skipped` ends it for a node already on
+/// the target. `failed` holds the error of the step that failed. The rollback path is
+/// `rolling_back` (downgrade and its health gate) then `rolled_back` or `rollback_failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStep {
+    /// Not preflighted yet (or its preflight is in flight).
+    Pending,
+    /// Already running the target: nothing to do.
+    Skipped,
+    /// Reachable, patch-level hop, enough disk.
+    PreflightOk,
+    Staging,
+    /// The release is unpacked on the node; the service still runs the old one.
+    Staged,
+    /// Hot install in flight.
+    Installing,
+    /// Switched to the target (not permanent); health not confirmed yet.
+    Installed,
+    /// Health gate on the target in flight.
+    Verifying,
+    /// Running the target and healthy (not permanent yet).
+    Upgraded,
+    Committing,
+    /// Running the target permanently.
+    Committed,
+    /// The last step failed; `error` says which and why.
+    Failed,
+    /// Downgrade or its health gate in progress.
+    RollingBack,
+    /// Back on its previous version and healthy.
+    RolledBack,
+    /// Downgrade or its health gate failed: this node needs a person.
+    RollbackFailed,
+}
+
+impl NodeStep {
+    pub const ALL: [NodeStep; 15] = [
+        NodeStep::Pending,
+        NodeStep::Skipped,
+        NodeStep::PreflightOk,
+        NodeStep::Staging,
+        NodeStep::Staged,
+        NodeStep::Installing,
+        NodeStep::Installed,
+        NodeStep::Verifying,
+        NodeStep::Upgraded,
+        NodeStep::Committing,
+        NodeStep::Committed,
+        NodeStep::Failed,
+        NodeStep::RollingBack,
+        NodeStep::RolledBack,
+        NodeStep::RollbackFailed,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NodeStep::Pending => "pending",
+            NodeStep::Skipped => "skipped",
+            NodeStep::PreflightOk => "preflight_ok",
+            NodeStep::Staging => "staging",
+            NodeStep::Staged => "staged",
+            NodeStep::Installing => "installing",
+            NodeStep::Installed => "installed",
+            NodeStep::Verifying => "verifying",
+            NodeStep::Upgraded => "upgraded",
+            NodeStep::Committing => "committing",
+            NodeStep::Committed => "committed",
+            NodeStep::Failed => "failed",
+            NodeStep::RollingBack => "rolling_back",
+            NodeStep::RolledBack => "rolled_back",
+            NodeStep::RollbackFailed => "rollback_failed",
+        }
+    }
+}
+
+impl fmt::Display for NodeStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for NodeStep {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NodeStep::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "invalid node step {:?}",
+                    s.chars().take(64).collect::<String>()
+                )
+            })
+    }
+}
+
+/// One node's progress, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeProgress {
+    pub id: NodeId,
+    /// The version the node ran when preflight asked (`None` before that). Rollback returns here.
+    pub from_version: Option<Version>,
+    pub step: NodeStep,
+    /// The most recent error on this node, if any (the events keep the full history).
+    pub error: Option<String>,
+}
+
+impl NodeProgress {
+    pub fn new(id: NodeId) -> Self {
+        NodeProgress {
+            id,
+            from_version: None,
+            step: NodeStep::Pending,
+            error: None,
+        }
+    }
+}
+
+/// One line of a rollout's audit trail: when (the coordinator's clock, ms since the Unix epoch),
+/// who (an operator identity, or the coordinator that drove the step) and what happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub at_ms: u64,
+    pub by: String,
+    pub message: String,
+}
+
+/// What `status --json` shows for one rollout: `id`, `version`, `phase`, `nodes`, `events`, plus
+/// whether it waits for `promote` and the reason it did not succeed (if it did not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub id: String,
+    pub version: Version,
+    pub phase: Phase,
+    pub awaiting_promotion: bool,
+    pub error: Option<String>,
+    pub nodes: Vec<NodeProgress>,
+    pub events: Vec<AuditEvent>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    fn n(s: &str) -> NodeId {
+        s.parse().unwrap()
+    }
+
+    fn spec() -> RolloutSpec {
+        RolloutSpec::new("r1", v("4.2.1"), vec![n("n1"), n("n2"), n("n3")], "alice")
+    }
+
+    #[test]
+    fn default_spec_is_valid() {
+        assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn validation_errors_name_the_problem() {
+        let check = |f: &dyn Fn(&mut RolloutSpec), want: SpecError| {
+            let mut s = spec();
+            f(&mut s);
+            assert_eq!(s.validate(), Err(want));
+        };
+        check(
+            &|s| s.id = String::new(),
+            SpecError::InvalidId(String::new()),
+        );
+        check(
+            &|s| s.id = "../x".into(),
+            SpecError::InvalidId("../x".into()),
+        );
+        check(&|s| s.nodes.clear(), SpecError::NoNodes);
+        check(
+            &|s| s.nodes.push(n("n2")),
+            SpecError::DuplicateNode(n("n2")),
+        );
+        check(&|s| s.batch_size = 0, SpecError::ZeroBatchSize);
+        check(
+            &|s| s.max_parallel_staging = 0,
+            SpecError::ZeroParallelStaging,
+        );
+        check(
+            &|s| s.canary = 4,
+            SpecError::CanaryTooLarge {
+                canary: 4,
+                nodes: 3,
+            },
+        );
+        check(
+            &|s| {
+                s.min_healthy_time_ms = 0;
+                s.healthy_deadline_ms = 0
+            },
+            SpecError::ZeroHealthyDeadline,
+        );
+        check(
+            &|s| {
+                s.min_healthy_time_ms = 10;
+                s.healthy_deadline_ms = 9
+            },
+            SpecError::DeadlineBelowMinHealthy {
+                deadline_ms: 9,
+                min_healthy_ms: 10,
+            },
+        );
+        let pkg = PackageRef {
+            name: "emqx".into(),
+            version: v("4.2.1"),
+            sha256: "ab".repeat(32),
+            size: 10,
+        };
+        check(
+            &|s| {
+                s.package = Some(PackageRef {
+                    version: v("4.2.2"),
+                    ..pkg.clone()
+                })
+            },
+            SpecError::PackageVersionMismatch {
+                name: "emqx".into(),
+                package: v("4.2.2"),
+                target: v("4.2.1"),
+            },
+        );
+        check(
+            &|s| {
+                s.package = Some(PackageRef {
+                    sha256: "AB".repeat(32),
+                    ..pkg.clone()
+                })
+            },
+            SpecError::InvalidSha256("AB".repeat(32)),
+        );
+        check(
+            &|s| {
+                s.package = Some(PackageRef {
+                    name: "../x".into(),
+                    ..pkg.clone()
+                })
+            },
+            SpecError::InvalidPackageName("../x".into()),
+        );
+        let mut ok = spec();
+        ok.package = Some(pkg);
+        ok.canary = 3;
+        ok.batch_size = 100;
+        ok.min_healthy_time_ms = 5;
+        ok.healthy_deadline_ms = 5;
+        assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn messages_are_readable() {
+        assert_eq!(
+            SpecError::DuplicateNode(n("n2")).to_string(),
+            "node n2 is listed more than once"
+        );
+        assert_eq!(
+            SpecError::CanaryTooLarge {
+                canary: 4,
+                nodes: 3
+            }
+            .to_string(),
+            "a canary of 4 nodes is larger than the rollout's 3 nodes"
+        );
+    }
+
+    #[test]
+    fn enums_serialize_snake_case_and_parse_back() {
+        for p in Phase::ALL {
+            let json = serde_json::to_string(&p).unwrap();
+            assert_eq!(json, format!("\"{}\"", p.as_str()));
+            assert_eq!(serde_json::from_str::<Phase>(&json).unwrap(), p);
+            assert_eq!(p.as_str().parse::<Phase>(), Ok(p));
+        }
+        assert_eq!(Phase::RollingBack.as_str(), "rolling_back");
+        for s in NodeStep::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<NodeStep>(&json).unwrap(), s);
+            assert_eq!(s.as_str().parse::<NodeStep>(), Ok(s));
+        }
+        assert_eq!(
+            serde_json::to_string(&OnFailure::Pause).unwrap(),
+            "\"pause\""
+        );
+        assert_eq!("rollback".parse::<OnFailure>(), Ok(OnFailure::Rollback));
+        assert!("bogus".parse::<OnFailure>().is_err());
+        assert!("bogus".parse::<Phase>().is_err());
+    }
+
+    #[test]
+    fn terminal_phases() {
+        let terminal: Vec<Phase> = Phase::ALL.into_iter().filter(Phase::is_terminal).collect();
+        assert_eq!(
+            terminal,
+            [
+                Phase::Succeeded,
+                Phase::RolledBack,
+                Phase::RollbackFailed,
+                Phase::Aborted
+            ]
+        );
+    }
+
+    #[test]
+    fn spec_json_round_trip_and_default_parallelism() {
+        let s = spec();
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<RolloutSpec>(&json).unwrap(), s);
+        let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        value
+            .as_object_mut()
+            .unwrap()
+            .remove("max_parallel_staging");
+        let back: RolloutSpec = serde_json::from_value(value).unwrap();
+        assert_eq!(back.max_parallel_staging, DEFAULT_MAX_PARALLEL_STAGING);
+    }
+
+    #[test]
+    fn progress_json_shape() {
+        let p = NodeProgress {
+            id: n("n1"),
+            from_version: Some(v("4.2.0")),
+            step: NodeStep::PreflightOk,
+            error: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"id":"n1","from_version":"4.2.0","step":"preflight_ok","error":null}"#
+        );
+    }
+}

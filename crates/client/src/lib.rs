@@ -1,0 +1,320 @@
+//! A client for the coordinators' control API that hides which coordinator leads: it tries the
+//! known addresses, follows `orch-leader` redirects from followers, retries while no leader is
+//! elected (bounded), and re-establishes watch streams after a failover.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use orch_proto::control::{self as pb, control_client::ControlClient};
+use tonic::transport::Channel;
+
+pub use orch_proto::control;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinators answered: this is their one-line reason.
+    #[error("{0}")]
+    Refused(String),
+    #[error("no coordinator reachable at {addrs}: {last}; check ORCHESTRATOR_COORDINATORS / --coordinator")]
+    Unreachable { addrs: String, last: String },
+    #[error("no leader elected among {addrs} within {waited:?} ({last}); is a majority of coordinators up?")]
+    NoLeader {
+        addrs: String,
+        waited: Duration,
+        last: String,
+    },
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Talks to a coordinator cluster.
+#[derive(Clone)]
+pub struct Client {
+    addrs: Vec<String>,
+    /// Index of the address that last answered (the leader, for writes).
+    current: usize,
+    /// How long to keep retrying while no leader is known or coordinators are unreachable.
+    pub patience: Duration,
+}
+
+fn endpoint(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn is_transport(s: &tonic::Status) -> bool {
+    s.metadata().get("orch-error").is_none()
+        && matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        )
+}
+
+impl Client {
+    pub fn new(addrs: Vec<String>) -> Client {
+        Client {
+            addrs,
+            current: 0,
+            patience: Duration::from_secs(30),
+        }
+    }
+
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    async fn connect(addr: &str) -> Result<ControlClient<Channel>, String> {
+        let ch = Channel::from_shared(endpoint(addr))
+            .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        Ok(ControlClient::new(ch).max_decoding_message_size(64 << 20))
+    }
+
+    /// Runs `f` against the leader (or any coordinator, for reads), following redirects and
+    /// retrying while coordinators are unreachable or leaderless, up to `patience`.
+    pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T>
+    where
+        F: FnMut(ControlClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let start = Instant::now();
+        let mut last: String;
+        let mut leaderless = false;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let addr = self.addrs[self.current % self.addrs.len()].clone();
+            match Self::connect(&addr).await {
+                Ok(c) => match f(c).await {
+                    Ok(v) => return Ok(v),
+                    Err(s) if s.metadata().get("orch-error").and_then(|v| v.to_str().ok()) == Some("not-leader") => {
+                        last = s.message().to_string();
+                        match s.metadata().get("orch-leader").and_then(|v| v.to_str().ok()) {
+                            Some(leader) => {
+                                let leader = leader.to_string();
+                                self.current = match self.addrs.iter().position(|a| *a == leader) {
+                                    Some(i) => i,
+                                    None => {
+                                        self.addrs.push(leader);
+                                        self.addrs.len() - 1
+                                    }
+                                };
+                                // A redirect is immediate; no back-off.
+                                if start.elapsed() < self.patience {
+                                    continue;
+                                }
+                            }
+                            None => {
+                                leaderless = true;
+                                self.current += 1;
+                            }
+                        }
+                    }
+                    Err(s) if is_transport(&s) => {
+                        last = format!("{addr}: {}", s.message());
+                        self.current += 1;
+                    }
+                    Err(s) => return Err(ClientError::Refused(s.message().to_string())),
+                },
+                Err(e) => {
+                    last = e;
+                    self.current += 1;
+                }
+            }
+            if start.elapsed() >= self.patience {
+                let addrs = self.addrs.join(", ");
+                return Err(if leaderless {
+                    ClientError::NoLeader {
+                        addrs,
+                        waited: start.elapsed(),
+                        last,
+                    }
+                } else {
+                    ClientError::Unreachable { addrs, last }
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    pub async fn start_rollout(&mut self, req: pb::StartRolloutRequest) -> Result<pb::RolloutStatus> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.start_rollout(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn rollout(&mut self, id: &str) -> Result<pb::RolloutStatus> {
+        let id = id.to_string();
+        self.call(|mut c| {
+            let req = pb::RolloutRef { id: id.clone() };
+            async move { c.get_rollout(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn rollouts(&mut self) -> Result<Vec<pb::RolloutStatus>> {
+        self.call(|mut c| async move {
+            c.list_rollouts(pb::ListRolloutsRequest {})
+                .await
+                .map(|r| r.into_inner().rollouts)
+        })
+        .await
+    }
+
+    pub async fn command(&mut self, id: &str, command: &str, by: &str) -> Result<pb::RolloutStatus> {
+        let req = pb::RolloutCommandRequest {
+            id: id.to_string(),
+            command: command.to_string(),
+            requested_by: by.to_string(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.rollout_command(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn nodes(&mut self, probe: bool) -> Result<Vec<pb::NodeEntry>> {
+        self.call(|mut c| async move {
+            c.list_nodes(pb::ListNodesRequest { probe })
+                .await
+                .map(|r| r.into_inner().nodes)
+        })
+        .await
+    }
+
+    pub async fn cluster_status(&mut self) -> Result<pb::ClusterStatusReply> {
+        self.call(|mut c| async move {
+            c.cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    pub async fn add_member(&mut self, id: u64, address: &str) -> Result<pb::ClusterStatusReply> {
+        let req = pb::MemberRequest {
+            id,
+            address: address.to_string(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.add_member(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn remove_member(&mut self, id: u64) -> Result<pb::ClusterStatusReply> {
+        self.call(|mut c| async move {
+            c.remove_member(pb::MemberRequest {
+                id,
+                address: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    pub async fn register_node(&mut self, req: pb::RegisterNodeRequest) -> Result<bool> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.register_node(req).await.map(|r| r.into_inner().changed) }
+        })
+        .await
+    }
+
+    /// Uploads a package file (streamed in chunks) to the leader.
+    pub async fn upload(
+        &mut self,
+        path: &std::path::Path,
+        header: pb::UploadHeader,
+    ) -> Result<pb::UploadReply> {
+        let path = path.to_path_buf();
+        self.call(|mut c| {
+            let path = path.clone();
+            let header = header.clone();
+            async move {
+                let chunks = file_chunks(path, header).await?;
+                c.upload_package(chunks).await.map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Calls `on_status` with the rollout's status now and at every change, until it reaches a
+    /// terminal phase; re-subscribes (through any coordinator) when a stream breaks.
+    pub async fn follow(
+        &mut self,
+        id: &str,
+        mut on_status: impl FnMut(&pb::RolloutStatus),
+        is_terminal: impl Fn(&str) -> bool,
+    ) -> Result<pb::RolloutStatus> {
+        use tokio_stream::StreamExt;
+        loop {
+            let id_s = id.to_string();
+            let mut stream = self
+                .call(|mut c| {
+                    let req = pb::RolloutRef { id: id_s.clone() };
+                    async move { c.watch_rollout(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            loop {
+                match stream.next().await {
+                    Some(Ok(st)) => {
+                        on_status(&st);
+                        if is_terminal(&st.phase) {
+                            return Ok(st);
+                        }
+                    }
+                    Some(Err(s)) if !is_transport(&s) => {
+                        return Err(ClientError::Refused(s.message().to_string()));
+                    }
+                    // The coordinator went away: watch again through another one.
+                    Some(Err(_)) | None => {
+                        self.current += 1;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn file_chunks(
+    path: std::path::PathBuf,
+    header: pb::UploadHeader,
+) -> std::result::Result<tokio_stream::wrappers::ReceiverStream<pb::UploadChunk>, tonic::Status> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| tonic::Status::internal(format!("open {}: {e}", path.display())))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut header = Some(header);
+        loop {
+            let mut buf = vec![0u8; 256 << 10];
+            let Ok(n) = f.read(&mut buf).await else { return };
+            if n == 0 && header.is_none() {
+                return;
+            }
+            buf.truncate(n);
+            let chunk = pb::UploadChunk {
+                header: header.take(),
+                data: buf,
+            };
+            if tx.send(chunk).await.is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

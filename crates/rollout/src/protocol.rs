@@ -1,0 +1,220 @@
+//! The vocabulary between the state machine and its driver: the actions it asks for, the events
+//! it accepts, and what applying an event did.
+
+use std::fmt;
+
+use orch_types::rollout::Phase;
+use orch_types::{NodeId, Version};
+use serde::{Deserialize, Serialize};
+
+/// One thing the driver must do on one node. `seq` is unique within the rollout and increases
+/// with every action issued: it is the third part of the agent fence `(term, rollout id, seq)` and
+/// the key the result comes back with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Action {
+    pub seq: u64,
+    pub node: NodeId,
+    pub kind: ActionKind,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} [seq {}]", self.node, self.kind, self.seq)
+    }
+}
+
+/// What an [`Action`] does. Every kind is idempotent on the agent side (repeating a step whose
+/// result already holds succeeds), which is what lets a new leader re-perform an in-flight action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Ask the agent its running version and free disk. Touches nothing. Answer with
+    /// [`ActionResult::Preflight`] or [`ActionResult::Failed`].
+    Preflight,
+    /// Push the package (if the spec has one) and unpack `version`. The service is untouched.
+    Stage { version: Version },
+    /// Hot-install `version` without making it permanent.
+    Install { version: Version },
+    /// Probe the node with the driver's own clock: pass when the probe succeeds continuously for
+    /// `min_healthy_time_ms` while reporting `expect`, fail if that has not happened within
+    /// `healthy_deadline_ms` of the start.
+    HealthGate {
+        min_healthy_time_ms: u64,
+        healthy_deadline_ms: u64,
+        expect: Version,
+    },
+    /// Make `version` permanent.
+    Commit { version: Version },
+    /// Switch back to `to` (the version preflight saw) and make it permanent. Always followed by
+    /// a health gate expecting `to`.
+    Downgrade { to: Version },
+}
+
+impl ActionKind {
+    /// Short name, as in logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActionKind::Preflight => "preflight",
+            ActionKind::Stage { .. } => "stage",
+            ActionKind::Install { .. } => "install",
+            ActionKind::HealthGate { .. } => "health_gate",
+            ActionKind::Commit { .. } => "commit",
+            ActionKind::Downgrade { .. } => "downgrade",
+        }
+    }
+
+    /// Whether the action changes what the node runs (or boots). The machine never cancels these:
+    /// their outcome must be known before the node is touched again.
+    pub fn changes_node(&self) -> bool {
+        matches!(
+            self,
+            ActionKind::Install { .. } | ActionKind::Commit { .. } | ActionKind::Downgrade { .. }
+        )
+    }
+}
+
+impl fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ActionKind::Preflight => f.write_str("preflight"),
+            ActionKind::Stage { version } => write!(f, "stage {version}"),
+            ActionKind::Install { version } => write!(f, "install {version}"),
+            ActionKind::HealthGate { expect, .. } => write!(f, "health gate on {expect}"),
+            ActionKind::Commit { version } => write!(f, "make {version} permanent"),
+            ActionKind::Downgrade { to } => write!(f, "downgrade to {to}"),
+        }
+    }
+}
+
+/// How an action ended, as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionResult {
+    /// A preflight answer (only valid for [`ActionKind::Preflight`]).
+    Preflight { running: Version, free_disk: u64 },
+    /// The action did what it says (for a health gate: the gate passed).
+    Done,
+    /// The action failed, after whatever retries of transient errors the driver does; `error`
+    /// says why in words an operator can act on.
+    Failed { error: String },
+}
+
+/// An operator command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    Pause,
+    Resume,
+    Abort,
+    Rollback,
+    Promote,
+}
+
+impl Command {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Abort => "abort",
+            Command::Rollback => "rollback",
+            Command::Promote => "promote",
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything that can change a rollout. Each one is a Raft entry; applying the same sequence to
+/// the same spec gives the same state on every machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// The driver is about to perform [`crate::Rollout::next_actions`]: record them in flight
+    /// (assigning their seqs). Carries no data because the actions follow from the state, so a
+    /// stale or repeated `IssueActions` can never issue anything the state does not call for.
+    IssueActions,
+    /// The outcome of the in-flight action `seq`.
+    Result { seq: u64, result: ActionResult },
+    /// An operator command.
+    Command(Command),
+}
+
+/// One replicated log entry: an event with the time the coordinator proposed it and who caused it
+/// (an operator identity for commands, the driving coordinator for the rest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub event: Event,
+    pub at_ms: u64,
+    pub by: String,
+}
+
+/// What applying an event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The state changed.
+    Applied {
+        /// The phase afterwards.
+        phase: Phase,
+        /// Actions now in flight that the driver must perform (only `IssueActions` issues).
+        issued: Vec<Action>,
+        /// Actions that were in flight and no longer are, without a result: the driver should
+        /// stop them (a running health gate, an unpack nobody needs); their results, if they
+        /// still come, are ignored.
+        cancelled: Vec<Action>,
+    },
+    /// A valid event that changed nothing: a result for an action that is not in flight (stale,
+    /// duplicate, or cancelled), or `IssueActions` with nothing to issue.
+    Ignored { reason: String },
+}
+
+impl Outcome {
+    /// The actions issued by this event (empty unless it was `IssueActions`).
+    pub fn issued(&self) -> &[Action] {
+        match self {
+            Outcome::Applied { issued, .. } => issued,
+            Outcome::Ignored { .. } => &[],
+        }
+    }
+
+    /// The actions cancelled by this event.
+    pub fn cancelled(&self) -> &[Action] {
+        match self {
+            Outcome::Applied { cancelled, .. } => cancelled,
+            Outcome::Ignored { .. } => &[],
+        }
+    }
+
+    pub fn is_ignored(&self) -> bool {
+        matches!(self, Outcome::Ignored { .. })
+    }
+}
+
+/// Why an event was refused. A refused event leaves the state exactly as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("cannot {command}: rollout {id} has already ended ({phase})")]
+    Ended {
+        command: Command,
+        id: String,
+        phase: Phase,
+    },
+    #[error("cannot pause: rollout is already paused")]
+    AlreadyPaused,
+    #[error("cannot resume: rollout is not paused (it is {phase})")]
+    NotPaused { phase: Phase },
+    #[error("cannot roll back: rollout is already rolling back")]
+    AlreadyRollingBack,
+    #[error("cannot promote: rollout is not waiting for canary promotion")]
+    NotAwaitingPromotion,
+    #[error("result for action {seq} ({kind} on {node}) does not fit it: {detail}")]
+    MismatchedResult {
+        seq: u64,
+        node: NodeId,
+        kind: &'static str,
+        detail: &'static str,
+    },
+}

@@ -1,0 +1,1636 @@
+//! Every phase transition and every failure point of the rollout machine, one scenario each.
+
+mod common;
+
+use common::*;
+use orch_rollout::{
+    Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rejected, Rollout,
+};
+use orch_types::rollout::{NodeStep, OnFailure, PackageRef, Phase, SpecError};
+
+fn seqs(actions: &[Action]) -> Vec<u64> {
+    actions.iter().map(|a| a.seq).collect()
+}
+
+fn k(node: &str, kind: &'static str) -> (String, &'static str) {
+    (node.to_string(), kind)
+}
+
+// ----- creation -----
+
+#[test]
+fn new_refuses_an_invalid_spec() {
+    let mut s = spec(2);
+    s.batch_size = 0;
+    assert_eq!(Rollout::new(s).unwrap_err(), SpecError::ZeroBatchSize);
+    let mut s = spec(2);
+    s.nodes.push(n("n1"));
+    assert_eq!(
+        Rollout::new(s).unwrap_err(),
+        SpecError::DuplicateNode(n("n1"))
+    );
+}
+
+#[test]
+fn a_new_rollout_is_pending_and_idle() {
+    let h = H::new(spec(3));
+    assert_eq!(h.phase(), Phase::Pending);
+    assert!(h.r.in_flight().is_empty());
+    assert!(h.r.events().is_empty());
+    assert!(!h.r.awaiting_promotion());
+    assert_eq!(h.steps(), vec![NodeStep::Pending; 3]);
+    assert!(h.r.nodes().all(|p| p.from_version.is_none()));
+    assert_eq!(h.r.next_seq(), 1);
+}
+
+// ----- preflight -----
+
+#[test]
+fn first_issue_starts_preflight_on_every_node() {
+    let mut h = H::new(spec(3));
+    let a = h.issue();
+    assert_eq!(h.phase(), Phase::Preflight);
+    assert_eq!(seqs(&a), vec![1, 2, 3]);
+    assert!(a.iter().all(|a| a.kind == ActionKind::Preflight));
+    assert_eq!(
+        a.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(),
+        ["n1", "n2", "n3"]
+    );
+    assert!(h.has_event("rollout r1 started: 4.2.1 on 3 nodes in order n1, n2, n3"));
+    assert!(h.has_event("requested by alice"));
+    // Everything is in flight: nothing more to issue until answers come.
+    assert!(h.r.next_actions().is_empty());
+    assert!(h.apply(Event::IssueActions).unwrap().is_ignored());
+    h.check();
+}
+
+#[test]
+fn preflight_ok_records_from_version_and_moves_to_staging() {
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.preflight(a[0].seq, "4.2.0");
+    assert_eq!(h.phase(), Phase::Preflight);
+    assert_eq!(h.step("n1"), NodeStep::PreflightOk);
+    assert_eq!(h.r.node(&n("n1")).unwrap().from_version, Some(v("4.2.0")));
+    h.preflight(a[1].seq, "4.2.0");
+    assert_eq!(h.phase(), Phase::Staging);
+    assert!(h.has_event("n1: preflight ok: runs 4.2.0"));
+    assert!(h.has_event("preflight passed: 2 nodes to upgrade; staging 4.2.1"));
+    h.check();
+}
+
+#[test]
+fn preflight_failure_aborts_touching_nothing_and_names_node_and_reason() {
+    let mut h = H::new(spec(3));
+    let a = h.issue();
+    h.preflight(a[0].seq, "4.2.0");
+    h.fail(a[1].seq, "agent unreachable: connection refused");
+    // Waits for every answer so that the refusal lists every problem at once.
+    assert_eq!(h.phase(), Phase::Preflight);
+    h.preflight(a[2].seq, "4.2.0");
+    assert_eq!(h.phase(), Phase::Aborted);
+    let err = h.r.error().unwrap();
+    assert!(err.contains("nothing was touched"), "{err}");
+    assert!(
+        err.contains("n2: preflight failed: agent unreachable: connection refused"),
+        "{err}"
+    );
+    assert_eq!(h.step("n2"), NodeStep::Failed);
+    assert!(h.r.next_actions().is_empty());
+    assert!(h.r.touched().is_empty());
+    h.check();
+}
+
+#[test]
+fn preflight_lists_every_refusal() {
+    let mut h = H::new(spec(3));
+    let a = h.issue();
+    h.fail(a[0].seq, "timeout");
+    h.preflight(a[1].seq, "4.2.0");
+    h.preflight(a[2].seq, "4.1.9");
+    assert_eq!(h.phase(), Phase::Aborted);
+    let err = h.r.error().unwrap();
+    assert!(err.contains("n1: preflight failed: timeout"), "{err}");
+    assert!(err.contains("n3: cannot hop from 4.1.9 to 4.2.1"), "{err}");
+    h.check();
+}
+
+#[test]
+fn wrong_hop_aborts_naming_both_versions() {
+    for running in ["4.1.0", "5.2.0", "3.2.1"] {
+        let mut h = H::new(spec(1));
+        h.preflight_all(&[running]);
+        assert_eq!(h.phase(), Phase::Aborted);
+        let err = h.r.error().unwrap();
+        assert!(
+            err.contains(&format!("cannot hop from {running} to 4.2.1")),
+            "{err}"
+        );
+        assert!(err.contains("patch-level"), "{err}");
+        let node = h.r.node(&n("n1")).unwrap();
+        assert_eq!(node.from_version, Some(v(running)));
+        assert!(node.error.as_deref().unwrap().contains(running));
+        h.check();
+    }
+}
+
+#[test]
+fn lower_patch_target_is_a_valid_hop() {
+    let mut h = H::new(spec(1));
+    h.preflight_all(&["4.2.5"]);
+    assert_eq!(h.phase(), Phase::Staging);
+}
+
+#[test]
+fn not_enough_disk_aborts() {
+    let mut s = spec(2);
+    s.package = Some(PackageRef {
+        name: "emqx".into(),
+        version: v(TARGET),
+        sha256: "0".repeat(64),
+        size: 100,
+    });
+    let mut h = H::new(s);
+    assert_eq!(h.r.required_free_disk(), Some(200));
+    let a = h.issue();
+    h.result(
+        a[0].seq,
+        ActionResult::Preflight {
+            running: v(FROM),
+            free_disk: 200,
+        },
+    );
+    h.result(
+        a[1].seq,
+        ActionResult::Preflight {
+            running: v(FROM),
+            free_disk: 199,
+        },
+    );
+    assert_eq!(h.phase(), Phase::Aborted);
+    assert_eq!(h.step("n1"), NodeStep::PreflightOk);
+    let err = h.r.error().unwrap();
+    assert!(
+        err.contains("n2: not enough free disk: 199 bytes free, 200 needed"),
+        "{err}"
+    );
+    h.check();
+}
+
+#[test]
+fn nodes_already_on_target_are_skipped() {
+    let mut h = H::new(spec(3));
+    h.preflight_all(&["4.2.1", "4.2.0", "4.2.1"]);
+    assert_eq!(h.phase(), Phase::Staging);
+    assert_eq!(
+        h.steps(),
+        [NodeStep::Skipped, NodeStep::PreflightOk, NodeStep::Skipped]
+    );
+    assert!(h.has_event("n1: already runs 4.2.1: skipped"));
+    assert!(h.has_event("1 node to upgrade (2 already on 4.2.1, skipped)"));
+    let all = h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    // Skipped nodes never get anything but their preflight.
+    assert!(all.iter().all(|a| a.node.as_str() == "n2"));
+    assert_eq!(
+        h.steps(),
+        [NodeStep::Skipped, NodeStep::Committed, NodeStep::Skipped]
+    );
+    h.check();
+}
+
+#[test]
+fn all_skipped_succeeds_immediately() {
+    let mut h = H::new(spec(3));
+    h.preflight_all(&["4.2.1"; 3]);
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert!(h.has_event("every node already runs 4.2.1: nothing to do"));
+    assert!(h.r.next_actions().is_empty());
+    assert!(h.r.error().is_none());
+    h.check();
+}
+
+#[test]
+fn preflight_answered_with_done_is_rejected_without_change() {
+    let mut h = H::new(spec(1));
+    let a = h.issue();
+    let err = h.apply(Event::Result {
+        seq: a[0].seq,
+        result: ActionResult::Done,
+    });
+    assert!(matches!(
+        err,
+        Err(Rejected::MismatchedResult { seq: 1, .. })
+    ));
+    assert_eq!(h.r.in_flight().len(), 1);
+    // The real answer still counts.
+    h.preflight(a[0].seq, FROM);
+    assert_eq!(h.phase(), Phase::Staging);
+    h.check();
+}
+
+#[test]
+fn version_answer_for_a_non_preflight_is_rejected() {
+    let mut h = H::new(spec(1));
+    h.preflight_all(&[FROM]);
+    let a = h.issue();
+    let err = h
+        .apply(Event::Result {
+            seq: a[0].seq,
+            result: ActionResult::Preflight {
+                running: v(FROM),
+                free_disk: 1,
+            },
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "result for action 2 (stage on n1) does not fit it: only a preflight is answered with a running version"
+    );
+    h.check();
+}
+
+// ----- staging -----
+
+#[test]
+fn staging_is_bounded_and_skips_skipped_nodes() {
+    let mut s = spec(6);
+    s.max_parallel_staging = 2;
+    let mut h = H::new(s);
+    h.preflight_all(&["4.2.0", "4.2.1", "4.2.0", "4.2.0", "4.2.0", "4.2.0"]);
+    let a = h.issue();
+    assert_eq!(kinds(&a), [k("n1", "stage"), k("n3", "stage")]);
+    assert_eq!(h.step("n1"), NodeStep::Staging);
+    assert!(h.issue().is_empty(), "bound reached");
+    h.done(a[1].seq);
+    assert_eq!(h.step("n3"), NodeStep::Staged);
+    let b = h.issue();
+    assert_eq!(kinds(&b), [k("n4", "stage")]);
+    h.done(a[0].seq);
+    h.done(b[0].seq);
+    let c = h.issue();
+    assert_eq!(kinds(&c), [k("n5", "stage"), k("n6", "stage")]);
+    h.done(c[0].seq);
+    assert_eq!(h.phase(), Phase::Staging);
+    h.done(c[1].seq);
+    assert_eq!(h.phase(), Phase::Upgrading);
+    assert!(h.has_event("all 5 nodes staged; upgrading 1 at a time"));
+    assert!(h.has_event("n5: staged 4.2.1"));
+    h.check();
+}
+
+#[test]
+fn stage_failure_with_rollback_policy_aborts_nothing_to_undo() {
+    let mut h = H::new(spec(3));
+    h.preflight_all(&[FROM; 3]);
+    let a = h.issue();
+    h.done(a[0].seq);
+    let out = h.fail(a[1].seq, "no space left on device");
+    assert_eq!(h.phase(), Phase::Aborted);
+    // The stage still in flight is cancelled.
+    assert_eq!(seqs(out.cancelled()), vec![a[2].seq]);
+    let err = h.r.error().unwrap();
+    assert!(
+        err.contains("n2: staging 4.2.1 failed: no space left on device"),
+        "{err}"
+    );
+    assert!(h.has_event("nothing to roll back"));
+    assert!(h.r.touched().is_empty());
+    // A late result for the cancelled stage changes nothing.
+    assert!(h.done(a[2].seq).is_ignored());
+    h.check();
+}
+
+#[test]
+fn stage_failure_with_pause_policy_pauses_and_resume_retries_the_stage() {
+    let mut s = spec(2);
+    s.on_failure = OnFailure::Pause;
+    let mut h = H::new(s);
+    h.preflight_all(&[FROM; 2]);
+    let a = h.issue();
+    h.fail(a[0].seq, "disk full");
+    assert_eq!(h.phase(), Phase::Paused);
+    assert_eq!(h.r.working_phase(), Phase::Staging);
+    assert!(
+        h.r.error()
+            .unwrap()
+            .contains("n1: staging 4.2.1 failed: disk full")
+    );
+    // The other stage still completes while paused.
+    h.done(a[1].seq);
+    assert_eq!(h.step("n2"), NodeStep::Staged);
+    assert!(h.issue().is_empty());
+    h.cmd(Command::Resume).unwrap();
+    assert!(h.has_event("retrying n1 (stage)"));
+    assert!(h.r.error().is_none());
+    assert_eq!(h.step("n1"), NodeStep::PreflightOk);
+    let b = h.issue();
+    assert_eq!(kinds(&b), [k("n1", "stage")]);
+    h.done(b[0].seq);
+    assert_eq!(h.phase(), Phase::Upgrading);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+// ----- upgrading -----
+
+#[test]
+fn batch_size_one_upgrades_node_by_node_then_commits() {
+    let mut h = H::new(spec(3));
+    h.run_to_upgrading();
+    for node in ["n1", "n2", "n3"] {
+        let a = h.issue();
+        assert_eq!(kinds(&a), [k(node, "install")]);
+        assert_eq!(a[0].kind, ActionKind::Install { version: v(TARGET) });
+        assert_eq!(h.step(node), NodeStep::Installing);
+        h.done(a[0].seq);
+        assert_eq!(h.step(node), NodeStep::Installed);
+        let g = h.issue();
+        assert_eq!(
+            g[0].kind,
+            ActionKind::HealthGate {
+                min_healthy_time_ms: 0,
+                healthy_deadline_ms: 1_000,
+                expect: v(TARGET)
+            }
+        );
+        assert_eq!(h.step(node), NodeStep::Verifying);
+        h.done(g[0].seq);
+        assert_eq!(h.step(node), NodeStep::Upgraded);
+        assert!(h.has_event(&format!("{node}: installed 4.2.1 (not permanent yet)")));
+        assert!(h.has_event(&format!("{node}: healthy on 4.2.1")));
+    }
+    assert_eq!(h.phase(), Phase::Committing);
+    let c = h.issue();
+    assert_eq!(
+        kinds(&c),
+        [k("n1", "commit"), k("n2", "commit"), k("n3", "commit")]
+    );
+    for a in &c {
+        h.done(a.seq);
+    }
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert_eq!(h.steps(), vec![NodeStep::Committed; 3]);
+    assert!(h.has_event("all 3 nodes run 4.2.1 permanently"));
+    assert!(h.r.error().is_none());
+    assert_eq!(h.r.touched(), vec![n("n1"), n("n2"), n("n3")]);
+    h.check();
+}
+
+#[test]
+fn batch_size_two_waits_for_the_whole_batch() {
+    let mut s = spec(5);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    assert_eq!(kinds(&a), [k("n1", "install"), k("n2", "install")]);
+    h.done(a[0].seq);
+    let g1 = h.issue();
+    assert_eq!(kinds(&g1), [k("n1", "health_gate")]);
+    h.done(g1[0].seq);
+    // n1 healthy, n2 still installing: the next batch must not start.
+    assert!(h.issue().is_empty());
+    h.done(a[1].seq);
+    let g2 = h.issue();
+    assert_eq!(kinds(&g2), [k("n2", "health_gate")]);
+    h.done(g2[0].seq);
+    let b = h.issue();
+    assert_eq!(kinds(&b), [k("n3", "install"), k("n4", "install")]);
+    for x in &b {
+        h.done(x.seq);
+    }
+    let g = h.issue();
+    assert_eq!(kinds(&g), [k("n3", "health_gate"), k("n4", "health_gate")]);
+    for x in &g {
+        h.done(x.seq);
+    }
+    assert_eq!(kinds(&h.issue()), [k("n5", "install")]);
+    h.check();
+}
+
+#[test]
+fn batch_size_larger_than_cluster_installs_everything_at_once() {
+    let mut s = spec(4);
+    s.batch_size = 100;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    assert_eq!(a.len(), 4);
+    assert!(a.iter().all(|a| a.kind.name() == "install"));
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+#[test]
+fn skipped_nodes_do_not_take_a_batch_slot() {
+    let mut s = spec(4);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.preflight_all(&["4.2.1", "4.2.0", "4.2.1", "4.2.0"]);
+    h.stage_all();
+    assert_eq!(kinds(&h.issue()), [k("n2", "install"), k("n4", "install")]);
+}
+
+fn install_fail_at(position: usize) {
+    let mut h = H::new(spec(4));
+    h.run_to_upgrading();
+    let nodes = ["n1", "n2", "n3", "n4"];
+    for node in &nodes[..position] {
+        let a = h.issue();
+        h.done(a[0].seq);
+        let g = h.issue();
+        h.done(g[0].seq);
+        assert_eq!(h.step(node), NodeStep::Upgraded);
+    }
+    let failing = nodes[position];
+    let a = h.issue();
+    assert_eq!(kinds(&a), [k(failing, "install")]);
+    h.fail(a[0].seq, "activation hook exited with 1");
+    assert_eq!(h.phase(), Phase::RollingBack);
+    let err = h.r.error().unwrap();
+    assert!(
+        err.contains(&format!(
+            "{failing}: install of 4.2.1 failed: activation hook exited with 1"
+        )),
+        "{err}"
+    );
+    // Every touched node, failed one first (newest install), one at a time, each gated.
+    let mut downgraded = Vec::new();
+    loop {
+        let d = h.issue();
+        if d.is_empty() {
+            break;
+        }
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].kind, ActionKind::Downgrade { to: v(FROM) });
+        assert_eq!(h.step(d[0].node.as_str()), NodeStep::RollingBack);
+        h.done(d[0].seq);
+        let g = h.issue();
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].node, d[0].node);
+        assert_eq!(
+            g[0].kind,
+            ActionKind::HealthGate {
+                min_healthy_time_ms: 0,
+                healthy_deadline_ms: 1_000,
+                expect: v(FROM)
+            }
+        );
+        h.done(g[0].seq);
+        downgraded.push(d[0].node.to_string());
+    }
+    let expected: Vec<String> = nodes[..=position]
+        .iter()
+        .rev()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(downgraded, expected);
+    assert_eq!(h.phase(), Phase::RolledBack);
+    for node in &nodes[..=position] {
+        assert_eq!(h.step(node), NodeStep::RolledBack);
+    }
+    for node in &nodes[position + 1..] {
+        assert_eq!(
+            h.step(node),
+            NodeStep::Staged,
+            "untouched nodes stay staged"
+        );
+    }
+    assert!(h.has_event(&format!("all {} touched node", position + 1)));
+    h.check();
+}
+
+#[test]
+fn install_failure_on_first_node_rolls_back_only_it() {
+    install_fail_at(0);
+}
+
+#[test]
+fn install_failure_on_middle_node_rolls_back_in_reverse_order() {
+    install_fail_at(2);
+}
+
+#[test]
+fn install_failure_on_last_node_rolls_back_everything() {
+    install_fail_at(3);
+}
+
+#[test]
+fn health_gate_failure_rolls_back_with_the_probe_message() {
+    let mut h = H::new(spec(2));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "probe reported 4.2.0");
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert_eq!(h.step("n1"), NodeStep::Failed);
+    assert!(h.has_event("n1: health gate on 4.2.1 failed: probe reported 4.2.0"));
+    assert!(h.has_event("rolling back 1 touched node one at a time, newest install first: n1"));
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    assert_eq!(h.step("n1"), NodeStep::RolledBack);
+    assert_eq!(h.step("n2"), NodeStep::Staged);
+    assert!(h.has_event("n1: rolled back to 4.2.0 and healthy"));
+    // The error keeps the original cause.
+    assert!(h.r.error().unwrap().contains("probe reported 4.2.0"));
+    h.check();
+}
+
+#[test]
+fn failure_in_a_batch_cancels_gates_and_waits_for_installs() {
+    let mut s = spec(3);
+    s.batch_size = 3;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq); // n1 installed
+    h.done(a[1].seq); // n2 installed
+    let g = h.issue(); // gates on n1, n2; n3 still installing
+    assert_eq!(kinds(&g), [k("n1", "health_gate"), k("n2", "health_gate")]);
+    let out = h.fail(g[0].seq, "probe failing");
+    assert_eq!(h.phase(), Phase::RollingBack);
+    // n2's gate no longer matters; n3's install must finish before anything is downgraded.
+    assert_eq!(seqs(out.cancelled()), vec![g[1].seq]);
+    assert_eq!(h.step("n2"), NodeStep::Installed);
+    assert_eq!(h.r.in_flight().len(), 1);
+    assert!(h.issue().is_empty(), "waits for n3's install");
+    assert!(
+        h.done(g[1].seq).is_ignored(),
+        "cancelled gate result ignored"
+    );
+    h.done(a[2].seq);
+    assert_eq!(h.step("n3"), NodeStep::Installed);
+    let mut order = Vec::new();
+    while h.phase() == Phase::RollingBack {
+        let d = h.issue();
+        order.push(d[0].node.to_string());
+        h.done(d[0].seq);
+        let g = h.issue();
+        h.done(g[0].seq);
+    }
+    assert_eq!(order, ["n3", "n2", "n1"]);
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+#[test]
+fn failed_in_flight_install_during_rollback_is_still_rolled_back() {
+    let mut s = spec(2);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.fail(a[0].seq, "boom");
+    assert_eq!(h.phase(), Phase::RollingBack);
+    h.fail(a[1].seq, "boom too");
+    assert_eq!(h.phase(), Phase::RollingBack, "no second policy decision");
+    assert_eq!(h.step("n2"), NodeStep::Failed);
+    let d = h.issue();
+    assert_eq!(kinds(&d), [k("n2", "downgrade")]);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+// ----- committing -----
+
+#[test]
+fn commit_failure_rolls_back_every_touched_node_including_committed_ones() {
+    let mut h = H::new(spec(3));
+    h.run_to_upgrading();
+    for _ in 0..3 {
+        let a = h.issue();
+        h.done(a[0].seq);
+        let g = h.issue();
+        h.done(g[0].seq);
+    }
+    assert_eq!(h.phase(), Phase::Committing);
+    let c = h.issue();
+    h.done(c[0].seq);
+    h.done(c[2].seq);
+    h.fail(c[1].seq, "fsync: input/output error");
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert!(
+        h.r.error()
+            .unwrap()
+            .contains("n2: making 4.2.1 permanent failed: fsync: input/output error")
+    );
+    let all = h.run_ok();
+    let downgrades: Vec<&str> = all
+        .iter()
+        .filter(|a| a.kind.name() == "downgrade")
+        .map(|a| a.node.as_str())
+        .collect();
+    assert_eq!(downgrades, ["n3", "n2", "n1"]);
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+#[test]
+fn commit_failure_with_pause_policy_retries_the_commit() {
+    let mut s = spec(2);
+    s.on_failure = OnFailure::Pause;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    for _ in 0..2 {
+        let a = h.issue();
+        h.done(a[0].seq);
+        let g = h.issue();
+        h.done(g[0].seq);
+    }
+    let c = h.issue();
+    h.fail(c[0].seq, "read-only file system");
+    assert_eq!(h.phase(), Phase::Paused);
+    assert_eq!(h.r.working_phase(), Phase::Committing);
+    h.done(c[1].seq);
+    h.cmd(Command::Resume).unwrap();
+    assert_eq!(h.step("n1"), NodeStep::Upgraded);
+    let r = h.issue();
+    assert_eq!(kinds(&r), [k("n1", "commit")]);
+    h.done(r[0].seq);
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+#[test]
+fn no_permanent_succeeds_after_upgrading_without_commits() {
+    let mut s = spec(2);
+    s.permanent = false;
+    let mut h = H::new(s);
+    let all = h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert!(all.iter().all(|a| a.kind.name() != "commit"));
+    assert_eq!(h.steps(), vec![NodeStep::Upgraded; 2]);
+    assert!(h.has_event("not made permanent"));
+    h.check();
+}
+
+// ----- rollback failures -----
+
+#[test]
+fn downgrade_failure_continues_and_ends_rollback_failed_naming_the_node() {
+    let mut h = H::new(spec(3));
+    h.run_to_upgrading();
+    for _ in 0..2 {
+        let a = h.issue();
+        h.done(a[0].seq);
+        let g = h.issue();
+        h.done(g[0].seq);
+    }
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "probe timeout");
+    // n3 first: its downgrade fails; n2 and n1 are still rolled back.
+    let d3 = h.issue();
+    assert_eq!(kinds(&d3), [k("n3", "downgrade")]);
+    h.fail(d3[0].seq, "release 4.2.0 missing");
+    assert_eq!(h.step("n3"), NodeStep::RollbackFailed);
+    assert_eq!(h.phase(), Phase::RollingBack);
+    let d2 = h.issue();
+    assert_eq!(kinds(&d2), [k("n2", "downgrade")]);
+    h.done(d2[0].seq);
+    let g2 = h.issue();
+    h.done(g2[0].seq);
+    let d1 = h.issue();
+    assert_eq!(kinds(&d1), [k("n1", "downgrade")]);
+    h.done(d1[0].seq);
+    let g1 = h.issue();
+    h.done(g1[0].seq);
+    assert_eq!(h.phase(), Phase::RollbackFailed);
+    let err = h.r.error().unwrap();
+    assert!(
+        err.contains("n3: health gate on 4.2.1 failed: probe timeout"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rollback failed on n3 (downgrade to 4.2.0 failed: release 4.2.0 missing): this node needs a person"),
+        "{err}"
+    );
+    assert_eq!(
+        h.steps(),
+        [
+            NodeStep::RolledBack,
+            NodeStep::RolledBack,
+            NodeStep::RollbackFailed
+        ]
+    );
+    h.check();
+}
+
+#[test]
+fn rollback_health_gate_failure_is_a_rollback_failure() {
+    let mut s = spec(2);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    h.fail(a[1].seq, "x");
+    let d = h.issue();
+    assert_eq!(kinds(&d), [k("n2", "downgrade")]);
+    h.done(d[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "probe reported 4.2.1");
+    let d = h.issue();
+    assert_eq!(kinds(&d), [k("n1", "downgrade")]);
+    h.done(d[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "connection refused");
+    assert_eq!(h.phase(), Phase::RollbackFailed);
+    let err = h.r.error().unwrap();
+    assert!(err.contains("rollback failed on n2 (health gate on 4.2.0 after downgrade failed: probe reported 4.2.1), n1 (health gate on 4.2.0 after downgrade failed: connection refused): these nodes need a person"), "{err}");
+    h.check();
+}
+
+// ----- canary -----
+
+#[test]
+fn canary_waits_for_promote_then_continues() {
+    let mut s = spec(4);
+    s.canary = 1;
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    assert!(h.has_event("waiting for promote after the first 1"));
+    let a = h.issue();
+    assert_eq!(
+        kinds(&a),
+        [k("n1", "install")],
+        "the canary is its own batch"
+    );
+    h.done(a[0].seq);
+    let g = h.issue();
+    assert!(!h.r.awaiting_promotion());
+    h.done(g[0].seq);
+    assert!(h.r.awaiting_promotion());
+    assert_eq!(h.phase(), Phase::Upgrading);
+    assert!(h.has_event("canary n1 upgraded and healthy on 4.2.1; waiting for promote"));
+    assert!(h.r.next_actions().is_empty());
+    assert!(h.apply(Event::IssueActions).unwrap().is_ignored());
+    assert!(h.r.summary().contains("waiting for promote"));
+    h.cmd(Command::Promote).unwrap();
+    assert!(!h.r.awaiting_promotion());
+    assert!(h.has_event("canary promoted by alice: continuing with the remaining 3 nodes"));
+    assert_eq!(kinds(&h.issue()), [k("n2", "install"), k("n3", "install")]);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    // Promote is a one-time thing.
+    assert!(matches!(
+        h.cmd(Command::Promote),
+        Err(Rejected::Ended { .. })
+    ));
+    h.check();
+}
+
+#[test]
+fn canary_larger_than_a_batch_is_chunked_by_batch_size() {
+    let mut s = spec(5);
+    s.canary = 3;
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let mut batches = Vec::new();
+    while !h.r.awaiting_promotion() {
+        let a = h.issue();
+        batches.push(a.iter().map(|a| a.node.to_string()).collect::<Vec<_>>());
+        for x in &a {
+            h.done(x.seq);
+        }
+        for x in &h.issue() {
+            h.done(x.seq);
+        }
+    }
+    assert_eq!(batches, [vec!["n1", "n2"], vec!["n3"]]);
+    h.cmd(Command::Promote).unwrap();
+    assert_eq!(kinds(&h.issue()), [k("n4", "install"), k("n5", "install")]);
+}
+
+#[test]
+fn canary_covering_every_node_waits_before_committing() {
+    let mut s = spec(2);
+    s.canary = 2;
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Upgrading);
+    assert!(h.r.awaiting_promotion());
+    h.cmd(Command::Promote).unwrap();
+    assert_eq!(h.phase(), Phase::Committing);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+#[test]
+fn canary_counts_only_nodes_that_need_the_upgrade() {
+    let mut s = spec(3);
+    s.canary = 1;
+    let mut h = H::new(s);
+    h.preflight_all(&["4.2.1", "4.2.0", "4.2.0"]);
+    h.stage_all();
+    let a = h.issue();
+    assert_eq!(kinds(&a), [k("n2", "install")]);
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.done(g[0].seq);
+    assert!(h.r.awaiting_promotion());
+}
+
+#[test]
+fn canary_failure_rolls_back_without_waiting_for_promote() {
+    let mut s = spec(3);
+    s.canary = 1;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "unhealthy");
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert!(!h.r.awaiting_promotion());
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+#[test]
+fn rollback_while_awaiting_promotion() {
+    let mut s = spec(3);
+    s.canary = 1;
+    let mut h = H::new(s);
+    h.run_ok();
+    assert!(h.r.awaiting_promotion());
+    h.cmd(Command::Rollback).unwrap();
+    assert!(!h.r.awaiting_promotion());
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert!(matches!(
+        h.cmd(Command::Promote),
+        Err(Rejected::NotAwaitingPromotion)
+    ));
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    assert_eq!(h.r.touched(), vec![n("n1")]);
+    h.check();
+}
+
+#[test]
+fn promote_is_rejected_unless_awaiting() {
+    let mut h = H::new(spec(2));
+    let want = "cannot promote: rollout is not waiting for canary promotion";
+    assert_eq!(h.cmd(Command::Promote).unwrap_err().to_string(), want);
+    h.preflight_all(&[FROM; 2]);
+    assert_eq!(h.cmd(Command::Promote).unwrap_err().to_string(), want);
+    h.stage_all();
+    assert_eq!(h.cmd(Command::Promote).unwrap_err().to_string(), want);
+    h.check();
+}
+
+// ----- pause / resume -----
+
+/// Drives a fresh 3-node rollout until `reached` holds (answering everything `Done`).
+fn drive_until(h: &mut H, reached: impl Fn(&H) -> bool) {
+    for _ in 0..100 {
+        if reached(h) {
+            return;
+        }
+        let issued = h.issue();
+        if issued.is_empty() {
+            let a = h.r.in_flight()[0].clone();
+            if a.kind == ActionKind::Preflight {
+                h.preflight(a.seq, FROM);
+            } else {
+                h.done(a.seq);
+            }
+        }
+    }
+    panic!("never reached the wanted state: {}", h.r.summary());
+}
+
+type Reached = fn(&H) -> bool;
+
+fn checkpoints() -> Vec<(&'static str, Reached)> {
+    vec![
+        ("pending", |h| h.phase() == Phase::Pending),
+        ("preflight", |h| {
+            h.phase() == Phase::Preflight && !h.r.in_flight().is_empty()
+        }),
+        ("staging", |h| {
+            h.phase() == Phase::Staging && !h.r.in_flight().is_empty()
+        }),
+        ("upgrading, install in flight", |h| {
+            h.r.in_flight().iter().any(|a| a.kind.name() == "install")
+        }),
+        ("upgrading, gate in flight", |h| {
+            h.r.in_flight()
+                .iter()
+                .any(|a| a.kind.name() == "health_gate")
+        }),
+        ("committing", |h| {
+            h.phase() == Phase::Committing && !h.r.in_flight().is_empty()
+        }),
+    ]
+}
+
+#[test]
+fn pause_and_resume_at_each_phase() {
+    for (name, reached) in checkpoints() {
+        let mut h = H::new(spec(3));
+        drive_until(&mut h, reached);
+        let working = h.r.working_phase();
+        let in_flight = h.r.in_flight().to_vec();
+        h.cmd(Command::Pause).unwrap();
+        assert_eq!(h.phase(), Phase::Paused, "{name}");
+        assert_eq!(h.r.working_phase(), working, "{name}");
+        assert!(h.r.next_actions().is_empty(), "{name}");
+        assert!(h.apply(Event::IssueActions).unwrap().is_ignored(), "{name}");
+        assert!(
+            h.r.summary()
+                .contains(&format!("paused (during {working})"))
+        );
+        // In-flight actions still complete and are recorded.
+        for a in &in_flight {
+            if a.kind == ActionKind::Preflight {
+                h.preflight(a.seq, FROM);
+            } else {
+                h.done(a.seq);
+            }
+        }
+        assert!(h.r.in_flight().is_empty(), "{name}");
+        if name == "committing" {
+            // The last commits landed while paused: the work is done, and a terminal phase
+            // overrides the pause (there is nothing left to resume).
+            assert_eq!(h.phase(), Phase::Succeeded);
+            assert!(matches!(
+                h.cmd(Command::Resume),
+                Err(Rejected::Ended { .. })
+            ));
+            h.check();
+            continue;
+        }
+        assert_eq!(h.phase(), Phase::Paused, "{name}: still paused");
+        assert!(h.issue().is_empty(), "{name}");
+        h.cmd(Command::Resume).unwrap();
+        assert_ne!(h.phase(), Phase::Paused, "{name}");
+        h.run_ok();
+        assert_eq!(h.phase(), Phase::Succeeded, "{name}");
+        h.check();
+    }
+}
+
+#[test]
+fn pause_and_resume_while_rolling_back() {
+    let mut h = H::new(spec(2));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.done(g[0].seq);
+    let a = h.issue();
+    h.fail(a[0].seq, "bad");
+    let d = h.issue();
+    assert_eq!(kinds(&d), [k("n2", "downgrade")]);
+    h.cmd(Command::Pause).unwrap();
+    assert_eq!(h.r.working_phase(), Phase::RollingBack);
+    h.done(d[0].seq);
+    assert!(h.issue().is_empty());
+    h.cmd(Command::Resume).unwrap();
+    assert_eq!(h.phase(), Phase::RollingBack);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+#[test]
+fn pause_during_preflight_still_refuses_on_failure() {
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.cmd(Command::Pause).unwrap();
+    h.preflight(a[0].seq, FROM);
+    h.fail(a[1].seq, "unreachable");
+    assert_eq!(
+        h.phase(),
+        Phase::Aborted,
+        "a terminal phase overrides the pause"
+    );
+    h.check();
+}
+
+#[test]
+fn results_while_paused_can_complete_the_working_phase() {
+    let mut h = H::new(spec(1));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.cmd(Command::Pause).unwrap();
+    h.done(g[0].seq);
+    assert_eq!(h.phase(), Phase::Paused);
+    assert_eq!(h.r.working_phase(), Phase::Committing);
+    h.cmd(Command::Resume).unwrap();
+    assert_eq!(h.phase(), Phase::Committing);
+    h.check();
+}
+
+#[test]
+fn failure_while_operator_paused_defers_the_rollback_to_resume() {
+    let mut h = H::new(spec(2));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.cmd(Command::Pause).unwrap();
+    h.fail(g[0].seq, "unhealthy");
+    assert_eq!(h.phase(), Phase::Paused);
+    assert_eq!(h.r.working_phase(), Phase::RollingBack);
+    assert!(h.has_event("the rollout is paused: resume or rollback starts it"));
+    assert!(h.issue().is_empty(), "nothing starts while paused");
+    assert!(matches!(
+        h.cmd(Command::Promote),
+        Err(Rejected::NotAwaitingPromotion)
+    ));
+    h.cmd(Command::Resume).unwrap();
+    assert_eq!(kinds(&h.issue()), [k("n1", "downgrade")]);
+    h.check();
+}
+
+#[test]
+fn rollback_command_continues_a_paused_rollback() {
+    let mut h = H::new(spec(1));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.cmd(Command::Pause).unwrap();
+    h.fail(a[0].seq, "x");
+    assert_eq!(h.r.working_phase(), Phase::RollingBack);
+    h.cmd(Command::Rollback).unwrap();
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert!(h.has_event("continuing the paused rollback"));
+    assert_eq!(
+        h.cmd(Command::Rollback).unwrap_err(),
+        Rejected::AlreadyRollingBack
+    );
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+#[test]
+fn pause_policy_health_failure_resume_retries_the_gate_not_the_install() {
+    let mut s = spec(2);
+    s.on_failure = OnFailure::Pause;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "probe reported 4.2.0");
+    assert_eq!(h.phase(), Phase::Paused);
+    assert!(h.has_event("paused after a failure (on failure: pause): n1: health gate on 4.2.1 failed: probe reported 4.2.0; resume retries the failed health gate"));
+    assert!(h.r.error().is_some());
+    assert_eq!(
+        h.r.node(&n("n1")).unwrap().error.as_deref(),
+        Some("health gate on 4.2.1 failed: probe reported 4.2.0")
+    );
+    h.cmd(Command::Resume).unwrap();
+    assert_eq!(h.step("n1"), NodeStep::Installed);
+    assert!(h.r.node(&n("n1")).unwrap().error.is_none());
+    let r = h.issue();
+    assert_eq!(kinds(&r), [k("n1", "health_gate")]);
+    h.done(r[0].seq);
+    let all = h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert_eq!(
+        all.iter()
+            .filter(|a| a.node.as_str() == "n1" && a.kind.name() == "install")
+            .count(),
+        0,
+        "n1 is not installed again"
+    );
+    h.check();
+}
+
+#[test]
+fn pause_policy_install_failure_resume_retries_the_install() {
+    let mut s = spec(1);
+    s.on_failure = OnFailure::Pause;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.fail(a[0].seq, "hook timed out");
+    assert_eq!(h.phase(), Phase::Paused);
+    h.cmd(Command::Resume).unwrap();
+    let r = h.issue();
+    assert_eq!(kinds(&r), [k("n1", "install")]);
+    assert!(r[0].seq > a[0].seq);
+    // The node was touched by its first attempt; the rollback position does not move.
+    assert_eq!(h.r.touched(), vec![n("n1")]);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+#[test]
+fn pause_policy_then_rollback_command_rolls_back() {
+    let mut s = spec(3);
+    s.on_failure = OnFailure::Pause;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    for _ in 0..2 {
+        let a = h.issue();
+        h.done(a[0].seq);
+        let g = h.issue();
+        h.done(g[0].seq);
+    }
+    let a = h.issue();
+    h.fail(a[0].seq, "bad");
+    assert_eq!(h.phase(), Phase::Paused);
+    h.cmd(Command::Rollback).unwrap();
+    assert_eq!(h.phase(), Phase::RollingBack);
+    let all = h.run_ok();
+    let d: Vec<&str> = all
+        .iter()
+        .filter(|a| a.kind.name() == "downgrade")
+        .map(|a| a.node.as_str())
+        .collect();
+    assert_eq!(d, ["n3", "n2", "n1"]);
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+#[test]
+fn pause_policy_then_abort_leaves_nodes_as_they_are() {
+    let mut s = spec(3);
+    s.on_failure = OnFailure::Pause;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.done(g[0].seq);
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "unhealthy");
+    h.cmd(Command::Abort).unwrap();
+    assert_eq!(h.phase(), Phase::Aborted);
+    let last = h.messages().pop().unwrap();
+    assert_eq!(
+        last,
+        "aborted by alice; nodes are left as they are: n1: run 4.2.1, not permanent; n2: run 4.2.1, not permanent, unhealthy; n3: untouched"
+    );
+    h.check();
+}
+
+#[test]
+fn second_pause_and_stray_resume_are_rejected() {
+    let mut h = H::new(spec(1));
+    assert_eq!(
+        h.cmd(Command::Resume).unwrap_err().to_string(),
+        "cannot resume: rollout is not paused (it is pending)"
+    );
+    h.cmd(Command::Pause).unwrap();
+    assert_eq!(h.cmd(Command::Pause).unwrap_err(), Rejected::AlreadyPaused);
+    // Paused before it started: nothing happens until resume.
+    assert!(h.apply(Event::IssueActions).unwrap().is_ignored());
+    assert_eq!(h.r.working_phase(), Phase::Pending);
+    h.cmd(Command::Resume).unwrap();
+    assert_eq!(h.phase(), Phase::Pending);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+// ----- abort -----
+
+#[test]
+fn abort_at_each_phase_is_terminal_and_cancels_in_flight() {
+    let mut points = checkpoints();
+    points.push(("rolling back", |h: &H| h.phase() == Phase::RollingBack));
+    for (name, reached) in points {
+        let mut h = H::new(spec(3));
+        if name == "rolling back" {
+            h.run_to_upgrading();
+            let a = h.issue();
+            h.done(a[0].seq);
+            let g = h.issue();
+            h.fail(g[0].seq, "x");
+            h.issue();
+        }
+        drive_until(&mut h, reached);
+        let in_flight = h.r.in_flight().to_vec();
+        let out = h.cmd(Command::Abort).unwrap();
+        assert_eq!(h.phase(), Phase::Aborted, "{name}");
+        assert_eq!(out.cancelled(), in_flight.as_slice(), "{name}");
+        assert!(h.r.in_flight().is_empty());
+        assert!(h.r.next_actions().is_empty());
+        assert!(
+            h.has_event("aborted by alice; nodes are left as they are"),
+            "{name}"
+        );
+        for a in &in_flight {
+            assert!(h.done(a.seq).is_ignored(), "{name}: late result ignored");
+        }
+        assert!(h.r.error().is_some(), "{name}");
+        h.check();
+    }
+}
+
+#[test]
+fn abort_message_says_what_each_node_runs() {
+    let mut s = spec(4);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    h.done(a[1].seq);
+    let g = h.issue();
+    h.done(g[0].seq);
+    h.done(g[1].seq);
+    let b = h.issue();
+    h.done(b[0].seq);
+    h.cmd(Command::Abort).unwrap();
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "aborted by alice; nodes are left as they are: n1, n2: run 4.2.1, not permanent; n3: run 4.2.1, not permanent, health not confirmed; n4: install 4.2.1 was in flight, outcome unknown (check the node)"
+    );
+    assert_eq!(h.r.error(), Some("aborted by alice"));
+    h.check();
+}
+
+#[test]
+fn commands_on_terminal_phases_are_rejected() {
+    let mut finished = Vec::new();
+    // succeeded
+    let mut h = H::new(spec(1));
+    h.run_ok();
+    finished.push(h);
+    // aborted
+    let mut h = H::new(spec(1));
+    h.cmd(Command::Abort).unwrap();
+    finished.push(h);
+    // rolled back
+    let mut h = H::new(spec(1));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.fail(a[0].seq, "x");
+    h.run_ok();
+    finished.push(h);
+    // rollback failed
+    let mut h = H::new(spec(1));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.fail(a[0].seq, "x");
+    let d = h.issue();
+    h.fail(d[0].seq, "y");
+    finished.push(h);
+    let phases: Vec<Phase> = finished.iter().map(|h| h.phase()).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Succeeded,
+            Phase::Aborted,
+            Phase::RolledBack,
+            Phase::RollbackFailed
+        ]
+    );
+    for mut h in finished {
+        let phase = h.phase();
+        for c in [
+            Command::Pause,
+            Command::Resume,
+            Command::Abort,
+            Command::Rollback,
+            Command::Promote,
+        ] {
+            let err = h.cmd(c).unwrap_err();
+            assert_eq!(
+                err,
+                Rejected::Ended {
+                    command: c,
+                    id: "r1".into(),
+                    phase
+                }
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("cannot {c}: rollout r1 has already ended ({phase})")
+            );
+        }
+        assert!(h.apply(Event::IssueActions).unwrap().is_ignored());
+        h.check();
+    }
+}
+
+// ----- rollback command -----
+
+#[test]
+fn rollback_command_before_any_install_aborts() {
+    for (name, reached) in checkpoints().into_iter().take(3) {
+        let mut h = H::new(spec(2));
+        drive_until(&mut h, reached);
+        h.cmd(Command::Rollback).unwrap();
+        assert_eq!(h.phase(), Phase::Aborted, "{name}");
+        assert!(h.has_event("rollback requested by alice; no node was installed, so there is nothing to roll back"), "{name}");
+        h.check();
+    }
+}
+
+#[test]
+fn rollback_command_from_upgrading_waits_for_the_install() {
+    let mut h = H::new(spec(3));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.done(g[0].seq);
+    let b = h.issue();
+    h.cmd(Command::Rollback).unwrap();
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert!(h.issue().is_empty(), "n2's install is still in flight");
+    h.done(b[0].seq);
+    let all = h.run_ok();
+    let d: Vec<&str> = all
+        .iter()
+        .filter(|a| a.kind.name() == "downgrade")
+        .map(|a| a.node.as_str())
+        .collect();
+    assert_eq!(d, ["n2", "n1"]);
+    assert_eq!(h.phase(), Phase::RolledBack);
+    assert_eq!(h.r.error(), Some("rollback requested by alice"));
+    h.check();
+}
+
+#[test]
+fn rollback_command_from_committing_downgrades_committed_nodes() {
+    let mut h = H::new(spec(2));
+    drive_until(&mut h, |h| {
+        h.phase() == Phase::Committing && !h.r.in_flight().is_empty()
+    });
+    let c = h.r.in_flight().to_vec();
+    h.done(c[0].seq);
+    h.cmd(Command::Rollback).unwrap();
+    assert_eq!(h.phase(), Phase::RollingBack);
+    // n2's commit is in flight: its outcome is needed before n2 is downgraded.
+    assert!(h.issue().is_empty());
+    h.done(c[1].seq);
+    assert_eq!(h.step("n2"), NodeStep::Committed);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+}
+
+#[test]
+fn rollback_command_from_paused_upgrading() {
+    let mut h = H::new(spec(2));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    h.cmd(Command::Pause).unwrap();
+    h.cmd(Command::Rollback).unwrap();
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert_eq!(kinds(&h.issue()), [k("n1", "downgrade")]);
+    h.check();
+}
+
+// ----- stale, duplicate, unknown -----
+
+#[test]
+fn stale_duplicate_and_unknown_results_are_ignored() {
+    let mut h = H::new(spec(2));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    // Duplicate, even with a different outcome: the first result stands.
+    let dup = h.fail(a[0].seq, "late failure");
+    assert_eq!(
+        dup,
+        Outcome::Ignored {
+            reason: format!(
+                "result ignored: action {} is not in flight (already answered, or cancelled)",
+                a[0].seq
+            )
+        }
+    );
+    assert_eq!(h.step("n1"), NodeStep::Installed);
+    // Never issued.
+    for seq in [0, h.r.next_seq(), u64::MAX] {
+        let out = h.done(seq);
+        assert_eq!(
+            out,
+            Outcome::Ignored {
+                reason: format!("result ignored: action {seq} was never issued")
+            }
+        );
+    }
+    // An old preflight answer long after preflight.
+    assert!(h.preflight(1, "4.1.0").is_ignored());
+    assert_eq!(h.phase(), Phase::Upgrading);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+#[test]
+fn issue_with_nothing_to_do_is_ignored() {
+    let mut h = H::new(spec(1));
+    h.issue();
+    let out = h.apply(Event::IssueActions).unwrap();
+    assert_eq!(
+        out,
+        Outcome::Ignored {
+            reason: "nothing to issue: waiting for 1 in-flight action(s)".into()
+        }
+    );
+    h.check();
+}
+
+#[test]
+fn seqs_are_unique_and_strictly_increasing() {
+    let mut s = spec(5);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    let all = h.run_ok();
+    let seqs = seqs(&all);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(seqs.first(), Some(&1));
+    assert_eq!(h.r.next_seq(), seqs.last().unwrap() + 1);
+}
+
+// ----- audit, text, serde, replay -----
+
+#[test]
+fn audit_events_record_time_and_who() {
+    let mut h = H::new(spec(1));
+    h.issue();
+    h.cmd(Command::Pause).unwrap();
+    let ev = h.r.events();
+    assert_eq!(ev[0].by, "coord-1");
+    assert_eq!(ev[0].at_ms, 1_001);
+    let last = ev.last().unwrap();
+    assert_eq!(last.by, "alice");
+    assert!(last.message.starts_with("paused by alice during preflight"));
+}
+
+#[test]
+fn long_errors_are_clipped() {
+    let mut h = H::new(spec(1));
+    let a = h.issue();
+    let long = "x".repeat(10_000);
+    h.fail(a[0].seq, &long);
+    let err = h.r.node(&n("n1")).unwrap().error.clone().unwrap();
+    assert!(err.len() < 2_200, "{}", err.len());
+    assert!(err.ends_with("..."));
+    let blank = {
+        let mut h = H::new(spec(1));
+        let a = h.issue();
+        h.fail(a[0].seq, "  ");
+        h.r.node(&n("n1")).unwrap().error.clone().unwrap()
+    };
+    assert_eq!(blank, "preflight failed: no detail given");
+}
+
+#[test]
+fn wire_shapes_are_stable() {
+    let e = Event::Result {
+        seq: 3,
+        result: ActionResult::Done,
+    };
+    assert_eq!(
+        serde_json::to_string(&e).unwrap(),
+        r#"{"result":{"seq":3,"result":"done"}}"#
+    );
+    assert_eq!(
+        serde_json::to_string(&Event::Command(Command::Promote)).unwrap(),
+        r#"{"command":"promote"}"#
+    );
+    assert_eq!(
+        serde_json::to_string(&Event::IssueActions).unwrap(),
+        r#""issue_actions""#
+    );
+    let a = Action {
+        seq: 7,
+        node: n("n2"),
+        kind: ActionKind::Downgrade { to: v("4.2.0") },
+    };
+    assert_eq!(
+        serde_json::to_string(&a).unwrap(),
+        r#"{"seq":7,"node":"n2","kind":{"downgrade":{"to":"4.2.0"}}}"#
+    );
+    assert_eq!(a.to_string(), "n2: downgrade to 4.2.0 [seq 7]");
+    let p = ActionResult::Preflight {
+        running: v("4.2.0"),
+        free_disk: 5,
+    };
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(json, r#"{"preflight":{"running":"4.2.0","free_disk":5}}"#);
+    assert_eq!(serde_json::from_str::<ActionResult>(&json).unwrap(), p);
+    let entry = LogEntry {
+        event: Event::Command(Command::Abort),
+        at_ms: 1,
+        by: "bob".into(),
+    };
+    let json = serde_json::to_string(&entry).unwrap();
+    assert_eq!(serde_json::from_str::<LogEntry>(&json).unwrap(), entry);
+}
+
+#[test]
+fn status_has_the_documented_json_shape() {
+    let mut h = H::new(spec(2));
+    h.preflight_all(&["4.2.1", "4.2.0"]);
+    let status = serde_json::to_value(h.r.status()).unwrap();
+    assert_eq!(status["id"], "r1");
+    assert_eq!(status["version"], "4.2.1");
+    assert_eq!(status["phase"], "staging");
+    assert_eq!(status["awaiting_promotion"], false);
+    assert_eq!(
+        status["nodes"],
+        serde_json::json!([
+            {"id": "n1", "from_version": "4.2.1", "step": "skipped", "error": null},
+            {"id": "n2", "from_version": "4.2.0", "step": "preflight_ok", "error": null}
+        ])
+    );
+    assert!(status["events"][0]["message"].is_string());
+    assert!(status["events"][0]["at_ms"].is_u64());
+    assert!(status["events"][0]["by"].is_string());
+}
+
+#[test]
+fn summary_reads_well() {
+    let mut s = spec(3);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    h.issue();
+    assert_eq!(
+        h.r.summary(),
+        "r1 -> 4.2.1: upgrading; 1 staged, 2 installing; 2 action(s) in flight"
+    );
+    h.cmd(Command::Abort).unwrap();
+    assert_eq!(
+        h.r.summary(),
+        "r1 -> 4.2.1: aborted; 1 staged, 2 installing; aborted by alice"
+    );
+}
+
+#[test]
+fn replay_of_a_log_with_rejections_gives_the_same_state() {
+    let mut h = H::new(spec(3));
+    h.cmd(Command::Promote).unwrap_err();
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.cmd(Command::Resume).unwrap_err();
+    h.done(a[0].seq);
+    h.done(a[0].seq);
+    h.cmd(Command::Pause).unwrap();
+    h.cmd(Command::Pause).unwrap_err();
+    h.cmd(Command::Resume).unwrap();
+    let g = h.issue();
+    h.fail(g[0].seq, "nope");
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    h.check();
+    // Replaying a prefix gives the state at that point: the log is the rollout.
+    let half = Rollout::replay(h.r.spec().clone(), &h.log[..h.log.len() / 2]).unwrap();
+    assert!(!half.phase().is_terminal());
+    // And serializing the state mid-way then continuing gives the same end.
+    let json = serde_json::to_string(&half).unwrap();
+    let mut resumed: Rollout = serde_json::from_str(&json).unwrap();
+    for e in &h.log[h.log.len() / 2..] {
+        let _ = resumed.apply(&e.event, e.at_ms, &e.by);
+    }
+    assert_eq!(resumed, h.r);
+}
+
+#[test]
+fn long_caller_identity_is_clipped() {
+    let mut h = H::new(spec(1));
+    let who = "w".repeat(5_000);
+    h.apply_by(Event::Command(Command::Pause), &who).unwrap();
+    assert!(h.r.events()[0].by.len() < 2_100);
+}
+
+#[test]
+fn pause_in_committing_stops_further_commits_until_resume() {
+    let mut s = spec(3);
+    s.max_parallel_staging = 1;
+    let mut h = H::new(s);
+    drive_until(&mut h, |h| {
+        h.phase() == Phase::Committing && !h.r.in_flight().is_empty()
+    });
+    let c = h.r.in_flight().to_vec();
+    assert_eq!(kinds(&c), [k("n1", "commit")]);
+    h.cmd(Command::Pause).unwrap();
+    h.done(c[0].seq);
+    assert_eq!(h.phase(), Phase::Paused);
+    assert!(h.issue().is_empty());
+    h.cmd(Command::Resume).unwrap();
+    assert_eq!(kinds(&h.issue()), [k("n2", "commit")]);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
