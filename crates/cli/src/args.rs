@@ -27,10 +27,163 @@ pub enum Command {
     Package(PackageCmd),
     /// Run a self-contained demonstration on this machine.
     Demo(DemoArgs),
+    /// Run the node agent daemon (gRPC) over this node's release store.
+    Agent(AgentArgs),
+    /// Run a coordinator daemon (Raft member, control API, rollout driver on the leader).
+    Coordinator(CoordinatorArgs),
+    /// Roll VERSION out across the cluster, node by node, health-gated; waits for the end.
+    Rollout(RolloutArgs),
+    /// Show a rollout (the running one, else the latest).
+    Status(StatusArgs),
+    /// List rollouts.
+    Rollouts(JsonOpts),
+    /// Pause a rollout after its in-flight steps.
+    Pause(RolloutRefArgs),
+    /// Resume a paused rollout (retrying a failed step).
+    Resume(RolloutRefArgs),
+    /// Stop a rollout now, leaving nodes as they are.
+    Abort(RolloutRefArgs),
+    /// Downgrade every node the rollout touched, in reverse order.
+    Rollback(RolloutRefArgs),
+    /// Continue a canary rollout past its canary nodes.
+    Promote(RolloutRefArgs),
+    /// List registered nodes, their releases and health.
+    Nodes(JsonOpts),
+    /// Coordinator membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+/// How to reach the coordinators.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterOpts {
+    /// A coordinator's address (repeatable); any member will do.
+    #[arg(
+        long = "coordinator",
+        value_name = "ADDR",
+        env = "ORCHESTRATOR_COORDINATORS",
+        value_delimiter = ','
+    )]
+    pub coordinators: Vec<String>,
+    /// Plain-text gRPC (required until TLS lands).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct JsonOpts {
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RolloutRefArgs {
+    /// The rollout (default: the running one).
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    pub id: Option<String>,
+    /// Keep showing changes until the rollout ends.
+    #[arg(long)]
+    pub watch: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct RolloutArgs {
+    pub version: Version,
+    /// Upload this package and push it to the nodes (else they must already have it).
+    #[arg(long, value_name = "FILE")]
+    pub package: Option<PathBuf>,
+    /// Target nodes in order (default: every registered node, by id).
+    #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Nodes upgraded at a time.
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<u32>,
+    /// Upgrade the first N nodes, then wait for `orchestrator promote`.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub canary: u32,
+    /// Leave the new release current but not permanent.
+    #[arg(long)]
+    pub no_permanent: bool,
+    /// How long each node must stay healthy on the new version (default 10s).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub min_healthy_time: Option<Duration>,
+    /// How long a node may take to become healthy (default 5m).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub healthy_deadline: Option<Duration>,
+    /// rollback (default) or pause.
+    #[arg(long, value_name = "WHAT", default_value = "rollback")]
+    pub on_failure: String,
+    /// Print the rollout id and return at once.
+    #[arg(long)]
+    pub detach: bool,
+    /// Print the final status as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Leader, term and members.
+    Status(JsonOpts),
+    /// Add a coordinator (learner first, then voter).
+    Add {
+        id: u64,
+        address: String,
+        #[command(flatten)]
+        cluster: ClusterOpts,
+    },
+    /// Remove a coordinator.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        cluster: ClusterOpts,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// TOML file with the same keys as the flags (id, listen, data-dir, peer, ...); flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_name = "N")]
+    pub id: Option<u64>,
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address other coordinators and clients dial, when it differs from --listen.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Another coordinator, ID=HOST:PORT (repeatable).
+    #[arg(long = "peer", value_name = "ID=ADDR")]
+    pub peers: Vec<String>,
+    /// Initialize the cluster (once, on one coordinator).
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Serve plain-text gRPC (required until TLS lands).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct NodeArgs {
+    /// Act through this node's agent (HOST:PORT) instead of a local root directory (wins over --root-dir).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub agent: Option<String>,
     /// The node's root directory (releases live in DIR/releases).
     #[arg(long, global = true, env = "ORCH_ROOT_DIR", value_name = "DIR")]
     pub root_dir: Option<PathBuf>,
@@ -76,6 +229,12 @@ pub enum NodeCmd {
     Uninstall { version: Version },
     /// Print the root directory.
     RootDir,
+    /// Run the node's health check (through its agent) against an expected version.
+    Health {
+        /// The version the service must report.
+        #[arg(long, value_name = "VERSION")]
+        expect: Option<Version>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +284,51 @@ pub struct DemoArgs {
     /// Keep the demo's files in this directory instead of a temporary one.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// TOML file with the same keys as the flags (node-id, root-dir, listen, ...); flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    #[arg(long, env = "ORCH_ROOT_DIR", value_name = "DIR")]
+    pub root_dir: Option<PathBuf>,
+    /// Address to serve gRPC on (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address coordinators should dial, when it differs from --listen.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// A coordinator to register with (repeatable).
+    #[arg(long = "coordinator", value_name = "ADDR")]
+    pub coordinators: Vec<String>,
+    /// A label K=V describing this node (repeatable).
+    #[arg(long = "label", value_name = "K=V")]
+    pub labels: Vec<String>,
+    /// Health probe: GET URL; healthy iff 2xx in time and a JSON `version` (if any) matches.
+    #[arg(long, value_name = "URL")]
+    pub health_url: Option<String>,
+    /// Health probe: run `CMD EXPECTED_VERSION`; healthy iff exit 0.
+    #[arg(long, value_name = "CMD")]
+    pub health_cmd: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub health_timeout: Option<Duration>,
+    /// Command that switches the service (overrides releases' hooks/activate).
+    #[arg(long, value_name = "CMD")]
+    pub activate_cmd: Option<String>,
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub activate_timeout: Option<Duration>,
+    /// native (the built-in store) or emqx (drive an EMQX 4.x `emqx` script).
+    #[arg(long, value_name = "DRIVER")]
+    pub driver: Option<String>,
+    /// The `emqx` script for --driver emqx.
+    #[arg(long, value_name = "PATH")]
+    pub emqx_bin: Option<PathBuf>,
+    /// Serve plain-text gRPC (no TLS). Required until TLS lands.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Parses `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.

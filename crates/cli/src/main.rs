@@ -1,16 +1,24 @@
 //! The `orchestrator` binary: argument parsing and output only. Every capability lives in a
 //! library crate; this file maps commands onto them and errors onto one stderr line + exit code.
 
+mod agent_cmd;
 mod args;
+mod cluster;
 mod demo;
 mod node;
 mod package_cmd;
+mod remote;
 
 use clap::Parser;
 
 use args::{Cli, Command};
 
 fn main() {
+    // Behave like a Unix tool when piped into `head`: end quietly instead of panicking.
+    // SAFETY: setting a signal disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -18,11 +26,24 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Node(n) => node::run(n),
         Command::Package(p) => package_cmd::run(p),
         Command::Demo(d) => demo::run(d),
+        Command::Agent(a) => agent_cmd::run(a),
+        Command::Coordinator(a) => cluster::coordinator(a),
+        Command::Rollout(a) => cluster::rollout(a),
+        Command::Status(a) => cluster::status(a),
+        Command::Rollouts(a) => cluster::rollouts(a),
+        Command::Pause(a) => cluster::command("pause", a),
+        Command::Resume(a) => cluster::command("resume", a),
+        Command::Abort(a) => cluster::command("abort", a),
+        Command::Rollback(a) => cluster::command("rollback", a),
+        Command::Promote(a) => cluster::command("promote", a),
+        Command::Nodes(a) => cluster::nodes(a),
+        Command::Cluster(c) => cluster::cluster(c),
     };
     if let Err(e) = result {
         // One line: the operator reads what failed and why; `{:#}` joins the causes.

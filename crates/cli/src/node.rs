@@ -7,8 +7,11 @@ use orch_types::{format_versions, parse_package_file_name};
 use crate::args::{NodeArgs, NodeCmd, PackageTarget};
 
 pub fn run(args: NodeArgs) -> Result<()> {
+    if let Some(addr) = &args.agent {
+        return crate::remote::run(addr, args.cmd);
+    }
     let Some(root) = args.root_dir.clone() else {
-        bail!("no root directory: pass --root-dir DIR or set ORCH_ROOT_DIR");
+        bail!("no root directory: pass --root-dir DIR (or set ORCH_ROOT_DIR) or --agent ADDR");
     };
     if let NodeCmd::RootDir = args.cmd {
         println!("{}", root.display());
@@ -40,6 +43,9 @@ pub fn run(args: NodeArgs) -> Result<()> {
             return Ok(());
         }
         NodeCmd::RootDir => unreachable!("handled above"),
+        NodeCmd::Health { .. } => {
+            bail!("health checks run through the node's agent: pass --agent ADDR")
+        }
         NodeCmd::Unpack(t) => store.unpack(&source(&store, t)?)?,
         NodeCmd::Install(a) | NodeCmd::Upgrade(a) => {
             store.install(&source(&store, a.target)?, !a.no_permanent)?

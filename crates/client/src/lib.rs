@@ -15,9 +15,13 @@ pub enum ClientError {
     /// The coordinators answered: this is their one-line reason.
     #[error("{0}")]
     Refused(String),
-    #[error("no coordinator reachable at {addrs}: {last}; check ORCHESTRATOR_COORDINATORS / --coordinator")]
+    #[error(
+        "no coordinator reachable at {addrs}: {last}; check ORCHESTRATOR_COORDINATORS / --coordinator"
+    )]
     Unreachable { addrs: String, last: String },
-    #[error("no leader elected among {addrs} within {waited:?} ({last}); is a majority of coordinators up?")]
+    #[error(
+        "no leader elected among {addrs} within {waited:?} ({last}); is a majority of coordinators up?"
+    )]
     NoLeader {
         addrs: String,
         waited: Duration,
@@ -92,9 +96,16 @@ impl Client {
             match Self::connect(&addr).await {
                 Ok(c) => match f(c).await {
                     Ok(v) => return Ok(v),
-                    Err(s) if s.metadata().get("orch-error").and_then(|v| v.to_str().ok()) == Some("not-leader") => {
+                    Err(s)
+                        if s.metadata().get("orch-error").and_then(|v| v.to_str().ok())
+                            == Some("not-leader") =>
+                    {
                         last = s.message().to_string();
-                        match s.metadata().get("orch-leader").and_then(|v| v.to_str().ok()) {
+                        match s
+                            .metadata()
+                            .get("orch-leader")
+                            .and_then(|v| v.to_str().ok())
+                        {
                             Some(leader) => {
                                 let leader = leader.to_string();
                                 self.current = match self.addrs.iter().position(|a| *a == leader) {
@@ -143,7 +154,10 @@ impl Client {
         }
     }
 
-    pub async fn start_rollout(&mut self, req: pb::StartRolloutRequest) -> Result<pb::RolloutStatus> {
+    pub async fn start_rollout(
+        &mut self,
+        req: pb::StartRolloutRequest,
+    ) -> Result<pb::RolloutStatus> {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.start_rollout(req).await.map(|r| r.into_inner()) }
@@ -169,7 +183,12 @@ impl Client {
         .await
     }
 
-    pub async fn command(&mut self, id: &str, command: &str, by: &str) -> Result<pb::RolloutStatus> {
+    pub async fn command(
+        &mut self,
+        id: &str,
+        command: &str,
+        by: &str,
+    ) -> Result<pb::RolloutStatus> {
         let req = pb::RolloutCommandRequest {
             id: id.to_string(),
             command: command.to_string(),
@@ -302,7 +321,9 @@ async fn file_chunks(
         let mut header = Some(header);
         loop {
             let mut buf = vec![0u8; 256 << 10];
-            let Ok(n) = f.read(&mut buf).await else { return };
+            let Ok(n) = f.read(&mut buf).await else {
+                return;
+            };
             if n == 0 && header.is_none() {
                 return;
             }

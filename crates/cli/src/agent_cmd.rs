@@ -1,0 +1,119 @@
+//! `orchestrator agent`: builds the agent's config from flags and/or a TOML file (flags win)
+//! and runs the daemon until SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use orch_agent::{AgentConfig, AgentFileConfig, DriverKind};
+
+use crate::args::{AgentArgs, parse_duration};
+
+pub fn run(a: AgentArgs) -> Result<()> {
+    let file = match &a.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+            AgentFileConfig::parse(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?
+        }
+        None => AgentFileConfig::default(),
+    };
+    let cfg = merge(a, file)?;
+    if cfg.insecure {
+        eprintln!(
+            "WARNING: agent {} serves plain-text gRPC on {} (--insecure): anyone who can reach it can change this node's releases",
+            cfg.node_id, cfg.listen
+        );
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(orch_agent::run(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
+    let node_id = a
+        .node_id
+        .or(f.node_id)
+        .ok_or_else(|| anyhow!("no node id: pass --node-id ID (or node-id in --config)"))?
+        .parse()
+        .map_err(|e| anyhow!("{e}"))?;
+    let root: PathBuf = a.root_dir.or(f.root_dir).ok_or_else(|| {
+        anyhow!("no root directory: pass --root-dir DIR (or root-dir in --config)")
+    })?;
+    let listen_s = a
+        .listen
+        .or(f.listen)
+        .ok_or_else(|| anyhow!("no listen address: pass --listen HOST:PORT"))?;
+    let listen = listen_s
+        .parse()
+        .with_context(|| format!("--listen {listen_s:?} is not HOST:PORT"))?;
+    let mut cfg = AgentConfig::new(node_id, root, listen);
+    cfg.advertise = a.advertise.or(f.advertise);
+    cfg.coordinators = if a.coordinators.is_empty() {
+        f.coordinator
+    } else {
+        a.coordinators
+    };
+    cfg.labels = f.label;
+    for kv in a.labels {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--label {kv:?} is not K=V"))?;
+        cfg.labels.insert(k.to_string(), v.to_string());
+    }
+    cfg.health.url = a.health_url.or(f.health_url);
+    if let Some(cmd) = a.health_cmd.or(f.health_cmd) {
+        cfg.health.cmd = Some(split("--health-cmd", &cmd)?);
+    }
+    if let Some(t) = a.health_timeout {
+        cfg.health.timeout = t;
+    } else if let Some(t) = f.health_timeout {
+        cfg.health.timeout = parse_duration(&t).map_err(|e| anyhow!("health-timeout: {e}"))?;
+    }
+    if let Some(cmd) = a.activate_cmd.or(f.activate_cmd) {
+        cfg.activate_cmd = Some(split("--activate-cmd", &cmd)?);
+    }
+    if let Some(t) = a.activate_timeout {
+        cfg.activate_timeout = t;
+    } else if let Some(t) = f.activate_timeout {
+        cfg.activate_timeout = parse_duration(&t).map_err(|e| anyhow!("activate-timeout: {e}"))?;
+    }
+    cfg.driver = match a.driver.or(f.driver).as_deref().unwrap_or("native") {
+        "native" => DriverKind::Native,
+        "emqx" => DriverKind::Emqx {
+            bin: a
+                .emqx_bin
+                .or(f.emqx_bin)
+                .ok_or_else(|| anyhow!("--driver emqx needs --emqx-bin PATH (the emqx script)"))?,
+        },
+        other => bail!("unknown --driver {other:?}: use native or emqx"),
+    };
+    cfg.insecure = a.insecure || f.insecure.unwrap_or(false);
+    if !cfg.insecure {
+        bail!(
+            "TLS is not available in this build yet: pass --insecure to serve plain-text gRPC on a trusted network"
+        );
+    }
+    Ok(cfg)
+}
+
+fn split(flag: &str, cmd: &str) -> Result<Vec<String>> {
+    let words =
+        shell_words::split(cmd).with_context(|| format!("{flag} is not valid shell words"))?;
+    if words.is_empty() {
+        bail!("{flag} is empty");
+    }
+    Ok(words)
+}

@@ -1,0 +1,235 @@
+//! `orchestrator node ... --agent ADDR`: the same commands, output and exit codes as the local
+//! ones, performed by the node's agent over gRPC (a `--package` is streamed to it first).
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use orch_proto::agent::{self as pb, agent_client::AgentClient};
+use orch_release::package::{hex, normalize_digest, sidecar_digest};
+use orch_types::{Version, VersionEntry, format_versions, parse_package_file_name};
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+
+use crate::args::{NodeCmd, PackageTarget};
+
+const CHUNK: usize = 256 << 10;
+
+pub fn run(addr: &str, cmd: NodeCmd) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run_async(addr, cmd))
+}
+
+fn endpoint(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// One line for the operator: the agent's message, without gRPC decoration.
+fn status_msg(addr: &str, s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable if s.metadata().get("orch-error").is_none() => {
+            anyhow!("cannot reach the agent at {addr}: {}", s.message())
+        }
+        _ => anyhow!("{}", s.message()),
+    }
+}
+
+async fn run_async(addr: &str, cmd: NodeCmd) -> Result<()> {
+    let channel = Channel::from_shared(endpoint(addr))
+        .map_err(|e| anyhow!("invalid agent address {addr:?}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot reach the agent at {addr}: {e}"))?;
+    let mut c = AgentClient::new(channel).max_decoding_message_size(16 << 20);
+    let e = |s| status_msg(addr, s);
+    let reply = match cmd {
+        NodeCmd::Versions { json } => {
+            let r = c
+                .versions(pb::VersionsRequest {})
+                .await
+                .map_err(e)?
+                .into_inner();
+            let entries = r
+                .versions
+                .iter()
+                .map(VersionEntry::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| anyhow!("agent at {addr} sent an invalid listing: {err}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&entries)?);
+            } else {
+                print!("{}", format_versions(&entries));
+            }
+            return Ok(());
+        }
+        NodeCmd::RootDir => {
+            let r = c
+                .node_info(pb::NodeInfoRequest {})
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("{}", r.root_dir);
+            return Ok(());
+        }
+        NodeCmd::Health { expect } => {
+            let r = c
+                .health(pb::HealthRequest {
+                    expect_version: expect.map(|v| v.to_string()).unwrap_or_default(),
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            let reported = if r.reported_version.is_empty() {
+                String::new()
+            } else {
+                format!(", reports {}", r.reported_version)
+            };
+            if r.healthy {
+                println!("healthy ({} check{reported}): {}", r.check, r.detail);
+                return Ok(());
+            }
+            bail!("unhealthy ({} check{reported}): {}", r.check, r.detail);
+        }
+        NodeCmd::Unpack(t) => {
+            let v = push_if_needed(&mut c, addr, &t).await?;
+            c.unpack(pb::UnpackRequest {
+                version: v.to_string(),
+                fence: None,
+            })
+            .await
+        }
+        NodeCmd::Install(a) | NodeCmd::Upgrade(a) => {
+            let v = push_if_needed(&mut c, addr, &a.target).await?;
+            c.install(pb::InstallRequest {
+                version: v.to_string(),
+                permanent: !a.no_permanent,
+                fence: None,
+            })
+            .await
+        }
+        NodeCmd::Permanent { version } => c.permanent(vreq(version)).await,
+        NodeCmd::Downgrade { version } => c.downgrade(vreq(version)).await,
+        NodeCmd::Uninstall { version } => c.uninstall(vreq(version)).await,
+    };
+    for line in reply.map_err(e)?.into_inner().messages {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn vreq(v: Version) -> pb::VersionRequest {
+    pb::VersionRequest {
+        version: v.to_string(),
+        fence: None,
+    }
+}
+
+/// With `--package FILE`, streams it to the agent and returns its version; otherwise the
+/// version names a package already in the node's releases directory.
+async fn push_if_needed(
+    c: &mut AgentClient<Channel>,
+    addr: &str,
+    t: &PackageTarget,
+) -> Result<Version> {
+    let Some(path) = &t.package else {
+        return t
+            .version
+            .ok_or_else(|| anyhow!("give a VERSION or --package FILE"));
+    };
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let (name, version) = parse_package_file_name(file_name).ok_or_else(|| {
+        anyhow!("package {file_name} refused: its file name is not <name>-<x.y.z>.zip")
+    })?;
+    if let Some(v) = t.version
+        && v != version
+    {
+        bail!("version {v} was given but the package {file_name} holds {version}");
+    }
+    let expected = match &t.sha256 {
+        Some(d) => Some(
+            normalize_digest(d).ok_or_else(|| anyhow!("--sha256 {d:?} is not a hex SHA-256"))?,
+        ),
+        None => sidecar_digest(path)?,
+    };
+    let (digest, size) = digest_of(path)?;
+    if let Some(e) = expected
+        && e != digest
+    {
+        bail!(
+            "package {file_name} refused: SHA-256 mismatch: expected {e}, the file has {digest}; nothing was changed"
+        );
+    }
+    push(c, path, &name, version, &digest, size)
+        .await
+        .map_err(|s| status_msg(addr, s))?;
+    Ok(version)
+}
+
+fn digest_of(path: &Path) -> Result<(String, u64)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex(&h.finalize()), size))
+}
+
+/// Streams a package in chunks read on the blocking pool.
+pub async fn push(
+    c: &mut AgentClient<Channel>,
+    path: &Path,
+    name: &str,
+    version: Version,
+    sha256: &str,
+    size: u64,
+) -> Result<pb::PushReply, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PackageChunk>(4);
+    let header = pb::PackageHeader {
+        name: name.to_string(),
+        version: version.to_string(),
+        sha256: sha256.to_string(),
+        size,
+        fence: None,
+    };
+    let path = path.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut f = std::fs::File::open(&path)?;
+        let mut header = Some(header);
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = f.read(&mut buf)?;
+            buf.truncate(n);
+            if n == 0 && header.is_none() {
+                return Ok(());
+            }
+            let chunk = pb::PackageChunk {
+                header: header.take(),
+                data: buf,
+            };
+            if tx.blocking_send(chunk).is_err() || n == 0 {
+                return Ok(());
+            }
+        }
+    });
+    let reply = c
+        .push_package(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(tonic::Status::internal(format!("reading the package: {e}"))),
+        Err(e) => return Err(tonic::Status::internal(format!("reading the package: {e}"))),
+    }
+    reply.map(|r| r.into_inner())
+}

@@ -1,0 +1,373 @@
+//! Talking to agents: one long-lived channel per node, and the execution of rollout actions
+//! (fenced, with bounded retries of transport errors) into results for the rollout machine.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use orch_proto::agent::{self as pb, agent_client::AgentClient};
+use orch_rollout::{Action, ActionKind, ActionResult};
+use orch_types::{NodeId, Version, VersionEntry};
+use tonic::transport::Channel;
+
+use crate::blobs::{BlobStore, CHUNK};
+
+/// How long a transport failure is retried before the step is reported failed.
+const TRANSPORT_RETRY: Duration = Duration::from_secs(6);
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Default)]
+pub struct AgentPool {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// An agent call's failure, split by what the driver must do about it.
+#[derive(Debug)]
+pub enum CallError {
+    /// The agent refused or the step failed on the node: report `Failed`.
+    Step(String),
+    /// The agent saw a newer fence: this coordinator was deposed; stop driving.
+    Stale(String),
+}
+
+fn endpoint(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+impl AgentPool {
+    pub fn client(&self, addr: &str) -> Result<AgentClient<Channel>, String> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let ch = match map.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Channel::from_shared(endpoint(addr))
+                    .map_err(|e| format!("invalid agent address {addr:?}: {e}"))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(120))
+                    .connect_lazy();
+                map.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(AgentClient::new(ch).max_decoding_message_size(16 << 20))
+    }
+}
+
+fn is_transport(s: &tonic::Status) -> bool {
+    // An agent's own errors carry `orch-error`; anything else UNAVAILABLE/UNKNOWN is the wire.
+    s.metadata().get("orch-error").is_none()
+        && matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        )
+}
+
+fn classify(node: &NodeId, s: tonic::Status) -> CallError {
+    if s.metadata().get("orch-error").and_then(|v| v.to_str().ok()) == Some("stale-fence") {
+        CallError::Stale(format!("{node}: {}", s.message()))
+    } else if is_transport(&s) {
+        CallError::Step(format!("agent unreachable: {}", s.message()))
+    } else {
+        CallError::Step(s.message().to_string())
+    }
+}
+
+/// Retries `f` while the agent is unreachable, up to [`TRANSPORT_RETRY`].
+async fn retrying<T, F, Fut>(node: &NodeId, mut f: F) -> Result<T, CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(s) if is_transport(&s) && start.elapsed() < TRANSPORT_RETRY => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(s) => return Err(classify(node, s)),
+        }
+    }
+}
+
+/// Everything an action needs besides the agent.
+pub struct ActionCtx<'a> {
+    pub pool: &'a AgentPool,
+    pub blobs: &'a BlobStore,
+    pub address: &'a str,
+    pub fence: pb::Fence,
+    /// The package to push when staging (name, version, sha256, size).
+    pub package: Option<&'a orch_types::rollout::PackageRef>,
+}
+
+/// Performs one action; returns the result to record, the versions the node reported (to
+/// refresh the registry), or `Stale` when a newer coordinator has taken over.
+pub async fn perform(
+    cx: &ActionCtx<'_>,
+    action: &Action,
+) -> Result<(ActionResult, Option<Vec<VersionEntry>>), CallError> {
+    let node = &action.node;
+    let mut c = cx.pool.client(cx.address).map_err(CallError::Step)?;
+    let fence = Some(cx.fence.clone());
+    let step = |r: Result<tonic::Response<pb::StepReply>, CallError>| match r {
+        Ok(reply) => {
+            let versions = reply
+                .into_inner()
+                .versions
+                .iter()
+                .filter_map(|e| VersionEntry::try_from(e).ok())
+                .collect();
+            Ok((ActionResult::Done, Some(versions)))
+        }
+        Err(CallError::Step(e)) => Ok((ActionResult::Failed { error: e }, None)),
+        Err(s) => Err(s),
+    };
+    match &action.kind {
+        ActionKind::Preflight => {
+            let versions = retrying(node, || {
+                let mut c = c.clone();
+                async move { c.versions(pb::VersionsRequest {}).await }
+            })
+            .await;
+            let info = retrying(node, || {
+                let mut c = c.clone();
+                async move { c.node_info(pb::NodeInfoRequest {}).await }
+            })
+            .await;
+            match (versions, info) {
+                (Ok(v), Ok(i)) => {
+                    let v = v.into_inner();
+                    let entries: Vec<VersionEntry> = v
+                        .versions
+                        .iter()
+                        .filter_map(|e| VersionEntry::try_from(e).ok())
+                        .collect();
+                    match v.running_version.parse::<Version>() {
+                        Ok(running) => Ok((
+                            ActionResult::Preflight {
+                                running,
+                                free_disk: i.into_inner().free_disk_bytes,
+                            },
+                            Some(entries),
+                        )),
+                        Err(_) => Ok((
+                            ActionResult::Failed {
+                                error: "no release is installed on the node".into(),
+                            },
+                            Some(entries),
+                        )),
+                    }
+                }
+                (Err(CallError::Stale(s)), _) | (_, Err(CallError::Stale(s))) => {
+                    Err(CallError::Stale(s))
+                }
+                (Err(CallError::Step(e)), _) | (_, Err(CallError::Step(e))) => {
+                    Ok((ActionResult::Failed { error: e }, None))
+                }
+            }
+        }
+        ActionKind::Stage { version } => {
+            if let Some(p) = cx.package {
+                let pushed = retrying(node, || {
+                    let mut c = c.clone();
+                    let fence = fence.clone();
+                    async move { push(&mut c, cx.blobs, p, fence).await }
+                })
+                .await;
+                match pushed {
+                    Ok(_) => {}
+                    Err(CallError::Step(e)) => {
+                        return Ok((
+                            ActionResult::Failed {
+                                error: format!("push: {e}"),
+                            },
+                            None,
+                        ));
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
+            let v = version.to_string();
+            step(
+                retrying(node, || {
+                    let mut c = c.clone();
+                    let req = pb::UnpackRequest {
+                        version: v.clone(),
+                        fence: fence.clone(),
+                    };
+                    async move { c.unpack(req).await }
+                })
+                .await,
+            )
+        }
+        ActionKind::Install { version } => {
+            let v = version.to_string();
+            step(
+                retrying(node, || {
+                    let mut c = c.clone();
+                    let req = pb::InstallRequest {
+                        version: v.clone(),
+                        permanent: false,
+                        fence: fence.clone(),
+                    };
+                    async move { c.install(req).await }
+                })
+                .await,
+            )
+        }
+        ActionKind::Commit { version } => {
+            let v = version.to_string();
+            step(
+                retrying(node, || {
+                    let mut c = c.clone();
+                    let req = pb::VersionRequest {
+                        version: v.clone(),
+                        fence: fence.clone(),
+                    };
+                    async move { c.permanent(req).await }
+                })
+                .await,
+            )
+        }
+        ActionKind::Downgrade { to } => {
+            let v = to.to_string();
+            step(
+                retrying(node, || {
+                    let mut c = c.clone();
+                    let req = pb::VersionRequest {
+                        version: v.clone(),
+                        fence: fence.clone(),
+                    };
+                    async move { c.downgrade(req).await }
+                })
+                .await,
+            )
+        }
+        ActionKind::HealthGate {
+            min_healthy_time_ms,
+            healthy_deadline_ms,
+            expect,
+        } => {
+            let r = health_gate(
+                &mut c,
+                *expect,
+                Duration::from_millis(*min_healthy_time_ms),
+                Duration::from_millis(*healthy_deadline_ms),
+            )
+            .await;
+            Ok((r, None))
+        }
+    }
+}
+
+/// The probe must pass continuously for `min_healthy` and report `expect`, within `deadline`.
+async fn health_gate(
+    c: &mut AgentClient<Channel>,
+    expect: Version,
+    min_healthy: Duration,
+    deadline: Duration,
+) -> ActionResult {
+    let start = Instant::now();
+    let mut healthy_since: Option<Instant> = None;
+    let mut last = String::from("no probe answered yet");
+    loop {
+        let probe = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.health(pb::HealthRequest {
+                expect_version: expect.to_string(),
+            }),
+        )
+        .await;
+        match probe {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                if r.healthy {
+                    let since = *healthy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= min_healthy {
+                        return ActionResult::Done;
+                    }
+                } else {
+                    healthy_since = None;
+                    last = format!("{} check: {}", r.check, r.detail);
+                }
+            }
+            Ok(Err(s)) => {
+                healthy_since = None;
+                last = format!("agent unreachable: {}", s.message());
+            }
+            Err(_) => {
+                healthy_since = None;
+                last = "health probe timed out".into();
+            }
+        }
+        if start.elapsed() >= deadline {
+            return ActionResult::Failed {
+                error: format!(
+                    "not healthy on {expect} for {min_healthy:?} within {deadline:?}; last: {last}"
+                ),
+            };
+        }
+        tokio::time::sleep(PROBE_INTERVAL.min(deadline.saturating_sub(start.elapsed()))).await;
+    }
+}
+
+/// Streams the package from the content store to the agent.
+async fn push(
+    c: &mut AgentClient<Channel>,
+    blobs: &BlobStore,
+    p: &orch_types::rollout::PackageRef,
+    fence: Option<pb::Fence>,
+) -> Result<pb::PushReply, tonic::Status> {
+    use tokio::io::AsyncReadExt;
+    let path = blobs.path(&p.sha256)?;
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| tonic::Status::not_found(format!("package bytes missing here: {e}")))?;
+    let header = pb::PackageHeader {
+        name: p.name.clone(),
+        version: p.version.to_string(),
+        sha256: p.sha256.clone(),
+        size: p.size,
+        fence,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut header = Some(header);
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = match f.read(&mut buf).await {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            if n == 0 && header.is_none() {
+                return;
+            }
+            buf.truncate(n);
+            if tx
+                .send(pb::PackageChunk {
+                    header: header.take(),
+                    data: buf,
+                })
+                .await
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
+        }
+    });
+    Ok(
+        c.push_package(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner(),
+    )
+}

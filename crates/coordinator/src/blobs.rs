@@ -1,0 +1,215 @@
+//! Package bytes, content-addressed by SHA-256 under `DATA/blobs/`, and the `Blobs` peer
+//! service that copies them between coordinators. Bytes never enter the Raft log: the log only
+//! records which coordinators hold which digest.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use futures::Stream;
+use orch_proto::raft::{
+    BlobChunk, BlobReply, BlobRequest, blobs_client::BlobsClient, blobs_server,
+};
+use orch_release::incoming::IncomingFile;
+use orch_release::package::normalize_digest;
+use tokio::io::AsyncReadExt;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{Error, Result};
+
+pub const CHUNK: usize = 256 << 10;
+
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+    max_size: u64,
+}
+
+impl BlobStore {
+    pub fn open(dir: PathBuf, max_size: u64) -> Result<BlobStore> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Io(format!("create {}: {e}", dir.display())))?;
+        // Transfers interrupted by a crash are incomplete by definition.
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".incoming-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(BlobStore { dir, max_size })
+    }
+
+    /// The path of a digest's bytes (the digest is validated, so it cannot escape the dir).
+    pub fn path(&self, sha256: &str) -> Result<PathBuf> {
+        let d = normalize_digest(sha256)
+            .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a hex SHA-256")))?;
+        Ok(self.dir.join(d))
+    }
+
+    pub fn has(&self, sha256: &str) -> bool {
+        self.path(sha256).map(|p| p.is_file()).unwrap_or(false)
+    }
+
+    /// Receives a stream of data chunks for `sha256`/`size`; `Ok(true)` if it was already here.
+    pub async fn receive<S, E>(
+        &self,
+        sha256: &str,
+        size: u64,
+        first: Vec<u8>,
+        mut rest: S,
+    ) -> Result<bool>
+    where
+        S: Stream<Item = std::result::Result<Vec<u8>, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let dest = self.path(sha256)?;
+        if size > self.max_size {
+            return Err(Error::BadRequest(format!(
+                "package of {size} bytes exceeds the limit of {} bytes",
+                self.max_size
+            )));
+        }
+        if dest.is_file() {
+            while let Some(c) = rest.next().await {
+                c.map_err(|e| Error::BadRequest(format!("upload interrupted: {e}")))?;
+            }
+            return Ok(true);
+        }
+        let sha = normalize_digest(sha256).unwrap_or_default();
+        let mut file = IncomingFile::create(&dest, &sha, size)?;
+        file.write(&first)?;
+        while let Some(c) = rest.next().await {
+            let c =
+                c.map_err(|e| Error::BadRequest(format!("upload interrupted: {e}; discarded")))?;
+            file.write(&c)?;
+        }
+        tokio::task::spawn_blocking(move || file.finish())
+            .await
+            .map_err(|e| Error::Io(format!("finishing upload: {e}")))??;
+        Ok(false)
+    }
+
+    /// Streams a stored blob as chunks (the first carries digest and size).
+    pub async fn read_chunks(
+        &self,
+        sha256: &str,
+    ) -> Result<impl Stream<Item = std::result::Result<BlobChunk, Status>> + Send + 'static> {
+        let path = self.path(sha256)?;
+        let sha = normalize_digest(sha256).unwrap_or_default();
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Error::NotFound(format!("package {sha} is not stored here ({e})")))?;
+        let size = f
+            .metadata()
+            .await
+            .map_err(|e| Error::Io(format!("stat {}: {e}", path.display())))?
+            .len();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = match f.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("read: {e}")))).await;
+                        return;
+                    }
+                };
+                if n == 0 && !first {
+                    return;
+                }
+                buf.truncate(n);
+                let chunk = BlobChunk {
+                    sha256: if first { sha.clone() } else { String::new() },
+                    size: if first { size } else { 0 },
+                    data: buf,
+                };
+                first = false;
+                if tx.send(Ok(chunk)).await.is_err() || n == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// Copies a stored blob to another coordinator.
+    pub async fn copy_to(&self, peer_addr: &str, sha256: &str) -> Result<()> {
+        let chunks = self.read_chunks(sha256).await?;
+        let mut c = BlobsClient::connect(format!("http://{peer_addr}"))
+            .await
+            .map_err(|e| Error::Unavailable(format!("coordinator {peer_addr}: {e}")))?;
+        c.put_blob(chunks.filter_map(|c| c.ok()))
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!("copy to coordinator {peer_addr}: {}", e.message()))
+            })?;
+        Ok(())
+    }
+
+    /// Fetches a blob this coordinator lacks from one that holds it.
+    pub async fn fetch_from(&self, peer_addr: &str, sha256: &str) -> Result<()> {
+        let mut c = BlobsClient::connect(format!("http://{peer_addr}"))
+            .await
+            .map_err(|e| Error::Unavailable(format!("coordinator {peer_addr}: {e}")))?;
+        let mut stream = c
+            .get_blob(BlobRequest {
+                sha256: sha256.to_string(),
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("fetch from {peer_addr}: {}", e.message())))?
+            .into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Error::Unavailable(format!("{peer_addr} sent nothing")))?
+            .map_err(|e| Error::Unavailable(e.message().to_string()))?;
+        let rest = stream.map(|c| c.map(|c| c.data));
+        self.receive(sha256, first.size, first.data, rest).await?;
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The `Blobs` service: other coordinators put and get package bytes.
+#[derive(Clone)]
+pub struct BlobsService {
+    pub store: BlobStore,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = std::result::Result<BlobChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl blobs_server::Blobs for BlobsService {
+    async fn put_blob(
+        &self,
+        req: Request<Streaming<BlobChunk>>,
+    ) -> std::result::Result<Response<BlobReply>, Status> {
+        let mut s = req.into_inner();
+        let first = s
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty blob stream"))??;
+        let rest = s.map(|c| c.map(|c| c.data));
+        let already = self
+            .store
+            .receive(&first.sha256, first.size, first.data, rest)
+            .await?;
+        Ok(Response::new(BlobReply { already }))
+    }
+
+    type GetBlobStream = ChunkStream;
+
+    async fn get_blob(
+        &self,
+        req: Request<BlobRequest>,
+    ) -> std::result::Result<Response<Self::GetBlobStream>, Status> {
+        let s = self.store.read_chunks(&req.into_inner().sha256).await?;
+        Ok(Response::new(Box::pin(s)))
+    }
+}

@@ -1,0 +1,444 @@
+//! The `Control` service: operators' API and agent registration. Reads are answered from this
+//! coordinator's replicated state; writes go through Raft and so only succeed on the leader
+//! (a follower answers NotLeader with the leader's address, and clients retry there).
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use orch_proto::control::{self as pb, control_server::Control};
+use orch_rollout::{Event, LogEntry, Rollout};
+use orch_types::rollout::{OnFailure, PackageRef, RolloutSpec};
+use orch_types::{NodeId, Version, VersionEntry};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Shared;
+use crate::driver::now_ms;
+use crate::error::Error;
+use crate::state::{ClusterState, Command, PackageRecord, Response as SmResponse};
+
+#[derive(Clone)]
+pub struct ControlService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+type Res<T> = std::result::Result<Response<T>, Status>;
+
+pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::RolloutStatus {
+    let st = r.status();
+    pb::RolloutStatus {
+        id: st.id,
+        version: st.version.to_string(),
+        phase: st.phase.to_string(),
+        awaiting_promotion: st.awaiting_promotion,
+        error: st.error.unwrap_or_default(),
+        nodes: st
+            .nodes
+            .into_iter()
+            .map(|n| pb::NodeProgress {
+                id: n.id.to_string(),
+                from_version: n.from_version.map(|v| v.to_string()).unwrap_or_default(),
+                step: n.step.to_string(),
+                error: n.error.unwrap_or_default(),
+            })
+            .collect(),
+        events: if with_events {
+            st.events
+                .into_iter()
+                .map(|e| pb::AuditEvent {
+                    at_ms: e.at_ms,
+                    by: e.by,
+                    message: e.message,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        created_at_ms: s.created_at.get(r.id()).copied().unwrap_or(0),
+        requested_by: r.spec().requested_by.clone(),
+    }
+}
+
+impl ControlService {
+    async fn write(&self, cmd: Command) -> Result<SmResponse, Status> {
+        match self.shared.raft.write(cmd).await? {
+            SmResponse::Rejected(why) => Err(Error::Refused(why).into()),
+            r => Ok(r),
+        }
+    }
+
+    fn find(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
+        self.shared.read(|s| {
+            let r = if id.is_empty() {
+                s.active_rollout().or_else(|| s.latest_rollout())
+            } else {
+                s.find_rollout(id)
+            };
+            r.map(|r| status_of(s, r, true)).ok_or_else(|| {
+                if id.is_empty() {
+                    Status::not_found(
+                        "no rollout yet: start one with `orchestrator rollout VERSION`",
+                    )
+                } else {
+                    Status::not_found(format!(
+                        "no rollout {id}: `orchestrator rollouts` lists them"
+                    ))
+                }
+            })
+        })
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn upload_package(
+        &self,
+        req: Request<Streaming<pb::UploadChunk>>,
+    ) -> Res<pb::UploadReply> {
+        if !self.shared.raft.is_leader() {
+            return Err(Error::NotLeader {
+                leader: self.shared.raft.leader(),
+            }
+            .into());
+        }
+        let mut s = req.into_inner();
+        let first = s
+            .next()
+            .await
+            .ok_or_else(|| bad("upload refused: empty stream"))??;
+        let h = first
+            .header
+            .ok_or_else(|| bad("upload refused: the first chunk must carry the header"))?;
+        orch_types::validate_package_name(&h.name).map_err(|e| bad(e.to_string()))?;
+        let version: Version = h
+            .version
+            .parse()
+            .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
+        let sha = orch_release::package::normalize_digest(&h.sha256)
+            .ok_or_else(|| bad("upload refused: sha256 is not a hex SHA-256 digest"))?;
+        let rest = s.map(|c| c.map(|c| c.data));
+        let already = self
+            .shared
+            .blobs
+            .receive(&sha, h.size, first.data, rest)
+            .await?;
+        let holders = self.shared.replicate_blob(&sha).await?;
+        self.write(Command::AddPackage(PackageRecord {
+            name: h.name,
+            version,
+            sha256: sha.clone(),
+            size: h.size,
+            holders: holders.iter().copied().collect(),
+        }))
+        .await?;
+        Ok(Response::new(pb::UploadReply {
+            sha256: sha,
+            holders,
+            already,
+        }))
+    }
+
+    async fn start_rollout(&self, req: Request<pb::StartRolloutRequest>) -> Res<pb::RolloutStatus> {
+        let r = req.into_inner();
+        let version: Version = r
+            .version
+            .parse()
+            .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
+        let (nodes, package) = self.shared.read(|s| -> Result<_, Status> {
+            let nodes: Vec<NodeId> = if r.nodes.is_empty() {
+                s.nodes.keys().cloned().collect()
+            } else {
+                r.nodes
+                    .iter()
+                    .map(|n| n.parse::<NodeId>().map_err(|e| bad(e.to_string())))
+                    .collect::<Result<_, _>>()?
+            };
+            if nodes.is_empty() {
+                return Err(Status::failed_precondition(
+                    "no nodes are registered: start agents with --coordinator ADDR",
+                ));
+            }
+            let package = if r.package_sha256.is_empty() {
+                None
+            } else {
+                let p = s.packages.get(&r.package_sha256).ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "package {} is not stored on the coordinators: upload it first",
+                        r.package_sha256
+                    ))
+                })?;
+                if p.version != version {
+                    return Err(bad(format!(
+                        "the package holds version {}, not {version}",
+                        p.version
+                    )));
+                }
+                Some(PackageRef {
+                    name: p.name.clone(),
+                    version: p.version,
+                    sha256: p.sha256.clone(),
+                    size: p.size,
+                })
+            };
+            Ok((nodes, package))
+        })?;
+        let requested_by = if r.requested_by.is_empty() {
+            "unknown operator".to_string()
+        } else {
+            r.requested_by
+        };
+        let mut spec = RolloutSpec::new("r000000", version, nodes, requested_by);
+        spec.package = package;
+        if r.batch_size > 0 {
+            spec.batch_size = r.batch_size;
+        }
+        spec.canary = r.canary;
+        spec.permanent = !r.no_permanent;
+        if let Some(t) = r.min_healthy_time_ms {
+            spec.min_healthy_time_ms = t;
+        }
+        if let Some(t) = r.healthy_deadline_ms {
+            spec.healthy_deadline_ms = t;
+        }
+        if !r.on_failure.is_empty() {
+            spec.on_failure = r
+                .on_failure
+                .parse::<OnFailure>()
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        match self
+            .write(Command::CreateRollout {
+                spec,
+                at_ms: now_ms(),
+            })
+            .await?
+        {
+            SmResponse::Created { id } => Ok(Response::new(self.find(&id)?)),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Res<pb::RolloutStatus> {
+        Ok(Response::new(self.find(&req.into_inner().id)?))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _req: Request<pb::ListRolloutsRequest>,
+    ) -> Res<pb::ListRolloutsReply> {
+        Ok(Response::new(self.shared.read(|s| {
+            pb::ListRolloutsReply {
+                rollouts: s
+                    .rollouts
+                    .values()
+                    .map(|r| status_of(s, r, false))
+                    .collect(),
+            }
+        })))
+    }
+
+    type WatchRolloutStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
+
+    async fn watch_rollout(&self, req: Request<pb::RolloutRef>) -> Res<Self::WatchRolloutStream> {
+        let first = self.find(&req.into_inner().id)?;
+        let id = first.id.clone();
+        let me = self.clone();
+        let mut applied = self.shared.raft.applied();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                let done = me
+                    .shared
+                    .read(|s| s.find_rollout(&id).map(|r| r.is_finished()).unwrap_or(true));
+                if done && last.phase == me.find(&id).map(|s| s.phase).unwrap_or_default() {
+                    return;
+                }
+                tokio::select! {
+                    r = applied.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = tx.closed() => return,
+                }
+                if let Ok(now) = me.find(&id)
+                    && now != last
+                {
+                    last = now;
+                    if tx.send(Ok(last.clone())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn rollout_command(
+        &self,
+        req: Request<pb::RolloutCommandRequest>,
+    ) -> Res<pb::RolloutStatus> {
+        let r = req.into_inner();
+        let cmd = match r.command.as_str() {
+            "pause" => orch_rollout::Command::Pause,
+            "resume" => orch_rollout::Command::Resume,
+            "abort" => orch_rollout::Command::Abort,
+            "rollback" => orch_rollout::Command::Rollback,
+            "promote" => orch_rollout::Command::Promote,
+            other => {
+                return Err(bad(format!(
+                    "unknown command {other:?}: use pause, resume, abort, rollback or promote"
+                )));
+            }
+        };
+        let id = self.find(&r.id)?.id;
+        let by = if r.requested_by.is_empty() {
+            "unknown operator".to_string()
+        } else {
+            r.requested_by
+        };
+        self.write(Command::Rollout {
+            id: id.clone(),
+            entry: LogEntry {
+                event: Event::Command(cmd),
+                at_ms: now_ms(),
+                by,
+            },
+        })
+        .await?;
+        Ok(Response::new(self.find(&id)?))
+    }
+
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesReply> {
+        let probe = req.into_inner().probe;
+        let nodes = self
+            .shared
+            .read(|s| s.nodes.values().cloned().collect::<Vec<_>>());
+        let mut out = Vec::with_capacity(nodes.len());
+        let probes = futures::future::join_all(nodes.iter().map(|n| {
+            let shared = self.shared.clone();
+            let addr = n.address.clone();
+            async move {
+                if !probe {
+                    return (false, "not probed".to_string());
+                }
+                shared.probe_node(&addr).await
+            }
+        }))
+        .await;
+        for (n, (healthy, detail)) in nodes.into_iter().zip(probes) {
+            out.push(pb::NodeEntry {
+                id: n.id.to_string(),
+                address: n.address,
+                labels: n.labels.into_iter().collect(),
+                versions: n
+                    .versions
+                    .iter()
+                    .map(|e| pb::VersionEntry {
+                        version: e.version.to_string(),
+                        state: e.state.to_string(),
+                    })
+                    .collect(),
+                healthy,
+                health_detail: detail,
+            });
+        }
+        Ok(Response::new(pb::ListNodesReply { nodes: out }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Res<pb::ClusterStatusReply> {
+        Ok(Response::new(self.shared.cluster_status()))
+    }
+
+    async fn add_member(&self, req: Request<pb::MemberRequest>) -> Res<pb::ClusterStatusReply> {
+        let r = req.into_inner();
+        if r.address.is_empty() {
+            return Err(bad(
+                "a new coordinator needs an address: cluster add ID ADDR",
+            ));
+        }
+        self.shared.raft.add_member(r.id, r.address).await?;
+        Ok(Response::new(self.shared.cluster_status()))
+    }
+
+    async fn remove_member(&self, req: Request<pb::MemberRequest>) -> Res<pb::ClusterStatusReply> {
+        self.shared.raft.remove_member(req.into_inner().id).await?;
+        Ok(Response::new(self.shared.cluster_status()))
+    }
+
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Res<pb::RegisterNodeReply> {
+        let r = req.into_inner();
+        let id: NodeId =
+            r.id.parse()
+                .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
+        if r.address.is_empty() || r.address.len() > 256 {
+            return Err(bad(
+                "registration refused: the node's address is empty or too long",
+            ));
+        }
+        let versions: Vec<VersionEntry> = r
+            .versions
+            .iter()
+            .map(|e| {
+                Ok(VersionEntry {
+                    version: e
+                        .version
+                        .parse()
+                        .map_err(|e: orch_types::ParseError| bad(e.to_string()))?,
+                    state: e
+                        .state
+                        .parse()
+                        .map_err(|e: orch_types::ParseError| bad(e.to_string()))?,
+                })
+            })
+            .collect::<Result<_, Status>>()?;
+        let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
+        let unchanged = self.shared.read(|s| {
+            s.nodes.get(&id).is_some_and(|n| {
+                n.address == r.address && n.labels == labels && n.versions == versions
+            })
+        });
+        if unchanged {
+            // Still confirm we lead, so the agent learns where the leader is.
+            if !self.shared.raft.is_leader() {
+                return Err(Error::NotLeader {
+                    leader: self.shared.raft.leader(),
+                }
+                .into());
+            }
+            return Ok(Response::new(pb::RegisterNodeReply { changed: false }));
+        }
+        self.write(Command::RegisterNode {
+            id,
+            address: r.address,
+            labels,
+            versions,
+            at_ms: now_ms(),
+        })
+        .await?;
+        Ok(Response::new(pb::RegisterNodeReply { changed: true }))
+    }
+}
+
+/// Members that must hold a package before a rollout may use it: every voter we can reach;
+/// at least a majority of voters.
+pub(crate) fn enough_holders(voters: &BTreeSet<u64>, holders: &[u64]) -> bool {
+    let held = holders.iter().filter(|h| voters.contains(h)).count();
+    held * 2 > voters.len()
+}

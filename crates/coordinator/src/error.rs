@@ -1,0 +1,56 @@
+//! The coordinator's error type and its mapping onto gRPC statuses.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// This coordinator is not the Raft leader; the client retries at the leader.
+    #[error("this coordinator is not the leader{}", match .leader { Some((id, addr)) => format!(" (the leader is coordinator {id} at {addr})"), None => " and no leader is known yet; retry shortly".to_string() })]
+    NotLeader { leader: Option<(u64, String)> },
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Release(#[from] orch_release::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::BadRequest(_) => Code::InvalidArgument,
+            Error::Release(orch_release::Error::BadPackage { .. }) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::Refused(_) => Code::FailedPrecondition,
+            Error::Unavailable(_) | Error::NotLeader { .. } => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        let mut st = Status::new(code, e.to_string());
+        if let Error::NotLeader { leader } = &e {
+            let md = st.metadata_mut();
+            md.insert(
+                "orch-error",
+                tonic::metadata::MetadataValue::from_static("not-leader"),
+            );
+            if let Some((id, addr)) = leader {
+                if let Ok(v) = addr.parse() {
+                    md.insert("orch-leader", v);
+                }
+                if let Ok(v) = id.to_string().parse() {
+                    md.insert("orch-leader-id", v);
+                }
+            }
+        }
+        st
+    }
+}

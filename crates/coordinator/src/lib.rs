@@ -1,0 +1,326 @@
+//! The coordinator: holds the cluster's state in a Raft log (openraft, persisted in redb),
+//! serves the control API to operators and registration to agents, stores package bytes
+//! content-addressed, and, on the Raft leader only, drives rollouts through the agents.
+//!
+//! `serve(config, listener, shutdown)` is the whole daemon, so tests can run clusters in-process.
+
+pub mod agents;
+pub mod blobs;
+pub mod control;
+pub mod driver;
+pub mod error;
+pub mod raft;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orch_proto::control::control_server::ControlServer;
+use orch_proto::raft::blobs_server::BlobsServer;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::agents::AgentPool;
+use crate::blobs::BlobStore;
+use crate::raft::{RaftConfig, RaftNode};
+use crate::state::ClusterState;
+
+pub use error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub id: u64,
+    pub listen: SocketAddr,
+    /// The address other coordinators and clients dial (defaults to `listen`).
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// The other coordinators: id -> address.
+    pub peers: BTreeMap<u64, String>,
+    pub bootstrap: bool,
+    pub insecure: bool,
+    pub max_package_bytes: u64,
+}
+
+impl CoordinatorConfig {
+    pub fn new(id: u64, listen: SocketAddr, data_dir: PathBuf) -> Self {
+        CoordinatorConfig {
+            id,
+            listen,
+            advertise: None,
+            data_dir,
+            peers: BTreeMap::new(),
+            bootstrap: false,
+            insecure: false,
+            max_package_bytes: 4 << 30,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+/// The `--config FILE` format: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CoordinatorFileConfig {
+    pub id: Option<u64>,
+    pub listen: Option<String>,
+    pub advertise: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// `ID=ADDR` entries.
+    #[serde(default)]
+    pub peer: Vec<String>,
+    pub bootstrap: Option<bool>,
+    pub insecure: Option<bool>,
+}
+
+impl CoordinatorFileConfig {
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+}
+
+/// Parses `ID=ADDR`.
+pub fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--peer {s:?} is not ID=HOST:PORT"))?;
+    let id = id
+        .parse()
+        .map_err(|_| format!("--peer {s:?}: the id must be a number"))?;
+    if addr.is_empty() {
+        return Err(format!("--peer {s:?}: the address is empty"));
+    }
+    Ok((id, addr.to_string()))
+}
+
+/// What the services and the driver share.
+pub struct Shared {
+    pub raft: RaftNode,
+    pub blobs: BlobStore,
+    pub agents: AgentPool,
+}
+
+impl Shared {
+    /// Reads the replicated state.
+    pub fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        let view = self.raft.state();
+        let guard = view.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+
+    /// Copies a blob to every other member it can reach; returns the holders (including this
+    /// one). Fails unless a majority of voters hold it.
+    pub async fn replicate_blob(&self, sha: &str) -> Result<Vec<u64>> {
+        let status = self.raft.metrics();
+        let me = self.raft.id();
+        let mut holders = vec![me];
+        let mut failures = Vec::new();
+        let copies = futures::future::join_all(
+            status
+                .members
+                .iter()
+                .filter(|m| m.id != me)
+                .map(|m| async move { (m.id, self.blobs.copy_to(&m.addr, sha).await) }),
+        )
+        .await;
+        for (id, r) in copies {
+            match r {
+                Ok(()) => holders.push(id),
+                Err(e) => failures.push(format!("coordinator {id}: {e}")),
+            }
+        }
+        holders.sort_unstable();
+        let voters: std::collections::BTreeSet<u64> = status
+            .members
+            .iter()
+            .filter(|m| m.voter)
+            .map(|m| m.id)
+            .collect();
+        if !control::enough_holders(&voters, &holders) {
+            return Err(Error::Unavailable(format!(
+                "the package reached only coordinators {holders:?}; a majority must hold it ({})",
+                failures.join("; ")
+            )));
+        }
+        if !failures.is_empty() {
+            tracing::warn!(
+                ?failures,
+                "package not copied everywhere; it will be fetched on demand"
+            );
+        }
+        Ok(holders)
+    }
+
+    /// Makes sure this coordinator has a blob, fetching it from a holder when missing.
+    pub async fn ensure_blob(&self, sha: &str) -> Result<()> {
+        if self.blobs.has(sha) {
+            return Ok(());
+        }
+        let holders: Vec<u64> = self.read(|s| {
+            s.packages
+                .get(sha)
+                .map(|p| p.holders.iter().copied().collect())
+                .unwrap_or_default()
+        });
+        let members = self.raft.metrics().members;
+        let mut last = String::from("no coordinator holds it");
+        for h in holders {
+            if let Some(m) = members.iter().find(|m| m.id == h && m.id != self.raft.id()) {
+                match self.blobs.fetch_from(&m.addr, sha).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+        }
+        Err(Error::Unavailable(format!("package {sha}: {last}")))
+    }
+
+    /// Probes an agent's health for `nodes --json`.
+    pub async fn probe_node(&self, addr: &str) -> (bool, String) {
+        let mut c = match self.agents.client(addr) {
+            Ok(c) => c,
+            Err(e) => return (false, e),
+        };
+        let req = orch_proto::agent::HealthRequest {
+            expect_version: String::new(),
+        };
+        match tokio::time::timeout(Duration::from_secs(3), c.health(req)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                (r.healthy, format!("{}: {}", r.check, r.detail))
+            }
+            Ok(Err(s)) => (false, format!("agent unreachable: {}", s.message())),
+            Err(_) => (false, "agent did not answer within 3s".into()),
+        }
+    }
+
+    pub fn cluster_status(&self) -> orch_proto::control::ClusterStatusReply {
+        let m = self.raft.metrics();
+        orch_proto::control::ClusterStatusReply {
+            leader_id: m.leader.as_ref().map(|l| l.0).unwrap_or(0),
+            leader_address: m.leader.map(|l| l.1).unwrap_or_default(),
+            term: m.term,
+            members: m
+                .members
+                .into_iter()
+                .map(|x| orch_proto::control::Member {
+                    id: x.id,
+                    address: x.addr,
+                    role: if x.voter { "voter" } else { "learner" }.into(),
+                })
+                .collect(),
+            last_applied: m.last_applied,
+            answered_by: self.raft.id(),
+        }
+    }
+}
+
+/// Binds `config.listen` and serves until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves the control, Raft and blob services on one listener until `shutdown` resolves.
+pub async fn serve(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    if !config.insecure {
+        return Err(Error::Refused(
+            "TLS is not available in this build yet: pass --insecure to serve plain-text gRPC \
+             (only on a trusted network)"
+                .into(),
+        ));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| Error::Io(format!("create {}: {e}", config.data_dir.display())))?;
+    let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?;
+    let raft = RaftNode::start(RaftConfig::new(
+        config.id,
+        config.address(),
+        config.data_dir.join("raft"),
+        config.peers.clone(),
+        config.bootstrap,
+    ))
+    .await
+    .map_err(|e| Error::Internal(format!("starting Raft: {e}")))?;
+    let shared = Arc::new(Shared {
+        raft: raft.clone(),
+        blobs: blobs.clone(),
+        agents: AgentPool::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop_rx.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    tracing::info!(id = config.id, addr = %config.address(), "coordinator listening");
+    let result = tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(raft.peer_service())
+        .add_service(BlobsServer::new(blobs::BlobsService { store: blobs }))
+        .add_service(
+            ControlServer::new(control::ControlService {
+                shared: shared.clone(),
+            })
+            .max_decoding_message_size(8 << 20),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = leadership.await;
+    raft.shutdown().await;
+    result.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// Starts a driver for each term in which this coordinator leads, and stops it on losing it.
+async fn lead_when_leader(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut leadership = shared.raft.leadership();
+    let mut driver: Option<(u64, tokio::task::JoinHandle<()>)> = None;
+    loop {
+        let leading = shared.raft.is_leader();
+        let term = shared.raft.current_term();
+        match (&driver, leading) {
+            (Some((t, h)), _) if h.is_finished() || !leading || *t != term => {
+                if let Some((_, h)) = driver.take() {
+                    h.abort();
+                }
+                continue;
+            }
+            (None, true) => {
+                driver = Some((
+                    term,
+                    tokio::spawn(driver::run(shared.clone(), term, stop.clone())),
+                ));
+            }
+            _ => {}
+        }
+        tokio::select! {
+            r = leadership.changed() => if r.is_err() { break },
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    if let Some((_, h)) = driver {
+        h.abort();
+    }
+}

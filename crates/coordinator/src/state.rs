@@ -1,0 +1,233 @@
+//! The replicated cluster state and the commands that change it. `ClusterState::apply` is
+//! deterministic (no clock, no I/O: times come inside commands), so every coordinator applying
+//! the same Raft log holds the same state, and a snapshot is just this struct as JSON.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use orch_rollout::{Action, LogEntry, Rollout};
+use orch_types::rollout::{Phase, RolloutSpec};
+use orch_types::{NodeId, VersionEntry};
+use serde::{Deserialize, Serialize};
+
+/// A registered node (agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    /// Where coordinators dial the agent.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    /// What the agent last reported (registration, preflight, each step).
+    pub versions: Vec<VersionEntry>,
+    pub registered_at_ms: u64,
+}
+
+/// A package whose bytes live in the coordinators' content stores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageRecord {
+    pub name: String,
+    pub version: orch_types::Version,
+    pub sha256: String,
+    pub size: u64,
+    /// Coordinator ids that hold the bytes.
+    pub holders: BTreeSet<u64>,
+}
+
+/// A state change, proposed through Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// An agent registered (or re-registered after a restart or address change).
+    RegisterNode {
+        id: NodeId,
+        address: String,
+        labels: BTreeMap<String, String>,
+        versions: Vec<VersionEntry>,
+        at_ms: u64,
+    },
+    /// What a node reported running after a step.
+    NodeVersions {
+        id: NodeId,
+        versions: Vec<VersionEntry>,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+    /// A package is stored on `holders` (content-addressed by sha256).
+    AddPackage(PackageRecord),
+    /// Starts a rollout. Its id is assigned here (`r000001`, ...), so ids are ordered and the
+    /// same on every coordinator. Refused while another rollout is not finished.
+    CreateRollout {
+        spec: RolloutSpec,
+        at_ms: u64,
+    },
+    /// An event of one rollout (issue actions, an action's result, an operator command).
+    Rollout {
+        id: String,
+        entry: LogEntry,
+    },
+}
+
+/// What applying a command gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    #[default]
+    Ok,
+    /// The command was refused; the state is unchanged.
+    Rejected(String),
+    Created {
+        id: String,
+    },
+    Rollout {
+        phase: Phase,
+        issued: Vec<Action>,
+        cancelled: Vec<Action>,
+        /// Set when the event changed nothing (stale result, duplicate).
+        ignored: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub packages: BTreeMap<String, PackageRecord>,
+    pub rollouts: BTreeMap<String, Rollout>,
+    /// Counter behind rollout ids.
+    pub rollout_seq: u64,
+    /// When each rollout was accepted (the proposer's clock).
+    pub created_at: BTreeMap<String, u64>,
+}
+
+/// Formats the n-th rollout id. Zero-padded so ids sort as strings the way they were created
+/// (agents compare fences `(term, rollout id, step)` lexicographically).
+pub fn rollout_id(n: u64) -> String {
+    format!("r{n:06}")
+}
+
+impl ClusterState {
+    /// The rollout that is not finished, if any (at most one at a time).
+    pub fn active_rollout(&self) -> Option<&Rollout> {
+        self.rollouts.values().rev().find(|r| !r.is_finished())
+    }
+
+    pub fn latest_rollout(&self) -> Option<&Rollout> {
+        self.rollouts.values().next_back()
+    }
+
+    /// Finds a rollout by id; `42` also finds `r000042`.
+    pub fn find_rollout(&self, id: &str) -> Option<&Rollout> {
+        self.rollouts.get(id).or_else(|| {
+            id.trim_start_matches('r')
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| self.rollouts.get(&rollout_id(n)))
+        })
+    }
+
+    pub fn apply(&mut self, cmd: &Command) -> Response {
+        match cmd {
+            Command::RegisterNode {
+                id,
+                address,
+                labels,
+                versions,
+                at_ms,
+            } => {
+                self.nodes.insert(
+                    id.clone(),
+                    NodeRecord {
+                        id: id.clone(),
+                        address: address.clone(),
+                        labels: labels.clone(),
+                        versions: versions.clone(),
+                        registered_at_ms: *at_ms,
+                    },
+                );
+                Response::Ok
+            }
+            Command::NodeVersions { id, versions } => match self.nodes.get_mut(id) {
+                Some(n) => {
+                    n.versions = versions.clone();
+                    Response::Ok
+                }
+                None => Response::Rejected(format!("node {id} is not registered")),
+            },
+            Command::RemoveNode { id } => {
+                if let Some(r) = self.active_rollout()
+                    && r.spec().nodes.contains(id)
+                {
+                    return Response::Rejected(format!(
+                        "node {id} is part of rollout {} which is not finished",
+                        r.id()
+                    ));
+                }
+                match self.nodes.remove(id) {
+                    Some(_) => Response::Ok,
+                    None => Response::Rejected(format!("node {id} is not registered")),
+                }
+            }
+            Command::AddPackage(p) => {
+                match self.packages.get_mut(&p.sha256) {
+                    Some(existing) => existing.holders.extend(p.holders.iter().copied()),
+                    None => {
+                        self.packages.insert(p.sha256.clone(), p.clone());
+                    }
+                }
+                Response::Ok
+            }
+            Command::CreateRollout { spec, at_ms } => {
+                if let Some(r) = self.active_rollout() {
+                    return Response::Rejected(format!(
+                        "rollout {} ({} to {}) is {}; one rollout at a time: wait for it, or abort it",
+                        r.id(),
+                        r.spec().version,
+                        r.spec().nodes.len(),
+                        r.phase()
+                    ));
+                }
+                for n in &spec.nodes {
+                    if !self.nodes.contains_key(n) {
+                        return Response::Rejected(format!("node {n} is not registered"));
+                    }
+                }
+                if let Some(p) = &spec.package
+                    && !self.packages.contains_key(&p.sha256)
+                {
+                    return Response::Rejected(format!(
+                        "package {}-{} (sha256 {}) is not stored on the coordinators",
+                        p.name, p.version, p.sha256
+                    ));
+                }
+                let id = rollout_id(self.rollout_seq + 1);
+                let mut spec = spec.clone();
+                spec.id = id.clone();
+                match Rollout::new(spec) {
+                    Ok(r) => {
+                        self.rollout_seq += 1;
+                        self.created_at.insert(id.clone(), *at_ms);
+                        self.rollouts.insert(id.clone(), r);
+                        Response::Created { id }
+                    }
+                    Err(e) => Response::Rejected(e.to_string()),
+                }
+            }
+            Command::Rollout { id, entry } => {
+                let Some(r) = self.rollouts.get_mut(id) else {
+                    return Response::Rejected(format!("no rollout {id}"));
+                };
+                match r.apply(&entry.event, entry.at_ms, &entry.by) {
+                    Ok(o) => Response::Rollout {
+                        phase: r.phase(),
+                        issued: o.issued().to_vec(),
+                        cancelled: o.cancelled().to_vec(),
+                        ignored: match o {
+                            orch_rollout::Outcome::Ignored { reason } => Some(reason),
+                            _ => None,
+                        },
+                    },
+                    Err(e) => Response::Rejected(e.to_string()),
+                }
+            }
+        }
+    }
+}
