@@ -284,6 +284,30 @@ pub struct DemoArgs {
     /// Keep the demo's files in this directory instead of a temporary one.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// Number of nodes (agents with a demo service each).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u32,
+    /// Number of coordinators (1, 3 or 5).
+    #[arg(long, default_value_t = 3)]
+    pub coordinators: u32,
+    /// Keep the cluster running after the demo rollout (Ctrl-C stops it).
+    #[arg(long)]
+    pub keep: bool,
+    #[command(subcommand)]
+    pub cmd: Option<DemoCmd>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DemoCmd {
+    /// Build a package of the hot-swappable demo service.
+    Package {
+        version: Version,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A release whose service starts but fails its health check.
+        #[arg(long)]
+        broken: bool,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -19,6 +19,16 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // `orchestrator demo-service ...` is the demo service itself, so a demo needs no second
+    // binary (the demo packages then carry a wrapper that execs this one).
+    if std::env::args().nth(1).as_deref() == Some("demo-service") {
+        let code = orch_demo_service::cli::main_from(std::env::args_os().skip(1));
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

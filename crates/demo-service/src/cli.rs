@@ -94,7 +94,17 @@ pub enum Command {
 
 /// Entry point of the binary: parse, run, print one line on error, exit 0/1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    main_from(std::env::args_os())
+}
+
+/// The same, with explicit arguments (the first is the program name). Lets another binary
+/// (`orchestrator demo-service ...`) act as the demo service.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
