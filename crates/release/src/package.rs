@@ -4,7 +4,7 @@
 //! extraction writes into a fresh directory that the caller renames into place.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -79,6 +79,11 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Hex SHA-256 and size of a file.
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut f = File::open(path).ctx("open", path)?;
+    sha256_reader(&mut f, path)
+}
+
+/// Hex SHA-256 and length of everything `f` yields from its current position.
+fn sha256_reader(f: &mut File, path: &Path) -> Result<(String, u64)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -196,8 +201,7 @@ fn classify<R: Read + io::Seek>(
 
 /// Opens the archive and checks everything that can be checked from the central directory:
 /// entry count, declared sizes, names, types, and that the manifest exists. Nothing is written.
-fn open_checked(zip: &Path, limits: &Limits) -> Result<zip::ZipArchive<File>> {
-    let file = File::open(zip).ctx("open package", zip)?;
+fn open_checked(zip: &Path, file: File, limits: &Limits) -> Result<zip::ZipArchive<File>> {
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| bad(zip, format!("not a valid zip archive ({e})")))?;
     let n = archive.len() as u64;
@@ -210,8 +214,14 @@ fn open_checked(zip: &Path, limits: &Limits) -> Result<zip::ZipArchive<File>> {
             ),
         ));
     }
+    if archive.has_duplicate_names() {
+        return Err(bad(zip, "it has several entries with the same name"));
+    }
     let mut declared = 0u64;
     let mut has_manifest = false;
+    // Normalised path -> is a directory: two entries for one path, or a file used as a
+    // directory, would make the result depend on extraction order.
+    let mut seen: std::collections::HashMap<PathBuf, bool> = std::collections::HashMap::new();
     for i in 0..archive.len() {
         let f = archive
             .by_index_raw(i)
@@ -226,7 +236,14 @@ fn open_checked(zip: &Path, limits: &Limits) -> Result<zip::ZipArchive<File>> {
                 format!("entry {name:?} escapes the release directory (absolute path or '..')"),
             )
         })?;
-        classify(zip, &f, &name)?;
+        let is_dir = matches!(classify(zip, &f, &name)?, Kind::Dir);
+        match seen.get(&rel) {
+            Some(true) if is_dir => {}
+            Some(_) => return Err(bad(zip, format!("entry {name:?} appears twice"))),
+            None => {
+                seen.insert(rel.clone(), is_dir);
+            }
+        }
         declared = declared.saturating_add(f.size());
         if rel == Path::new(MANIFEST) {
             has_manifest = true;
@@ -243,6 +260,38 @@ fn open_checked(zip: &Path, limits: &Limits) -> Result<zip::ZipArchive<File>> {
     }
     if !has_manifest {
         return Err(bad(zip, format!("it has no {MANIFEST} at its root")));
+    }
+    for (path, _) in seen.iter().filter(|(_, d)| !**d) {
+        if let Some(a) = path
+            .ancestors()
+            .skip(1)
+            .find(|a| seen.get(*a) == Some(&false))
+        {
+            return Err(bad(
+                zip,
+                format!(
+                    "entry {:?} is inside {:?}, which is a file",
+                    path.display(),
+                    a.display()
+                ),
+            ));
+        }
+    }
+    for (path, _) in seen.iter().filter(|(_, d)| **d) {
+        if let Some(a) = path
+            .ancestors()
+            .skip(1)
+            .find(|a| seen.get(*a) == Some(&false))
+        {
+            return Err(bad(
+                zip,
+                format!(
+                    "directory {:?} is inside {:?}, which is a file",
+                    path.display(),
+                    a.display()
+                ),
+            ));
+        }
     }
     Ok(archive)
 }
@@ -275,8 +324,10 @@ fn check_identity(
     Ok((name, version))
 }
 
-/// Verifies the digest (the given one, else the sidecar's, if any).
-fn check_digest(zip: &Path, expected_sha256: Option<&str>) -> Result<(String, u64)> {
+/// Opens the package and verifies the digest (the given one, else the sidecar's, if any) of
+/// that very handle, rewound for reading: the bytes checked are the bytes extracted, even if
+/// the path is replaced meanwhile.
+fn open_verified(zip: &Path, expected_sha256: Option<&str>) -> Result<(File, String, u64)> {
     let expected = match expected_sha256 {
         Some(d) => Some(
             normalize_digest(d)
@@ -284,7 +335,8 @@ fn check_digest(zip: &Path, expected_sha256: Option<&str>) -> Result<(String, u6
         ),
         None => sidecar_digest(zip)?,
     };
-    let (actual, size) = sha256_file(zip)?;
+    let mut file = File::open(zip).ctx("open package", zip)?;
+    let (actual, size) = sha256_reader(&mut file, zip)?;
     if let Some(e) = expected
         && e != actual
     {
@@ -293,7 +345,8 @@ fn check_digest(zip: &Path, expected_sha256: Option<&str>) -> Result<(String, u6
             format!("SHA-256 mismatch: expected {e}, the file has {actual}"),
         ));
     }
-    Ok((actual, size))
+    file.seek(io::SeekFrom::Start(0)).ctx("rewind", zip)?;
+    Ok((file, actual, size))
 }
 
 /// Copies at most `budget` bytes; reading more means the entry lied about its size.
@@ -323,8 +376,8 @@ pub fn verify(
     expected_version: Option<Version>,
     limits: &Limits,
 ) -> Result<PackageInfo> {
-    let (sha256, size) = check_digest(zip, expected_sha256)?;
-    let mut archive = open_checked(zip, limits)?;
+    let (file, sha256, size) = open_verified(zip, expected_sha256)?;
+    let mut archive = open_checked(zip, file, limits)?;
     let mut total = 0u64;
     let mut manifest = None;
     for i in 0..archive.len() {
@@ -366,8 +419,8 @@ pub fn extract(
     expected_version: Option<Version>,
     limits: &Limits,
 ) -> Result<PackageInfo> {
-    let (sha256, size) = check_digest(zip, expected_sha256)?;
-    let mut archive = open_checked(zip, limits)?;
+    let (file, sha256, size) = open_verified(zip, expected_sha256)?;
+    let mut archive = open_checked(zip, file, limits)?;
     fs::create_dir(dest).ctx("create", dest)?;
     let result = (|| {
         let mut total = 0u64;

@@ -92,9 +92,13 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating `ROOT/releases/` if needed) a store.
-    pub fn open(cfg: StoreConfig) -> Result<Store> {
+    pub fn open(mut cfg: StoreConfig) -> Result<Store> {
         let releases = cfg.root.join("releases");
         fs::create_dir_all(&releases).ctx("create", &releases)?;
+        // Hooks run with ROOT as their working directory: every path we hand them (and the
+        // hook's own path) must not depend on ours.
+        cfg.root = fs::canonicalize(&cfg.root).ctx("resolve", &cfg.root)?;
+        let releases = cfg.root.join("releases");
         Ok(Store { cfg, releases })
     }
 
@@ -131,6 +135,12 @@ impl Store {
 
     /// Unpacks a package; an already known version is a no-op that says its state.
     pub fn unpack(&self, src: &PackageSource) -> Result<Outcome> {
+        // A known version needs no package (it may have been deleted since).
+        if let PackageSource::Lookup(v) = src
+            && self.view()?.state(v).is_some()
+        {
+            return self.execute(&format!("unpack {v}"), Op::Unpack(*v), None);
+        }
         let (version, pkg) = self.resolve(src)?;
         self.execute(&format!("unpack {version}"), Op::Unpack(version), Some(pkg))
     }
