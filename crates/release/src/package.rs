@@ -5,7 +5,9 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::path::{Component, Path, PathBuf};
 
 use orch_types::{Version, parse_package_file_name, validate_package_name};
@@ -170,7 +172,7 @@ enum Kind {
 }
 
 /// Classifies an entry, refusing links, device files, FIFOs, sockets and encryption.
-fn classify<R: Read + io::Seek>(
+fn classify<R: Read + Seek>(
     zip: &Path,
     f: &zip::read::ZipFile<'_, R>,
     name: &str,
@@ -201,7 +203,7 @@ fn classify<R: Read + io::Seek>(
 
 /// Opens the archive and checks everything that can be checked from the central directory:
 /// entry count, declared sizes, names, types, and that the manifest exists. Nothing is written.
-fn open_checked(zip: &Path, file: File, limits: &Limits) -> Result<zip::ZipArchive<File>> {
+fn open_checked<R: Read + Seek>(zip: &Path, file: R, limits: &Limits) -> Result<zip::ZipArchive<R>> {
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| bad(zip, format!("not a valid zip archive ({e})")))?;
     let n = archive.len() as u64;
@@ -410,8 +412,101 @@ pub fn verify(
     })
 }
 
+/// A positional reader over a shared open file: every clone reads the same file (the one whose
+/// digest is checked) without sharing a file offset, so extraction threads need no lock.
+#[derive(Clone)]
+struct PosReader {
+    file: Arc<File>,
+    pos: u64,
+    len: u64,
+}
+
+impl Read for PosReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for PosReader {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let base = match to {
+            io::SeekFrom::Start(n) => Some(n),
+            io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = base.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek out of range"))?;
+        Ok(self.pos)
+    }
+}
+
+/// Hex SHA-256 of a whole file through positional reads.
+fn sha256_at(file: &File, len: u64) -> io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = file.read_at(&mut buf, pos)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// A regular file to extract: entry index, relative path, mode, declared size.
+struct FileEntry {
+    index: usize,
+    rel: PathBuf,
+    name: String,
+    mode: u32,
+    declared: u64,
+}
+
+fn extract_entry(
+    zip: &Path,
+    archive: &mut zip::ZipArchive<PosReader>,
+    dest: &Path,
+    e: &FileEntry,
+) -> Result<u64> {
+    let mut f = archive
+        .by_index(e.index)
+        .map_err(|err| bad(zip, format!("entry {:?} is unreadable ({err})", e.name)))?;
+    let target = dest.join(&e.rel);
+    // create_new: nothing can overwrite an earlier entry.
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(e.mode)
+        .open(&target)
+        .map_err(|err| {
+            if err.kind() == io::ErrorKind::AlreadyExists {
+                bad(zip, format!("entry {:?} appears twice", e.name))
+            } else {
+                Error::Io {
+                    op: "create",
+                    path: target.clone(),
+                    source: err,
+                }
+            }
+        })?;
+    let mut w = BufWriter::with_capacity(256 << 10, out);
+    // The declared sizes were checked against the limit; an entry that inflates past its own
+    // declaration is lying (zip bomb) and is refused.
+    let n = copy_capped(zip, &e.name, &mut f, &mut w, e.declared)?;
+    w.flush().ctx("write", &target)?;
+    Ok(n)
+}
+
 /// Verifies and extracts a package into `dest`, which must not exist. On any error `dest` is
 /// removed, so the caller only ever sees a complete tree. The caller fsyncs and renames it.
+///
+/// Entries are inflated on several threads and the digest is computed on another one, all
+/// reading the same open file; nothing is visible before the caller's rename, and the digest
+/// is checked before this returns.
 pub fn extract(
     zip: &Path,
     dest: &Path,
@@ -419,14 +514,53 @@ pub fn extract(
     expected_version: Option<Version>,
     limits: &Limits,
 ) -> Result<PackageInfo> {
-    let (file, sha256, size) = open_verified(zip, expected_sha256)?;
-    let mut archive = open_checked(zip, file, limits)?;
+    let expected = match expected_sha256 {
+        Some(d) => Some(normalize_digest(d).ok_or_else(|| {
+            bad(zip, format!("expected digest {d:?} is not a hex SHA-256"))
+        })?),
+        None => sidecar_digest(zip)?,
+    };
+    let file = Arc::new(File::open(zip).ctx("open package", zip)?);
+    let size = file.metadata().ctx("stat", zip)?.len();
+    let hasher = {
+        let file = file.clone();
+        std::thread::spawn(move || sha256_at(&file, size))
+    };
+    let digest = || -> Result<String> {
+        hasher
+            .join()
+            .map_err(|_| Error::Refused("the digest thread panicked".into()))?
+            .ctx("read", zip)
+    };
+    let check = |actual: &str| -> Result<()> {
+        match &expected {
+            Some(e) if e != actual => Err(bad(
+                zip,
+                format!("SHA-256 mismatch: expected {e}, the file has {actual}"),
+            )),
+            _ => Ok(()),
+        }
+    };
+    let reader = PosReader {
+        file,
+        pos: 0,
+        len: size,
+    };
+    let mut archive = match open_checked(zip, reader, limits) {
+        Ok(a) => a,
+        Err(e) => {
+            // A digest mismatch explains a broken archive better than the archive error.
+            check(&digest()?)?;
+            return Err(e);
+        }
+    };
     fs::create_dir(dest).ctx("create", dest)?;
     let result = (|| {
-        let mut total = 0u64;
+        // Directories first (including every file's parent), so workers only create files.
+        let mut files = Vec::new();
         for i in 0..archive.len() {
-            let mut f = archive
-                .by_index(i)
+            let f = archive
+                .by_index_raw(i)
                 .map_err(|e| bad(zip, format!("entry {i} is unreadable ({e})")))?;
             let name = f.name().map(|n| n.into_owned()).unwrap_or_default();
             let rel = safe_relative_path(&name)
@@ -438,29 +572,54 @@ pub fn extract(
                     if let Some(parent) = target.parent() {
                         fs::create_dir_all(parent).ctx("create", parent)?;
                     }
-                    // create_new: a duplicate entry cannot overwrite an earlier one.
-                    let out = OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(mode)
-                        .open(&target)
-                        .map_err(|e| {
-                            if e.kind() == io::ErrorKind::AlreadyExists {
-                                bad(zip, format!("entry {name:?} appears twice"))
-                            } else {
-                                Error::Io {
-                                    op: "create",
-                                    path: target.clone(),
-                                    source: e,
-                                }
-                            }
-                        })?;
-                    let mut w = BufWriter::with_capacity(256 << 10, out);
-                    total +=
-                        copy_capped(zip, &name, &mut f, &mut w, limits.max_total_bytes - total)?;
-                    w.flush().ctx("write", &target)?;
+                    files.push(FileEntry {
+                        index: i,
+                        rel,
+                        name,
+                        mode,
+                        declared: f.size(),
+                    });
                 }
             }
+        }
+        // Largest first, so the last worker does not finish long after the others.
+        files.sort_by_key(|f| std::cmp::Reverse(f.declared));
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 4)
+            .min(files.len().max(1));
+        let next = AtomicUsize::new(0);
+        let total = AtomicU64::new(0);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                let mut archive = archive.clone();
+                let (next, total, failed, files) = (&next, &total, &failed, &files);
+                s.spawn(move || {
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(e) = files.get(k) else { return };
+                        match extract_entry(zip, &mut archive, dest, e) {
+                            Ok(n) => {
+                                total.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(err) => {
+                                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                                f.get_or_insert(err);
+                                // Make every worker stop at its next entry.
+                                next.store(files.len(), Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let sha256 = digest()?;
+        check(&sha256)?;
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
         }
         let manifest_path = dest.join(MANIFEST);
         let text = fs::read_to_string(&manifest_path)
@@ -474,7 +633,7 @@ pub fn extract(
             sha256,
             size,
             entries: archive.len() as u64,
-            uncompressed_bytes: total,
+            uncompressed_bytes: total.into_inner(),
         })
     })();
     if result.is_err() {
