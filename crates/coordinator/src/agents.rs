@@ -196,58 +196,52 @@ pub async fn perform(
                     Err(s) => return Err(s),
                 }
             }
-            let v = version.to_string();
+            let req = pb::UnpackRequest {
+                version: version.to_string(),
+                fence: fence.clone(),
+            };
             step(
                 retrying(node, || {
                     let mut c = c.clone();
-                    let req = pb::UnpackRequest {
-                        version: v.clone(),
-                        fence: fence.clone(),
-                    };
-                    async move { c.unpack(req).await }
+                    let r = req.clone();
+                    async move { c.unpack(r).await }
                 })
                 .await,
             )
         }
         ActionKind::Install { version } => {
-            let v = version.to_string();
+            let req = pb::InstallRequest {
+                version: version.to_string(),
+                permanent: false,
+                fence: fence.clone(),
+            };
             step(
                 retrying(node, || {
                     let mut c = c.clone();
-                    let req = pb::InstallRequest {
-                        version: v.clone(),
-                        permanent: false,
-                        fence: fence.clone(),
-                    };
-                    async move { c.install(req).await }
+                    let r = req.clone();
+                    async move { c.install(r).await }
                 })
                 .await,
             )
         }
         ActionKind::Commit { version } => {
-            let v = version.to_string();
+            let req = vreq(*version, &fence);
             step(
                 retrying(node, || {
                     let mut c = c.clone();
-                    let req = pb::VersionRequest {
-                        version: v.clone(),
-                        fence: fence.clone(),
-                    };
-                    async move { c.permanent(req).await }
+                    let r = req.clone();
+                    async move { c.permanent(r).await }
                 })
                 .await,
             )
         }
         ActionKind::Downgrade { to } => {
-            let v = to.to_string();
+            let req = vreq(*to, &fence);
             step(
                 retrying(node, || {
                     let mut c = c.clone();
-                    let req = pb::VersionRequest {
-                        version: v.clone(),
-                        fence: fence.clone(),
-                    };
-                    async move { c.downgrade(req).await }
+                    let r = req.clone();
+                    async move { c.downgrade(r).await }
                 })
                 .await,
             )
@@ -266,6 +260,13 @@ pub async fn perform(
             .await;
             Ok((r, None))
         }
+    }
+}
+
+fn vreq(v: Version, fence: &Option<pb::Fence>) -> pb::VersionRequest {
+    pb::VersionRequest {
+        version: v.to_string(),
+        fence: fence.clone(),
     }
 }
 

@@ -6,9 +6,9 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::path::{Component, Path, PathBuf};
 
 use orch_types::{Version, parse_package_file_name, validate_package_name};
 use serde::Deserialize;
@@ -172,11 +172,7 @@ enum Kind {
 }
 
 /// Classifies an entry, refusing links, device files, FIFOs, sockets and encryption.
-fn classify<R: Read + Seek>(
-    zip: &Path,
-    f: &zip::read::ZipFile<'_, R>,
-    name: &str,
-) -> Result<Kind> {
+fn classify<R: Read + Seek>(zip: &Path, f: &zip::read::ZipFile<'_, R>, name: &str) -> Result<Kind> {
     if f.encrypted() {
         return Err(bad(zip, format!("entry {name:?} is encrypted")));
     }
@@ -203,7 +199,11 @@ fn classify<R: Read + Seek>(
 
 /// Opens the archive and checks everything that can be checked from the central directory:
 /// entry count, declared sizes, names, types, and that the manifest exists. Nothing is written.
-fn open_checked<R: Read + Seek>(zip: &Path, file: R, limits: &Limits) -> Result<zip::ZipArchive<R>> {
+fn open_checked<R: Read + Seek>(
+    zip: &Path,
+    file: R,
+    limits: &Limits,
+) -> Result<zip::ZipArchive<R>> {
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| bad(zip, format!("not a valid zip archive ({e})")))?;
     let n = archive.len() as u64;
@@ -263,7 +263,8 @@ fn open_checked<R: Read + Seek>(zip: &Path, file: R, limits: &Limits) -> Result<
     if !has_manifest {
         return Err(bad(zip, format!("it has no {MANIFEST} at its root")));
     }
-    for (path, _) in seen.iter().filter(|(_, d)| !**d) {
+    // Nothing (file or directory) may live inside a path that is a file.
+    for path in seen.keys() {
         if let Some(a) = path
             .ancestors()
             .skip(1)
@@ -273,22 +274,6 @@ fn open_checked<R: Read + Seek>(zip: &Path, file: R, limits: &Limits) -> Result<
                 zip,
                 format!(
                     "entry {:?} is inside {:?}, which is a file",
-                    path.display(),
-                    a.display()
-                ),
-            ));
-        }
-    }
-    for (path, _) in seen.iter().filter(|(_, d)| **d) {
-        if let Some(a) = path
-            .ancestors()
-            .skip(1)
-            .find(|a| seen.get(*a) == Some(&false))
-        {
-            return Err(bad(
-                zip,
-                format!(
-                    "directory {:?} is inside {:?}, which is a file",
                     path.display(),
                     a.display()
                 ),
@@ -436,7 +421,8 @@ impl Seek for PosReader {
             io::SeekFrom::End(d) => self.len.checked_add_signed(d),
             io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = base.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek out of range"))?;
+        self.pos =
+            base.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek out of range"))?;
         Ok(self.pos)
     }
 }
@@ -515,9 +501,10 @@ pub fn extract(
     limits: &Limits,
 ) -> Result<PackageInfo> {
     let expected = match expected_sha256 {
-        Some(d) => Some(normalize_digest(d).ok_or_else(|| {
-            bad(zip, format!("expected digest {d:?} is not a hex SHA-256"))
-        })?),
+        Some(d) => Some(
+            normalize_digest(d)
+                .ok_or_else(|| bad(zip, format!("expected digest {d:?} is not a hex SHA-256")))?,
+        ),
         None => sidecar_digest(zip)?,
     };
     let file = Arc::new(File::open(zip).ctx("open package", zip)?);
