@@ -150,7 +150,27 @@ pub async fn serve(
             Arc::new(emqx::EmqxDriver::new(bin.clone(), config.activate_timeout))
         }
     };
-    let fences = fence::FenceStore::open(&config.root_dir.join("agent"), config.node_id.as_str())?;
+    let agent_dir = config.root_dir.join("agent");
+    let fences = fence::FenceStore::open(&agent_dir, config.node_id.as_str())?;
+    // One agent per root for the daemon's lifetime: two would each trust their own fence.
+    let lock_path = agent_dir.join("agent.lock");
+    let _agent_lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .and_then(|f| f.try_lock().map(|()| f).map_err(std::io::Error::other))
+        .map_err(|e| {
+            Error::Refused(format!(
+                "another agent already serves {} ({e}); stop it first",
+                config.root_dir.display()
+            ))
+        })?;
+    let last_fence = std::sync::Mutex::new(fences.highest().map(|f| orch_proto::agent::Fence {
+        term: f.term,
+        rollout_id: f.rollout_id.clone(),
+        step: f.step,
+    }));
     let steps = Arc::new(Mutex::new(fences));
     let svc = service::AgentService {
         shared: Arc::new(service::Shared {
@@ -161,6 +181,7 @@ pub async fn serve(
             health: config.health.clone(),
             max_package_bytes: config.max_package_bytes,
             steps: steps.clone(),
+            last_fence,
         }),
     };
     let local = listener.local_addr().ok();

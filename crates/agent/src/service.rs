@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub max_package_bytes: u64,
     /// Held for the whole of a mutating step: one step at a time per node.
     pub steps: Arc<Mutex<FenceStore>>,
+    /// The highest fence, readable without the step lock.
+    pub last_fence: std::sync::Mutex<Option<pb::Fence>>,
 }
 
 #[derive(Clone)]
@@ -70,6 +72,7 @@ impl AgentService {
     ) -> Result<pb::StepReply> {
         let mut fences = self.shared.steps.clone().lock_owned().await;
         fences.admit(fence_of(fence).as_ref(), &what)?;
+        self.snapshot_fence(&fences);
         // The guard moves into the blocking task: even if this request is cancelled, the next
         // step (and a graceful shutdown) waits until the driver work has really finished.
         let (outcome, versions) = self
@@ -85,6 +88,15 @@ impl AgentService {
             messages: outcome.messages,
             versions: entries(&versions),
         })
+    }
+
+    fn snapshot_fence(&self, fences: &FenceStore) {
+        *self.shared.last_fence.lock().unwrap_or_else(|p| p.into_inner()) =
+            fences.highest().map(|f| pb::Fence {
+                term: f.term,
+                rollout_id: f.rollout_id.clone(),
+                step: f.step,
+            });
     }
 
     /// What the service reports (health URL `version`), repairing the store when it shows
@@ -110,13 +122,9 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::NodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfoReply>, Status> {
-        let fences = self.shared.steps.lock().await;
-        let last_fence = fences.highest().map(|f| pb::Fence {
-            term: f.term,
-            rollout_id: f.rollout_id.clone(),
-            step: f.step,
-        });
-        drop(fences);
+        // Never wait for an in-flight step (an activation can take a minute): while one runs,
+        // the fence is reported from the last snapshot.
+        let last_fence = self.shared.last_fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Ok(Response::new(pb::NodeInfoReply {
             node_id: self.shared.node_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -155,9 +163,9 @@ impl Agent for AgentService {
         let first = stream
             .next()
             .await
-            .ok_or_else(|| Status::invalid_argument("push refused: empty stream"))??;
+            .ok_or_else(|| Error::BadRequest("push refused: empty stream".into()))??;
         let h = first.header.ok_or_else(|| {
-            Status::invalid_argument("push refused: the first chunk must carry the header")
+            Error::BadRequest("push refused: the first chunk must carry the header".into())
         })?;
         let header = Header::validate(
             &h.name,
@@ -167,11 +175,11 @@ impl Agent for AgentService {
             self.shared.max_package_bytes,
         )?;
         let file_name = header.file_name();
-        self.shared
-            .steps
-            .lock()
-            .await
-            .admit(fence_of(h.fence).as_ref(), &format!("push {file_name}"))?;
+        {
+            let mut fences = self.shared.steps.lock().await;
+            fences.admit(fence_of(h.fence).as_ref(), &format!("push {file_name}"))?;
+            self.snapshot_fence(&fences);
+        }
         let releases = self.shared.root.join("releases");
         let path = format!("releases/{file_name}");
         let Some(mut upload) = Upload::start(&releases, header)? else {

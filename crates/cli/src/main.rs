@@ -14,11 +14,6 @@ use clap::Parser;
 use args::{Cli, Command};
 
 fn main() {
-    // Behave like a Unix tool when piped into `head`: end quietly instead of panicking.
-    // SAFETY: setting a signal disposition to its default before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     // `orchestrator demo-service ...` is the demo service itself, so a demo needs no second
     // binary (the demo packages then carry a wrapper that execs this one).
     if std::env::args().nth(1).as_deref() == Some("demo-service") {
@@ -30,6 +25,17 @@ fn main() {
         });
     }
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Agent(_) | Command::Coordinator(_) | Command::Demo(_)
+    ) {
+        // A printing command piped into `head` should end quietly, not panic. Never for
+        // daemons: a client hanging up must not kill them.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ORCH_LOG")

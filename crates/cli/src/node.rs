@@ -8,6 +8,9 @@ use crate::args::{NodeArgs, NodeCmd, PackageTarget};
 
 pub fn run(args: NodeArgs) -> Result<()> {
     if let Some(addr) = &args.agent {
+        if args.activate_cmd.is_some() {
+            bail!("--activate-cmd configures a local store; with --agent, configure the agent instead");
+        }
         return crate::remote::run(addr, args.cmd);
     }
     let Some(root) = args.root_dir.clone() else {

@@ -42,6 +42,10 @@ async fn run_async(addr: &str, cmd: NodeCmd) -> Result<()> {
     let channel = Channel::from_shared(endpoint(addr))
         .map_err(|e| anyhow!("invalid agent address {addr:?}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
+        // A wedged agent must not hang the operator forever; activation may take its 60s.
+        .timeout(std::time::Duration::from_secs(150))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
         .connect()
         .await
         .map_err(|e| anyhow!("cannot reach the agent at {addr}: {e}"))?;
@@ -137,6 +141,9 @@ async fn push_if_needed(
     t: &PackageTarget,
 ) -> Result<Version> {
     let Some(path) = &t.package else {
+        if t.sha256.is_some() {
+            bail!("--sha256 with --agent checks a package this machine sends: pass --package FILE too");
+        }
         return t
             .version
             .ok_or_else(|| anyhow!("give a VERSION or --package FILE"));
