@@ -91,12 +91,15 @@ impl AgentService {
     }
 
     fn snapshot_fence(&self, fences: &FenceStore) {
-        *self.shared.last_fence.lock().unwrap_or_else(|p| p.into_inner()) =
-            fences.highest().map(|f| pb::Fence {
-                term: f.term,
-                rollout_id: f.rollout_id.clone(),
-                step: f.step,
-            });
+        *self
+            .shared
+            .last_fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = fences.highest().map(|f| pb::Fence {
+            term: f.term,
+            rollout_id: f.rollout_id.clone(),
+            step: f.step,
+        });
     }
 
     /// What the service reports (health URL `version`), repairing the store when it shows
@@ -124,7 +127,12 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::NodeInfoReply>, Status> {
         // Never wait for an in-flight step (an activation can take a minute): while one runs,
         // the fence is reported from the last snapshot.
-        let last_fence = self.shared.last_fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let last_fence = self
+            .shared
+            .last_fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         Ok(Response::new(pb::NodeInfoReply {
             node_id: self.shared.node_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),

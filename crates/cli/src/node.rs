@@ -9,7 +9,9 @@ use crate::args::{NodeArgs, NodeCmd, PackageTarget};
 pub fn run(args: NodeArgs) -> Result<()> {
     if let Some(addr) = &args.agent {
         if args.activate_cmd.is_some() {
-            bail!("--activate-cmd configures a local store; with --agent, configure the agent instead");
+            bail!(
+                "--activate-cmd configures a local store; with --agent, configure the agent instead"
+            );
         }
         return crate::remote::run(addr, args.cmd);
     }

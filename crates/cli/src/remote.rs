@@ -142,7 +142,9 @@ async fn push_if_needed(
 ) -> Result<Version> {
     let Some(path) = &t.package else {
         if t.sha256.is_some() {
-            bail!("--sha256 with --agent checks a package this machine sends: pass --package FILE too");
+            bail!(
+                "--sha256 with --agent checks a package this machine sends: pass --package FILE too"
+            );
         }
         return t
             .version
