@@ -144,6 +144,14 @@ impl CoordProc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `sig` (e.g. `libc::SIGSTOP` to freeze it, `libc::SIGCONT` to thaw it).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.pid().expect("coordinator not running") as libc::pid_t;
+        // SAFETY: kill(2) on our own child, not reaped yet (we hold the Child).
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
     /// SIGKILL and reap (no-op when not running).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -789,6 +797,19 @@ impl BgCmd {
         self.child
             .as_mut()
             .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// Waits at most `timeout` for it to exit; `None` (still running) after that.
+    pub fn wait_within(&mut self, timeout: Duration) -> Option<BgOutput> {
+        let child = self.child.as_mut().expect("already waited");
+        let status = wait_child(child, timeout)?;
+        self.child = None;
+        Some(BgOutput {
+            status,
+            stdout: read_or_empty(&self.out),
+            stderr: read_or_empty(&self.err),
+            elapsed: self.started.elapsed(),
+        })
     }
 
     /// Waits for it to exit (panics after `timeout`, killing it).

@@ -25,7 +25,40 @@ fn rollout_args<'a>(pkg: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 /// Every node of `nodes --json` runs `expect` as `(version, state)` pairs and is healthy.
+///
+/// The registry may lag for up to one registration period (5 s): an agent's periodic
+/// re-registration carries versions read before a step and can land after the coordinator
+/// recorded the step's result (see the report on the registry race). So this re-reads
+/// `nodes --json` for up to 7 s before failing, and says when it had to.
 fn assert_nodes(c: &Cluster, nodes: &serde_json::Value, ids: &[&str], expect: &[(&str, &str)]) {
+    let want: Vec<(String, String)> = expect
+        .iter()
+        .map(|(v, s)| (v.to_string(), s.to_string()))
+        .collect();
+    let ok = |nodes: &serde_json::Value| {
+        ids.iter()
+            .all(|id| node_versions(nodes, id) == want && node_entry(nodes, id)["healthy"] == true)
+    };
+    if ok(nodes) {
+        return;
+    }
+    let start = Instant::now();
+    let mut last = nodes.clone();
+    while start.elapsed() < Duration::from_secs(7) {
+        std::thread::sleep(Duration::from_millis(200));
+        last = c.nodes_json();
+        if ok(&last) {
+            println!(
+                "WARNING: the node registry was stale for {:?} after the rollout: first read {nodes}",
+                start.elapsed()
+            );
+            return;
+        }
+    }
+    assert_nodes_now(c, &last, ids, expect);
+}
+
+fn assert_nodes_now(c: &Cluster, nodes: &serde_json::Value, ids: &[&str], expect: &[(&str, &str)]) {
     let want: Vec<(String, String)> = expect
         .iter()
         .map(|(v, s)| (v.to_string(), s.to_string()))
@@ -946,4 +979,52 @@ fn leader_killed_mid_install_the_new_leader_re_performs_it_without_a_second_acti
         &["n1", "n2", "n3"],
         &[(V1, "permanent"), (V0, "old")],
     );
+}
+
+#[test]
+fn a_frozen_coordinator_does_not_hang_the_cli_or_the_waiting_rollout() {
+    let mut c = Cluster::start(ClusterOpts::state_only(3, 3));
+    let pkg = c.package(V1, false).display().to_string();
+    let mut bg = c.spawn_cli(&rollout_args(
+        &pkg,
+        &["--min-healthy-time", "2s", "--healthy-deadline", "30s"],
+    ));
+    c.wait_rollout(ROLLOUT_TIMEOUT, "n1 in its health gate", |s| {
+        step_of(s, "n1") == "verifying"
+    });
+    // The leader freezes (a VM pause, a stuck process): the TCP port still accepts, nothing
+    // answers. The others elect a new leader and finish the rollout.
+    let frozen = c.wait_for_leader(Duration::from_secs(5));
+    c.coord(frozen).signal(libc::SIGSTOP);
+    let others: Vec<String> = c
+        .coords
+        .iter()
+        .filter(|p| p.id != frozen)
+        .map(|p| p.addr.clone())
+        .collect();
+    c.wait_for(ROLLOUT_TIMEOUT, "the others to finish the rollout", |c| {
+        c.ctl_status_via(&others[0], "r000001")
+            .is_some_and(|s| s.phase == "succeeded")
+    });
+
+    // A command that lists the frozen coordinator first must move on to the others.
+    let mut addrs = vec![c.coord(frozen).addr.clone()];
+    addrs.extend(others.iter().cloned());
+    let cmd = c.cli_cmd_via(&addrs, &["cluster", "status", "--json"]);
+    let mut status = BgCmd::spawn(cmd, c.dir.path());
+    let st = status.wait_within(Duration::from_secs(15));
+    // The waiting `rollout` was following the frozen leader's watch stream: it must notice.
+    let fin = bg.wait_within(Duration::from_secs(5));
+    c.coord(frozen).kill9();
+    println!(
+        "frozen coordinator {frozen}: `cluster status` {}; waiting `rollout` {}",
+        if st.is_some() { "answered" } else { "hung" },
+        if fin.is_some() { "returned" } else { "hung" }
+    );
+    let st = st.expect("`cluster status` hung on the frozen coordinator listed first");
+    assert!(st.status.success(), "{}", st.stderr);
+    let fin = fin.expect(
+        "the waiting `rollout` hung on the frozen leader's watch stream after the rollout succeeded",
+    );
+    assert!(fin.status.success(), "{}\n{}", fin.stdout, fin.stderr);
 }

@@ -74,6 +74,11 @@ impl Client {
         let ch = Channel::from_shared(endpoint(addr))
             .map_err(|e| format!("invalid address {addr:?}: {e}"))?
             .connect_timeout(Duration::from_secs(2))
+            // A frozen coordinator (SIGSTOP, partition) must not hang a call or a watch: its
+            // connection is declared dead when pings go unanswered, and the next one is tried.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
             .connect()
             .await
             .map_err(|e| format!("{addr}: {e}"))?;

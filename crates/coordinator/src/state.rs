@@ -178,7 +178,7 @@ impl ClusterState {
             Command::CreateRollout { spec, at_ms } => {
                 if let Some(r) = self.active_rollout() {
                     return Response::Rejected(format!(
-                        "rollout {} ({} to {}) is {}; one rollout at a time: wait for it, or abort it",
+                        "rollout {} ({} on {} node(s)) is {}; one rollout at a time: wait for it, or abort it",
                         r.id(),
                         r.spec().version,
                         r.spec().nodes.len(),
