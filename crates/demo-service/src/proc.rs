@@ -44,9 +44,12 @@ pub fn is_service_of(pid: i32, root: &Path) -> bool {
     let Some(args) = cmdline(pid) else {
         return false;
     };
+    // Either the demo-service binary itself, or a binary that runs it as its `demo-service`
+    // subcommand (`orchestrator demo-service ...`, used when no separate binary was built).
     let is_ours = args
         .first()
-        .is_some_and(|a0| a0.ends_with(crate::layout::BINARY_NAME));
+        .is_some_and(|a0| a0.ends_with(crate::layout::BINARY_NAME))
+        || args.get(1).map(String::as_str) == Some(crate::layout::BINARY_NAME);
     is_ours
         && args
             .windows(2)
