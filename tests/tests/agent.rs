@@ -922,7 +922,6 @@ fn client_side_refusals_agree_between_agent_and_root_dir() {
 }
 
 #[test]
-#[ignore = "bug: --agent reports a malformed --sha256 differently from --root-dir (remote.rs push_if_needed)"]
 fn malformed_sha256_reads_the_same_through_the_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let pkgs = tmp.path().join("pkgs");
@@ -944,7 +943,6 @@ fn malformed_sha256_reads_the_same_through_the_agent() {
 }
 
 #[test]
-#[ignore = "bug: --agent reports a badly named package file differently from --root-dir (remote.rs push_if_needed)"]
 fn badly_named_package_reads_the_same_through_the_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let pkgs = tmp.path().join("pkgs");

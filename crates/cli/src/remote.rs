@@ -4,11 +4,10 @@
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
-use orch_release::package::{hex, normalize_digest, sidecar_digest};
-use orch_types::{Version, VersionEntry, format_versions, parse_package_file_name};
-use sha2::{Digest, Sha256};
+use orch_release::package;
+use orch_types::{Version, VersionEntry, format_versions};
 use tonic::transport::Channel;
 
 use crate::args::{NodeCmd, PackageTarget};
@@ -150,49 +149,25 @@ async fn push_if_needed(
             .version
             .ok_or_else(|| anyhow!("give a VERSION or --package FILE"));
     };
+    // The same checks, in the same order and words, as the local store.
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let (name, version) = parse_package_file_name(file_name).ok_or_else(|| {
-        anyhow!("package {file_name} refused: its file name is not <name>-<x.y.z>.zip")
-    })?;
+    let (name, version) = package::file_identity(path)?;
     if let Some(v) = t.version
         && v != version
     {
         bail!("version {v} was given but the package {file_name} holds {version}");
     }
-    let expected = match &t.sha256 {
-        Some(d) => Some(
-            normalize_digest(d).ok_or_else(|| anyhow!("--sha256 {d:?} is not a hex SHA-256"))?,
-        ),
-        None => sidecar_digest(path)?,
-    };
-    let (digest, size) = digest_of(path)?;
+    let expected = package::expected_digest(path, t.sha256.as_deref())?;
+    let (digest, size) = package::sha256_file(path)?;
     if let Some(e) = expected
         && e != digest
     {
-        bail!(
-            "package {file_name} refused: SHA-256 mismatch: expected {e}, the file has {digest}; nothing was changed"
-        );
+        return Err(package::digest_mismatch(path, &e, &digest).into());
     }
     push(c, path, &name, version, &digest, size)
         .await
         .map_err(|s| status_msg(addr, s))?;
     Ok(version)
-}
-
-fn digest_of(path: &Path) -> Result<(String, u64)> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((hex(&h.finalize()), size))
 }
 
 /// Streams a package in chunks read on the blocking pool.

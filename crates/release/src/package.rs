@@ -291,12 +291,8 @@ fn check_identity(
 ) -> Result<(String, Version)> {
     let (name, version) = parse_manifest(manifest_text).map_err(|e| bad(zip, e))?;
     let file_name = display_name(zip);
-    let (fname, fversion) = parse_package_file_name(&file_name).ok_or_else(|| {
-        bad(
-            zip,
-            "its file name is not <name>-<x.y.z>.zip with a valid name and version",
-        )
-    })?;
+    let (fname, fversion) =
+        parse_package_file_name(&file_name).ok_or_else(|| bad(zip, BAD_FILE_NAME))?;
     if fname != name || fversion != version {
         return Err(bad(
             zip,
@@ -311,17 +307,37 @@ fn check_identity(
     Ok((name, version))
 }
 
+/// The digest a package must have: `explicit` (validated), else its sidecar's, else none.
+pub fn expected_digest(zip: &Path, explicit: Option<&str>) -> Result<Option<String>> {
+    match explicit {
+        Some(d) => normalize_digest(d)
+            .map(Some)
+            .ok_or_else(|| bad(zip, format!("expected digest {d:?} is not a hex SHA-256"))),
+        None => sidecar_digest(zip),
+    }
+}
+
+/// The refusal for a package whose bytes do not have the expected digest.
+pub fn digest_mismatch(zip: &Path, expected: &str, actual: &str) -> Error {
+    bad(
+        zip,
+        format!("SHA-256 mismatch: expected {expected}, the file has {actual}"),
+    )
+}
+
+/// Name and version from a package's file name `<name>-<x.y.z>.zip`.
+pub fn file_identity(zip: &Path) -> Result<(String, Version)> {
+    let file_name = zip.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    parse_package_file_name(file_name).ok_or_else(|| bad(zip, BAD_FILE_NAME))
+}
+
+const BAD_FILE_NAME: &str = "its file name is not <name>-<x.y.z>.zip with a valid name and version";
+
 /// Opens the package and verifies the digest (the given one, else the sidecar's, if any) of
 /// that very handle, rewound for reading: the bytes checked are the bytes extracted, even if
 /// the path is replaced meanwhile.
 fn open_verified(zip: &Path, expected_sha256: Option<&str>) -> Result<(File, String, u64)> {
-    let expected = match expected_sha256 {
-        Some(d) => Some(
-            normalize_digest(d)
-                .ok_or_else(|| bad(zip, format!("expected digest {d:?} is not a hex SHA-256")))?,
-        ),
-        None => sidecar_digest(zip)?,
-    };
+    let expected = expected_digest(zip, expected_sha256)?;
     let mut file = File::open(zip).ctx("open package", zip)?;
     let (actual, size) = sha256_reader(&mut file, zip)?;
     if let Some(e) = expected
@@ -500,13 +516,7 @@ pub fn extract(
     expected_version: Option<Version>,
     limits: &Limits,
 ) -> Result<PackageInfo> {
-    let expected = match expected_sha256 {
-        Some(d) => Some(
-            normalize_digest(d)
-                .ok_or_else(|| bad(zip, format!("expected digest {d:?} is not a hex SHA-256")))?,
-        ),
-        None => sidecar_digest(zip)?,
-    };
+    let expected = expected_digest(zip, expected_sha256)?;
     let file = Arc::new(File::open(zip).ctx("open package", zip)?);
     let size = file.metadata().ctx("stat", zip)?.len();
     let hasher = {

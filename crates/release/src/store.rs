@@ -308,7 +308,7 @@ impl Store {
         match src {
             PackageSource::Lookup(v) => {
                 let path = self.find_package(*v)?;
-                let name = file_identity(&path)?.0;
+                let name = package::file_identity(&path)?.0;
                 Ok((
                     *v,
                     ResolvedPackage {
@@ -319,7 +319,7 @@ impl Store {
                 ))
             }
             PackageSource::File { path, sha256 } => {
-                let (name, v) = file_identity(path)?;
+                let (name, v) = package::file_identity(path)?;
                 Ok((
                     v,
                     ResolvedPackage {
@@ -472,15 +472,4 @@ struct ResolvedPackage {
     path: PathBuf,
     name: String,
     sha256: Option<String>,
-}
-
-fn file_identity(path: &Path) -> Result<(String, Version)> {
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    parse_package_file_name(file_name).ok_or_else(|| Error::BadPackage {
-        file: file_name.to_string(),
-        reason: "its file name is not <name>-<x.y.z>.zip with a valid name and version".into(),
-    })
 }
