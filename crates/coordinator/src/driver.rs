@@ -5,11 +5,12 @@
 //! starts a driver that re-performs whatever is in flight (agent calls are idempotent).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orch_proto::agent as pb;
-use orch_rollout::{Action, ActionKind, Event, LogEntry};
+use orch_rollout::{Action, ActionKind, ActionResult, Event, LogEntry};
+use orch_types::VersionEntry;
 use tokio::task::JoinHandle;
 
 use crate::Shared;
@@ -30,6 +31,7 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
     tracing::info!(term, "rollout driver started (this coordinator leads)");
     let mut applied = shared.raft.applied();
     let mut tasks: HashMap<u64, Slot> = HashMap::new();
+    let early: EarlyGates = Arc::default();
     loop {
         if *stop.borrow() || !shared.raft.is_leader() || shared.raft.current_term() != term {
             break;
@@ -57,6 +59,14 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
                 }
                 true
             });
+            // Early probes whose gate was never issued (the rollout went another way) are dropped.
+            lock(&early).retain(|seq, g| {
+                let keep = *seq >= r.next_seq() || in_flight.iter().any(|a| a.seq == *seq);
+                if !keep {
+                    g.handle.abort();
+                }
+                keep
+            });
             for a in in_flight {
                 if tasks.contains_key(&a.seq) {
                     continue;
@@ -68,6 +78,7 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
                     r.spec().package.clone(),
                     a.clone(),
                     me.clone(),
+                    early.clone(),
                 ));
                 tasks.insert(a.seq, Slot::Running(h));
             }
@@ -105,7 +116,61 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
             h.abort();
         }
     }
+    for (_, g) in lock(&early).drain() {
+        g.handle.abort();
+    }
     tracing::info!(term, "rollout driver stopped");
+}
+
+type Performed = Result<(ActionResult, Option<Vec<VersionEntry>>), CallError>;
+
+/// A health gate's probing, started as soon as the install (or downgrade) it follows succeeded,
+/// while that result is being committed. Probing reads and changes nothing, so it may start
+/// before the gate is recorded as issued; its outcome is used only if the committed log then
+/// issues exactly this gate (same seq, node and expectations), and recorded like any result.
+/// This takes the probe off the critical path: one commit per node instead of commit + probe.
+struct EarlyGate {
+    action: Action,
+    handle: JoinHandle<Performed>,
+}
+
+/// Early gate probes by the seq the gate is expected to get.
+type EarlyGates = Arc<Mutex<HashMap<u64, EarlyGate>>>;
+
+fn lock(g: &EarlyGates) -> std::sync::MutexGuard<'_, HashMap<u64, EarlyGate>> {
+    g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The health gate the machine will issue for `action`'s node once `result` is applied, if the
+/// state as it stands leads there (it is deterministic; the prediction is checked later).
+fn predicted_gate(
+    shared: &Shared,
+    rollout: &str,
+    action: &Action,
+    result: &ActionResult,
+) -> Option<Action> {
+    if !matches!(
+        action.kind,
+        ActionKind::Install { .. } | ActionKind::Downgrade { .. }
+    ) || !matches!(result, ActionResult::Done)
+    {
+        return None;
+    }
+    shared.read(|s| {
+        let mut r = s.rollouts.get(rollout)?.clone();
+        r.apply(
+            &Event::Result {
+                seq: action.seq,
+                result: result.clone(),
+            },
+            0,
+            "",
+        )
+        .ok()?;
+        r.next_actions()
+            .into_iter()
+            .find(|a| a.node == action.node && matches!(a.kind, ActionKind::HealthGate { .. }))
+    })
 }
 
 enum Slot {
@@ -122,6 +187,7 @@ async fn perform_and_record(
     package: Option<orch_types::rollout::PackageRef>,
     action: Action,
     me: String,
+    early: EarlyGates,
 ) -> bool {
     let Some(address) = shared.read(|s| s.nodes.get(&action.node).map(|n| n.address.clone()))
     else {
@@ -161,19 +227,58 @@ async fn perform_and_record(
         },
         package: package.as_ref(),
     };
-    tracing::info!(%action, rollout = %rollout, "performing");
-    match perform(&cx, &action).await {
-        Ok((result, versions)) => {
-            if let Some(versions) = versions {
-                let _ = shared
-                    .raft
-                    .write(Command::NodeVersions {
-                        id: action.node.clone(),
-                        versions,
-                    })
-                    .await;
+    let started_early = lock(&early).remove(&action.seq).and_then(|g| {
+        if g.action == action {
+            Some(g.handle)
+        } else {
+            g.handle.abort();
+            None
+        }
+    });
+    let performed = match started_early {
+        Some(h) => {
+            tracing::info!(%action, rollout = %rollout, "performing (probing since the install)");
+            match h.await {
+                Ok(p) => p,
+                Err(_) => perform(&cx, &action).await,
             }
-            record(&shared, &rollout, &action, result, &me).await
+        }
+        None => {
+            tracing::info!(%action, rollout = %rollout, "performing");
+            perform(&cx, &action).await
+        }
+    };
+    match performed {
+        Ok((result, versions)) => {
+            if let Some(gate) = predicted_gate(&shared, &rollout, &action, &result) {
+                let (shared2, address2, fence2) =
+                    (shared.clone(), address.clone(), cx.fence.clone());
+                let g = gate.clone();
+                let handle = tokio::spawn(async move {
+                    let cx = ActionCtx {
+                        pool: &shared2.agents,
+                        blobs: &shared2.blobs,
+                        address: &address2,
+                        fence: fence2,
+                        package: None,
+                    };
+                    perform(&cx, &g).await
+                });
+                if let Some(old) = lock(&early).insert(
+                    gate.seq,
+                    EarlyGate {
+                        action: gate,
+                        handle,
+                    },
+                ) {
+                    old.handle.abort();
+                }
+            }
+            let versions = versions.map(|versions| Command::NodeVersions {
+                id: action.node.clone(),
+                versions,
+            });
+            record_with(&shared, &rollout, &action, result, versions, &me).await
         }
         Err(CallError::Stale(msg)) => {
             tracing::warn!(%msg, "an agent saw a newer coordinator's fence; this driver stands down");
@@ -185,7 +290,7 @@ async fn perform_and_record(
                 &shared,
                 &rollout,
                 &action,
-                orch_rollout::ActionResult::Failed { error: msg },
+                ActionResult::Failed { error: msg },
                 &me,
             )
             .await
@@ -200,22 +305,43 @@ async fn record(
     result: orch_rollout::ActionResult,
     me: &str,
 ) -> bool {
-    let entry = LogEntry {
-        event: Event::Result {
-            seq: action.seq,
-            result,
+    record_with(shared, rollout, action, result, None, me).await
+}
+
+/// Records an action's result in one Raft entry together with the node's reported versions (if
+/// any) and the issuing of whatever the result enables: applying `IssueActions` right after the
+/// result is deterministic and is what the driver loop would propose next anyway (when nothing
+/// is enabled it is ignored and changes nothing), so the next step starts one commit sooner.
+async fn record_with(
+    shared: &Shared,
+    rollout: &str,
+    action: &Action,
+    result: orch_rollout::ActionResult,
+    versions: Option<Command>,
+    me: &str,
+) -> bool {
+    let at_ms = now_ms();
+    let mut cmds: Vec<Command> = versions.into_iter().collect();
+    cmds.push(Command::Rollout {
+        id: rollout.to_string(),
+        entry: LogEntry {
+            event: Event::Result {
+                seq: action.seq,
+                result,
+            },
+            at_ms,
+            by: me.to_string(),
         },
-        at_ms: now_ms(),
-        by: me.to_string(),
-    };
-    match shared
-        .raft
-        .write(Command::Rollout {
-            id: rollout.to_string(),
-            entry,
-        })
-        .await
-    {
+    });
+    cmds.push(Command::Rollout {
+        id: rollout.to_string(),
+        entry: LogEntry {
+            event: Event::IssueActions,
+            at_ms,
+            by: me.to_string(),
+        },
+    });
+    match shared.raft.write(Command::Batch(cmds)).await {
         Ok(_) => true,
         Err(e) => {
             // Not recorded: the action stays in flight and is performed again.

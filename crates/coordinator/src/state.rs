@@ -65,6 +65,12 @@ pub enum Command {
         id: String,
         entry: LogEntry,
     },
+    /// Several commands applied in order as one log entry (one Raft round trip). The driver
+    /// records an action's result, the node's reported versions and the issuing of whatever that
+    /// result enables together, so one upgraded node costs two commits instead of five. Each
+    /// command is applied (or refused) on its own, exactly as if it had its own entry; batches
+    /// do not nest.
+    Batch(Vec<Command>),
 }
 
 /// What applying a command gave.
@@ -85,6 +91,8 @@ pub enum Response {
         /// Set when the event changed nothing (stale result, duplicate).
         ignored: Option<String>,
     },
+    /// One response per command of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +134,14 @@ impl ClusterState {
 
     pub fn apply(&mut self, cmd: &Command) -> Response {
         match cmd {
+            Command::Batch(cmds) => Response::Batch(
+                cmds.iter()
+                    .map(|c| match c {
+                        Command::Batch(_) => Response::Rejected("batches do not nest".to_string()),
+                        c => self.apply(c),
+                    })
+                    .collect(),
+            ),
             Command::RegisterNode {
                 id,
                 address,

@@ -2,16 +2,18 @@
 //! log (redb allows one write transaction at a time per file).
 //!
 //! Layout (table `sm`, all values JSON):
-//! - `last_applied`, `membership`, `state` (the whole [`ClusterState`]), written together in one
-//!   transaction per apply batch;
+//! - `last_applied`, `membership`, `state` (the whole [`ClusterState`]): the state as of the
+//!   current snapshot, written together in the transaction that stores the snapshot (built or
+//!   installed);
 //! - `snapshot_meta`, `snapshot_data`: the current snapshot (what a lagging follower is sent).
 //!
-//! Durability: an apply batch commits with `Durability::None` (no fsync; readable at once and
-//! made durable by the next Immediate commit). Snapshot builds, snapshot installs and shutdown
-//! commit with `Durability::Immediate`. After a crash the state machine is therefore at least
-//! at its last snapshot, and openraft re-applies the committed entries after it from the log
-//! (the log keeps every entry after the last snapshot, and persists the committed id), so no
-//! applied entry is lost. The cost this avoids is one fsync per write on every node.
+//! Durability: applying entries writes nothing; the applied state lives in memory and is
+//! persisted with each snapshot (every `snapshot_every` entries), committed with
+//! `Durability::Immediate`. After a restart or crash the state machine starts at its last
+//! snapshot and openraft re-applies the committed entries after it from the log (the log keeps
+//! every entry after the last snapshot and persists the committed id), so no applied entry is
+//! lost and applying is deterministic. The cost this avoids is serializing and writing the
+//! whole state on every commit, on every coordinator, which grew with the rollout history.
 //!
 //! The in-memory `ClusterState` is the shared [`StateView`]: readers see every applied entry at
 //! once, and the `applied` watch announces the new last-applied index after each batch.
@@ -208,7 +210,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         // Apply in memory (the shared view), collecting the responses.
         let mut replies = Vec::with_capacity(batch.len());
-        let mut membership_changed = false;
         {
             let mut state = write_view(&self.view);
             for (entry, responder) in batch {
@@ -218,7 +219,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(cmd) => state.apply(&cmd.0),
                     EntryPayload::Membership(m) => {
                         self.membership = StoredMembership::new(Some(log_id), m);
-                        membership_changed = true;
                         Response::default()
                     }
                 };
@@ -227,32 +227,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
 
-        // Persist the batch: the whole state, the last applied id, the membership.
-        let la = encode(&self.last_applied)?;
-        let mem = if membership_changed {
-            Some(encode(&self.membership)?)
-        } else {
-            None
-        };
-        let view = self.view.clone();
-        self.blocking("apply", move |db| {
-            let state = serde_json::to_vec(&*read_view(&view)).map_err(|e| {
-                redb::Error::Corrupted(format!("cannot encode the cluster state: {e}"))
-            })?;
-            let mut tx = db.begin_write()?;
-            tx.set_durability(Durability::None)?;
-            {
-                let mut t = tx.open_table(SM)?;
-                t.insert(KEY_STATE, state.as_slice())?;
-                t.insert(KEY_LAST_APPLIED, la.as_slice())?;
-                if let Some(mem) = &mem {
-                    t.insert(KEY_MEMBERSHIP, mem.as_slice())?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await?;
+        // Nothing is written here: the state is persisted with each snapshot (see the module
+        // docs), and the entries after it are re-applied from the log after a restart. Writing
+        // the whole state per batch made every commit slower as the history grew.
 
         for (responder, response) in replies {
             if let Some(r) = responder {
@@ -368,6 +345,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let data = encode(&payload)?;
         let meta_json = encode(&meta)?;
+        let state = encode(&payload.state)?;
+        let la = encode(&payload.last_applied)?;
+        let mem = encode(&payload.membership)?;
         let path = self.path.clone();
         let new_last = meta.last_log_id;
         let d = data.clone();
@@ -388,6 +368,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 if !newer_exists {
                     t.insert(KEY_SNAPSHOT_META, meta_json.as_slice())?;
                     t.insert(KEY_SNAPSHOT_DATA, d.as_slice())?;
+                    // The state a restart starts from: this snapshot's, consistent with its
+                    // last applied id and membership; later entries are re-applied from the log.
+                    t.insert(KEY_STATE, state.as_slice())?;
+                    t.insert(KEY_LAST_APPLIED, la.as_slice())?;
+                    t.insert(KEY_MEMBERSHIP, mem.as_slice())?;
                 }
             }
             // Immediate: also makes the preceding (Durability::None) apply batches durable.

@@ -27,6 +27,7 @@ impl fmt::Display for RaftCommand {
             Command::AddPackage(p) => write!(f, "add_package({}-{})", p.name, p.version),
             Command::CreateRollout { spec, .. } => write!(f, "create_rollout({})", spec.version),
             Command::Rollout { id, .. } => write!(f, "rollout({id})"),
+            Command::Batch(cmds) => write!(f, "batch({})", cmds.len()),
         }
     }
 }
