@@ -122,6 +122,12 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
     tracing::info!(term, "rollout driver stopped");
 }
 
+/// How long an install's result waits for its health gate's early probe before being recorded
+/// on its own: a gate decided within this window (min-healthy-time 0, a service healthy at once)
+/// is recorded in the same entry, saving a commit per node; a longer gate is recorded when it
+/// ends. Short, so `status` never shows an install as running for noticeably longer than it did.
+const COMBINE_WINDOW: Duration = Duration::from_millis(50);
+
 type Performed = Result<(ActionResult, Option<Vec<VersionEntry>>), CallError>;
 
 /// A health gate's probing, started as soon as the install (or downgrade) it follows succeeded,
@@ -250,11 +256,12 @@ async fn perform_and_record(
     };
     match performed {
         Ok((result, versions)) => {
+            let mut gate_done = None;
             if let Some(gate) = predicted_gate(&shared, &rollout, &action, &result) {
                 let (shared2, address2, fence2) =
                     (shared.clone(), address.clone(), cx.fence.clone());
                 let g = gate.clone();
-                let handle = tokio::spawn(async move {
+                let mut handle = tokio::spawn(async move {
                     let cx = ActionCtx {
                         pool: &shared2.agents,
                         blobs: &shared2.blobs,
@@ -264,21 +271,29 @@ async fn perform_and_record(
                     };
                     perform(&cx, &g).await
                 });
-                if let Some(old) = lock(&early).insert(
-                    gate.seq,
-                    EarlyGate {
-                        action: gate,
-                        handle,
-                    },
-                ) {
-                    old.handle.abort();
+                match tokio::time::timeout(COMBINE_WINDOW, &mut handle).await {
+                    // Decided at once (e.g. min-healthy-time 0): both results go in one entry.
+                    Ok(Ok(Ok((gate_result, _)))) => gate_done = Some((gate, gate_result)),
+                    // The probe itself failed to run: the gate is performed normally once issued.
+                    Ok(_) => {}
+                    Err(_) => {
+                        if let Some(old) = lock(&early).insert(
+                            gate.seq,
+                            EarlyGate {
+                                action: gate,
+                                handle,
+                            },
+                        ) {
+                            old.handle.abort();
+                        }
+                    }
                 }
             }
             let versions = versions.map(|versions| Command::NodeVersions {
                 id: action.node.clone(),
                 versions,
             });
-            record_with(&shared, &rollout, &action, result, versions, &me).await
+            record_with(&shared, &rollout, &action, result, versions, gate_done, &me).await
         }
         Err(CallError::Stale(msg)) => {
             tracing::warn!(%msg, "an agent saw a newer coordinator's fence; this driver stands down");
@@ -305,7 +320,7 @@ async fn record(
     result: orch_rollout::ActionResult,
     me: &str,
 ) -> bool {
-    record_with(shared, rollout, action, result, None, me).await
+    record_with(shared, rollout, action, result, None, None, me).await
 }
 
 /// Records an action's result in one Raft entry together with the node's reported versions (if
@@ -318,29 +333,41 @@ async fn record_with(
     action: &Action,
     result: orch_rollout::ActionResult,
     versions: Option<Command>,
+    gate_done: Option<(Action, ActionResult)>,
     me: &str,
 ) -> bool {
     let at_ms = now_ms();
+    let entry = |event| Command::Rollout {
+        id: rollout.to_string(),
+        entry: LogEntry {
+            event,
+            at_ms,
+            by: me.to_string(),
+        },
+    };
     let mut cmds: Vec<Command> = versions.into_iter().collect();
-    cmds.push(Command::Rollout {
-        id: rollout.to_string(),
-        entry: LogEntry {
-            event: Event::Result {
-                seq: action.seq,
-                result,
+    cmds.push(entry(Event::Result {
+        seq: action.seq,
+        result,
+    }));
+    cmds.push(entry(Event::IssueActions));
+    // The gate the entry above issues, already decided by its early probe; applied only if
+    // exactly that gate was issued, else ignored and the gate is performed normally.
+    if let Some((gate, gate_result)) = gate_done {
+        cmds.push(Command::RolloutIfInFlight {
+            id: rollout.to_string(),
+            entry: LogEntry {
+                event: Event::Result {
+                    seq: gate.seq,
+                    result: gate_result,
+                },
+                at_ms,
+                by: me.to_string(),
             },
-            at_ms,
-            by: me.to_string(),
-        },
-    });
-    cmds.push(Command::Rollout {
-        id: rollout.to_string(),
-        entry: LogEntry {
-            event: Event::IssueActions,
-            at_ms,
-            by: me.to_string(),
-        },
-    });
+            action: gate,
+        });
+        cmds.push(entry(Event::IssueActions));
+    }
     match shared.raft.write(Command::Batch(cmds)).await {
         Ok(_) => true,
         Err(e) => {

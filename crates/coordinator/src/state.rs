@@ -65,6 +65,15 @@ pub enum Command {
         id: String,
         entry: LogEntry,
     },
+    /// Like `Rollout`, but only if `action` (seq, node and kind) is exactly in flight in that
+    /// rollout; otherwise ignored. Lets the driver record, in the same entry that issues an
+    /// action, a result it predicted for it (an early health-gate probe), without any risk of
+    /// the result landing on a different action should the issue have gone differently.
+    RolloutIfInFlight {
+        id: String,
+        action: Action,
+        entry: LogEntry,
+    },
     /// Several commands applied in order as one log entry (one Raft round trip). The driver
     /// records an action's result, the node's reported versions and the issuing of whatever that
     /// result enables together, so one upgraded node costs two commits instead of five. Each
@@ -227,6 +236,23 @@ impl ClusterState {
                     Err(e) => Response::Rejected(e.to_string()),
                 }
             }
+            Command::RolloutIfInFlight { id, action, entry } => {
+                let Some(r) = self.rollouts.get(id) else {
+                    return Response::Rejected(format!("no rollout {id}"));
+                };
+                if !r.in_flight().contains(action) {
+                    return Response::Rollout {
+                        phase: r.phase(),
+                        issued: Vec::new(),
+                        cancelled: Vec::new(),
+                        ignored: Some(format!("{action} is not in flight")),
+                    };
+                }
+                self.apply(&Command::Rollout {
+                    id: id.clone(),
+                    entry: entry.clone(),
+                })
+            }
             Command::Rollout { id, entry } => {
                 let Some(r) = self.rollouts.get_mut(id) else {
                     return Response::Rejected(format!("no rollout {id}"));
@@ -245,5 +271,118 @@ impl ClusterState {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_rollout::{ActionResult, Event};
+    use orch_types::rollout::RolloutSpec;
+
+    fn entry(event: Event) -> LogEntry {
+        LogEntry {
+            event,
+            at_ms: 1,
+            by: "test".into(),
+        }
+    }
+
+    fn rollout_cmd(event: Event) -> Command {
+        Command::Rollout {
+            id: "r000001".into(),
+            entry: entry(event),
+        }
+    }
+
+    /// A cluster with one registered node and a created rollout of 4.2.1 on it.
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let n1: NodeId = "n1".parse().unwrap();
+        assert_eq!(
+            s.apply(&Command::RegisterNode {
+                id: n1.clone(),
+                address: "127.0.0.1:1".into(),
+                labels: BTreeMap::new(),
+                versions: Vec::new(),
+                at_ms: 0,
+            }),
+            Response::Ok
+        );
+        let spec = RolloutSpec::new("r000001", "4.2.1".parse().unwrap(), vec![n1], "test");
+        assert!(matches!(
+            s.apply(&Command::CreateRollout { spec, at_ms: 0 }),
+            Response::Created { .. }
+        ));
+        s
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_in_order_and_does_not_nest() {
+        let mut s = cluster();
+        let r = s.apply(&Command::Batch(vec![
+            rollout_cmd(Event::IssueActions),
+            Command::Batch(vec![]),
+            Command::NodeVersions {
+                id: "n9".parse().unwrap(),
+                versions: Vec::new(),
+            },
+        ]));
+        let Response::Batch(rs) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(rs.len(), 3);
+        assert!(matches!(&rs[0], Response::Rollout { issued, .. } if issued.len() == 1));
+        assert_eq!(rs[1], Response::Rejected("batches do not nest".into()));
+        assert!(matches!(&rs[2], Response::Rejected(m) if m.contains("n9")));
+        // The first command took effect although a later one was refused.
+        assert_eq!(s.rollouts["r000001"].in_flight().len(), 1);
+    }
+
+    #[test]
+    fn a_conditional_result_lands_only_on_exactly_that_action() {
+        let mut s = cluster();
+        s.apply(&rollout_cmd(Event::IssueActions));
+        let preflight = s.rollouts["r000001"].in_flight()[0].clone();
+        let before = s.clone();
+        // Same seq, other kind: ignored, nothing changes.
+        let mut other = preflight.clone();
+        other.kind = orch_rollout::ActionKind::Commit {
+            version: "4.2.1".parse().unwrap(),
+        };
+        let done = Event::Result {
+            seq: preflight.seq,
+            result: ActionResult::Preflight {
+                running: "4.2.0".parse().unwrap(),
+                free_disk: u64::MAX,
+            },
+        };
+        let r = s.apply(&Command::RolloutIfInFlight {
+            id: "r000001".into(),
+            action: other,
+            entry: entry(done.clone()),
+        });
+        assert!(
+            matches!(
+                r,
+                Response::Rollout {
+                    ignored: Some(_),
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!(s, before);
+        // Exactly the action in flight: applied.
+        let r = s.apply(&Command::RolloutIfInFlight {
+            id: "r000001".into(),
+            action: preflight,
+            entry: entry(done),
+        });
+        assert!(
+            matches!(r, Response::Rollout { ignored: None, .. }),
+            "{r:?}"
+        );
+        assert!(s.rollouts["r000001"].in_flight().is_empty());
     }
 }

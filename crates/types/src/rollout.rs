@@ -20,7 +20,7 @@ pub const DEFAULT_BATCH_SIZE: u32 = 1;
 /// Nodes pushed and unpacked at a time during staging (and made permanent at a time during
 /// committing). Both steps leave the running service alone, so parallelism is bounded only to
 /// spare the network and the coordinator.
-pub const DEFAULT_MAX_PARALLEL_STAGING: u32 = 4;
+pub const DEFAULT_MAX_PARALLEL_STAGING: u32 = 8;
 /// How long a node's probe must pass continuously before it counts as healthy.
 pub const DEFAULT_MIN_HEALTHY_TIME_MS: u64 = 10_000;
 /// How long a node gets, from the start of its health gate, to become healthy.

@@ -27,6 +27,9 @@ impl fmt::Display for RaftCommand {
             Command::AddPackage(p) => write!(f, "add_package({}-{})", p.name, p.version),
             Command::CreateRollout { spec, .. } => write!(f, "create_rollout({})", spec.version),
             Command::Rollout { id, .. } => write!(f, "rollout({id})"),
+            Command::RolloutIfInFlight { id, action, .. } => {
+                write!(f, "rollout({id}) if {} in flight", action.seq)
+            }
             Command::Batch(cmds) => write!(f, "batch({})", cmds.len()),
         }
     }
