@@ -119,8 +119,14 @@ fn keygen_sign_and_verify_on_the_command_line() {
     );
     let key_text = fs::read_to_string(&key).unwrap();
     let pub_text = fs::read_to_string(&public).unwrap();
-    assert!(key_text.starts_with("-----BEGIN PRIVATE KEY-----"), "{key_text}");
-    assert!(pub_text.starts_with("-----BEGIN PUBLIC KEY-----"), "{pub_text}");
+    assert!(
+        key_text.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "{key_text}"
+    );
+    assert!(
+        pub_text.starts_with("-----BEGIN PUBLIC KEY-----"),
+        "{pub_text}"
+    );
 
     // A second keygen refuses and changes nothing.
     let o = orch(&["package", "keygen", "--out", &keys.display().to_string()]);
@@ -133,7 +139,10 @@ fn keygen_sign_and_verify_on_the_command_line() {
     let said = sign(&zip, &key);
     assert!(said.contains(".zip.sig"), "{said}");
     let sig = fs::read_to_string(sig_of(&zip)).unwrap();
-    assert!(sig.starts_with("orchestrator-signature v1\nkey-id "), "{sig}");
+    assert!(
+        sig.starts_with("orchestrator-signature v1\nkey-id "),
+        "{sig}"
+    );
 
     let z = zip.display().to_string();
     let p = public.display().to_string();
@@ -236,7 +245,10 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
             let o = agent.node(&[cmd, "--package", &zip.display().to_string()]);
             let line = assert_refused(&o, "signature check failed");
             assert!(line.contains(check), "{what}: {line}");
-            assert!(line.contains("emqx-4.2.1.zip"), "{what}: names the package: {line}");
+            assert!(
+                line.contains("emqx-4.2.1.zip"),
+                "{what}: names the package: {line}"
+            );
             assert_unchanged(&before, &root, &format!("{what} ({cmd})"));
         }
     }
@@ -265,8 +277,16 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
     let audit = root.join("agent/audit.log");
     for (what, setup, check) in [
         ("no stored signature", None, "missing"),
-        ("another key's signature", Some(sig_of(&wrong)), "unknown key"),
-        ("a signature of other bytes", Some(sig_of(&good0)), "invalid"),
+        (
+            "another key's signature",
+            Some(sig_of(&wrong)),
+            "unknown key",
+        ),
+        (
+            "a signature of other bytes",
+            Some(sig_of(&good0)),
+            "invalid",
+        ),
     ] {
         let _ = fs::remove_file(sig_of(&placed));
         if let Some(s) = &setup {
@@ -296,7 +316,10 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
     let out = agent.node_ok(&["install", "4.2.1"]);
     assert!(out.contains("Installed release: 4.2.1"), "{out}");
     let versions = agent.node_ok(&["versions"]);
-    assert!(versions.contains("4.2.1") && versions.contains("permanent"), "{versions}");
+    assert!(
+        versions.contains("4.2.1") && versions.contains("permanent"),
+        "{versions}"
+    );
 
     // A zip tampered with after a valid push (digest sidecar fixed up too) is refused.
     let good2 = PkgSpec::emqx("4.2.2").build(tmp.path(), &pkgs);
@@ -365,7 +388,10 @@ fn agent_refuses_to_start_with_an_unreadable_trusted_key() {
         Ok(_) => panic!("the agent started with an unreadable --trusted-key"),
         Err(log) => log,
     };
-    assert!(log.contains("trusted-key") && log.contains("nope.pub"), "{log}");
+    assert!(
+        log.contains("trusted-key") && log.contains("nope.pub"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -392,7 +418,10 @@ fn coordinators_with_trusted_keys_refuse_unsigned_rollouts_and_carry_signatures(
         err.contains("signature check failed") && err.contains("missing"),
         "{err}"
     );
-    assert!(err.contains(&format!("app-{V1}.zip")), "names the package: {err}");
+    assert!(
+        err.contains(&format!("app-{V1}.zip")),
+        "names the package: {err}"
+    );
     for (n, before) in c.nodes.iter().zip(&roots) {
         assert_unchanged(before, &n.root, &format!("node {}", n.id));
     }
@@ -413,7 +442,14 @@ fn coordinators_with_trusted_keys_refuse_unsigned_rollouts_and_carry_signatures(
 
     // Signed: rolls out; the signature reached every coordinator and every agent.
     sign(&pkg, &key);
-    let out = c.cli_ok(&["rollout", V1, "--package", &pkg_s, "--min-healthy-time", "0s"]);
+    let out = c.cli_ok(&[
+        "rollout",
+        V1,
+        "--package",
+        &pkg_s,
+        "--min-healthy-time",
+        "0s",
+    ]);
     assert!(out.contains("succeeded") || out.contains("done"), "{out}");
     let sig = fs::read(sig_of(&pkg)).unwrap();
     for co in &c.coords {
@@ -432,13 +468,17 @@ fn coordinators_with_trusted_keys_refuse_unsigned_rollouts_and_carry_signatures(
             n.id
         );
     }
-    c.wait_for(Duration::from_secs(20), "both nodes on the new version", |c| {
-        c.ctl_nodes().is_some_and(|nodes| {
-            nodes.iter().all(|e| {
-                e.versions
-                    .iter()
-                    .any(|v| v.version == V1 && v.state == "permanent")
+    c.wait_for(
+        Duration::from_secs(20),
+        "both nodes on the new version",
+        |c| {
+            c.ctl_nodes().is_some_and(|nodes| {
+                nodes.iter().all(|e| {
+                    e.versions
+                        .iter()
+                        .any(|v| v.version == V1 && v.state == "permanent")
+                })
             })
-        })
-    });
+        },
+    );
 }

@@ -341,9 +341,8 @@ impl Agent for AgentService {
 /// The one `<name>-<v>.zip` in `releases` (as the store looks it up).
 fn find_package(releases: &std::path::Path, v: Version) -> Result<PathBuf> {
     let mut found = Vec::new();
-    let rd = std::fs::read_dir(releases).map_err(|e| {
-        Error::Internal(format!("cannot read {}: {e}", releases.display()))
-    })?;
+    let rd = std::fs::read_dir(releases)
+        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", releases.display())))?;
     for entry in rd.flatten() {
         if let Some(name) = entry.file_name().to_str()
             && orch_types::parse_package_file_name(name).is_some_and(|(_, pv)| pv == v)

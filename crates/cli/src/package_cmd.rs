@@ -57,8 +57,14 @@ pub fn run(cmd: PackageCmd) -> Result<()> {
         PackageCmd::Keygen { out } => {
             let (key, public, id) = signing::keygen(&out)?;
             println!("Created signing key {id}:");
-            println!("  private key: {} (mode 0600; keep it offline)", key.display());
-            println!("  public key:  {} (give to agents and coordinators as --trusted-key)", public.display());
+            println!(
+                "  private key: {} (mode 0600; keep it offline)",
+                key.display()
+            );
+            println!(
+                "  public key:  {} (give to agents and coordinators as --trusted-key)",
+                public.display()
+            );
         }
         PackageCmd::Sign { file, key } => {
             // Only sign what is a well-formed package: a signature vouches for its contents.

@@ -39,7 +39,8 @@ impl BlobStore {
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".incoming-") || (name.starts_with('.') && name.contains(".tmp-"))
+                if name.starts_with(".incoming-")
+                    || (name.starts_with('.') && name.contains(".tmp-"))
                 {
                     let _ = std::fs::remove_file(e.path());
                 }

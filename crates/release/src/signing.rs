@@ -51,6 +51,15 @@ const SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
+/// DER of an Ed25519 PKCS#8 v1 private key before its 32-byte seed (RFC 8410).
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+/// The same for the v2 form ring generates (the public key follows the seed).
+const PKCS8_V2_PREFIX: [u8; 16] = [
+    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No signature accompanies the package.
@@ -60,7 +69,9 @@ pub enum Error {
     #[error("malformed: the signature is unreadable ({0})")]
     Malformed(String),
     /// Signed by a key this party does not trust.
-    #[error("unknown key: it is signed by key {key_id}, which is not trusted here (trusted: {trusted})")]
+    #[error(
+        "unknown key: it is signed by key {key_id}, which is not trusted here (trusted: {trusted})"
+    )]
     UnknownKey { key_id: String, trusted: String },
     /// The signature does not verify over the package's digest.
     #[error("invalid: {0}")]
@@ -98,7 +109,7 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
     move |source| Error::Io {
         op,
         path: path.to_path_buf(),
@@ -177,7 +188,7 @@ impl PublicKey {
     pub fn to_pem(&self) -> String {
         let mut der = SPKI_PREFIX.to_vec();
         der.extend_from_slice(&self.raw);
-        pem::encode(&pem::Pem::new(PUBLIC_TAG, der))
+        pem_text(PUBLIC_TAG, der)
     }
 
     /// Reads a `signing.pub` file.
@@ -207,14 +218,24 @@ impl std::fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    /// A fresh key and its PKCS#8 encoding.
+    /// A fresh key and its PKCS#8 v1 encoding (the form OpenSSL reads and writes).
     pub fn generate() -> Result<(SigningKey, Vec<u8>)> {
         let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
+        let v2 = Ed25519KeyPair::generate_pkcs8(&rng)
             .map_err(|_| Error::Invalid("the system random generator failed".into()))?;
-        let key = SigningKey::from_pkcs8(pkcs8.as_ref())
+        // ring writes v2 (seed plus public key), which OpenSSL 3 refuses; v1 is the bare seed.
+        let der = v2.as_ref();
+        if der.len() < PKCS8_V2_PREFIX.len() + 32 || der[..PKCS8_V2_PREFIX.len()] != PKCS8_V2_PREFIX
+        {
+            return Err(Error::Invalid(
+                "the generated key has an unexpected encoding".into(),
+            ));
+        }
+        let mut v1 = PKCS8_V1_PREFIX.to_vec();
+        v1.extend_from_slice(&der[PKCS8_V2_PREFIX.len()..PKCS8_V2_PREFIX.len() + 32]);
+        let key = SigningKey::from_pkcs8(&v1)
             .map_err(|e| Error::Invalid(format!("generated key rejected: {e}")))?;
-        Ok((key, pkcs8.as_ref().to_vec()))
+        Ok((key, v1))
     }
 
     /// Accepts PKCS#8 v1 (OpenSSL) and v2 (ring) Ed25519 keys.
@@ -370,8 +391,7 @@ impl TrustedKeys {
         })?;
         let sig = Signature::parse(sig)?;
         let actual = digest_bytes(actual_sha256)?;
-        let candidates: Vec<&PublicKey> =
-            self.keys.iter().filter(|k| k.id == sig.key_id).collect();
+        let candidates: Vec<&PublicKey> = self.keys.iter().filter(|k| k.id == sig.key_id).collect();
         if candidates.is_empty() {
             return Err(Error::UnknownKey {
                 key_id: sig.key_id,
@@ -415,6 +435,14 @@ pub fn read_sig(package: &Path) -> Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("read", &path)(e)),
     }
+}
+
+/// PEM with Unix line endings (the pem crate defaults to CRLF; OpenSSL writes LF).
+fn pem_text(tag: &str, der: Vec<u8>) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 fn read_small(path: &Path, max: u64) -> Result<String> {
@@ -472,7 +500,7 @@ pub fn keygen(dir: &Path) -> Result<(PathBuf, PathBuf, String)> {
         }
     }
     let (key, pkcs8) = SigningKey::generate()?;
-    let key_pem = pem::encode(&pem::Pem::new(PRIVATE_TAG, pkcs8));
+    let key_pem = pem_text(PRIVATE_TAG, pkcs8);
     write_new(&key_path, key_pem.as_bytes(), 0o600)?;
     if let Err(e) = write_new(&pub_path, key.public().to_pem().as_bytes(), 0o644) {
         // Leave no half pair: the key we just wrote has never been used.
@@ -584,7 +612,12 @@ mod tests {
         ];
         for c in cases {
             let e = trusted.verify(Some(&c), D1).unwrap_err();
-            assert_eq!(e.check(), Some("malformed"), "{:?}: {e}", String::from_utf8_lossy(&c));
+            assert_eq!(
+                e.check(),
+                Some("malformed"),
+                "{:?}: {e}",
+                String::from_utf8_lossy(&c)
+            );
         }
         // Random bytes never panic and never pass.
         for _ in 0..500 {
@@ -635,11 +668,21 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         // Wrong file for the job: a clear error, not a panic.
-        assert!(matches!(
-            SigningKey::load(&pp),
-            Err(Error::KeyFile { .. })
-        ));
+        assert!(matches!(SigningKey::load(&pp), Err(Error::KeyFile { .. })));
         assert!(matches!(PublicKey::load(&kp), Err(Error::KeyFile { .. })));
+    }
+
+    #[test]
+    fn keys_are_in_the_openssl_forms() {
+        let (k, der) = SigningKey::generate().unwrap();
+        assert_eq!(der.len(), 48);
+        assert_eq!(der[..16], PKCS8_V1_PREFIX);
+        // The SPKI public key is what `openssl pkey -pubout` prints for it.
+        let again = SigningKey::from_pkcs8(&der).unwrap();
+        assert_eq!(again.public(), k.public());
+        let pem = k.public().to_pem();
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pem:?}");
+        assert!(!pem.contains('\r'), "{pem:?}");
     }
 
     #[test]
