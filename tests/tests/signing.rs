@@ -482,3 +482,54 @@ fn coordinators_with_trusted_keys_refuse_unsigned_rollouts_and_carry_signatures(
         },
     );
 }
+
+#[test]
+fn emqx_driver_agent_checks_signatures_before_calling_the_script() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(&tmp.path().join("keys"));
+    let pkgs = tmp.path().join("pkgs");
+    let root = tmp.path().join("emqx");
+    let bin = root.join("bin/emqx");
+    fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    write_script(&bin, &fs::read_to_string(fixture("emqx")).unwrap());
+    let agent = AgentProc::start(
+        "emqx1",
+        &root,
+        &[
+            "--driver",
+            "emqx",
+            "--emqx-bin",
+            bin.to_str().unwrap(),
+            "--trusted-key",
+            &public.display().to_string(),
+        ],
+    );
+    let mutating = || {
+        read_or_empty(&root.join("emqx-calls.log"))
+            .lines()
+            .filter(|c| *c != "versions")
+            .count()
+    };
+
+    // Pushed unsigned: refused at the push, the script never runs.
+    let unsigned = PkgSpec::emqx("4.2.0").build(tmp.path(), &pkgs);
+    let o = agent.node(&["unpack", "--package", &unsigned.display().to_string()]);
+    assert_refused(&o, "signature check failed: missing");
+    assert_eq!(mutating(), 0);
+
+    // Placed in releases/ by hand, unsigned: refused before the script is called.
+    copy_pkg(&unsigned, &root.join("releases"));
+    let o = agent.node(&["unpack", "4.2.0"]);
+    assert_refused(&o, "signature check failed: missing");
+    assert_eq!(mutating(), 0, "the emqx script must not be called");
+
+    // Signed: the script unpacks it.
+    sign(&unsigned, &key);
+    fs::copy(
+        sig_of(&unsigned),
+        sig_of(&root.join("releases/emqx-4.2.0.zip")),
+    )
+    .unwrap();
+    agent.node_ok(&["unpack", "4.2.0"]);
+    assert_eq!(mutating(), 1);
+}
