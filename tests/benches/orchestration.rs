@@ -526,6 +526,7 @@ fn upload(rt: &Runtime, addrs: &[String], pkg: &Path, v: &str) -> String {
             version: info.version.to_string(),
             sha256: info.sha256.clone(),
             size: info.size,
+            signature: Vec::new(),
         },
     ))
     .unwrap();

@@ -72,6 +72,16 @@ pub struct CoordProc {
 /// `coordinatorN.log`), each with every other as `--peer`, the first with `--bootstrap`.
 /// `log_filter` is their `ORCH_LOG`. Does not wait for a leader.
 pub fn spawn_coordinators(dir: &Path, n: usize, log_filter: &str) -> Vec<CoordProc> {
+    spawn_coordinators_with(dir, n, log_filter, &[])
+}
+
+/// [`spawn_coordinators`] with `extra` arguments for every coordinator.
+pub fn spawn_coordinators_with(
+    dir: &Path,
+    n: usize,
+    log_filter: &str,
+    extra: &[String],
+) -> Vec<CoordProc> {
     let addrs: Vec<String> = (0..n)
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
@@ -97,6 +107,7 @@ pub fn spawn_coordinators(dir: &Path, n: usize, log_filter: &str) -> Vec<CoordPr
         if id == 1 {
             args.push("--bootstrap".into());
         }
+        args.extend(extra.iter().cloned());
         let mut p = CoordProc {
             id,
             addr: addr.clone(),
@@ -269,6 +280,8 @@ pub struct ClusterOpts {
     pub demo: bool,
     /// Extra agent arguments for node `i` (1-based).
     pub agent_extra: Vec<(usize, Vec<String>)>,
+    /// Extra arguments for every coordinator.
+    pub coordinator_extra: Vec<String>,
 }
 
 impl ClusterOpts {
@@ -278,6 +291,7 @@ impl ClusterOpts {
             nodes,
             demo: true,
             agent_extra: Vec::new(),
+            coordinator_extra: Vec::new(),
         }
     }
 
@@ -292,6 +306,13 @@ impl ClusterOpts {
     pub fn agent_args(mut self, i: usize, args: &[&str]) -> Self {
         self.agent_extra
             .push((i, args.iter().map(|s| s.to_string()).collect()));
+        self
+    }
+
+    /// Extra arguments for every coordinator.
+    pub fn coordinator_args(mut self, args: &[&str]) -> Self {
+        self.coordinator_extra
+            .extend(args.iter().map(|s| s.to_string()));
         self
     }
 }
@@ -332,7 +353,12 @@ impl Cluster {
         }
         let pkg0 = c.package(V0, false);
 
-        c.coords = spawn_coordinators(c.dir.path(), opts.coordinators, log_filter());
+        c.coords = spawn_coordinators_with(
+            c.dir.path(),
+            opts.coordinators,
+            log_filter(),
+            &opts.coordinator_extra,
+        );
         let addrs = c.addrs();
 
         // Nodes on 4.2.0 while the coordinators elect a leader.

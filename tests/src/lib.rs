@@ -382,6 +382,7 @@ pub fn header_for(
         sha256: sha256_hex(data),
         size: data.len() as u64,
         fence,
+        signature: Vec::new(),
     }
 }
 

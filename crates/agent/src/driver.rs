@@ -28,6 +28,12 @@ pub trait Driver: Send + Sync + 'static {
     /// (a restarted node runs its permanent release). Returns a note when something changed.
     fn reconcile_running(&self, reported: Version) -> Result<Option<String>>;
 
+    /// True when the driver itself checks package signatures on unpack (the native store does,
+    /// bound to the bytes it extracts); otherwise the agent checks before calling it.
+    fn checks_signatures(&self) -> bool {
+        false
+    }
+
     /// The release the driver says runs: the current one, else the permanent one.
     fn running(&self) -> Result<Option<Version>> {
         let v = self.versions()?;
@@ -83,6 +89,10 @@ impl Driver for NativeDriver {
 
     fn uninstall(&self, v: Version) -> Result<StepOutcome> {
         Ok(outcome(self.store.uninstall(v)?))
+    }
+
+    fn checks_signatures(&self) -> bool {
+        true
     }
 
     fn reconcile_running(&self, reported: Version) -> Result<Option<String>> {

@@ -37,6 +37,7 @@ impl Error {
         match self {
             Error::Store(S::Refused(_)) | Error::Refused(_) => "refused",
             Error::Store(S::BadPackage { .. }) | Error::BadRequest(_) => "bad-package",
+            Error::Store(S::Signature { .. }) => "signature",
             Error::Store(S::PackageNotFound { .. }) => "not-found",
             Error::Store(S::Activation { .. }) => "activation",
             Error::Store(S::Locked { .. }) => "busy",
@@ -52,6 +53,8 @@ impl From<Error> for Status {
         let code = match e.kind() {
             "refused" => Code::FailedPrecondition,
             "bad-package" => Code::InvalidArgument,
+            // Not the caller's syntax but its authority: this node will not run unsigned code.
+            "signature" => Code::PermissionDenied,
             "not-found" => Code::NotFound,
             "stale-fence" => Code::Aborted,
             "busy" => Code::Unavailable,

@@ -60,6 +60,9 @@ pub struct AgentConfig {
     pub max_package_bytes: u64,
     /// How long a SIGTERM waits for an in-flight step before exiting anyway.
     pub shutdown_grace: Duration,
+    /// `signing.pub` files: when any is given, only packages signed by one of them are accepted
+    /// (on push and on unpack/install), so a compromised coordinator cannot push its own code.
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 impl AgentConfig {
@@ -82,6 +85,7 @@ impl AgentConfig {
             insecure: false,
             max_package_bytes: 4 << 30,
             shutdown_grace: Duration::from_secs(90),
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -106,6 +110,9 @@ pub struct AgentFileConfig {
     pub driver: Option<String>,
     pub emqx_bin: Option<PathBuf>,
     pub insecure: Option<bool>,
+    /// `trusted-key = ["/etc/orchestrator/signing.pub"]`
+    #[serde(default)]
+    pub trusted_key: Vec<PathBuf>,
 }
 
 impl AgentFileConfig {
@@ -139,7 +146,18 @@ pub async fn serve(
     tracing::warn!(
         "agent serving plain-text gRPC (--insecure): anyone who can reach it can act on this node"
     );
+    let trusted = orch_release::TrustedKeys::load(&config.trusted_keys).map_err(|e| {
+        Error::Refused(format!(
+            "cannot load a --trusted-key: {e}; fix the path or the file and restart"
+        ))
+    })?;
+    if trusted.is_empty() {
+        tracing::info!("no --trusted-key: packages are accepted without signatures");
+    } else {
+        tracing::info!(keys = ?trusted.ids(), "only packages signed by a trusted key are accepted");
+    }
     let mut store_cfg = StoreConfig::new(&config.root_dir);
+    store_cfg.trusted_keys = trusted.clone();
     store_cfg.activate_cmd = config.activate_cmd.clone();
     store_cfg.activate_timeout = config.activate_timeout;
     let store = Store::open(store_cfg)?;
@@ -180,6 +198,7 @@ pub async fn serve(
             driver,
             health: config.health.clone(),
             max_package_bytes: config.max_package_bytes,
+            trusted,
             steps: steps.clone(),
             last_fence,
         }),

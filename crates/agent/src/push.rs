@@ -1,12 +1,16 @@
 //! Receiving a pushed package: written to a temp file in `ROOT/releases/` while hashing, checked
-//! against the header's size and digest, then renamed into place with its `.sha256` beside it.
-//! Any mismatch or truncation discards the file.
+//! against the header's size and digest, then renamed into place with its `.sha256` (and its
+//! `.sig`, when the header carries one) beside it. Any mismatch or truncation discards the file.
+//!
+//! With trusted keys the header's signature is checked over the announced digest before a byte
+//! is written; the received bytes must then hash to that digest, so only signed bytes land.
 
 use std::path::{Path, PathBuf};
 
 use orch_release::fsutil::write_atomic;
 use orch_release::incoming::IncomingFile;
 use orch_release::package::{normalize_digest, sha256_file, sidecar_path};
+use orch_release::signing::{self, MAX_SIG_BYTES, TrustedKeys};
 use orch_types::{Version, validate_package_name};
 
 use crate::error::{Error, Result};
@@ -18,6 +22,8 @@ pub struct Header {
     pub version: Version,
     pub sha256: String,
     pub size: u64,
+    /// The `.sig` file's bytes, when the pusher sent one.
+    pub signature: Option<Vec<u8>>,
 }
 
 impl Header {
@@ -26,6 +32,7 @@ impl Header {
         version: &str,
         sha256: &str,
         size: u64,
+        signature: Vec<u8>,
         max: u64,
     ) -> Result<Header> {
         validate_package_name(name).map_err(|e| Error::BadRequest(e.to_string()))?;
@@ -40,12 +47,43 @@ impl Header {
                 "push refused: package of {size} bytes exceeds the limit of {max}"
             )));
         }
+        if signature.len() > MAX_SIG_BYTES {
+            return Err(Error::BadRequest(format!(
+                "push refused: a signature of {} bytes is not a signature file (limit {MAX_SIG_BYTES})",
+                signature.len()
+            )));
+        }
         Ok(Header {
             name: name.to_string(),
             version,
             sha256,
             size,
+            signature: (!signature.is_empty()).then_some(signature),
         })
+    }
+
+    /// With trusted keys: refuses unless the signature verifies over the announced digest.
+    /// Without: a signature that is not even well-formed is dropped (not stored), as before
+    /// signatures existed nothing is refused.
+    pub fn check_signature(&mut self, trusted: &TrustedKeys) -> Result<()> {
+        if trusted.is_empty() {
+            if let Some(sig) = &self.signature
+                && let Err(e) = signing::Signature::parse(sig)
+            {
+                tracing::warn!(package = %self.file_name(), "ignoring the pushed signature: {e}");
+                self.signature = None;
+            }
+            return Ok(());
+        }
+        trusted
+            .verify(self.signature.as_deref(), &self.sha256)
+            .map(|_| ())
+            .map_err(|reason| {
+                Error::Store(orch_release::Error::Signature {
+                    file: self.file_name(),
+                    reason,
+                })
+            })
     }
 
     pub fn file_name(&self) -> String {
@@ -67,6 +105,12 @@ impl Upload {
         if dest.exists() {
             let (existing, _) = sha256_file(&dest)?;
             if existing == header.sha256 {
+                // The same bytes, perhaps newly signed (a rotation): keep the pushed signature.
+                if let Some(sig) = &header.signature
+                    && signing::read_sig(&dest).ok().flatten().as_deref() != Some(sig.as_slice())
+                {
+                    write_atomic(&signing::sig_path(&dest), sig)?;
+                }
                 return Ok(None);
             }
             return Err(Error::Refused(format!(
@@ -82,16 +126,40 @@ impl Upload {
         Ok(self.file.write(data)?)
     }
 
-    /// Checks size and digest, writes the `.sha256` sidecar, then renames into place.
+    /// Checks size and digest, writes the `.sha256` and `.sig` sidecars, then renames into
+    /// place.
     pub fn finish(self) -> Result<PathBuf> {
-        // Sidecar first: the package is never in place without the digest that guards it.
+        // Sidecars first: the package is never in place without the digest and signature that
+        // guard it. A stale `.sig` from an earlier package of that name must not stay beside it.
         let sidecar = sidecar_path(&self.dest);
+        let sig_path = signing::sig_path(&self.dest);
+        let undo = || {
+            let _ = std::fs::remove_file(&sidecar);
+            let _ = std::fs::remove_file(&sig_path);
+        };
         write_atomic(
             &sidecar,
             format!("{}  {}\n", self.header.sha256, self.header.file_name()).as_bytes(),
         )?;
+        let sig = match &self.header.signature {
+            Some(sig) => write_atomic(&sig_path, sig),
+            None => match std::fs::remove_file(&sig_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(orch_release::Error::Io {
+                        op: "remove stale signature",
+                        path: sig_path.clone(),
+                        source: e,
+                    })
+                }
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = sig {
+            undo();
+            return Err(e.into());
+        }
         self.file.finish().map_err(|e| {
-            let _ = std::fs::remove_file(&sidecar);
+            undo();
             e.into()
         })
     }

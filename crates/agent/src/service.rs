@@ -23,6 +23,8 @@ pub(crate) struct Shared {
     pub driver: Arc<dyn Driver>,
     pub health: HealthConfig,
     pub max_package_bytes: u64,
+    /// Empty: signatures are not required.
+    pub trusted: orch_release::TrustedKeys,
     /// Held for the whole of a mutating step: one step at a time per node.
     pub steps: Arc<Mutex<FenceStore>>,
     /// The highest fence, readable without the step lock.
@@ -88,6 +90,25 @@ impl AgentService {
             messages: outcome.messages,
             versions: entries(&versions),
         })
+    }
+
+    /// For drivers that do not check signatures themselves (the EMQX script): before unpacking
+    /// or installing a version the node does not have yet, its `releases/<name>-<v>.zip` must
+    /// carry a valid `.sig` from a trusted key.
+    fn signature_gate(&self) -> impl Fn(&dyn Driver, Version) -> Result<()> + Send + 'static {
+        let trusted = self.shared.trusted.clone();
+        let releases = self.shared.root.join("releases");
+        move |d: &dyn Driver, v: Version| {
+            if trusted.is_empty()
+                || d.checks_signatures()
+                || d.versions()?.iter().any(|e| e.version == v)
+            {
+                return Ok(());
+            }
+            let zip = find_package(&releases, v)?;
+            orch_release::store::check_signature(&zip, None, &trusted)?;
+            Ok(())
+        }
     }
 
     fn snapshot_fence(&self, fences: &FenceStore) {
@@ -175,13 +196,16 @@ impl Agent for AgentService {
         let h = first.header.ok_or_else(|| {
             Error::BadRequest("push refused: the first chunk must carry the header".into())
         })?;
-        let header = Header::validate(
+        let mut header = Header::validate(
             &h.name,
             &h.version,
             &h.sha256,
             h.size,
+            h.signature,
             self.shared.max_package_bytes,
         )?;
+        // Before the fence is recorded or a byte is written: a refusal changes nothing.
+        header.check_signature(&self.shared.trusted)?;
         let file_name = header.file_name();
         {
             let mut fences = self.shared.steps.lock().await;
@@ -227,9 +251,13 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::StepReply>, Status> {
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
+        let gate = self.signature_gate();
         Ok(Response::new(
-            self.step(r.fence, format!("unpack {v}"), move |d| d.unpack(v))
-                .await?,
+            self.step(r.fence, format!("unpack {v}"), move |d| {
+                gate(d, v)?;
+                d.unpack(v)
+            })
+            .await?,
         ))
     }
 
@@ -240,8 +268,10 @@ impl Agent for AgentService {
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
         let p = r.permanent;
+        let gate = self.signature_gate();
         Ok(Response::new(
             self.step(r.fence, format!("install {v} permanent={p}"), move |d| {
+                gate(d, v)?;
                 d.install(v, p)
             })
             .await?,
@@ -305,6 +335,32 @@ impl Agent for AgentService {
             check: h.check.to_string(),
             detail: h.detail,
         }))
+    }
+}
+
+/// The one `<name>-<v>.zip` in `releases` (as the store looks it up).
+fn find_package(releases: &std::path::Path, v: Version) -> Result<PathBuf> {
+    let mut found = Vec::new();
+    let rd = std::fs::read_dir(releases)
+        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", releases.display())))?;
+    for entry in rd.flatten() {
+        if let Some(name) = entry.file_name().to_str()
+            && orch_types::parse_package_file_name(name).is_some_and(|(_, pv)| pv == v)
+        {
+            found.push(entry.path());
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(orch_release::Error::PackageNotFound {
+            version: v,
+            dir: releases.to_path_buf(),
+        }
+        .into()),
+        _ => Err(Error::Refused(format!(
+            "refused: several packages hold version {v} in {}; remove all but one",
+            releases.display()
+        ))),
     }
 }
 

@@ -100,6 +100,11 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
         },
         other => bail!("unknown --driver {other:?}: use native or emqx"),
     };
+    cfg.trusted_keys = if a.trusted_keys.is_empty() {
+        f.trusted_key
+    } else {
+        a.trusted_keys
+    };
     cfg.insecure = a.insecure || f.insecure.unwrap_or(false);
     if !cfg.insecure {
         bail!(

@@ -177,6 +177,9 @@ pub struct CoordinatorArgs {
     /// Serve plain-text gRPC (required until TLS lands).
     #[arg(long)]
     pub insecure: bool,
+    /// Only accept packages signed by this public key (signing.pub; repeatable).
+    #[arg(long = "trusted-key", value_name = "PUB")]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -270,12 +273,28 @@ pub enum PackageCmd {
         #[arg(long, value_name = "OUTDIR")]
         out: PathBuf,
     },
-    /// Check a package: digest, structure, limits and manifest.
+    /// Check a package: digest, structure, limits and manifest (and, with --trusted-key, its
+    /// FILE.sig).
     Verify {
         file: PathBuf,
         /// Expected SHA-256 (overrides the .sha256 file).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
+        /// Require a valid FILE.sig from this public key (repeatable: any one will do).
+        #[arg(long = "trusted-key", value_name = "PUB")]
+        trusted_keys: Vec<PathBuf>,
+    },
+    /// Create an Ed25519 package signing key pair: DIR/signing.key (0600) and DIR/signing.pub.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Sign a package: writes the detached signature FILE.sig beside it.
+    Sign {
+        file: PathBuf,
+        /// The private key (signing.key from `package keygen`).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
     },
 }
 
@@ -353,6 +372,9 @@ pub struct AgentArgs {
     /// Serve plain-text gRPC (no TLS). Required until TLS lands.
     #[arg(long)]
     pub insecure: bool,
+    /// Only accept packages signed by this public key (signing.pub; repeatable).
+    #[arg(long = "trusted-key", value_name = "PUB")]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// Parses `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.

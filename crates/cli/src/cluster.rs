@@ -161,6 +161,11 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         }
     }
     cfg.bootstrap = a.bootstrap || f.bootstrap.unwrap_or(false);
+    cfg.trusted_keys = if a.trusted_keys.is_empty() {
+        f.trusted_key
+    } else {
+        a.trusted_keys
+    };
     cfg.insecure = a.insecure || f.insecure.unwrap_or(false);
     if !cfg.insecure {
         bail!(
@@ -184,9 +189,20 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
         if let Some(path) = &a.package {
             // Refuse a bad package here, before anything is uploaded.
             let info = package::verify(path, None, Some(a.version), &Limits::default())?;
+            // FILE.sig travels with the package; coordinators and agents with trusted keys
+            // check it.
+            let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
             eprintln!(
-                "Uploading {} {} ({} bytes, sha256 {})",
-                info.name, info.version, info.size, info.sha256
+                "Uploading {} {} ({} bytes, sha256 {}, {})",
+                info.name,
+                info.version,
+                info.size,
+                info.sha256,
+                if signature.is_empty() {
+                    "unsigned"
+                } else {
+                    "with its signature"
+                }
             );
             let reply = c
                 .upload(
@@ -196,6 +212,7 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
                         version: info.version.to_string(),
                         sha256: info.sha256.clone(),
                         size: info.size,
+                        signature,
                     },
                 )
                 .await?;

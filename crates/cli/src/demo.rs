@@ -282,6 +282,7 @@ fn demo(args: &DemoArgs, base: &Path, cluster: &mut Cluster) -> Result<()> {
                 version: info.version.to_string(),
                 sha256: info.sha256.clone(),
                 size: info.size,
+                signature: Vec::new(),
             },
         )
         .await?;

@@ -164,7 +164,9 @@ async fn push_if_needed(
     {
         return Err(package::digest_mismatch(path, &e, &digest).into());
     }
-    push(c, path, &name, version, &digest, size)
+    // FILE.sig, when present, travels with the package (agents with trusted keys need it).
+    let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
+    push(c, path, &name, version, &digest, size, signature)
         .await
         .map_err(|s| status_msg(addr, s))?;
     Ok(version)
@@ -178,6 +180,7 @@ pub async fn push(
     version: Version,
     sha256: &str,
     size: u64,
+    signature: Vec<u8>,
 ) -> Result<pb::PushReply, tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PackageChunk>(4);
     let header = pb::PackageHeader {
@@ -186,6 +189,7 @@ pub async fn push(
         sha256: sha256.to_string(),
         size,
         fence: None,
+        signature,
     };
     let path = path.to_path_buf();
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {

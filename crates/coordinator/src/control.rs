@@ -123,11 +123,18 @@ impl Control for ControlService {
             .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
         let sha = orch_release::package::normalize_digest(&h.sha256)
             .ok_or_else(|| bad("upload refused: sha256 is not a hex SHA-256 digest"))?;
+        // Before a byte is stored, copied or staged: with trusted keys, unsigned code stops here.
+        let sig = (!h.signature.is_empty()).then_some(h.signature);
+        self.shared.blobs.check_signature(
+            &format!("{}-{version}.zip", h.name),
+            sig.as_deref(),
+            &sha,
+        )?;
         let rest = s.map(|c| c.map(|c| c.data));
         let already = self
             .shared
             .blobs
-            .receive(&sha, h.size, first.data, rest)
+            .receive(&sha, h.size, sig, first.data, rest)
             .await?;
         let holders = self.shared.replicate_blob(&sha).await?;
         self.write(Command::AddPackage(PackageRecord {
@@ -189,6 +196,19 @@ impl Control for ControlService {
             };
             Ok((nodes, package))
         })?;
+        // A package stored before keys were configured (or copied without its signature) is
+        // refused here too, before any agent is touched.
+        if let Some(p) = &package
+            && !self.shared.blobs.trusted().is_empty()
+        {
+            self.shared.ensure_blob(&p.sha256).await?;
+            let sig = self.shared.blobs.signature(&p.sha256)?;
+            self.shared.blobs.check_signature(
+                &format!("{}-{}.zip", p.name, p.version),
+                sig.as_deref(),
+                &p.sha256,
+            )?;
+        }
         let requested_by = if r.requested_by.is_empty() {
             "unknown operator".to_string()
         } else {

@@ -30,12 +30,19 @@ impl From<Error> for Status {
         let code = match &e {
             Error::BadRequest(_) => Code::InvalidArgument,
             Error::Release(orch_release::Error::BadPackage { .. }) => Code::InvalidArgument,
+            Error::Release(orch_release::Error::Signature { .. }) => Code::PermissionDenied,
             Error::NotFound(_) => Code::NotFound,
             Error::Refused(_) => Code::FailedPrecondition,
             Error::Unavailable(_) | Error::NotLeader { .. } => Code::Unavailable,
             _ => Code::Internal,
         };
         let mut st = Status::new(code, e.to_string());
+        if let Error::Release(orch_release::Error::Signature { .. }) = &e {
+            st.metadata_mut().insert(
+                "orch-error",
+                tonic::metadata::MetadataValue::from_static("signature"),
+            );
+        }
         if let Error::NotLeader { leader } = &e {
             let md = st.metadata_mut();
             md.insert(

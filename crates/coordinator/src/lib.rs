@@ -43,6 +43,9 @@ pub struct CoordinatorConfig {
     pub bootstrap: bool,
     pub insecure: bool,
     pub max_package_bytes: u64,
+    /// `signing.pub` files: when any is given, package uploads and rollouts need a valid
+    /// signature from one of them.
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 impl CoordinatorConfig {
@@ -56,6 +59,7 @@ impl CoordinatorConfig {
             bootstrap: false,
             insecure: false,
             max_package_bytes: 4 << 30,
+            trusted_keys: Vec::new(),
         }
     }
 
@@ -79,6 +83,9 @@ pub struct CoordinatorFileConfig {
     pub peer: Vec<String>,
     pub bootstrap: Option<bool>,
     pub insecure: Option<bool>,
+    /// `trusted-key = ["/etc/orchestrator/signing.pub"]`
+    #[serde(default)]
+    pub trusted_key: Vec<PathBuf>,
 }
 
 impl CoordinatorFileConfig {
@@ -249,7 +256,8 @@ pub async fn serve(
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Io(format!("create {}: {e}", config.data_dir.display())))?;
-    let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?;
+    let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?
+        .with_trusted(load_trusted_keys(&config.trusted_keys)?);
     let raft = RaftNode::start(RaftConfig::new(
         config.id,
         config.address(),
@@ -290,6 +298,20 @@ pub async fn serve(
     let _ = leadership.await;
     raft.shutdown().await;
     result.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// Loads `--trusted-key` files; one that cannot be read stops the daemon (a typo must not
+/// silently turn signature checks off or lock out good packages).
+fn load_trusted_keys(paths: &[PathBuf]) -> Result<orch_release::TrustedKeys> {
+    let keys = orch_release::TrustedKeys::load(paths).map_err(|e| {
+        Error::Refused(format!(
+            "cannot load a --trusted-key: {e}; fix the path or the file and restart"
+        ))
+    })?;
+    if !keys.is_empty() {
+        tracing::info!(keys = ?keys.ids(), "package uploads and rollouts need a trusted signature");
+    }
+    Ok(keys)
 }
 
 /// Starts a driver for each term in which this coordinator leads, and stops it on losing it.

@@ -14,6 +14,14 @@ pub enum Error {
     #[error("package {file} refused: {reason}; nothing was changed")]
     BadPackage { file: String, reason: String },
 
+    /// Signatures are required (trusted keys are configured) and this package's is missing,
+    /// from an untrusted key, or does not verify; nothing was changed.
+    #[error("package {file} refused: signature check failed: {reason}; nothing was changed")]
+    Signature {
+        file: String,
+        reason: crate::signing::Error,
+    },
+
     #[error(
         "no package for version {version} in {dir} (expected <name>-{version}.zip); pass --package FILE"
     )]

@@ -11,10 +11,12 @@ pub mod fsutil;
 pub mod incoming;
 pub mod package;
 pub mod rules;
+pub mod signing;
 pub mod store;
 
 pub use activate::Activation;
 pub use error::{Error, Result};
 pub use package::{Limits, PackageInfo};
 pub use rules::Releases;
+pub use signing::TrustedKeys;
 pub use store::{Outcome, PackageSource, Store, StoreConfig};

@@ -21,6 +21,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{StoreLock, fsync_dir, remove_tree, syncfs, unique_suffix, write_atomic};
 use crate::package::{self, Limits, MANIFEST, PackageInfo};
 use crate::rules::{self, Op, Plan, Releases};
+use crate::signing::{self, TrustedKeys};
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = ".lock";
@@ -38,6 +39,9 @@ pub struct StoreConfig {
     pub limits: Limits,
     /// How long a writer waits for another one to finish.
     pub lock_timeout: Duration,
+    /// When not empty, a package is only unpacked with a valid `<file>.sig` from one of these
+    /// keys beside it (see [`crate::signing`]).
+    pub trusted_keys: TrustedKeys,
 }
 
 impl StoreConfig {
@@ -48,6 +52,7 @@ impl StoreConfig {
             activate_timeout: Duration::from_secs(60),
             limits: Limits::default(),
             lock_timeout: Duration::from_secs(10),
+            trusted_keys: TrustedKeys::default(),
         }
     }
 }
@@ -445,13 +450,20 @@ impl Store {
                 final_dir.display()
             )));
         }
+        // With trusted keys, the signature is checked before a single entry is parsed, and the
+        // extraction is then bound to the digest that was verified.
+        let verified = if self.cfg.trusted_keys.is_empty() {
+            None
+        } else {
+            Some(check_signature(&p.path, p.sha256.as_deref(), &self.cfg.trusted_keys)?.0)
+        };
         let tmp = self
             .releases
             .join(format!(".unpack-{v}-{}", unique_suffix()));
         let info = package::extract(
             &p.path,
             &tmp,
-            p.sha256.as_deref(),
+            verified.as_deref().or(p.sha256.as_deref()),
             Some(v),
             &self.cfg.limits,
         )?;
@@ -465,6 +477,33 @@ impl Store {
         }
         done.map(|()| info)
     }
+}
+
+/// Checks a package file against its expected digest (explicit, else its `.sha256`) and its
+/// `.sig` against `trusted`; returns the verified digest and the id of the key that signed it.
+pub fn check_signature(
+    zip: &Path,
+    explicit_sha256: Option<&str>,
+    trusted: &TrustedKeys,
+) -> Result<(String, String)> {
+    let expected = package::expected_digest(zip, explicit_sha256)?;
+    let (actual, _) = package::sha256_file(zip)?;
+    if let Some(e) = expected
+        && e != actual
+    {
+        return Err(package::digest_mismatch(zip, &e, &actual));
+    }
+    let file = zip
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let refuse = |reason| Error::Signature {
+        file: file.clone(),
+        reason,
+    };
+    let sig = signing::read_sig(zip).map_err(refuse)?;
+    let key = trusted.verify(sig.as_deref(), &actual).map_err(refuse)?;
+    Ok((actual, key))
 }
 
 #[derive(Debug, Clone)]
