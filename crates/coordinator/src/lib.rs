@@ -270,7 +270,7 @@ pub async fn serve(
     security
         .check_listen(local, config.insecure_allow_remote)
         .map_err(refused)?;
-    let server = security.server(&config.limits).map_err(refused)?;
+    let mut server = security.server(&config.limits).map_err(refused)?;
     if security.is_insecure() {
         tracing::warn!(
             "coordinator serving plain-text gRPC (--insecure): anyone who can reach it can run rollouts"
