@@ -100,6 +100,11 @@
 //! Dial `orch_tls::tls_uri(addr)?`, never an `http://` URI: tonic applies the TLS
 //! configuration only to `https` URIs.
 //!
+//! Daemons and clients carry one [`Security`] value (`Mtls` with the loaded material, or the
+//! explicitly requested `Insecure`): [`Security::endpoint`] dials a party by the domain above,
+//! [`Security::server`] builds a server with TLS and the shared [`ServerLimits`], and
+//! [`Security::mode`] is the [`AuthMode`] handlers check callers with.
+//!
 //! In a handler, `let who = orch_tls::require(&request, &[Role::Operator])?;` refuses any other
 //! caller with `PermissionDenied` naming the required role, and returns the caller's
 //! [`Identity`] (for audit trails). The identity is read from the peer certificates tonic
