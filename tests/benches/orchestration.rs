@@ -305,9 +305,13 @@ fn start_agents(
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let local = listener.local_addr().unwrap();
-        let mut cfg = AgentConfig::new(id.parse().unwrap(), root, local);
+        let mut cfg = AgentConfig::new(
+            id.parse().unwrap(),
+            root,
+            local,
+            orch_tls::Security::Insecure,
+        );
         cfg.coordinators = coordinators.to_vec();
-        cfg.insecure = true;
         cfg.shutdown_grace = Duration::from_secs(2);
         let mut rx = rx.clone();
         let id = id.clone();
@@ -476,7 +480,7 @@ fn measure_writes(rt: &Runtime, addrs: &[String], count: usize) -> Vec<Duration>
 }
 
 fn client(addrs: &[String]) -> Client {
-    Client::new(addrs.to_vec())
+    Client::new(addrs.to_vec(), orch_tls::Security::Insecure)
 }
 
 /// Waits until a leader is elected and every coordinator is a member.

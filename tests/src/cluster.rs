@@ -26,9 +26,11 @@ use orch_demo_service::fixture::Reaper;
 use orch_demo_service::load::{Load, LoadConfig, LoadReport};
 use serde_json::Value;
 
+use orch_tls::{Role, Security};
+
 use crate::{
-    AgentProc, CLI_TIMEOUT, PkgSpec, built_bin, free_port, local_ok, orch_cmd, read_or_empty,
-    run_bounded, stderr, stdout, wait_child, wait_until,
+    AgentProc, CLI_TIMEOUT, OPERATOR, PkgSpec, TestCerts, built_bin, free_port, local_ok, orch_cmd,
+    read_or_empty, run_bounded, stderr, stdout, tls_flags, wait_child, wait_until,
 };
 
 /// The version every node starts on.
@@ -72,14 +74,17 @@ pub struct CoordProc {
 /// `coordinatorN.log`), each with every other as `--peer`, the first with `--bootstrap`.
 /// `log_filter` is their `ORCH_LOG`. Does not wait for a leader.
 pub fn spawn_coordinators(dir: &Path, n: usize, log_filter: &str) -> Vec<CoordProc> {
-    spawn_coordinators_with(dir, n, log_filter, &[])
+    spawn_coordinators_with(dir, n, log_filter, None, &[])
 }
 
-/// [`spawn_coordinators`] with `extra` arguments for every coordinator.
+/// [`spawn_coordinators`] under mutual TLS (each with its `coordinator-<id>` folder of
+/// `certs`) when `certs` is given, else `--insecure`, with `extra` arguments for every
+/// coordinator.
 pub fn spawn_coordinators_with(
     dir: &Path,
     n: usize,
     log_filter: &str,
+    certs: Option<&TestCerts>,
     extra: &[String],
 ) -> Vec<CoordProc> {
     let addrs: Vec<String> = (0..n)
@@ -96,8 +101,8 @@ pub fn spawn_coordinators_with(
             addr.clone(),
             "--data-dir".into(),
             data_dir.display().to_string(),
-            "--insecure".into(),
         ];
+        args.extend(tls_flags(certs, Role::Coordinator, &id.to_string()));
         for (j, peer) in addrs.iter().enumerate() {
             if j != i {
                 args.push("--peer".into());
@@ -200,6 +205,7 @@ pub struct Node {
     pub service: Option<SocketAddr>,
     pub agent: Option<AgentProc>,
     agent_args: Vec<String>,
+    certs: Option<TestCerts>,
     // Dropped after the agent: kills every demo-service process of the root.
     _reaper: Option<Reaper>,
 }
@@ -235,11 +241,12 @@ impl Node {
     pub fn restart_agent(&mut self) {
         self.kill_agent();
         let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
-        self.agent = Some(AgentProc::start_env(
+        self.agent = Some(AgentProc::start_with(
             &self.id,
             &self.root,
             &args,
             &[("ORCH_LOG", log_filter())],
+            self.certs.as_ref(),
         ));
     }
 }
@@ -282,6 +289,9 @@ pub struct ClusterOpts {
     pub agent_extra: Vec<(usize, Vec<String>)>,
     /// Extra arguments for every coordinator.
     pub coordinator_extra: Vec<String>,
+    /// Mutual TLS everywhere (certificates made per cluster; the CLI acts as operator
+    /// `alice`); else every party runs `--insecure` on loopback.
+    pub mtls: bool,
 }
 
 impl ClusterOpts {
@@ -292,6 +302,7 @@ impl ClusterOpts {
             demo: true,
             agent_extra: Vec::new(),
             coordinator_extra: Vec::new(),
+            mtls: false,
         }
     }
 
@@ -300,6 +311,12 @@ impl ClusterOpts {
             demo: false,
             ..Self::demo(coordinators, nodes)
         }
+    }
+
+    /// The same cluster under mutual TLS.
+    pub fn mtls(mut self) -> Self {
+        self.mtls = true;
+        self
     }
 
     /// Extra arguments for node `i`'s agent (1-based).
@@ -326,6 +343,8 @@ pub struct Cluster {
     pub pkgs: PathBuf,
     demo: bool,
     demo_bin: Option<PathBuf>,
+    /// The cluster's certificates under mutual TLS.
+    pub certs: Option<TestCerts>,
     pub dir: tempfile::TempDir,
 }
 
@@ -346,8 +365,18 @@ impl Cluster {
             pkgs,
             demo: opts.demo,
             demo_bin: None,
+            certs: None,
             dir,
         };
+        if opts.mtls {
+            let agents: Vec<String> = (1..=opts.nodes).map(|i| format!("n{i}")).collect();
+            let agents: Vec<&str> = agents.iter().map(String::as_str).collect();
+            c.certs = Some(TestCerts::init(
+                &c.dir.path().join("certs"),
+                opts.coordinators as u32,
+                &agents,
+            ));
+        }
         if opts.demo {
             c.demo_bin = Some(stripped_demo_service(c.dir.path()));
         }
@@ -357,6 +386,7 @@ impl Cluster {
             c.dir.path(),
             opts.coordinators,
             log_filter(),
+            c.certs.as_ref(),
             &opts.coordinator_extra,
         );
         let addrs = c.addrs();
@@ -372,6 +402,7 @@ impl Cluster {
                 service: None,
                 agent: None,
                 agent_args: Vec::new(),
+                certs: c.certs.clone(),
                 _reaper: None,
             };
             if opts.demo {
@@ -530,7 +561,8 @@ impl Cluster {
 
     // -- the CLI --------------------------------------------------------------------------
 
-    /// `orchestrator ARGS --coordinator A,B,C --insecure`.
+    /// `orchestrator ARGS --coordinator A,B,C --insecure` (or `--tls-dir` the operator's
+    /// folder under mTLS).
     pub fn cli_cmd(&self, args: &[&str]) -> Command {
         self.cli_cmd_via(&self.addrs(), args)
     }
@@ -540,8 +572,9 @@ impl Cluster {
         let mut cmd = orch_cmd(args);
         cmd.arg("--coordinator")
             .arg(addrs.join(","))
-            .arg("--insecure")
-            .env_remove("ORCHESTRATOR_COORDINATORS");
+            .args(tls_flags(self.certs.as_ref(), Role::Operator, OPERATOR))
+            .env_remove("ORCHESTRATOR_COORDINATORS")
+            .env_remove("ORCHESTRATOR_TLS_DIR");
         cmd
     }
 
@@ -601,7 +634,11 @@ impl Cluster {
             .build()
             .unwrap();
         rt.block_on(async {
-            let mut c = Client::new(addrs);
+            let security = match &self.certs {
+                None => Security::Insecure,
+                Some(certs) => certs.security(Role::Operator, OPERATOR),
+            };
+            let mut c = Client::new(addrs, security);
             c.patience = Duration::from_secs(2);
             tokio::time::timeout(Duration::from_secs(5), f(&mut c))
                 .await

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use orch_proto::agent::agent_client::AgentClient;
 use orch_proto::agent::{self as pb};
+use orch_tls::{Role, Security};
 use tonic::transport::Channel;
 
 pub use orch_proto::agent as proto;
@@ -339,9 +340,76 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// Certificates for one test, made like `orchestrator certs init DIR --coordinators N
+/// --agents ... --operators alice --viewers grafana`: one folder per party under `dir`.
+#[derive(Debug, Clone)]
+pub struct TestCerts {
+    pub dir: PathBuf,
+}
+
+/// The operator every mTLS test acts as.
+pub const OPERATOR: &str = "alice";
+/// The viewer that exists in every test CA.
+pub const VIEWER: &str = "grafana";
+
+impl TestCerts {
+    /// A new CA under `dir` with coordinators `1..=coordinators`, `agents`, operator
+    /// [`OPERATOR`] and viewer [`VIEWER`].
+    pub fn init(dir: &Path, coordinators: u32, agents: &[&str]) -> TestCerts {
+        let opts = orch_tls::InitOptions {
+            coordinators,
+            agents: agents.iter().map(|s| s.to_string()).collect(),
+            operators: vec![OPERATOR.into()],
+            viewers: vec![VIEWER.into()],
+            ..orch_tls::InitOptions::default()
+        };
+        orch_tls::init_with(dir, &opts).expect("create test certificates");
+        TestCerts {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `DIR/<role>-<name>`.
+    pub fn folder(&self, role: Role, name: &str) -> PathBuf {
+        self.dir.join(orch_tls::party_domain(role, name))
+    }
+
+    /// The operator's folder (what the CLI gets as `--tls-dir`).
+    pub fn operator(&self) -> PathBuf {
+        self.folder(Role::Operator, OPERATOR)
+    }
+
+    /// A party's loaded TLS material.
+    pub fn security(&self, role: Role, name: &str) -> Security {
+        Security::resolve(false, Some(&self.folder(role, name)), None, None, None)
+            .unwrap_or_else(|e| panic!("load {role} {name}: {e}"))
+    }
+}
+
+/// `--insecure`, or `--tls-dir FOLDER`: the CLI/daemon flags for a party.
+pub fn tls_flags(certs: Option<&TestCerts>, role: Role, name: &str) -> Vec<String> {
+    match certs {
+        None => vec!["--insecure".into()],
+        Some(c) => vec![
+            "--tls-dir".into(),
+            c.folder(role, name).display().to_string(),
+        ],
+    }
+}
+
 /// A connected raw client for the agent at `addr` (HOST:PORT).
 pub async fn connect(addr: &str) -> AgentClient<Channel> {
-    let ch = Channel::from_shared(format!("http://{addr}"))
+    connect_as(addr, &Security::Insecure, "").await
+}
+
+/// A connected raw client for agent `node` at `addr`, dialed with `security` (as
+/// `agent-<node>` under mTLS).
+pub async fn connect_as(addr: &str, security: &Security, node: &str) -> AgentClient<Channel> {
+    let ch = security
+        .endpoint(addr, &orch_tls::party_domain(Role::Agent, node))
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
@@ -440,13 +508,25 @@ pub fn states(v: &[pb::VersionEntry]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Asks the agent at `addr` who it is (one bounded attempt).
-fn probe_node_info(addr: SocketAddr) -> Result<pb::NodeInfoReply, String> {
+/// Asks the agent at `addr` who it is (one bounded attempt), as the operator under mTLS.
+fn probe_node_info(
+    addr: SocketAddr,
+    certs: Option<&TestCerts>,
+    node: &str,
+) -> Result<pb::NodeInfoReply, String> {
+    let security = match certs {
+        None => Security::Insecure,
+        Some(c) => c.security(Role::Operator, OPERATOR),
+    };
     std::thread::scope(|s| {
         s.spawn(|| {
             rt().block_on(async {
                 let fut = async {
-                    let ch = Channel::from_shared(format!("http://{addr}"))
+                    let ch = security
+                        .endpoint(
+                            &addr.to_string(),
+                            &orch_tls::party_domain(Role::Agent, node),
+                        )
                         .map_err(|e| e.to_string())?
                         .connect_timeout(Duration::from_millis(500))
                         .connect()
@@ -483,6 +563,8 @@ pub struct AgentProc {
     pub root: PathBuf,
     /// The agent's stderr.
     pub log_path: PathBuf,
+    /// The test's certificates when the agent runs mutual TLS (`None`: `--insecure`).
+    pub certs: Option<TestCerts>,
 }
 
 impl AgentProc {
@@ -500,6 +582,18 @@ impl AgentProc {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProc {
+        Self::start_with(node_id, root, extra_args, env, None)
+    }
+
+    /// [`AgentProc::start_env`] under mutual TLS with `certs` (the agent's own folder) when
+    /// given, else `--insecure`.
+    pub fn start_with(
+        node_id: &str,
+        root: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        certs: Option<&TestCerts>,
+    ) -> AgentProc {
         let mut last = String::new();
         // A port found free can be taken by another test before the agent binds it: retry.
         for _ in 0..5 {
@@ -511,10 +605,10 @@ impl AgentProc {
                 root.display().to_string(),
                 "--listen".into(),
                 format!("127.0.0.1:{port}"),
-                "--insecure".into(),
             ];
+            args.extend(tls_flags(certs, Role::Agent, node_id));
             args.extend(extra_args.iter().map(|s| s.to_string()));
-            match Self::launch(&args, env, port, root, Some(node_id)) {
+            match Self::launch_with(&args, env, port, root, Some(node_id), certs) {
                 Ok(a) => return a,
                 Err(log) if log.contains("in use") => last = log,
                 Err(log) => panic!("agent {node_id} did not start: {log}"),
@@ -531,6 +625,18 @@ impl AgentProc {
         port: u16,
         root: &Path,
         expect_node: Option<&str>,
+    ) -> Result<AgentProc, String> {
+        Self::launch_with(args, env, port, root, expect_node, None)
+    }
+
+    /// [`AgentProc::launch`], probing with the operator's certificate of `certs` when given.
+    pub fn launch_with(
+        args: &[String],
+        env: &[(&str, &str)],
+        port: u16,
+        root: &Path,
+        expect_node: Option<&str>,
+        certs: Option<&TestCerts>,
     ) -> Result<AgentProc, String> {
         let log_dir = root
             .parent()
@@ -556,6 +662,7 @@ impl AgentProc {
             node_id: expect_node.unwrap_or_default().to_string(),
             root: root.to_path_buf(),
             log_path,
+            certs: certs.cloned(),
         };
         let sock: SocketAddr = me.addr.parse().unwrap();
         let start = Instant::now();
@@ -569,7 +676,7 @@ impl AgentProc {
             }
             // Cheap check first: the port accepts connections.
             if TcpStream::connect_timeout(&sock, Duration::from_millis(200)).is_ok() {
-                match probe_node_info(sock) {
+                match probe_node_info(sock, certs, expect_node.unwrap_or("")) {
                     Ok(info) => {
                         if let Some(id) = expect_node
                             && info.node_id != id
@@ -688,6 +795,15 @@ impl AgentProc {
         a.extend(args.iter().map(|s| s.to_string()));
         a.push("--agent".into());
         a.push(self.addr.clone());
+        match &self.certs {
+            None => a.push("--insecure".into()),
+            Some(c) => {
+                a.push("--tls-dir".into());
+                a.push(c.operator().display().to_string());
+                a.push("--node-id".into());
+                a.push(self.node_id.clone());
+            }
+        }
         let o = orch(&a);
         if stderr(&o).contains("cannot reach the agent") {
             let live = self.liveness();
@@ -719,7 +835,17 @@ impl AgentProc {
 
     /// A raw gRPC client for this agent.
     pub async fn client(&self) -> AgentClient<Channel> {
-        connect(&self.addr).await
+        match &self.certs {
+            None => connect(&self.addr).await,
+            Some(c) => {
+                connect_as(
+                    &self.addr,
+                    &c.security(Role::Operator, OPERATOR),
+                    &self.node_id,
+                )
+                .await
+            }
+        }
     }
 }
 

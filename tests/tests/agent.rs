@@ -1093,6 +1093,7 @@ fn steps_on_one_node_run_one_at_a_time() {
             "4.2.1",
             "--agent",
             &addr,
+            "--insecure",
         ])
     });
     let started = agent.root.join("hook-started");
@@ -1129,7 +1130,9 @@ fn node_info_answers_while_a_step_is_in_flight() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = slow_switch_agent(tmp.path(), "4");
     let addr = agent.addr.clone();
-    let install = std::thread::spawn(move || orch(&["node", "install", "4.2.1", "--agent", &addr]));
+    let install = std::thread::spawn(move || {
+        orch(&["node", "install", "4.2.1", "--agent", &addr, "--insecure"])
+    });
     let started = agent.root.join("hook-started");
     wait_until(
         std::time::Duration::from_secs(20),
@@ -1137,7 +1140,7 @@ fn node_info_answers_while_a_step_is_in_flight() {
         || started.exists(),
     );
     let t = std::time::Instant::now();
-    let o = orch(&["node", "root-dir", "--agent", &agent.addr]);
+    let o = orch(&["node", "root-dir", "--agent", &agent.addr, "--insecure"]);
     let took = t.elapsed();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(

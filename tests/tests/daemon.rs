@@ -28,7 +28,9 @@ fn sigterm_lets_the_step_in_flight_finish_then_exits_zero() {
     agent.node_ok(&["unpack", "--package", &p("4.2.1")]);
 
     let addr = agent.addr.clone();
-    let install = std::thread::spawn(move || orch(&["node", "install", "4.2.1", "--agent", &addr]));
+    let install = std::thread::spawn(move || {
+        orch(&["node", "install", "4.2.1", "--agent", &addr, "--insecure"])
+    });
     let started = root.join("hook-started");
     wait_until(
         Duration::from_secs(20),
@@ -40,7 +42,7 @@ fn sigterm_lets_the_step_in_flight_finish_then_exits_zero() {
 
     // While draining, the agent takes no new request, and a new one does not hang.
     let o = orch_within(
-        &["node", "versions", "--agent", &agent.addr],
+        &["node", "versions", "--agent", &agent.addr, "--insecure"],
         Duration::from_secs(10),
     );
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
@@ -301,7 +303,7 @@ fn remote_commands_give_up_on_a_wedged_agent() {
     );
     let t = Instant::now();
     let o = run_bounded(
-        orch_cmd(&["node", "versions", "--agent", &agent.addr]),
+        orch_cmd(&["node", "versions", "--agent", &agent.addr, "--insecure"]),
         Duration::from_secs(30),
     );
     assert_eq!(o.status.code(), Some(1));
@@ -335,6 +337,7 @@ fn a_crash_mid_activation_keeps_the_old_state_and_the_step_can_be_retried() {
             "4.2.1",
             "--agent",
             &addr,
+            "--insecure",
         ])
     });
     let started = root.join("hook-started");

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use orch_proto::agent::agent_server::AgentServer;
 use orch_release::{Store, StoreConfig};
+use orch_tls::{Role, Security, ServerLimits};
 use orch_types::NodeId;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -56,7 +57,11 @@ pub struct AgentConfig {
     pub activate_cmd: Option<Vec<String>>,
     pub activate_timeout: Duration,
     pub driver: DriverKind,
-    pub insecure: bool,
+    /// Mutual TLS (the default) or the explicitly requested plain text.
+    pub security: Security,
+    /// Allow `Security::Insecure` on a non-loopback listen address.
+    pub insecure_allow_remote: bool,
+    pub limits: ServerLimits,
     pub max_package_bytes: u64,
     /// How long a SIGTERM waits for an in-flight step before exiting anyway.
     pub shutdown_grace: Duration,
@@ -66,7 +71,7 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn new(node_id: NodeId, root_dir: PathBuf, listen: SocketAddr) -> Self {
+    pub fn new(node_id: NodeId, root_dir: PathBuf, listen: SocketAddr, security: Security) -> Self {
         AgentConfig {
             node_id,
             root_dir,
@@ -82,7 +87,9 @@ impl AgentConfig {
             activate_cmd: None,
             activate_timeout: Duration::from_secs(60),
             driver: DriverKind::Native,
-            insecure: false,
+            security,
+            insecure_allow_remote: false,
+            limits: ServerLimits::default(),
             max_package_bytes: 4 << 30,
             shutdown_grace: Duration::from_secs(90),
             trusted_keys: Vec::new(),
@@ -109,10 +116,16 @@ pub struct AgentFileConfig {
     pub activate_timeout: Option<String>,
     pub driver: Option<String>,
     pub emqx_bin: Option<PathBuf>,
+    /// A party folder holding ca.pem, cert.pem and key.pem (`orchestrator certs init`).
+    pub tls_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     pub insecure: Option<bool>,
     /// `trusted-key = ["/etc/orchestrator/signing.pub"]`
     #[serde(default)]
     pub trusted_key: Vec<PathBuf>,
+    pub insecure_allow_remote: Option<bool>,
 }
 
 impl AgentFileConfig {
@@ -120,6 +133,9 @@ impl AgentFileConfig {
         toml::from_str(text).map_err(|e| e.message().to_string())
     }
 }
+
+/// Largest gRPC message the agent accepts or sends (push chunks are 256 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -136,16 +152,20 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    if !config.insecure {
-        return Err(Error::Refused(
-            "TLS is not available in this build yet: pass --insecure to serve plain-text gRPC \
-             (only on a trusted network)"
-                .into(),
-        ));
+    let security = config.security.clone();
+    let refused = |e: orch_tls::Error| Error::Refused(e.to_string());
+    security
+        .expect_identity(Role::Agent, config.node_id.as_str())
+        .map_err(refused)?;
+    let local = listener.local_addr().ok();
+    security
+        .check_listen(local.unwrap_or(config.listen), config.insecure_allow_remote)
+        .map_err(refused)?;
+    if security.is_insecure() {
+        tracing::warn!(
+            "agent serving plain-text gRPC (--insecure): anyone who can reach it can act on this node"
+        );
     }
-    tracing::warn!(
-        "agent serving plain-text gRPC (--insecure): anyone who can reach it can act on this node"
-    );
     let trusted = orch_release::TrustedKeys::load(&config.trusted_keys).map_err(|e| {
         Error::Refused(format!(
             "cannot load a --trusted-key: {e}; fix the path or the file and restart"
@@ -193,6 +213,7 @@ pub async fn serve(
     let svc = service::AgentService {
         shared: Arc::new(service::Shared {
             node_id: config.node_id.to_string(),
+            auth: security.mode(),
             root: config.root_dir.clone(),
             labels: config.labels.clone(),
             driver,
@@ -203,7 +224,6 @@ pub async fn serve(
             last_fence,
         }),
     };
-    let local = listener.local_addr().ok();
     let registration = (!config.coordinators.is_empty()).then(|| {
         let address = config
             .advertise
@@ -216,6 +236,7 @@ pub async fn serve(
             address,
             config.labels.clone(),
             svc.shared.driver.clone(),
+            security.clone(),
         ))
     });
     let reflection = tonic_reflection::server::Builder::configure()
@@ -224,9 +245,15 @@ pub async fn serve(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     tracing::info!(node = %config.node_id, addr = ?local, "agent listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let server = security
+        .server(&config.limits)
+        .map_err(refused)?
         .add_service(reflection)
-        .add_service(AgentServer::new(svc).max_decoding_message_size(8 << 20))
+        .add_service(
+            AgentServer::new(svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async {

@@ -19,8 +19,9 @@ pub(crate) async fn keep_registered(
     address: String,
     labels: BTreeMap<String, String>,
     driver: Arc<dyn Driver>,
+    security: orch_tls::Security,
 ) {
-    let mut client = Client::new(coordinators);
+    let mut client = Client::new(coordinators, security);
     client.patience = Duration::from_secs(3);
     let mut registered = false;
     loop {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use orch_proto::agent::{self as pb, agent_server::Agent};
+use orch_tls::{AuthMode, Role};
 use orch_types::{Version, VersionEntry};
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
@@ -16,8 +17,15 @@ use crate::fence::{Fence, FenceStore};
 use crate::health::{self, HealthConfig};
 use crate::push::{Header, Upload};
 
+/// Who may call what: steps change the node, so only coordinators (rollouts) and operators
+/// (`orchestrator node --agent`); reading it is also open to viewers.
+const MUTATE: &[Role] = &[Role::Coordinator, Role::Operator];
+const READ: &[Role] = &[Role::Coordinator, Role::Operator, Role::Viewer];
+
 pub(crate) struct Shared {
     pub node_id: String,
+    /// Checks the caller's certificate on every call (or nothing, with `--insecure`).
+    pub auth: AuthMode,
     pub root: PathBuf,
     pub labels: std::collections::BTreeMap<String, String>,
     pub driver: Arc<dyn Driver>,
@@ -144,8 +152,9 @@ impl AgentService {
 impl Agent for AgentService {
     async fn node_info(
         &self,
-        _req: Request<pb::NodeInfoRequest>,
+        req: Request<pb::NodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfoReply>, Status> {
+        self.shared.auth.require(&req, READ)?;
         // Never wait for an in-flight step (an activation can take a minute): while one runs,
         // the fence is reported from the last snapshot.
         let last_fence = self
@@ -167,8 +176,9 @@ impl Agent for AgentService {
 
     async fn versions(
         &self,
-        _req: Request<pb::VersionsRequest>,
+        req: Request<pb::VersionsRequest>,
     ) -> Result<Response<pb::VersionsReply>, Status> {
+        self.shared.auth.require(&req, READ)?;
         let reported = self.reported_and_reconcile().await.unwrap_or_default();
         let (versions, running) = self
             .blocking(|d| {
@@ -188,6 +198,7 @@ impl Agent for AgentService {
         &self,
         req: Request<Streaming<pb::PackageChunk>>,
     ) -> Result<Response<pb::PushReply>, Status> {
+        self.shared.auth.require(&req, MUTATE)?;
         let mut stream = req.into_inner();
         let first = stream
             .next()
@@ -249,6 +260,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::UnpackRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
+        self.shared.auth.require(&req, MUTATE)?;
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
         let gate = self.signature_gate();
@@ -265,6 +277,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::InstallRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
+        self.shared.auth.require(&req, MUTATE)?;
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
         let p = r.permanent;
@@ -282,6 +295,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
+        self.shared.auth.require(&req, MUTATE)?;
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
         Ok(Response::new(
@@ -294,6 +308,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
+        self.shared.auth.require(&req, MUTATE)?;
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
         Ok(Response::new(
@@ -306,6 +321,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
+        self.shared.auth.require(&req, MUTATE)?;
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
         Ok(Response::new(
@@ -318,6 +334,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthReply>, Status> {
+        self.shared.auth.require(&req, READ)?;
         let r = req.into_inner();
         let expect = if r.expect_version.is_empty() {
             None

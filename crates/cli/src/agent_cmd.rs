@@ -18,7 +18,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
         None => AgentFileConfig::default(),
     };
     let cfg = merge(a, file)?;
-    if cfg.insecure {
+    if cfg.security.is_insecure() {
         eprintln!(
             "WARNING: agent {} serves plain-text gRPC on {} (--insecure): anyone who can reach it can change this node's releases",
             cfg.node_id, cfg.listen
@@ -43,7 +43,17 @@ pub async fn shutdown_signal() {
 }
 
 fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
-    let node_id = a
+    let security = crate::tls::daemon_security(
+        &a.tls,
+        crate::tls::FileTls {
+            tls_dir: f.tls_dir.clone(),
+            ca: f.ca.clone(),
+            cert: f.cert.clone(),
+            key: f.key.clone(),
+            insecure: f.insecure,
+        },
+    )?;
+    let node_id: orch_types::NodeId = a
         .node_id
         .or(f.node_id)
         .ok_or_else(|| anyhow!("no node id: pass --node-id ID (or node-id in --config)"))?
@@ -59,7 +69,15 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
     let listen = listen_s
         .parse()
         .with_context(|| format!("--listen {listen_s:?} is not HOST:PORT"))?;
-    let mut cfg = AgentConfig::new(node_id, root, listen);
+    let listen: std::net::SocketAddr = listen;
+    // Checked here too (the daemon checks again) so the refusal comes before anything starts.
+    security.check_listen(
+        listen,
+        a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false),
+    )?;
+    security.expect_identity(orch_tls::Role::Agent, node_id.as_str())?;
+    let mut cfg = AgentConfig::new(node_id, root, listen, security);
+    cfg.insecure_allow_remote = a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
     cfg.advertise = a.advertise.or(f.advertise);
     cfg.coordinators = if a.coordinators.is_empty() {
         f.coordinator
@@ -105,12 +123,6 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
     } else {
         a.trusted_keys
     };
-    cfg.insecure = a.insecure || f.insecure.unwrap_or(false);
-    if !cfg.insecure {
-        bail!(
-            "TLS is not available in this build yet: pass --insecure to serve plain-text gRPC on a trusted network"
-        );
-    }
     Ok(cfg)
 }
 

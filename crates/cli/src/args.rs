@@ -52,6 +52,78 @@ pub enum Command {
     /// Coordinator membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Create the cluster's certificate authority and party certificates (mutual TLS).
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+/// How this command secures its gRPC channels. Mutual TLS unless `--insecure`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// A party folder holding ca.pem, cert.pem and key.pem (from `orchestrator certs init`).
+    /// Client commands default to $ORCHESTRATOR_TLS_DIR, else ~/.config/orchestrator/;
+    /// daemons have no default.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The CA bundle (PEM) to trust, instead of the folder's ca.pem.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This party's certificate (PEM), instead of the folder's cert.pem.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// This party's private key (PEM, mode 0600), instead of the folder's key.pem.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Plain-text gRPC without certificates: nobody is authenticated. Daemons print a warning
+    /// and refuse it on a non-loopback address unless --insecure-allow-remote.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCmd {
+    /// Create DIR/ca (the CA; keep ca-key.pem offline) and one folder per party
+    /// (DIR/coordinator-1, DIR/agent-n1, DIR/operator-alice, ...).
+    Init {
+        dir: PathBuf,
+        /// Coordinators 1..=N.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        coordinators: u32,
+        /// Agents, by node id.
+        #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
+        agents: Vec<String>,
+        /// Operators (may run rollouts), by name.
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+        operators: Vec<String>,
+        /// Viewers (read-only control API), by name.
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+        viewers: Vec<String>,
+        /// An extra DNS name or IP address for every coordinator and agent certificate
+        /// (repeatable): the names clients dial besides localhost.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// Validity of the party certificates, in days.
+        #[arg(long, value_name = "DAYS", default_value_t = orch_tls::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+    /// Issue one more party certificate, signed by DIR/ca, into DIR/<role>-<name>/ (or --out).
+    Issue {
+        dir: PathBuf,
+        /// coordinator, agent, operator or viewer.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// Coordinator id, node id, or person's name.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// An extra DNS name or IP address (coordinator and agent certificates; repeatable).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// The folder to create instead of DIR/<role>-<name> (for rotation). Must not exist.
+        #[arg(long, value_name = "FOLDER")]
+        out: Option<PathBuf>,
+        #[arg(long, value_name = "DAYS", default_value_t = orch_tls::DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
 }
 
 /// How to reach the coordinators.
@@ -65,9 +137,8 @@ pub struct ClusterOpts {
         value_delimiter = ','
     )]
     pub coordinators: Vec<String>,
-    /// Plain-text gRPC (required until TLS lands).
-    #[arg(long)]
-    pub insecure: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -174,9 +245,11 @@ pub struct CoordinatorArgs {
     /// Initialize the cluster (once, on one coordinator).
     #[arg(long)]
     pub bootstrap: bool,
-    /// Serve plain-text gRPC (required until TLS lands).
+    /// With --insecure, serve plain text on a non-loopback address too.
     #[arg(long)]
-    pub insecure: bool,
+    pub insecure_allow_remote: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Only accept packages signed by this public key (signing.pub; repeatable).
     #[arg(long = "trusted-key", value_name = "PUB")]
     pub trusted_keys: Vec<PathBuf>,
@@ -206,6 +279,12 @@ pub struct NodeArgs {
     /// Refuse packages with more entries than this.
     #[arg(long, global = true, value_name = "N", default_value_t = 100_000)]
     pub max_entries: u64,
+    /// With --agent under mutual TLS: the node id the agent's certificate must name (the
+    /// connection then proves it reached that node).
+    #[arg(long, global = true, value_name = "ID")]
+    pub node_id: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(subcommand)]
     pub cmd: NodeCmd,
 }
@@ -312,6 +391,10 @@ pub struct DemoArgs {
     /// Keep the cluster running after the demo rollout (Ctrl-C stops it).
     #[arg(long)]
     pub keep: bool,
+    /// Run the demo cluster in plain text instead of mutual TLS (certificates are otherwise
+    /// generated into the demo directory).
+    #[arg(long)]
+    pub insecure: bool,
     #[command(subcommand)]
     pub cmd: Option<DemoCmd>,
 }
@@ -369,9 +452,11 @@ pub struct AgentArgs {
     /// The `emqx` script for --driver emqx.
     #[arg(long, value_name = "PATH")]
     pub emqx_bin: Option<PathBuf>,
-    /// Serve plain-text gRPC (no TLS). Required until TLS lands.
+    /// With --insecure, serve plain text on a non-loopback address too.
     #[arg(long)]
-    pub insecure: bool,
+    pub insecure_allow_remote: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Only accept packages signed by this public key (signing.pub; repeatable).
     #[arg(long = "trusted-key", value_name = "PUB")]
     pub trusted_keys: Vec<PathBuf>,

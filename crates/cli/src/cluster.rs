@@ -25,15 +25,11 @@ fn client(o: &ClusterOpts) -> Result<Client> {
             "no coordinator address: pass --coordinator ADDR or set ORCHESTRATOR_COORDINATORS=a,b,c"
         );
     }
-    if !o.insecure {
-        bail!(
-            "TLS is not available in this build yet: pass --insecure to talk plain-text gRPC to the coordinators"
-        );
-    }
-    Ok(Client::new(addrs))
+    Ok(Client::new(addrs, crate::tls::client_security(&o.tls)?))
 }
 
-/// The operator's name for the audit trail (until certificates carry it).
+/// The operator's name as this user claims it. Under mutual TLS the coordinators ignore it and
+/// record the name in the certificate; in insecure mode they record it marked unverified.
 fn operator() -> String {
     std::env::var("USER")
         .ok()
@@ -151,7 +147,24 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         .data_dir
         .or(f.data_dir)
         .ok_or_else(|| anyhow!("no data directory: pass --data-dir DIR"))?;
-    let mut cfg = CoordinatorConfig::new(id, listen, data_dir);
+    let security = crate::tls::daemon_security(
+        &a.tls,
+        crate::tls::FileTls {
+            tls_dir: f.tls_dir.clone(),
+            ca: f.ca.clone(),
+            cert: f.cert.clone(),
+            key: f.key.clone(),
+            insecure: f.insecure,
+        },
+    )?;
+    let allow_remote = a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
+    let listen: std::net::SocketAddr = listen;
+    // Checked here too (the daemon checks again) so the refusal comes before anything starts.
+    security.check_listen(listen, allow_remote)?;
+    security.expect_identity(orch_tls::Role::Coordinator, &id.to_string())?;
+    let insecure = security.is_insecure();
+    let mut cfg = CoordinatorConfig::new(id, listen, data_dir, security);
+    cfg.insecure_allow_remote = allow_remote;
     cfg.advertise = a.advertise.or(f.advertise);
     let peers = if a.peers.is_empty() { f.peer } else { a.peers };
     for p in peers {
@@ -166,15 +179,11 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     } else {
         a.trusted_keys
     };
-    cfg.insecure = a.insecure || f.insecure.unwrap_or(false);
-    if !cfg.insecure {
-        bail!(
-            "TLS is not available in this build yet: pass --insecure to serve plain-text gRPC on a trusted network"
+    if insecure {
+        eprintln!(
+            "WARNING: coordinator {id} serves plain-text gRPC on {listen} (--insecure): anyone who can reach it can run rollouts"
         );
     }
-    eprintln!(
-        "WARNING: coordinator {id} serves plain-text gRPC on {listen} (--insecure): anyone who can reach it can run rollouts"
-    );
     runtime()?.block_on(orch_coordinator::run(
         cfg,
         crate::agent_cmd::shutdown_signal(),

@@ -52,7 +52,15 @@ pub fn run(args: DemoArgs) -> Result<()> {
             "  export ORCHESTRATOR_COORDINATORS={}",
             cluster_addrs(&base)?
         );
-        println!("  orchestrator nodes --insecure; orchestrator status --insecure");
+        if args.insecure {
+            println!("  orchestrator nodes --insecure; orchestrator status --insecure");
+        } else {
+            println!(
+                "  export ORCHESTRATOR_TLS_DIR={}",
+                base.join("certs").join("operator-demo").display()
+            );
+            println!("  orchestrator nodes; orchestrator status");
+        }
         let rt = tokio::runtime::Runtime::new()?;
         rt.block_on(crate::agent_cmd::shutdown_signal());
     }
@@ -150,7 +158,45 @@ fn spawn(cluster: &mut Cluster, name: &str, log: &Path, args: &[String]) -> Resu
     Ok(())
 }
 
+/// The demo's certificates in `base/certs` (one folder per party, `orchestrator certs init`
+/// style); parties missing from an earlier run with the same `--dir` are issued.
+fn demo_certs(base: &Path, coordinators: u32, nodes: u32) -> Result<PathBuf> {
+    let dir = base.join("certs");
+    let agents: Vec<String> = (1..=nodes).map(|n| format!("n{n}")).collect();
+    if !dir.join(orch_tls::CA_FOLDER).exists() {
+        orch_tls::init(&dir, coordinators, &agents, &["demo".to_string()])?;
+        return Ok(dir);
+    }
+    let mut want: Vec<(orch_tls::Role, String)> = (1..=coordinators)
+        .map(|i| (orch_tls::Role::Coordinator, i.to_string()))
+        .collect();
+    want.extend(agents.into_iter().map(|a| (orch_tls::Role::Agent, a)));
+    want.push((orch_tls::Role::Operator, "demo".into()));
+    for (role, name) in want {
+        if !dir.join(orch_tls::party_domain(role, &name)).exists() {
+            orch_tls::issue(&dir, role, &name, &[])?;
+        }
+    }
+    Ok(dir)
+}
+
+/// `--insecure`, or `--tls-dir DIR/<party>`.
+fn tls_flags(certs: Option<&Path>, party: &str) -> Vec<String> {
+    match certs {
+        None => vec!["--insecure".into()],
+        Some(d) => vec!["--tls-dir".into(), d.join(party).display().to_string()],
+    }
+}
+
 fn demo(args: &DemoArgs, base: &Path, cluster: &mut Cluster) -> Result<()> {
+    let certs = if args.insecure {
+        None
+    } else {
+        let d = demo_certs(base, args.coordinators, args.nodes)?;
+        println!("Mutual TLS: certificates in {}", d.display());
+        Some(d)
+    };
+    let certs = certs.as_deref();
     let v0: Version = "4.2.0".parse()?;
     let v1: Version = "4.2.1".parse()?;
     let packages = base.join("packages");
@@ -202,8 +248,8 @@ fn demo(args: &DemoArgs, base: &Path, cluster: &mut Cluster) -> Result<()> {
             addr.clone(),
             "--data-dir".into(),
             base.join(format!("coordinator{id}")).display().to_string(),
-            "--insecure".into(),
         ];
+        a.extend(tls_flags(certs, &format!("coordinator-{id}")));
         for (j, peer) in caddrs.iter().enumerate() {
             if j != i {
                 a.push("--peer".into());
@@ -232,8 +278,8 @@ fn demo(args: &DemoArgs, base: &Path, cluster: &mut Cluster) -> Result<()> {
             format!("127.0.0.1:{}", free_port()?),
             "--health-url".into(),
             format!("http://{svc}/health"),
-            "--insecure".into(),
         ];
+        a.extend(tls_flags(certs, &format!("agent-n{n}")));
         for c in &caddrs {
             a.push("--coordinator".into());
             a.push(c.clone());
@@ -254,7 +300,11 @@ fn demo(args: &DemoArgs, base: &Path, cluster: &mut Cluster) -> Result<()> {
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut c = Client::new(caddrs.clone());
+        let security = match certs {
+            None => orch_tls::Security::Insecure,
+            Some(d) => orch_tls::Security::resolve(false, Some(&d.join("operator-demo")), None, None, None)?,
+        };
+        let mut c = Client::new(caddrs.clone(), security);
         // Wait (bounded) for a leader and every agent's registration.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

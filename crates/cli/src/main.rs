@@ -8,6 +8,7 @@ mod demo;
 mod node;
 mod package_cmd;
 mod remote;
+mod tls;
 
 use clap::Parser;
 
@@ -60,6 +61,7 @@ fn main() {
         Command::Promote(a) => cluster::command("promote", a),
         Command::Nodes(a) => cluster::nodes(a),
         Command::Cluster(c) => cluster::cluster(c),
+        Command::Certs(c) => tls::certs(c),
     };
     if let Err(e) = result {
         // One line: the operator reads what failed and why; `{:#}` joins the causes.

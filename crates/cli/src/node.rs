@@ -13,7 +13,8 @@ pub fn run(args: NodeArgs) -> Result<()> {
                 "--activate-cmd configures a local store; with --agent, configure the agent instead"
             );
         }
-        return crate::remote::run(addr, args.cmd);
+        let security = crate::tls::client_security(&args.tls)?;
+        return crate::remote::run(addr, args.node_id.as_deref(), &security, args.cmd);
     }
     let Some(root) = args.root_dir.clone() else {
         bail!("no root directory: pass --root-dir DIR (or set ORCH_ROOT_DIR) or --agent ADDR");

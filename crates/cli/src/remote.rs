@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Result, anyhow, bail};
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
 use orch_release::package;
+use orch_tls::{Role, Security, party_domain};
 use orch_types::{Version, VersionEntry, format_versions};
 use tonic::transport::Channel;
 
@@ -14,17 +15,27 @@ use crate::args::{NodeCmd, PackageTarget};
 
 const CHUNK: usize = 256 << 10;
 
-pub fn run(addr: &str, cmd: NodeCmd) -> Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(run_async(addr, cmd))
-}
+/// Largest message exchanged with the agent (push chunks are 256 KiB).
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+pub fn run(addr: &str, node_id: Option<&str>, security: &Security, cmd: NodeCmd) -> Result<()> {
+    // Under mutual TLS the agent's certificate must name the node we mean: dial it as
+    // `agent-<id>`. Certificates carry no "any agent" name, so the id is required.
+    let domain = match (security, node_id) {
+        (_, Some(id)) => {
+            orch_tls::validate_name(id).map_err(|e| anyhow!("--node-id: {e}"))?;
+            party_domain(Role::Agent, id)
+        }
+        (Security::Insecure, None) => String::new(),
+        (Security::Mtls(_), None) => bail!(
+            "--agent under mutual TLS needs --node-id ID: the node id the agent's certificate names"
+        ),
+    };
+    let endpoint = security
+        .endpoint(addr, &domain)
+        .map_err(|e| anyhow!("agent at {addr}: {e}"))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run_async(addr, endpoint, cmd))
 }
 
 /// One line for the operator: the agent's message, without gRPC decoration.
@@ -37,9 +48,8 @@ fn status_msg(addr: &str, s: tonic::Status) -> anyhow::Error {
     }
 }
 
-async fn run_async(addr: &str, cmd: NodeCmd) -> Result<()> {
-    let channel = Channel::from_shared(endpoint(addr))
-        .map_err(|e| anyhow!("invalid agent address {addr:?}: {e}"))?
+async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCmd) -> Result<()> {
+    let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
         // A wedged agent must not hang the operator forever; activation may take its 60s.
         .timeout(std::time::Duration::from_secs(150))
@@ -47,8 +57,15 @@ async fn run_async(addr: &str, cmd: NodeCmd) -> Result<()> {
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| anyhow!("cannot reach the agent at {addr}: {e}"))?;
-    let mut c = AgentClient::new(channel).max_decoding_message_size(16 << 20);
+        .map_err(|e| {
+            anyhow!(
+                "cannot reach the agent at {addr}: {}",
+                orch_tls::connect_error(&e)
+            )
+        })?;
+    let mut c = AgentClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let e = |s| status_msg(addr, s);
     let reply = match cmd {
         NodeCmd::Versions { json } => {

@@ -16,6 +16,9 @@ fn agent_example_parses() {
     assert_eq!(c.node_id.as_deref(), Some("n1"));
     assert_eq!(c.coordinator.len(), 3);
     assert_eq!(c.label.get("zone").map(String::as_str), Some("eu-1"));
+    // The example runs mutual TLS, not plain text.
+    assert!(c.tls_dir.is_some());
+    assert_eq!(c.insecure, None);
 }
 
 #[test]
@@ -26,6 +29,20 @@ fn coordinator_example_parses() {
     for p in &c.peer {
         orch_coordinator::parse_peer(p).expect("peer entry");
     }
+    assert!(c.tls_dir.is_some());
+    assert_eq!(c.insecure, None);
+}
+
+#[test]
+fn tls_keys_parse() {
+    let c = orch_agent::AgentFileConfig::parse(
+        "ca = \"/a\"\ncert = \"/b\"\nkey = \"/c\"\ninsecure = true\ninsecure-allow-remote = true\n",
+    )
+    .unwrap();
+    assert_eq!(c.key.as_deref(), Some(std::path::Path::new("/c")));
+    assert_eq!(c.insecure_allow_remote, Some(true));
+    let c = orch_coordinator::CoordinatorFileConfig::parse("tls-dir = \"/t\"\n").unwrap();
+    assert_eq!(c.tls_dir.as_deref(), Some(std::path::Path::new("/t")));
 }
 
 #[test]

@@ -6,9 +6,14 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use orch_proto::control::{self as pb, control_client::ControlClient};
+use orch_tls::{COORDINATOR_DOMAIN, Security};
 use tonic::transport::Channel;
 
 pub use orch_proto::control;
+
+/// Largest message the client accepts or sends (status replies with long event lists; upload
+/// chunks are 256 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,18 +40,12 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct Client {
     addrs: Vec<String>,
+    /// Mutual TLS (coordinators are dialed as [`COORDINATOR_DOMAIN`]) or plain text.
+    security: Security,
     /// Index of the address that last answered (the leader, for writes).
     current: usize,
     /// How long to keep retrying while no leader is known or coordinators are unreachable.
     pub patience: Duration,
-}
-
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
 }
 
 fn is_transport(s: &tonic::Status) -> bool {
@@ -58,9 +57,13 @@ fn is_transport(s: &tonic::Status) -> bool {
 }
 
 impl Client {
-    pub fn new(addrs: Vec<String>) -> Client {
+    /// A client for the coordinators at `addrs`. Under mTLS every coordinator must present a
+    /// coordinator certificate (they carry [`COORDINATOR_DOMAIN`]), so an agent's or an
+    /// attacker's key cannot pose as one.
+    pub fn new(addrs: Vec<String>, security: Security) -> Client {
         Client {
             addrs,
+            security,
             current: 0,
             patience: Duration::from_secs(30),
         }
@@ -70,9 +73,11 @@ impl Client {
         &self.addrs
     }
 
-    async fn connect(addr: &str) -> Result<ControlClient<Channel>, String> {
-        let ch = Channel::from_shared(endpoint(addr))
-            .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+    async fn connect(&self, addr: &str) -> Result<ControlClient<Channel>, String> {
+        let ch = self
+            .security
+            .endpoint(addr, COORDINATOR_DOMAIN)
+            .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(2))
             // A frozen coordinator (SIGSTOP, partition) must not hang a call or a watch: its
             // connection is declared dead when pings go unanswered, and the next one is tried.
@@ -81,8 +86,10 @@ impl Client {
             .keep_alive_while_idle(true)
             .connect()
             .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        Ok(ControlClient::new(ch).max_decoding_message_size(64 << 20))
+            .map_err(|e| format!("{addr}: {}", orch_tls::connect_error(&e)))?;
+        Ok(ControlClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     /// Runs `f` against the leader (or any coordinator, for reads), following redirects and
@@ -98,7 +105,7 @@ impl Client {
         let mut delay = Duration::from_millis(50);
         loop {
             let addr = self.addrs[self.current % self.addrs.len()].clone();
-            match Self::connect(&addr).await {
+            match self.connect(&addr).await {
                 Ok(c) => match f(c).await {
                     Ok(v) => return Ok(v),
                     Err(s)

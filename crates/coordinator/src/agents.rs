@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
 use orch_rollout::{Action, ActionKind, ActionResult};
+use orch_tls::{Role, Security, party_domain};
 use orch_types::{NodeId, Version, VersionEntry};
 use tonic::transport::Channel;
 
@@ -16,9 +17,13 @@ use crate::blobs::{BlobStore, CHUNK};
 const TRANSPORT_RETRY: Duration = Duration::from_secs(6);
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
-#[derive(Default)]
+/// Largest gRPC message exchanged with agents (push chunks are 256 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Channels to agents, one per (node, address).
 pub struct AgentPool {
-    channels: Mutex<HashMap<String, Channel>>,
+    security: Security,
+    channels: Mutex<HashMap<(String, String), Channel>>,
 }
 
 /// An agent call's failure, split by what the driver must do about it.
@@ -30,30 +35,37 @@ pub enum CallError {
     Stale(String),
 }
 
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 impl AgentPool {
-    pub fn client(&self, addr: &str) -> Result<AgentClient<Channel>, String> {
+    pub fn new(security: Security) -> AgentPool {
+        AgentPool {
+            security,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client for node `node` at `addr`. Under mTLS the agent must present the certificate
+    /// of that very node (`agent-<node>`): an address registered for n1 that leads to another
+    /// machine's agent fails the handshake instead of receiving n1's steps.
+    pub fn client(&self, node: &str, addr: &str) -> Result<AgentClient<Channel>, String> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let ch = match map.get(addr) {
+        let key = (node.to_string(), addr.to_string());
+        let ch = match map.get(&key) {
             Some(c) => c.clone(),
             None => {
-                let c = Channel::from_shared(endpoint(addr))
-                    .map_err(|e| format!("invalid agent address {addr:?}: {e}"))?
+                let c = self
+                    .security
+                    .endpoint(addr, &party_domain(Role::Agent, node))
+                    .map_err(|e| format!("agent {node} at {addr:?}: {e}"))?
                     .connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(120))
                     .connect_lazy();
-                map.insert(addr.to_string(), c.clone());
+                map.insert(key, c.clone());
                 c
             }
         };
-        Ok(AgentClient::new(ch).max_decoding_message_size(16 << 20))
+        Ok(AgentClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 }
 
@@ -116,7 +128,10 @@ pub async fn perform(
     action: &Action,
 ) -> Result<(ActionResult, Option<Vec<VersionEntry>>), CallError> {
     let node = &action.node;
-    let mut c = cx.pool.client(cx.address).map_err(CallError::Step)?;
+    let mut c = cx
+        .pool
+        .client(node.as_str(), cx.address)
+        .map_err(CallError::Step)?;
     let fence = Some(cx.fence.clone());
     let step = |r: Result<tonic::Response<pb::StepReply>, CallError>| match r {
         Ok(reply) => {

@@ -14,6 +14,7 @@ use orch_proto::raft::{
 use orch_release::incoming::IncomingFile;
 use orch_release::package::normalize_digest;
 use orch_release::signing::{self, MAX_SIG_BYTES, TrustedKeys};
+use orch_tls::{Role, Security, party_domain};
 use tokio::io::AsyncReadExt;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -21,6 +22,34 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::{Error, Result};
 
 pub const CHUNK: usize = 256 << 10;
+/// Largest gRPC message of the `Blobs` service, either way (chunks are [`CHUNK`] bytes).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// A `Blobs` client for coordinator `peer_id` at `peer_addr`; under mTLS the peer must present
+/// that coordinator's certificate.
+async fn blobs_client(
+    security: &Security,
+    peer_id: u64,
+    peer_addr: &str,
+) -> Result<BlobsClient<tonic::transport::Channel>> {
+    let unreachable =
+        |e: String| Error::Unavailable(format!("coordinator {peer_id} at {peer_addr}: {e}"));
+    let ch = security
+        .endpoint(
+            peer_addr,
+            &party_domain(Role::Coordinator, &peer_id.to_string()),
+        )
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| unreachable(orch_tls::connect_error(&e)))?;
+    Ok(BlobsClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
 
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -221,11 +250,15 @@ impl BlobStore {
     }
 
     /// Copies a stored blob to another coordinator.
-    pub async fn copy_to(&self, peer_addr: &str, sha256: &str) -> Result<()> {
+    pub async fn copy_to(
+        &self,
+        security: &Security,
+        peer_id: u64,
+        peer_addr: &str,
+        sha256: &str,
+    ) -> Result<()> {
         let chunks = self.read_chunks(sha256).await?;
-        let mut c = BlobsClient::connect(format!("http://{peer_addr}"))
-            .await
-            .map_err(|e| Error::Unavailable(format!("coordinator {peer_addr}: {e}")))?;
+        let mut c = blobs_client(security, peer_id, peer_addr).await?;
         c.put_blob(chunks.filter_map(|c| c.ok()))
             .await
             .map_err(|e| {
@@ -235,10 +268,14 @@ impl BlobStore {
     }
 
     /// Fetches a blob this coordinator lacks from one that holds it.
-    pub async fn fetch_from(&self, peer_addr: &str, sha256: &str) -> Result<()> {
-        let mut c = BlobsClient::connect(format!("http://{peer_addr}"))
-            .await
-            .map_err(|e| Error::Unavailable(format!("coordinator {peer_addr}: {e}")))?;
+    pub async fn fetch_from(
+        &self,
+        security: &Security,
+        peer_id: u64,
+        peer_addr: &str,
+        sha256: &str,
+    ) -> Result<()> {
+        let mut c = blobs_client(security, peer_id, peer_addr).await?;
         let mut stream = c
             .get_blob(BlobRequest {
                 sha256: sha256.to_string(),

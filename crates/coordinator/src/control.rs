@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::Stream;
 use orch_proto::control::{self as pb, control_server::Control};
 use orch_rollout::{Event, LogEntry, Rollout};
+use orch_tls::Role;
 use orch_types::rollout::{OnFailure, PackageRef, RolloutSpec};
 use orch_types::{NodeId, Version, VersionEntry};
 use tokio_stream::StreamExt;
@@ -26,6 +27,15 @@ pub struct ControlService {
 }
 
 type Res<T> = std::result::Result<Response<T>, Status>;
+
+/// Largest request the control service decodes (upload chunks are 256 KiB).
+pub const MAX_REQUEST_BYTES: usize = 8 << 20;
+/// Largest reply it encodes (rollout lists with their events); the client accepts as much.
+pub const MAX_REPLY_BYTES: usize = 64 << 20;
+
+/// Running rollouts and changing membership is for operators; viewers may look.
+const WRITE: &[Role] = &[Role::Operator];
+const READ: &[Role] = &[Role::Operator, Role::Viewer];
 
 pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::RolloutStatus {
     let st = r.status();
@@ -63,6 +73,40 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
 }
 
 impl ControlService {
+    /// Admits `req` if its caller has one of `allowed`, and returns who asked for the audit
+    /// trail: the certificate's `operator/<name>` under mTLS. In insecure mode nobody is
+    /// identified, so the name the client claims (`claimed`) is recorded marked unverified.
+    fn caller<T>(
+        &self,
+        req: &Request<T>,
+        allowed: &[Role],
+        claimed: &str,
+    ) -> Result<String, Status> {
+        Ok(match self.shared.security.mode().require(req, allowed)? {
+            Some(id) => format!("{}/{}", id.role, id.name),
+            None => {
+                let claimed: String = claimed
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(64)
+                    .collect();
+                if claimed.is_empty() {
+                    "unknown operator (unverified)".to_string()
+                } else {
+                    format!("{claimed} (unverified)")
+                }
+            }
+        })
+    }
+
+    fn check<T>(&self, req: &Request<T>, allowed: &[Role]) -> Result<(), Status> {
+        self.shared
+            .security
+            .mode()
+            .require(req, allowed)
+            .map(|_| ())
+    }
+
     async fn write(&self, cmd: Command) -> Result<SmResponse, Status> {
         match self.shared.raft.write(cmd).await? {
             SmResponse::Rejected(why) => Err(Error::Refused(why).into()),
@@ -102,6 +146,7 @@ impl Control for ControlService {
         &self,
         req: Request<Streaming<pb::UploadChunk>>,
     ) -> Res<pb::UploadReply> {
+        self.check(&req, WRITE)?;
         if !self.shared.raft.is_leader() {
             return Err(Error::NotLeader {
                 leader: self.shared.raft.leader(),
@@ -153,6 +198,7 @@ impl Control for ControlService {
     }
 
     async fn start_rollout(&self, req: Request<pb::StartRolloutRequest>) -> Res<pb::RolloutStatus> {
+        let requested_by = self.caller(&req, WRITE, &req.get_ref().requested_by)?;
         let r = req.into_inner();
         let version: Version = r
             .version
@@ -209,11 +255,6 @@ impl Control for ControlService {
                 &p.sha256,
             )?;
         }
-        let requested_by = if r.requested_by.is_empty() {
-            "unknown operator".to_string()
-        } else {
-            r.requested_by
-        };
         let mut spec = RolloutSpec::new("r000000", version, nodes, requested_by);
         spec.package = package;
         if r.batch_size > 0 {
@@ -246,13 +287,15 @@ impl Control for ControlService {
     }
 
     async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Res<pb::RolloutStatus> {
+        self.check(&req, READ)?;
         Ok(Response::new(self.find(&req.into_inner().id)?))
     }
 
     async fn list_rollouts(
         &self,
-        _req: Request<pb::ListRolloutsRequest>,
+        req: Request<pb::ListRolloutsRequest>,
     ) -> Res<pb::ListRolloutsReply> {
+        self.check(&req, READ)?;
         Ok(Response::new(self.shared.read(|s| {
             pb::ListRolloutsReply {
                 rollouts: s
@@ -267,6 +310,7 @@ impl Control for ControlService {
     type WatchRolloutStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
 
     async fn watch_rollout(&self, req: Request<pb::RolloutRef>) -> Res<Self::WatchRolloutStream> {
+        self.check(&req, READ)?;
         let first = self.find(&req.into_inner().id)?;
         let id = first.id.clone();
         let me = self.clone();
@@ -308,6 +352,7 @@ impl Control for ControlService {
         &self,
         req: Request<pb::RolloutCommandRequest>,
     ) -> Res<pb::RolloutStatus> {
+        let by = self.caller(&req, WRITE, &req.get_ref().requested_by)?;
         let r = req.into_inner();
         let cmd = match r.command.as_str() {
             "pause" => orch_rollout::Command::Pause,
@@ -322,11 +367,6 @@ impl Control for ControlService {
             }
         };
         let id = self.find(&r.id)?.id;
-        let by = if r.requested_by.is_empty() {
-            "unknown operator".to_string()
-        } else {
-            r.requested_by
-        };
         self.write(Command::Rollout {
             id: id.clone(),
             entry: LogEntry {
@@ -340,6 +380,7 @@ impl Control for ControlService {
     }
 
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesReply> {
+        self.check(&req, READ)?;
         let probe = req.into_inner().probe;
         let nodes = self
             .shared
@@ -348,11 +389,12 @@ impl Control for ControlService {
         let probes = futures::future::join_all(nodes.iter().map(|n| {
             let shared = self.shared.clone();
             let addr = n.address.clone();
+            let node = n.id.to_string();
             async move {
                 if !probe {
                     return (false, "not probed".to_string());
                 }
-                shared.probe_node(&addr).await
+                shared.probe_node(&node, &addr).await
             }
         }))
         .await;
@@ -378,12 +420,14 @@ impl Control for ControlService {
 
     async fn cluster_status(
         &self,
-        _req: Request<pb::ClusterStatusRequest>,
+        req: Request<pb::ClusterStatusRequest>,
     ) -> Res<pb::ClusterStatusReply> {
+        self.check(&req, READ)?;
         Ok(Response::new(self.shared.cluster_status()))
     }
 
     async fn add_member(&self, req: Request<pb::MemberRequest>) -> Res<pb::ClusterStatusReply> {
+        self.check(&req, WRITE)?;
         let r = req.into_inner();
         if r.address.is_empty() {
             return Err(bad(
@@ -395,6 +439,7 @@ impl Control for ControlService {
     }
 
     async fn remove_member(&self, req: Request<pb::MemberRequest>) -> Res<pb::ClusterStatusReply> {
+        self.check(&req, WRITE)?;
         self.shared.raft.remove_member(req.into_inner().id).await?;
         Ok(Response::new(self.shared.cluster_status()))
     }
@@ -403,6 +448,12 @@ impl Control for ControlService {
         &self,
         req: Request<pb::RegisterNodeRequest>,
     ) -> Res<pb::RegisterNodeReply> {
+        // An agent registers itself only: its certificate must name the node id it claims,
+        // or a stolen n2 key could redirect n1's steps to a machine of its choosing.
+        self.shared
+            .security
+            .mode()
+            .require_name(&req, Role::Agent, &req.get_ref().id)?;
         let r = req.into_inner();
         let id: NodeId =
             r.id.parse()

@@ -21,8 +21,10 @@ use std::time::Duration;
 
 use orch_proto::control::control_server::ControlServer;
 use orch_proto::raft::blobs_server::BlobsServer;
+use orch_tls::{Role, Security, ServerLimits};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::agents::AgentPool;
 use crate::blobs::BlobStore;
@@ -41,7 +43,11 @@ pub struct CoordinatorConfig {
     /// The other coordinators: id -> address.
     pub peers: BTreeMap<u64, String>,
     pub bootstrap: bool,
-    pub insecure: bool,
+    /// Mutual TLS (the default) or the explicitly requested plain text.
+    pub security: Security,
+    /// Allow `Security::Insecure` on a non-loopback listen address.
+    pub insecure_allow_remote: bool,
+    pub limits: ServerLimits,
     pub max_package_bytes: u64,
     /// `signing.pub` files: when any is given, package uploads and rollouts need a valid
     /// signature from one of them.
@@ -49,7 +55,7 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    pub fn new(id: u64, listen: SocketAddr, data_dir: PathBuf) -> Self {
+    pub fn new(id: u64, listen: SocketAddr, data_dir: PathBuf, security: Security) -> Self {
         CoordinatorConfig {
             id,
             listen,
@@ -57,7 +63,9 @@ impl CoordinatorConfig {
             data_dir,
             peers: BTreeMap::new(),
             bootstrap: false,
-            insecure: false,
+            security,
+            insecure_allow_remote: false,
+            limits: ServerLimits::default(),
             max_package_bytes: 4 << 30,
             trusted_keys: Vec::new(),
         }
@@ -82,10 +90,16 @@ pub struct CoordinatorFileConfig {
     #[serde(default)]
     pub peer: Vec<String>,
     pub bootstrap: Option<bool>,
+    /// A party folder holding ca.pem, cert.pem and key.pem (`orchestrator certs init`).
+    pub tls_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     pub insecure: Option<bool>,
     /// `trusted-key = ["/etc/orchestrator/signing.pub"]`
     #[serde(default)]
     pub trusted_key: Vec<PathBuf>,
+    pub insecure_allow_remote: Option<bool>,
 }
 
 impl CoordinatorFileConfig {
@@ -110,6 +124,8 @@ pub fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
 
 /// What the services and the driver share.
 pub struct Shared {
+    /// How this coordinator dials peers and agents, and checks its callers.
+    pub security: Security,
     pub raft: RaftNode,
     pub blobs: BlobStore,
     pub agents: AgentPool,
@@ -130,13 +146,14 @@ impl Shared {
         let me = self.raft.id();
         let mut holders = vec![me];
         let mut failures = Vec::new();
-        let copies = futures::future::join_all(
-            status
-                .members
-                .iter()
-                .filter(|m| m.id != me)
-                .map(|m| async move { (m.id, self.blobs.copy_to(&m.addr, sha).await) }),
-        )
+        let copies = futures::future::join_all(status.members.iter().filter(|m| m.id != me).map(
+            |m| async move {
+                (
+                    m.id,
+                    self.blobs.copy_to(&self.security, m.id, &m.addr, sha).await,
+                )
+            },
+        ))
         .await;
         for (id, r) in copies {
             match r {
@@ -181,7 +198,11 @@ impl Shared {
         let mut last = String::from("no coordinator holds it");
         for h in holders {
             if let Some(m) = members.iter().find(|m| m.id == h && m.id != self.raft.id()) {
-                match self.blobs.fetch_from(&m.addr, sha).await {
+                match self
+                    .blobs
+                    .fetch_from(&self.security, m.id, &m.addr, sha)
+                    .await
+                {
                     Ok(()) => return Ok(()),
                     Err(e) => last = e.to_string(),
                 }
@@ -191,8 +212,8 @@ impl Shared {
     }
 
     /// Probes an agent's health for `nodes --json`.
-    pub async fn probe_node(&self, addr: &str) -> (bool, String) {
-        let mut c = match self.agents.client(addr) {
+    pub async fn probe_node(&self, node: &str, addr: &str) -> (bool, String) {
+        let mut c = match self.agents.client(node, addr) {
             Ok(c) => c,
             Err(e) => return (false, e),
         };
@@ -247,30 +268,41 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    if !config.insecure {
-        return Err(Error::Refused(
-            "TLS is not available in this build yet: pass --insecure to serve plain-text gRPC \
-             (only on a trusted network)"
-                .into(),
-        ));
+    let security = config.security.clone();
+    let refused = |e: orch_tls::Error| Error::Refused(e.to_string());
+    security
+        .expect_identity(Role::Coordinator, &config.id.to_string())
+        .map_err(refused)?;
+    let local = listener.local_addr().unwrap_or(config.listen);
+    security
+        .check_listen(local, config.insecure_allow_remote)
+        .map_err(refused)?;
+    let mut server = security.server(&config.limits).map_err(refused)?;
+    if security.is_insecure() {
+        tracing::warn!(
+            "coordinator serving plain-text gRPC (--insecure): anyone who can reach it can run rollouts"
+        );
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Io(format!("create {}: {e}", config.data_dir.display())))?;
     let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?
         .with_trusted(load_trusted_keys(&config.trusted_keys)?);
-    let raft = RaftNode::start(RaftConfig::new(
+    let mut raft_cfg = RaftConfig::new(
         config.id,
         config.address(),
         config.data_dir.join("raft"),
         config.peers.clone(),
         config.bootstrap,
-    ))
-    .await
-    .map_err(|e| Error::Internal(format!("starting Raft: {e}")))?;
+    );
+    raft_cfg.security = security.clone();
+    let raft = RaftNode::start(raft_cfg)
+        .await
+        .map_err(|e| Error::Internal(format!("starting Raft: {e}")))?;
     let shared = Arc::new(Shared {
+        security: security.clone(),
         raft: raft.clone(),
         blobs: blobs.clone(),
-        agents: AgentPool::default(),
+        agents: AgentPool::new(security.clone()),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop_rx.clone()));
@@ -279,15 +311,23 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     tracing::info!(id = config.id, addr = %config.address(), "coordinator listening");
-    let result = tonic::transport::Server::builder()
+    // Package bytes move between coordinators only: no other role may read or plant them.
+    let blobs_svc = InterceptedService::new(
+        BlobsServer::new(blobs::BlobsService { store: blobs })
+            .max_decoding_message_size(blobs::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(blobs::MAX_MESSAGE_BYTES),
+        security.mode().interceptor(&[Role::Coordinator]),
+    );
+    let result = server
         .add_service(reflection)
         .add_service(raft.peer_service())
-        .add_service(BlobsServer::new(blobs::BlobsService { store: blobs }))
+        .add_service(blobs_svc)
         .add_service(
             ControlServer::new(control::ControlService {
                 shared: shared.clone(),
             })
-            .max_decoding_message_size(8 << 20),
+            .max_decoding_message_size(control::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(control::MAX_REPLY_BYTES),
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

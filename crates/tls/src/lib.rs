@@ -100,6 +100,11 @@
 //! Dial `orch_tls::tls_uri(addr)?`, never an `http://` URI: tonic applies the TLS
 //! configuration only to `https` URIs.
 //!
+//! Daemons and clients carry one [`Security`] value (`Mtls` with the loaded material, or the
+//! explicitly requested `Insecure`): [`Security::endpoint`] dials a party by the domain above,
+//! [`Security::server`] builds a server with TLS and the shared [`ServerLimits`], and
+//! [`Security::mode`] is the [`AuthMode`] handlers check callers with.
+//!
 //! In a handler, `let who = orch_tls::require(&request, &[Role::Operator])?;` refuses any other
 //! caller with `PermissionDenied` naming the required role, and returns the caller's
 //! [`Identity`] (for audit trails). The identity is read from the peer certificates tonic
@@ -108,6 +113,7 @@
 mod authz;
 mod certs;
 mod load;
+mod security;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -122,6 +128,7 @@ pub use certs::{
     issue, issue_with,
 };
 pub use load::{TlsFiles, TlsMaterial, client_config, default_tls_dir, server_config, tls_uri};
+pub use security::{Security, ServerLimits, connect_error};
 
 /// The URI prefix of the subject alternative name that records a party's role and name.
 pub const ROLE_URI_PREFIX: &str = "orchestrator://role/";

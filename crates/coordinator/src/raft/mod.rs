@@ -28,9 +28,10 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, ChangeMembers, RaftMetrics, ReadPolicy, ServerState, SnapshotPolicy};
 use orch_proto::raft::raft_peer_server::RaftPeerServer;
+use orch_tls::{RoleInterceptor, Security};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tonic::transport::ClientTlsConfig;
+use tonic::service::interceptor::InterceptedService;
 
 pub use error::{Error, WriteError};
 pub use log_store::LogStore;
@@ -69,8 +70,10 @@ pub struct RaftConfig {
     pub logs_to_keep: u64,
     /// How long `write` and `ensure_linearizable` wait for a quorum.
     pub write_timeout_ms: u64,
-    /// TLS for dialing peers (`None`: plaintext http).
-    pub client_tls: Option<ClientTlsConfig>,
+    /// How peers are dialed (each as `coordinator-<id>` under mTLS) and who may call this
+    /// node's Raft service (coordinators only). `new` starts with `Insecure`; the coordinator
+    /// daemon sets its own.
+    pub security: Security,
 }
 
 impl RaftConfig {
@@ -94,7 +97,7 @@ impl RaftConfig {
             snapshot_every: 500,
             logs_to_keep: 50,
             write_timeout_ms: 5_000,
-            client_tls: None,
+            security: Security::Insecure,
         }
     }
 
@@ -233,6 +236,7 @@ pub struct RaftNode {
 struct Inner {
     id: u64,
     raft: Raft,
+    auth: orch_tls::AuthMode,
     view: StateView,
     applied: watch::Receiver<u64>,
     leadership: watch::Receiver<Leadership>,
@@ -282,7 +286,7 @@ impl RaftNode {
 
         let network = Network::new(
             cfg.id,
-            cfg.client_tls.clone(),
+            cfg.security.clone(),
             Duration::from_millis(cfg.election_timeout_max_ms),
         );
         let raft = openraft::Raft::new(cfg.id, Arc::new(config), network, log, sm)
@@ -330,6 +334,7 @@ impl RaftNode {
             inner: Arc::new(Inner {
                 id: cfg.id,
                 raft,
+                auth: cfg.security.mode(),
                 view,
                 applied,
                 leadership: lead_rx,
@@ -551,9 +556,16 @@ impl RaftNode {
         self.inner.applied.clone()
     }
 
-    /// The `RaftPeer` service to mount on this coordinator's tonic server.
-    pub fn peer_service(&self) -> RaftPeerServer<RaftPeerService> {
-        RaftPeerService::new(self.inner.raft.clone()).into_server()
+    /// The `RaftPeer` service to mount on this coordinator's tonic server. Under mTLS only
+    /// coordinators may call it: a vote or an AppendEntries from anyone else could depose the
+    /// leader or rewrite the log.
+    pub fn peer_service(
+        &self,
+    ) -> InterceptedService<RaftPeerServer<RaftPeerService>, RoleInterceptor> {
+        InterceptedService::new(
+            RaftPeerService::new(self.inner.raft.clone()).into_server(),
+            self.inner.auth.interceptor(&[orch_tls::Role::Coordinator]),
+        )
     }
 
     /// Stops Raft, makes the storage durable and waits until the files are closed, so the same

@@ -25,9 +25,10 @@ use openraft::raft::{
 use openraft::{OptionalSend, RaftNetworkV2};
 use orch_proto::raft::raft_peer_client::RaftPeerClient;
 use orch_proto::raft::{RaftMessage, SnapshotChunk};
+use orch_tls::{Role, Security, party_domain};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 use super::types::{NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 
@@ -47,7 +48,7 @@ pub struct Network {
 
 struct NetworkInner {
     my_id: NodeId,
-    tls: Option<ClientTlsConfig>,
+    security: Security,
     /// Lower bound of an AppendEntries deadline. openraft asks for `heartbeat_interval` (minus a
     /// margin) even for large catch-up batches; the heartbeat path enforces its own hard limit,
     /// so a floor only keeps big batches to a slow follower from timing out over and over.
@@ -56,11 +57,11 @@ struct NetworkInner {
 }
 
 impl Network {
-    pub fn new(my_id: NodeId, tls: Option<ClientTlsConfig>, append_floor: Duration) -> Network {
+    pub fn new(my_id: NodeId, security: Security, append_floor: Duration) -> Network {
         Network {
             inner: Arc::new(NetworkInner {
                 my_id,
-                tls,
+                security,
                 append_floor,
                 channels: Mutex::new(HashMap::new()),
             }),
@@ -78,7 +79,7 @@ impl Network {
         {
             return ch.clone();
         }
-        let ch = make_channel(addr, self.inner.tls.as_ref());
+        let ch = make_channel(target, addr, &self.inner.security);
         if let Err(e) = &ch {
             tracing::warn!(peer = target, addr, "{e}");
         }
@@ -87,26 +88,18 @@ impl Network {
     }
 }
 
-fn make_channel(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel, String> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else if tls.is_some() {
-        format!("https://{addr}")
-    } else {
-        format!("http://{addr}")
-    };
-    let mut ep = Endpoint::from_shared(uri.clone())
-        .map_err(|e| format!("invalid peer address {addr:?} ({e}); expected HOST:PORT"))?
+/// Under mTLS the peer must present the certificate of coordinator `target` itself: the
+/// handshake proves this node reached the member it means to replicate to.
+fn make_channel(target: NodeId, addr: &str, security: &Security) -> Result<Channel, String> {
+    let domain = party_domain(Role::Coordinator, &target.to_string());
+    let ep = security
+        .endpoint(addr, &domain)
+        .map_err(|e| format!("peer address {addr:?}: {e}; expected HOST:PORT"))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true);
-    if let Some(tls) = tls {
-        ep = ep
-            .tls_config(tls.clone())
-            .map_err(|e| format!("TLS setup for peer {addr}: {e}"))?;
-    }
     Ok(ep.connect_lazy())
 }
 
