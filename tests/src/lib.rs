@@ -339,16 +339,21 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// A connected raw client for the agent at `addr` (HOST:PORT).
-pub async fn connect(addr: &str) -> AgentClient<Channel> {
-    let ch = Channel::from_shared(format!("http://{addr}"))
+/// A connected gRPC channel to a daemon (agent or coordinator) at `addr` (HOST:PORT), for raw
+/// clients. The one place tests dial a daemon directly, so transport settings live here.
+pub async fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .connect()
         .await
-        .unwrap_or_else(|e| panic!("connect to agent at {addr}: {e}"));
-    AgentClient::new(ch)
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// A connected raw client for the agent at `addr` (HOST:PORT).
+pub async fn connect(addr: &str) -> AgentClient<Channel> {
+    AgentClient::new(channel(addr).await)
 }
 
 /// The `orch-error` metadata kind of a status ("" when absent).

@@ -98,9 +98,13 @@ impl FenceStore {
                     .map_err(|e| Error::Internal(format!("encode fence: {e}")))?;
                 orch_release::fsutil::write_atomic(&self.path, &bytes)?;
                 self.highest = Some(f.clone());
+                // The rollout id comes off the wire: escaped, so a newline in it cannot forge
+                // an audit line.
                 self.audit(&format!(
                     "fence term={} rollout={} step={} {what}",
-                    f.term, f.rollout_id, f.step
+                    f.term,
+                    f.rollout_id.escape_debug(),
+                    f.step
                 ))
             }
         }
@@ -155,5 +159,19 @@ mod tests {
         s.admit(Some(&f(3, "r0", 0)), "new term").unwrap();
         let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         assert!(audit.contains("unfenced install 4.2.1"));
+    }
+
+    #[test]
+    fn a_rollout_id_cannot_forge_audit_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FenceStore::open(dir.path(), "n1").unwrap();
+        s.admit(
+            Some(&f(1, "r1\n0 unfenced install 6.6.6", 1)),
+            "unpack 1.2.3",
+        )
+        .unwrap();
+        let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert_eq!(audit.lines().count(), 1, "{audit:?}");
+        assert!(audit.contains("rollout=r1\\n0 unfenced"), "{audit:?}");
     }
 }
