@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok((name, version)) = parse_manifest(text) {
-        assert!(validate_package_name(&name).is_ok(), "accepted name {name:?}");
+        assert!(
+            validate_package_name(&name).is_ok(),
+            "accepted name {name:?}"
+        );
         assert_eq!(version.to_string().parse::<Version>(), Ok(version));
         // What `package build` writes for it parses back to the same identity.
         let regenerated = format!("name = \"{name}\"\nversion = \"{version}\"\n");

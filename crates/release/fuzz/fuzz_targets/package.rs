@@ -33,11 +33,20 @@ fn tree_bytes(dir: &Path) -> u64 {
         let e = e.expect("dir entry");
         let meta = fs::symlink_metadata(e.path()).expect("stat extracted entry");
         let mode = meta.permissions().mode();
-        assert_eq!(mode & 0o7000, 0, "{:?} has special mode bits {mode:o}", e.path());
+        assert_eq!(
+            mode & 0o7000,
+            0,
+            "{:?} has special mode bits {mode:o}",
+            e.path()
+        );
         if meta.is_dir() {
             total += tree_bytes(&e.path());
         } else {
-            assert!(meta.is_file(), "{:?} is neither file nor directory", e.path());
+            assert!(
+                meta.is_file(),
+                "{:?} is neither file nor directory",
+                e.path()
+            );
             total += meta.len();
         }
     }
