@@ -36,6 +36,17 @@ impl Ord for Fence {
     }
 }
 
+/// A rollout id as a refusal shows it: bounded, because it came off the wire and the refusal
+/// travels back in a response header (a 20 KB id made the answer unreadable: HTTP/2 error).
+fn shown(id: &str) -> String {
+    const MAX: usize = 64;
+    if id.chars().count() <= MAX {
+        id.to_string()
+    } else {
+        format!("{}...", id.chars().take(MAX).collect::<String>())
+    }
+}
+
 /// The persisted highest fence, plus the audit log of calls (fenced or not).
 pub struct FenceStore {
     node: String,
@@ -83,10 +94,10 @@ impl FenceStore {
                         return Err(Error::StaleFence {
                             node: self.node.clone(),
                             got_term: f.term,
-                            got_rollout: f.rollout_id.clone(),
+                            got_rollout: shown(&f.rollout_id),
                             got_step: f.step,
                             term: h.term,
-                            rollout: h.rollout_id.clone(),
+                            rollout: shown(&h.rollout_id),
                             step: h.step,
                         });
                     }

@@ -84,11 +84,23 @@ impl ControlService {
                     )
                 } else {
                     Status::not_found(format!(
-                        "no rollout {id}: `orchestrator rollouts` lists them"
+                        "no rollout {}: `orchestrator rollouts` lists them",
+                        shown(id)
                     ))
                 }
             })
         })
+    }
+}
+
+/// Client input as a refusal quotes it: bounded, because the refusal travels back in a response
+/// header, and a header larger than the client accepts makes the answer unreadable.
+fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(MAX).collect::<String>())
     }
 }
 
@@ -198,7 +210,7 @@ impl Control for ControlService {
                 let p = s.packages.get(&r.package_sha256).ok_or_else(|| {
                     Status::failed_precondition(format!(
                         "package {} is not stored on the coordinators: upload it first",
-                        r.package_sha256
+                        shown(&r.package_sha256)
                     ))
                 })?;
                 if p.version != version {
@@ -324,7 +336,8 @@ impl Control for ControlService {
             "promote" => orch_rollout::Command::Promote,
             other => {
                 return Err(bad(format!(
-                    "unknown command {other:?}: use pause, resume, abort, rollback or promote"
+                    "unknown command {:?}: use pause, resume, abort, rollback or promote",
+                    shown(other)
                 )));
             }
         };
@@ -398,6 +411,10 @@ impl Control for ControlService {
             ));
         }
         check_address(&r.address, "cluster add refused")?;
+        if r.id == 0 {
+            // 0 means "no leader" in ClusterStatus; coordinators start at 1 (`--id`).
+            return Err(bad("cluster add refused: coordinator ids start at 1"));
+        }
         self.shared.raft.add_member(r.id, r.address).await?;
         Ok(Response::new(self.shared.cluster_status()))
     }
