@@ -400,23 +400,34 @@ pub fn tls_flags(certs: Option<&TestCerts>, role: Role, name: &str) -> Vec<Strin
     }
 }
 
-/// A connected raw client for the agent at `addr` (HOST:PORT).
-pub async fn connect(addr: &str) -> AgentClient<Channel> {
-    connect_as(addr, &Security::Insecure, "").await
+/// A connected gRPC channel to a daemon (agent or coordinator) at `addr` (HOST:PORT), for raw
+/// clients, in plain text (`--insecure` daemons). The one place tests dial a daemon directly
+/// without certificates, so transport settings live here.
+pub async fn channel(addr: &str) -> Channel {
+    channel_as(addr, &Security::Insecure, "").await
 }
 
-/// A connected raw client for agent `node` at `addr`, dialed with `security` (as
-/// `agent-<node>` under mTLS).
-pub async fn connect_as(addr: &str, security: &Security, node: &str) -> AgentClient<Channel> {
-    let ch = security
-        .endpoint(addr, &orch_tls::party_domain(Role::Agent, node))
+/// [`channel`] dialed with `security`; under mTLS the server must present `domain`'s certificate.
+pub async fn channel_as(addr: &str, security: &Security, domain: &str) -> Channel {
+    security
+        .endpoint(addr, domain)
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .connect()
         .await
-        .unwrap_or_else(|e| panic!("connect to agent at {addr}: {e}"));
-    AgentClient::new(ch)
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// A connected raw client for the agent at `addr` (HOST:PORT).
+pub async fn connect(addr: &str) -> AgentClient<Channel> {
+    AgentClient::new(channel(addr).await)
+}
+
+/// A connected raw client for agent `node` at `addr`, dialed with `security` (as
+/// `agent-<node>` under mTLS).
+pub async fn connect_as(addr: &str, security: &Security, node: &str) -> AgentClient<Channel> {
+    AgentClient::new(channel_as(addr, security, &orch_tls::party_domain(Role::Agent, node)).await)
 }
 
 /// The `orch-error` metadata kind of a status ("" when absent).

@@ -347,6 +347,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                         sha256: "not-a-digest".into(),
                         size: 1,
                         data: vec![0],
+                        ..Default::default()
                     }]))
                     .await
                     .map(drop),

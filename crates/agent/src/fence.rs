@@ -36,6 +36,17 @@ impl Ord for Fence {
     }
 }
 
+/// A rollout id as a refusal shows it: bounded, because it came off the wire and the refusal
+/// travels back in a response header (a 20 KB id made the answer unreadable: HTTP/2 error).
+fn shown(id: &str) -> String {
+    const MAX: usize = 64;
+    if id.chars().count() <= MAX {
+        id.to_string()
+    } else {
+        format!("{}...", id.chars().take(MAX).collect::<String>())
+    }
+}
+
 /// The persisted highest fence, plus the audit log of calls (fenced or not).
 pub struct FenceStore {
     node: String,
@@ -83,10 +94,10 @@ impl FenceStore {
                         return Err(Error::StaleFence {
                             node: self.node.clone(),
                             got_term: f.term,
-                            got_rollout: f.rollout_id.clone(),
+                            got_rollout: shown(&f.rollout_id),
                             got_step: f.step,
                             term: h.term,
-                            rollout: h.rollout_id.clone(),
+                            rollout: shown(&h.rollout_id),
                             step: h.step,
                         });
                     }
@@ -98,9 +109,13 @@ impl FenceStore {
                     .map_err(|e| Error::Internal(format!("encode fence: {e}")))?;
                 orch_release::fsutil::write_atomic(&self.path, &bytes)?;
                 self.highest = Some(f.clone());
+                // The rollout id comes off the wire: escaped, so a newline in it cannot forge
+                // an audit line.
                 self.audit(&format!(
                     "fence term={} rollout={} step={} {what}",
-                    f.term, f.rollout_id, f.step
+                    f.term,
+                    f.rollout_id.escape_debug(),
+                    f.step
                 ))
             }
         }
@@ -155,5 +170,19 @@ mod tests {
         s.admit(Some(&f(3, "r0", 0)), "new term").unwrap();
         let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         assert!(audit.contains("unfenced install 4.2.1"));
+    }
+
+    #[test]
+    fn a_rollout_id_cannot_forge_audit_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FenceStore::open(dir.path(), "n1").unwrap();
+        s.admit(
+            Some(&f(1, "r1\n0 unfenced install 6.6.6", 1)),
+            "unpack 1.2.3",
+        )
+        .unwrap();
+        let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert_eq!(audit.lines().count(), 1, "{audit:?}");
+        assert!(audit.contains("rollout=r1\\n0 unfenced"), "{audit:?}");
     }
 }

@@ -128,7 +128,8 @@ impl ControlService {
                     )
                 } else {
                     Status::not_found(format!(
-                        "no rollout {id}: `orchestrator rollouts` lists them"
+                        "no rollout {}: `orchestrator rollouts` lists them",
+                        shown(id)
                     ))
                 }
             })
@@ -136,8 +137,46 @@ impl ControlService {
     }
 }
 
+/// Client input as a refusal quotes it: bounded, because the refusal travels back in a response
+/// header, and a header larger than the client accepts makes the answer unreadable.
+fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(MAX).collect::<String>())
+    }
+}
+
 fn bad(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
+}
+
+/// Checks that an address others will dial is `HOST:PORT` (or an http(s) URL with host and
+/// port): a path, NUL, spaces or a missing port would otherwise enter the replicated state and
+/// only fail when dialed (for a new member: a learner that can never catch up).
+fn check_address(addr: &str, what: &str) -> Result<(), Status> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let ok = !addr.is_empty()
+        && addr.len() <= 256
+        && uri.parse::<tonic::codegen::http::Uri>().is_ok_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some_and(|h| !h.is_empty())
+                && u.port_u16().is_some()
+                && u.path_and_query().is_none_or(|p| p.as_str() == "/")
+        });
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = addr.chars().take(64).collect();
+        Err(bad(format!(
+            "{what}: address {shown:?} is not HOST:PORT (at most 256 bytes)"
+        )))
+    }
 }
 
 #[tonic::async_trait]
@@ -224,7 +263,7 @@ impl Control for ControlService {
                 let p = s.packages.get(&r.package_sha256).ok_or_else(|| {
                     Status::failed_precondition(format!(
                         "package {} is not stored on the coordinators: upload it first",
-                        r.package_sha256
+                        shown(&r.package_sha256)
                     ))
                 })?;
                 if p.version != version {
@@ -362,7 +401,8 @@ impl Control for ControlService {
             "promote" => orch_rollout::Command::Promote,
             other => {
                 return Err(bad(format!(
-                    "unknown command {other:?}: use pause, resume, abort, rollback or promote"
+                    "unknown command {:?}: use pause, resume, abort, rollback or promote",
+                    shown(other)
                 )));
             }
         };
@@ -434,6 +474,11 @@ impl Control for ControlService {
                 "a new coordinator needs an address: cluster add ID ADDR",
             ));
         }
+        check_address(&r.address, "cluster add refused")?;
+        if r.id == 0 {
+            // 0 means "no leader" in ClusterStatus; coordinators start at 1 (`--id`).
+            return Err(bad("cluster add refused: coordinator ids start at 1"));
+        }
         self.shared.raft.add_member(r.id, r.address).await?;
         Ok(Response::new(self.shared.cluster_status()))
     }
@@ -458,11 +503,7 @@ impl Control for ControlService {
         let id: NodeId =
             r.id.parse()
                 .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
-        if r.address.is_empty() || r.address.len() > 256 {
-            return Err(bad(
-                "registration refused: the node's address is empty or too long",
-            ));
-        }
+        check_address(&r.address, "registration refused")?;
         let versions: Vec<VersionEntry> = r
             .versions
             .iter()
@@ -512,4 +553,38 @@ impl Control for ControlService {
 pub(crate) fn enough_holders(voters: &BTreeSet<u64>, holders: &[u64]) -> bool {
     let held = holders.iter().filter(|h| voters.contains(h)).count();
     held * 2 > voters.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_address;
+
+    #[test]
+    fn addresses_must_be_host_and_port() {
+        for ok in [
+            "127.0.0.1:7001",
+            "node1.example:7400",
+            "[::1]:7001",
+            "https://coord2:7001",
+            "http://10.0.0.1:80/",
+        ] {
+            assert!(check_address(ok, "x").is_ok(), "{ok}");
+        }
+        for junk in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/b",
+            "x\0y:1",
+            "127.0.0.1",
+            "host name:80",
+            "unix:///tmp/sock",
+            "127.0.0.1:99999",
+            "http://h:1/path",
+            "ftp://h:1",
+        ] {
+            assert!(check_address(junk, "x").is_err(), "{junk:?}");
+        }
+        assert!(check_address(&format!("{}:1", "a".repeat(300)), "x").is_err());
+    }
 }
