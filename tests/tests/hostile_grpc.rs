@@ -1755,15 +1755,12 @@ fn add_member_refuses_what_is_not_an_address() {
     });
 }
 
-/// BUG (not fixed here, see the report): `AddMember` of a coordinator that cannot be reached
-/// makes it a voter anyway. The coordinator relies on openraft's blocking `add_learner` to wait
-/// until the learner has caught up, but openraft counts a learner as caught up when the leader's
-/// log is shorter than `replication_lag_threshold` (5000 entries), even if it never answered;
-/// `add_member` then promotes it, and a single-coordinator cluster has lost its quorum for good
-/// (writes time out; the change never commits). Expected: the call fails with "did not catch
-/// up" and the membership keeps only the reachable voters.
+/// `AddMember` of a coordinator that cannot be reached must not make it a voter. openraft's
+/// blocking `add_learner` counts a learner as caught up when the leader's log is shorter than
+/// `replication_lag_threshold` (5000 entries), even if it never answered; promoting it would cost
+/// a single-coordinator cluster its quorum for good. `add_member` therefore also waits (bounded)
+/// until the learner has replicated the entry that added it, and fails otherwise.
 #[test]
-#[ignore = "bug: AddMember promotes an unreachable coordinator to voter (quorum lost)"]
 fn add_member_of_an_unreachable_coordinator_does_not_make_it_a_voter() {
     let c = Cluster::start(ClusterOpts::state_only(1, 0));
     let addr = c.coords[0].addr.clone();

@@ -44,6 +44,9 @@ use crate::state::{ClusterState, Command, Response};
 
 /// How long `add_member` waits for a new member to catch up before giving up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a new learner has to confirm the entry that added it before it may become a voter
+/// (a live coordinator does so within a heartbeat or a snapshot transfer).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long `shutdown` waits for openraft's tasks to release the storage files.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -486,7 +489,7 @@ impl RaftNode {
             raft.add_learner(id, BasicNode::new(&addr), true),
         )
         .await;
-        match added {
+        let added = match added {
             Err(_) => {
                 return Err(Error::Membership(format!(
                     "coordinator {id} at {addr} did not catch up within {CATCH_UP_TIMEOUT:?}; is it running and reachable from the leader? It stays a learner: add it again, or remove it"
@@ -494,6 +497,30 @@ impl RaftNode {
             }
             Ok(r) => r.map_err(|e| self.membership_err(e))?,
         };
+        // openraft's blocking add_learner may return before the learner ever answered (it
+        // counts a short log as caught up). Promoting a silent node would count it towards the
+        // quorum and could stall the cluster for good, so wait until it has replicated the entry
+        // that added it.
+        let target = added.log_id.index;
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        loop {
+            let matched = raft
+                .metrics()
+                .borrow()
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned().flatten())
+                .map(|l| l.index);
+            if matched.is_some_and(|m| m >= target) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Membership(format!(
+                    "coordinator {id} at {addr} never confirmed the log within {CONFIRM_TIMEOUT:?}; is it running and reachable from the leader? It stays a learner (not counted for quorum): start it and add it again, or remove it"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
             .map_err(|e| self.membership_err(e))?;
