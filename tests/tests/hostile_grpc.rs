@@ -807,6 +807,7 @@ async fn agent_push_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         };
         let data = random_bytes(rng, len);
         let honest = apb::PackageHeader {
+            signature: Default::default(),
             name: "hostile".into(),
             version: format!("9.9.{}", rng.u32(..1000)),
             sha256: sha256_hex(&data),
@@ -881,6 +882,7 @@ async fn agent_push_abandoned(root: &Path, addr: &str) {
     let data = vec![7u8; 100_000];
     let first = apb::PackageChunk {
         header: Some(apb::PackageHeader {
+            signature: Default::default(),
             name: "abandoned".into(),
             version: "1.0.0".into(),
             sha256: sha256_hex(&data),
@@ -938,6 +940,7 @@ async fn agent_huge(w: &mut Wire) {
                 vec![
                     apb::PackageChunk {
                         header: Some(apb::PackageHeader {
+                            signature: Default::default(),
                             name: "x".repeat(size),
                             version: "1.0.0".into(),
                             sha256: "0".repeat(64),
@@ -957,6 +960,7 @@ async fn agent_huge(w: &mut Wire) {
                 vec![
                     apb::PackageChunk {
                         header: Some(apb::PackageHeader {
+                            signature: Default::default(),
                             name: "big".into(),
                             version: "1.0.0".into(),
                             sha256: "0".repeat(64),
@@ -1018,6 +1022,7 @@ fn agent_survives_hostile_input() {
                 vec![
                     apb::PackageChunk {
                         header: Some(apb::PackageHeader {
+                            signature: Default::default(),
                             name: "junk".into(),
                             version: "1.0.0".into(),
                             sha256: digest.clone(),
@@ -1465,6 +1470,7 @@ async fn coord_upload_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         };
         let data = random_bytes(rng, len);
         let mut h = cpb::UploadHeader {
+            signature: Default::default(),
             name: "hostile".into(),
             version: format!("9.9.{}", rng.u32(..1000)),
             sha256: sha256_hex(&data),
@@ -1526,6 +1532,7 @@ async fn coord_upload_abandoned(blobs: &Path, addr: &str) {
     let data = vec![9u8; 100_000];
     let first = cpb::UploadChunk {
         header: Some(cpb::UploadHeader {
+            signature: Default::default(),
             name: "abandoned".into(),
             version: "1.0.0".into(),
             sha256: sha256_hex(&data),
@@ -1620,6 +1627,7 @@ async fn coord_huge(w: &mut Wire) {
                 vec![
                     cpb::UploadChunk {
                         header: Some(cpb::UploadHeader {
+                            signature: Default::default(),
                             name: "big".into(),
                             version: "1.0.0".into(),
                             sha256: "0".repeat(64),
@@ -1681,6 +1689,7 @@ fn coordinator_survives_hostile_input() {
                 vec![
                     cpb::UploadChunk {
                         header: Some(cpb::UploadHeader {
+                            signature: Default::default(),
                             name: "junk".into(),
                             version: "1.0.0".into(),
                             sha256: digest.clone(),

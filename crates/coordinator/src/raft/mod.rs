@@ -504,9 +504,9 @@ impl RaftNode {
         let target = added.log_id.index;
         let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
         loop {
-            let matched = raft
-                .metrics()
-                .borrow()
+            let metrics = raft.metrics();
+            let matched = metrics
+                .borrow_watched()
                 .replication
                 .as_ref()
                 .and_then(|r| r.get(&id).cloned().flatten())
