@@ -115,6 +115,19 @@ impl ControlService {
     }
 
     fn find(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
+        let found = self.find_here(id);
+        // A follower applies a new rollout a heartbeat after the leader created it: rather than
+        // deny what the caller just started, send it to the leader (the client follows).
+        if found.is_err() && !self.shared.raft.is_leader() {
+            let leader = self.shared.raft.leader();
+            if leader.is_some() {
+                return Err(Error::NotLeader { leader }.into());
+            }
+        }
+        found
+    }
+
+    fn find_here(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
         self.shared.read(|s| {
             let r = if id.is_empty() {
                 s.active_rollout().or_else(|| s.latest_rollout())
