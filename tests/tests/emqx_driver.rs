@@ -304,7 +304,6 @@ fn a_failing_emqx_script_is_reported_and_changes_nothing() {
 }
 
 #[test]
-#[ignore = "bug: emqx driver reports a missing package as kind activation (INTERNAL) instead of not-found (NOT_FOUND)"]
 fn emqx_driver_missing_package_is_not_found() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("emqx");

@@ -100,21 +100,21 @@ impl AgentService {
         })
     }
 
-    /// For drivers that do not check signatures themselves (the EMQX script): before unpacking
+    /// For drivers that do not look packages up themselves (the EMQX script): before unpacking
     /// or installing a version the node does not have yet, its `releases/<name>-<v>.zip` must
-    /// carry a valid `.sig` from a trusted key.
+    /// exist (else `not-found`, decided before the script runs, as the native store does) and,
+    /// with trusted keys, carry a valid `.sig` from one of them.
     fn signature_gate(&self) -> impl Fn(&dyn Driver, Version) -> Result<()> + Send + 'static {
         let trusted = self.shared.trusted.clone();
         let releases = self.shared.root.join("releases");
         move |d: &dyn Driver, v: Version| {
-            if trusted.is_empty()
-                || d.checks_signatures()
-                || d.versions()?.iter().any(|e| e.version == v)
-            {
+            if d.checks_signatures() || d.versions()?.iter().any(|e| e.version == v) {
                 return Ok(());
             }
-            let zip = find_package(&releases, v)?;
-            orch_release::store::check_signature(&zip, None, &trusted)?;
+            let zip = orch_release::store::find_package_in(&releases, v)?;
+            if !trusted.is_empty() {
+                orch_release::store::check_signature(&zip, None, &trusted)?;
+            }
             Ok(())
         }
     }
@@ -352,32 +352,6 @@ impl Agent for AgentService {
             check: h.check.to_string(),
             detail: h.detail,
         }))
-    }
-}
-
-/// The one `<name>-<v>.zip` in `releases` (as the store looks it up).
-fn find_package(releases: &std::path::Path, v: Version) -> Result<PathBuf> {
-    let mut found = Vec::new();
-    let rd = std::fs::read_dir(releases)
-        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", releases.display())))?;
-    for entry in rd.flatten() {
-        if let Some(name) = entry.file_name().to_str()
-            && orch_types::parse_package_file_name(name).is_some_and(|(_, pv)| pv == v)
-        {
-            found.push(entry.path());
-        }
-    }
-    match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => Err(orch_release::Error::PackageNotFound {
-            version: v,
-            dir: releases.to_path_buf(),
-        }
-        .into()),
-        _ => Err(Error::Refused(format!(
-            "refused: several packages hold version {v} in {}; remove all but one",
-            releases.display()
-        ))),
     }
 }
 

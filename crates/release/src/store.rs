@@ -339,33 +339,7 @@ impl Store {
 
     /// `releases/<name>-<v>.zip`; refuses when several names match.
     pub fn find_package(&self, v: Version) -> Result<PathBuf> {
-        let mut found = Vec::new();
-        for entry in fs::read_dir(&self.releases).ctx("read directory", &self.releases)? {
-            let entry = entry.ctx("read directory", &self.releases)?;
-            if let Some(name) = entry.file_name().to_str()
-                && let Some((_, pv)) = parse_package_file_name(name)
-                && pv == v
-                && entry.path().is_file()
-            {
-                found.push(entry.path());
-            }
-        }
-        found.sort();
-        match found.len() {
-            0 => Err(Error::PackageNotFound {
-                version: v,
-                dir: self.releases.clone(),
-            }),
-            1 => Ok(found.remove(0)),
-            _ => Err(Error::Refused(format!(
-                "refused: several packages hold version {v} ({}); pass --package FILE",
-                found
-                    .iter()
-                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
-        }
+        find_package_in(&self.releases, v)
     }
 
     fn execute(&self, what: &str, op: Op, pkg: Option<ResolvedPackage>) -> Result<Outcome> {
@@ -511,4 +485,36 @@ struct ResolvedPackage {
     path: PathBuf,
     name: String,
     sha256: Option<String>,
+}
+
+/// The one `<name>-<v>.zip` in a `releases` directory; refuses when several names match. Also
+/// used by the agent for drivers that do not look packages up themselves.
+pub fn find_package_in(releases: &Path, v: Version) -> Result<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(releases).ctx("read directory", releases)? {
+        let entry = entry.ctx("read directory", releases)?;
+        if let Some(name) = entry.file_name().to_str()
+            && let Some((_, pv)) = parse_package_file_name(name)
+            && pv == v
+            && entry.path().is_file()
+        {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    match found.len() {
+        0 => Err(Error::PackageNotFound {
+            version: v,
+            dir: releases.to_path_buf(),
+        }),
+        1 => Ok(found.remove(0)),
+        _ => Err(Error::Refused(format!(
+            "refused: several packages hold version {v} ({}); pass --package FILE",
+            found
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
