@@ -609,6 +609,11 @@ fn run_config(
         "  rollout: {wall_ms} ms between the rollout's creation and its last event ({client_wall:?} seen by the client)"
     );
 
+    if std::env::var_os("ORCH_BENCH_EVENTS").is_some() {
+        for e in &fin.events {
+            eprintln!("  +{:>5} ms  {}", e.at_ms.saturating_sub(first), e.message);
+        }
+    }
     let staged = event_at(&fin, &format!("all {n} nodes staged")).unwrap();
     let upgraded = event_at(&fin, &format!("all {n} nodes upgraded")).unwrap();
     let preflight_done = event_at(&fin, "preflight passed").unwrap();

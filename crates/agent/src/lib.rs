@@ -255,7 +255,9 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // No Nagle: an HTTP/2 answer written in several segments would otherwise wait for the
+            // peer's delayed ACK (40 ms on Linux) whenever a segment is still unacknowledged.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 let _ = stop_rx.await;
             },
