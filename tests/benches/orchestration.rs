@@ -373,6 +373,7 @@ fn calibrate(rt: &Runtime, work: &Path, pkg0: &Path, pkg1: &Path, rounds: usize)
             c.unpack(apb::UnpackRequest {
                 version: V1.into(),
                 fence: fence(1),
+                expected_sha256: String::new(),
             })
             .await
             .unwrap();
@@ -381,6 +382,7 @@ fn calibrate(rt: &Runtime, work: &Path, pkg0: &Path, pkg1: &Path, rounds: usize)
                 version: V1.into(),
                 permanent: false,
                 fence: fence(2),
+                expected_sha256: String::new(),
             })
             .await
             .unwrap();

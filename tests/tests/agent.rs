@@ -261,6 +261,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
         let unpack = pb::UnpackRequest {
             version: "4.2.0".into(),
             fence: None,
+            expected_sha256: String::new(),
         };
         let r = c.unpack(unpack.clone()).await.unwrap().into_inner();
         assert!(r.changed);
@@ -283,6 +284,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
             version: "4.2.0".into(),
             permanent,
             fence: None,
+            expected_sha256: String::new(),
         };
         let r = c.install(install(true)).await.unwrap().into_inner();
         assert!(r.changed);
@@ -561,11 +563,13 @@ fn error_kinds_and_codes_are_as_documented() {
         let ureq = |v: &str| pb::UnpackRequest {
             version: v.into(),
             fence: None,
+            expected_sha256: String::new(),
         };
         let ireq = |v: &str| pb::InstallRequest {
             version: v.into(),
             permanent: false,
             fence: None,
+            expected_sha256: String::new(),
         };
         let vreq = |v: &str| pb::VersionRequest {
             version: v.into(),
@@ -705,6 +709,7 @@ fn fencing_rejects_stale_fences_across_restarts() {
         version: "4.2.1".into(),
         permanent: false,
         fence: f,
+        expected_sha256: String::new(),
     };
     let perm = |f| pb::VersionRequest {
         version: "4.2.1".into(),
@@ -815,6 +820,7 @@ fn fencing_rejects_stale_fences_across_restarts() {
             .unpack(pb::UnpackRequest {
                 version: "4.2.1".into(),
                 fence: fence(4, "r2", 1),
+                expected_sha256: String::new(),
             })
             .await
             .unwrap()
@@ -959,7 +965,6 @@ fn badly_named_package_reads_the_same_through_the_agent() {
 }
 
 #[test]
-#[ignore = "bug: with --agent, --sha256 without --package is silently ignored: an unverified package gets installed"]
 fn sha256_without_package_is_enforced_through_the_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let pkgs = tmp.path().join("pkgs");
@@ -990,10 +995,27 @@ fn sha256_without_package_is_enforced_through_the_agent() {
         "Installed versions:\n",
         "nothing may be installed from a package that fails the operator's digest"
     );
+    // A digest that is not one is refused the same way on both sides.
+    let (l, r) = both(&local_root, &agent, &["unpack", "4.2.0", "--sha256", "xyz"]);
+    assert_same(&l, &r, "unpack 4.2.0 --sha256 xyz");
+    assert_ne!(l.code, Some(0), "{}", l.stderr);
+    // The right digest installs, through the agent as locally.
+    let good = fs::read_to_string(pkgs.join("emqx-4.2.0.zip.sha256")).unwrap();
+    let good = good.split_whitespace().next().unwrap().to_string();
+    let (l, r) = both(
+        &local_root,
+        &agent,
+        &["install", "4.2.0", "--sha256", &good],
+    );
+    assert_same(&l, &r, "install 4.2.0 --sha256 GOOD");
+    assert_eq!(l.code, Some(0), "{}", l.stderr);
+    assert!(
+        agent.node_ok(&["versions"]).contains("4.2.0"),
+        "installed through the agent"
+    );
 }
 
 #[test]
-#[ignore = "bug: with --agent, the store flags (--max-entries, --max-unpacked-bytes, --activate-cmd, ...) are silently ignored"]
 fn local_only_flags_are_not_silently_dropped_with_agent() {
     let tmp = tempfile::tempdir().unwrap();
     let pkgs = tmp.path().join("pkgs");
@@ -1018,6 +1040,16 @@ fn local_only_flags_are_not_silently_dropped_with_agent() {
         Some(1),
         "--agent must refuse the flag (or apply it), not drop it: {:?}",
         r.stdout
+    );
+    assert!(
+        r.stderr.contains("--max-entries") && r.stderr.contains("configure the agent"),
+        "the refusal names the flag and what to do instead: {}",
+        r.stderr
+    );
+    assert_eq!(
+        agent.node_ok(&["versions"]),
+        "Installed versions:\n",
+        "nothing was unpacked through the agent"
     );
 }
 

@@ -281,6 +281,7 @@ fn a_failing_emqx_script_is_reported_and_changes_nothing() {
                 version: "4.2.1".into(),
                 permanent: false,
                 fence: None,
+                expected_sha256: String::new(),
             })
             .await
             .unwrap_err();
@@ -314,6 +315,7 @@ fn emqx_driver_missing_package_is_not_found() {
             .unpack(pb::UnpackRequest {
                 version: "4.2.7".into(),
                 fence: None,
+                expected_sha256: String::new(),
             })
             .await
             .unwrap_err();
@@ -322,4 +324,53 @@ fn emqx_driver_missing_package_is_not_found() {
     });
     // Decided before the script is asked to do anything.
     assert_eq!(mutating_calls_since(&root, 0), Vec::<String>::new());
+}
+
+/// `--sha256` for a package already in `releases/`: the agent checks it before the script is
+/// asked to do anything (the script looks the package up itself), as the native store does.
+#[test]
+fn emqx_driver_checks_the_operators_digest_before_the_script_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("emqx");
+    let agent = emqx_agent(&root);
+    build_emqx(tmp.path(), &root.join("releases"), &["4.2.0"]);
+    let before = calls(&root).len();
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        for (expected, kind) in [(ZEROS, "bad-package"), ("not-a-digest", "bad-package")] {
+            let e = c
+                .install(pb::InstallRequest {
+                    version: "4.2.0".into(),
+                    permanent: true,
+                    fence: None,
+                    expected_sha256: expected.into(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(error_kind(&e), kind, "{expected}: {e:?}");
+            assert!(
+                e.message().contains("emqx-4.2.0.zip"),
+                "the refusal names the package: {e:?}"
+            );
+        }
+    });
+    assert_eq!(mutating_calls_since(&root, before), Vec::<String>::new());
+    // The right digest goes through to the script.
+    let good = fs::read_to_string(root.join("releases/emqx-4.2.0.zip.sha256")).unwrap();
+    let good = good.split_whitespace().next().unwrap().to_string();
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        c.install(pb::InstallRequest {
+            version: "4.2.0".into(),
+            permanent: true,
+            fence: None,
+            expected_sha256: good,
+        })
+        .await
+        .unwrap();
+    });
+    assert_eq!(
+        mutating_calls_since(&root, before),
+        vec!["install 4.2.0".to_string()]
+    );
 }

@@ -389,7 +389,6 @@ fn a_restarted_service_demotes_the_current_release_on_health() {
 }
 
 #[test]
-#[ignore = "bug: Health probes the health URL twice per call (reconcile, then check): double latency, two views"]
 fn health_probes_the_url_once_per_call() {
     let tmp = tempfile::tempdir().unwrap();
     let server = HttpServer::start(HttpReply::version("4.2.1"));

@@ -678,6 +678,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                 apb::UnpackRequest {
                     version: v.clone(),
                     fence: fence.clone(),
+                    expected_sha256: String::new(),
                 }
                 .encode_to_vec(),
             )
@@ -690,6 +691,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     version: v.clone(),
                     permanent: rng.bool(),
                     fence: fence.clone(),
+                    expected_sha256: String::new(),
                 }
                 .encode_to_vec(),
             )
@@ -741,6 +743,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             apb::UnpackRequest {
                 version: V0.into(),
                 fence: fence.clone(),
+                expected_sha256: String::new(),
             }
             .encode_to_vec(),
         ),
@@ -750,6 +753,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                 version: V0.into(),
                 permanent: true,
                 fence: fence.clone(),
+                expected_sha256: String::new(),
             }
             .encode_to_vec(),
         ),
@@ -929,6 +933,7 @@ async fn agent_huge(w: &mut Wire) {
                 apb::UnpackRequest {
                     version: "9".repeat(size),
                     fence: None,
+                    expected_sha256: String::new(),
                 }
                 .encode_to_vec(),
             )
@@ -1053,6 +1058,7 @@ fn agent_survives_hostile_input() {
                 apb::UnpackRequest {
                     version: "1.0.0".into(),
                     fence: None,
+                    expected_sha256: String::new(),
                 }
                 .encode_to_vec(),
             )
@@ -1103,6 +1109,7 @@ fn agent_audit_log_cannot_be_forged_through_a_fence() {
                         rollout_id: "r1\n0 unfenced install 6.6.6".into(),
                         step: 1,
                     }),
+                    expected_sha256: String::new(),
                 }
                 .encode_to_vec(),
             )
@@ -1139,6 +1146,7 @@ fn stale_fence_refusal_stays_readable_with_huge_rollout_ids() {
                     rollout_id,
                     step: 0,
                 }),
+                expected_sha256: String::new(),
             }
             .encode_to_vec()
         };

@@ -239,6 +239,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                     .unpack(ag::UnpackRequest {
                         version: bad_version(),
                         fence: None,
+                        expected_sha256: String::new(),
                     })
                     .await
                     .map(drop),
@@ -247,6 +248,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                         version: bad_version(),
                         permanent: true,
                         fence: None,
+                        expected_sha256: String::new(),
                     })
                     .await
                     .map(drop),

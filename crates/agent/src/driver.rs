@@ -15,12 +15,13 @@ pub struct StepOutcome {
 }
 
 /// The node-layer steps. Every step is idempotent: repeating one whose result holds succeeds
-/// with `changed == false`. Packages are looked up in `ROOT/releases/`.
+/// with `changed == false`. Packages are looked up in `ROOT/releases/`; `sha256` is the digest
+/// the operator requires of that package (`--sha256`), checked before anything changes.
 pub trait Driver: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn versions(&self) -> Result<Vec<VersionEntry>>;
-    fn unpack(&self, v: Version) -> Result<StepOutcome>;
-    fn install(&self, v: Version, permanent: bool) -> Result<StepOutcome>;
+    fn unpack(&self, v: Version, sha256: Option<&str>) -> Result<StepOutcome>;
+    fn install(&self, v: Version, permanent: bool, sha256: Option<&str>) -> Result<StepOutcome>;
     fn permanent(&self, v: Version) -> Result<StepOutcome>;
     fn downgrade(&self, v: Version) -> Result<StepOutcome>;
     fn uninstall(&self, v: Version) -> Result<StepOutcome>;
@@ -28,8 +29,9 @@ pub trait Driver: Send + Sync + 'static {
     /// (a restarted node runs its permanent release). Returns a note when something changed.
     fn reconcile_running(&self, reported: Version) -> Result<Option<String>>;
 
-    /// True when the driver itself checks package signatures on unpack (the native store does,
-    /// bound to the bytes it extracts); otherwise the agent checks before calling it.
+    /// True when the driver itself checks package signatures and the `sha256` it is given on
+    /// unpack (the native store does, bound to the bytes it extracts); otherwise the agent
+    /// checks both before calling it.
     fn checks_signatures(&self) -> bool {
         false
     }
@@ -51,6 +53,18 @@ impl NativeDriver {
     pub fn new(store: Store) -> Self {
         NativeDriver { store }
     }
+
+    /// The same choice as the local `node` commands: an explicit digest needs the file itself
+    /// (the store then checks the very bytes it extracts).
+    fn source(&self, v: Version, sha256: Option<&str>) -> Result<PackageSource> {
+        Ok(match sha256 {
+            Some(d) => PackageSource::File {
+                path: self.store.find_package(v)?,
+                sha256: Some(d.to_string()),
+            },
+            None => PackageSource::Lookup(v),
+        })
+    }
 }
 
 fn outcome(o: orch_release::Outcome) -> StepOutcome {
@@ -69,13 +83,13 @@ impl Driver for NativeDriver {
         Ok(self.store.versions()?)
     }
 
-    fn unpack(&self, v: Version) -> Result<StepOutcome> {
-        Ok(outcome(self.store.unpack(&PackageSource::Lookup(v))?))
+    fn unpack(&self, v: Version, sha256: Option<&str>) -> Result<StepOutcome> {
+        Ok(outcome(self.store.unpack(&self.source(v, sha256)?)?))
     }
 
-    fn install(&self, v: Version, permanent: bool) -> Result<StepOutcome> {
+    fn install(&self, v: Version, permanent: bool, sha256: Option<&str>) -> Result<StepOutcome> {
         Ok(outcome(
-            self.store.install(&PackageSource::Lookup(v), permanent)?,
+            self.store.install(&self.source(v, sha256)?, permanent)?,
         ))
     }
 

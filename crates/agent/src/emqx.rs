@@ -139,12 +139,14 @@ impl Driver for EmqxDriver {
         parse_versions(&out).map_err(|e| self.fail(format!("cannot parse `emqx versions`: {e}")))
     }
 
-    fn unpack(&self, v: Version) -> Result<StepOutcome> {
+    // `_sha256` (like signatures) is checked by the agent's package gate before the script
+    // runs: the script looks the package up itself.
+    fn unpack(&self, v: Version, _sha256: Option<&str>) -> Result<StepOutcome> {
         let s = v.to_string();
         self.step(Op::Unpack(v), &["unpack", &s])
     }
 
-    fn install(&self, v: Version, permanent: bool) -> Result<StepOutcome> {
+    fn install(&self, v: Version, permanent: bool, _sha256: Option<&str>) -> Result<StepOutcome> {
         let s = v.to_string();
         let op = Op::Install {
             version: v,

@@ -142,15 +142,20 @@ pub async fn probe_cmd(cmd: &[String], timeout: Duration, expect: Option<Version
 }
 
 /// Runs the configured checks in order (URL, then command); with neither, compares the store's
-/// running version.
+/// running version. `url_probe` is the URL's answer when the caller already probed it (with
+/// the same `expect`); otherwise the URL is probed here.
 pub async fn check(
     cfg: &HealthConfig,
     expect: Option<Version>,
     store_running: Option<Version>,
+    url_probe: Option<HealthResult>,
 ) -> HealthResult {
     let mut last = None;
     if let Some(url) = &cfg.url {
-        let r = probe_http(url, cfg.timeout, expect).await;
+        let r = match url_probe {
+            Some(r) => r,
+            None => probe_http(url, cfg.timeout, expect).await,
+        };
         if !r.healthy {
             return r;
         }

@@ -254,14 +254,9 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(
-            // No Nagle: an HTTP/2 answer written in several segments would otherwise wait for the
-            // peer's delayed ACK (40 ms on Linux) whenever a segment is still unacknowledged.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        .serve_with_incoming_shutdown(orch_tls::incoming(listener), async {
+            let _ = stop_rx.await;
+        });
     tokio::pin!(server);
     let _registration = AbortOnDrop(registration);
     tokio::select! {

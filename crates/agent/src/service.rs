@@ -102,16 +102,27 @@ impl AgentService {
 
     /// For drivers that do not look packages up themselves (the EMQX script): before unpacking
     /// or installing a version the node does not have yet, its `releases/<name>-<v>.zip` must
-    /// exist (else `not-found`, decided before the script runs, as the native store does) and,
-    /// with trusted keys, carry a valid `.sig` from one of them.
-    fn signature_gate(&self) -> impl Fn(&dyn Driver, Version) -> Result<()> + Send + 'static {
+    /// exist (else `not-found`, decided before the script runs, as the native store does),
+    /// have the operator's `sha256` if one was given and, with trusted keys, carry a valid
+    /// `.sig` from one of them.
+    fn signature_gate(
+        &self,
+    ) -> impl Fn(&dyn Driver, Version, Option<&str>) -> Result<()> + Send + 'static {
         let trusted = self.shared.trusted.clone();
         let releases = self.shared.root.join("releases");
-        move |d: &dyn Driver, v: Version| {
+        move |d: &dyn Driver, v: Version, sha256: Option<&str>| {
             if d.checks_signatures() || d.versions()?.iter().any(|e| e.version == v) {
                 return Ok(());
             }
             let zip = orch_release::store::find_package_in(&releases, v)?;
+            if let Some(expected) = orch_release::package::expected_digest(&zip, sha256)? {
+                let (actual, _) = orch_release::package::sha256_file(&zip)?;
+                if actual != expected {
+                    return Err(
+                        orch_release::package::digest_mismatch(&zip, &expected, &actual).into(),
+                    );
+                }
+            }
             if !trusted.is_empty() {
                 orch_release::store::check_signature(&zip, None, &trusted)?;
             }
@@ -137,6 +148,12 @@ impl AgentService {
         let url = self.shared.health.url.as_ref()?;
         let r = health::probe_http(url, self.shared.health.timeout, None).await;
         let reported = r.reported?;
+        self.reconcile(&reported).await;
+        Some(reported)
+    }
+
+    /// Repairs the store from what the service reports (see `reported_and_reconcile`).
+    async fn reconcile(&self, reported: &str) {
         if let (Ok(v), Ok(_guard)) = (reported.parse::<Version>(), self.shared.steps.try_lock()) {
             match self.blocking(move |d| d.reconcile_running(v)).await {
                 Ok(Some(note)) => tracing::warn!(node = %self.shared.node_id, "{note}"),
@@ -144,7 +161,6 @@ impl AgentService {
                 Err(e) => tracing::warn!(node = %self.shared.node_id, "reconcile failed: {e}"),
             }
         }
-        Some(reported)
     }
 }
 
@@ -263,11 +279,12 @@ impl Agent for AgentService {
         self.shared.auth.require(&req, MUTATE)?;
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
+        let sha = expected_sha256(r.expected_sha256)?;
         let gate = self.signature_gate();
         Ok(Response::new(
             self.step(r.fence, format!("unpack {v}"), move |d| {
-                gate(d, v)?;
-                d.unpack(v)
+                gate(d, v, sha.as_deref())?;
+                d.unpack(v, sha.as_deref())
             })
             .await?,
         ))
@@ -281,11 +298,12 @@ impl Agent for AgentService {
         let r = req.into_inner();
         let v = parse_version(&r.version)?;
         let p = r.permanent;
+        let sha = expected_sha256(r.expected_sha256)?;
         let gate = self.signature_gate();
         Ok(Response::new(
             self.step(r.fence, format!("install {v} permanent={p}"), move |d| {
-                gate(d, v)?;
-                d.install(v, p)
+                gate(d, v, sha.as_deref())?;
+                d.install(v, p, sha.as_deref())
             })
             .await?,
         ))
@@ -341,11 +359,20 @@ impl Agent for AgentService {
         } else {
             Some(parse_version(&r.expect_version)?)
         };
-        if self.shared.health.url.is_some() {
-            self.reported_and_reconcile().await;
-        }
+        // One GET serves both the repair and the check: probing twice would double a check's
+        // latency and could judge a different answer than the one the repair saw.
+        let url_probe = match &self.shared.health.url {
+            Some(url) => {
+                let r = health::probe_http(url, self.shared.health.timeout, expect).await;
+                if let Some(reported) = &r.reported {
+                    self.reconcile(reported).await;
+                }
+                Some(r)
+            }
+            None => None,
+        };
         let running = self.blocking(|d| d.running()).await?;
-        let h = health::check(&self.shared.health, expect, running).await;
+        let h = health::check(&self.shared.health, expect, running, url_probe).await;
         Ok(Response::new(pb::HealthReply {
             healthy: h.healthy,
             reported_version: h.reported.unwrap_or_default(),
@@ -370,4 +397,17 @@ fn free_disk(root: &std::path::Path) -> u64 {
             0
         }
     }
+}
+
+/// The request's expected digest (empty: none). Its form is checked where the package is
+/// known, so the refusal names the package as the local command's does; only a value too long
+/// to be any digest is refused here, without quoting it back.
+fn expected_sha256(s: String) -> Result<Option<String>> {
+    if s.len() > 128 {
+        return Err(Error::BadRequest(format!(
+            "expected_sha256 is not a hex SHA-256 ({} characters)",
+            s.len()
+        )));
+    }
+    Ok((!s.is_empty()).then_some(s))
 }

@@ -267,18 +267,21 @@ pub struct NodeArgs {
     /// shell-split, called with FROM and TO versions appended.
     #[arg(long, global = true, value_name = "CMD")]
     pub activate_cmd: Option<String>,
-    /// How long activation may take before it is killed and the step fails.
-    #[arg(long, global = true, value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
-    pub activate_timeout: Duration,
-    /// How long to wait for another process that holds the store lock.
-    #[arg(long, global = true, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
-    pub lock_timeout: Duration,
-    /// Refuse packages that expand to more than this many bytes.
-    #[arg(long, global = true, value_name = "BYTES", default_value_t = 4 << 30)]
-    pub max_unpacked_bytes: u64,
-    /// Refuse packages with more entries than this.
-    #[arg(long, global = true, value_name = "N", default_value_t = 100_000)]
-    pub max_entries: u64,
+    // The four store settings below have no clap default so that `--agent` can tell they were
+    // given and refuse them (the agent's own configuration applies there); the local defaults
+    // are in node.rs.
+    /// How long activation may take before it is killed and the step fails [default: 60s].
+    #[arg(long, global = true, value_name = "DUR", value_parser = parse_duration)]
+    pub activate_timeout: Option<Duration>,
+    /// How long to wait for another process that holds the store lock [default: 10s].
+    #[arg(long, global = true, value_name = "DUR", value_parser = parse_duration)]
+    pub lock_timeout: Option<Duration>,
+    /// Refuse packages that expand to more than this many bytes [default: 4294967296].
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_unpacked_bytes: Option<u64>,
+    /// Refuse packages with more entries than this [default: 100000].
+    #[arg(long, global = true, value_name = "N")]
+    pub max_entries: Option<u64>,
     /// With --agent under mutual TLS: the node id the agent's certificate must name (the
     /// connection then proves it reached that node).
     #[arg(long, global = true, value_name = "ID")]

@@ -8,9 +8,23 @@ use crate::args::{NodeArgs, NodeCmd, PackageTarget};
 
 pub fn run(args: NodeArgs) -> Result<()> {
     if let Some(addr) = &args.agent {
-        if args.activate_cmd.is_some() {
+        // Store settings belong to the agent's own configuration; dropping them silently
+        // would let an operator believe a limit applied that did not.
+        let local_only: Vec<&str> = [
+            ("--activate-cmd", args.activate_cmd.is_some()),
+            ("--activate-timeout", args.activate_timeout.is_some()),
+            ("--lock-timeout", args.lock_timeout.is_some()),
+            ("--max-unpacked-bytes", args.max_unpacked_bytes.is_some()),
+            ("--max-entries", args.max_entries.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        if !local_only.is_empty() {
             bail!(
-                "--activate-cmd configures a local store; with --agent, configure the agent instead"
+                "{} configure{} a local store; with --agent they do not apply: configure the agent instead (its command line or config file), or drop --agent to act on --root-dir",
+                local_only.join(", "),
+                if local_only.len() == 1 { "s" } else { "" }
             );
         }
         let security = crate::tls::client_security(&args.tls)?;
@@ -24,11 +38,17 @@ pub fn run(args: NodeArgs) -> Result<()> {
         return Ok(());
     }
     let mut cfg = StoreConfig::new(root);
-    cfg.activate_timeout = args.activate_timeout;
-    cfg.lock_timeout = args.lock_timeout;
+    // Unset flags keep the store's defaults (which the flags' help texts quote).
+    if let Some(t) = args.activate_timeout {
+        cfg.activate_timeout = t;
+    }
+    if let Some(t) = args.lock_timeout {
+        cfg.lock_timeout = t;
+    }
+    let defaults = Limits::default();
     cfg.limits = Limits {
-        max_total_bytes: args.max_unpacked_bytes,
-        max_entries: args.max_entries,
+        max_total_bytes: args.max_unpacked_bytes.unwrap_or(defaults.max_total_bytes),
+        max_entries: args.max_entries.unwrap_or(defaults.max_entries),
     };
     if let Some(cmd) = &args.activate_cmd {
         let words = shell_words::split(cmd).context("--activate-cmd is not valid shell words")?;

@@ -15,6 +15,9 @@ use crate::args::{NodeCmd, PackageTarget};
 
 const CHUNK: usize = 256 << 10;
 
+/// How long a live agent may take to answer a trivial request.
+const RESPONSIVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest message exchanged with the agent (push chunks are 256 KiB).
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
@@ -67,6 +70,17 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let e = |s| status_msg(addr, s);
+    // The per-call deadline is sized for legitimately long steps (a 4 GiB push, a 60 s
+    // activation). A frozen agent still has its connections accepted by the kernel, so first
+    // ask it something instant: one that does not answer is reported within seconds.
+    match tokio::time::timeout(RESPONSIVE_WITHIN, c.node_info(pb::NodeInfoRequest {})).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(s)) => return Err(e(s)),
+        Err(_) => bail!(
+            "the agent at {addr} accepted the connection but did not answer within {}s: it is stopped, overloaded or hung; check its process and logs",
+            RESPONSIVE_WITHIN.as_secs()
+        ),
+    }
     let reply = match cmd {
         NodeCmd::Versions { json } => {
             let r = c
@@ -120,6 +134,7 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
             c.unpack(pb::UnpackRequest {
                 version: v.to_string(),
                 fence: None,
+                expected_sha256: remote_digest(&t),
             })
             .await
         }
@@ -129,6 +144,7 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 version: v.to_string(),
                 permanent: !a.no_permanent,
                 fence: None,
+                expected_sha256: remote_digest(&a.target),
             })
             .await
         }
@@ -149,6 +165,15 @@ fn vreq(v: Version) -> pb::VersionRequest {
     }
 }
 
+/// The digest the agent must check: `--sha256` for a package already on the node. A pushed
+/// package was checked here and arrived under its digest, so nothing more is asked.
+fn remote_digest(t: &PackageTarget) -> String {
+    match (&t.package, &t.sha256) {
+        (None, Some(d)) => d.clone(),
+        _ => String::new(),
+    }
+}
+
 /// With `--package FILE`, streams it to the agent and returns its version; otherwise the
 /// version names a package already in the node's releases directory.
 async fn push_if_needed(
@@ -157,11 +182,7 @@ async fn push_if_needed(
     t: &PackageTarget,
 ) -> Result<Version> {
     let Some(path) = &t.package else {
-        if t.sha256.is_some() {
-            bail!(
-                "--sha256 with --agent checks a package this machine sends: pass --package FILE too"
-            );
-        }
+        // The package is in the node's releases/; the agent checks --sha256 against it.
         return t
             .version
             .ok_or_else(|| anyhow!("give a VERSION or --package FILE"));

@@ -214,6 +214,7 @@ pub async fn perform(
             let req = pb::UnpackRequest {
                 version: version.to_string(),
                 fence: fence.clone(),
+                expected_sha256: String::new(),
             };
             step(
                 retrying(node, || {
@@ -229,6 +230,7 @@ pub async fn perform(
                 version: version.to_string(),
                 permanent: false,
                 fence: fence.clone(),
+                expected_sha256: String::new(),
             };
             step(
                 retrying(node, || {

@@ -1,7 +1,7 @@
 //! The rollout driver. Runs only on the Raft leader, for one term: it reads the active rollout
 //! from the replicated state, proposes `IssueActions` when the machine wants new actions,
 //! performs every in-flight action through the agents (fenced with this term), and proposes
-//! each result. It keeps no state of its own beyond the tasks it runs, so a new leader simply
+//! each result (results that finish while an entry is being committed share the next entry). It keeps no state of its own beyond the tasks it runs, so a new leader simply
 //! starts a driver that re-performs whatever is in flight (agent calls are idempotent).
 
 use std::collections::HashMap;
@@ -32,13 +32,31 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
     let mut applied = shared.raft.applied();
     let mut tasks: HashMap<u64, Slot> = HashMap::new();
     let early: EarlyGates = Arc::default();
+    let (recorder, recording) = Recorder::start(shared.clone());
+    let task = TaskCx {
+        shared: shared.clone(),
+        term,
+        me: me.clone(),
+        early: early.clone(),
+        recorder,
+    };
     loop {
         if *stop.borrow() || !shared.raft.is_leader() || shared.raft.current_term() != term {
             break;
         }
-        let active = shared.read(|s| s.active_rollout().cloned());
+        // Only what the loop needs, not a clone of the rollout (its audit trail grows with
+        // every step, and this runs after every applied entry).
+        let active = shared.read(|s| {
+            s.active_rollout().map(|r| ActiveView {
+                id: r.id().to_string(),
+                package: r.spec().package.clone(),
+                in_flight: r.in_flight().to_vec(),
+                next_seq: r.next_seq(),
+                wants_issue: !r.next_actions().is_empty(),
+            })
+        });
         if let Some(r) = active {
-            let in_flight: Vec<Action> = r.in_flight().to_vec();
+            let in_flight = r.in_flight;
             // Cancelled actions (e.g. a health gate nobody needs after an abort) stop here, and
             // an action whose result could not be recorded is performed again.
             tasks.retain(|seq, slot| {
@@ -61,7 +79,7 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
             });
             // Early probes whose gate was never issued (the rollout went another way) are dropped.
             lock(&early).retain(|seq, g| {
-                let keep = *seq >= r.next_seq() || in_flight.iter().any(|a| a.seq == *seq);
+                let keep = *seq >= r.next_seq || in_flight.iter().any(|a| a.seq == *seq);
                 if !keep {
                     g.handle.abort();
                 }
@@ -72,17 +90,14 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
                     continue;
                 }
                 let h = tokio::spawn(perform_and_record(
-                    shared.clone(),
-                    term,
-                    r.id().to_string(),
-                    r.spec().package.clone(),
+                    task.clone(),
+                    r.id.clone(),
+                    r.package.clone(),
                     a.clone(),
-                    me.clone(),
-                    early.clone(),
                 ));
                 tasks.insert(a.seq, Slot::Running(h));
             }
-            if !r.next_actions().is_empty() {
+            if r.wants_issue {
                 let entry = LogEntry {
                     event: Event::IssueActions,
                     at_ms: now_ms(),
@@ -90,10 +105,7 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
                 };
                 match shared
                     .raft
-                    .write(Command::Rollout {
-                        id: r.id().to_string(),
-                        entry,
-                    })
+                    .write(Command::Rollout { id: r.id, entry })
                     .await
                 {
                     Ok(_) => continue,
@@ -119,7 +131,92 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
     for (_, g) in lock(&early).drain() {
         g.handle.abort();
     }
+    recording.abort();
     tracing::info!(term, "rollout driver stopped");
+}
+
+/// What every action task of one driver needs.
+#[derive(Clone)]
+struct TaskCx {
+    shared: Arc<Shared>,
+    term: u64,
+    me: String,
+    early: EarlyGates,
+    recorder: Recorder,
+}
+
+/// What the driver loop reads of the active rollout on each round.
+struct ActiveView {
+    id: String,
+    package: Option<orch_types::rollout::PackageRef>,
+    in_flight: Vec<Action>,
+    next_seq: u64,
+    wants_issue: bool,
+}
+
+/// At most this many results go into one log entry (keeps an entry well under the Raft
+/// message limits even with every node's version list in it).
+const MAX_GROUP: usize = 64;
+
+/// One action's commands waiting to be written, and who waits to hear whether they were.
+struct Pending {
+    cmds: Vec<Command>,
+    done: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// Group commit for results: while one entry is being committed, results that finish queue up
+/// and then go into the next entry together. A step that runs on many nodes at once (preflight
+/// of every node, staging and committing 8 at a time) then costs a few commits instead of one
+/// per node. Each result keeps its own commands in order, and its caller still learns only
+/// after the commit whether it was recorded, so nothing acts on an unrecorded result.
+#[derive(Clone)]
+struct Recorder {
+    tx: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+impl Recorder {
+    fn start(shared: Arc<Shared>) -> (Recorder, JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Pending>();
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                while group.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(p) => group.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let mut cmds = Vec::new();
+                let mut waiting = Vec::with_capacity(group.len());
+                for p in group {
+                    cmds.extend(p.cmds);
+                    waiting.push(p.done);
+                }
+                let n = waiting.len();
+                let ok = match shared.raft.write(Command::Batch(cmds)).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        // Not recorded: those actions stay in flight and are performed again.
+                        tracing::warn!(results = n, "results not recorded: {e}");
+                        false
+                    }
+                };
+                for w in waiting {
+                    let _ = w.send(ok);
+                }
+            }
+        });
+        (Recorder { tx }, task)
+    }
+
+    /// Writes `cmds` (in the next group); `true` once committed and applied.
+    async fn write(&self, cmds: Vec<Command>) -> bool {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Pending { cmds, done }).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
 }
 
 /// How long an install's result waits for its health gate's early probe before being recorded
@@ -162,18 +259,14 @@ fn predicted_gate(
     {
         return None;
     }
+    let event = Event::Result {
+        seq: action.seq,
+        result: result.clone(),
+    };
     shared.read(|s| {
-        let mut r = s.rollouts.get(rollout)?.clone();
-        r.apply(
-            &Event::Result {
-                seq: action.seq,
-                result: result.clone(),
-            },
-            0,
-            "",
-        )
-        .ok()?;
-        r.next_actions()
+        s.rollouts
+            .get(rollout)?
+            .next_actions_after(&event)?
             .into_iter()
             .find(|a| a.node == action.node && matches!(a.kind, ActionKind::HealthGate { .. }))
     })
@@ -187,18 +280,22 @@ enum Slot {
 
 /// Performs an action and records its result; `false` when the result could not be recorded.
 async fn perform_and_record(
-    shared: Arc<Shared>,
-    term: u64,
+    cx: TaskCx,
     rollout: String,
     package: Option<orch_types::rollout::PackageRef>,
     action: Action,
-    me: String,
-    early: EarlyGates,
 ) -> bool {
+    let TaskCx {
+        shared,
+        term,
+        me,
+        early,
+        recorder,
+    } = cx;
     let Some(address) = shared.read(|s| s.nodes.get(&action.node).map(|n| n.address.clone()))
     else {
         return record(
-            &shared,
+            &recorder,
             &rollout,
             &action,
             orch_rollout::ActionResult::Failed {
@@ -212,7 +309,7 @@ async fn perform_and_record(
         && let Err(e) = shared.ensure_blob(&p.sha256).await
     {
         return record(
-            &shared,
+            &recorder,
             &rollout,
             &action,
             orch_rollout::ActionResult::Failed {
@@ -293,7 +390,10 @@ async fn perform_and_record(
                 id: action.node.clone(),
                 versions,
             });
-            record_with(&shared, &rollout, &action, result, versions, gate_done, &me).await
+            record_with(
+                &recorder, &rollout, &action, result, versions, gate_done, &me,
+            )
+            .await
         }
         Err(CallError::Stale(msg)) => {
             tracing::warn!(%msg, "an agent saw a newer coordinator's fence; this driver stands down");
@@ -302,7 +402,7 @@ async fn perform_and_record(
         }
         Err(CallError::Step(msg)) => {
             record(
-                &shared,
+                &recorder,
                 &rollout,
                 &action,
                 ActionResult::Failed { error: msg },
@@ -314,13 +414,13 @@ async fn perform_and_record(
 }
 
 async fn record(
-    shared: &Shared,
+    recorder: &Recorder,
     rollout: &str,
     action: &Action,
     result: orch_rollout::ActionResult,
     me: &str,
 ) -> bool {
-    record_with(shared, rollout, action, result, None, None, me).await
+    record_with(recorder, rollout, action, result, None, None, me).await
 }
 
 /// Records an action's result in one Raft entry together with the node's reported versions (if
@@ -328,7 +428,7 @@ async fn record(
 /// result is deterministic and is what the driver loop would propose next anyway (when nothing
 /// is enabled it is ignored and changes nothing), so the next step starts one commit sooner.
 async fn record_with(
-    shared: &Shared,
+    recorder: &Recorder,
     rollout: &str,
     action: &Action,
     result: orch_rollout::ActionResult,
@@ -368,12 +468,9 @@ async fn record_with(
         });
         cmds.push(entry(Event::IssueActions));
     }
-    match shared.raft.write(Command::Batch(cmds)).await {
-        Ok(_) => true,
-        Err(e) => {
-            // Not recorded: the action stays in flight and is performed again.
-            tracing::warn!(%action, "result not recorded: {e}");
-            false
-        }
+    let recorded = recorder.write(cmds).await;
+    if !recorded {
+        tracing::warn!(%action, "result not recorded; it is performed again");
     }
+    recorded
 }

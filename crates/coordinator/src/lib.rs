@@ -329,12 +329,7 @@ pub async fn serve(
             .max_decoding_message_size(control::MAX_REQUEST_BYTES)
             .max_encoding_message_size(control::MAX_REPLY_BYTES),
         )
-        .serve_with_incoming_shutdown(
-            // No Nagle: an HTTP/2 answer written in several segments would otherwise wait for the
-            // peer's delayed ACK (40 ms on Linux) whenever a segment is still unacknowledged.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(orch_tls::incoming(listener), shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = leadership.await;

@@ -246,6 +246,19 @@ fn open_checked<R: Read + Seek>(
                 seen.insert(rel.clone(), is_dir);
             }
         }
+        // A stored entry's data is its contents, so the two sizes must agree. When they do
+        // not, readers disagree on where the entry ends (the fuzzer found one that `verify`
+        // refused and extraction wrote truncated).
+        if f.compression() == zip::CompressionMethod::Stored && f.compressed_size() != f.size() {
+            return Err(bad(
+                zip,
+                format!(
+                    "entry {name:?} is stored uncompressed but declares {} bytes of data for {} bytes of contents",
+                    f.compressed_size(),
+                    f.size()
+                ),
+            ));
+        }
         declared = declared.saturating_add(f.size());
         if rel == Path::new(MANIFEST) {
             has_manifest = true;
@@ -371,6 +384,13 @@ fn copy_capped(
     Ok(n)
 }
 
+fn short_entry(zip: &Path, name: &str, n: u64, declared: u64) -> Error {
+    bad(
+        zip,
+        format!("entry {name:?} holds {n} bytes but declares {declared}"),
+    )
+}
+
 /// Fully verifies a package without extracting it: digest, structure, every entry's data and
 /// CRC, the limits, and the manifest against the file name.
 pub fn verify(
@@ -392,14 +412,21 @@ pub fn verify(
             continue;
         }
         let budget = limits.max_total_bytes - total;
-        if safe_relative_path(&name).as_deref() == Some(Path::new(MANIFEST)) {
+        let declared = f.size();
+        let n = if safe_relative_path(&name).as_deref() == Some(Path::new(MANIFEST)) {
             let mut buf = Vec::new();
-            total += copy_capped(zip, &name, &mut f, &mut buf, budget.min(1 << 20))?;
+            let n = copy_capped(zip, &name, &mut f, &mut buf, budget.min(1 << 20))?;
             manifest =
                 Some(String::from_utf8(buf).map_err(|_| bad(zip, "release.toml is not UTF-8"))?);
+            n
         } else {
-            total += copy_capped(zip, &name, &mut f, &mut io::sink(), budget)?;
+            copy_capped(zip, &name, &mut f, &mut io::sink(), budget)?
+        };
+        // The same rule as extraction: an entry yields exactly what it declares.
+        if n != declared {
+            return Err(short_entry(zip, &name, n, declared));
         }
+        total += n;
     }
     let manifest = manifest.ok_or_else(|| bad(zip, format!("it has no {MANIFEST}")))?;
     let (name, version) = check_identity(zip, &manifest, expected_version)?;
@@ -499,6 +526,10 @@ fn extract_entry(
     // The declared sizes were checked against the limit; an entry that inflates past its own
     // declaration is lying (zip bomb) and is refused.
     let n = copy_capped(zip, &e.name, &mut f, &mut w, e.declared)?;
+    // Short is as wrong as long: what lands must be exactly what the archive declares.
+    if n != e.declared {
+        return Err(short_entry(zip, &e.name, n, e.declared));
+    }
     w.flush().ctx("write", &target)?;
     Ok(n)
 }

@@ -684,16 +684,13 @@ fn a_file_and_a_directory_with_one_path() {
     fx.refused(&path, None, "bin/app");
 }
 
-/// Found by the `package` fuzz target (crates/release/fuzz): a stored (uncompressed) entry whose
-/// data is 2 bytes longer than its declared size. `verify` refuses it ("larger than its
-/// declared uncompressed size"), but `extract` accepts the package and writes that entry
-/// truncated, so what an unpack installs differs from what verification read. (The fuzz run's
-/// `extract` reported 46 bytes for entries declaring 72; a check that each entry yields its
-/// declared size, and a read past the end, did not catch it: the zip crate's view of the
-/// declared size differs between `by_index_raw` and the central directory, to be
-/// investigated.) Expected: both refuse it and `extract` leaves nothing.
+/// Found by the `package` fuzz target (crates/release/fuzz): an entry the central directory
+/// calls stored (uncompressed) with 28 bytes of data for 26 bytes of contents, while its local
+/// header calls it deflated. `verify` refused it, but `extract` wrote the entry truncated, so
+/// what an unpack installs differed from what verification read. Both now refuse any stored
+/// entry whose two sizes differ, and extraction refuses an entry that yields fewer bytes than
+/// it declares; `extract` leaves nothing behind.
 #[test]
-#[ignore = "bug: extract accepts a package whose stored entry verify refuses as longer than declared"]
 fn extract_refuses_what_verify_refuses_stored_entry_longer_than_declared() {
     let tmp = tempfile::tempdir().unwrap();
     let zip = tmp.path().join("app-1.0.0.zip");
@@ -713,6 +710,58 @@ fn extract_refuses_what_verify_refuses_stored_entry_longer_than_declared() {
     assert!(
         matches!(x, Err(Error::BadPackage { .. })),
         "extract accepted it: {x:?}"
+    );
+    assert!(!dest.exists());
+}
+
+/// Sets an entry's declared (uncompressed) size in its local header and the central directory.
+fn patch_declared_size(bytes: &mut [u8], name: &str, size: u32) {
+    let name = name.as_bytes();
+    let mut hits = 0;
+    for i in 0..bytes.len().saturating_sub(4) {
+        let (size_at, name_at) = match &bytes[i..i + 4] {
+            [0x50, 0x4b, 0x03, 0x04] => (i + 22, i + 30),
+            [0x50, 0x4b, 0x01, 0x02] => (i + 24, i + 46),
+            _ => continue,
+        };
+        if bytes.get(name_at..name_at + name.len()) == Some(name) {
+            bytes[size_at..size_at + 4].copy_from_slice(&size.to_le_bytes());
+            hits += 1;
+        }
+    }
+    assert_eq!(hits, 2, "local header and central directory entry");
+}
+
+/// A deflated entry whose data is genuine (its CRC matches) but that declares more contents
+/// than it inflates to: both `verify` and `extract` refuse it, naming the entry, and `extract`
+/// leaves nothing. (Readers that trust the declared size would see a different file.)
+#[test]
+fn an_entry_shorter_than_declared_is_refused_by_verify_and_extract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = zip_of(&[
+        manifest("app", "1.0.0"),
+        E::File("payload.txt", b"hello, world\n".to_vec()),
+    ]);
+    patch_declared_size(&mut bytes, "payload.txt", 20);
+    let zip = tmp.path().join("app-1.0.0.zip");
+    fs::write(&zip, &bytes).unwrap();
+    let limits = Limits {
+        max_total_bytes: 1 << 20,
+        max_entries: 64,
+    };
+    let v = package::verify(&zip, None, None, &limits);
+    match &v {
+        Err(Error::BadPackage { reason, .. }) => assert!(
+            reason.contains("payload.txt") && reason.contains("declares 20"),
+            "{reason}"
+        ),
+        other => panic!("verify accepted it: {other:?}"),
+    }
+    let dest = tmp.path().join("out");
+    let x = package::extract(&zip, &dest, None, None, &limits);
+    assert!(
+        matches!(&x, Err(Error::BadPackage { reason, .. }) if reason.contains("payload.txt")),
+        "extract: {x:?}"
     );
     assert!(!dest.exists());
 }

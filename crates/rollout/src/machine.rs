@@ -183,6 +183,27 @@ impl Rollout {
         }
     }
 
+    /// What [`Rollout::next_actions`] would return once `event` were applied, leaving this
+    /// rollout as it is; `None` if the event would be refused. The audit trail is not copied
+    /// (planning never reads it), so this stays cheap however long the history grows: the
+    /// driver asks it on every successful install to start the health gate early.
+    pub fn next_actions_after(&self, event: &Event) -> Option<Vec<Action>> {
+        let mut r = Rollout {
+            spec: self.spec.clone(),
+            phase: self.phase,
+            paused: self.paused,
+            nodes: self.nodes.clone(),
+            events: Vec::new(),
+            next_seq: self.next_seq,
+            in_flight: self.in_flight.clone(),
+            awaiting_promotion: self.awaiting_promotion,
+            promoted: self.promoted,
+            error: self.error.clone(),
+        };
+        r.apply(event, 0, "").ok()?;
+        Some(r.next_actions())
+    }
+
     // ----- queries -----
 
     pub fn spec(&self) -> &RolloutSpec {

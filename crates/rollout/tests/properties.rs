@@ -152,7 +152,13 @@ impl Sim {
         self.t += 1;
         let before = self.r.clone();
         let expected_issue = self.r.next_actions();
+        let predicted = self.r.next_actions_after(&event);
         let out = self.r.apply(&event, self.t, by);
+        // The cheap prediction (no audit trail copied) agrees with applying for real.
+        match &out {
+            Err(_) => prop_assert_eq!(predicted, None),
+            Ok(_) => prop_assert_eq!(predicted, Some(self.r.next_actions())),
+        }
         self.log.push(LogEntry {
             event: event.clone(),
             at_ms: self.t,

@@ -230,3 +230,30 @@ mod tests {
         assert!(Security::Insecure.endpoint("bad addr\n", "x").is_err());
     }
 }
+
+/// The accepted-connection stream every server here serves on: TCP_NODELAY set, because an
+/// HTTP/2 answer written in several segments otherwise waits for the peer's delayed ACK (40 ms
+/// on Linux) whenever an earlier segment is unacknowledged (seen as 40 ms first calls to agents
+/// and a 40 ms p99 on Raft writes between coordinators).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod incoming_tests {
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut inc = super::incoming(listener);
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = inc.next().await.unwrap().unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "accepted socket without TCP_NODELAY"
+        );
+        drop(client);
+    }
+}
