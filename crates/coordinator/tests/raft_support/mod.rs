@@ -185,7 +185,7 @@ impl Cluster {
         let svc = node.peer_service();
         let (stop, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let incoming = orch_tls::incoming(listener);
             let r = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
