@@ -583,6 +583,42 @@ fn the_cli_works_under_mtls_and_names_what_is_missing() {
         &viewer,
     ]);
     orch_tests::assert_refused(&o, "requires role operator");
+    // A certificate from another CA: TLS cannot succeed by retrying, so the CLI says so at
+    // once (it used to retry for its full 30 s) and names what to check.
+    let foreign = e.other.operator().display().to_string();
+    let t = std::time::Instant::now();
+    let o = orchestrator_within(
+        &[
+            "status",
+            "--coordinator",
+            &e.coord.addr,
+            "--tls-dir",
+            &foreign,
+        ],
+        Duration::from_secs(60),
+    );
+    orch_tests::assert_refused(&o, "TLS with every coordinator failed");
+    assert!(stderr(&o).contains("--tls-dir"), "{}", stderr(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "gave up only after {:?}",
+        t.elapsed()
+    );
+    // Plain text against mTLS: the connection breaks while the CLI writes. It must end at once
+    // with one line naming the coordinator and the flag to drop, not die of SIGPIPE without a
+    // word (it used to).
+    let t = std::time::Instant::now();
+    let o = orchestrator_within(
+        &["status", "--coordinator", &e.coord.addr, "--insecure"],
+        Duration::from_secs(90),
+    );
+    let err = orch_tests::assert_refused(&o, &e.coord.addr);
+    assert!(err.contains("drop it and pass --tls-dir"), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "gave up only after {:?}",
+        t.elapsed()
+    );
     // No TLS files anywhere: refused with what to do, not a plain-text attempt.
     let mut cmd = orch_tests::orch_cmd(&["status", "--coordinator", &e.coord.addr]);
     cmd.env("ORCHESTRATOR_TLS_DIR", e.certs.dir.join("missing"));

@@ -26,17 +26,11 @@ fn main() {
         });
     }
     let cli = Cli::parse();
-    if !matches!(
-        cli.command,
-        Command::Agent(_) | Command::Coordinator(_) | Command::Demo(_)
-    ) {
-        // A printing command piped into `head` should end quietly, not panic. Never for
-        // daemons: a client hanging up must not kill them.
-        // SAFETY: setting a signal disposition before any thread starts.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+    // A printing command piped into `head` should end quietly, not panic. SIGPIPE stays
+    // ignored (Rust's default) because a coordinator or agent closing its connection while
+    // this process writes to it (TLS refused, failover) would otherwise kill the command
+    // without a word; only a broken stdout ends it quietly.
+    quiet_on_closed_stdout();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ORCH_LOG")
@@ -69,4 +63,22 @@ fn main() {
         eprintln!("error: {msg}");
         std::process::exit(1);
     }
+}
+
+/// Ends the process quietly (exit 141, as a filter killed by SIGPIPE) when printing fails
+/// because stdout's reader went away; every other panic is reported as usual.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }

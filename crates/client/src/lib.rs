@@ -24,6 +24,11 @@ pub enum ClientError {
         "no coordinator reachable at {addrs}: {last}; check ORCHESTRATOR_COORDINATORS / --coordinator"
     )]
     Unreachable { addrs: String, last: String },
+    /// Every coordinator refused the TLS handshake, its certificate was refused, or (plain
+    /// text against TLS) the connection broke at the protocol level: retrying cannot help,
+    /// the command's TLS settings must change.
+    #[error("TLS with every coordinator failed ({last}); {hint}")]
+    Tls { last: String, hint: &'static str },
     #[error(
         "no leader elected among {addrs} within {waited:?} ({last}); is a majority of coordinators up?"
     )]
@@ -73,11 +78,12 @@ impl Client {
         &self.addrs
     }
 
-    async fn connect(&self, addr: &str) -> Result<ControlClient<Channel>, String> {
+    /// Connects to one coordinator; the error says whether it was a TLS failure.
+    async fn connect(&self, addr: &str) -> Result<ControlClient<Channel>, (String, bool)> {
         let ch = self
             .security
             .endpoint(addr, COORDINATOR_DOMAIN)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| (e.to_string(), false))?
             .connect_timeout(Duration::from_secs(2))
             // A frozen coordinator (SIGSTOP, partition) must not hang a call or a watch: its
             // connection is declared dead when pings go unanswered, and the next one is tried.
@@ -86,7 +92,12 @@ impl Client {
             .keep_alive_while_idle(true)
             .connect()
             .await
-            .map_err(|e| format!("{addr}: {}", orch_tls::connect_error(&e)))?;
+            .map_err(|e| {
+                (
+                    format!("{addr}: {}", orch_tls::connect_error(&e)),
+                    orch_tls::is_tls_failure(&e),
+                )
+            })?;
         Ok(ControlClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -103,8 +114,12 @@ impl Client {
         let mut last: String;
         let mut leaderless = false;
         let mut delay = Duration::from_millis(50);
+        // Addresses whose last attempt failed in TLS; when that is all of them, stop at once.
+        let mut tls_failed = std::collections::BTreeSet::new();
         loop {
-            let addr = self.addrs[self.current % self.addrs.len()].clone();
+            let idx = self.current % self.addrs.len();
+            let addr = self.addrs[idx].clone();
+            let mut tls = false;
             match self.connect(&addr).await {
                 Ok(c) => match f(c).await {
                     Ok(v) => return Ok(v),
@@ -140,14 +155,44 @@ impl Client {
                     }
                     Err(s) if is_transport(&s) => {
                         last = format!("{addr}: {}", s.message());
+                        // Under TLS 1.3 a refused client certificate shows up on the first call.
+                        tls = orch_tls::is_tls_failure(&s);
+                        self.current += 1;
+                    }
+                    // Not an answer but the connection failing at the HTTP/2 level (a TLS
+                    // server spoken to in plain text): counted like a TLS failure.
+                    Err(s)
+                        if s.code() == tonic::Code::Internal
+                            && s.metadata().get("orch-error").is_none()
+                            && std::error::Error::source(&s).is_some() =>
+                    {
+                        last = format!("{addr}: {}", s.message());
+                        tls = true;
                         self.current += 1;
                     }
                     Err(s) => return Err(ClientError::Refused(s.message().to_string())),
                 },
-                Err(e) => {
+                Err((e, is_tls)) => {
                     last = e;
+                    tls = is_tls;
                     self.current += 1;
                 }
+            }
+            if tls {
+                tls_failed.insert(idx);
+                if tls_failed.len() >= self.addrs.len() {
+                    let hint = match self.security {
+                        Security::Insecure => {
+                            "this command used --insecure: if the coordinators serve mutual TLS, drop it and pass --tls-dir (or set ORCHESTRATOR_TLS_DIR)"
+                        }
+                        Security::Mtls(_) => {
+                            "check the certificate this command uses (--tls-dir, --ca/--cert/--key or ORCHESTRATOR_TLS_DIR): it must be issued by the cluster's CA, not expired, and be an operator's or viewer's"
+                        }
+                    };
+                    return Err(ClientError::Tls { last, hint });
+                }
+            } else {
+                tls_failed.remove(&idx);
             }
             if start.elapsed() >= self.patience {
                 let addrs = self.addrs.join(", ");

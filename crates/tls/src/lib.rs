@@ -128,7 +128,7 @@ pub use certs::{
     issue, issue_with,
 };
 pub use load::{TlsFiles, TlsMaterial, client_config, default_tls_dir, server_config, tls_uri};
-pub use security::{Security, ServerLimits, connect_error, incoming};
+pub use security::{Security, ServerLimits, connect_error, incoming, is_tls_failure};
 
 /// The URI prefix of the subject alternative name that records a party's role and name.
 pub const ROLE_URI_PREFIX: &str = "orchestrator://role/";

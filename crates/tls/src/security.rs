@@ -186,6 +186,28 @@ pub fn connect_error(e: &tonic::transport::Error) -> String {
     msg
 }
 
+/// True when `e` (or any of its causes) is a TLS failure: a handshake refused, a certificate
+/// not trusted, expired or of the wrong party. Unlike a refused or timed-out connection, this
+/// does not heal by retrying: the caller's or the peer's TLS files must change.
+pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        // tokio-rustls reports TLS errors as io::Error(InvalidData) wrapping rustls::Error.
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// Addresses come from users and peers: keep error messages short.
 fn trim(addr: &str) -> String {
     addr.chars().take(100).collect()
