@@ -1822,3 +1822,57 @@ fn add_member_of_an_unreachable_coordinator_does_not_make_it_a_voter() {
         assert_eq!(now.nodes, base.nodes);
     });
 }
+
+/// Labels enter the replicated state and every `nodes` answer: a registration cannot bring
+/// more than 64, or oversized or control-character keys and values; sane ones go through.
+#[test]
+fn register_node_bounds_labels() {
+    let c = Cluster::start(ClusterOpts::state_only(1, 0));
+    let addr = c.coords[0].addr.clone();
+    rt().block_on(async {
+        let mut w = Wire::new(&addr).await;
+        let blobs = c.coords[0].data_dir.join("blobs");
+        let base = coord_state(&mut w, &blobs).await;
+        let many: Vec<(String, String)> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+        let cases: Vec<(&str, Vec<(String, String)>)> = vec![
+            ("65 labels", many),
+            ("long key", vec![("k".repeat(129), "v".into())]),
+            ("empty key", vec![(String::new(), "v".into())]),
+            ("long value", vec![("zone".into(), "v".repeat(1025))]),
+            ("newline in value", vec![("zone".into(), "eu\nx".into())]),
+        ];
+        for (what, labels) in cases {
+            let r = w
+                .unary(
+                    C_REGISTER,
+                    cpb::RegisterNodeRequest {
+                        id: "n9".into(),
+                        address: "127.0.0.1:9".into(),
+                        labels: labels.into_iter().collect(),
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                )
+                .await;
+            let s = r.expect_err(what);
+            assert_eq!(s.code(), Code::InvalidArgument, "{what}: {}", s.message());
+            assert!(s.message().len() < 400, "{what}: the refusal stays short");
+        }
+        assert_eq!(coord_state(&mut w, &blobs).await.nodes, base.nodes);
+        let ok = w
+            .unary(
+                C_REGISTER,
+                cpb::RegisterNodeRequest {
+                    id: "n9".into(),
+                    address: "127.0.0.1:9".into(),
+                    labels: [("zone".to_string(), "eu-1".to_string())]
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
+            .await;
+        assert!(ok.is_ok(), "sane labels register: {ok:?}");
+    });
+}

@@ -91,6 +91,8 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
             .ok_or_else(|| anyhow!("--label {kv:?} is not K=V"))?;
         cfg.labels.insert(k.to_string(), v.to_string());
     }
+    // The coordinators refuse a registration with such labels; say so now, not in a log loop.
+    orch_types::check_labels(cfg.labels.iter()).map_err(|e| anyhow!("--label: {e}"))?;
     cfg.health.url = a.health_url.or(f.health_url);
     if let Some(cmd) = a.health_cmd.or(f.health_cmd) {
         cfg.health.cmd = Some(split("--health-cmd", &cmd)?);

@@ -533,6 +533,8 @@ impl Control for ControlService {
                 })
             })
             .collect::<Result<_, Status>>()?;
+        orch_types::check_labels(r.labels.iter())
+            .map_err(|e| bad(format!("registration refused: {e}")))?;
         let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
         let unchanged = self.shared.read(|s| {
             s.nodes.get(&id).is_some_and(|n| {

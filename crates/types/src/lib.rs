@@ -249,6 +249,39 @@ pub fn parse_package_file_name(file_name: &str) -> Option<(String, Version)> {
     Some((name.to_string(), version.parse().ok()?))
 }
 
+/// Most labels a node may carry, and the longest key and value. Labels live in the
+/// coordinators' replicated state and in every `nodes` answer, so a registration must not be
+/// able to grow them without bound.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY: usize = 128;
+pub const MAX_LABEL_VALUE: usize = 1024;
+
+/// Checks a node's labels against the bounds above (keys 1..=128 bytes, values up to 1024,
+/// no control characters). The error names the offending key, cut to 64 characters.
+pub fn check_labels<'a>(
+    labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("{} labels, at most {MAX_LABELS}", labels.len()));
+    }
+    let shown = |k: &str| k.chars().take(64).collect::<String>();
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || k.chars().any(char::is_control) {
+            return Err(format!(
+                "label key {:?} must be 1-{MAX_LABEL_KEY} bytes without control characters",
+                shown(k)
+            ));
+        }
+        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+            return Err(format!(
+                "the value of label {:?} must be at most {MAX_LABEL_VALUE} bytes without control characters",
+                shown(k)
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +405,40 @@ mod tests {
         #[test]
         fn version_parse_never_panics(s in ".{0,40}") {
             let _ = s.parse::<Version>();
+        }
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        use std::collections::BTreeMap;
+        let ok: BTreeMap<String, String> = [("zone".to_string(), "eu-1".to_string())]
+            .into_iter()
+            .collect();
+        assert!(check_labels(ok.iter()).is_ok());
+        let max: BTreeMap<String, String> = (0..MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".repeat(MAX_LABEL_VALUE)))
+            .collect();
+        assert!(
+            check_labels(max.iter()).is_ok(),
+            "the bounds themselves are allowed"
+        );
+        let mut over = max.clone();
+        over.insert("one-more".into(), String::new());
+        assert!(
+            check_labels(over.iter())
+                .unwrap_err()
+                .contains("at most 64")
+        );
+        for (k, v) in [
+            (String::new(), "v".to_string()),
+            ("k".repeat(MAX_LABEL_KEY + 1), "v".to_string()),
+            ("a\tb".to_string(), "v".to_string()),
+            ("zone".to_string(), "v".repeat(MAX_LABEL_VALUE + 1)),
+            ("zone".to_string(), "eu\n1".to_string()),
+        ] {
+            let m: BTreeMap<String, String> = [(k.clone(), v)].into_iter().collect();
+            let e = check_labels(m.iter()).unwrap_err();
+            assert!(e.len() < 200, "{e}");
         }
     }
 }
