@@ -239,6 +239,17 @@ fn open_checked<R: Read + Seek>(
             )
         })?;
         let is_dir = matches!(classify(zip, &f, &name)?, Kind::Dir);
+        // A directory by its mode (e.g. the MS-DOS directory attribute) but with data: readers
+        // that go by the name would read it as a file, extraction makes it a directory.
+        if is_dir && (f.size() > 0 || f.compressed_size() > 0) {
+            return Err(bad(
+                zip,
+                format!(
+                    "entry {name:?} is marked as a directory but holds {} bytes",
+                    f.size().max(f.compressed_size())
+                ),
+            ));
+        }
         match seen.get(&rel) {
             Some(true) if is_dir => {}
             Some(_) => return Err(bad(zip, format!("entry {name:?} appears twice"))),
@@ -408,7 +419,8 @@ pub fn verify(
             .by_index(i)
             .map_err(|e| bad(zip, format!("entry {i} is unreadable ({e})")))?;
         let name = f.name().map(|n| n.into_owned()).unwrap_or_default();
-        if f.is_dir() {
+        // The same classification as extraction (name or mode), so both read the same entries.
+        if matches!(classify(zip, &f, &name)?, Kind::Dir) {
             continue;
         }
         let budget = limits.max_total_bytes - total;

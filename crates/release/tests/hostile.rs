@@ -765,3 +765,43 @@ fn an_entry_shorter_than_declared_is_refused_by_verify_and_extract() {
     );
     assert!(!dest.exists());
 }
+
+/// Found by the `package` fuzz target after the fix above: an entry whose name says file but
+/// whose MS-DOS attributes say directory, holding 28 bytes of data under an unknown compression
+/// method. `verify` (going by the name) refused the method; extraction (going by the mode)
+/// made it an empty directory and accepted the package. Both now classify entries the same way
+/// and refuse a directory that holds data.
+#[test]
+fn an_entry_marked_as_a_directory_but_holding_data_is_refused_by_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = tmp.path().join("app-1.0.0.zip");
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fuzz-dir-attribute-with-data.zip"),
+        &zip,
+    )
+    .unwrap();
+    let limits = Limits {
+        max_total_bytes: 1 << 20,
+        max_entries: 64,
+    };
+    for (what, r) in [
+        (
+            "verify",
+            package::verify(&zip, None, None, &limits).map(|_| ()),
+        ),
+        (
+            "extract",
+            package::extract(&zip, &tmp.path().join("out"), None, None, &limits).map(|_| ()),
+        ),
+    ] {
+        match r {
+            Err(Error::BadPackage { reason, .. }) => assert!(
+                reason.contains("hooks/activate") && reason.contains("directory"),
+                "{what}: {reason}"
+            ),
+            other => panic!("{what} accepted it: {other:?}"),
+        }
+    }
+    assert!(!tmp.path().join("out").exists());
+}
