@@ -533,3 +533,66 @@ fn emqx_driver_agent_checks_signatures_before_calling_the_script() {
     agent.node_ok(&["unpack", "4.2.0"]);
     assert_eq!(mutating(), 1);
 }
+
+/// The local `node --root-dir` commands take `--trusted-key` too: the same refusals as an
+/// agent, nothing on disk changed; a signed package installs. With `--agent` the flag is
+/// refused (the agent enforces its own keys).
+#[test]
+fn local_store_commands_enforce_trusted_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(&tmp.path().join("keys"));
+    let (other_key, _) = keygen(&tmp.path().join("other"));
+    let pkgs = tmp.path().join("pkgs");
+    let root = tmp.path().join("root");
+    let pubs = public.display().to_string();
+    let node = |args: &[&str]| {
+        let mut a = vec!["node"];
+        a.extend_from_slice(args);
+        a.extend(["--root-dir", root.to_str().unwrap(), "--trusted-key", &pubs]);
+        orch(&a)
+    };
+    let genuine = PkgSpec::emqx("4.2.0").build(tmp.path(), &pkgs);
+    sign(&genuine, &key);
+    let unsigned = copy_pkg(&genuine, &tmp.path().join("unsigned"));
+    let wrong = copy_pkg(&genuine, &tmp.path().join("wrong"));
+    sign(&wrong, &other_key);
+    fs::create_dir_all(&root).unwrap();
+    // Opening the store creates releases/, a step its (empty) lock file: neither is a change.
+    assert!(node(&["versions"]).status.success());
+    let without_lock = |mut m: BTreeMap<String, String>| {
+        m.remove("releases/.lock");
+        m
+    };
+    let before = without_lock(snapshot(&root));
+    for (what, zip, needle) in [
+        ("unsigned", &unsigned, "missing"),
+        ("signed by another key", &wrong, "unknown key"),
+    ] {
+        let o = node(&["install", "--package", zip.to_str().unwrap()]);
+        let err = assert_refused(&o, "signature");
+        assert!(err.contains(needle), "{what}: {err}");
+        assert_eq!(
+            without_lock(snapshot(&root)),
+            before,
+            "{what}: the root changed"
+        );
+    }
+    let o = node(&["install", "--package", genuine.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("Installed release: 4.2.0"),
+        "{}",
+        stdout(&o)
+    );
+    // Through an agent the flag does not apply: refused, not dropped.
+    let o = orch(&[
+        "node",
+        "versions",
+        "--agent",
+        "127.0.0.1:9",
+        "--insecure",
+        "--trusted-key",
+        &pubs,
+    ]);
+    assert_refused(&o, "--trusted-key");
+}

@@ -282,6 +282,10 @@ pub struct NodeArgs {
     /// Refuse packages with more entries than this [default: 100000].
     #[arg(long, global = true, value_name = "N")]
     pub max_entries: Option<u64>,
+    /// Only unpack or install packages with a valid FILE.sig from this public key (repeatable:
+    /// any one will do). Local store only; an agent enforces its own --trusted-key.
+    #[arg(long = "trusted-key", global = true, value_name = "PUB")]
+    pub trusted_keys: Vec<PathBuf>,
     /// With --agent under mutual TLS: the node id the agent's certificate must name (the
     /// connection then proves it reached that node).
     #[arg(long, global = true, value_name = "ID")]

@@ -16,6 +16,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
             ("--lock-timeout", args.lock_timeout.is_some()),
             ("--max-unpacked-bytes", args.max_unpacked_bytes.is_some()),
             ("--max-entries", args.max_entries.is_some()),
+            ("--trusted-key", !args.trusted_keys.is_empty()),
         ]
         .into_iter()
         .filter_map(|(flag, given)| given.then_some(flag))
@@ -44,6 +45,9 @@ pub fn run(args: NodeArgs) -> Result<()> {
     }
     if let Some(t) = args.lock_timeout {
         cfg.lock_timeout = t;
+    }
+    if !args.trusted_keys.is_empty() {
+        cfg.trusted_keys = orch_release::TrustedKeys::load(&args.trusted_keys)?;
     }
     let defaults = Limits::default();
     cfg.limits = Limits {
