@@ -196,8 +196,16 @@ impl AuthMode {
 /// with [`authenticated`]). Use it when a whole service has one policy (for example Raft RPCs:
 /// coordinators only); call [`require`] in handlers when methods differ.
 ///
-/// ```ignore
-/// RaftPeerServer::with_interceptor(svc, orch_tls::authorize(&[Role::Coordinator]))
+/// Wrap a service with it, e.g. `RaftPeerServer::with_interceptor(svc, authorize(&[Role::Coordinator]))`.
+/// A call that did not come over mutual TLS carries no verified certificate and is refused:
+///
+/// ```
+/// use orch_tls::{Role, authorize};
+/// use tonic::service::Interceptor;
+///
+/// let mut only_coordinators = authorize(&[Role::Coordinator]);
+/// let refused = only_coordinators.call(tonic::Request::new(())).unwrap_err();
+/// assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct RoleInterceptor {
