@@ -400,10 +400,10 @@ fn free_disk(root: &std::path::Path) -> u64 {
 }
 
 /// The request's expected digest (empty: none). Its form is checked where the package is
-/// known, so the refusal names the package as the local command's does; only a value too long
-/// to be any digest is refused here, without quoting it back.
+/// known, so the refusal names the package as the local command's does; a value longer than
+/// any digest (64 hex characters) is refused here, without quoting it back.
 fn expected_sha256(s: String) -> Result<Option<String>> {
-    if s.len() > 128 {
+    if s.len() > 64 {
         return Err(Error::BadRequest(format!(
             "expected_sha256 is not a hex SHA-256 ({} characters)",
             s.len()
