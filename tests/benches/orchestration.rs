@@ -471,6 +471,7 @@ fn measure_writes(rt: &Runtime, addrs: &[String], count: usize) -> Vec<Duration>
                     .into_iter()
                     .collect(),
                 versions: Vec::new(),
+                ..Default::default()
             };
             let t = Instant::now();
             let r = c.register_node(req).await.unwrap().into_inner();

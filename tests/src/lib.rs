@@ -324,12 +324,28 @@ pub fn read_or_empty(p: &Path) -> String {
 // ---------------------------------------------------------------------------------------------
 // Ports, runtimes, gRPC clients
 
-/// A port on 127.0.0.1 that was free a moment ago (bind :0, read, drop).
+/// A port on 127.0.0.1 that was free a moment ago, never the same twice in one test process.
+///
+/// Not `bind :0`: the kernel hands a just-released ephemeral port out again, so two daemons of
+/// one cluster could get the same port (seen: a coordinator dialing itself as a peer), and an
+/// outgoing connection's ephemeral port could take it before the daemon binds. Ports come from
+/// 20000-32767, below Linux's ephemeral range (32768-60999), picked at random so concurrent
+/// test processes rarely meet, and are checked bindable.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..10_000 {
+        let port = fastrand::u16(20_000..32_768);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32767 on 127.0.0.1");
 }
 
 /// A current-thread tokio runtime for driving the gRPC client from a synchronous test.

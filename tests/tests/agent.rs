@@ -1222,3 +1222,65 @@ fn an_upload_cut_by_an_agent_crash_is_cleared_on_restart() {
     drop(tx);
     let _ = r.block_on(call);
 }
+
+/// Every report of the node's releases carries when it was read: this agent process's id and
+/// its count of steps that changed something. Steps that change nothing, and refused steps,
+/// keep the count; a restarted agent has another id.
+#[test]
+fn release_reports_are_stamped_with_the_agents_step_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zip = PkgSpec::emqx("4.2.0").build(tmp.path(), &tmp.path().join("pkgs"));
+    let root = tmp.path().join("root");
+    let mut agent = AgentProc::start("n1", &root, &[]);
+    let unpack = pb::UnpackRequest {
+        version: "4.2.0".into(),
+        fence: None,
+        expected_sha256: String::new(),
+    };
+    let boot = rt().block_on(async {
+        let mut c = agent.client().await;
+        let v = c
+            .versions(pb::VersionsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(v.boot_id, 0, "stamped");
+        let rev0 = v.state_rev;
+        push_file(&mut c, &zip, None).await.unwrap();
+        let r = c.unpack(unpack.clone()).await.unwrap().into_inner();
+        assert!(r.changed);
+        assert_eq!((r.boot_id, r.state_rev), (v.boot_id, rev0 + 1));
+        // Nothing to do: same count.
+        let r = c.unpack(unpack.clone()).await.unwrap().into_inner();
+        assert!(!r.changed);
+        assert_eq!((r.boot_id, r.state_rev), (v.boot_id, rev0 + 1));
+        // Refused: same count.
+        c.install(pb::InstallRequest {
+            version: "4.2.9".into(),
+            permanent: true,
+            fence: None,
+            expected_sha256: String::new(),
+        })
+        .await
+        .unwrap_err();
+        let v2 = c
+            .versions(pb::VersionsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((v2.boot_id, v2.state_rev), (v.boot_id, rev0 + 1));
+        v.boot_id
+    });
+    assert!(agent.stop_term().success(), "{}", agent.log());
+    let agent = AgentProc::start("n1", &root, &[]);
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let v = c
+            .versions(pb::VersionsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(v.boot_id, boot, "a restarted agent is another process");
+        assert_ne!(v.boot_id, 0);
+    });
+}

@@ -1305,6 +1305,8 @@ fn broken_register(rng: &mut fastrand::Rng) -> cpb::RegisterNodeRequest {
             version: "4.2.0".into(),
             state: "permanent".into(),
         }],
+        boot_id: extreme_u64(rng),
+        state_rev: extreme_u64(rng),
     };
     match rng.u8(..5) {
         0 => r.id = hostile_str(rng),

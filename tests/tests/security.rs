@@ -710,6 +710,14 @@ fn daemons_refuse_plain_text_by_default_remote_plain_text_and_other_parties_cert
         agent(&local, &["--tls-dir", &loose.display().to_string()]),
         "chmod 600",
     );
+    // A peer at this coordinator's own address (it would answer Raft messages meant for
+    // another member).
+    let c1 = certs.folder(Role::Coordinator, "1").display().to_string();
+    let me_as_peer = format!("2={local}");
+    run(
+        coordinator(&local, &["--tls-dir", &c1, "--peer", &me_as_peer]),
+        "own address",
+    );
     // Nothing was served.
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }

@@ -222,6 +222,7 @@ pub async fn serve(
             trusted,
             steps: steps.clone(),
             last_fence,
+            stamp: Arc::new(service::Stamp::new()),
         }),
     };
     let registration = (!config.coordinators.is_empty()).then(|| {
@@ -236,6 +237,7 @@ pub async fn serve(
             address,
             config.labels.clone(),
             svc.shared.driver.clone(),
+            svc.shared.stamp.clone(),
             security.clone(),
         ))
     });

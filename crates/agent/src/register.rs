@@ -19,6 +19,7 @@ pub(crate) async fn keep_registered(
     address: String,
     labels: BTreeMap<String, String>,
     driver: Arc<dyn Driver>,
+    stamp: Arc<crate::service::Stamp>,
     security: orch_tls::Security,
 ) {
     let mut client = Client::new(coordinators, security);
@@ -26,6 +27,8 @@ pub(crate) async fn keep_registered(
     let mut registered = false;
     loop {
         let d = driver.clone();
+        // Before reading the releases (see `Stamp`).
+        let (boot_id, state_rev) = stamp.read();
         let versions = tokio::task::spawn_blocking(move || d.versions())
             .await
             .ok()
@@ -42,6 +45,8 @@ pub(crate) async fn keep_registered(
                     state: e.state.to_string(),
                 })
                 .collect(),
+            boot_id,
+            state_rev,
         };
         match client.register_node(req).await {
             Ok(changed) => {

@@ -37,6 +37,51 @@ pub(crate) struct Shared {
     pub steps: Arc<Mutex<FenceStore>>,
     /// The highest fence, readable without the step lock.
     pub last_fence: std::sync::Mutex<Option<pb::Fence>>,
+    /// Orders this process's reports of its releases (see [`Stamp`]).
+    pub stamp: Arc<Stamp>,
+}
+
+/// This agent process's id and a count of its completed state-changing steps, sent with every
+/// report of the node's releases so the coordinators can drop a report that arrives after a
+/// newer one. Read it *before* reading the releases: a report may then be newer than its stamp
+/// says (harmless), never older.
+pub struct Stamp {
+    boot: u64,
+    rev: std::sync::atomic::AtomicU64,
+}
+
+impl Stamp {
+    pub fn new() -> Stamp {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        // Never 0 (0 means "not stamped" on the wire).
+        let boot = (nanos ^ (u64::from(std::process::id()) << 32)).max(1);
+        Stamp {
+            boot,
+            rev: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `(boot_id, state_rev)` now.
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.boot,
+            self.rev.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    /// A step changed the node's releases.
+    pub fn bump(&self) {
+        self.rev.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Stamp::new()
+    }
 }
 
 #[derive(Clone)]
@@ -85,11 +130,19 @@ impl AgentService {
         self.snapshot_fence(&fences);
         // The guard moves into the blocking task: even if this request is cancelled, the next
         // step (and a graceful shutdown) waits until the driver work has really finished.
-        let (outcome, versions) = self
+        let stamp = self.shared.stamp.clone();
+        let (outcome, versions, (boot_id, state_rev)) = self
             .blocking(move |d| {
                 let _step = fences;
                 let o = f(d)?;
-                Ok((o, d.versions()?))
+                // Under the step lock, so the stamp read next describes exactly the releases
+                // read after it. Steps that changed nothing (or failed, which changes nothing)
+                // keep the count: reports with equal counts are all accepted.
+                if o.changed {
+                    stamp.bump();
+                }
+                let at = stamp.read();
+                Ok((o, d.versions()?, at))
             })
             .await?;
         tracing::info!(node = %self.shared.node_id, step = %what, changed = outcome.changed, "step done");
@@ -97,6 +150,8 @@ impl AgentService {
             changed: outcome.changed,
             messages: outcome.messages,
             versions: entries(&versions),
+            boot_id,
+            state_rev,
         })
     }
 
@@ -156,7 +211,10 @@ impl AgentService {
     async fn reconcile(&self, reported: &str) {
         if let (Ok(v), Ok(_guard)) = (reported.parse::<Version>(), self.shared.steps.try_lock()) {
             match self.blocking(move |d| d.reconcile_running(v)).await {
-                Ok(Some(note)) => tracing::warn!(node = %self.shared.node_id, "{note}"),
+                Ok(Some(note)) => {
+                    self.shared.stamp.bump();
+                    tracing::warn!(node = %self.shared.node_id, "{note}")
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(node = %self.shared.node_id, "reconcile failed: {e}"),
             }
@@ -196,6 +254,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::VersionsReply>, Status> {
         self.shared.auth.require(&req, READ)?;
         let reported = self.reported_and_reconcile().await.unwrap_or_default();
+        let (boot_id, state_rev) = self.shared.stamp.read();
         let (versions, running) = self
             .blocking(|d| {
                 let v = d.versions()?;
@@ -207,6 +266,8 @@ impl Agent for AgentService {
             versions: entries(&versions),
             running_version: running.map(|v| v.to_string()).unwrap_or_default(),
             reported_version: reported,
+            boot_id,
+            state_rev,
         }))
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
 use orch_rollout::{Action, ActionKind, ActionResult};
 use orch_tls::{Role, Security, party_domain};
-use orch_types::{NodeId, Version, VersionEntry};
+use orch_types::{NodeId, Version, VersionEntry, VersionStamp};
 use tonic::transport::Channel;
 
 use crate::blobs::{BlobStore, CHUNK};
@@ -121,12 +121,31 @@ pub struct ActionCtx<'a> {
     pub package: Option<&'a orch_types::rollout::PackageRef>,
 }
 
+/// The releases a node reported and when it read them (orders reports from one agent process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    pub versions: Vec<VersionEntry>,
+    pub stamp: Option<VersionStamp>,
+}
+
+impl Reported {
+    fn new(entries: &[pb::VersionEntry], boot_id: u64, state_rev: u64) -> Reported {
+        Reported {
+            versions: entries
+                .iter()
+                .filter_map(|e| VersionEntry::try_from(e).ok())
+                .collect(),
+            stamp: VersionStamp::from_wire(boot_id, state_rev),
+        }
+    }
+}
+
 /// Performs one action; returns the result to record, the versions the node reported (to
 /// refresh the registry), or `Stale` when a newer coordinator has taken over.
 pub async fn perform(
     cx: &ActionCtx<'_>,
     action: &Action,
-) -> Result<(ActionResult, Option<Vec<VersionEntry>>), CallError> {
+) -> Result<(ActionResult, Option<Reported>), CallError> {
     let node = &action.node;
     let mut c = cx
         .pool
@@ -135,13 +154,9 @@ pub async fn perform(
     let fence = Some(cx.fence.clone());
     let step = |r: Result<tonic::Response<pb::StepReply>, CallError>| match r {
         Ok(reply) => {
-            let versions = reply
-                .into_inner()
-                .versions
-                .iter()
-                .filter_map(|e| VersionEntry::try_from(e).ok())
-                .collect();
-            Ok((ActionResult::Done, Some(versions)))
+            let reply = reply.into_inner();
+            let reported = Reported::new(&reply.versions, reply.boot_id, reply.state_rev);
+            Ok((ActionResult::Done, Some(reported)))
         }
         Err(CallError::Step(e)) => Ok((ActionResult::Failed { error: e }, None)),
         Err(s) => Err(s),
@@ -161,11 +176,7 @@ pub async fn perform(
             match (versions, info) {
                 (Ok(v), Ok(i)) => {
                     let v = v.into_inner();
-                    let entries: Vec<VersionEntry> = v
-                        .versions
-                        .iter()
-                        .filter_map(|e| VersionEntry::try_from(e).ok())
-                        .collect();
+                    let entries = Reported::new(&v.versions, v.boot_id, v.state_rev);
                     match v.running_version.parse::<Version>() {
                         Ok(running) => Ok((
                             ActionResult::Preflight {

@@ -536,9 +536,16 @@ impl Control for ControlService {
         orch_types::check_labels(r.labels.iter())
             .map_err(|e| bad(format!("registration refused: {e}")))?;
         let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
+        let stamp = orch_types::VersionStamp::from_wire(r.boot_id, r.state_rev);
+        // Nothing to write when address and labels hold and the versions either hold too or
+        // were read before the recorded ones. (Equal versions under a newer stamp are not
+        // written either: the driver records every step's report with its stamp, so this only
+        // saves a commit per node after each step.)
         let unchanged = self.shared.read(|s| {
             s.nodes.get(&id).is_some_and(|n| {
-                n.address == r.address && n.labels == labels && n.versions == versions
+                n.address == r.address
+                    && n.labels == labels
+                    && (n.versions == versions || orch_types::stale_report(stamp, n.stamp))
             })
         });
         if unchanged {
@@ -557,6 +564,7 @@ impl Control for ControlService {
             labels,
             versions,
             at_ms: now_ms(),
+            stamp,
         })
         .await?;
         Ok(Response::new(pb::RegisterNodeReply { changed: true }))

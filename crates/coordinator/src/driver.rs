@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use orch_proto::agent as pb;
 use orch_rollout::{Action, ActionKind, ActionResult, Event, LogEntry};
-use orch_types::VersionEntry;
 use tokio::task::JoinHandle;
 
 use crate::Shared;
-use crate::agents::{ActionCtx, CallError, perform};
+use crate::agents::{ActionCtx, CallError, Reported, perform};
 use crate::state::Command;
 
 pub fn now_ms() -> u64 {
@@ -225,7 +224,7 @@ impl Recorder {
 /// ends. Short, so `status` never shows an install as running for noticeably longer than it did.
 const COMBINE_WINDOW: Duration = Duration::from_millis(50);
 
-type Performed = Result<(ActionResult, Option<Vec<VersionEntry>>), CallError>;
+type Performed = Result<(ActionResult, Option<Reported>), CallError>;
 
 /// A health gate's probing, started as soon as the install (or downgrade) it follows succeeded,
 /// while that result is being committed. Probing reads and changes nothing, so it may start
@@ -386,9 +385,10 @@ async fn perform_and_record(
                     }
                 }
             }
-            let versions = versions.map(|versions| Command::NodeVersions {
+            let versions = versions.map(|r| Command::NodeVersions {
                 id: action.node.clone(),
-                versions,
+                versions: r.versions,
+                stamp: r.stamp,
             });
             record_with(
                 &recorder, &rollout, &action, result, versions, gate_done, &me,

@@ -283,6 +283,19 @@ pub async fn serve(
             "coordinator serving plain-text gRPC (--insecure): anyone who can reach it can run rollouts"
         );
     }
+    // A peer at this coordinator's own address would be this coordinator answering Raft
+    // messages meant for another member (seen as a Raft core panic): refuse the typo.
+    let own = config.address();
+    if let Some((id, _)) = config
+        .peers
+        .iter()
+        .find(|(id, addr)| **id != config.id && **addr == own)
+    {
+        return Err(Error::Refused(format!(
+            "--peer {id}={own} is this coordinator's own address (coordinator {}): every coordinator needs its own address; fix the peer list",
+            config.id
+        )));
+    }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Io(format!("create {}: {e}", config.data_dir.display())))?;
     let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?

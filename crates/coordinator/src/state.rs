@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use orch_rollout::{Action, LogEntry, Rollout};
 use orch_types::rollout::{Phase, RolloutSpec};
-use orch_types::{NodeId, VersionEntry};
+use orch_types::{NodeId, VersionEntry, VersionStamp, stale_report};
 use serde::{Deserialize, Serialize};
 
 /// A registered node (agent).
@@ -19,6 +19,9 @@ pub struct NodeRecord {
     /// What the agent last reported (registration, preflight, each step).
     pub versions: Vec<VersionEntry>,
     pub registered_at_ms: u64,
+    /// When `versions` was read on the agent; a report older than this one is dropped.
+    #[serde(default)]
+    pub stamp: Option<VersionStamp>,
 }
 
 /// A package whose bytes live in the coordinators' content stores.
@@ -37,17 +40,24 @@ pub struct PackageRecord {
 #[serde(rename_all = "snake_case")]
 pub enum Command {
     /// An agent registered (or re-registered after a restart or address change).
+    /// `versions` replace the recorded ones unless `stamp` shows they were read before them
+    /// (address and labels are updated either way).
     RegisterNode {
         id: NodeId,
         address: String,
         labels: BTreeMap<String, String>,
         versions: Vec<VersionEntry>,
         at_ms: u64,
+        #[serde(default)]
+        stamp: Option<VersionStamp>,
     },
-    /// What a node reported running after a step.
+    /// What a node reported running after a step; dropped if `stamp` shows it was read before
+    /// the recorded versions.
     NodeVersions {
         id: NodeId,
         versions: Vec<VersionEntry>,
+        #[serde(default)]
+        stamp: Option<VersionStamp>,
     },
     RemoveNode {
         id: NodeId,
@@ -157,22 +167,36 @@ impl ClusterState {
                 labels,
                 versions,
                 at_ms,
+                stamp,
             } => {
+                // A registration read before the recorded report (it raced a step) keeps the
+                // newer versions.
+                let (versions, stamp) = match self.nodes.get(id) {
+                    Some(n) if stale_report(*stamp, n.stamp) => (n.versions.clone(), n.stamp),
+                    _ => (versions.clone(), *stamp),
+                };
                 self.nodes.insert(
                     id.clone(),
                     NodeRecord {
                         id: id.clone(),
                         address: address.clone(),
                         labels: labels.clone(),
-                        versions: versions.clone(),
+                        versions,
                         registered_at_ms: *at_ms,
+                        stamp,
                     },
                 );
                 Response::Ok
             }
-            Command::NodeVersions { id, versions } => match self.nodes.get_mut(id) {
+            Command::NodeVersions {
+                id,
+                versions,
+                stamp,
+            } => match self.nodes.get_mut(id) {
+                Some(n) if stale_report(*stamp, n.stamp) => Response::Ok,
                 Some(n) => {
                     n.versions = versions.clone();
+                    n.stamp = *stamp;
                     Response::Ok
                 }
                 None => Response::Rejected(format!("node {id} is not registered")),
@@ -306,6 +330,7 @@ mod tests {
                 labels: BTreeMap::new(),
                 versions: Vec::new(),
                 at_ms: 0,
+                stamp: None,
             }),
             Response::Ok
         );
@@ -326,6 +351,7 @@ mod tests {
             Command::NodeVersions {
                 id: "n9".parse().unwrap(),
                 versions: Vec::new(),
+                stamp: None,
             },
         ]));
         let Response::Batch(rs) = r else {
@@ -384,5 +410,69 @@ mod tests {
             "{r:?}"
         );
         assert!(s.rollouts["r000001"].in_flight().is_empty());
+    }
+
+    fn vers(v: &str, state: &str) -> Vec<VersionEntry> {
+        vec![VersionEntry {
+            version: v.parse().unwrap(),
+            state: state.parse().unwrap(),
+        }]
+    }
+
+    fn stamp(boot: u64, rev: u64) -> Option<VersionStamp> {
+        Some(VersionStamp { boot, rev })
+    }
+
+    fn register(versions: Vec<VersionEntry>, zone: &str, st: Option<VersionStamp>) -> Command {
+        Command::RegisterNode {
+            id: "n1".parse().unwrap(),
+            address: "127.0.0.1:1".into(),
+            labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+            versions,
+            at_ms: 1,
+            stamp: st,
+        }
+    }
+
+    fn node_versions(versions: Vec<VersionEntry>, st: Option<VersionStamp>) -> Command {
+        Command::NodeVersions {
+            id: "n1".parse().unwrap(),
+            versions,
+            stamp: st,
+        }
+    }
+
+    /// A periodic registration read just before a step but applied just after the step's own
+    /// report must not put the old releases back; a newer report, another agent process, or
+    /// an unstamped report (an older agent) do replace them.
+    #[test]
+    fn reports_of_one_agent_process_apply_in_the_order_they_were_read() {
+        let mut s = ClusterState::default();
+        let n1: NodeId = "n1".parse().unwrap();
+        s.apply(&register(vers("4.2.0", "permanent"), "a", stamp(7, 1)));
+        // The step's report (rev 2), then the registration read at rev 1 arrives late.
+        s.apply(&node_versions(vers("4.2.1", "current"), stamp(7, 2)));
+        s.apply(&register(vers("4.2.0", "permanent"), "b", stamp(7, 1)));
+        assert_eq!(s.nodes[&n1].versions, vers("4.2.1", "current"));
+        assert_eq!(s.nodes[&n1].stamp, stamp(7, 2));
+        assert_eq!(s.nodes[&n1].labels["zone"], "b", "labels still update");
+        // A late step report is dropped the same way.
+        s.apply(&node_versions(vers("4.2.0", "permanent"), stamp(7, 1)));
+        assert_eq!(s.nodes[&n1].versions, vers("4.2.1", "current"));
+        // Same count: the newest arrival wins (nothing changed in between on the agent).
+        s.apply(&register(vers("4.2.1", "permanent"), "b", stamp(7, 2)));
+        assert_eq!(s.nodes[&n1].versions, vers("4.2.1", "permanent"));
+        // A newer count replaces.
+        s.apply(&node_versions(vers("4.2.2", "current"), stamp(7, 3)));
+        assert_eq!(s.nodes[&n1].versions, vers("4.2.2", "current"));
+        // A restarted agent (another boot) starts counting again: accepted.
+        s.apply(&register(vers("4.2.1", "permanent"), "b", stamp(9, 0)));
+        assert_eq!(s.nodes[&n1].versions, vers("4.2.1", "permanent"));
+        assert_eq!(s.nodes[&n1].stamp, stamp(9, 0));
+        // Unstamped reports always apply.
+        s.apply(&node_versions(vers("4.2.0", "permanent"), None));
+        assert_eq!(s.nodes[&n1].versions, vers("4.2.0", "permanent"));
+        s.apply(&register(vers("4.2.1", "permanent"), "b", stamp(9, 5)));
+        assert_eq!(s.nodes[&n1].versions, vers("4.2.1", "permanent"));
     }
 }

@@ -249,6 +249,34 @@ pub fn parse_package_file_name(file_name: &str) -> Option<(String, Version)> {
     Some((name.to_string(), version.parse().ok()?))
 }
 
+/// When a node's reported releases were read: which agent process (`boot`, fixed at its start)
+/// and how many state-changing steps it had completed then (`rev`). Reports from one process
+/// are ordered by `rev`, so the coordinators can drop a report that arrives after a newer one
+/// (a periodic registration read just before a step, delivered just after the step's own
+/// report). Reports from different processes are not ordered: the newest arrival wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct VersionStamp {
+    pub boot: u64,
+    pub rev: u64,
+}
+
+impl VersionStamp {
+    /// From the wire: `boot == 0` means the sender does not stamp its reports.
+    pub fn from_wire(boot: u64, rev: u64) -> Option<VersionStamp> {
+        (boot != 0).then_some(VersionStamp { boot, rev })
+    }
+
+    /// True when this report was read before `other` by the same agent process.
+    pub fn is_older_than(&self, other: &VersionStamp) -> bool {
+        self.boot == other.boot && self.rev < other.rev
+    }
+}
+
+/// True when a report stamped `new` must not replace what was stamped `old`.
+pub fn stale_report(new: Option<VersionStamp>, old: Option<VersionStamp>) -> bool {
+    matches!((new, old), (Some(n), Some(o)) if n.is_older_than(&o))
+}
+
 /// Most labels a node may carry, and the longest key and value. Labels live in the
 /// coordinators' replicated state and in every `nodes` answer, so a registration must not be
 /// able to grow them without bound.

@@ -63,6 +63,7 @@ pub fn register(n: u64) -> Command {
         labels: BTreeMap::new(),
         versions: Vec::new(),
         at_ms: n,
+        stamp: None,
     }
 }
 
