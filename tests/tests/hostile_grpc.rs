@@ -1753,6 +1753,8 @@ fn add_member_refuses_what_is_not_an_address() {
             (7, "host name:80"),
             (8, "unix:///tmp/sock"),
             (9, "127.0.0.1:99999"),
+            // Coordinator 1's own address for another id.
+            (10, addr.as_str()),
         ] {
             let r = tokio::time::timeout(
                 Duration::from_secs(20),

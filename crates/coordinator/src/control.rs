@@ -492,6 +492,21 @@ impl Control for ControlService {
             // 0 means "no leader" in ClusterStatus; coordinators start at 1 (`--id`).
             return Err(bad("cluster add refused: coordinator ids start at 1"));
         }
+        // Two members at one address would be one process answering for both.
+        if let Some(m) = self
+            .shared
+            .raft
+            .metrics()
+            .members
+            .into_iter()
+            .find(|m| m.id != r.id && m.addr == r.address)
+        {
+            return Err(bad(format!(
+                "cluster add refused: {} is already coordinator {}'s address",
+                shown(&r.address),
+                m.id
+            )));
+        }
         self.shared.raft.add_member(r.id, r.address).await?;
         Ok(Response::new(self.shared.cluster_status()))
     }
