@@ -204,3 +204,23 @@ fn package_verify_and_idempotent_repeats() {
         "refused",
     );
 }
+
+/// A printing command whose reader is gone (`orchestrator node versions | head -0`) ends
+/// quietly with 141, as a filter killed by SIGPIPE would: no panic message. (SIGPIPE itself
+/// stays ignored, so a peer closing a network connection cannot kill a command silently.)
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["node", "versions", "--root-dir"])
+        .arg(tmp.path())
+        .env_remove("ORCH_LOG")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run orchestrator");
+    assert_eq!(out.status.code(), Some(141), "{:?}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no panic message");
+}
