@@ -552,15 +552,18 @@ impl Control for ControlService {
             .map_err(|e| bad(format!("registration refused: {e}")))?;
         let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
         let stamp = orch_types::VersionStamp::from_wire(r.boot_id, r.state_rev);
-        // Nothing to write when address and labels hold and the versions either hold too or
-        // were read before the recorded ones. (Equal versions under a newer stamp are not
-        // written either: the driver records every step's report with its stamp, so this only
-        // saves a commit per node after each step.)
+        // Nothing to write when address and labels hold and the report either was read before
+        // the recorded one or is the recorded one (same versions, same stamp). Equal versions
+        // under a newer stamp are written: the stamp must move on with the node, or a delayed
+        // report read in between could later pass as newer. The driver records every step's
+        // report with its stamp, so that write happens only after changes made outside a
+        // rollout (an operator's `node ... --agent`, a restart).
         let unchanged = self.shared.read(|s| {
             s.nodes.get(&id).is_some_and(|n| {
                 n.address == r.address
                     && n.labels == labels
-                    && (n.versions == versions || orch_types::stale_report(stamp, n.stamp))
+                    && (orch_types::stale_report(stamp, n.stamp)
+                        || (n.versions == versions && n.stamp == stamp))
             })
         });
         if unchanged {
