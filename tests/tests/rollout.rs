@@ -26,10 +26,11 @@ fn rollout_args<'a>(pkg: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 
 /// Every node of `nodes --json` runs `expect` as `(version, state)` pairs and is healthy.
 ///
-/// The registry may lag for up to one registration period (5 s): an agent's periodic
-/// re-registration carries versions read before a step and can land after the coordinator
-/// recorded the step's result (see the report on the registry race). So this re-reads
-/// `nodes --json` for up to 7 s before failing, and says when it had to.
+/// Reports of a node's releases are ordered per agent process (`VersionStamp`), so a periodic
+/// re-registration read before a step can no longer land after the step's own report and put
+/// the old releases back (it used to, for up to one 5 s registration period). The only lag
+/// left is a follower that has not applied the last entry yet, so this re-reads `nodes --json`
+/// for at most 1 s.
 fn assert_nodes(c: &Cluster, nodes: &serde_json::Value, ids: &[&str], expect: &[(&str, &str)]) {
     let want: Vec<(String, String)> = expect
         .iter()
@@ -44,14 +45,10 @@ fn assert_nodes(c: &Cluster, nodes: &serde_json::Value, ids: &[&str], expect: &[
     }
     let start = Instant::now();
     let mut last = nodes.clone();
-    while start.elapsed() < Duration::from_secs(7) {
-        std::thread::sleep(Duration::from_millis(200));
+    while start.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(50));
         last = c.nodes_json();
         if ok(&last) {
-            println!(
-                "WARNING: the node registry was stale for {:?} after the rollout: first read {nodes}",
-                start.elapsed()
-            );
             return;
         }
     }
