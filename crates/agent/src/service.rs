@@ -170,16 +170,11 @@ impl AgentService {
                 return Ok(());
             }
             let zip = orch_release::store::find_package_in(&releases, v)?;
-            if let Some(expected) = orch_release::package::expected_digest(&zip, sha256)? {
-                let (actual, _) = orch_release::package::sha256_file(&zip)?;
-                if actual != expected {
-                    return Err(
-                        orch_release::package::digest_mismatch(&zip, &expected, &actual).into(),
-                    );
-                }
-            }
+            // One pass over the file: the signature check verifies the digest first.
             if !trusted.is_empty() {
-                orch_release::store::check_signature(&zip, None, &trusted)?;
+                orch_release::store::check_signature(&zip, sha256, &trusted)?;
+            } else if orch_release::package::expected_digest(&zip, sha256)?.is_some() {
+                orch_release::package::digest_checked(&zip, sha256)?;
             }
             Ok(())
         }

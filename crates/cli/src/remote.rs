@@ -195,13 +195,7 @@ async fn push_if_needed(
     {
         bail!("version {v} was given but the package {file_name} holds {version}");
     }
-    let expected = package::expected_digest(path, t.sha256.as_deref())?;
-    let (digest, size) = package::sha256_file(path)?;
-    if let Some(e) = expected
-        && e != digest
-    {
-        return Err(package::digest_mismatch(path, &e, &digest).into());
-    }
+    let (digest, size) = package::digest_checked(path, t.sha256.as_deref())?;
     // FILE.sig, when present, travels with the package (agents with trusted keys need it).
     let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
     push(c, path, &name, version, &digest, size, signature)

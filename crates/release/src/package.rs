@@ -341,6 +341,17 @@ pub fn expected_digest(zip: &Path, explicit: Option<&str>) -> Result<Option<Stri
     }
 }
 
+/// Hashes the package file and checks it against its expected digest (the given one, else its
+/// `.sha256` sidecar's, if any); returns the actual digest and size.
+pub fn digest_checked(zip: &Path, explicit: Option<&str>) -> Result<(String, u64)> {
+    let expected = expected_digest(zip, explicit)?;
+    let (actual, size) = sha256_file(zip)?;
+    match expected {
+        Some(e) if e != actual => Err(digest_mismatch(zip, &e, &actual)),
+        _ => Ok((actual, size)),
+    }
+}
+
 /// The refusal for a package whose bytes do not have the expected digest.
 pub fn digest_mismatch(zip: &Path, expected: &str, actual: &str) -> Error {
     bad(
@@ -367,10 +378,7 @@ fn open_verified(zip: &Path, expected_sha256: Option<&str>) -> Result<(File, Str
     if let Some(e) = expected
         && e != actual
     {
-        return Err(bad(
-            zip,
-            format!("SHA-256 mismatch: expected {e}, the file has {actual}"),
-        ));
+        return Err(digest_mismatch(zip, &e, &actual));
     }
     file.seek(io::SeekFrom::Start(0)).ctx("rewind", zip)?;
     Ok((file, actual, size))
@@ -574,10 +582,7 @@ pub fn extract(
     };
     let check = |actual: &str| -> Result<()> {
         match &expected {
-            Some(e) if e != actual => Err(bad(
-                zip,
-                format!("SHA-256 mismatch: expected {e}, the file has {actual}"),
-            )),
+            Some(e) if e != actual => Err(digest_mismatch(zip, e, actual)),
             _ => Ok(()),
         }
     };

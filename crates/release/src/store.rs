@@ -460,13 +460,7 @@ pub fn check_signature(
     explicit_sha256: Option<&str>,
     trusted: &TrustedKeys,
 ) -> Result<(String, String)> {
-    let expected = package::expected_digest(zip, explicit_sha256)?;
-    let (actual, _) = package::sha256_file(zip)?;
-    if let Some(e) = expected
-        && e != actual
-    {
-        return Err(package::digest_mismatch(zip, &e, &actual));
-    }
+    let (actual, _) = package::digest_checked(zip, explicit_sha256)?;
     let file = zip
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
