@@ -374,6 +374,7 @@ fn calibrate(rt: &Runtime, work: &Path, pkg0: &Path, pkg1: &Path, rounds: usize)
                 version: V1.into(),
                 fence: fence(1),
                 expected_sha256: String::new(),
+                force: false,
             })
             .await
             .unwrap();
@@ -383,6 +384,7 @@ fn calibrate(rt: &Runtime, work: &Path, pkg0: &Path, pkg1: &Path, rounds: usize)
                 permanent: false,
                 fence: fence(2),
                 expected_sha256: String::new(),
+                force: false,
             })
             .await
             .unwrap();
@@ -399,6 +401,7 @@ fn calibrate(rt: &Runtime, work: &Path, pkg0: &Path, pkg1: &Path, rounds: usize)
             c.permanent(apb::VersionRequest {
                 version: V1.into(),
                 fence: fence(3),
+                force: false,
             })
             .await
             .unwrap();

@@ -455,12 +455,17 @@ pub fn error_kind(s: &tonic::Status) -> String {
         .to_string()
 }
 
-/// A fence for raw requests.
+/// The cluster id test fences carry.
+pub const TEST_CLUSTER: &str = "test-cluster";
+
+/// A fence for raw requests (cluster [`TEST_CLUSTER`], no deadline).
 pub fn fence(term: u64, rollout: &str, step: u64) -> Option<pb::Fence> {
     Some(pb::Fence {
         term,
         rollout_id: rollout.into(),
         step,
+        cluster_id: TEST_CLUSTER.into(),
+        deadline_unix_ms: 0,
     })
 }
 
@@ -478,6 +483,7 @@ pub fn header_for(
         size: data.len() as u64,
         fence,
         signature: Vec::new(),
+        force: false,
     }
 }
 

@@ -262,6 +262,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
             version: "4.2.0".into(),
             fence: None,
             expected_sha256: String::new(),
+            force: false,
         };
         let r = c.unpack(unpack.clone()).await.unwrap().into_inner();
         assert!(r.changed);
@@ -285,6 +286,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
             permanent,
             fence: None,
             expected_sha256: String::new(),
+            force: false,
         };
         let r = c.install(install(true)).await.unwrap().into_inner();
         assert!(r.changed);
@@ -307,6 +309,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
             .permanent(pb::VersionRequest {
                 version: "4.2.0".into(),
                 fence: None,
+                force: false,
             })
             .await
             .unwrap()
@@ -316,6 +319,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
             .downgrade(pb::VersionRequest {
                 version: "4.2.0".into(),
                 fence: None,
+                force: false,
             })
             .await
             .unwrap()
@@ -564,16 +568,19 @@ fn error_kinds_and_codes_are_as_documented() {
             version: v.into(),
             fence: None,
             expected_sha256: String::new(),
+            force: false,
         };
         let ireq = |v: &str| pb::InstallRequest {
             version: v.into(),
             permanent: false,
             fence: None,
             expected_sha256: String::new(),
+            force: false,
         };
         let vreq = |v: &str| pb::VersionRequest {
             version: v.into(),
             fence: None,
+            force: false,
         };
         c.install(ireq("4.2.0")).await.unwrap();
 
@@ -710,10 +717,12 @@ fn fencing_rejects_stale_fences_across_restarts() {
         permanent: false,
         fence: f,
         expected_sha256: String::new(),
+        force: false,
     };
     let perm = |f| pb::VersionRequest {
         version: "4.2.1".into(),
         fence: f,
+        force: false,
     };
     let stale = |e: tonic::Status, ctx: &str| {
         assert_eq!(e.code(), Code::Aborted, "{ctx}: {e:?}");
@@ -821,6 +830,7 @@ fn fencing_rejects_stale_fences_across_restarts() {
                 version: "4.2.1".into(),
                 fence: fence(4, "r2", 1),
                 expected_sha256: String::new(),
+                force: false,
             })
             .await
             .unwrap()
@@ -1236,6 +1246,7 @@ fn release_reports_are_stamped_with_the_agents_step_count() {
         version: "4.2.0".into(),
         fence: None,
         expected_sha256: String::new(),
+        force: false,
     };
     let boot = rt().block_on(async {
         let mut c = agent.client().await;
@@ -1260,6 +1271,7 @@ fn release_reports_are_stamped_with_the_agents_step_count() {
             permanent: true,
             fence: None,
             expected_sha256: String::new(),
+            force: false,
         })
         .await
         .unwrap_err();

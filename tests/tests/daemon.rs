@@ -459,6 +459,7 @@ fn a_second_agent_on_the_same_root_is_refused() {
                     version: "4.2.0".into(),
                     fence: f,
                     expected_sha256: String::new(),
+                    force: false,
                 };
                 let _ = a.client().await.unpack(u(fence(3, "r2", 1))).await;
                 let r = b.client().await.unpack(u(fence(2, "r1", 9))).await;

@@ -282,6 +282,7 @@ fn a_failing_emqx_script_is_reported_and_changes_nothing() {
                 permanent: false,
                 fence: None,
                 expected_sha256: String::new(),
+                force: false,
             })
             .await
             .unwrap_err();
@@ -316,6 +317,7 @@ fn emqx_driver_missing_package_is_not_found() {
                 version: "4.2.7".into(),
                 fence: None,
                 expected_sha256: String::new(),
+                force: false,
             })
             .await
             .unwrap_err();
@@ -344,6 +346,7 @@ fn emqx_driver_checks_the_operators_digest_before_the_script_runs() {
                     permanent: true,
                     fence: None,
                     expected_sha256: expected.into(),
+                    force: false,
                 })
                 .await
                 .unwrap_err();
@@ -365,6 +368,7 @@ fn emqx_driver_checks_the_operators_digest_before_the_script_runs() {
             permanent: true,
             fence: None,
             expected_sha256: good,
+            force: false,
         })
         .await
         .unwrap();

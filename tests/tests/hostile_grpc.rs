@@ -415,6 +415,8 @@ fn agent_fence(rng: &mut fastrand::Rng) -> Option<apb::Fence> {
         term: extreme_u64(rng),
         rollout_id: any_str(rng),
         step: extreme_u64(rng),
+        cluster_id: String::new(),
+        deadline_unix_ms: 0,
     })
 }
 
@@ -679,6 +681,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     version: v.clone(),
                     fence: fence.clone(),
                     expected_sha256: String::new(),
+                    force: false,
                 }
                 .encode_to_vec(),
             )
@@ -692,6 +695,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     permanent: rng.bool(),
                     fence: fence.clone(),
                     expected_sha256: String::new(),
+                    force: false,
                 }
                 .encode_to_vec(),
             )
@@ -704,6 +708,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     apb::VersionRequest {
                         version: v.clone(),
                         fence: fence.clone(),
+                        force: false,
                     }
                     .encode_to_vec(),
                 )
@@ -732,6 +737,8 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         term: 3,
         rollout_id: "r000001".into(),
         step: 2,
+        cluster_id: String::new(),
+        deadline_unix_ms: 0,
     });
     // Valid encodings to mutate: each names the installed version, whose steps are no-ops
     // or refusals, and any mutation of it names an absent version.
@@ -744,6 +751,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                 version: V0.into(),
                 fence: fence.clone(),
                 expected_sha256: String::new(),
+                force: false,
             }
             .encode_to_vec(),
         ),
@@ -754,6 +762,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                 permanent: true,
                 fence: fence.clone(),
                 expected_sha256: String::new(),
+                force: false,
             }
             .encode_to_vec(),
         ),
@@ -762,6 +771,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             apb::VersionRequest {
                 version: V0.into(),
                 fence: fence.clone(),
+                force: false,
             }
             .encode_to_vec(),
         ),
@@ -770,6 +780,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             apb::VersionRequest {
                 version: V0.into(),
                 fence: fence.clone(),
+                force: false,
             }
             .encode_to_vec(),
         ),
@@ -778,6 +789,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             apb::VersionRequest {
                 version: V0.into(),
                 fence,
+                force: false,
             }
             .encode_to_vec(),
         ),
@@ -817,6 +829,7 @@ async fn agent_push_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             sha256: sha256_hex(&data),
             size: data.len() as u64,
             fence: agent_fence(rng),
+            force: false,
         };
         let mut h = honest.clone();
         let variant = rng.u8(..11);
@@ -892,6 +905,7 @@ async fn agent_push_abandoned(root: &Path, addr: &str) {
             sha256: sha256_hex(&data),
             size: 10 * data.len() as u64,
             fence: None,
+            force: false,
         }),
         data,
     };
@@ -934,6 +948,7 @@ async fn agent_huge(w: &mut Wire) {
                     version: "9".repeat(size),
                     fence: None,
                     expected_sha256: String::new(),
+                    force: false,
                 }
                 .encode_to_vec(),
             )
@@ -951,6 +966,7 @@ async fn agent_huge(w: &mut Wire) {
                             sha256: "0".repeat(64),
                             size: 1,
                             fence: None,
+                            force: false,
                         }),
                         data: Vec::new(),
                     }
@@ -971,6 +987,7 @@ async fn agent_huge(w: &mut Wire) {
                             sha256: "0".repeat(64),
                             size: size as u64,
                             fence: None,
+                            force: false,
                         }),
                         data: vec![0; size],
                     }
@@ -1033,6 +1050,7 @@ fn agent_survives_hostile_input() {
                             sha256: digest.clone(),
                             size: junk.len() as u64,
                             fence: None,
+                            force: false,
                         }),
                         data: junk,
                     }
@@ -1059,6 +1077,7 @@ fn agent_survives_hostile_input() {
                     version: "1.0.0".into(),
                     fence: None,
                     expected_sha256: String::new(),
+                    force: false,
                 }
                 .encode_to_vec(),
             )
@@ -1108,8 +1127,11 @@ fn agent_audit_log_cannot_be_forged_through_a_fence() {
                         term: 1,
                         rollout_id: "r1\n0 unfenced install 6.6.6".into(),
                         step: 1,
+                        cluster_id: String::new(),
+                        deadline_unix_ms: 0,
                     }),
                     expected_sha256: String::new(),
+                    force: false,
                 }
                 .encode_to_vec(),
             )
@@ -1145,8 +1167,11 @@ fn stale_fence_refusal_stays_readable_with_huge_rollout_ids() {
                     term,
                     rollout_id,
                     step: 0,
+                    cluster_id: String::new(),
+                    deadline_unix_ms: 0,
                 }),
                 expected_sha256: String::new(),
+                force: false,
             }
             .encode_to_vec()
         };
@@ -1197,7 +1222,13 @@ async fn coord_state(w: &mut Wire, blobs: &Path) -> CoordState {
         .await
         .expect("a valid ListNodes works");
     let rollouts = w
-        .unary(C_LIST_ROLLOUTS, cpb::ListRolloutsRequest {}.encode_to_vec())
+        .unary(
+            C_LIST_ROLLOUTS,
+            cpb::ListRolloutsRequest {
+                all: Default::default(),
+            }
+            .encode_to_vec(),
+        )
         .await
         .expect("a valid ListRollouts works");
     let cluster = w
@@ -1276,6 +1307,7 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         healthy_deadline_ms: rng.bool().then(|| extreme_u64(rng)),
         on_failure: ["", "rollback", "pause"][rng.usize(..3)].into(),
         requested_by: any_str(rng),
+        request_id: String::new(),
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),
@@ -1307,6 +1339,7 @@ fn broken_register(rng: &mut fastrand::Rng) -> cpb::RegisterNodeRequest {
         }],
         boot_id: extreme_u64(rng),
         state_rev: extreme_u64(rng),
+        activate_timeout_ms: 0,
     };
     match rng.u8(..5) {
         0 => r.id = hostile_str(rng),
@@ -1352,6 +1385,7 @@ async fn coord_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     id: id.clone(),
                     command: cmd.clone(),
                     requested_by: any_str(rng),
+                    request_id: String::new(),
                 }
                 .encode_to_vec(),
             )
@@ -1389,7 +1423,13 @@ async fn coord_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                 C_LIST_NODES,
                 cpb::ListNodesRequest { probe: rng.bool() }.encode_to_vec(),
             ),
-            (C_LIST_ROLLOUTS, cpb::ListRolloutsRequest {}.encode_to_vec()),
+            (
+                C_LIST_ROLLOUTS,
+                cpb::ListRolloutsRequest {
+                    all: Default::default(),
+                }
+                .encode_to_vec(),
+            ),
             (C_CLUSTER, cpb::ClusterStatusRequest {}.encode_to_vec()),
         ] {
             let r = w.unary(path, body).await;
@@ -1415,13 +1455,20 @@ async fn coord_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             }
             .encode_to_vec(),
         ),
-        (C_LIST_ROLLOUTS, cpb::ListRolloutsRequest {}.encode_to_vec()),
+        (
+            C_LIST_ROLLOUTS,
+            cpb::ListRolloutsRequest {
+                all: Default::default(),
+            }
+            .encode_to_vec(),
+        ),
         (
             C_COMMAND,
             cpb::RolloutCommandRequest {
                 id: "r000001".into(),
                 command: "pause".into(),
                 requested_by: "op".into(),
+                request_id: String::new(),
             }
             .encode_to_vec(),
         ),
@@ -1588,6 +1635,7 @@ async fn coord_huge(w: &mut Wire) {
                 id: String::new(),
                 command: big.clone(),
                 requested_by: String::new(),
+                request_id: String::new(),
             }
             .encode_to_vec(),
         ),

@@ -219,6 +219,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
             let vreq = || ag::VersionRequest {
                 version: bad_version(),
                 fence: None,
+                force: false,
             };
             match rpc {
                 "NodeInfo" => c.node_info(ag::NodeInfoRequest {}).await.map(drop),
@@ -240,6 +241,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                         version: bad_version(),
                         fence: None,
                         expected_sha256: String::new(),
+                        force: false,
                     })
                     .await
                     .map(drop),
@@ -249,6 +251,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                         permanent: true,
                         fence: None,
                         expected_sha256: String::new(),
+                        force: false,
                     })
                     .await
                     .map(drop),
@@ -265,7 +268,12 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
             };
             match rpc {
                 "GetRollout" => c.get_rollout(unknown()).await.map(drop),
-                "ListRollouts" => c.list_rollouts(ct::ListRolloutsRequest {}).await.map(drop),
+                "ListRollouts" => c
+                    .list_rollouts(ct::ListRolloutsRequest {
+                        all: Default::default(),
+                    })
+                    .await
+                    .map(drop),
                 "WatchRollout" => c.watch_rollout(unknown()).await.map(drop),
                 "ListNodes" => c
                     .list_nodes(ct::ListNodesRequest { probe: false })
@@ -293,6 +301,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                         id: "r999999".into(),
                         command: "no-such-command".into(),
                         requested_by: String::new(),
+                        request_id: String::new(),
                     })
                     .await
                     .map(drop),
@@ -472,7 +481,9 @@ fn every_rpc_refuses_missing_foreign_and_expired_certificates_and_wrong_roles() 
             .into_inner()
             .nodes;
         let rollouts = c
-            .list_rollouts(ct::ListRolloutsRequest {})
+            .list_rollouts(ct::ListRolloutsRequest {
+                all: Default::default(),
+            })
             .await
             .unwrap()
             .into_inner()

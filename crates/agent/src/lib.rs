@@ -208,6 +208,7 @@ pub async fn serve(
         term: f.term,
         rollout_id: f.rollout_id.clone(),
         step: f.step,
+        ..Default::default()
     }));
     let steps = Arc::new(Mutex::new(fences));
     let svc = service::AgentService {

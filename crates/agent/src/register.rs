@@ -47,6 +47,7 @@ pub(crate) async fn keep_registered(
                 .collect(),
             boot_id,
             state_rev,
+            activate_timeout_ms: 0,
         };
         match client.register_node(req).await {
             Ok(changed) => {

@@ -189,6 +189,7 @@ impl AgentService {
             term: f.term,
             rollout_id: f.rollout_id.clone(),
             step: f.step,
+            ..Default::default()
         });
     }
 
@@ -240,6 +241,7 @@ impl Agent for AgentService {
             free_disk_bytes: free_disk(&self.shared.root),
             driver: self.shared.driver.name().to_string(),
             last_fence,
+            ..Default::default()
         }))
     }
 
@@ -402,6 +404,20 @@ impl Agent for AgentService {
             self.step(r.fence, format!("uninstall {v}"), move |d| d.uninstall(v))
                 .await?,
         ))
+    }
+
+    async fn release(
+        &self,
+        _req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseReply>, Status> {
+        Err(Status::unimplemented("release: not yet"))
+    }
+
+    async fn rebind(
+        &self,
+        _req: Request<pb::RebindRequest>,
+    ) -> Result<Response<pb::RebindReply>, Status> {
+        Err(Status::unimplemented("rebind: not yet"))
     }
 
     async fn health(

@@ -239,6 +239,7 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
             healthy_deadline_ms: a.healthy_deadline.map(|d| d.as_millis() as u64),
             on_failure: a.on_failure.clone(),
             requested_by: operator(),
+            request_id: orch_client::request_id(),
         };
         let started = c.start_rollout(req).await?;
         if a.detach {
@@ -334,7 +335,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
 pub fn rollouts(a: JsonOpts) -> Result<()> {
     let mut c = client(&a.cluster)?;
     runtime()?.block_on(async move {
-        let list = c.rollouts().await?;
+        let list = c.rollouts(false).await?;
         if a.json {
             let v: Vec<_> = list.iter().map(status_json).collect();
             println!("{}", serde_json::Value::Array(v));

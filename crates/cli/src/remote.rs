@@ -135,6 +135,7 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 version: v.to_string(),
                 fence: None,
                 expected_sha256: remote_digest(&t),
+                force: false,
             })
             .await
         }
@@ -145,6 +146,7 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 permanent: !a.no_permanent,
                 fence: None,
                 expected_sha256: remote_digest(&a.target),
+                force: false,
             })
             .await
         }
@@ -162,6 +164,7 @@ fn vreq(v: Version) -> pb::VersionRequest {
     pb::VersionRequest {
         version: v.to_string(),
         fence: None,
+        force: false,
     }
 }
 
@@ -222,6 +225,7 @@ pub async fn push(
         size,
         fence: None,
         signature,
+        force: false,
     };
     let path = path.to_path_buf();
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {

@@ -211,10 +211,14 @@ impl Client {
         }
     }
 
+    /// Starts a rollout. A request without a `request_id` gets one here, kept across retries.
     pub async fn start_rollout(
         &mut self,
-        req: pb::StartRolloutRequest,
+        mut req: pb::StartRolloutRequest,
     ) -> Result<pb::RolloutStatus> {
+        if req.request_id.is_empty() {
+            req.request_id = request_id();
+        }
         self.call(|mut c| {
             let req = req.clone();
             async move { c.start_rollout(req).await.map(|r| r.into_inner()) }
@@ -231,9 +235,11 @@ impl Client {
         .await
     }
 
-    pub async fn rollouts(&mut self) -> Result<Vec<pb::RolloutStatus>> {
+    /// The rollouts in the replicated state (the newest ones), or with `all` also those moved
+    /// to the coordinators' history files.
+    pub async fn rollouts(&mut self, all: bool) -> Result<Vec<pb::RolloutStatus>> {
         self.call(|mut c| async move {
-            c.list_rollouts(pb::ListRolloutsRequest {})
+            c.list_rollouts(pb::ListRolloutsRequest { all })
                 .await
                 .map(|r| r.into_inner().rollouts)
         })
@@ -250,6 +256,7 @@ impl Client {
             id: id.to_string(),
             command: command.to_string(),
             requested_by: by.to_string(),
+            request_id: request_id(),
         };
         self.call(|mut c| {
             let req = req.clone();
@@ -363,6 +370,29 @@ impl Client {
             }
         }
     }
+}
+
+/// A new id for one mutating request, sent unchanged with each of its retries (128 random bits
+/// as hex: unique across clients without coordination).
+pub fn request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // RandomState is seeded from the OS's randomness, differently in every process.
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u64(n);
+        h.write_u64(salt);
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    format!("{:016x}{:016x}", half(1), half(2))
 }
 
 async fn file_chunks(

@@ -226,6 +226,7 @@ pub async fn perform(
                 version: version.to_string(),
                 fence: fence.clone(),
                 expected_sha256: String::new(),
+                force: false,
             };
             step(
                 retrying(node, || {
@@ -242,6 +243,7 @@ pub async fn perform(
                 permanent: false,
                 fence: fence.clone(),
                 expected_sha256: String::new(),
+                force: false,
             };
             step(
                 retrying(node, || {
@@ -295,6 +297,7 @@ fn vreq(v: Version, fence: &Option<pb::Fence>) -> pb::VersionRequest {
     pb::VersionRequest {
         version: v.to_string(),
         fence: fence.clone(),
+        force: false,
     }
 }
 
@@ -373,6 +376,7 @@ async fn push(
         size: p.size,
         fence,
         signature,
+        force: false,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {

@@ -53,6 +53,7 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
                 from_version: n.from_version.map(|v| v.to_string()).unwrap_or_default(),
                 step: n.step.to_string(),
                 error: n.error.unwrap_or_default(),
+                ..Default::default()
             })
             .collect(),
         events: if with_events {
@@ -62,6 +63,7 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
                     at_ms: e.at_ms,
                     by: e.by,
                     message: e.message,
+                    term: 0,
                 })
                 .collect()
         } else {

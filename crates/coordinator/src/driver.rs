@@ -326,6 +326,7 @@ async fn perform_and_record(
             term,
             rollout_id: rollout.clone(),
             step: action.seq,
+            ..Default::default()
         },
         package: package.as_ref(),
     };

@@ -247,6 +247,7 @@ impl Shared {
                 .collect(),
             last_applied: m.last_applied,
             answered_by: self.raft.id(),
+            cluster_id: String::new(),
         }
     }
 }

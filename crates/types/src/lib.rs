@@ -28,6 +28,8 @@ pub enum ParseError {
         "invalid package name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
     )]
     PackageName(String),
+    #[error("invalid rollout id {0:?}: expected r followed by its number (for example r000042)")]
+    RolloutId(String),
 }
 
 /// A release version: strict `major.minor.patch`, ordered numerically (4.2.10 > 4.2.9).
@@ -249,6 +251,47 @@ pub fn parse_package_file_name(file_name: &str) -> Option<(String, Version)> {
     Some((name.to_string(), version.parse().ok()?))
 }
 
+/// A rollout's id: its number, assigned in creation order by the replicated state. Shown (and
+/// serialized) as `r` plus at least six digits (`r000042`); ordered by the number, so
+/// `r1000000` comes after `r999999` (as strings it would not). `FromStr` also takes `r42` and
+/// `42`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RolloutId(pub u64);
+
+impl FromStr for RolloutId {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.strip_prefix('r').unwrap_or(s);
+        if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ParseError::RolloutId(s.chars().take(64).collect()));
+        }
+        digits
+            .parse()
+            .map(RolloutId)
+            .map_err(|_| ParseError::RolloutId(s.chars().take(64).collect()))
+    }
+}
+
+impl fmt::Display for RolloutId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{:06}", self.0)
+    }
+}
+
+impl Serialize for RolloutId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RolloutId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// When a node's reported releases were read: which agent process (`boot`, fixed at its start)
 /// and how many state-changing steps it had completed then (`rev`). Reports from one process
 /// are ordered by `rev`, so the coordinators can drop a report that arrives after a newer one
@@ -314,6 +357,36 @@ pub fn check_labels<'a>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Ids compared as strings put r1000000 before r999999 (fences and "the latest rollout"
+    /// went wrong after a million rollouts): they compare by number.
+    #[test]
+    fn rollout_ids_order_by_number() {
+        let a: RolloutId = "r999999".parse().unwrap();
+        let b: RolloutId = "r1000000".parse().unwrap();
+        assert!(a < b);
+        assert!("r999999" > "r1000000", "as strings they would not");
+        assert_eq!(b.to_string(), "r1000000");
+        assert_eq!(RolloutId(42).to_string(), "r000042");
+        assert_eq!("r42".parse::<RolloutId>(), Ok(RolloutId(42)));
+        assert_eq!("42".parse::<RolloutId>(), Ok(RolloutId(42)));
+        for bad in [
+            "",
+            "r",
+            "rx1",
+            "r-1",
+            "r1 ",
+            "r99999999999999999999999",
+            "é",
+        ] {
+            assert!(bad.parse::<RolloutId>().is_err(), "{bad:?}");
+        }
+        let json =
+            serde_json::to_string(&std::collections::BTreeMap::from([(b, 1), (a, 2)])).unwrap();
+        assert_eq!(json, r#"{"r999999":2,"r1000000":1}"#);
+        let back: std::collections::BTreeMap<RolloutId, u32> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.keys().copied().collect::<Vec<_>>(), vec![a, b]);
+    }
 
     #[test]
     fn version_parse_strict() {
