@@ -69,7 +69,12 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
         } else {
             Vec::new()
         },
-        created_at_ms: s.created_at.get(r.id()).copied().unwrap_or(0),
+        created_at_ms: r
+            .id()
+            .parse()
+            .ok()
+            .and_then(|id| s.created_at.get(&id).copied())
+            .unwrap_or(0),
         requested_by: r.spec().requested_by.clone(),
     }
 }
@@ -422,8 +427,11 @@ impl Control for ControlService {
             }
         };
         let id = self.find(&r.id)?.id;
+        let key: orch_types::RolloutId = id
+            .parse()
+            .map_err(|e: orch_types::ParseError| Status::internal(e.to_string()))?;
         self.write(Command::Rollout {
-            id: id.clone(),
+            id: key,
             entry: LogEntry {
                 event: Event::Command(cmd),
                 at_ms: now_ms(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use orch_proto::agent as pb;
 use orch_rollout::{Action, ActionKind, ActionResult, Event, LogEntry};
+use orch_types::RolloutId;
 use tokio::task::JoinHandle;
 
 use crate::Shared;
@@ -46,8 +47,8 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
         // Only what the loop needs, not a clone of the rollout (its audit trail grows with
         // every step, and this runs after every applied entry).
         let active = shared.read(|s| {
-            s.active_rollout().map(|r| ActiveView {
-                id: r.id().to_string(),
+            s.active().map(|(id, r)| ActiveView {
+                id,
                 package: r.spec().package.clone(),
                 in_flight: r.in_flight().to_vec(),
                 next_seq: r.next_seq(),
@@ -90,7 +91,7 @@ pub async fn run(shared: Arc<Shared>, term: u64, mut stop: tokio::sync::watch::R
                 }
                 let h = tokio::spawn(perform_and_record(
                     task.clone(),
-                    r.id.clone(),
+                    r.id,
                     r.package.clone(),
                     a.clone(),
                 ));
@@ -146,7 +147,7 @@ struct TaskCx {
 
 /// What the driver loop reads of the active rollout on each round.
 struct ActiveView {
-    id: String,
+    id: RolloutId,
     package: Option<orch_types::rollout::PackageRef>,
     in_flight: Vec<Action>,
     next_seq: u64,
@@ -247,7 +248,7 @@ fn lock(g: &EarlyGates) -> std::sync::MutexGuard<'_, HashMap<u64, EarlyGate>> {
 /// state as it stands leads there (it is deterministic; the prediction is checked later).
 fn predicted_gate(
     shared: &Shared,
-    rollout: &str,
+    rollout: RolloutId,
     action: &Action,
     result: &ActionResult,
 ) -> Option<Action> {
@@ -264,7 +265,7 @@ fn predicted_gate(
     };
     shared.read(|s| {
         s.rollouts
-            .get(rollout)?
+            .get(&rollout)?
             .next_actions_after(&event)?
             .into_iter()
             .find(|a| a.node == action.node && matches!(a.kind, ActionKind::HealthGate { .. }))
@@ -280,7 +281,7 @@ enum Slot {
 /// Performs an action and records its result; `false` when the result could not be recorded.
 async fn perform_and_record(
     cx: TaskCx,
-    rollout: String,
+    rollout: RolloutId,
     package: Option<orch_types::rollout::PackageRef>,
     action: Action,
 ) -> bool {
@@ -295,7 +296,7 @@ async fn perform_and_record(
     else {
         return record(
             &recorder,
-            &rollout,
+            rollout,
             &action,
             orch_rollout::ActionResult::Failed {
                 error: format!("node {} is not registered", action.node),
@@ -309,7 +310,7 @@ async fn perform_and_record(
     {
         return record(
             &recorder,
-            &rollout,
+            rollout,
             &action,
             orch_rollout::ActionResult::Failed {
                 error: format!("package bytes unavailable on the leader: {e}"),
@@ -324,7 +325,7 @@ async fn perform_and_record(
         address: &address,
         fence: pb::Fence {
             term,
-            rollout_id: rollout.clone(),
+            rollout_id: rollout.to_string(),
             step: action.seq,
             ..Default::default()
         },
@@ -354,7 +355,7 @@ async fn perform_and_record(
     match performed {
         Ok((result, versions)) => {
             let mut gate_done = None;
-            if let Some(gate) = predicted_gate(&shared, &rollout, &action, &result) {
+            if let Some(gate) = predicted_gate(&shared, rollout, &action, &result) {
                 let (shared2, address2, fence2) =
                     (shared.clone(), address.clone(), cx.fence.clone());
                 let g = gate.clone();
@@ -392,7 +393,7 @@ async fn perform_and_record(
                 stamp: r.stamp,
             });
             record_with(
-                &recorder, &rollout, &action, result, versions, gate_done, &me,
+                &recorder, rollout, &action, result, versions, gate_done, &me,
             )
             .await
         }
@@ -404,7 +405,7 @@ async fn perform_and_record(
         Err(CallError::Step(msg)) => {
             record(
                 &recorder,
-                &rollout,
+                rollout,
                 &action,
                 ActionResult::Failed { error: msg },
                 &me,
@@ -416,7 +417,7 @@ async fn perform_and_record(
 
 async fn record(
     recorder: &Recorder,
-    rollout: &str,
+    rollout: RolloutId,
     action: &Action,
     result: orch_rollout::ActionResult,
     me: &str,
@@ -430,7 +431,7 @@ async fn record(
 /// is enabled it is ignored and changes nothing), so the next step starts one commit sooner.
 async fn record_with(
     recorder: &Recorder,
-    rollout: &str,
+    rollout: RolloutId,
     action: &Action,
     result: orch_rollout::ActionResult,
     versions: Option<Command>,
@@ -439,7 +440,7 @@ async fn record_with(
 ) -> bool {
     let at_ms = now_ms();
     let entry = |event| Command::Rollout {
-        id: rollout.to_string(),
+        id: rollout,
         entry: LogEntry {
             event,
             at_ms,
@@ -456,7 +457,7 @@ async fn record_with(
     // exactly that gate was issued, else ignored and the gate is performed normally.
     if let Some((gate, gate_result)) = gate_done {
         cmds.push(Command::RolloutIfInFlight {
-            id: rollout.to_string(),
+            id: rollout,
             entry: LogEntry {
                 event: Event::Result {
                     seq: gate.seq,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use orch_rollout::{Action, LogEntry, Rollout};
 use orch_types::rollout::{Phase, RolloutSpec};
-use orch_types::{NodeId, VersionEntry, VersionStamp, stale_report};
+use orch_types::{NodeId, RolloutId, VersionEntry, VersionStamp, stale_report};
 use serde::{Deserialize, Serialize};
 
 /// A registered node (agent).
@@ -72,7 +72,7 @@ pub enum Command {
     },
     /// An event of one rollout (issue actions, an action's result, an operator command).
     Rollout {
-        id: String,
+        id: RolloutId,
         entry: LogEntry,
     },
     /// Like `Rollout`, but only if `action` (seq, node and kind) is exactly in flight in that
@@ -80,7 +80,7 @@ pub enum Command {
     /// action, a result it predicted for it (an early health-gate probe), without any risk of
     /// the result landing on a different action should the issue have gone differently.
     RolloutIfInFlight {
-        id: String,
+        id: RolloutId,
         action: Action,
         entry: LogEntry,
     },
@@ -118,37 +118,36 @@ pub enum Response {
 pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub packages: BTreeMap<String, PackageRecord>,
-    pub rollouts: BTreeMap<String, Rollout>,
+    /// By id, which orders by number (creation order).
+    pub rollouts: BTreeMap<RolloutId, Rollout>,
     /// Counter behind rollout ids.
     pub rollout_seq: u64,
     /// When each rollout was accepted (the proposer's clock).
-    pub created_at: BTreeMap<String, u64>,
-}
-
-/// Formats the n-th rollout id. Zero-padded so ids sort as strings the way they were created
-/// (agents compare fences `(term, rollout id, step)` lexicographically).
-pub fn rollout_id(n: u64) -> String {
-    format!("r{n:06}")
+    pub created_at: BTreeMap<RolloutId, u64>,
 }
 
 impl ClusterState {
     /// The rollout that is not finished, if any (at most one at a time).
     pub fn active_rollout(&self) -> Option<&Rollout> {
-        self.rollouts.values().rev().find(|r| !r.is_finished())
+        self.active().map(|(_, r)| r)
+    }
+
+    /// The rollout that is not finished, with its id.
+    pub fn active(&self) -> Option<(RolloutId, &Rollout)> {
+        self.rollouts
+            .iter()
+            .rev()
+            .find(|(_, r)| !r.is_finished())
+            .map(|(id, r)| (*id, r))
     }
 
     pub fn latest_rollout(&self) -> Option<&Rollout> {
         self.rollouts.values().next_back()
     }
 
-    /// Finds a rollout by id; `42` also finds `r000042`.
+    /// Finds a rollout by id; `42` and `r42` also find `r000042`.
     pub fn find_rollout(&self, id: &str) -> Option<&Rollout> {
-        self.rollouts.get(id).or_else(|| {
-            id.trim_start_matches('r')
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| self.rollouts.get(&rollout_id(n)))
-        })
+        self.rollouts.get(&id.parse::<RolloutId>().ok()?)
     }
 
     pub fn apply(&mut self, cmd: &Command) -> Response {
@@ -247,15 +246,15 @@ impl ClusterState {
                         p.name, p.version, p.sha256
                     ));
                 }
-                let id = rollout_id(self.rollout_seq + 1);
+                let id = RolloutId(self.rollout_seq + 1);
                 let mut spec = spec.clone();
-                spec.id = id.clone();
+                spec.id = id.to_string();
                 match Rollout::new(spec) {
                     Ok(r) => {
                         self.rollout_seq += 1;
-                        self.created_at.insert(id.clone(), *at_ms);
-                        self.rollouts.insert(id.clone(), r);
-                        Response::Created { id }
+                        self.created_at.insert(id, *at_ms);
+                        self.rollouts.insert(id, r);
+                        Response::Created { id: id.to_string() }
                     }
                     Err(e) => Response::Rejected(e.to_string()),
                 }
@@ -314,7 +313,7 @@ mod tests {
 
     fn rollout_cmd(event: Event) -> Command {
         Command::Rollout {
-            id: "r000001".into(),
+            id: RolloutId(1),
             entry: entry(event),
         }
     }
@@ -362,14 +361,14 @@ mod tests {
         assert_eq!(rs[1], Response::Rejected("batches do not nest".into()));
         assert!(matches!(&rs[2], Response::Rejected(m) if m.contains("n9")));
         // The first command took effect although a later one was refused.
-        assert_eq!(s.rollouts["r000001"].in_flight().len(), 1);
+        assert_eq!(s.rollouts[&RolloutId(1)].in_flight().len(), 1);
     }
 
     #[test]
     fn a_conditional_result_lands_only_on_exactly_that_action() {
         let mut s = cluster();
         s.apply(&rollout_cmd(Event::IssueActions));
-        let preflight = s.rollouts["r000001"].in_flight()[0].clone();
+        let preflight = s.rollouts[&RolloutId(1)].in_flight()[0].clone();
         let before = s.clone();
         // Same seq, other kind: ignored, nothing changes.
         let mut other = preflight.clone();
@@ -384,7 +383,7 @@ mod tests {
             },
         };
         let r = s.apply(&Command::RolloutIfInFlight {
-            id: "r000001".into(),
+            id: RolloutId(1),
             action: other,
             entry: entry(done.clone()),
         });
@@ -401,7 +400,7 @@ mod tests {
         assert_eq!(s, before);
         // Exactly the action in flight: applied.
         let r = s.apply(&Command::RolloutIfInFlight {
-            id: "r000001".into(),
+            id: RolloutId(1),
             action: preflight,
             entry: entry(done),
         });
@@ -409,7 +408,7 @@ mod tests {
             matches!(r, Response::Rollout { ignored: None, .. }),
             "{r:?}"
         );
-        assert!(s.rollouts["r000001"].in_flight().is_empty());
+        assert!(s.rollouts[&RolloutId(1)].in_flight().is_empty());
     }
 
     fn vers(v: &str, state: &str) -> Vec<VersionEntry> {
