@@ -654,10 +654,14 @@ impl Cluster {
         self.with_client(self.addrs(), async move |c| c.rollout(&id).await)
     }
 
-    /// The same, answered by one coordinator only (from its own replicated state).
+    /// The same, answered by one coordinator only, from its own replicated state (a stale
+    /// read: also without a leader, and without redirecting to one).
     pub fn ctl_status_via(&self, addr: &str, id: &str) -> Option<pb::RolloutStatus> {
         let id = id.to_string();
-        self.with_client(vec![addr.to_string()], async move |c| c.rollout(&id).await)
+        self.with_client(vec![addr.to_string()], async move |c| {
+            c.allow_stale(true);
+            c.rollout(&id).await
+        })
     }
 
     pub fn ctl_nodes(&self) -> Option<Vec<pb::NodeEntry>> {

@@ -137,6 +137,11 @@ pub struct ClusterOpts {
         value_delimiter = ','
     )]
     pub coordinators: Vec<String>,
+    /// For reads: when no leader can be reached, accept the answer of any coordinator (it may
+    /// be out of date; the command says so on stderr). Without it, reads come from the leader
+    /// or from a coordinator at least as up to date as what this command saw.
+    #[arg(long)]
+    pub stale: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
 }

@@ -25,7 +25,19 @@ fn client(o: &ClusterOpts) -> Result<Client> {
             "no coordinator address: pass --coordinator ADDR or set ORCHESTRATOR_COORDINATORS=a,b,c"
         );
     }
-    Ok(Client::new(addrs, crate::tls::client_security(&o.tls)?))
+    let mut c = Client::new(addrs, crate::tls::client_security(&o.tls)?);
+    c.allow_stale(o.stale);
+    Ok(c)
+}
+
+/// After a read with `--stale`: says on stderr when the answer may be out of date.
+fn warn_if_stale(c: &Client) {
+    if c.saw_stale() {
+        eprintln!(
+            "warning: --stale: this view comes from a coordinator that could not confirm it is up to date (no leader reachable, or a follower answering; applied index {}): it may be stale",
+            c.seen_index()
+        );
+    }
 }
 
 /// The operator's name as this user claims it. Under mutual TLS the coordinators ignore it and
@@ -63,8 +75,10 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
             "from_version": if n.from_version.is_empty() { serde_json::Value::Null } else { json!(n.from_version) },
             "step": n.step,
             "error": if n.error.is_empty() { serde_json::Value::Null } else { json!(n.error) },
+            "unresponsive_since_ms": if n.unresponsive_since_ms == 0 { serde_json::Value::Null } else { json!(n.unresponsive_since_ms) },
+            "unresponsive_detail": if n.unresponsive_detail.is_empty() { serde_json::Value::Null } else { json!(n.unresponsive_detail) },
         })).collect::<Vec<_>>(),
-        "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message})).collect::<Vec<_>>(),
+        "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
     })
 }
 
@@ -76,6 +90,29 @@ fn clock(at_ms: u64) -> String {
         (secs / 60) % 60,
         secs % 60
     )
+}
+
+/// A node's error column: its agent's unresponsiveness (and for how long), then its error.
+fn node_problem(n: &pb::NodeProgress) -> String {
+    let mut out = Vec::new();
+    if n.unresponsive_since_ms > 0 {
+        let secs = now_ms().saturating_sub(n.unresponsive_since_ms) / 1000;
+        out.push(format!(
+            "agent unresponsive for {secs}s ({})",
+            n.unresponsive_detail
+        ));
+    }
+    if !n.error.is_empty() {
+        out.push(n.error.clone());
+    }
+    out.join("; ")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn print_status(s: &pb::RolloutStatus) {
@@ -102,7 +139,7 @@ fn print_status(s: &pb::RolloutStatus) {
                 &n.from_version
             },
             n.step,
-            n.error
+            node_problem(n)
         );
     }
     if !s.events.is_empty() {
@@ -311,6 +348,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
             } else {
                 print_status(&s);
             }
+            warn_if_stale(&c);
             return Ok(());
         }
         let first = c.rollout(&id).await?;
@@ -357,6 +395,7 @@ pub fn rollouts(a: JsonOpts) -> Result<()> {
                 );
             }
         }
+        warn_if_stale(&c);
         Ok(())
     })
 }
@@ -406,6 +445,7 @@ pub fn nodes(a: JsonOpts) -> Result<()> {
                 );
             }
         }
+        warn_if_stale(&c);
         Ok(())
     })
 }

@@ -3,10 +3,15 @@
 //! elected (bounded), and re-establishes watch streams after a failover.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use orch_proto::control::{self as pb, control_client::ControlClient};
 use orch_tls::{COORDINATOR_DOMAIN, Security};
+use tonic::codegen::{Service, http};
 use tonic::transport::Channel;
 
 pub use orch_proto::control;
@@ -51,6 +56,67 @@ pub struct Client {
     current: usize,
     /// How long to keep retrying while no leader is known or coordinators are unreachable.
     pub patience: Duration,
+    consistency: Consistency,
+}
+
+/// What keeps this client's reads from going backwards: the newest applied index an answer
+/// reflected, sent with every request (see proto/control.proto).
+#[derive(Clone, Default)]
+struct Consistency {
+    seen: Arc<AtomicU64>,
+    /// Accept a plain read from any coordinator when no leader can be reached.
+    allow_stale: bool,
+    /// An answer said it may be stale.
+    got_stale: Arc<AtomicBool>,
+}
+
+/// A channel to one coordinator that sends `orch-min-index` (and `orch-stale`) with every
+/// request and keeps the newest `orch-applied` of the answers.
+#[derive(Clone)]
+pub struct Tracked {
+    inner: Channel,
+    consistency: Consistency,
+}
+
+impl Service<http::Request<tonic::body::Body>> for Tracked {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        let c = self.consistency.clone();
+        let seen = c.seen.load(Ordering::SeqCst);
+        if seen > 0
+            && let Ok(v) = http::HeaderValue::from_str(&seen.to_string())
+        {
+            req.headers_mut().insert("orch-min-index", v);
+        }
+        if c.allow_stale {
+            req.headers_mut()
+                .insert("orch-stale", http::HeaderValue::from_static("1"));
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            let h = resp.headers();
+            if let Some(i) = h
+                .get("orch-applied")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                c.seen.fetch_max(i, Ordering::SeqCst);
+            }
+            if h.get("orch-stale").is_some_and(|v| v == "1") {
+                c.got_stale.store(true, Ordering::SeqCst);
+            }
+            Ok(resp)
+        })
+    }
 }
 
 fn is_transport(s: &tonic::Status) -> bool {
@@ -71,6 +137,7 @@ impl Client {
             security,
             current: 0,
             patience: Duration::from_secs(30),
+            consistency: Consistency::default(),
         }
     }
 
@@ -78,8 +145,24 @@ impl Client {
         &self.addrs
     }
 
+    /// Accept reads from any coordinator when no leader can be reached (`--stale`); such
+    /// answers may be older than the cluster's state, and [`Client::saw_stale`] says so.
+    pub fn allow_stale(&mut self, yes: bool) {
+        self.consistency.allow_stale = yes;
+    }
+
+    /// True when an answer came from a coordinator that could not confirm it is up to date.
+    pub fn saw_stale(&self) -> bool {
+        self.consistency.got_stale.load(Ordering::SeqCst)
+    }
+
+    /// The newest Raft index an answer reflected (0: none yet).
+    pub fn seen_index(&self) -> u64 {
+        self.consistency.seen.load(Ordering::SeqCst)
+    }
+
     /// Connects to one coordinator; the error says whether it was a TLS failure.
-    async fn connect(&self, addr: &str) -> Result<ControlClient<Channel>, (String, bool)> {
+    async fn connect(&self, addr: &str) -> Result<ControlClient<Tracked>, (String, bool)> {
         let ch = self
             .security
             .endpoint(addr, COORDINATOR_DOMAIN)
@@ -98,7 +181,11 @@ impl Client {
                     orch_tls::is_tls_failure(&e),
                 )
             })?;
-        Ok(ControlClient::new(ch)
+        let tracked = Tracked {
+            inner: ch,
+            consistency: self.consistency.clone(),
+        };
+        Ok(ControlClient::new(tracked)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
@@ -107,7 +194,7 @@ impl Client {
     /// retrying while coordinators are unreachable or leaderless, up to `patience`.
     pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T>
     where
-        F: FnMut(ControlClient<Channel>) -> Fut,
+        F: FnMut(ControlClient<Tracked>) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let start = Instant::now();

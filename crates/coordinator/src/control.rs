@@ -39,6 +39,7 @@ const READ: &[Role] = &[Role::Operator, Role::Viewer];
 
 pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::RolloutStatus {
     let st = r.status();
+    let unresponsive = |id: &NodeId| s.nodes.get(id).and_then(|n| n.unresponsive.clone());
     pb::RolloutStatus {
         id: st.id,
         version: st.version.to_string(),
@@ -48,12 +49,16 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
         nodes: st
             .nodes
             .into_iter()
-            .map(|n| pb::NodeProgress {
-                id: n.id.to_string(),
-                from_version: n.from_version.map(|v| v.to_string()).unwrap_or_default(),
-                step: n.step.to_string(),
-                error: n.error.unwrap_or_default(),
-                ..Default::default()
+            .map(|n| {
+                let u = unresponsive(&n.id);
+                pb::NodeProgress {
+                    id: n.id.to_string(),
+                    from_version: n.from_version.map(|v| v.to_string()).unwrap_or_default(),
+                    step: n.step.to_string(),
+                    error: n.error.unwrap_or_default(),
+                    unresponsive_since_ms: u.as_ref().map_or(0, |u| u.since_ms),
+                    unresponsive_detail: u.map(|u| u.detail).unwrap_or_default(),
+                }
             })
             .collect(),
         events: if with_events {
@@ -63,7 +68,7 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
                     at_ms: e.at_ms,
                     by: e.by,
                     message: e.message,
-                    term: 0,
+                    term: e.term,
                 })
                 .collect()
         } else {
@@ -121,6 +126,67 @@ impl ControlService {
         }
     }
 
+    /// Writes a client's request under its id (when it gave one): a retry of a request that
+    /// was applied gets the first attempt's response instead of being applied again.
+    async fn write_request(&self, request_id: &str, cmd: Command) -> Result<SmResponse, Status> {
+        if request_id.is_empty() {
+            return self.write(cmd).await;
+        }
+        if request_id.len() > 128 || request_id.chars().any(char::is_control) {
+            return Err(bad("request_id must be at most 128 printable characters"));
+        }
+        self.write(Command::Request {
+            request_id: request_id.to_string(),
+            at_ms: now_ms(),
+            command: Box::new(cmd),
+        })
+        .await
+    }
+
+    /// Decides whether this coordinator may answer a read, so that reads never go backwards
+    /// for a client: the leader answers after confirming its leadership with a quorum; a
+    /// follower answers when it has applied at least the index the client last saw
+    /// (`orch-min-index`, waiting briefly for it), else sends the client to the leader. With
+    /// `orch-stale: 1` any coordinator answers when no leader can be reached, saying so.
+    async fn read_gate<T>(&self, req: &Request<T>) -> Result<ReadAt, Status> {
+        let md = req.metadata();
+        let stale_ok = md.get("orch-stale").is_some_and(|v| v == "1");
+        let min_index: u64 = md
+            .get("orch-min-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let raft = &self.shared.raft;
+        let here = || *raft.applied().borrow();
+        if raft.is_leader() {
+            match raft.ensure_linearizable().await {
+                Ok(()) => {
+                    return Ok(ReadAt {
+                        index: here(),
+                        stale: false,
+                    });
+                }
+                Err(e) if !stale_ok => return Err(e.into()),
+                Err(_) => {}
+            }
+        } else if min_index > 0 && caught_up(raft.applied(), min_index).await {
+            return Ok(ReadAt {
+                index: here(),
+                stale: false,
+            });
+        }
+        if stale_ok {
+            return Ok(ReadAt {
+                index: here(),
+                stale: true,
+            });
+        }
+        Err(Error::NotLeader {
+            leader: raft.leader(),
+        }
+        .into())
+    }
+
     fn find(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
         let found = self.find_here(id);
         // A follower applies a new rollout a heartbeat after the leader created it: rather than
@@ -155,6 +221,42 @@ impl ControlService {
             })
         })
     }
+}
+
+/// What a read answer reflects: the applied index (sent back as `orch-applied`, which the
+/// client returns as `orch-min-index`) and whether it may be stale.
+#[derive(Debug, Clone, Copy)]
+struct ReadAt {
+    index: u64,
+    stale: bool,
+}
+
+impl ReadAt {
+    fn answer<T>(self, msg: T) -> Response<T> {
+        let mut r = Response::new(msg);
+        let md = r.metadata_mut();
+        if let Ok(v) = self.index.to_string().parse() {
+            md.insert("orch-applied", v);
+        }
+        if self.stale {
+            md.insert(
+                "orch-stale",
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        r
+    }
+}
+
+/// How long a follower waits to apply the index a client has already seen before sending it
+/// to the leader.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+
+/// True once `applied` reaches `index` (within [`CATCH_UP_WAIT`]).
+async fn caught_up(mut applied: tokio::sync::watch::Receiver<u64>, index: u64) -> bool {
+    tokio::time::timeout(CATCH_UP_WAIT, applied.wait_for(|a| *a >= index))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// Client input as a refusal quotes it: bounded, because the refusal travels back in a response
@@ -333,13 +435,11 @@ impl Control for ControlService {
                 .parse::<OnFailure>()
                 .map_err(|e| bad(e.to_string()))?;
         }
-        match self
-            .write(Command::CreateRollout {
-                spec,
-                at_ms: now_ms(),
-            })
-            .await?
-        {
+        let create = Command::CreateRollout {
+            spec,
+            at_ms: now_ms(),
+        };
+        match self.write_request(&r.request_id, create).await? {
             SmResponse::Created { id } => Ok(Response::new(self.find(&id)?)),
             other => Err(Status::internal(format!("unexpected answer {other:?}"))),
         }
@@ -347,7 +447,8 @@ impl Control for ControlService {
 
     async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Res<pb::RolloutStatus> {
         self.check(&req, READ)?;
-        Ok(Response::new(self.find(&req.into_inner().id)?))
+        let at = self.read_gate(&req).await?;
+        Ok(at.answer(self.find(&req.into_inner().id)?))
     }
 
     async fn list_rollouts(
@@ -355,7 +456,8 @@ impl Control for ControlService {
         req: Request<pb::ListRolloutsRequest>,
     ) -> Res<pb::ListRolloutsReply> {
         self.check(&req, READ)?;
-        Ok(Response::new(self.shared.read(|s| {
+        let at = self.read_gate(&req).await?;
+        Ok(at.answer(self.shared.read(|s| {
             pb::ListRolloutsReply {
                 rollouts: s
                     .rollouts
@@ -370,6 +472,7 @@ impl Control for ControlService {
 
     async fn watch_rollout(&self, req: Request<pb::RolloutRef>) -> Res<Self::WatchRolloutStream> {
         self.check(&req, READ)?;
+        let at = self.read_gate(&req).await?;
         let first = self.find(&req.into_inner().id)?;
         let id = first.id.clone();
         let me = self.clone();
@@ -402,9 +505,7 @@ impl Control for ControlService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(at.answer(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn rollout_command(
@@ -430,20 +531,22 @@ impl Control for ControlService {
         let key: orch_types::RolloutId = id
             .parse()
             .map_err(|e: orch_types::ParseError| Status::internal(e.to_string()))?;
-        self.write(Command::Rollout {
+        let command = Command::Rollout {
             id: key,
             entry: LogEntry {
                 event: Event::Command(cmd),
                 at_ms: now_ms(),
                 by,
             },
-        })
-        .await?;
+            term: 0,
+        };
+        self.write_request(&r.request_id, command).await?;
         Ok(Response::new(self.find(&id)?))
     }
 
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesReply> {
         self.check(&req, READ)?;
+        let at = self.read_gate(&req).await?;
         let probe = req.into_inner().probe;
         let nodes = self
             .shared
@@ -478,7 +581,7 @@ impl Control for ControlService {
                 health_detail: detail,
             });
         }
-        Ok(Response::new(pb::ListNodesReply { nodes: out }))
+        Ok(at.answer(pb::ListNodesReply { nodes: out }))
     }
 
     async fn cluster_status(
@@ -572,6 +675,9 @@ impl Control for ControlService {
             s.nodes.get(&id).is_some_and(|n| {
                 n.address == r.address
                     && n.labels == labels
+                    && n.activate_timeout_ms == r.activate_timeout_ms
+                    // A registration proves the agent answers again: recorded.
+                    && n.unresponsive.is_none()
                     && (orch_types::stale_report(stamp, n.stamp)
                         || (n.versions == versions && n.stamp == stamp))
             })
@@ -593,6 +699,7 @@ impl Control for ControlService {
             versions,
             at_ms: now_ms(),
             stamp,
+            activate_timeout_ms: r.activate_timeout_ms,
         })
         .await?;
         Ok(Response::new(pb::RegisterNodeReply { changed: true }))

@@ -247,7 +247,7 @@ impl Shared {
                 .collect(),
             last_applied: m.last_applied,
             answered_by: self.raft.id(),
-            cluster_id: String::new(),
+            cluster_id: self.read(|s| s.cluster_id.clone()).unwrap_or_default(),
         }
     }
 }
@@ -318,8 +318,8 @@ pub async fn serve(
         blobs: blobs.clone(),
         agents: AgentPool::new(security.clone()),
     });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop_rx.clone()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -345,7 +345,7 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(orch_tls::incoming(listener), shutdown)
         .await;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     let _ = leadership.await;
     raft.shutdown().await;
     result.map_err(|e| Error::Internal(format!("server: {e}")))
@@ -365,35 +365,41 @@ fn load_trusted_keys(paths: &[PathBuf]) -> Result<orch_release::TrustedKeys> {
     Ok(keys)
 }
 
-/// Starts a driver for each term in which this coordinator leads, and stops it on losing it.
-async fn lead_when_leader(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Starts a driver for each term in which this coordinator leads, and stops it (waiting until
+/// every task of that term is gone) when the term ends.
+async fn lead_when_leader(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
     let mut leadership = shared.raft.leadership();
-    let mut driver: Option<(u64, tokio::task::JoinHandle<()>)> = None;
+    let mut driver: Option<(
+        u64,
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )> = None;
     loop {
         let leading = shared.raft.is_leader();
         let term = shared.raft.current_term();
-        match (&driver, leading) {
-            (Some((t, h)), _) if h.is_finished() || !leading || *t != term => {
-                if let Some((_, h)) = driver.take() {
-                    h.abort();
+        match &driver {
+            Some((t, _, h)) if h.is_finished() || !leading || *t != term => {
+                if let Some((_, token, h)) = driver.take() {
+                    token.cancel();
+                    let _ = h.await;
                 }
                 continue;
             }
-            (None, true) => {
-                driver = Some((
-                    term,
-                    tokio::spawn(driver::run(shared.clone(), term, stop.clone())),
-                ));
+            None if leading => {
+                let token = stop.child_token();
+                let h = tokio::spawn(driver::run(shared.clone(), term, token.clone()));
+                driver = Some((term, token, h));
             }
             _ => {}
         }
         tokio::select! {
             r = leadership.changed() => if r.is_err() { break },
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
-    if let Some((_, h)) = driver {
-        h.abort();
+    if let Some((_, token, h)) = driver {
+        token.cancel();
+        let _ = h.await;
     }
 }

@@ -2,7 +2,7 @@
 //! deterministic (no clock, no I/O: times come inside commands), so every coordinator applying
 //! the same Raft log holds the same state, and a snapshot is just this struct as JSON.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use orch_rollout::{Action, LogEntry, Rollout};
 use orch_types::rollout::{Phase, RolloutSpec};
@@ -22,6 +22,20 @@ pub struct NodeRecord {
     /// When `versions` was read on the agent; a report older than this one is dropped.
     #[serde(default)]
     pub stamp: Option<VersionStamp>,
+    /// The agent's `--activate-timeout` in ms as it reported it (0: unknown, an older agent).
+    #[serde(default)]
+    pub activate_timeout_ms: u64,
+    /// Set while the leader cannot reach the agent during one of its steps: since when (the
+    /// leader's clock) and what it saw.
+    #[serde(default)]
+    pub unresponsive: Option<Unresponsive>,
+}
+
+/// An agent the leader could not reach while a step of it was outstanding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unresponsive {
+    pub since_ms: u64,
+    pub detail: String,
 }
 
 /// A package whose bytes live in the coordinators' content stores.
@@ -50,6 +64,9 @@ pub enum Command {
         at_ms: u64,
         #[serde(default)]
         stamp: Option<VersionStamp>,
+        /// The agent's `--activate-timeout` (0: not reported).
+        #[serde(default)]
+        activate_timeout_ms: u64,
     },
     /// What a node reported running after a step; dropped if `stamp` shows it was read before
     /// the recorded versions.
@@ -71,9 +88,13 @@ pub enum Command {
         at_ms: u64,
     },
     /// An event of one rollout (issue actions, an action's result, an operator command).
+    /// `term`: the Raft term of the driver that recorded it (0: not a driver); a result from
+    /// an older term than the rollout's driver term is ignored (see `Rollout::apply_in_term`).
     Rollout {
         id: RolloutId,
         entry: LogEntry,
+        #[serde(default)]
+        term: u64,
     },
     /// Like `Rollout`, but only if `action` (seq, node and kind) is exactly in flight in that
     /// rollout; otherwise ignored. Lets the driver record, in the same entry that issues an
@@ -83,6 +104,26 @@ pub enum Command {
         id: RolloutId,
         action: Action,
         entry: LogEntry,
+        #[serde(default)]
+        term: u64,
+    },
+    /// Names the cluster, once: applied only while it has no id yet (the first leader
+    /// proposes a random one). Agents bind to it through their fences.
+    SetClusterId {
+        id: String,
+    },
+    /// Whether a node's agent answers the leader while one of its steps is outstanding.
+    NodeLiveness {
+        id: NodeId,
+        unresponsive: Option<Unresponsive>,
+    },
+    /// A client's mutating request, identified by the id the client keeps across retries:
+    /// applied once; a retry (the same id again, within the remembered window) gets the first
+    /// attempt's response without being applied again.
+    Request {
+        request_id: String,
+        at_ms: u64,
+        command: Box<Command>,
     },
     /// Several commands applied in order as one log entry (one Raft round trip). The driver
     /// records an action's result, the node's reported versions and the issuing of whatever that
@@ -124,6 +165,53 @@ pub struct ClusterState {
     pub rollout_seq: u64,
     /// When each rollout was accepted (the proposer's clock).
     pub created_at: BTreeMap<RolloutId, u64>,
+    /// This cluster's id (created by the first leader; `None` only before that).
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// Recently applied client requests and their responses (see [`Command::Request`]).
+    #[serde(default)]
+    pub requests: RequestWindow,
+}
+
+/// How many client request ids are remembered, and for how long (by the requests' own
+/// times): a client retries for at most its patience (30 s by default), far less than this.
+pub const REQUEST_WINDOW_ENTRIES: usize = 1024;
+pub const REQUEST_WINDOW_MS: u64 = 15 * 60 * 1000;
+
+/// The remembered client requests: bounded by count and age, evicted oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestWindow {
+    responses: BTreeMap<String, Response>,
+    order: VecDeque<(u64, String)>,
+}
+
+impl RequestWindow {
+    pub fn get(&self, request_id: &str) -> Option<&Response> {
+        self.responses.get(request_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.responses.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.responses.is_empty()
+    }
+
+    fn remember(&mut self, request_id: &str, at_ms: u64, response: Response) {
+        self.responses.insert(request_id.to_string(), response);
+        self.order.push_back((at_ms, request_id.to_string()));
+        let newest = self.order.iter().map(|(t, _)| *t).max().unwrap_or(at_ms);
+        while let Some((t, id)) = self.order.front() {
+            let too_many = self.order.len() > REQUEST_WINDOW_ENTRIES;
+            let too_old = newest.saturating_sub(*t) > REQUEST_WINDOW_MS;
+            if !too_many && !too_old {
+                break;
+            }
+            self.responses.remove(id);
+            self.order.pop_front();
+        }
+    }
 }
 
 impl ClusterState {
@@ -167,6 +255,7 @@ impl ClusterState {
                 versions,
                 at_ms,
                 stamp,
+                activate_timeout_ms,
             } => {
                 // A registration read before the recorded report (it raced a step) keeps the
                 // newer versions.
@@ -174,6 +263,7 @@ impl ClusterState {
                     Some(n) if stale_report(*stamp, n.stamp) => (n.versions.clone(), n.stamp),
                     _ => (versions.clone(), *stamp),
                 };
+                // A registering agent answers: it is not unresponsive (any more).
                 self.nodes.insert(
                     id.clone(),
                     NodeRecord {
@@ -183,9 +273,45 @@ impl ClusterState {
                         versions,
                         registered_at_ms: *at_ms,
                         stamp,
+                        activate_timeout_ms: *activate_timeout_ms,
+                        unresponsive: None,
                     },
                 );
                 Response::Ok
+            }
+            Command::SetClusterId { id } => {
+                if let Some(existing) = &self.cluster_id {
+                    return Response::Rejected(format!("the cluster already has id {existing}"));
+                }
+                if id.is_empty() || id.len() > 64 {
+                    return Response::Rejected("a cluster id has 1-64 characters".to_string());
+                }
+                self.cluster_id = Some(id.clone());
+                Response::Ok
+            }
+            Command::NodeLiveness { id, unresponsive } => match self.nodes.get_mut(id) {
+                Some(n) => {
+                    n.unresponsive = unresponsive.clone();
+                    Response::Ok
+                }
+                None => Response::Rejected(format!("node {id} is not registered")),
+            },
+            Command::Request {
+                request_id,
+                at_ms,
+                command,
+            } => {
+                if let Some(first) = self.requests.get(request_id) {
+                    return first.clone();
+                }
+                let response = match command.as_ref() {
+                    Command::Request { .. } | Command::Batch(_) => {
+                        Response::Rejected("a request wraps one plain command".to_string())
+                    }
+                    c => self.apply(c),
+                };
+                self.requests.remember(request_id, *at_ms, response.clone());
+                response
             }
             Command::NodeVersions {
                 id,
@@ -259,7 +385,12 @@ impl ClusterState {
                     Err(e) => Response::Rejected(e.to_string()),
                 }
             }
-            Command::RolloutIfInFlight { id, action, entry } => {
+            Command::RolloutIfInFlight {
+                id,
+                action,
+                entry,
+                term,
+            } => {
                 let Some(r) = self.rollouts.get(id) else {
                     return Response::Rejected(format!("no rollout {id}"));
                 };
@@ -272,15 +403,16 @@ impl ClusterState {
                     };
                 }
                 self.apply(&Command::Rollout {
-                    id: id.clone(),
+                    id: *id,
                     entry: entry.clone(),
+                    term: *term,
                 })
             }
-            Command::Rollout { id, entry } => {
+            Command::Rollout { id, entry, term } => {
                 let Some(r) = self.rollouts.get_mut(id) else {
                     return Response::Rejected(format!("no rollout {id}"));
                 };
-                match r.apply(&entry.event, entry.at_ms, &entry.by) {
+                match r.apply_in_term(&entry.event, entry.at_ms, &entry.by, *term) {
                     Ok(o) => Response::Rollout {
                         phase: r.phase(),
                         issued: o.issued().to_vec(),
@@ -315,6 +447,7 @@ mod tests {
         Command::Rollout {
             id: RolloutId(1),
             entry: entry(event),
+            term: 1,
         }
     }
 
@@ -330,6 +463,7 @@ mod tests {
                 versions: Vec::new(),
                 at_ms: 0,
                 stamp: None,
+                activate_timeout_ms: 0,
             }),
             Response::Ok
         );
@@ -386,6 +520,7 @@ mod tests {
             id: RolloutId(1),
             action: other,
             entry: entry(done.clone()),
+            term: 1,
         });
         assert!(
             matches!(
@@ -403,6 +538,7 @@ mod tests {
             id: RolloutId(1),
             action: preflight,
             entry: entry(done),
+            term: 1,
         });
         assert!(
             matches!(r, Response::Rollout { ignored: None, .. }),
@@ -430,6 +566,7 @@ mod tests {
             versions,
             at_ms: 1,
             stamp: st,
+            activate_timeout_ms: 0,
         }
     }
 
@@ -473,5 +610,154 @@ mod tests {
         assert_eq!(s.nodes[&n1].versions, vers("4.2.0", "permanent"));
         s.apply(&register(vers("4.2.1", "permanent"), "b", stamp(9, 5)));
         assert_eq!(s.nodes[&n1].versions, vers("4.2.1", "permanent"));
+    }
+
+    fn pause(at_ms: u64) -> Command {
+        Command::Rollout {
+            id: RolloutId(1),
+            entry: LogEntry {
+                event: Event::Command(orch_rollout::Command::Pause),
+                at_ms,
+                by: "operator/alice".into(),
+            },
+            term: 0,
+        }
+    }
+
+    fn request(id: &str, at_ms: u64, command: Command) -> Command {
+        Command::Request {
+            request_id: id.into(),
+            at_ms,
+            command: Box::new(command),
+        }
+    }
+
+    /// A client retrying a write whose outcome it did not learn (its first attempt timed out
+    /// but was applied later) gets the first attempt's answer, not a refusal of the retry
+    /// (today a retried `pause` answered "already paused" after pausing).
+    #[test]
+    fn a_retried_request_returns_the_first_answer_and_applies_once() {
+        let mut s = cluster();
+        s.apply(&rollout_cmd(Event::IssueActions));
+        let first = s.apply(&request("req-1", 10, pause(10)));
+        assert!(
+            matches!(first, Response::Rollout { ignored: None, .. }),
+            "{first:?}"
+        );
+        let paused = s.clone();
+        let retry = s.apply(&request("req-1", 11, pause(11)));
+        assert_eq!(retry, first, "the retry gets the first answer");
+        assert_eq!(s.rollouts, paused.rollouts, "and is not applied again");
+        // The same command under a new id is a new request: refused as it should be.
+        let again = s.apply(&request("req-2", 12, pause(12)));
+        assert!(
+            matches!(&again, Response::Rejected(m) if m.contains("already paused")),
+            "{again:?}"
+        );
+        // A creation retried after it succeeded names the same rollout.
+        let mut s = ClusterState::default();
+        s.apply(&register(vers("4.2.0", "permanent"), "a", None));
+        let spec = RolloutSpec::new(
+            "r0",
+            "4.2.1".parse().unwrap(),
+            vec!["n1".parse().unwrap()],
+            "t",
+        );
+        let create = Command::CreateRollout { spec, at_ms: 1 };
+        let a = s.apply(&request("c-1", 1, create.clone()));
+        let b = s.apply(&request("c-1", 2, create));
+        assert_eq!(
+            a,
+            Response::Created {
+                id: "r000001".into()
+            }
+        );
+        assert_eq!(b, a);
+        assert_eq!(s.rollouts.len(), 1);
+    }
+
+    #[test]
+    fn the_request_window_is_bounded_by_count_and_age() {
+        let mut s = ClusterState::default();
+        s.apply(&register(vers("4.2.0", "permanent"), "a", None));
+        let nv = || node_versions(vers("4.2.0", "permanent"), None);
+        for i in 0..(REQUEST_WINDOW_ENTRIES as u64 + 10) {
+            s.apply(&request(&format!("r{i}"), 1_000 + i, nv()));
+        }
+        assert_eq!(s.requests.len(), REQUEST_WINDOW_ENTRIES);
+        assert!(s.requests.get("r0").is_none(), "the oldest went first");
+        assert!(
+            s.requests
+                .get(&format!("r{}", REQUEST_WINDOW_ENTRIES + 9))
+                .is_some()
+        );
+        // Much later: everything older than the window goes.
+        s.apply(&request("late", 1_000 + REQUEST_WINDOW_MS + 100_000, nv()));
+        assert_eq!(s.requests.len(), 1);
+        // Nested requests and batches are refused.
+        let r = s.apply(&request("n", 5, request("m", 5, nv())));
+        assert!(matches!(r, Response::Rejected(_)), "{r:?}");
+    }
+
+    #[test]
+    fn the_cluster_id_is_set_once() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(&Command::SetClusterId { id: "abc".into() }),
+            Response::Ok
+        );
+        let r = s.apply(&Command::SetClusterId { id: "def".into() });
+        assert!(
+            matches!(&r, Response::Rejected(m) if m.contains("abc")),
+            "{r:?}"
+        );
+        assert_eq!(s.cluster_id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn liveness_is_recorded_and_a_registration_clears_it() {
+        let mut s = ClusterState::default();
+        let n1: NodeId = "n1".parse().unwrap();
+        s.apply(&register(vers("4.2.0", "permanent"), "a", None));
+        let u = Unresponsive {
+            since_ms: 5,
+            detail: "no answer".into(),
+        };
+        s.apply(&Command::NodeLiveness {
+            id: n1.clone(),
+            unresponsive: Some(u.clone()),
+        });
+        assert_eq!(s.nodes[&n1].unresponsive, Some(u));
+        s.apply(&register(vers("4.2.0", "permanent"), "a", None));
+        assert_eq!(s.nodes[&n1].unresponsive, None);
+    }
+
+    /// "The latest rollout" and "the active one" go by number: after r999999 comes r1000000
+    /// (as strings it would sort first).
+    #[test]
+    fn rollouts_are_ordered_by_number() {
+        let mut s = ClusterState::default();
+        s.apply(&register(vers("4.2.0", "permanent"), "a", None));
+        s.rollout_seq = 999_998;
+        for _ in 0..2 {
+            let spec = RolloutSpec::new(
+                "x",
+                "4.2.1".parse().unwrap(),
+                vec!["n1".parse().unwrap()],
+                "t",
+            );
+            let r = s.apply(&Command::CreateRollout { spec, at_ms: 1 });
+            let Response::Created { id } = r else {
+                panic!("{r:?}")
+            };
+            s.apply(&Command::Rollout {
+                id: id.parse().unwrap(),
+                entry: entry(Event::Command(orch_rollout::Command::Abort)),
+                term: 0,
+            });
+        }
+        assert_eq!(s.latest_rollout().unwrap().id(), "r1000000");
+        assert!(s.find_rollout("r999999").is_some());
+        assert!(s.find_rollout("1000000").is_some());
     }
 }

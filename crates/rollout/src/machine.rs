@@ -95,12 +95,17 @@ pub struct Rollout {
     promoted: bool,
     /// Why the rollout is not progressing normally or did not succeed (first cause first).
     error: Option<String>,
+    /// The newest term of a driver that recorded an entry for this rollout. A result
+    /// recorded under an older term comes from a deposed driver and is ignored.
+    #[serde(default)]
+    driver_term: u64,
 }
 
 /// Per-apply scratch: who and when, for the audit events, and what got cancelled.
 struct Ctx<'a> {
     at_ms: u64,
     by: &'a str,
+    term: u64,
     cancelled: Vec<Action>,
 }
 
@@ -148,6 +153,7 @@ impl Rollout {
             awaiting_promotion: false,
             promoted: false,
             error: None,
+            driver_term: 0,
         })
     }
 
@@ -170,10 +176,40 @@ impl Rollout {
     ///
     /// `Err` means the event was refused and the state is exactly as before.
     pub fn apply(&mut self, event: &Event, at_ms: u64, by: &str) -> Result<Outcome, Rejected> {
+        self.apply_in_term(event, at_ms, by, 0)
+    }
+
+    /// Applies one event recorded by the driver of Raft term `term` (0: not a driver, e.g. an
+    /// operator's command). Driver entries move the rollout's driver term forward (even when
+    /// they change nothing else: a new driver's first `IssueActions` claims the rollout), and
+    /// a result recorded under an older term than that is ignored: it was produced by a
+    /// deposed driver, whose in-flight work the newer one performs again.
+    pub fn apply_in_term(
+        &mut self,
+        event: &Event,
+        at_ms: u64,
+        by: &str,
+        term: u64,
+    ) -> Result<Outcome, Rejected> {
+        if term > 0 && !matches!(event, Event::Command(_)) {
+            if term < self.driver_term {
+                if let Event::Result { seq, .. } = event {
+                    return Ok(Outcome::Ignored {
+                        reason: format!(
+                            "result ignored: action {seq} was answered under term {term}, but the rollout is driven in term {} now",
+                            self.driver_term
+                        ),
+                    });
+                }
+            } else {
+                self.driver_term = term;
+            }
+        }
         let by = clip(by);
         let mut cx = Ctx {
             at_ms,
             by: &by,
+            term,
             cancelled: Vec::new(),
         };
         match event {
@@ -199,6 +235,7 @@ impl Rollout {
             awaiting_promotion: self.awaiting_promotion,
             promoted: self.promoted,
             error: self.error.clone(),
+            driver_term: self.driver_term,
         };
         r.apply(event, 0, "").ok()?;
         Some(r.next_actions())
@@ -268,6 +305,11 @@ impl Rollout {
     /// The seq the next issued action will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// The newest Raft term in which a driver recorded an entry for this rollout.
+    pub fn driver_term(&self) -> u64 {
+        self.driver_term
     }
 
     /// Nodes where an install was attempted, in install order (rollback goes the other way).
@@ -514,6 +556,7 @@ impl Rollout {
             at_ms: cx.at_ms,
             by: cx.by.to_string(),
             message,
+            term: cx.term,
         });
     }
 

@@ -459,6 +459,10 @@ pub struct AuditEvent {
     pub at_ms: u64,
     pub by: String,
     pub message: String,
+    /// The Raft term of the driver whose entry caused it; 0 for operators' commands (and in
+    /// events recorded before terms were kept).
+    #[serde(default)]
+    pub term: u64,
 }
 
 /// What `status --json` shows for one rollout: `id`, `version`, `phase`, `nodes`, `events`, plus

@@ -18,7 +18,13 @@ pub struct RaftCommand(pub Command);
 
 impl fmt::Display for RaftCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
+        describe(&self.0, f)
+    }
+}
+
+fn describe(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    {
+        match c {
             Command::RegisterNode { id, address, .. } => {
                 write!(f, "register_node({id}, {address})")
             }
@@ -31,6 +37,19 @@ impl fmt::Display for RaftCommand {
                 write!(f, "rollout({id}) if {} in flight", action.seq)
             }
             Command::Batch(cmds) => write!(f, "batch({})", cmds.len()),
+            Command::SetClusterId { id } => write!(f, "set_cluster_id({id})"),
+            Command::NodeLiveness { id, unresponsive } => {
+                write!(f, "node_liveness({id}, {})", unresponsive.is_none())
+            }
+            Command::Request {
+                request_id,
+                command,
+                ..
+            } => {
+                write!(f, "request({request_id}, ")?;
+                describe(command, f)?;
+                f.write_str(")")
+            }
         }
     }
 }

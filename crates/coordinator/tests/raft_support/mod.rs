@@ -64,6 +64,7 @@ pub fn register(n: u64) -> Command {
         versions: Vec::new(),
         at_ms: n,
         stamp: None,
+        activate_timeout_ms: 0,
     }
 }
 
