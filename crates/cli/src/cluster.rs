@@ -455,12 +455,16 @@ fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
         let v = json!({
             "leader_id": if s.leader_id == 0 { serde_json::Value::Null } else { json!(s.leader_id) },
             "leader_address": s.leader_address,
+            "cluster_id": s.cluster_id,
             "term": s.term,
             "last_applied": s.last_applied,
             "members": s.members.iter().map(|m| json!({"id": m.id, "address": m.address, "role": m.role})).collect::<Vec<_>>(),
         });
         println!("{v}");
         return;
+    }
+    if !s.cluster_id.is_empty() {
+        println!("cluster: {}", s.cluster_id);
     }
     if s.leader_id == 0 {
         println!("leader: none elected (term {})", s.term);

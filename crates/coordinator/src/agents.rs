@@ -32,7 +32,7 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a step may take on the node besides its own work: waiting for the store lock (10 s by
 /// default), state writes and fsyncs, the network.
-pub const STEP_MARGIN: Duration = Duration::from_secs(30);
+pub const STEP_MARGIN: Duration = Duration::from_secs(15);
 /// Making a release permanent is a state write.
 const COMMIT_BUDGET: Duration = Duration::from_secs(30);
 /// Telling an agent that a rollout no longer holds it.
