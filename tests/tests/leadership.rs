@@ -199,7 +199,7 @@ fn a_stale_fence_refusal_while_leading_fails_the_step_visibly() {
 /// nothing changes behind the rollout's back.
 #[test]
 fn a_frozen_agent_is_shown_unresponsive_and_never_applies_a_late_step() {
-    let mut c = Cluster::start(
+    let c = Cluster::start(
         ClusterOpts::state_only(1, 2)
             .agent_args(1, &["--activate-timeout", "2s"])
             .agent_args(2, &["--activate-timeout", "2s"]),
