@@ -1307,7 +1307,13 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         healthy_deadline_ms: rng.bool().then(|| extreme_u64(rng)),
         on_failure: ["", "rollback", "pause"][rng.usize(..3)].into(),
         requested_by: any_str(rng),
-        request_id: String::new(),
+        request_id: if rng.bool() {
+            any_str(rng)
+        } else {
+            String::new()
+        },
+        preflight_timeout_ms: rng.bool().then(|| extreme_u64(rng)),
+        failure_threshold: rng.bool().then(|| extreme_u32(rng)),
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),

@@ -47,8 +47,8 @@ pub enum Command {
     Rollback(RolloutRefArgs),
     /// Continue a canary rollout past its canary nodes.
     Promote(RolloutRefArgs),
-    /// List registered nodes, their releases and health.
-    Nodes(JsonOpts),
+    /// List registered nodes, their releases and health (or `nodes forget ID`).
+    Nodes(NodesArgs),
     /// Coordinator membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -155,6 +155,26 @@ pub struct JsonOpts {
 }
 
 #[derive(Args, Debug)]
+pub struct NodesArgs {
+    #[command(subcommand)]
+    pub cmd: Option<NodesCmd>,
+    #[command(flatten)]
+    pub list: JsonOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodesCmd {
+    /// Remove a node from the registry (a decommissioned machine). Refused while a rollout
+    /// holds it; an agent that registers again reappears.
+    Forget {
+        /// The node id.
+        id: String,
+        #[command(flatten)]
+        cluster: ClusterOpts,
+    },
+}
+
+#[derive(Args, Debug)]
 pub struct RolloutRefArgs {
     /// The rollout (default: the running one).
     pub id: Option<String>,
@@ -183,8 +203,8 @@ pub struct RolloutArgs {
     /// Target nodes in order (default: every registered node, by id).
     #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
     pub nodes: Vec<String>,
-    /// Nodes upgraded at a time.
-    #[arg(long, value_name = "N")]
+    /// Nodes upgraded at a time (at least 1) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: Option<u32>,
     /// Upgrade the first N nodes, then wait for `orchestrator promote`.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -201,6 +221,13 @@ pub struct RolloutArgs {
     /// rollback (default) or pause.
     #[arg(long, value_name = "WHAT", default_value = "rollback")]
     pub on_failure: String,
+    /// How long preflight may take per node before it counts as unreachable [default: 5s].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub preflight_timeout: Option<Duration>,
+    /// Consecutive failed health probes that fail a node's health gate at once, before its
+    /// deadline (0: only the deadline decides; an unreachable agent never counts) [default: 3].
+    #[arg(long, value_name = "N")]
+    pub failure_threshold: Option<u32>,
     /// Print the rollout id and return at once.
     #[arg(long)]
     pub detach: bool,

@@ -277,6 +277,8 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
             on_failure: a.on_failure.clone(),
             requested_by: operator(),
             request_id: orch_client::request_id(),
+            preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
+            failure_threshold: a.failure_threshold,
         };
         let started = c.start_rollout(req).await?;
         if a.detach {
@@ -425,6 +427,8 @@ pub fn nodes(a: JsonOpts) -> Result<()> {
                         "versions": n.versions.iter().map(|e| json!({"version": e.version, "state": e.state})).collect::<Vec<_>>(),
                         "healthy": n.healthy,
                         "health_detail": n.health_detail,
+                        "conflict": if n.conflict.is_empty() { serde_json::Value::Null } else { json!(n.conflict) },
+                        "conflict_at_ms": if n.conflict_at_ms == 0 { serde_json::Value::Null } else { json!(n.conflict_at_ms) },
                     })
                 })
                 .collect();
@@ -443,9 +447,21 @@ pub fn nodes(a: JsonOpts) -> Result<()> {
                     if n.healthy { "yes" } else { "no" },
                     versions.join(", ")
                 );
+                if !n.conflict.is_empty() {
+                    println!("{:<w$}  CONFLICT: {}", "", n.conflict);
+                }
             }
         }
         warn_if_stale(&c);
+        Ok(())
+    })
+}
+
+pub fn forget_node(id: &str, o: ClusterOpts) -> Result<()> {
+    let mut c = client(&o)?;
+    runtime()?.block_on(async move {
+        c.forget_node(id, &operator()).await?;
+        println!("Forgot node {id}: it is no longer in the registry (its agent reappears if it registers again)");
         Ok(())
     })
 }

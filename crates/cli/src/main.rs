@@ -53,7 +53,12 @@ fn main() {
         Command::Abort(a) => cluster::command("abort", a),
         Command::Rollback(a) => cluster::command("rollback", a),
         Command::Promote(a) => cluster::command("promote", a),
-        Command::Nodes(a) => cluster::nodes(a),
+        Command::Nodes(a) => match a.cmd {
+            None => cluster::nodes(a.list),
+            Some(crate::args::NodesCmd::Forget { id, cluster }) => {
+                cluster::forget_node(&id, cluster)
+            }
+        },
         Command::Cluster(c) => cluster::cluster(c),
         Command::Certs(c) => tls::certs(c),
     };

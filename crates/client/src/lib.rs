@@ -352,6 +352,20 @@ impl Client {
         .await
     }
 
+    /// Removes node `id` from the registry.
+    pub async fn forget_node(&mut self, id: &str, by: &str) -> Result<()> {
+        let req = pb::ForgetNodeRequest {
+            id: id.to_string(),
+            requested_by: by.to_string(),
+            request_id: request_id(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.forget_node(req).await.map(drop) }
+        })
+        .await
+    }
+
     pub async fn nodes(&mut self, probe: bool) -> Result<Vec<pb::NodeEntry>> {
         self.call(|mut c| async move {
             c.list_nodes(pb::ListNodesRequest { probe })

@@ -579,6 +579,12 @@ impl Control for ControlService {
                     .collect(),
                 healthy,
                 health_detail: detail,
+                conflict: n
+                    .conflict
+                    .as_ref()
+                    .map(|c| c.detail.clone())
+                    .unwrap_or_default(),
+                conflict_at_ms: n.conflict.as_ref().map_or(0, |c| c.at_ms),
             });
         }
         Ok(at.answer(pb::ListNodesReply { nodes: out }))
@@ -630,6 +636,18 @@ impl Control for ControlService {
         Ok(Response::new(self.shared.cluster_status()))
     }
 
+    async fn forget_node(&self, req: Request<pb::ForgetNodeRequest>) -> Res<pb::ForgetNodeReply> {
+        let by = self.caller(&req, WRITE, &req.get_ref().requested_by)?;
+        let r = req.into_inner();
+        let id: NodeId =
+            r.id.parse()
+                .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
+        self.write_request(&r.request_id, Command::RemoveNode { id: id.clone() })
+            .await?;
+        tracing::info!(node = %id, %by, "node forgotten (removed from the registry)");
+        Ok(Response::new(pb::ForgetNodeReply {}))
+    }
+
     async fn register_node(
         &self,
         req: Request<pb::RegisterNodeRequest>,
@@ -665,6 +683,8 @@ impl Control for ControlService {
             .map_err(|e| bad(format!("registration refused: {e}")))?;
         let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
         let stamp = orch_types::VersionStamp::from_wire(r.boot_id, r.state_rev);
+        self.refuse_duplicate(&id, &r.address, r.boot_id).await?;
+        self.clear_old_conflict(&id, &r.address).await;
         // Nothing to write when address and labels hold and the report either was read before
         // the recorded one or is the recorded one (same versions, same stamp). Equal versions
         // under a newer stamp are written: the stamp must move on with the node, or a delayed
@@ -703,6 +723,77 @@ impl Control for ControlService {
         })
         .await?;
         Ok(Response::new(pb::RegisterNodeReply { changed: true }))
+    }
+}
+
+/// A conflict is written again at most this often while it goes on, and cleared once it has
+/// not been seen for [`CONFLICT_FORGET_MS`].
+const CONFLICT_REFRESH_MS: u64 = 60_000;
+const CONFLICT_FORGET_MS: u64 = 90_000;
+
+impl ControlService {
+    /// Refuses a registration of a known node id from another address while the agent on
+    /// record there is alive (it answers as that node, as another process than the one
+    /// registering): two machines must never share an id (steps would go to either). A node
+    /// that really moved takes over as soon as its old agent no longer answers.
+    async fn refuse_duplicate(&self, id: &NodeId, address: &str, boot: u64) -> Result<(), Status> {
+        let recorded = self.shared.read(|s| {
+            s.nodes
+                .get(id)
+                .map(|n| (n.address.clone(), n.conflict.clone()))
+        });
+        let Some((old, conflict)) = recorded.filter(|(a, _)| a != address) else {
+            return Ok(());
+        };
+        let Some(live) = self.shared.live_agent(id, &old).await else {
+            return Ok(());
+        };
+        if live == boot && boot != 0 {
+            return Ok(());
+        }
+        let detail = format!(
+            "an agent at {} (boot id {boot:x}) tried to register as {id} while the live agent at {old} (boot id {live:x}) has that id",
+            shown(address)
+        );
+        tracing::warn!(node = %id, "registration refused: {detail}");
+        let now = now_ms();
+        if conflict.is_none_or(|c| now.saturating_sub(c.at_ms) > CONFLICT_REFRESH_MS) {
+            let c = crate::state::Conflict { detail, at_ms: now };
+            let _ = self
+                .shared
+                .raft
+                .write(Command::NodeConflict {
+                    id: id.clone(),
+                    conflict: Some(c),
+                })
+                .await;
+        }
+        Err(Status::failed_precondition(format!(
+            "node id {id} is already taken by a live agent at {old} (boot id {live:x}); this agent at {} is refused: give it its own --node-id, or stop the other agent (this one takes over as soon as the other no longer answers), or run `orchestrator nodes forget {id}` after stopping it",
+            shown(address)
+        )))
+    }
+
+    /// Forgets a conflict that has not been seen for a while (the duplicate stopped trying).
+    async fn clear_old_conflict(&self, id: &NodeId, address: &str) {
+        let stale = self.shared.read(|s| {
+            s.nodes.get(id).is_some_and(|n| {
+                n.address == address
+                    && n.conflict
+                        .as_ref()
+                        .is_some_and(|c| now_ms().saturating_sub(c.at_ms) > CONFLICT_FORGET_MS)
+            })
+        });
+        if stale {
+            let _ = self
+                .shared
+                .raft
+                .write(Command::NodeConflict {
+                    id: id.clone(),
+                    conflict: None,
+                })
+                .await;
+        }
     }
 }
 

@@ -122,6 +122,10 @@ pub fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
     Ok((id, addr.to_string()))
 }
 
+/// A member that answered the leader within this long counts as reachable (heartbeats go out
+/// every 100 ms).
+const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
+
 /// What the services and the driver share.
 pub struct Shared {
     /// How this coordinator dials peers and agents, and checks its callers.
@@ -211,6 +215,20 @@ impl Shared {
         Err(Error::Unavailable(format!("package {sha}: {last}")))
     }
 
+    /// The boot id of the agent that answers at `addr` as node `node` (within 2 s), if one
+    /// does: `None` when nothing answers there, or something else does.
+    pub async fn live_agent(&self, node: &orch_types::NodeId, addr: &str) -> Option<u64> {
+        let mut c = self.agents.client(node.as_str(), addr).ok()?;
+        let mut req = tonic::Request::new(orch_proto::agent::NodeInfoRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        let info = tokio::time::timeout(Duration::from_secs(2), c.node_info(req))
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        (info.node_id == node.as_str()).then_some(info.boot_id)
+    }
+
     /// Probes an agent's health for `nodes --json`.
     pub async fn probe_node(&self, node: &str, addr: &str) -> (bool, String) {
         let mut c = match self.agents.client(node, addr) {
@@ -230,24 +248,84 @@ impl Shared {
         }
     }
 
+    /// `cluster status` as this coordinator sees it: the members, and from the leader also
+    /// when each last answered and how far behind it is, and whether a majority answers.
     pub fn cluster_status(&self) -> orch_proto::control::ClusterStatusReply {
         let m = self.raft.metrics();
+        let me = self.raft.id();
+        let leading = m.role == raft::Role::Leader;
+        let recent = |d: &Option<Duration>| d.is_some_and(|d| d <= REACHABLE_WITHIN);
+        let (quorum, note) = if leading {
+            match m.quorum_acked {
+                Some(d) if d <= REACHABLE_WITHIN => (
+                    true,
+                    format!(
+                        "a majority acknowledged this leader {} ms ago",
+                        d.as_millis()
+                    ),
+                ),
+                Some(d) => (
+                    false,
+                    format!(
+                        "quorum lost: no majority has answered this leader for {}s; writes and rollouts stop until a majority of the voters is back",
+                        d.as_secs()
+                    ),
+                ),
+                None => (
+                    false,
+                    "quorum not confirmed: no majority has answered this leader in its term".into(),
+                ),
+            }
+        } else {
+            match &m.leader {
+                Some((id, addr)) => (
+                    true,
+                    format!(
+                        "answered by follower {me}; the leader is coordinator {id} at {addr} (ask it for every member's liveness)"
+                    ),
+                ),
+                None => (
+                    false,
+                    format!(
+                        "no leader elected (term {}): a majority of the voters may be down or cut off from each other",
+                        m.term
+                    ),
+                ),
+            }
+        };
+        let leader_id = m.leader.as_ref().map(|l| l.0).unwrap_or(0);
         orch_proto::control::ClusterStatusReply {
-            leader_id: m.leader.as_ref().map(|l| l.0).unwrap_or(0),
-            leader_address: m.leader.map(|l| l.1).unwrap_or_default(),
+            leader_id,
+            leader_address: m.leader.clone().map(|l| l.1).unwrap_or_default(),
             term: m.term,
             members: m
                 .members
-                .into_iter()
-                .map(|x| orch_proto::control::Member {
-                    id: x.id,
-                    address: x.addr,
-                    role: if x.voter { "voter" } else { "learner" }.into(),
+                .iter()
+                .map(|x| {
+                    let this = x.id == me;
+                    orch_proto::control::Member {
+                        id: x.id,
+                        address: x.addr.clone(),
+                        role: if x.voter { "voter" } else { "learner" }.into(),
+                        reachable: this || recent(&x.last_ack) || (!leading && x.id == leader_id),
+                        last_contact_ms_ago: if this {
+                            Some(0)
+                        } else {
+                            x.last_ack.map(|d| d.as_millis() as u64)
+                        },
+                        lag: if this {
+                            Some(0)
+                        } else {
+                            x.matched.map(|i| m.last_log_index.saturating_sub(i))
+                        },
+                    }
                 })
                 .collect(),
             last_applied: m.last_applied,
-            answered_by: self.raft.id(),
+            answered_by: me,
             cluster_id: self.read(|s| s.cluster_id.clone()).unwrap_or_default(),
+            quorum,
+            note,
         }
     }
 }

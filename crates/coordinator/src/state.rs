@@ -29,6 +29,17 @@ pub struct NodeRecord {
     /// leader's clock) and what it saw.
     #[serde(default)]
     pub unresponsive: Option<Unresponsive>,
+    /// Another agent tried to register under this node's id while this one was alive.
+    #[serde(default)]
+    pub conflict: Option<Conflict>,
+}
+
+/// A registration refused because a live agent already has the node's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub detail: String,
+    /// When it was last seen (the leader's clock; refreshed at most every minute).
+    pub at_ms: u64,
 }
 
 /// An agent the leader could not reach while a step of it was outstanding.
@@ -111,6 +122,11 @@ pub enum Command {
     /// proposes a random one). Agents bind to it through their fences.
     SetClusterId {
         id: String,
+    },
+    /// Another agent claims a live node's id (`Some`), or has stopped doing so (`None`).
+    NodeConflict {
+        id: NodeId,
+        conflict: Option<Conflict>,
     },
     /// Whether a node's agent answers the leader while one of its steps is outstanding.
     NodeLiveness {
@@ -263,6 +279,13 @@ impl ClusterState {
                     Some(n) if stale_report(*stamp, n.stamp) => (n.versions.clone(), n.stamp),
                     _ => (versions.clone(), *stamp),
                 };
+                // A conflict stays with the agent it concerns (same address); a node that moved
+                // starts clean.
+                let conflict = self
+                    .nodes
+                    .get(id)
+                    .filter(|n| n.address == *address)
+                    .and_then(|n| n.conflict.clone());
                 // A registering agent answers: it is not unresponsive (any more).
                 self.nodes.insert(
                     id.clone(),
@@ -275,6 +298,7 @@ impl ClusterState {
                         stamp,
                         activate_timeout_ms: *activate_timeout_ms,
                         unresponsive: None,
+                        conflict,
                     },
                 );
                 Response::Ok
@@ -289,6 +313,13 @@ impl ClusterState {
                 self.cluster_id = Some(id.clone());
                 Response::Ok
             }
+            Command::NodeConflict { id, conflict } => match self.nodes.get_mut(id) {
+                Some(n) => {
+                    n.conflict = conflict.clone();
+                    Response::Ok
+                }
+                None => Response::Rejected(format!("node {id} is not registered")),
+            },
             Command::NodeLiveness { id, unresponsive } => match self.nodes.get_mut(id) {
                 Some(n) => {
                     n.unresponsive = unresponsive.clone();
@@ -331,8 +362,9 @@ impl ClusterState {
                     && r.spec().nodes.contains(id)
                 {
                     return Response::Rejected(format!(
-                        "node {id} is part of rollout {} which is not finished",
-                        r.id()
+                        "node {id} is part of rollout {} which is not finished ({}): wait for it to end, or abort it first",
+                        r.id(),
+                        r.phase()
                     ));
                 }
                 match self.nodes.remove(id) {

@@ -175,6 +175,13 @@ pub struct Member {
     pub addr: String,
     /// A voter (`false`: a learner, receiving the log without voting).
     pub voter: bool,
+    /// On the leader: how long ago this member last acknowledged a heartbeat or an append
+    /// (`None`: never, or this node is not the leader).
+    #[serde(default)]
+    pub last_ack: Option<Duration>,
+    /// On the leader: the last log index this member is known to hold.
+    #[serde(default)]
+    pub matched: Option<u64>,
 }
 
 /// A point-in-time copy of a node's Raft metrics.
@@ -200,6 +207,10 @@ pub struct RaftStatus {
     pub members: Vec<Member>,
     /// A membership change is half-way (joint configuration).
     pub joint: bool,
+    /// On the leader: how long ago a quorum last acknowledged it (`None`: not the leader, or
+    /// never acknowledged in this term).
+    #[serde(default)]
+    pub quorum_acked: Option<Duration>,
 }
 
 impl RaftStatus {
@@ -686,18 +697,25 @@ fn status_of(m: &RaftMetrics<TypeConfig>) -> RaftStatus {
             .map(|n| n.addr.clone())
             .unwrap_or_default()
     };
+    let last_ack = |id: &u64| {
+        m.heartbeat
+            .as_ref()?
+            .get(id)?
+            .as_ref()
+            .map(|t| openraft::Instant::elapsed(&**t))
+    };
+    let matched = |id: &u64| Some(m.replication.as_ref()?.get(id)?.as_ref()?.index);
+    let member = |id: u64, voter: bool| Member {
+        id,
+        addr: addr(&id),
+        voter,
+        last_ack: last_ack(&id),
+        matched: matched(&id),
+    };
     let mut members: Vec<Member> = membership
         .voter_ids()
-        .map(|id| Member {
-            id,
-            addr: addr(&id),
-            voter: true,
-        })
-        .chain(membership.learner_ids().map(|id| Member {
-            id,
-            addr: addr(&id),
-            voter: false,
-        }))
+        .map(|id| member(id, true))
+        .chain(membership.learner_ids().map(|id| member(id, false)))
         .collect();
     members.sort_by_key(|m| m.id);
     RaftStatus {
@@ -720,5 +738,9 @@ fn status_of(m: &RaftMetrics<TypeConfig>) -> RaftStatus {
         purged: m.purged.as_ref().map(|l| l.index),
         members,
         joint: membership.get_joint_config().len() > 1,
+        quorum_acked: m
+            .last_quorum_acked
+            .as_ref()
+            .map(|t| openraft::Instant::elapsed(&**t)),
     }
 }

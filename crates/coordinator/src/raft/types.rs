@@ -38,6 +38,9 @@ fn describe(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             }
             Command::Batch(cmds) => write!(f, "batch({})", cmds.len()),
             Command::SetClusterId { id } => write!(f, "set_cluster_id({id})"),
+            Command::NodeConflict { id, conflict } => {
+                write!(f, "node_conflict({id}, {})", conflict.is_some())
+            }
             Command::NodeLiveness { id, unresponsive } => {
                 write!(f, "node_liveness({id}, {})", unresponsive.is_none())
             }
