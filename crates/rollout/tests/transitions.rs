@@ -158,6 +158,7 @@ fn not_enough_disk_aborts() {
         ActionResult::Preflight {
             running: v(FROM),
             free_disk: 200,
+            releases: entries(&[(FROM, "permanent")]),
         },
     );
     h.result(
@@ -165,6 +166,7 @@ fn not_enough_disk_aborts() {
         ActionResult::Preflight {
             running: v(FROM),
             free_disk: 199,
+            releases: entries(&[(FROM, "permanent")]),
         },
     );
     assert_eq!(h.phase(), Phase::Aborted);
@@ -186,7 +188,7 @@ fn nodes_already_on_target_are_skipped() {
         h.steps(),
         [NodeStep::Skipped, NodeStep::PreflightOk, NodeStep::Skipped]
     );
-    assert!(h.has_event("n1: already runs 4.2.1: skipped"));
+    assert!(h.has_event("n1: already runs 4.2.1 permanently: skipped"));
     assert!(h.has_event("1 node to upgrade (2 already on 4.2.1, skipped)"));
     let all = h.run_ok();
     assert_eq!(h.phase(), Phase::Succeeded);
@@ -204,9 +206,52 @@ fn all_skipped_succeeds_immediately() {
     let mut h = H::new(spec(3));
     h.preflight_all(&["4.2.1"; 3]);
     assert_eq!(h.phase(), Phase::Succeeded);
-    assert!(h.has_event("every node already runs 4.2.1: nothing to do"));
+    assert!(h.has_event("every node already runs 4.2.1 permanently: nothing to do"));
     assert!(h.r.next_actions().is_empty());
     assert!(h.r.error().is_none());
+    h.check();
+}
+
+/// Preflight answers without a release list (the Raft log of older clusters holds them) are
+/// planned as before lists existed: a node on the target is skipped, the others staged.
+#[test]
+fn answers_without_releases_are_planned_as_before() {
+    let mut h = H::new(spec(3));
+    let a = h.issue();
+    h.preflight_legacy(a[0].seq, "4.2.1");
+    h.preflight_legacy(a[1].seq, "4.2.0");
+    h.preflight_legacy(a[2].seq, "4.2.1");
+    assert_eq!(
+        h.steps(),
+        [NodeStep::Skipped, NodeStep::PreflightOk, NodeStep::Skipped]
+    );
+    assert!(h.has_event("n1: already runs 4.2.1: skipped"));
+    assert!(h.has_event("n2: preflight ok: runs 4.2.0, 1099511627776 bytes free"));
+    // Its rollback is a downgrade to the version it ran.
+    h.stage_all();
+    let a = h.issue();
+    h.fail(a[0].seq, "boom");
+    let d = h.issue();
+    assert_eq!(d[0].kind, ActionKind::Downgrade { to: v(FROM) });
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    // Whether the skipped ones run it permanently is not known: the summary does not claim it.
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.preflight_legacy(a[0].seq, "4.2.1");
+    h.preflight_legacy(a[1].seq, "4.2.1");
+    assert!(h.has_event("every node already runs 4.2.1: nothing to do"));
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.preflight_legacy(a[0].seq, "4.2.1");
+    h.preflight_legacy(a[1].seq, "4.2.0");
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    let last = h.messages().pop().unwrap();
+    assert_eq!(
+        last,
+        "all 2 nodes run 4.2.1: 1 made permanent by this rollout; 1 already ran it (their preflight did not list releases, so whether permanently is not known): skipped"
+    );
     h.check();
 }
 
@@ -240,6 +285,7 @@ fn version_answer_for_a_non_preflight_is_rejected() {
             result: ActionResult::Preflight {
                 running: v(FROM),
                 free_disk: 1,
+                releases: Vec::new(),
             },
         })
         .unwrap_err();
@@ -352,7 +398,8 @@ fn batch_size_one_upgrades_node_by_node_then_commits() {
             ActionKind::HealthGate {
                 min_healthy_time_ms: 0,
                 healthy_deadline_ms: 1_000,
-                expect: v(TARGET)
+                expect: v(TARGET),
+                failure_threshold: 3,
             }
         );
         assert_eq!(h.step(node), NodeStep::Verifying);
@@ -476,7 +523,8 @@ fn install_fail_at(position: usize) {
             ActionKind::HealthGate {
                 min_healthy_time_ms: 0,
                 healthy_deadline_ms: 1_000,
-                expect: v(FROM)
+                expect: v(FROM),
+                failure_threshold: 3,
             }
         );
         h.done(g[0].seq);
@@ -529,7 +577,9 @@ fn health_gate_failure_rolls_back_with_the_probe_message() {
     assert_eq!(h.phase(), Phase::RollingBack);
     assert_eq!(h.step("n1"), NodeStep::Failed);
     assert!(h.has_event("n1: health gate on 4.2.1 failed: probe reported 4.2.0"));
-    assert!(h.has_event("rolling back 1 touched node one at a time, newest install first: n1"));
+    assert!(
+        h.has_event("rolling back 1 touched node one at a time, most recently touched first: n1")
+    );
     h.run_ok();
     assert_eq!(h.phase(), Phase::RolledBack);
     assert_eq!(h.step("n1"), NodeStep::RolledBack);
@@ -1522,13 +1572,42 @@ fn wire_shapes_are_stable() {
         r#"{"seq":7,"node":"n2","kind":{"downgrade":{"to":"4.2.0"}}}"#
     );
     assert_eq!(a.to_string(), "n2: downgrade to 4.2.0 [seq 7]");
+    // A preflight answer from before release lists: still decodes, and encodes as it did.
     let p = ActionResult::Preflight {
         running: v("4.2.0"),
         free_disk: 5,
+        releases: Vec::new(),
     };
     let json = serde_json::to_string(&p).unwrap();
     assert_eq!(json, r#"{"preflight":{"running":"4.2.0","free_disk":5}}"#);
     assert_eq!(serde_json::from_str::<ActionResult>(&json).unwrap(), p);
+    let p = ActionResult::Preflight {
+        running: v("4.2.0"),
+        free_disk: 5,
+        releases: entries(&[("4.2.1", "unpacked"), ("4.2.0", "permanent")]),
+    };
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(
+        json,
+        r#"{"preflight":{"running":"4.2.0","free_disk":5,"releases":[{"version":"4.2.1","state":"unpacked"},{"version":"4.2.0","state":"permanent"}]}}"#
+    );
+    assert_eq!(serde_json::from_str::<ActionResult>(&json).unwrap(), p);
+    let r = ActionResult::Refused { error: "no".into() };
+    let json = serde_json::to_string(&r).unwrap();
+    assert_eq!(json, r#"{"refused":{"error":"no"}}"#);
+    assert_eq!(serde_json::from_str::<ActionResult>(&json).unwrap(), r);
+    // A health gate issued before the failure threshold existed has none.
+    let old_gate =
+        r#"{"health_gate":{"min_healthy_time_ms":1,"healthy_deadline_ms":2,"expect":"4.2.1"}}"#;
+    assert_eq!(
+        serde_json::from_str::<ActionKind>(old_gate).unwrap(),
+        ActionKind::HealthGate {
+            min_healthy_time_ms: 1,
+            healthy_deadline_ms: 2,
+            expect: v("4.2.1"),
+            failure_threshold: 0,
+        }
+    );
     let entry = LogEntry {
         event: Event::Command(Command::Abort),
         at_ms: 1,

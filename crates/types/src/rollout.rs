@@ -25,6 +25,12 @@ pub const DEFAULT_MAX_PARALLEL_STAGING: u32 = 8;
 pub const DEFAULT_MIN_HEALTHY_TIME_MS: u64 = 10_000;
 /// How long a node gets, from the start of its health gate, to become healthy.
 pub const DEFAULT_HEALTHY_DEADLINE_MS: u64 = 300_000;
+/// Consecutive failed probes that fail a health gate at once (Kubernetes' `failureThreshold`
+/// default). 0 disables it: only the deadline ends a gate.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+/// Largest accepted failure threshold. A count this high never fires before any sensible
+/// deadline, so a bigger one is almost surely a duration typed as a count (`30000`).
+pub const MAX_FAILURE_THRESHOLD: u32 = 10_000;
 
 /// Why a [`RolloutSpec`] was refused. Each message names the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +68,10 @@ pub enum SpecError {
     },
     #[error("invalid package sha256 {0:?}: expected 64 lowercase hexadecimal characters")]
     InvalidSha256(String),
+    #[error(
+        "failure threshold {0} is too large (at most {MAX_FAILURE_THRESHOLD} consecutive failed probes; it is a count, not a duration); use 0 to disable it"
+    )]
+    FailureThresholdTooLarge(u32),
 }
 
 /// The package a rollout installs, as recorded in the Raft log: never the bytes, which live in
@@ -121,6 +131,10 @@ fn default_max_parallel_staging() -> u32 {
     DEFAULT_MAX_PARALLEL_STAGING
 }
 
+fn default_failure_threshold() -> u32 {
+    DEFAULT_FAILURE_THRESHOLD
+}
+
 /// What an operator asked for: move `nodes`, in this order, to `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutSpec {
@@ -145,6 +159,11 @@ pub struct RolloutSpec {
     /// Nodes staged (and committed) at a time; absent in older JSON, hence the default.
     #[serde(default = "default_max_parallel_staging")]
     pub max_parallel_staging: u32,
+    /// Consecutive failed probes (the agent answered: unhealthy) that fail a health gate at
+    /// once, without waiting for `healthy_deadline_ms`; 0: only the deadline. An unreachable
+    /// agent is not a failed probe. Absent in older JSON, hence the default.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
 }
 
 impl RolloutSpec {
@@ -169,6 +188,7 @@ impl RolloutSpec {
             on_failure: OnFailure::Rollback,
             requested_by: requested_by.into(),
             max_parallel_staging: DEFAULT_MAX_PARALLEL_STAGING,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
         }
     }
 
@@ -208,6 +228,9 @@ impl RolloutSpec {
                 deadline_ms: self.healthy_deadline_ms,
                 min_healthy_ms: self.min_healthy_time_ms,
             });
+        }
+        if self.failure_threshold > MAX_FAILURE_THRESHOLD {
+            return Err(SpecError::FailureThresholdTooLarge(self.failure_threshold));
         }
         if let Some(p) = &self.package {
             if crate::validate_package_name(&p.name).is_err() {
@@ -332,15 +355,20 @@ impl FromStr for Phase {
 /// Where one node stands within a rollout. Serialized as snake_case names.
 ///
 /// The forward path is `pending -> preflight_ok -> staging -> staged -> installing -> installed
-/// -> verifying -> upgraded -> committing -> committed`; `skipped` ends it for a node already on
-/// the target. `failed` holds the error of the step that failed. The rollback path is
-/// `rolling_back` (downgrade and its health gate) then `rolled_back` or `rollback_failed`.
+/// -> verifying -> upgraded -> committing -> committed`; `skipped` ends it for a node that is
+/// already where the rollout would leave it. A node enters the path where its releases put it:
+/// `staged` when the target is already on its disk, `installed` when it already runs the target
+/// without it being permanent. `installing` is the switch to the target, whichever agent call
+/// does it (install, or downgrade when the target is the node's permanent release).
+/// `failed` holds the error of the step that failed. The rollback path is `rolling_back` (the
+/// steps that undo what was done, then a health gate) then `rolled_back` or `rollback_failed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeStep {
     /// Not preflighted yet (or its preflight is in flight).
     Pending,
-    /// Already running the target: nothing to do.
+    /// Already where the rollout would leave it (running the target permanently, or, with
+    /// `--no-permanent`, running it at all): nothing to do.
     Skipped,
     /// Reachable, patch-level hop, enough disk.
     PreflightOk,
@@ -434,7 +462,9 @@ impl FromStr for NodeStep {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeProgress {
     pub id: NodeId,
-    /// The version the node ran when preflight asked (`None` before that). Rollback returns here.
+    /// The version the node ran when preflight asked (`None` before that). Rollback returns
+    /// here, except on a node that ran the target itself without it being permanent: that one
+    /// returns to its permanent release (the events say so).
     pub from_version: Option<Version>,
     pub step: NodeStep,
     /// The most recent error on this node, if any (the events keep the full history).
@@ -645,17 +675,33 @@ mod tests {
     }
 
     #[test]
+    fn failure_threshold_defaults_and_bounds() {
+        assert_eq!(spec().failure_threshold, DEFAULT_FAILURE_THRESHOLD);
+        let mut s = spec();
+        s.failure_threshold = 0;
+        assert_eq!(s.validate(), Ok(()), "0 disables the threshold");
+        s.failure_threshold = MAX_FAILURE_THRESHOLD;
+        assert_eq!(s.validate(), Ok(()));
+        s.failure_threshold = 30_000;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err, SpecError::FailureThresholdTooLarge(30_000));
+        let msg = err.to_string();
+        assert!(msg.contains("30000") && msg.contains("use 0 to disable"), "{msg}");
+    }
+
+    #[test]
     fn spec_json_round_trip_and_default_parallelism() {
         let s = spec();
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<RolloutSpec>(&json).unwrap(), s);
         let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
-        value
-            .as_object_mut()
-            .unwrap()
-            .remove("max_parallel_staging");
+        let obj = value.as_object_mut().unwrap();
+        obj.remove("max_parallel_staging");
+        // Specs in the Raft log of clusters older than the failure threshold lack it.
+        obj.remove("failure_threshold");
         let back: RolloutSpec = serde_json::from_value(value).unwrap();
         assert_eq!(back.max_parallel_staging, DEFAULT_MAX_PARALLEL_STAGING);
+        assert_eq!(back.failure_threshold, DEFAULT_FAILURE_THRESHOLD);
     }
 
     #[test]
