@@ -646,7 +646,7 @@ impl Rollout {
     }
 
     fn plan_rollback(&self) -> Vec<(usize, ActionKind)> {
-        // Strictly one node at a time, newest install first: the next node waits until the
+        // Strictly one node at a time, most recently touched first: the next node waits until the
         // previous one is back and healthy (or given up on).
         let order = self.rollback_order();
         let Some(&i) = order.iter().find(|&&i| {
@@ -1135,9 +1135,13 @@ impl Rollout {
             ActionKind::HealthGate { expect, .. } => {
                 let n = &self.nodes[i];
                 if n.downgraded && n.step() == NodeStep::RollingBack {
+                    let after = match self.undo_program(i).0.last() {
+                        Some(ActionKind::Install { .. }) => "installing it again",
+                        _ => "downgrade",
+                    };
                     self.rollback_failed(
                         i,
-                        format!("health gate on {expect} after downgrade {failed}: {error}"),
+                        format!("health gate on {expect} after {after} {failed}: {error}"),
                         cx,
                     );
                 } else {

@@ -123,16 +123,6 @@ pub enum ActionResult {
     Refused { error: String },
 }
 
-impl ActionResult {
-    /// The error text of a `Failed` or `Refused` result.
-    pub fn error(&self) -> Option<&str> {
-        match self {
-            ActionResult::Failed { error } | ActionResult::Refused { error } => Some(error),
-            ActionResult::Preflight { .. } | ActionResult::Done => None,
-        }
-    }
-}
-
 /// An operator command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

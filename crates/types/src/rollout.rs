@@ -90,7 +90,7 @@ pub struct PackageRef {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
-    /// Downgrade every touched node, newest first (the default).
+    /// Undo what was done to every touched node, most recently touched first (the default).
     #[default]
     Rollback,
     /// Stop and wait for an operator's `resume`, `rollback` or `abort`.
@@ -286,10 +286,11 @@ pub enum Phase {
     Succeeded,
     /// Waiting for an operator (after `pause`, or after a failure with `--on-failure pause`).
     Paused,
-    /// Downgrading every touched node, newest first, each health-gated.
+    /// Undoing what was done to every touched node, most recently touched first, each
+    /// health-gated.
     RollingBack,
     RolledBack,
-    /// A downgrade or its health gate failed on some node; the error names them.
+    /// An undo step or its health gate failed on some node; the error names them.
     RollbackFailed,
     /// Stopped; nodes left as they were at that moment (the events say how).
     Aborted,
@@ -375,9 +376,11 @@ pub enum NodeStep {
     Staging,
     /// The release is unpacked on the node; the service still runs the old one.
     Staged,
-    /// Hot install in flight.
+    /// The switch to the target in flight (a hot install, or a downgrade to the target when it
+    /// is the node's permanent release).
     Installing,
-    /// Switched to the target (not permanent); health not confirmed yet.
+    /// Running the target (not permanent, unless it was switched back to as the node's
+    /// permanent release); health not confirmed yet.
     Installed,
     /// Health gate on the target in flight.
     Verifying,
@@ -388,11 +391,12 @@ pub enum NodeStep {
     Committed,
     /// The last step failed; `error` says which and why.
     Failed,
-    /// Downgrade or its health gate in progress.
+    /// Undo steps (downgrade, install of the release that was current) or their health gate
+    /// in progress.
     RollingBack,
     /// Back on its previous version and healthy.
     RolledBack,
-    /// Downgrade or its health gate failed: this node needs a person.
+    /// An undo step or its health gate failed: this node needs a person.
     RollbackFailed,
 }
 
@@ -686,7 +690,10 @@ mod tests {
         let err = s.validate().unwrap_err();
         assert_eq!(err, SpecError::FailureThresholdTooLarge(30_000));
         let msg = err.to_string();
-        assert!(msg.contains("30000") && msg.contains("use 0 to disable"), "{msg}");
+        assert!(
+            msg.contains("30000") && msg.contains("use 0 to disable"),
+            "{msg}"
+        );
     }
 
     #[test]
