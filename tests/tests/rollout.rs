@@ -848,7 +848,9 @@ fn one_rollout_at_a_time_cluster_queries_and_bad_input() {
     assert_eq!(phases, ["aborted"], "refused rollouts are not created");
 
     // Once the first has ended, a second is accepted (4.2.1 is already staged there, so no
-    // package); n1 runs 4.2.1 since the aborted rollout (not permanent) and is skipped.
+    // package); n1 runs 4.2.1 since the aborted rollout, but only as `current`: it is
+    // health-gated and made permanent with the others (it used to be skipped and left so,
+    // while the rollout said every node ran 4.2.1 permanently).
     let out = c.cli_ok(&[
         "rollout",
         V1,
@@ -869,12 +871,16 @@ fn one_rollout_at_a_time_cluster_queries_and_bad_input() {
         .collect();
     assert_eq!(
         order,
-        [("n3", "committed"), ("n1", "skipped"), ("n2", "committed")],
+        [("n3", "committed"), ("n1", "committed"), ("n2", "committed")],
         "nodes in the order given"
     );
     let nodes = c.nodes_json();
-    assert_nodes(&c, &nodes, &["n2", "n3"], &[(V1, "permanent"), (V0, "old")]);
-    assert_nodes(&c, &nodes, &["n1"], &[(V1, "current"), (V0, "permanent")]);
+    assert_nodes(
+        &c,
+        &nodes,
+        &["n1", "n2", "n3"],
+        &[(V1, "permanent"), (V0, "old")],
+    );
 }
 
 #[test]

@@ -60,8 +60,11 @@ pub struct AgentPool {
 /// An agent call's failure, split by what the driver must do about it.
 #[derive(Debug)]
 pub enum CallError {
-    /// The agent refused or the step failed on the node: report `Failed`.
+    /// The step failed on the node, or its outcome is unknown (transport error, timeout):
+    /// report `Failed`.
     Step(String),
+    /// The agent refused the step and nothing changed on the node: report `Refused`.
+    Refused(String),
     /// The agent saw a newer fence of this cluster: either this coordinator was deposed (stop
     /// driving) or, if it still leads, something else advanced the fence (record a failure).
     Stale(String),
@@ -175,9 +178,24 @@ impl Budgets {
     }
 }
 
+/// Agent error kinds after which nothing changed on the node (see proto/agent.proto).
+const NOTHING_CHANGED: &[&str] = &[
+    "refused",
+    "bad-package",
+    "bad-request",
+    "signature",
+    "not-found",
+    "busy",
+    "deadline",
+    "held",
+    "other-cluster",
+    "forbidden",
+];
+
 fn classify(node: &NodeId, what: &str, d: &Deadline, why: &str, s: tonic::Status) -> CallError {
     match kind_of(&s) {
         Some("stale-fence") => CallError::Stale(format!("{node}: {}", s.message())),
+        Some(k) if NOTHING_CHANGED.contains(&k) => CallError::Refused(s.message().to_string()),
         _ if s.code() == tonic::Code::DeadlineExceeded && kind_of(&s).is_none() => {
             CallError::Step(format!(
                 "agent unresponsive: no answer to the {what} within {:?} ({why}); it may be hung or cut off (the agent refuses to start the step late)",
@@ -326,17 +344,15 @@ pub async fn perform(cx: &ActionCtx<'_>, action: &Action) -> Performed {
             min_healthy_time_ms,
             healthy_deadline_ms,
             expect,
+            failure_threshold,
         } => {
-            let r = health_gate(
-                cx,
-                node,
-                &c,
-                *expect,
-                Duration::from_millis(*min_healthy_time_ms),
-                Duration::from_millis(*healthy_deadline_ms),
-            )
-            .await;
-            Ok((r, None))
+            let gate = Gate {
+                expect: *expect,
+                min_healthy: Duration::from_millis(*min_healthy_time_ms),
+                deadline: Duration::from_millis(*healthy_deadline_ms),
+                failure_threshold: *failure_threshold,
+            };
+            Ok((health_gate(cx, node, &c, gate).await, None))
         }
     }
 }
@@ -356,6 +372,10 @@ fn step_reply(
             Ok((ActionResult::Done, Some(reported)))
         }
         Err(CallError::Step(e)) => Ok((ActionResult::Failed { error: e }, None)),
+        Err(CallError::Refused(e)) => {
+            answered(cx, node);
+            Ok((ActionResult::Refused { error: e }, None))
+        }
         Err(s) => Err(s),
     }
 }
@@ -385,7 +405,8 @@ async fn preflight(cx: &ActionCtx<'_>, node: &NodeId, c: &AgentClient<Channel>) 
         (Err(CallError::Stale(s)), _) | (_, Err(CallError::Stale(s))) => {
             return Err(CallError::Stale(s));
         }
-        (Err(CallError::Step(e)), _) | (_, Err(CallError::Step(e))) => {
+        (Err(CallError::Step(e) | CallError::Refused(e)), _)
+        | (_, Err(CallError::Step(e) | CallError::Refused(e))) => {
             return Ok((ActionResult::Failed { error: e }, None));
         }
     };
@@ -407,6 +428,7 @@ async fn preflight(cx: &ActionCtx<'_>, node: &NodeId, c: &AgentClient<Channel>) 
             ActionResult::Preflight {
                 running,
                 free_disk: i.free_disk_bytes,
+                releases: entries.versions.clone(),
             },
             Some(entries),
         )),
@@ -438,12 +460,13 @@ async fn stage(
         match watched(cx, node, c, call).await {
             Ok(_) => {}
             Err(CallError::Step(e)) => {
-                return Ok((
-                    ActionResult::Failed {
-                        error: format!("push: {e}"),
-                    },
-                    None,
-                ));
+                let error = format!("push: {e}");
+                return Ok((ActionResult::Failed { error }, None));
+            }
+            // A refused push wrote nothing: the release store is untouched.
+            Err(CallError::Refused(e)) => {
+                let error = format!("push: {e}");
+                return Ok((ActionResult::Refused { error }, None));
             }
             Err(s) => return Err(s),
         }
@@ -518,19 +541,41 @@ async fn watched<T>(
     }
 }
 
-/// The probe must pass continuously for `min_healthy` and report `expect`, within `deadline`.
-/// Probes that get no answer also tell the liveness watch.
+/// What a health gate checks.
+#[derive(Debug, Clone, Copy)]
+struct Gate {
+    expect: Version,
+    min_healthy: Duration,
+    deadline: Duration,
+    /// Consecutive probes answered "unhealthy" that fail the gate at once (0: never).
+    failure_threshold: u32,
+}
+
+/// After a probe answered "unhealthy", the next one waits this long, so that a failure
+/// threshold counts about one failed probe a second (a service briefly busy right after its
+/// hot switch is not failed by a burst of fast probes).
+const PROBE_INTERVAL_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// The probe must pass continuously for `min_healthy` and report `expect`, within `deadline`;
+/// `failure_threshold` probes in a row answered "unhealthy" fail it at once. A probe the agent
+/// does not answer counts for neither (only the deadline governs an unreachable agent) and
+/// tells the liveness watch.
 async fn health_gate(
     cx: &ActionCtx<'_>,
     node: &NodeId,
     c: &AgentClient<Channel>,
-    expect: Version,
-    min_healthy: Duration,
-    deadline: Duration,
+    gate: Gate,
 ) -> ActionResult {
+    let Gate {
+        expect,
+        min_healthy,
+        deadline,
+        failure_threshold,
+    } = gate;
     let start = Instant::now();
     let mut healthy_since: Option<Instant> = None;
     let mut unanswered_since: Option<u64> = None;
+    let mut failed_in_a_row = 0u32;
     let mut last = String::from("no probe answered yet");
     loop {
         let sent = now_ms();
@@ -544,6 +589,7 @@ async fn health_gate(
             Ok(Ok(r)) => {
                 let r = r.into_inner();
                 if r.healthy {
+                    failed_in_a_row = 0;
                     let since = *healthy_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= min_healthy {
                         answered(cx, node);
@@ -551,6 +597,7 @@ async fn health_gate(
                     }
                 } else {
                     healthy_since = None;
+                    failed_in_a_row += 1;
                     last = format!("{} check: {}", r.check, r.detail);
                 }
                 None
@@ -584,6 +631,13 @@ async fn health_gate(
                 last = detail;
             }
         }
+        if failure_threshold > 0 && failed_in_a_row >= failure_threshold {
+            return ActionResult::Failed {
+                error: format!(
+                    "unhealthy on {failed_in_a_row} probes in a row (failure threshold {failure_threshold}); last: {last}"
+                ),
+            };
+        }
         if start.elapsed() >= deadline {
             return ActionResult::Failed {
                 error: format!(
@@ -591,7 +645,12 @@ async fn health_gate(
                 ),
             };
         }
-        tokio::time::sleep(PROBE_INTERVAL.min(deadline.saturating_sub(start.elapsed()))).await;
+        let pause = if failed_in_a_row > 0 {
+            PROBE_INTERVAL_AFTER_FAILURE
+        } else {
+            PROBE_INTERVAL
+        };
+        tokio::time::sleep(pause.min(deadline.saturating_sub(start.elapsed()))).await;
     }
 }
 

@@ -429,6 +429,12 @@ impl Control for ControlService {
         if let Some(t) = r.healthy_deadline_ms {
             spec.healthy_deadline_ms = t;
         }
+        if let Some(t) = r.preflight_timeout_ms {
+            spec.preflight_timeout_ms = t;
+        }
+        if let Some(n) = r.failure_threshold {
+            spec.failure_threshold = n;
+        }
         if !r.on_failure.is_empty() {
             spec.on_failure = r
                 .on_failure

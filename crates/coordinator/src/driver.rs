@@ -36,8 +36,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// How long preflight may take per node (reading its versions and free disk).
-pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long preflight may take per node when the rollout does not say.
+pub const PREFLIGHT_TIMEOUT: Duration =
+    Duration::from_millis(orch_types::rollout::DEFAULT_PREFLIGHT_TIMEOUT_MS);
 /// How long the end of a driver waits for its tasks to notice the cancellation.
 const WIND_DOWN: Duration = Duration::from_secs(5);
 
@@ -487,8 +488,11 @@ enum Slot {
 }
 
 /// What an action of `node` needs to reach its agent: its address and step budgets.
-fn agent_of(cx: &TaskCx, node: &NodeId) -> Option<(String, Budgets)> {
+fn agent_of(cx: &TaskCx, rollout: RolloutId, node: &NodeId) -> Option<(String, Budgets)> {
     cx.shared.read(|s| {
+        let preflight = s.rollouts.get(&rollout).map_or(PREFLIGHT_TIMEOUT, |r| {
+            Duration::from_millis(r.spec().preflight_timeout_ms)
+        });
         s.nodes.get(node).map(|n| {
             let activate = match n.activate_timeout_ms {
                 0 => UNKNOWN_ACTIVATE_TIMEOUT,
@@ -497,7 +501,7 @@ fn agent_of(cx: &TaskCx, node: &NodeId) -> Option<(String, Budgets)> {
             (
                 n.address.clone(),
                 Budgets {
-                    preflight: PREFLIGHT_TIMEOUT,
+                    preflight,
                     activate,
                 },
             )
@@ -512,7 +516,7 @@ async fn perform_and_record(
     package: Option<orch_types::rollout::PackageRef>,
     action: Action,
 ) -> bool {
-    let Some((address, budgets)) = agent_of(&cx, &action.node) else {
+    let Some((address, budgets)) = agent_of(&cx, rollout, &action.node) else {
         let error = format!("node {} is not registered", action.node);
         return record(&cx, rollout, &action, ActionResult::Failed { error }).await;
     };
@@ -585,6 +589,9 @@ async fn perform_and_record(
         }
         Err(CallError::Step(error)) => {
             record(&cx, rollout, &action, ActionResult::Failed { error }).await
+        }
+        Err(CallError::Refused(error)) => {
+            record(&cx, rollout, &action, ActionResult::Refused { error }).await
         }
     }
 }

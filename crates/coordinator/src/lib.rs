@@ -303,20 +303,21 @@ impl Shared {
                 .iter()
                 .map(|x| {
                     let this = x.id == me;
+                    let live = m.liveness.get(&x.id).copied().unwrap_or_default();
                     orch_proto::control::Member {
                         id: x.id,
                         address: x.addr.clone(),
                         role: if x.voter { "voter" } else { "learner" }.into(),
-                        reachable: this || recent(&x.last_ack) || (!leading && x.id == leader_id),
+                        reachable: this || recent(&live.last_ack) || (!leading && x.id == leader_id),
                         last_contact_ms_ago: if this {
                             Some(0)
                         } else {
-                            x.last_ack.map(|d| d.as_millis() as u64)
+                            live.last_ack.map(|d| d.as_millis() as u64)
                         },
                         lag: if this {
                             Some(0)
                         } else {
-                            x.matched.map(|i| m.last_log_index.saturating_sub(i))
+                            live.matched.map(|i| m.last_log_index.saturating_sub(i))
                         },
                     }
                 })

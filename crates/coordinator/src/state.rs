@@ -546,6 +546,7 @@ mod tests {
             result: ActionResult::Preflight {
                 running: "4.2.0".parse().unwrap(),
                 free_disk: u64::MAX,
+                releases: Vec::new(),
             },
         };
         let r = s.apply(&Command::RolloutIfInFlight {

@@ -28,6 +28,7 @@
 //! ```
 //! use orch_rollout::{ActionKind, ActionResult, Event, Rollout};
 //! use orch_types::rollout::{Phase, RolloutSpec};
+//! use orch_types::{ReleaseState, VersionEntry};
 //!
 //! let nodes = vec!["n1".parse()?, "n2".parse()?];
 //! let mut rollout = Rollout::new(RolloutSpec::new("r1", "4.2.1".parse()?, nodes, "alice"))?;
@@ -41,9 +42,14 @@
 //!     for action in rollout.in_flight().to_vec() {
 //!         // ... perform `action` on its node's agent, fenced with `action.seq` ...
 //!         let result = match action.kind {
-//!             ActionKind::Preflight => {
-//!                 ActionResult::Preflight { running: "4.2.0".parse()?, free_disk: 1 << 30 }
-//!             }
+//!             ActionKind::Preflight => ActionResult::Preflight {
+//!                 running: "4.2.0".parse()?,
+//!                 free_disk: 1 << 30,
+//!                 releases: vec![VersionEntry {
+//!                     version: "4.2.0".parse()?,
+//!                     state: ReleaseState::Permanent,
+//!                 }],
+//!             },
 //!             _ => ActionResult::Done,
 //!         };
 //!         rollout.apply(&Event::Result { seq: action.seq, result }, now_ms, "coordinator-1")?;
@@ -55,40 +61,60 @@
 //!
 //! A driver taking over after a failover re-performs [`Rollout::in_flight`] (agent calls are
 //! idempotent; health gates restart from zero) or reports what the agent says happened.
-//! Transient errors are the driver's to retry; a `Failed` result means "this step failed".
+//! Transient errors are the driver's to retry; a `Failed` result means "this step failed" (it may
+//! or may not have changed the node), a `Refused` result "the agent refused it, nothing changed".
 //! `Err(Rejected)` always leaves the state untouched, so replaying a log that contains rejected
 //! entries ([`Rollout::replay`]) gives the same state.
 //!
 //! # Semantics
 //!
 //! - **pending**: accepted, not started. The first `IssueActions` moves it to preflight.
-//! - **preflight** (touches nothing): every node is asked its running version and free disk, all
-//!   at once. A node already on the target is `skipped`. A hop that is not patch-level (same
-//!   `major.minor`), less than [`DISK_HEADROOM_FACTOR`] x the package size free, or a failed
-//!   preflight refuses the whole rollout: once every answer is in, it ends `aborted` with an error
-//!   naming each failing node and why (both versions for a bad hop). All nodes skipped:
-//!   `succeeded` at once. A lower patch version is a valid target (it is how a committed release
-//!   is taken back).
-//! - **staging**: stage (push + unpack) every non-skipped node, at most
+//! - **preflight** (touches nothing): every node is asked its running version, its releases and
+//!   free disk, all at once, and each node is planned from its releases (T is the target; see
+//!   the table below). A hop that is not patch-level (same `major.minor`), less than
+//!   [`DISK_HEADROOM_FACTOR`] x the package size free on a node that needs the package, a
+//!   release list that does not add up, or a failed preflight refuses the whole rollout: once
+//!   every answer is in, it ends `aborted` with an error naming each failing node and why (both
+//!   versions for a bad hop). All nodes skipped: `succeeded` at once. A lower patch version is a
+//!   valid target (it is how a committed release is taken back).
+//!
+//!   | the node has                               | forward                                   | rollback (once touched)               |
+//!   |--------------------------------------------|-------------------------------------------|---------------------------------------|
+//!   | no T (R permanent)                         | stage, install T, gate, commit            | downgrade R, gate                     |
+//!   | T `unpacked` or `old` (R permanent)        | install T, gate, commit (nothing to stage)| downgrade R, gate                     |
+//!   | no T / T on disk, C `current` over P       | (as above)                                | install C (after downgrade P if a commit was attempted), gate |
+//!   | T `current` over P                         | gate, commit (skipped with `--no-permanent`) | downgrade P, gate                  |
+//!   | T `permanent`, nothing current             | skipped                                   | -                                     |
+//!   | T `permanent`, C `current`                 | downgrade T (it stays permanent), gate    | install C, gate                       |
+//!
+//!   Without a release list (older drivers), a node is planned from its running version alone:
+//!   skipped when it runs T, else staged and installed, and rolled back by a downgrade to it.
+//! - **staging**: stage (push + unpack) every node whose plan starts with it, at most
 //!   `spec.max_parallel_staging` at a time. Unpacking does not touch the running service.
-//! - **upgrading**: non-skipped nodes in spec order, in batches of `batch_size`: `Install`, then a
-//!   `HealthGate` expecting the target. The next batch starts once every node of the current one
-//!   is healthy, so at most `batch_size` nodes are installing or verifying at once. With a canary
-//!   of N, the first N non-skipped nodes form their own batch(es) (chunked by `batch_size`; no
-//!   batch straddles the boundary); when they are healthy the phase stays `upgrading` with
-//!   [`Rollout::awaiting_promotion`] set, until `promote`. If the canary covers every node, the
-//!   wait comes before committing.
-//! - **committing**: `Commit` every upgraded node (bounded like staging). With `permanent: false`
-//!   (`--no-permanent`) there is no committing: `succeeded` right after upgrading.
+//! - **upgrading**: non-skipped nodes in spec order, in batches of `batch_size`: the switch to
+//!   the target (`Install`, or `Downgrade` when the target is the node's permanent release;
+//!   nothing for a node already running it), then a `HealthGate` expecting the target. The next
+//!   batch starts once every node of the current one is healthy, so at most `batch_size` nodes
+//!   are switching or verifying at once. With a canary of N, the first N non-skipped nodes form
+//!   their own batch(es) (chunked by `batch_size`; no batch straddles the boundary); when they
+//!   are healthy the phase stays `upgrading` with [`Rollout::awaiting_promotion`] set, until
+//!   `promote`. If the canary covers every node, the wait comes before committing.
+//! - **committing**: `Commit` every upgraded node whose target is not permanent yet (bounded like
+//!   staging). With `permanent: false` (`--no-permanent`) there is no committing: `succeeded`
+//!   right after upgrading. The final event says how every node runs the target: made
+//!   permanent, switched back to it, or already running it (skipped).
 //! - **failure** of a stage, install, health gate or commit applies `spec.on_failure`:
-//!   - `rollback`: enter **rolling_back**. Every *touched* node (an install was attempted on it,
-//!     including the one that failed, even if it was already committed) is downgraded to its
-//!     preflight version, newest install first, one node at a time, each followed by a health
-//!     gate on that version. In-flight health gates and stages are cancelled; an install or
-//!     commit in flight is waited for before its node is downgraded. A failed downgrade or gate
-//!     marks that node `rollback_failed` and the rollback goes on with the others; the end is
-//!     `rolled_back`, or `rollback_failed` with an error naming the nodes that need a person.
-//!     If no node was touched yet (a staging failure), there is nothing to undo: `aborted`.
+//!   - `rollback`: enter **rolling_back**. Every *touched* node (a step that changes what it
+//!     runs or boots was attempted on it and not refused, including the one that failed, even if
+//!     it was already committed) is put back with the undo steps of the table above, most
+//!     recently touched first, one node at a time, each followed by a health gate on the release
+//!     it is back on. Every undo step holds or is valid whatever a failed step left, and none
+//!     targets a release the node is known to run. In-flight health gates and stages are
+//!     cancelled; an install, downgrade or commit in flight is waited for before its node is
+//!     undone. A failed undo step or gate marks that node `rollback_failed` and the rollback
+//!     goes on with the others; the end is `rolled_back`, or `rollback_failed` with an error
+//!     naming the nodes that need a person. If no node was touched (a staging failure, or a
+//!     refused install), there is nothing to undo: `aborted`.
 //!   - `pause`: enter **paused**; in-flight actions still complete and are recorded. `resume`
 //!     retries exactly the failed step of each failed node (a failed health gate is re-run, not
 //!     the install), `rollback` rolls back, `abort` stops.
@@ -110,9 +136,9 @@
 //! - **promote**: only while awaiting promotion.
 //! - Commands on a terminal phase, and commands that make no sense now, are [`Rejected`] with a
 //!   reason.
-//! - **skipped** nodes are left alone entirely, including a node that runs the target without it
-//!   being permanent (after an earlier `--no-permanent` rollout): `orchestrator node permanent`
-//!   is the tool for that, not a rollout.
+//! - **skipped** nodes are left alone entirely: they already are where the rollout would leave
+//!   them (running the target permanently; with `--no-permanent`, running it at all). A node that
+//!   runs the target without it being permanent is gated and committed with the others.
 //! - A deposed leader's late entries are harmless: its `IssueActions` issues only what the state
 //!   calls for (usually nothing), its results for actions already answered are ignored, and the
 //!   agents' fences reject its calls.

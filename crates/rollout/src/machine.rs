@@ -3,7 +3,7 @@
 use orch_types::rollout::{
     AuditEvent, NodeProgress, NodeStep, OnFailure, Phase, RolloutSpec, RolloutStatus, SpecError,
 };
-use orch_types::{NodeId, Version};
+use orch_types::{NodeId, ReleaseState, Version, VersionEntry};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{
@@ -27,6 +27,8 @@ enum Retry {
     Install,
     HealthGate,
     Commit,
+    /// The forward downgrade to the target (route [`Route::SwitchBack`]).
+    SwitchBack,
 }
 
 impl Retry {
@@ -36,6 +38,7 @@ impl Retry {
             Retry::Install => "install",
             Retry::HealthGate => "health gate",
             Retry::Commit => "commit",
+            Retry::SwitchBack => "downgrade",
         }
     }
 
@@ -43,25 +46,75 @@ impl Retry {
     fn step_before(self) -> NodeStep {
         match self {
             Retry::Stage => NodeStep::PreflightOk,
-            Retry::Install => NodeStep::Staged,
+            Retry::Install | Retry::SwitchBack => NodeStep::Staged,
             Retry::HealthGate => NodeStep::Installed,
             Retry::Commit => NodeStep::Upgraded,
         }
     }
 }
 
+/// How preflight decided to bring a node to the target, from the releases the node listed.
+/// Every route ends with the node running the target, healthy, and (with `permanent`) permanent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Route {
+    /// The target is not on the node: stage (push + unpack), install, gate, commit. Also the
+    /// route of a node whose preflight answer listed no releases (older drivers and logs).
+    #[default]
+    Stage,
+    /// The target is on the node's disk (`unpacked` or `old`): nothing to push or unpack;
+    /// install, gate, commit.
+    Install,
+    /// The target already runs as `current` (not permanent): gate, then commit with the others.
+    Adopt,
+    /// The target is the node's permanent release while another release is `current`: the
+    /// agent's downgrade switches back to it (it stays permanent), then gate. Nothing to commit.
+    SwitchBack,
+}
+
+/// What a node ran and would boot when preflight asked: all a rollback needs to undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Start {
+    /// The release running without being permanent, if any.
+    current: Option<Version>,
+    /// The release a restart boots.
+    permanent: Version,
+}
+
 /// One node: what `status` shows, plus the bookkeeping the machine needs.
+///
+/// Snapshots of the coordinators' state hold every rollout ever run, so every field added
+/// after the first release has a serde default that means what older states meant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct NodeState {
     progress: NodeProgress,
-    /// Seq of the first `Install` issued to this node. `Some` means the node is *touched*: an
-    /// install was attempted, so a rollback must downgrade it. Rollback goes in decreasing order
-    /// of this seq, which is the reverse of the install order.
-    install_seq: Option<u64>,
+    /// Seq of the first step that may have changed what this node runs or boots (install,
+    /// forward downgrade, commit). `Some` means the node is *touched*: a rollback must undo it.
+    /// A step the agent refused (nothing changed) does not count. Rollback goes in decreasing
+    /// order of this seq, the reverse of the order nodes were touched. (Named after the only
+    /// step that touched a node when it was introduced.)
+    #[serde(rename = "install_seq")]
+    touch_seq: Option<u64>,
     /// What failed last, so `resume` knows what to retry.
     retry: Option<Retry>,
-    /// During rollback: the downgrade succeeded and its health gate is next.
+    /// During rollback: every undo step succeeded and the health gate is next.
     downgraded: bool,
+    /// How preflight planned this node.
+    #[serde(default)]
+    route: Route,
+    /// The node's releases at preflight; `None` when the answer listed none (then the rollback
+    /// is a downgrade to `from_version`, as before release lists existed).
+    #[serde(default)]
+    start: Option<Start>,
+    /// Seq of the first commit that may have made the target permanent here.
+    #[serde(default)]
+    commit_seq: Option<u64>,
+    /// During rollback: how many undo steps have succeeded.
+    #[serde(default)]
+    undone: u8,
+    /// The last failure was the agent's refusal: the node is as it was before that step.
+    #[serde(default)]
+    refused: bool,
 }
 
 impl NodeState {
@@ -101,6 +154,23 @@ pub struct Rollout {
     driver_term: u64,
 }
 
+/// Nodes counted by how they ended (or were found) at a successful end or after preflight.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Made permanent by a commit of this rollout.
+    committed: usize,
+    /// Switched back to the target, their permanent release, with a downgrade.
+    switched_back: usize,
+    /// Run the target, healthy, not permanent (no-permanent).
+    not_permanent: usize,
+    /// Skipped: ran the target permanently.
+    had_permanent: usize,
+    /// Skipped: ran the target without it being permanent (no-permanent).
+    had_current: usize,
+    /// Skipped: ran the target; the preflight answer listed no releases.
+    had_unknown: usize,
+}
+
 /// Per-apply scratch: who and when, for the audit events, and what got cancelled.
 struct Ctx<'a> {
     at_ms: u64,
@@ -128,6 +198,61 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
+/// `4.2.1 current, 4.2.0 permanent, 4.1.9 old`, newest first (as `versions` lists them).
+fn describe_releases(releases: &[VersionEntry]) -> String {
+    let mut sorted: Vec<&VersionEntry> = releases.iter().collect();
+    sorted.sort_by_key(|e| std::cmp::Reverse(e.version));
+    sorted
+        .iter()
+        .map(|e| format!("{} {}", e.version, e.state))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `4.2.0 permanently`, or `4.2.2 (current; 4.2.0 permanent)`.
+fn describe_start(start: &Start) -> String {
+    match start.current {
+        None => format!("{} permanently", start.permanent),
+        Some(c) => format!("{c} (current; {} permanent)", start.permanent),
+    }
+}
+
+/// Checks that a node's release list is one its store can hold (the invariants of the node
+/// layer: at most one `current`, exactly one `permanent`, each version once) and agrees with the
+/// version it says runs (the current one, else the permanent one). Planning on a list that does
+/// not add up would guess; the caller refuses the node instead.
+fn check_releases(running: Version, releases: &[VersionEntry]) -> Result<Start, String> {
+    let mut current = None;
+    let mut permanent = None;
+    for (k, e) in releases.iter().enumerate() {
+        if releases[..k].iter().any(|o| o.version == e.version) {
+            return Err(format!("{} is listed twice", e.version));
+        }
+        let slot = match e.state {
+            ReleaseState::Current => &mut current,
+            ReleaseState::Permanent => &mut permanent,
+            ReleaseState::Unpacked | ReleaseState::Old => continue,
+        };
+        if let Some(other) = slot.replace(e.version) {
+            return Err(format!(
+                "both {other} and {} are {}",
+                e.version,
+                e.state.as_str()
+            ));
+        }
+    }
+    let Some(permanent) = permanent else {
+        return Err("no release is permanent".to_string());
+    };
+    let runs = current.unwrap_or(permanent);
+    if runs != running {
+        return Err(format!(
+            "it reports {running} running, but its releases say {runs} runs"
+        ));
+    }
+    Ok(Start { current, permanent })
+}
+
 impl Rollout {
     /// A new rollout in phase `pending`. Refuses a spec that does not validate.
     pub fn new(spec: RolloutSpec) -> Result<Rollout, SpecError> {
@@ -137,9 +262,14 @@ impl Rollout {
             .iter()
             .map(|id| NodeState {
                 progress: NodeProgress::new(id.clone()),
-                install_seq: None,
+                touch_seq: None,
                 retry: None,
                 downgraded: false,
+                route: Route::Stage,
+                start: None,
+                commit_seq: None,
+                undone: 0,
+                refused: false,
             })
             .collect();
         Ok(Rollout {
@@ -312,7 +442,9 @@ impl Rollout {
         self.driver_term
     }
 
-    /// Nodes where an install was attempted, in install order (rollback goes the other way).
+    /// Nodes where a step that changes what they run or boot (install, downgrade, commit) was
+    /// attempted and not refused, in the order they were first touched (rollback goes the other
+    /// way).
     pub fn touched(&self) -> Vec<NodeId> {
         let mut order = self.rollback_order();
         order.reverse();
@@ -423,13 +555,13 @@ impl Rollout {
         out
     }
 
-    /// Touched nodes, newest install first.
+    /// Touched nodes, most recently touched first.
     fn rollback_order(&self) -> Vec<usize> {
         let mut v: Vec<(u64, usize)> = self
             .nodes
             .iter()
             .enumerate()
-            .filter_map(|(i, n)| n.install_seq.map(|s| (s, i)))
+            .filter_map(|(i, n)| n.touch_seq.map(|s| (s, i)))
             .collect();
         v.sort_unstable_by(|a, b| b.cmp(a));
         v.into_iter().map(|(_, i)| i).collect()
@@ -477,10 +609,10 @@ impl Rollout {
             return Vec::new();
         }
         let batches = self.batches();
-        let Some((after_canary, batch)) = batches.iter().find(|(_, b)| {
-            b.iter()
-                .any(|&i| self.nodes[i].step() != NodeStep::Upgraded)
-        }) else {
+        let Some((after_canary, batch)) = batches
+            .iter()
+            .find(|(_, b)| b.iter().any(|&i| !self.upgraded(i)))
+        else {
             return Vec::new();
         };
         if *after_canary && self.canary_pending() {
@@ -491,6 +623,9 @@ impl Rollout {
             .iter()
             .filter(|&&i| !self.busy(i))
             .filter_map(|&i| match self.nodes[i].step() {
+                NodeStep::Staged if self.nodes[i].route == Route::SwitchBack => {
+                    Some((i, ActionKind::Downgrade { to: target }))
+                }
                 NodeStep::Staged => Some((i, ActionKind::Install { version: target })),
                 NodeStep::Installed => Some((i, self.gate(target))),
                 _ => None,
@@ -498,8 +633,62 @@ impl Rollout {
             .collect()
     }
 
+    /// Node `i` runs the target and passed its gate: `upgraded`, or `committed` already (a
+    /// switch back to a permanent target needs no commit).
+    fn upgraded(&self, i: usize) -> bool {
+        matches!(
+            self.nodes[i].step(),
+            NodeStep::Upgraded | NodeStep::Committed
+        )
+    }
+
+    /// Node `i` has the target on disk (or running) and waits for its upgrade batch.
+    fn ready(&self, i: usize) -> bool {
+        matches!(self.nodes[i].step(), NodeStep::Staged | NodeStep::Installed)
+    }
+
+    /// The steps that undo what the forward path may have done to node `i`, in order, and the
+    /// release the node runs once they are done (its rollback gate expects it); `None` when the
+    /// node's starting point is unknown. Every step is valid, or already holds, whichever of
+    /// the node's possible states it finds (a failed step may or may not have changed it):
+    ///
+    /// - target installed over a permanent P (nothing else current): downgrade P.
+    /// - target installed over C current on a permanent P: install C again (not permanent),
+    ///   preceded by a downgrade to P if a commit may have made the target permanent.
+    /// - target was already current over P (only gated and committed): downgrade P. Not quite
+    ///   the start (the target ran, not permanently), but a rollback moves away from the
+    ///   target instead of installing it again; the target stays on disk (`old`).
+    /// - target was permanent behind C current (switched back to with a downgrade): install C
+    ///   again (not permanent), which restores exactly C current, target permanent.
+    fn undo_program(&self, i: usize) -> (Vec<ActionKind>, Option<Version>) {
+        let n = &self.nodes[i];
+        let Some(start) = n.start else {
+            // Preflight answered without releases: as before release lists existed.
+            return match n.progress.from_version {
+                Some(from) => (vec![ActionKind::Downgrade { to: from }], Some(from)),
+                None => (Vec::new(), None),
+            };
+        };
+        let p = start.permanent;
+        let down = ActionKind::Downgrade { to: p };
+        match (n.route, start.current) {
+            (Route::Stage | Route::Install, None) | (Route::Adopt, _) => (vec![down], Some(p)),
+            (Route::Stage | Route::Install, Some(c)) => {
+                let reinstall = ActionKind::Install { version: c };
+                if n.commit_seq.is_some() {
+                    (vec![down, reinstall], Some(c))
+                } else {
+                    (vec![reinstall], Some(c))
+                }
+            }
+            (Route::SwitchBack, Some(c)) => (vec![ActionKind::Install { version: c }], Some(c)),
+            // Preflight never plans a switch back without a current release.
+            (Route::SwitchBack, None) => (Vec::new(), None),
+        }
+    }
+
     fn plan_rollback(&self) -> Vec<(usize, ActionKind)> {
-        // Strictly one node at a time, newest install first: the next node waits until the
+        // Strictly one node at a time, most recently touched first: the next node waits until the
         // previous one is back and healthy (or given up on).
         let order = self.rollback_order();
         let Some(&i) = order.iter().find(|&&i| {
@@ -515,14 +704,14 @@ impl Rollout {
             return Vec::new();
         }
         let n = &self.nodes[i];
-        let Some(from) = n.progress.from_version else {
+        let (program, back_to) = self.undo_program(i);
+        let Some(back_to) = back_to else {
             // start_rollback marks such nodes rollback_failed; nothing sensible to issue.
             return Vec::new();
         };
-        if n.downgraded {
-            vec![(i, self.gate(from))]
-        } else {
-            vec![(i, ActionKind::Downgrade { to: from })]
+        match program.get(usize::from(n.undone)) {
+            Some(step) if !n.downgraded => vec![(i, step.clone())],
+            _ => vec![(i, self.gate(back_to))],
         }
     }
 
@@ -531,6 +720,7 @@ impl Rollout {
             min_healthy_time_ms: self.spec.min_healthy_time_ms,
             healthy_deadline_ms: self.spec.healthy_deadline_ms,
             expect,
+            failure_threshold: self.spec.failure_threshold,
         }
     }
 
@@ -601,6 +791,7 @@ impl Rollout {
             };
         }
         let mut issued = Vec::with_capacity(plan.len());
+        let rolling_back = self.phase == Phase::RollingBack;
         for (i, kind) in plan {
             let seq = self.next_seq;
             self.next_seq += 1;
@@ -608,9 +799,12 @@ impl Rollout {
             match &kind {
                 ActionKind::Preflight => {}
                 ActionKind::Stage { .. } => node.progress.step = NodeStep::Staging,
-                ActionKind::Install { .. } => {
+                ActionKind::Install { .. } | ActionKind::Downgrade { .. } if rolling_back => {
+                    node.progress.step = NodeStep::RollingBack;
+                }
+                ActionKind::Install { .. } | ActionKind::Downgrade { .. } => {
                     node.progress.step = NodeStep::Installing;
-                    node.install_seq.get_or_insert(seq);
+                    node.touch_seq.get_or_insert(seq);
                 }
                 ActionKind::HealthGate { .. } => {
                     // A rollback gate leaves the node `rolling_back`.
@@ -618,8 +812,11 @@ impl Rollout {
                         node.progress.step = NodeStep::Verifying;
                     }
                 }
-                ActionKind::Commit { .. } => node.progress.step = NodeStep::Committing,
-                ActionKind::Downgrade { .. } => node.progress.step = NodeStep::RollingBack,
+                ActionKind::Commit { .. } => {
+                    node.progress.step = NodeStep::Committing;
+                    node.touch_seq.get_or_insert(seq);
+                    node.commit_seq.get_or_insert(seq);
+                }
             }
             let action = Action {
                 seq,
@@ -685,11 +882,16 @@ impl Rollout {
         };
         let action = self.in_flight.remove(pos);
         match result {
-            ActionResult::Preflight { running, free_disk } => {
-                self.preflight_ok(i, *running, *free_disk, cx)
-            }
+            ActionResult::Preflight {
+                running,
+                free_disk,
+                releases,
+            } => self.preflight_answered(i, *running, *free_disk, releases, cx),
             ActionResult::Done => self.action_done(i, &action, cx),
-            ActionResult::Failed { error } => self.action_failed(i, &action, &clip(error), cx),
+            ActionResult::Failed { error } => {
+                self.action_failed(i, &action, &clip(error), false, cx)
+            }
+            ActionResult::Refused { error } => self.action_refused(i, &action, &clip(error), cx),
         }
         self.advance(cx);
         Ok(Outcome::Applied {
@@ -699,11 +901,123 @@ impl Rollout {
         })
     }
 
-    fn preflight_ok(&mut self, i: usize, running: Version, free_disk: u64, cx: &mut Ctx<'_>) {
+    /// Plans node `i` from its preflight answer: skipped, refused, or one of the [`Route`]s.
+    fn preflight_answered(
+        &mut self,
+        i: usize,
+        running: Version,
+        free_disk: u64,
+        releases: &[VersionEntry],
+        cx: &mut Ctx<'_>,
+    ) {
+        let target = self.spec.version;
+        let id = self.nodes[i].id().clone();
+        self.nodes[i].progress.from_version = Some(running);
+        if releases.is_empty() {
+            return self.preflight_legacy(i, running, free_disk, cx);
+        }
+        let start = match check_releases(running, releases) {
+            Ok(start) => start,
+            Err(why) => {
+                return self.preflight_failed(
+                    i,
+                    format!(
+                        "its releases do not add up ({why}: {}); nothing was touched, check `orchestrator node versions --agent {id}`",
+                        describe_releases(releases)
+                    ),
+                    cx,
+                );
+            }
+        };
+        let has = describe_start(&start);
+        let p = start.permanent;
+        if running != target && !running.is_patch_hop(&target) {
+            return self.preflight_failed(
+                i,
+                format!(
+                    "cannot hop from {running} to {target}: only patch-level hot upgrades (same major.minor) are allowed"
+                ),
+                cx,
+            );
+        }
+        let state = releases
+            .iter()
+            .find(|e| e.version == target)
+            .map(|e| e.state);
+        let route = match state {
+            Some(ReleaseState::Permanent) if start.current.is_none() => {
+                return self.skip(i, start, format!("already runs {target} permanently"), cx);
+            }
+            Some(ReleaseState::Current) if !self.spec.permanent => {
+                return self.skip(
+                    i,
+                    start,
+                    format!(
+                        "already runs {target}, not permanently ({p} is permanent), which is where a rollout without making it permanent leaves it"
+                    ),
+                    cx,
+                );
+            }
+            Some(ReleaseState::Permanent) => Route::SwitchBack,
+            Some(ReleaseState::Current) => Route::Adopt,
+            Some(ReleaseState::Unpacked | ReleaseState::Old) => Route::Install,
+            None => Route::Stage,
+        };
+        if route == Route::Stage
+            && let Some(need) = self.required_free_disk()
+            && free_disk < need
+        {
+            return self.preflight_failed(
+                i,
+                format!(
+                    "not enough free disk: {free_disk} bytes free, {need} needed ({DISK_HEADROOM_FACTOR}x the package size)"
+                ),
+                cx,
+            );
+        }
+        let commit = if self.spec.permanent {
+            ", make permanent"
+        } else {
+            ""
+        };
+        let (step, plan) = match route {
+            Route::Stage => (
+                NodeStep::PreflightOk,
+                format!("{free_disk} bytes free; stage, install, gate{commit} {target}"),
+            ),
+            Route::Install => (
+                NodeStep::Staged,
+                format!(
+                    "{target} is already on its disk ({}), nothing to stage; install, gate{commit}",
+                    state.map_or("unpacked", |s| s.as_str())
+                ),
+            ),
+            Route::Adopt => (
+                NodeStep::Installed,
+                format!(
+                    "it already runs {target}, not permanently; health gate, then make it permanent with the others"
+                ),
+            ),
+            Route::SwitchBack => (
+                NodeStep::Staged,
+                format!(
+                    "{target} is its permanent release; switch back to it with a downgrade (it stays permanent), then health gate"
+                ),
+            ),
+        };
+        let node = &mut self.nodes[i];
+        node.start = Some(start);
+        node.route = route;
+        node.progress.step = step;
+        self.record(cx, format!("{id}: preflight ok: runs {has}: {plan}"));
+    }
+
+    /// A preflight answer without releases (an older driver): planned from the running version
+    /// alone, exactly as before release lists existed, so old logs replay to the same state.
+    fn preflight_legacy(&mut self, i: usize, running: Version, free_disk: u64, cx: &mut Ctx<'_>) {
         let target = self.spec.version;
         let need = self.required_free_disk();
         let node = &mut self.nodes[i];
-        node.progress.from_version = Some(running);
         let id = node.id().clone();
         if running == target {
             node.progress.step = NodeStep::Skipped;
@@ -735,6 +1049,14 @@ impl Rollout {
         }
     }
 
+    fn skip(&mut self, i: usize, start: Start, why: String, cx: &mut Ctx<'_>) {
+        let node = &mut self.nodes[i];
+        node.start = Some(start);
+        node.progress.step = NodeStep::Skipped;
+        let id = node.id().clone();
+        self.record(cx, format!("{id}: {why}: skipped"));
+    }
+
     fn preflight_failed(&mut self, i: usize, msg: String, cx: &mut Ctx<'_>) {
         let node = &mut self.nodes[i];
         node.progress.step = NodeStep::Failed;
@@ -744,6 +1066,9 @@ impl Rollout {
     }
 
     fn action_done(&mut self, i: usize, action: &Action, cx: &mut Ctx<'_>) {
+        if self.nodes[i].step() == NodeStep::RollingBack && action.kind.changes_node() {
+            return self.undo_step_done(i, action, cx);
+        }
         let node = &mut self.nodes[i];
         let id = node.id().clone();
         let msg = match &action.kind {
@@ -757,10 +1082,18 @@ impl Rollout {
                 node.progress.step = NodeStep::Installed;
                 format!("{id}: installed {version} (not permanent yet)")
             }
+            ActionKind::Downgrade { to } => {
+                node.progress.step = NodeStep::Installed;
+                format!("{id}: switched back to {to} with a downgrade ({to} is permanent)")
+            }
             ActionKind::HealthGate { expect, .. } => {
                 if node.downgraded && node.progress.step == NodeStep::RollingBack {
                     node.progress.step = NodeStep::RolledBack;
                     format!("{id}: rolled back to {expect} and healthy")
+                } else if node.route == Route::SwitchBack {
+                    // Its downgrade made the target permanent already: nothing to commit.
+                    node.progress.step = NodeStep::Committed;
+                    format!("{id}: healthy on {expect}, which is permanent")
                 } else {
                     node.progress.step = NodeStep::Upgraded;
                     format!("{id}: healthy on {expect}")
@@ -770,29 +1103,67 @@ impl Rollout {
                 node.progress.step = NodeStep::Committed;
                 format!("{id}: {version} is permanent")
             }
-            ActionKind::Downgrade { to } => {
-                node.downgraded = true;
-                format!("{id}: downgraded to {to}")
-            }
         };
         self.record(cx, msg);
     }
 
-    fn action_failed(&mut self, i: usize, action: &Action, error: &str, cx: &mut Ctx<'_>) {
+    /// An undo step of node `i`'s rollback succeeded; after the last one, its gate is next.
+    fn undo_step_done(&mut self, i: usize, action: &Action, cx: &mut Ctx<'_>) {
+        let steps = self.undo_program(i).0.len();
+        let node = &mut self.nodes[i];
+        node.undone = node.undone.saturating_add(1);
+        if usize::from(node.undone) >= steps {
+            node.downgraded = true;
+        }
+        let id = node.id().clone();
+        let msg = match &action.kind {
+            ActionKind::Install { version } => {
+                format!("{id}: {version} installed again (current, not permanent, as before)")
+            }
+            ActionKind::Downgrade { to } => format!("{id}: downgraded to {to}"),
+            other => format!("{id}: {other} done"),
+        };
+        self.record(cx, msg);
+    }
+
+    fn action_failed(
+        &mut self,
+        i: usize,
+        action: &Action,
+        error: &str,
+        refused: bool,
+        cx: &mut Ctx<'_>,
+    ) {
         let error = if error.trim().is_empty() {
             "no detail given"
         } else {
             error
         };
+        let failed = if refused {
+            "refused, nothing changed"
+        } else {
+            "failed"
+        };
+        let undoing = self.nodes[i].step() == NodeStep::RollingBack;
+        if !undoing {
+            self.nodes[i].refused = refused;
+        }
         match &action.kind {
             ActionKind::Preflight => {
-                self.preflight_failed(i, format!("preflight failed: {error}"), cx);
+                self.preflight_failed(i, format!("preflight {failed}: {error}"), cx);
             }
             ActionKind::Stage { version } => {
                 self.node_failed(
                     i,
                     Retry::Stage,
-                    format!("staging {version} failed: {error}"),
+                    format!("staging {version} {failed}: {error}"),
+                    cx,
+                );
+            }
+            ActionKind::Install { version } if undoing => {
+                self.rollback_failed(
+                    i,
+                    format!("installing {version} again {failed}: {error}"),
                     cx,
                 );
             }
@@ -800,23 +1171,27 @@ impl Rollout {
                 self.node_failed(
                     i,
                     Retry::Install,
-                    format!("install of {version} failed: {error}"),
+                    format!("install of {version} {failed}: {error}"),
                     cx,
                 );
             }
             ActionKind::HealthGate { expect, .. } => {
                 let n = &self.nodes[i];
                 if n.downgraded && n.step() == NodeStep::RollingBack {
+                    let after = match self.undo_program(i).0.last() {
+                        Some(ActionKind::Install { .. }) => "installing it again",
+                        _ => "downgrade",
+                    };
                     self.rollback_failed(
                         i,
-                        format!("health gate on {expect} after downgrade failed: {error}"),
+                        format!("health gate on {expect} after {after} {failed}: {error}"),
                         cx,
                     );
                 } else {
                     self.node_failed(
                         i,
                         Retry::HealthGate,
-                        format!("health gate on {expect} failed: {error}"),
+                        format!("health gate on {expect} {failed}: {error}"),
                         cx,
                     );
                 }
@@ -825,14 +1200,35 @@ impl Rollout {
                 self.node_failed(
                     i,
                     Retry::Commit,
-                    format!("making {version} permanent failed: {error}"),
+                    format!("making {version} permanent {failed}: {error}"),
                     cx,
                 );
             }
+            ActionKind::Downgrade { to } if undoing => {
+                self.rollback_failed(i, format!("downgrade to {to} {failed}: {error}"), cx);
+            }
             ActionKind::Downgrade { to } => {
-                self.rollback_failed(i, format!("downgrade to {to} failed: {error}"), cx);
+                self.node_failed(
+                    i,
+                    Retry::SwitchBack,
+                    format!("downgrade to {to} {failed}: {error}"),
+                    cx,
+                );
             }
         }
+    }
+
+    /// The agent refused the step: nothing changed, so a step that would have touched the node
+    /// no longer does (unless an earlier attempt may have), then it fails like any step.
+    fn action_refused(&mut self, i: usize, action: &Action, error: &str, cx: &mut Ctx<'_>) {
+        let node = &mut self.nodes[i];
+        if node.touch_seq == Some(action.seq) {
+            node.touch_seq = None;
+        }
+        if node.commit_seq == Some(action.seq) {
+            node.commit_seq = None;
+        }
+        self.action_failed(i, action, error, true, cx);
     }
 
     /// A forward step failed on node `i`: mark it and apply the spec's `on_failure`.
@@ -921,11 +1317,11 @@ impl Rollout {
         }
         cx.cancelled.extend(drop);
         for &j in &order {
-            if self.nodes[j].progress.from_version.is_none() {
-                // Cannot happen (install needs a preflight), but never guess a version to run.
+            if self.undo_program(j).1.is_none() {
+                // Cannot happen (a touch needs a preflight), but never guess a version to run.
                 self.rollback_failed(
                     j,
-                    "previous version unknown, cannot downgrade".to_string(),
+                    "previous version unknown, cannot roll back".to_string(),
                     cx,
                 );
             }
@@ -933,7 +1329,7 @@ impl Rollout {
         self.phase = Phase::RollingBack;
         let ids: Vec<&NodeId> = order.iter().map(|&j| self.nodes[j].id()).collect();
         let mut msg = format!(
-            "{cause}; rolling back {} touched node{} one at a time, newest install first: {}",
+            "{cause}; rolling back {} touched node{} one at a time, most recently touched first: {}",
             ids.len(),
             plural(ids.len()),
             join_ids(ids)
@@ -996,36 +1392,20 @@ impl Rollout {
                     self.terminate(Phase::Aborted, msg, cx);
                     return true;
                 }
-                let todo = self.targets().len();
-                let skipped = self.nodes.len() - todo;
-                if todo == 0 {
-                    self.terminate(
-                        Phase::Succeeded,
-                        format!("every node already runs {target}: nothing to do"),
-                        cx,
-                    );
+                let todo = self.targets();
+                if todo.is_empty() {
+                    let msg = self.nothing_to_do_message();
+                    self.terminate(Phase::Succeeded, msg, cx);
                     return true;
                 }
                 self.phase = Phase::Staging;
-                let skipped = if skipped > 0 {
-                    format!(" ({skipped} already on {target}, skipped)")
-                } else {
-                    String::new()
-                };
-                let msg = format!(
-                    "preflight passed: {todo} node{} to upgrade{skipped}; staging {target}, {} at a time",
-                    plural(todo),
-                    self.spec.max_parallel_staging
-                );
+                let msg = self.preflight_passed_message(&todo);
                 self.record(cx, msg);
                 true
             }
             Phase::Staging => {
                 let targets = self.targets();
-                if !targets
-                    .iter()
-                    .all(|&i| self.nodes[i].step() == NodeStep::Staged)
-                {
+                if !targets.iter().all(|&i| self.ready(i)) {
                     return false;
                 }
                 self.phase = Phase::Upgrading;
@@ -1037,10 +1417,22 @@ impl Rollout {
                 } else {
                     String::new()
                 };
+                let n = targets.len();
+                let staged = targets
+                    .iter()
+                    .filter(|&&i| self.nodes[i].route == Route::Stage)
+                    .count();
+                let ready = if staged == n {
+                    format!("all {n} node{} staged", plural(n))
+                } else {
+                    format!(
+                        "all {n} node{} ready ({staged} staged, {} already had {target})",
+                        plural(n),
+                        n - staged
+                    )
+                };
                 let msg = format!(
-                    "all {} node{} staged; upgrading {} at a time{canary}",
-                    targets.len(),
-                    plural(targets.len()),
+                    "{ready}; upgrading {} at a time{canary}",
                     self.spec.batch_size
                 );
                 self.record(cx, msg);
@@ -1048,11 +1440,10 @@ impl Rollout {
             }
             Phase::Upgrading => {
                 let targets = self.targets();
-                let upgraded = |i: &usize| self.nodes[*i].step() == NodeStep::Upgraded;
                 if self.canary_pending() {
                     let canary = (self.spec.canary as usize).min(targets.len());
                     let head = &targets[..canary];
-                    if self.awaiting_promotion || !head.iter().all(upgraded) {
+                    if self.awaiting_promotion || !head.iter().all(|&i| self.upgraded(i)) {
                         return false;
                     }
                     self.awaiting_promotion = true;
@@ -1065,28 +1456,32 @@ impl Rollout {
                     );
                     return true;
                 }
-                if !targets.iter().all(upgraded) {
+                if !targets.iter().all(|&i| self.upgraded(i)) {
                     return false;
                 }
                 let n = targets.len();
-                if self.spec.permanent {
+                let to_commit = targets
+                    .iter()
+                    .filter(|&&i| self.nodes[i].step() == NodeStep::Upgraded)
+                    .count();
+                if self.spec.permanent && to_commit > 0 {
                     self.phase = Phase::Committing;
-                    self.record(
-                        cx,
+                    let msg = if to_commit == n {
                         format!(
                             "all {n} node{} upgraded and healthy; making {target} permanent",
                             plural(n)
-                        ),
-                    );
-                } else {
-                    self.terminate(
-                        Phase::Succeeded,
+                        )
+                    } else {
                         format!(
-                            "all {n} node{} run {target} and are healthy; not made permanent (no-permanent): a restart boots the previous release",
-                            plural(n)
-                        ),
-                        cx,
-                    );
+                            "all {n} node{} upgraded and healthy; making {target} permanent on {to_commit} ({} already run it permanently)",
+                            plural(n),
+                            n - to_commit
+                        )
+                    };
+                    self.record(cx, msg);
+                } else {
+                    let msg = self.success_message();
+                    self.terminate(Phase::Succeeded, msg, cx);
                 }
                 true
             }
@@ -1098,16 +1493,22 @@ impl Rollout {
                 {
                     return false;
                 }
-                let n = targets.len();
-                self.terminate(
-                    Phase::Succeeded,
-                    format!("all {n} node{} run {target} permanently", plural(n)),
-                    cx,
-                );
+                let msg = self.success_message();
+                self.terminate(Phase::Succeeded, msg, cx);
                 true
             }
             Phase::RollingBack => {
                 let order = self.rollback_order();
+                if order.is_empty() {
+                    // The steps that touched nodes were all refused after the rollback began
+                    // (it waits for steps in flight): no node changed, nothing to undo.
+                    self.terminate(
+                        Phase::Aborted,
+                        "no node was changed after all (their agents refused the steps in flight), so there is nothing to roll back: rollout aborted".to_string(),
+                        cx,
+                    );
+                    return true;
+                }
                 let done = |&i: &usize| {
                     matches!(
                         self.nodes[i].step(),
@@ -1162,6 +1563,157 @@ impl Rollout {
         }
     }
 
+    /// How many nodes ended (or start) in each way, for the summaries.
+    fn tally(&self) -> Tally {
+        let mut t = Tally::default();
+        for n in &self.nodes {
+            match n.step() {
+                NodeStep::Committed if n.route == Route::SwitchBack => t.switched_back += 1,
+                NodeStep::Committed => t.committed += 1,
+                NodeStep::Upgraded => t.not_permanent += 1,
+                NodeStep::Skipped => match n.start {
+                    Some(Start { current: None, .. }) => t.had_permanent += 1,
+                    Some(_) => t.had_current += 1,
+                    None => t.had_unknown += 1,
+                },
+                // Not at a successful end: nothing to count.
+                _ => {}
+            }
+        }
+        t
+    }
+
+    /// The event that ends preflight when nodes need work: how many and what each needs.
+    fn preflight_passed_message(&self, todo: &[usize]) -> String {
+        let target = self.spec.version;
+        let count = |r: Route| todo.iter().filter(|&&i| self.nodes[i].route == r).count();
+        let n = todo.len();
+        let (stage, install, adopt, switch) = (
+            count(Route::Stage),
+            count(Route::Install),
+            count(Route::Adopt),
+            count(Route::SwitchBack),
+        );
+        let mut what = if stage == n {
+            format!("{n} node{} to upgrade", plural(n))
+        } else {
+            let parts: Vec<String> = [
+                (stage, "to stage and install"),
+                (install, "to install from their disk"),
+                (adopt, "already running it, to gate and make permanent"),
+                (switch, "to switch back to it with a downgrade"),
+            ]
+            .into_iter()
+            .filter(|(k, _)| *k > 0)
+            .map(|(k, s)| format!("{k} {s}"))
+            .collect();
+            format!(
+                "{n} node{} to move to {target} ({})",
+                plural(n),
+                parts.join(", ")
+            )
+        };
+        let t = self.tally();
+        let skipped = t.had_permanent + t.had_current + t.had_unknown;
+        if skipped > 0 {
+            what.push_str(&format!(" ({skipped} already on {target}, skipped)"));
+        }
+        if stage > 0 {
+            format!(
+                "preflight passed: {what}; staging {target}, {} at a time",
+                self.spec.max_parallel_staging
+            )
+        } else {
+            format!("preflight passed: {what}; nothing to stage")
+        }
+    }
+
+    /// The final event when preflight found nothing to do. True of every node.
+    fn nothing_to_do_message(&self) -> String {
+        let target = self.spec.version;
+        let t = self.tally();
+        if t.had_unknown == self.nodes.len() {
+            // Answers without release lists: whether permanently is not known.
+            return format!("every node already runs {target}: nothing to do");
+        }
+        if t.had_permanent == self.nodes.len() {
+            return format!("every node already runs {target} permanently: nothing to do");
+        }
+        let parts: Vec<String> = [
+            (t.had_permanent, "permanently"),
+            (
+                t.had_current,
+                "not permanently, where a rollout without making it permanent leaves it",
+            ),
+            (t.had_unknown, "not known whether permanently"),
+        ]
+        .into_iter()
+        .filter(|(k, _)| *k > 0)
+        .map(|(k, s)| format!("{k} {s}"))
+        .collect();
+        format!(
+            "every node already runs {target} ({}): nothing to do",
+            parts.join("; ")
+        )
+    }
+
+    /// The final event of a successful rollout: true of every node, saying how each got there.
+    fn success_message(&self) -> String {
+        let target = self.spec.version;
+        let t = self.tally();
+        let total = self.nodes.len();
+        let everyone_permanent = t.not_permanent == 0 && t.had_current == 0 && t.had_unknown == 0;
+        if everyone_permanent {
+            let mut msg = format!("all {total} node{} run {target} permanently", plural(total));
+            if t.committed != total {
+                let parts: Vec<String> = [
+                    (t.committed, "made permanent by this rollout"),
+                    (t.switched_back, "switched back to it with a downgrade"),
+                    (t.had_permanent, "already did: skipped"),
+                ]
+                .into_iter()
+                .filter(|(k, _)| *k > 0)
+                .map(|(k, s)| format!("{k} {s}"))
+                .collect();
+                msg.push_str(&format!(" ({})", parts.join(", ")));
+            }
+            return msg;
+        }
+        let parts: Vec<String> = [
+            (
+                t.committed,
+                "made permanent by this rollout".to_string(),
+            ),
+            (
+                t.not_permanent,
+                "healthy, not made permanent (no-permanent): a restart boots their previous release"
+                    .to_string(),
+            ),
+            (
+                t.had_current,
+                "already ran it without it being permanent: skipped".to_string(),
+            ),
+            (
+                t.switched_back,
+                "switched back to it with a downgrade, which made it permanent".to_string(),
+            ),
+            (t.had_permanent, "already ran it permanently: skipped".to_string()),
+            (
+                t.had_unknown,
+                "already ran it (their preflight did not list releases, so whether permanently is not known): skipped".to_string(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(k, _)| *k > 0)
+        .map(|(k, s)| format!("{k} {s}"))
+        .collect();
+        format!(
+            "all {total} node{} run {target}: {}",
+            plural(total),
+            parts.join("; ")
+        )
+    }
+
     fn on_command(&mut self, command: Command, cx: &mut Ctx<'_>) -> Result<Outcome, Rejected> {
         if self.phase.is_terminal() {
             return Err(Rejected::Ended {
@@ -1204,6 +1756,7 @@ impl Rollout {
                         {
                             n.progress.step = r.step_before();
                             n.progress.error = None;
+                            n.refused = false;
                             retried.push(format!("{} ({})", n.id(), r.name()));
                         }
                     }
@@ -1278,7 +1831,7 @@ impl Rollout {
     fn describe_nodes_left(&self) -> String {
         let target = self.spec.version;
         let mut groups: Vec<(String, Vec<&NodeId>)> = Vec::new();
-        for n in &self.nodes {
+        for (i, n) in self.nodes.iter().enumerate() {
             let in_flight = self
                 .in_flight
                 .iter()
@@ -1286,10 +1839,22 @@ impl Rollout {
             let desc = if let Some(a) = in_flight {
                 format!("{} was in flight, outcome unknown (check the node)", a.kind)
             } else {
-                let from = n
-                    .progress
-                    .from_version
-                    .map_or_else(|| "its previous version".to_string(), |v| v.to_string());
+                let (program, back_to) = self.undo_program(i);
+                let back =
+                    back_to.map_or_else(|| "its previous version".to_string(), |v| v.to_string());
+                // After a switch back the target is permanent already.
+                let how = if n.route == Route::SwitchBack {
+                    "permanently"
+                } else {
+                    "not permanent"
+                };
+                let unless_refused = |what: &str, otherwise: String| {
+                    if n.refused {
+                        format!("untouched ({what} refused)")
+                    } else {
+                        otherwise
+                    }
+                };
                 match n.step() {
                     NodeStep::Pending
                     | NodeStep::PreflightOk
@@ -1300,27 +1865,39 @@ impl Rollout {
                         "outcome of the last step unknown (check the node)".to_string()
                     }
                     NodeStep::Installed | NodeStep::Verifying => {
-                        format!("run {target}, not permanent, health not confirmed")
+                        format!("run {target}, {how}, health not confirmed")
                     }
                     NodeStep::Upgraded => format!("run {target}, not permanent"),
                     NodeStep::Committed => format!("run {target} permanently"),
                     NodeStep::Failed => match n.retry {
                         Some(Retry::Stage) | None => "untouched".to_string(),
-                        Some(Retry::Install) => {
-                            "install failed, state unknown (check the node)".to_string()
-                        }
-                        Some(Retry::HealthGate) => {
-                            format!("run {target}, not permanent, unhealthy")
+                        Some(Retry::Install) => unless_refused(
+                            "install",
+                            "install failed, state unknown (check the node)".to_string(),
+                        ),
+                        Some(Retry::SwitchBack) => unless_refused(
+                            "downgrade",
+                            format!("downgrade to {target} failed, state unknown (check the node)"),
+                        ),
+                        Some(Retry::HealthGate) => format!("run {target}, {how}, unhealthy"),
+                        Some(Retry::Commit) if n.refused => {
+                            format!("run {target}, not permanent (commit refused)")
                         }
                         Some(Retry::Commit) => {
                             format!("run {target}, not permanent (commit failed)")
                         }
                     },
                     NodeStep::RollingBack if n.downgraded => {
-                        format!("back on {from}, health not confirmed")
+                        format!("back on {back}, health not confirmed")
+                    }
+                    NodeStep::RollingBack if n.undone > 0 => {
+                        let on = program
+                            .get(usize::from(n.undone) - 1)
+                            .map_or_else(|| "?".to_string(), |k| k.to_string());
+                        format!("rolled back part way (did: {on}), not yet back on {back}")
                     }
                     NodeStep::RollingBack => format!("run {target}, not rolled back"),
-                    NodeStep::RolledBack => format!("back on {from}"),
+                    NodeStep::RolledBack => format!("back on {back}"),
                     NodeStep::RollbackFailed => "rollback failed, needs a person".to_string(),
                 }
             };

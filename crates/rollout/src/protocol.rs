@@ -4,7 +4,7 @@
 use std::fmt;
 
 use orch_types::rollout::Phase;
-use orch_types::{NodeId, Version};
+use orch_types::{NodeId, Version, VersionEntry};
 use serde::{Deserialize, Serialize};
 
 /// One thing the driver must do on one node. `seq` is unique within the rollout and increases
@@ -25,28 +25,39 @@ impl fmt::Display for Action {
 
 /// What an [`Action`] does. Every kind is idempotent on the agent side (repeating a step whose
 /// result already holds succeeds), which is what lets a new leader re-perform an in-flight action.
+///
+/// The same kind serves the forward path and the rollback: while the rollout is rolling back,
+/// `Install` and `Downgrade` are undo steps (see the crate docs for which undoes what).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionKind {
-    /// Ask the agent its running version and free disk. Touches nothing. Answer with
-    /// [`ActionResult::Preflight`] or [`ActionResult::Failed`].
+    /// Ask the agent its running version, its releases and free disk. Touches nothing. Answer
+    /// with [`ActionResult::Preflight`] or [`ActionResult::Failed`].
     Preflight,
     /// Push the package (if the spec has one) and unpack `version`. The service is untouched.
     Stage { version: Version },
-    /// Hot-install `version` without making it permanent.
+    /// Hot-install `version` without making it permanent (agent `Install`, `permanent: false`).
+    /// Forward: the target. Rollback: the release that was `current` before the rollout.
     Install { version: Version },
     /// Probe the node with the driver's own clock: pass when the probe succeeds continuously for
-    /// `min_healthy_time_ms` while reporting `expect`, fail if that has not happened within
-    /// `healthy_deadline_ms` of the start.
+    /// `min_healthy_time_ms` while reporting `expect`; fail once `failure_threshold` probes in a
+    /// row were answered unhealthy (0: never), or if it has not passed within
+    /// `healthy_deadline_ms` of the start. A probe the agent does not answer is no failed
+    /// probe: only the deadline governs an unreachable agent.
     HealthGate {
         min_healthy_time_ms: u64,
         healthy_deadline_ms: u64,
         expect: Version,
+        /// Absent in actions issued before it existed: 0, no threshold, as they were issued.
+        #[serde(default)]
+        failure_threshold: u32,
     },
-    /// Make `version` permanent.
+    /// Make `version` permanent (agent `Permanent`).
     Commit { version: Version },
-    /// Switch back to `to` (the version preflight saw) and make it permanent. Always followed by
-    /// a health gate expecting `to`.
+    /// Switch to `to` and make it permanent (agent `Downgrade`; `to` must be the node's
+    /// permanent or an `old` release). Forward: to the target when it is the node's permanent
+    /// release while another one runs. Rollback: back to the node's permanent release from
+    /// before the rollout. Always followed by a health gate (possibly after another undo step).
     Downgrade { to: Version },
 }
 
@@ -90,13 +101,26 @@ impl fmt::Display for ActionKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionResult {
-    /// A preflight answer (only valid for [`ActionKind::Preflight`]).
-    Preflight { running: Version, free_disk: u64 },
+    /// A preflight answer (only valid for [`ActionKind::Preflight`]): the release the node's
+    /// store says runs, its free disk, and its releases with their states. An empty list is an
+    /// answer from a driver that did not send one (older log entries): the node is then
+    /// planned from `running` alone, as before release lists existed.
+    Preflight {
+        running: Version,
+        free_disk: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        releases: Vec<VersionEntry>,
+    },
     /// The action did what it says (for a health gate: the gate passed).
     Done,
     /// The action failed, after whatever retries of transient errors the driver does; `error`
-    /// says why in words an operator can act on.
+    /// says why in words an operator can act on. Whether it changed the node is unknown.
     Failed { error: String },
+    /// The agent refused the step before changing anything (its answer says nothing changed:
+    /// a state rule, a deadline that passed, a package it would not take). Like `Failed`, but
+    /// a refused install, commit or downgrade does not make its node *touched*, so a rollback
+    /// leaves that node alone.
+    Refused { error: String },
 }
 
 /// An operator command.

@@ -1,31 +1,124 @@
 //! Property tests: a simulated driver runs the machine against a simulated cluster, answering
 //! actions in random order with random outcomes, injecting duplicate and stale results and random
 //! operator commands, and checks the machine's invariants after every event.
+//!
+//! Each simulated node is a release store run by the node layer's real rules (`common::node`),
+//! started in a random *reachable* state (built by random unpack / install / permanent /
+//! downgrade steps from a first install), so every state a node can be in when a rollout starts
+//! is exercised: target unknown, unpacked, old, current, permanent, permanent behind another
+//! current release, older than the running release, another `major.minor`.
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
 
+use common::node::{Node, Shape};
 use common::{n, v};
+use orch_release::rules::Op;
 use orch_rollout::{Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rollout};
 use orch_types::rollout::{NodeStep, OnFailure, Phase, RolloutSpec};
-use orch_types::{NodeId, Version};
+use orch_types::{NodeId, ReleaseState, Version};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
 const TARGET: Version = Version::new(4, 2, 1);
+/// Versions the random preparation steps use (besides the first install).
+const PREP_VERSIONS: [Version; 3] = [Version::new(4, 2, 0), TARGET, Version::new(4, 2, 5)];
 
-/// What one simulated node actually runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct World {
-    running: Version,
-    permanent: Version,
+/// One step that builds a node's starting releases; steps the rules refuse are skipped.
+#[derive(Debug, Clone, Copy)]
+enum Prep {
+    Unpack(usize),
+    Install(usize, bool),
+    Permanent(usize),
+    Downgrade(usize),
+}
+
+fn prep_strategy() -> impl Strategy<Value = Prep> {
+    let ver = 0..PREP_VERSIONS.len();
+    prop_oneof![
+        2 => ver.clone().prop_map(Prep::Unpack),
+        4 => (ver.clone(), any::<bool>()).prop_map(|(i, p)| Prep::Install(i, p)),
+        1 => ver.clone().prop_map(Prep::Permanent),
+        2 => ver.prop_map(Prep::Downgrade),
+    ]
+}
+
+/// A node's starting store: a first install of `base`, then the `prep` steps the rules allow.
+fn start_node(base: Version, prep: &[Prep]) -> Node {
+    let mut node = Node::default();
+    node.op(
+        Op::Install {
+            version: base,
+            permanent: true,
+        },
+        Some("emqx"),
+    )
+    .expect("a first install is always allowed");
+    for p in prep {
+        let op = match *p {
+            Prep::Unpack(i) => Op::Unpack(PREP_VERSIONS[i]),
+            Prep::Install(i, permanent) => Op::Install {
+                version: PREP_VERSIONS[i],
+                permanent,
+            },
+            Prep::Permanent(i) => Op::Permanent(PREP_VERSIONS[i]),
+            Prep::Downgrade(i) => Op::Downgrade(PREP_VERSIONS[i]),
+        };
+        // A refused preparation step changes nothing: the state stays reachable.
+        let _ = node.op(op, Some("emqx"));
+    }
+    node
+}
+
+fn node_strategy() -> impl Strategy<Value = Node> {
+    (
+        prop_oneof![
+            10 => Just(Version::new(4, 2, 0)),
+            2 => Just(TARGET),
+            1 => Just(Version::new(4, 2, 5)),
+            1 => Just(Version::new(4, 1, 9)),
+        ],
+        proptest::collection::vec(prep_strategy(), 0..5),
+    )
+        .prop_map(|(base, prep)| start_node(base, &prep))
+}
+
+/// Which row of the rollout table a node's start falls in (for the coverage check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum StartKind {
+    BadHop,
+    Unknown,
+    OnDisk,
+    OnDiskBehindCurrent,
+    Current,
+    Permanent,
+    PermanentBehindCurrent,
+    Older,
+}
+
+fn start_kind(node: &Node) -> StartKind {
+    let running = node.running().expect("something runs");
+    if !running.is_patch_hop(&TARGET) {
+        return StartKind::BadHop;
+    }
+    match node.state(TARGET) {
+        Some(ReleaseState::Permanent) if node.current().is_some() => {
+            StartKind::PermanentBehindCurrent
+        }
+        Some(ReleaseState::Permanent) => StartKind::Permanent,
+        Some(ReleaseState::Current) => StartKind::Current,
+        _ if running > TARGET => StartKind::Older,
+        Some(_) if node.current().is_some() => StartKind::OnDiskBehindCurrent,
+        Some(_) => StartKind::OnDisk,
+        None => StartKind::Unknown,
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Scenario {
-    /// Per node: its starting version.
-    initial: Vec<Version>,
+    /// Per node: its starting release store.
+    initial: Vec<Node>,
     batch_size: u32,
     canary: u32,
     permanent: bool,
@@ -35,20 +128,11 @@ struct Scenario {
     script: Vec<u8>,
 }
 
-fn version_strategy() -> impl Strategy<Value = Version> {
-    prop_oneof![
-        14 => Just(Version::new(4, 2, 0)),
-        3 => Just(TARGET),
-        1 => Just(Version::new(4, 2, 5)),
-        1 => Just(Version::new(4, 1, 9)),
-    ]
-}
-
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (1usize..=7)
+    (1usize..=6)
         .prop_flat_map(|count| {
             (
-                proptest::collection::vec(version_strategy(), count),
+                proptest::collection::vec(node_strategy(), count),
                 1u32..=4,
                 0u32..=count as u32,
                 any::<bool>(),
@@ -72,25 +156,59 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         )
 }
 
+/// How the simulated agent answered one step that may change a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Not answered yet (in flight, or cancelled and never performed).
+    Pending,
+    /// `Done`, or `Failed` (whether it changed the node is unknown to the machine).
+    Done,
+    Failed,
+    /// `Refused`: nothing changed.
+    Refused,
+}
+
+/// Where a rolled-back node must be: what it ran, with the permanent release it had; a node
+/// that ran the target without it being permanent goes to its permanent release.
+fn expected_after_rollback(start: &Node) -> Shape {
+    let p = start.permanent();
+    if start.current() == Some(TARGET) {
+        (p, p, None)
+    } else {
+        start.shape()
+    }
+}
+
 struct Sim {
     r: Rollout,
     spec: RolloutSpec,
     log: Vec<LogEntry>,
-    world: HashMap<NodeId, World>,
-    initial: HashMap<NodeId, Version>,
+    world: HashMap<NodeId, Node>,
+    initial: HashMap<NodeId, Node>,
     script: std::vec::IntoIter<u8>,
     t: u64,
     // ----- observations for the invariants -----
     last_seq: u64,
-    /// Install outcome per node: None while in flight, Some(ok) once answered.
-    installs: HashMap<NodeId, Option<bool>>,
-    install_order: Vec<NodeId>,
-    downgrade_order: Vec<NodeId>,
+    /// Per node: the forward steps that may change it (install, downgrade, commit), by seq.
+    changes: HashMap<NodeId, Vec<(u64, Answer)>>,
+    /// Per node: the undo steps issued during rollback.
+    undos: HashMap<NodeId, Vec<ActionKind>>,
+    /// Nodes in the order their rollback started.
+    rollback_visits: Vec<NodeId>,
     answered: Vec<(u64, ActionResult)>,
     promoted: bool,
     targets_at_upgrade: Option<Vec<NodeId>>,
-    /// Installs issued again after a failed one (resume with on_failure: pause).
-    retried_installs: usize,
+    /// Forward switches issued again after a failed one (resume with on_failure: pause).
+    retried: usize,
+    /// Refusals the simulated agents answered (injected; the rules never refuse a plan).
+    refusals: usize,
+    /// For [`Sim::finish`]: fail the answer with this index, this way (see [`Sim::perform`]).
+    fail_at: Option<(usize, u8)>,
+    answers: usize,
+    /// For [`Sim::finish`]: fail the rollback answer with this index (undo steps and rollback
+    /// gates), this way.
+    fail_in_rollback: Option<(usize, u8)>,
+    rollback_answers: usize,
 }
 
 impl Sim {
@@ -106,45 +224,61 @@ impl Sim {
         spec.max_parallel_staging = sc.max_parallel_staging;
         spec.min_healthy_time_ms = 0;
         spec.healthy_deadline_ms = 1;
-        let world = nodes
-            .iter()
-            .zip(&sc.initial)
-            .map(|(id, &ver)| {
-                (
-                    id.clone(),
-                    World {
-                        running: ver,
-                        permanent: ver,
-                    },
-                )
-            })
-            .collect();
-        let initial = nodes
-            .iter()
-            .cloned()
-            .zip(sc.initial.iter().copied())
-            .collect();
+        let world: HashMap<NodeId, Node> = nodes.iter().cloned().zip(sc.initial.clone()).collect();
         Sim {
             r: Rollout::new(spec.clone()).unwrap(),
             spec,
             log: Vec::new(),
+            initial: world.clone(),
             world,
-            initial,
             script: sc.script.clone().into_iter(),
             t: 0,
             last_seq: 0,
-            installs: HashMap::new(),
-            install_order: Vec::new(),
-            downgrade_order: Vec::new(),
+            changes: HashMap::new(),
+            undos: HashMap::new(),
+            rollback_visits: Vec::new(),
             answered: Vec::new(),
             promoted: false,
             targets_at_upgrade: None,
-            retried_installs: 0,
+            retried: 0,
+            refusals: 0,
+            fail_at: None,
+            answers: 0,
+            fail_in_rollback: None,
+            rollback_answers: 0,
         }
     }
 
     fn byte(&mut self) -> Option<u8> {
         self.script.next()
+    }
+
+    /// The first seq of a forward change not refused: the node is touched from then on.
+    fn touch_seq(&self, node: &NodeId) -> Option<u64> {
+        self.changes
+            .get(node)?
+            .iter()
+            .filter(|(_, a)| *a != Answer::Refused)
+            .map(|(s, _)| *s)
+            .min()
+    }
+
+    /// Touched nodes, in the order they were touched.
+    fn touched(&self) -> Vec<NodeId> {
+        let mut v: Vec<(u64, NodeId)> = self
+            .changes
+            .keys()
+            .filter_map(|id| self.touch_seq(id).map(|s| (s, id.clone())))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// A forward change on the node failed without saying whether it changed anything.
+    fn uncertain(&self, node: &NodeId) -> bool {
+        self.changes
+            .get(node)
+            .is_some_and(|c| c.iter().any(|(_, a)| *a == Answer::Failed))
     }
 
     /// Applies an event and checks the invariants that hold after every single event.
@@ -210,6 +344,7 @@ impl Sim {
                     .collect(),
             );
         }
+        prop_assert_eq!(self.r.touched(), self.touched(), "touched nodes");
         self.check_state()?;
         Ok(out.unwrap_or(Outcome::Ignored {
             reason: "rejected".into(),
@@ -225,62 +360,108 @@ impl Sim {
         );
         self.last_seq = a.seq;
         let step = self.r.node(&a.node).unwrap().step;
-        let initial = self.initial[&a.node];
-        if initial == TARGET {
+        let start = &self.initial[&a.node];
+        let w = &self.world[&a.node];
+        let skipped =
+            start.running() == Some(TARGET) && (start.current().is_none() || !self.spec.permanent);
+        if skipped {
             prop_assert_eq!(&a.kind, &ActionKind::Preflight, "action on a skipped node");
         }
+        // Every step the machine plans is one the node layer accepts (or finds already done),
+        // whatever earlier failures left on the node.
+        if let Err(e) = w.try_perform(&a.kind) {
+            return Err(TestCaseError::fail(format!(
+                "{}: the node layer refuses {} ({e}); node: {:?}, started as {:?}",
+                a.node,
+                a.kind,
+                w.entries(),
+                start.entries()
+            )));
+        }
+        let undo = step == NodeStep::RollingBack;
         match &a.kind {
-            ActionKind::Install { version } => {
-                prop_assert_eq!(*version, TARGET);
+            ActionKind::Install { .. } | ActionKind::Downgrade { .. } if undo => {
                 prop_assert!(
-                    self.downgrade_order.is_empty(),
-                    "install after rollback started"
+                    self.touch_seq(&a.node).is_some(),
+                    "{} undone but never touched",
+                    a.node
                 );
-                match self.installs.get(&a.node) {
-                    None => self.install_order.push(a.node.clone()),
-                    // A retry is only legitimate after a failed install (on_failure: pause).
-                    Some(Some(false)) => self.retried_installs += 1,
-                    Some(prev) => {
-                        return Err(TestCaseError::fail(format!(
-                            "{} installed twice (previous: {prev:?})",
-                            a.node
-                        )));
-                    }
+                let undos = self.undos.entry(a.node.clone()).or_default();
+                prop_assert!(!undos.contains(&a.kind), "{} twice on {}", a.kind, a.node);
+                undos.push(a.kind.clone());
+                if !self.rollback_visits.contains(&a.node) {
+                    self.rollback_visits.push(a.node.clone());
                 }
-                self.installs.insert(a.node.clone(), None);
-                if !self.promoted && self.spec.canary > 0 {
-                    let targets = self.targets_at_upgrade.clone().unwrap_or_default();
-                    let pos = targets.iter().position(|x| x == &a.node).unwrap();
-                    prop_assert!(
-                        pos < self.spec.canary as usize,
-                        "{} installed before the canary was promoted",
-                        a.node
+                // Where the machine knows the node's state, an undo step never targets the
+                // release it runs.
+                let to = match &a.kind {
+                    ActionKind::Install { version } => *version,
+                    ActionKind::Downgrade { to } => *to,
+                    _ => unreachable!(),
+                };
+                if !self.uncertain(&a.node) {
+                    prop_assert_ne!(
+                        Some(to),
+                        w.running(),
+                        "{}: {} targets the release it runs",
+                        a.node,
+                        a.kind
                     );
                 }
             }
-            ActionKind::Downgrade { to } => {
+            ActionKind::Install { .. }
+            | ActionKind::Downgrade { .. }
+            | ActionKind::Commit { .. } => {
+                let version = match &a.kind {
+                    ActionKind::Install { version } | ActionKind::Commit { version } => *version,
+                    ActionKind::Downgrade { to } => *to,
+                    _ => unreachable!(),
+                };
+                prop_assert_eq!(version, TARGET);
                 prop_assert!(
-                    self.installs.contains_key(&a.node),
-                    "downgrade of an untouched node"
+                    self.rollback_visits.is_empty(),
+                    "forward step after the rollback started"
                 );
-                prop_assert!(!self.downgrade_order.contains(&a.node), "downgraded twice");
-                prop_assert_eq!(Some(*to), Some(initial));
-                self.downgrade_order.push(a.node.clone());
-                // Reverse install order, one node after the other.
-                let mut rev = self.install_order.clone();
-                rev.reverse();
-                prop_assert!(
-                    rev.starts_with(&self.downgrade_order),
-                    "downgrade order {:?} is not the reverse of install order {:?}",
-                    self.downgrade_order,
-                    self.install_order
-                );
+                let is_switch = !matches!(a.kind, ActionKind::Commit { .. });
+                let changes = self.changes.entry(a.node.clone()).or_default();
+                if is_switch {
+                    // Another switch is only legitimate after a failed one (resume).
+                    if let Some((_, last)) = changes.last() {
+                        prop_assert!(
+                            matches!(last, Answer::Failed | Answer::Refused),
+                            "{} switched twice (previous: {:?})",
+                            a.node,
+                            last
+                        );
+                        self.retried += 1;
+                    }
+                    if !self.promoted && self.spec.canary > 0 {
+                        let targets = self.targets_at_upgrade.clone().unwrap_or_default();
+                        let pos = targets.iter().position(|x| x == &a.node).unwrap();
+                        prop_assert!(
+                            pos < self.spec.canary as usize,
+                            "{} switched before the canary was promoted",
+                            a.node
+                        );
+                    }
+                }
+                changes.push((a.seq, Answer::Pending));
             }
-            // A gate on anything but the target is a rollback gate.
-            ActionKind::HealthGate { expect, .. } if *expect != TARGET => {
-                prop_assert_eq!(step, NodeStep::RollingBack);
+            // Rollback gates expect the release the node is back on, never the target.
+            ActionKind::HealthGate { expect, .. } if undo => {
+                prop_assert_ne!(*expect, TARGET);
+            }
+            ActionKind::HealthGate { expect, .. } => {
+                prop_assert_eq!(*expect, TARGET);
+                prop_assert_eq!(step, NodeStep::Verifying);
             }
             _ => {}
+        }
+        if let ActionKind::HealthGate {
+            failure_threshold, ..
+        } = &a.kind
+        {
+            prop_assert_eq!(*failure_threshold, self.spec.failure_threshold);
         }
         Ok(())
     }
@@ -296,38 +477,23 @@ impl Sim {
                 a.node
             );
         }
-        let count =
-            |f: &dyn Fn(&ActionKind) -> bool| inflight.iter().filter(|a| f(&a.kind)).count();
-        let upgrading = count(&|k| {
-            matches!(k, ActionKind::Install { .. })
-                || matches!(k, ActionKind::HealthGate { expect, .. } if *expect == TARGET)
+        let step_of = |a: &Action| self.r.node(&a.node).unwrap().step;
+        let count = |f: &dyn Fn(&Action) -> bool| inflight.iter().filter(|a| f(a)).count();
+        let upgrading = count(&|a| {
+            matches!(step_of(a), NodeStep::Installing | NodeStep::Verifying)
+                && !matches!(a.kind, ActionKind::Commit { .. })
         });
         prop_assert!(
             upgrading <= self.spec.batch_size as usize,
-            "more than batch_size installing/verifying"
+            "more than batch_size switching/verifying"
         );
-        let busy_nodes = self
-            .r
-            .nodes()
-            .filter(|p| {
-                matches!(
-                    p.step,
-                    NodeStep::Installing | NodeStep::Installed | NodeStep::Verifying
-                )
-            })
-            .count();
-        if self.r.working_phase() == Phase::Upgrading {
-            prop_assert!(busy_nodes <= self.spec.batch_size as usize);
-        }
         let par = self.spec.max_parallel_staging as usize;
-        let staging = count(&|k| matches!(k, ActionKind::Stage { .. }));
+        let staging = count(&|a| matches!(a.kind, ActionKind::Stage { .. }));
         prop_assert!(staging <= par, "{} stages in flight", staging);
-        let committing = count(&|k| matches!(k, ActionKind::Commit { .. }));
+        let committing = count(&|a| matches!(a.kind, ActionKind::Commit { .. }));
         prop_assert!(committing <= par, "{} commits in flight", committing);
         prop_assert!(
-            count(&|k| matches!(k, ActionKind::Downgrade { .. })
-                || matches!(k, ActionKind::HealthGate { expect, .. } if *expect != TARGET))
-                <= 1,
+            count(&|a| step_of(a) == NodeStep::RollingBack) <= 1,
             "rollback is one node at a time"
         );
         if self.r.phase().is_terminal() {
@@ -338,60 +504,57 @@ impl Sim {
         Ok(())
     }
 
-    /// The simulated agent: performs the action on the world and says how it went.
-    fn perform(&mut self, a: &Action, fail: bool) -> ActionResult {
+    /// The simulated agent: performs the action on its node and says how it went. `fail`
+    /// picks a failure: a refusal (nothing changed), or a failure that did or did not change
+    /// the node.
+    fn perform(&mut self, a: &Action, fail: Option<u8>) -> ActionResult {
         let w = self.world.get_mut(&a.node).unwrap();
         let failed = |what: &str| ActionResult::Failed {
             error: what.to_string(),
         };
-        match &a.kind {
-            ActionKind::Preflight if fail => failed("unreachable"),
-            ActionKind::Preflight => ActionResult::Preflight {
-                running: w.running,
+        match (&a.kind, fail) {
+            (ActionKind::Preflight, Some(_)) => failed("unreachable"),
+            (ActionKind::Preflight, None) => ActionResult::Preflight {
+                running: w.running().expect("something runs"),
                 free_disk: 1 << 30,
+                releases: w.entries(),
             },
-            ActionKind::Stage { .. } if fail => failed("unpack failed"),
-            ActionKind::Install { version } => {
-                if fail {
-                    // A failed install may or may not have switched the service.
-                    if self.t.is_multiple_of(2) {
-                        w.running = *version;
-                    }
-                    failed("activation failed")
-                } else {
-                    w.running = *version;
-                    ActionResult::Done
+            (ActionKind::HealthGate { expect, .. }, _) if w.running() != Some(*expect) => {
+                failed(&format!("probe reported {:?}", w.running()))
+            }
+            (ActionKind::HealthGate { .. }, Some(_)) => failed("probe failing"),
+            (ActionKind::HealthGate { .. }, None) => ActionResult::Done,
+            (kind, None) => match w.perform(kind) {
+                Ok(_) => ActionResult::Done,
+                Err(e) => ActionResult::Refused { error: e },
+            },
+            (_, Some(mode)) => match mode % 3 {
+                0 => ActionResult::Refused {
+                    error: "refused by the node".into(),
+                },
+                1 => failed("activation failed"),
+                _ => {
+                    // It happened, but the answer was lost.
+                    let _ = w.perform(&a.kind);
+                    failed("connection reset")
                 }
-            }
-            ActionKind::HealthGate { expect, .. } => {
-                if w.running != *expect {
-                    failed(&format!("probe reported {}", w.running))
-                } else if fail {
-                    failed("probe failing")
-                } else {
-                    ActionResult::Done
-                }
-            }
-            ActionKind::Commit { version } if !fail => {
-                w.permanent = *version;
-                ActionResult::Done
-            }
-            ActionKind::Commit { .. } => failed("commit failed"),
-            ActionKind::Downgrade { to } if !fail => {
-                w.running = *to;
-                w.permanent = *to;
-                ActionResult::Done
-            }
-            ActionKind::Downgrade { .. } => failed("downgrade failed"),
-            ActionKind::Stage { .. } => ActionResult::Done,
+            },
         }
     }
 
-    fn answer(&mut self, a: Action, fail: bool) -> Result<(), TestCaseError> {
+    fn answer(&mut self, a: Action, fail: Option<u8>) -> Result<(), TestCaseError> {
         let result = self.perform(&a, fail);
-        if let ActionKind::Install { .. } = a.kind {
-            let ok = matches!(result, ActionResult::Done);
-            self.installs.insert(a.node.clone(), Some(ok));
+        if matches!(result, ActionResult::Refused { .. }) {
+            self.refusals += 1;
+        }
+        if let Some(c) = self.changes.get_mut(&a.node)
+            && let Some(entry) = c.iter_mut().find(|(s, _)| *s == a.seq)
+        {
+            entry.1 = match result {
+                ActionResult::Refused { .. } => Answer::Refused,
+                ActionResult::Failed { .. } => Answer::Failed,
+                _ => Answer::Done,
+            };
         }
         self.apply(Event::Result { seq: a.seq, result }, "driver")?;
         Ok(())
@@ -410,7 +573,8 @@ impl Sim {
                 let inflight = self.r.in_flight().to_vec();
                 if !inflight.is_empty() {
                     let pick = self.byte().unwrap_or(0) as usize % inflight.len();
-                    let fail = self.byte().unwrap_or(255) < 28;
+                    let fail = self.byte().unwrap_or(255);
+                    let fail = (fail < 28).then_some(fail);
                     self.answer(inflight[pick].clone(), fail)?;
                 }
             }
@@ -430,14 +594,18 @@ impl Sim {
                 if self.r.in_flight().iter().any(|a| a.seq == seq) {
                     return Ok(true);
                 }
-                let result = match self.byte().unwrap_or(0) % 3 {
+                let result = match self.byte().unwrap_or(0) % 4 {
                     0 => ActionResult::Done,
                     1 => ActionResult::Failed {
+                        error: "stale".into(),
+                    },
+                    2 => ActionResult::Refused {
                         error: "stale".into(),
                     },
                     _ => ActionResult::Preflight {
                         running: v("4.2.0"),
                         free_disk: 0,
+                        releases: Vec::new(),
                     },
                 };
                 let out = self.apply(Event::Result { seq, result }, "stranger")?;
@@ -458,7 +626,8 @@ impl Sim {
     }
 
     /// After the script: a well-behaved driver and operator that answer everything
-    /// successfully, resume and promote. The machine must reach a terminal phase.
+    /// successfully (but for `fail_at`), resume and promote. The machine must reach a terminal
+    /// phase.
     fn finish(&mut self) -> Result<(), TestCaseError> {
         for _ in 0..2_000 {
             if self.r.phase().is_terminal() {
@@ -471,7 +640,17 @@ impl Sim {
             } else if !self.r.next_actions().is_empty() {
                 self.apply(Event::IssueActions, "driver")?;
             } else if let Some(a) = self.r.in_flight().first().cloned() {
-                self.answer(a, false)?;
+                let mut fail = self
+                    .fail_at
+                    .and_then(|(at, how)| (at == self.answers).then_some(how));
+                self.answers += 1;
+                if self.r.node(&a.node).unwrap().step == NodeStep::RollingBack {
+                    fail = fail.or(self
+                        .fail_in_rollback
+                        .and_then(|(at, how)| (at == self.rollback_answers).then_some(how)));
+                    self.rollback_answers += 1;
+                }
+                self.answer(a, fail)?;
             } else {
                 return Err(TestCaseError::fail(format!(
                     "stuck: nothing to issue, nothing in flight: {}",
@@ -485,37 +664,80 @@ impl Sim {
         )))
     }
 
+    /// Every node is where the machine says it is, whatever the ending.
+    fn check_nodes_are_as_said(&self) -> Result<(), TestCaseError> {
+        let touched: HashSet<NodeId> = self.touched().into_iter().collect();
+        for p in self.r.nodes() {
+            let w = &self.world[&p.id];
+            let start = &self.initial[&p.id];
+            let t = Some(TARGET);
+            match p.step {
+                NodeStep::Committed => prop_assert_eq!(w.shape(), (t, t, None), "{}", p.id),
+                NodeStep::Upgraded => prop_assert_eq!((w.running(), w.current()), (t, t)),
+                NodeStep::Skipped => {
+                    prop_assert_eq!(w.shape(), start.shape(), "{}", p.id);
+                    prop_assert_eq!(w.running(), t, "{} skipped but not on target", p.id);
+                    if self.spec.permanent {
+                        prop_assert_eq!(w.permanent(), t, "{} skipped, not permanent", p.id);
+                    }
+                }
+                NodeStep::RolledBack => {
+                    prop_assert_eq!(
+                        w.shape(),
+                        expected_after_rollback(start),
+                        "{} rolled back from {:?}",
+                        p.id,
+                        start.entries()
+                    );
+                }
+                _ => {}
+            }
+            if !touched.contains(&p.id) {
+                // Untouched (or only refused): what it runs, boots and has current is as it was.
+                prop_assert_eq!(w.shape(), start.shape(), "untouched {} changed", p.id);
+            }
+        }
+        Ok(())
+    }
+
     fn check_end(&self) -> Result<(), TestCaseError> {
-        let touched: Vec<NodeId> = self.r.touched();
-        prop_assert_eq!(&touched, &self.install_order);
+        let touched = self.touched();
+        prop_assert_eq!(&self.r.touched(), &touched);
+        self.check_nodes_are_as_said()?;
+        let last = self.r.events().last().unwrap().message.clone();
         match self.r.phase() {
             Phase::Succeeded => {
                 for p in self.r.nodes() {
-                    let w = self.world[&p.id];
-                    prop_assert_eq!(w.running, TARGET, "{} not on target", p.id);
-                    if p.step == NodeStep::Skipped {
-                        continue;
-                    }
-                    if self.spec.permanent {
-                        prop_assert_eq!(p.step, NodeStep::Committed);
-                        prop_assert_eq!(w.permanent, TARGET);
+                    let w = &self.world[&p.id];
+                    let start = &self.initial[&p.id];
+                    prop_assert_eq!(w.running(), Some(TARGET), "{} not on target", p.id);
+                    let permanent = if self.spec.permanent
+                        || start.state(TARGET) == Some(ReleaseState::Permanent)
+                    {
+                        TARGET
                     } else {
-                        prop_assert_eq!(p.step, NodeStep::Upgraded);
-                        prop_assert_eq!(w.permanent, self.initial[&p.id]);
-                    }
+                        start.permanent().unwrap()
+                    };
+                    prop_assert_eq!(w.permanent(), Some(permanent), "{}", p.id);
+                    prop_assert!(matches!(
+                        p.step,
+                        NodeStep::Committed | NodeStep::Upgraded | NodeStep::Skipped
+                    ));
                 }
+                // The last word is true of every node.
+                let claims_permanent = last
+                    .starts_with(&format!("all {} node", self.r.nodes().len()))
+                    && last.contains(&format!("run {TARGET} permanently"))
+                    || last.contains(&format!("already runs {TARGET} permanently"));
+                let all_permanent = self.world.values().all(|w| w.permanent() == Some(TARGET));
+                prop_assert_eq!(claims_permanent, all_permanent, "{}", last);
             }
             Phase::RolledBack => {
-                let mut rev = self.install_order.clone();
+                let mut rev = touched.clone();
                 rev.reverse();
-                prop_assert_eq!(&self.downgrade_order, &rev);
-                for p in self.r.nodes() {
-                    let w = self.world[&p.id];
-                    prop_assert_eq!(w.running, self.initial[&p.id], "{} not back", p.id);
-                    if touched.contains(&p.id) {
-                        prop_assert_eq!(p.step, NodeStep::RolledBack);
-                        prop_assert_eq!(w.permanent, self.initial[&p.id]);
-                    }
+                prop_assert_eq!(&self.rollback_visits, &rev);
+                for id in &touched {
+                    prop_assert_eq!(self.r.node(id).unwrap().step, NodeStep::RolledBack);
                 }
             }
             Phase::RollbackFailed => {
@@ -530,13 +752,11 @@ impl Sim {
                 for id in failed {
                     prop_assert!(err.contains(id.as_str()), "{} not named in {}", id, err);
                 }
-                for p in self.r.nodes() {
-                    if touched.contains(&p.id) {
-                        prop_assert!(matches!(
-                            p.step,
-                            NodeStep::RolledBack | NodeStep::RollbackFailed
-                        ));
-                    }
+                for id in &touched {
+                    prop_assert!(matches!(
+                        self.r.node(id).unwrap().step,
+                        NodeStep::RolledBack | NodeStep::RollbackFailed
+                    ));
                 }
             }
             Phase::Aborted => {
@@ -572,16 +792,17 @@ proptest! {
     }
 
     /// With a driver that never fails anything and an operator who only promotes, every rollout
-    /// whose preflight passes succeeds.
+    /// whose preflight passes succeeds, whatever state its nodes start in.
     #[test]
     fn clean_runs_succeed(sc in scenario()) {
         let mut sim = Sim::new(&Scenario { script: Vec::new(), ..sc.clone() });
         sim.finish()?;
         sim.check_end()?;
-        let bad_hop = sc.initial.iter().any(|ver| !ver.is_patch_hop(&TARGET));
+        prop_assert_eq!(sim.refusals, 0, "the node layer refused a planned step");
+        let bad_hop = sc.initial.iter().any(|w| start_kind(w) == StartKind::BadHop);
         if bad_hop {
             prop_assert_eq!(sim.r.phase(), Phase::Aborted);
-            prop_assert!(sim.install_order.is_empty());
+            prop_assert!(sim.touched().is_empty());
         } else {
             prop_assert_eq!(sim.r.phase(), Phase::Succeeded);
         }
@@ -589,29 +810,44 @@ proptest! {
 }
 
 #[test]
-fn the_simulation_reaches_every_terminal_phase() {
-    // Guards the property test against a generator that never exercises some ending.
+fn the_simulation_reaches_every_terminal_phase_and_start_state() {
+    // Guards the property test against a generator that never exercises some ending or some
+    // starting state.
     let mut seen = HashSet::new();
-    let (mut retries, mut promotions, mut skips) = (0, 0, 0);
+    let mut starts = HashSet::new();
+    let (mut retries, mut promotions, mut skips, mut refusals, mut undo_installs) = (0, 0, 0, 0, 0);
     let mut runner = proptest::test_runner::TestRunner::deterministic();
-    for _ in 0..400 {
+    for _ in 0..600 {
         let sc = scenario().new_tree(&mut runner).unwrap().current();
+        starts.extend(sc.initial.iter().map(start_kind));
         let mut sim = Sim::new(&sc);
         while sim.random_step().unwrap() {}
         sim.finish().unwrap();
         sim.check_end().unwrap();
         seen.insert(sim.r.phase());
-        retries += sim.retried_installs;
+        retries += sim.retried;
+        refusals += sim.refusals;
         promotions += usize::from(sim.promoted);
         skips += sim
             .r
             .nodes()
             .filter(|p| p.step == NodeStep::Skipped)
             .count();
+        undo_installs += sim
+            .undos
+            .values()
+            .flatten()
+            .filter(|k| matches!(k, ActionKind::Install { .. }))
+            .count();
     }
-    assert!(retries > 0, "no install was ever retried");
+    assert!(retries > 0, "no switch was ever retried");
     assert!(promotions > 0, "no canary was ever promoted");
     assert!(skips > 0, "no node was ever skipped");
+    assert!(refusals > 0, "no step was ever refused");
+    assert!(
+        undo_installs > 0,
+        "no rollback ever installed a release again"
+    );
     for p in [
         Phase::Succeeded,
         Phase::RolledBack,
@@ -620,4 +856,131 @@ fn the_simulation_reaches_every_terminal_phase() {
     ] {
         assert!(seen.contains(&p), "never reached {p}: {seen:?}");
     }
+    for k in [
+        StartKind::BadHop,
+        StartKind::Unknown,
+        StartKind::OnDisk,
+        StartKind::OnDiskBehindCurrent,
+        StartKind::Current,
+        StartKind::Permanent,
+        StartKind::PermanentBehindCurrent,
+        StartKind::Older,
+    ] {
+        assert!(
+            starts.contains(&k),
+            "never started a node as {k:?}: {starts:?}"
+        );
+    }
+}
+
+/// Runs `sc` with a driver that fails the answer `fail_at` (and `fail_in_rollback`), then
+/// checks the end; panics with the audit trail when a check fails.
+fn run_checked(sc: &Scenario, fail_at: (usize, u8), fail_in_rollback: Option<(usize, u8)>) -> Sim {
+    let mut sim = Sim::new(sc);
+    sim.fail_at = Some(fail_at);
+    sim.fail_in_rollback = fail_in_rollback;
+    if let Err(e) = sim.finish().and_then(|()| sim.check_end()) {
+        let starts: Vec<_> = sc.initial.iter().map(Node::entries).collect();
+        panic!(
+            "{starts:?}, permanent {}, {}, answer {fail_at:?} failing, rollback answer {fail_in_rollback:?} failing: {e}\n{}",
+            sc.permanent,
+            sc.on_failure,
+            sim.r
+                .events()
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    sim
+}
+
+/// Every state of the rollout table, as a node's releases (target 4.2.1).
+const START_STATES: [&[(&str, &str)]; 13] = [
+    // target unknown
+    &[("4.2.0", "permanent")],
+    // target unpacked, or old
+    &[("4.2.1", "unpacked"), ("4.2.0", "permanent")],
+    &[("4.2.1", "old"), ("4.2.0", "permanent")],
+    // target current, another permanent (bug 1)
+    &[("4.2.1", "current"), ("4.2.0", "permanent")],
+    &[("4.2.5", "permanent"), ("4.2.1", "current")],
+    // target permanent and running
+    &[("4.2.1", "permanent"), ("4.2.0", "old")],
+    // target permanent, another current (bug 2)
+    &[("4.2.1", "permanent"), ("4.2.0", "current")],
+    &[("4.2.5", "current"), ("4.2.1", "permanent")],
+    // another release current over another permanent; target unknown or on disk
+    &[("4.2.5", "current"), ("4.2.0", "permanent")],
+    &[
+        ("4.2.5", "current"),
+        ("4.2.1", "unpacked"),
+        ("4.2.0", "permanent"),
+    ],
+    // target older than the running release: unknown, or old
+    &[("4.2.5", "permanent")],
+    &[("4.2.5", "permanent"), ("4.2.1", "old")],
+    // another major.minor
+    &[("4.1.9", "permanent")],
+];
+
+/// For every start state of a node (next to a plain node, before and after it), with and
+/// without `--no-permanent`, under both failure policies: a clean run, and a run where the k-th
+/// answer fails in each way (refused, failed without change, failed after changing the node).
+/// Every run must end in a terminal phase with every node where the machine says it is, every
+/// planned step accepted by the node layer, rollbacks that restore what was there and never
+/// target the running release, and untouched nodes unchanged (all checked by `Sim`).
+#[test]
+fn every_start_state_and_outcome_ends_where_the_machine_says() {
+    let plain = Node::with(&[("4.2.0", "permanent")]);
+    let mut runs = 0;
+    let mut endings = HashSet::new();
+    for rows in START_STATES {
+        let node = Node::with(rows);
+        for layout in [
+            vec![node.clone()],
+            vec![node.clone(), plain.clone()],
+            vec![plain.clone(), node.clone()],
+        ] {
+            for permanent in [true, false] {
+                for on_failure in [OnFailure::Rollback, OnFailure::Pause] {
+                    let sc = Scenario {
+                        initial: layout.clone(),
+                        batch_size: 1,
+                        canary: 0,
+                        permanent,
+                        on_failure,
+                        max_parallel_staging: 8,
+                        script: Vec::new(),
+                    };
+                    let mut clean = Sim::new(&sc);
+                    clean.finish().unwrap();
+                    clean.check_end().unwrap();
+                    let answers = clean.answers;
+                    assert_eq!(clean.refusals, 0, "{rows:?}: a planned step was refused");
+                    // Then the first or second rollback answer fails too (refused, or failed
+                    // after changing the node), when there is a rollback.
+                    let second = [Some((0, 0)), Some((0, 2)), Some((1, 0)), Some((1, 2))];
+                    for at in 0..answers {
+                        for how in 0..3u8 {
+                            let sim = run_checked(&sc, (at, how), None);
+                            endings.insert(sim.r.phase());
+                            runs += 1;
+                            if sim.rollback_answers == 0 {
+                                continue;
+                            }
+                            for rb in second {
+                                let sim = run_checked(&sc, (at, how), rb);
+                                endings.insert(sim.r.phase());
+                                runs += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(runs > 1_000, "{runs}");
+    assert_eq!(endings.len(), 4, "{endings:?}");
 }

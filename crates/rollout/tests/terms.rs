@@ -34,6 +34,7 @@ fn to_first_gate(r: &mut Rollout, term: u64) -> u64 {
         let res = ActionResult::Preflight {
             running: "4.2.0".parse().unwrap(),
             free_disk: u64::MAX,
+            releases: Vec::new(),
         };
         result(r, a.seq, res, term);
     }

@@ -2,10 +2,12 @@
 
 mod common;
 
+use common::node::Node;
 use common::*;
 use orch_rollout::{
     Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rejected, Rollout,
 };
+use orch_types::Version;
 use orch_types::rollout::{NodeStep, OnFailure, PackageRef, Phase, SpecError};
 
 fn seqs(actions: &[Action]) -> Vec<u64> {
@@ -158,6 +160,7 @@ fn not_enough_disk_aborts() {
         ActionResult::Preflight {
             running: v(FROM),
             free_disk: 200,
+            releases: entries(&[(FROM, "permanent")]),
         },
     );
     h.result(
@@ -165,6 +168,7 @@ fn not_enough_disk_aborts() {
         ActionResult::Preflight {
             running: v(FROM),
             free_disk: 199,
+            releases: entries(&[(FROM, "permanent")]),
         },
     );
     assert_eq!(h.phase(), Phase::Aborted);
@@ -186,7 +190,7 @@ fn nodes_already_on_target_are_skipped() {
         h.steps(),
         [NodeStep::Skipped, NodeStep::PreflightOk, NodeStep::Skipped]
     );
-    assert!(h.has_event("n1: already runs 4.2.1: skipped"));
+    assert!(h.has_event("n1: already runs 4.2.1 permanently: skipped"));
     assert!(h.has_event("1 node to upgrade (2 already on 4.2.1, skipped)"));
     let all = h.run_ok();
     assert_eq!(h.phase(), Phase::Succeeded);
@@ -204,9 +208,52 @@ fn all_skipped_succeeds_immediately() {
     let mut h = H::new(spec(3));
     h.preflight_all(&["4.2.1"; 3]);
     assert_eq!(h.phase(), Phase::Succeeded);
-    assert!(h.has_event("every node already runs 4.2.1: nothing to do"));
+    assert!(h.has_event("every node already runs 4.2.1 permanently: nothing to do"));
     assert!(h.r.next_actions().is_empty());
     assert!(h.r.error().is_none());
+    h.check();
+}
+
+/// Preflight answers without a release list (the Raft log of older clusters holds them) are
+/// planned as before lists existed: a node on the target is skipped, the others staged.
+#[test]
+fn answers_without_releases_are_planned_as_before() {
+    let mut h = H::new(spec(3));
+    let a = h.issue();
+    h.preflight_legacy(a[0].seq, "4.2.1");
+    h.preflight_legacy(a[1].seq, "4.2.0");
+    h.preflight_legacy(a[2].seq, "4.2.1");
+    assert_eq!(
+        h.steps(),
+        [NodeStep::Skipped, NodeStep::PreflightOk, NodeStep::Skipped]
+    );
+    assert!(h.has_event("n1: already runs 4.2.1: skipped"));
+    assert!(h.has_event("n2: preflight ok: runs 4.2.0, 1099511627776 bytes free"));
+    // Its rollback is a downgrade to the version it ran.
+    h.stage_all();
+    let a = h.issue();
+    h.fail(a[0].seq, "boom");
+    let d = h.issue();
+    assert_eq!(d[0].kind, ActionKind::Downgrade { to: v(FROM) });
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::RolledBack);
+    // Whether the skipped ones run it permanently is not known: the summary does not claim it.
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.preflight_legacy(a[0].seq, "4.2.1");
+    h.preflight_legacy(a[1].seq, "4.2.1");
+    assert!(h.has_event("every node already runs 4.2.1: nothing to do"));
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.preflight_legacy(a[0].seq, "4.2.1");
+    h.preflight_legacy(a[1].seq, "4.2.0");
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    let last = h.messages().pop().unwrap();
+    assert_eq!(
+        last,
+        "all 2 nodes run 4.2.1: 1 made permanent by this rollout; 1 already ran it (their preflight did not list releases, so whether permanently is not known): skipped"
+    );
     h.check();
 }
 
@@ -240,6 +287,7 @@ fn version_answer_for_a_non_preflight_is_rejected() {
             result: ActionResult::Preflight {
                 running: v(FROM),
                 free_disk: 1,
+                releases: Vec::new(),
             },
         })
         .unwrap_err();
@@ -352,7 +400,8 @@ fn batch_size_one_upgrades_node_by_node_then_commits() {
             ActionKind::HealthGate {
                 min_healthy_time_ms: 0,
                 healthy_deadline_ms: 1_000,
-                expect: v(TARGET)
+                expect: v(TARGET),
+                failure_threshold: 3,
             }
         );
         assert_eq!(h.step(node), NodeStep::Verifying);
@@ -476,7 +525,8 @@ fn install_fail_at(position: usize) {
             ActionKind::HealthGate {
                 min_healthy_time_ms: 0,
                 healthy_deadline_ms: 1_000,
-                expect: v(FROM)
+                expect: v(FROM),
+                failure_threshold: 3,
             }
         );
         h.done(g[0].seq);
@@ -529,7 +579,9 @@ fn health_gate_failure_rolls_back_with_the_probe_message() {
     assert_eq!(h.phase(), Phase::RollingBack);
     assert_eq!(h.step("n1"), NodeStep::Failed);
     assert!(h.has_event("n1: health gate on 4.2.1 failed: probe reported 4.2.0"));
-    assert!(h.has_event("rolling back 1 touched node one at a time, newest install first: n1"));
+    assert!(
+        h.has_event("rolling back 1 touched node one at a time, most recently touched first: n1")
+    );
     h.run_ok();
     assert_eq!(h.phase(), Phase::RolledBack);
     assert_eq!(h.step("n1"), NodeStep::RolledBack);
@@ -1522,13 +1574,42 @@ fn wire_shapes_are_stable() {
         r#"{"seq":7,"node":"n2","kind":{"downgrade":{"to":"4.2.0"}}}"#
     );
     assert_eq!(a.to_string(), "n2: downgrade to 4.2.0 [seq 7]");
+    // A preflight answer from before release lists: still decodes, and encodes as it did.
     let p = ActionResult::Preflight {
         running: v("4.2.0"),
         free_disk: 5,
+        releases: Vec::new(),
     };
     let json = serde_json::to_string(&p).unwrap();
     assert_eq!(json, r#"{"preflight":{"running":"4.2.0","free_disk":5}}"#);
     assert_eq!(serde_json::from_str::<ActionResult>(&json).unwrap(), p);
+    let p = ActionResult::Preflight {
+        running: v("4.2.0"),
+        free_disk: 5,
+        releases: entries(&[("4.2.1", "unpacked"), ("4.2.0", "permanent")]),
+    };
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(
+        json,
+        r#"{"preflight":{"running":"4.2.0","free_disk":5,"releases":[{"version":"4.2.1","state":"unpacked"},{"version":"4.2.0","state":"permanent"}]}}"#
+    );
+    assert_eq!(serde_json::from_str::<ActionResult>(&json).unwrap(), p);
+    let r = ActionResult::Refused { error: "no".into() };
+    let json = serde_json::to_string(&r).unwrap();
+    assert_eq!(json, r#"{"refused":{"error":"no"}}"#);
+    assert_eq!(serde_json::from_str::<ActionResult>(&json).unwrap(), r);
+    // A health gate issued before the failure threshold existed has none.
+    let old_gate =
+        r#"{"health_gate":{"min_healthy_time_ms":1,"healthy_deadline_ms":2,"expect":"4.2.1"}}"#;
+    assert_eq!(
+        serde_json::from_str::<ActionKind>(old_gate).unwrap(),
+        ActionKind::HealthGate {
+            min_healthy_time_ms: 1,
+            healthy_deadline_ms: 2,
+            expect: v("4.2.1"),
+            failure_threshold: 0,
+        }
+    );
     let entry = LogEntry {
         event: Event::Command(Command::Abort),
         at_ms: 1,
@@ -1632,5 +1713,614 @@ fn pause_in_committing_stops_further_commits_until_resume() {
     assert_eq!(kinds(&h.issue()), [k("n2", "commit")]);
     h.run_ok();
     assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+// ----- nodes in every state (issue 11) -----
+
+/// What a node with store `w` answers to `a`, by the node layer's real rules: a preflight lists
+/// its releases, a gate passes when it runs what is expected, a step it refuses is `Refused`.
+fn agent(a: &Action, w: &mut Node) -> ActionResult {
+    match &a.kind {
+        ActionKind::Preflight => ActionResult::Preflight {
+            running: w.running().expect("something runs"),
+            free_disk: 1 << 40,
+            releases: w.entries(),
+        },
+        ActionKind::HealthGate { expect, .. } if w.running() == Some(*expect) => ActionResult::Done,
+        ActionKind::HealthGate { .. } => ActionResult::Failed {
+            error: format!("probe reported {:?}", w.running()),
+        },
+        kind => match w.perform(kind) {
+            Ok(_) => ActionResult::Done,
+            Err(error) => ActionResult::Refused { error },
+        },
+    }
+}
+
+/// Runs the rollout to its end against nodes n1..nN with stores `worlds`, answering as
+/// [`agent`] unless `answer` says otherwise for an action. Returns every action issued.
+fn drive(
+    h: &mut H,
+    worlds: &mut [Node],
+    mut answer: impl FnMut(&Action, &mut Node) -> Option<ActionResult>,
+) -> Vec<Action> {
+    let mut all = Vec::new();
+    for _ in 0..200 {
+        if h.r.is_finished() {
+            h.check();
+            return all;
+        }
+        if h.r.awaiting_promotion() {
+            h.cmd(Command::Promote).unwrap();
+            continue;
+        }
+        all.extend(h.issue());
+        let Some(a) = h.r.in_flight().first().cloned() else {
+            panic!("stuck: {}", h.r.summary());
+        };
+        let i: usize = a.node.as_str()[1..].parse().unwrap();
+        let w = &mut worlds[i - 1];
+        let result = answer(&a, w).unwrap_or_else(|| agent(&a, w));
+        h.result(a.seq, result);
+    }
+    panic!("did not end: {}", h.r.summary());
+}
+
+fn on(node: &str, all: &[Action]) -> Vec<String> {
+    all.iter()
+        .filter(|a| a.node.as_str() == node)
+        .map(|a| a.kind.to_string())
+        .collect()
+}
+
+fn vv(s: &str) -> Option<Version> {
+    Some(v(s))
+}
+
+/// Bug 1: a node that runs the target only as `current` was skipped ("already runs 4.2.1"),
+/// never made permanent, and the rollout still said every node ran it permanently.
+#[test]
+fn a_node_running_the_target_not_permanently_is_gated_and_committed() {
+    let mut worlds = [
+        Node::with(&[("4.2.0", "permanent")]),
+        Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]),
+    ];
+    let mut h = H::new(spec(2));
+    let all = drive(&mut h, &mut worlds, |_, _| None);
+    assert!(h.has_event(
+        "n2: preflight ok: runs 4.2.1 (current; 4.2.0 permanent): it already runs 4.2.1, not permanently; health gate, then make it permanent with the others"
+    ));
+    assert_eq!(
+        on("n2", &all),
+        ["preflight", "health gate on 4.2.1", "make 4.2.1 permanent"]
+    );
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert_eq!(h.steps(), [NodeStep::Committed, NodeStep::Committed]);
+    for w in &worlds {
+        assert_eq!(w.shape(), (vv("4.2.1"), vv("4.2.1"), None), "{w:?}");
+    }
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "all 2 nodes run 4.2.1 permanently"
+    );
+}
+
+/// Bug 1, second form: after an abort left every node `current` on the target, a rollout of it
+/// said "nothing to do" and succeeded. Every node is gated and committed.
+#[test]
+fn a_cluster_left_current_everywhere_is_committed_not_nothing_to_do() {
+    let mut worlds = vec![Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]); 3];
+    let mut h = H::new(spec(3));
+    let all = drive(&mut h, &mut worlds, |_, _| None);
+    assert!(!h.has_event("nothing to do"));
+    assert!(h.has_event("preflight passed: 3 nodes to move to 4.2.1 (3 already running it, to gate and make permanent); nothing to stage"));
+    assert!(all.iter().all(|a| !matches!(
+        a.kind,
+        ActionKind::Stage { .. } | ActionKind::Install { .. }
+    )));
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert!(worlds.iter().all(|w| w.permanent() == vv("4.2.1")));
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "all 3 nodes run 4.2.1 permanently"
+    );
+}
+
+/// With `--no-permanent`, a node running the target without it being permanent is already
+/// where the rollout leaves it: skipped, and the summary says so instead of "permanently".
+#[test]
+fn no_permanent_skips_a_node_already_running_the_target_and_says_so() {
+    let mut worlds = [
+        Node::with(&[("4.2.0", "permanent")]),
+        Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]),
+        Node::with(&[("4.2.1", "permanent")]),
+    ];
+    let mut s = spec(3);
+    s.permanent = false;
+    let mut h = H::new(s);
+    let all = drive(&mut h, &mut worlds, |_, _| None);
+    assert_eq!(on("n2", &all), ["preflight"]);
+    assert_eq!(on("n3", &all), ["preflight"]);
+    assert!(h.has_event("n2: already runs 4.2.1, not permanently (4.2.0 is permanent), which is where a rollout without making it permanent leaves it: skipped"));
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "all 3 nodes run 4.2.1: 1 healthy, not made permanent (no-permanent): a restart boots their previous release; 1 already ran it without it being permanent: skipped; 1 already ran it permanently: skipped"
+    );
+    // And when that is every node: nothing to do, truthfully.
+    let mut worlds = [
+        Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]),
+        Node::with(&[("4.2.1", "permanent")]),
+    ];
+    let mut s = spec(2);
+    s.permanent = false;
+    let mut h = H::new(s);
+    drive(&mut h, &mut worlds, |_, _| None);
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "every node already runs 4.2.1 (1 permanently; 1 not permanently, where a rollout without making it permanent leaves it): nothing to do"
+    );
+}
+
+/// A node that ran the target not permanently, once committed, is rolled back to its
+/// permanent release (a rollback moves away from the target); before its commit it is
+/// untouched (only its health was checked) and left alone.
+#[test]
+fn a_committed_formerly_current_node_rolls_back_to_its_permanent_release() {
+    let mut worlds = [
+        Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]),
+        Node::with(&[("4.2.0", "permanent")]),
+    ];
+    let mut s = spec(2);
+    s.max_parallel_staging = 1;
+    let mut h = H::new(s);
+    // n1's commit succeeds, n2's commit fails.
+    let all = drive(&mut h, &mut worlds, |a, _| {
+        (a.node.as_str() == "n2" && matches!(a.kind, ActionKind::Commit { .. })).then(|| {
+            ActionResult::Failed {
+                error: "fsync failed".into(),
+            }
+        })
+    });
+    assert_eq!(h.phase(), Phase::RolledBack, "{:#?}", h.messages());
+    assert_eq!(
+        on("n1", &all),
+        [
+            "preflight",
+            "health gate on 4.2.1",
+            "make 4.2.1 permanent",
+            "downgrade to 4.2.0",
+            "health gate on 4.2.0"
+        ]
+    );
+    assert_eq!(worlds[0].shape(), (vv("4.2.0"), vv("4.2.0"), None));
+    assert_eq!(
+        worlds[0].state(v("4.2.1")),
+        Some(orch_types::ReleaseState::Old)
+    );
+    assert_eq!(worlds[1].shape(), (vv("4.2.0"), vv("4.2.0"), None));
+
+    // Failing before any commit: n1 was only gated, so it is not touched and stays as it was.
+    let mut worlds = [
+        Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]),
+        Node::with(&[("4.2.0", "permanent")]),
+    ];
+    let mut h = H::new(spec(2));
+    let all = drive(&mut h, &mut worlds, |a, _| {
+        (a.node.as_str() == "n2"
+            && matches!(a.kind, ActionKind::HealthGate { expect, .. } if expect == v(TARGET)))
+        .then(|| ActionResult::Failed {
+            error: "unhealthy".into(),
+        })
+    });
+    assert_eq!(h.phase(), Phase::RolledBack);
+    assert_eq!(on("n1", &all), ["preflight", "health gate on 4.2.1"]);
+    assert_eq!(h.r.touched(), vec![n("n2")]);
+    assert_eq!(worlds[0].shape(), (vv("4.2.1"), vv("4.2.0"), vv("4.2.1")));
+}
+
+/// Bug 2: after an abort left n1 on `4.2.2 current, 4.2.0 permanent`, `rollout 4.2.0` passed
+/// preflight, its install was refused by the node, then the rollback "downgraded to 4.2.2" (the
+/// release already running) and ended `rollback_failed`. The forward step is a downgrade to
+/// 4.2.0, gated; nothing to stage or commit.
+#[test]
+fn a_permanent_target_behind_a_current_release_is_switched_back_to_with_a_downgrade() {
+    let mut worlds = [
+        Node::with(&[("4.2.2", "current"), ("4.2.0", "permanent")]),
+        Node::with(&[("4.2.0", "permanent")]),
+    ];
+    let mut s = spec(2);
+    s.version = v("4.2.0");
+    let mut h = H::new(s);
+    let all = drive(&mut h, &mut worlds, |_, _| None);
+    assert!(h.has_event("n1: preflight ok: runs 4.2.2 (current; 4.2.0 permanent): 4.2.0 is its permanent release; switch back to it with a downgrade (it stays permanent), then health gate"));
+    assert!(h.has_event("n2: already runs 4.2.0 permanently: skipped"));
+    assert_eq!(
+        on("n1", &all),
+        ["preflight", "downgrade to 4.2.0", "health gate on 4.2.0"]
+    );
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert_eq!(h.steps(), [NodeStep::Committed, NodeStep::Skipped]);
+    assert_eq!(worlds[0].shape(), (vv("4.2.0"), vv("4.2.0"), None));
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "all 2 nodes run 4.2.0 permanently (1 switched back to it with a downgrade, 1 already did: skipped)"
+    );
+}
+
+/// Bug 2's rollback: the switch back is undone by installing the release that was current
+/// (it is `old` then), which restores exactly `4.2.2 current, 4.2.0 permanent`.
+#[test]
+fn a_switch_back_is_undone_by_installing_the_formerly_current_release() {
+    let mut worlds = [Node::with(&[("4.2.2", "current"), ("4.2.0", "permanent")])];
+    let start = worlds[0].clone();
+    let mut s = spec(1);
+    s.version = v("4.2.0");
+    let mut h = H::new(s);
+    let all = drive(&mut h, &mut worlds, |a, _| {
+        matches!(a.kind, ActionKind::HealthGate { expect, .. } if expect == v("4.2.0")).then(|| {
+            ActionResult::Failed {
+                error: "unhealthy".into(),
+            }
+        })
+    });
+    assert_eq!(h.phase(), Phase::RolledBack);
+    assert_eq!(
+        on("n1", &all),
+        [
+            "preflight",
+            "downgrade to 4.2.0",
+            "health gate on 4.2.0",
+            "install 4.2.2",
+            "health gate on 4.2.2"
+        ]
+    );
+    assert_eq!(worlds[0].shape(), start.shape());
+    assert!(h.has_event("n1: 4.2.2 installed again (current, not permanent, as before)"));
+    assert!(h.has_event("n1: rolled back to 4.2.2 and healthy"));
+}
+
+/// Bug 2's other half: a step the agent refused changed nothing, so it does not make its node
+/// touched, and a rollback never targets what a node runs: the rollout ends `aborted` (nothing
+/// to undo), not `rollback_failed`.
+#[test]
+fn a_refused_step_leaves_its_node_untouched_and_nothing_to_roll_back() {
+    let mut worlds = [Node::with(&[("4.2.2", "current"), ("4.2.0", "permanent")])];
+    let mut s = spec(1);
+    s.version = v("4.2.0");
+    let mut h = H::new(s);
+    let all = drive(&mut h, &mut worlds, |a, _| {
+        matches!(a.kind, ActionKind::Downgrade { .. }).then(|| ActionResult::Refused {
+            error: "the node is held by another rollout".into(),
+        })
+    });
+    assert_eq!(h.phase(), Phase::Aborted);
+    assert_eq!(on("n1", &all), ["preflight", "downgrade to 4.2.0"]);
+    assert!(h.r.touched().is_empty());
+    let err = h.r.error().unwrap();
+    assert!(
+        err.contains(
+            "n1: downgrade to 4.2.0 refused, nothing changed: the node is held by another rollout"
+        ),
+        "{err}"
+    );
+    assert!(h.has_event("nothing to roll back"));
+    assert!(!h.has_event("rollback failed"));
+
+    // Next to a node that did change: only that one is rolled back.
+    let mut worlds = [
+        Node::with(&[("4.2.0", "permanent")]),
+        Node::with(&[("4.2.0", "permanent")]),
+    ];
+    let mut h = H::new(spec(2));
+    let all = drive(&mut h, &mut worlds, |a, _| {
+        (a.node.as_str() == "n2" && matches!(a.kind, ActionKind::Install { .. })).then(|| {
+            ActionResult::Refused {
+                error: "refused to install 4.2.1: no package".into(),
+            }
+        })
+    });
+    assert_eq!(h.phase(), Phase::RolledBack);
+    assert_eq!(h.r.touched(), vec![n("n1")]);
+    assert_eq!(
+        on("n2", &all),
+        ["preflight", "stage 4.2.1", "install 4.2.1"]
+    );
+    assert!(h.has_event("all 1 touched node rolled back"));
+    assert_eq!(h.step("n2"), NodeStep::Failed);
+}
+
+/// A refusal of an install still in flight when the rollback started: the node drops out of
+/// the rollback; when it was the only touched one, nothing is left to undo.
+#[test]
+fn a_refusal_arriving_during_the_rollback_untouches_its_node() {
+    let mut s = spec(2);
+    s.batch_size = 2;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.refuse(a[0].seq, "no");
+    // n2's install is still in flight: the rollout waits for it.
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert_eq!(h.r.touched(), vec![n("n2")]);
+    h.refuse(a[1].seq, "no either");
+    assert_eq!(h.phase(), Phase::Aborted);
+    assert!(h.r.touched().is_empty());
+    assert!(h.has_event("no node was changed after all"));
+    h.check();
+}
+
+/// A node on another release C current over its permanent P, upgraded to a target it did not
+/// have: the rollback installs C again (not permanent); if a commit may have made the target
+/// permanent, it first downgrades to P. Either way the node ends `C current, P permanent`.
+#[test]
+fn a_node_with_another_current_release_gets_it_back_on_rollback() {
+    for fail_commit in [false, true] {
+        let mut worlds = [Node::with(&[("4.2.5", "current"), ("4.2.0", "permanent")])];
+        let start = worlds[0].clone();
+        let mut h = H::new(spec(1));
+        let all = drive(&mut h, &mut worlds, |a, w| {
+            if fail_commit && matches!(a.kind, ActionKind::Commit { .. }) {
+                // Made permanent, but the answer was lost.
+                w.perform(&a.kind).unwrap();
+                return Some(ActionResult::Failed {
+                    error: "connection reset".into(),
+                });
+            }
+            (!fail_commit
+                && matches!(a.kind, ActionKind::HealthGate { expect, .. } if expect == v(TARGET)))
+            .then(|| ActionResult::Failed {
+                error: "unhealthy".into(),
+            })
+        });
+        assert_eq!(h.phase(), Phase::RolledBack, "{}", h.r.summary());
+        // What came after the last step on 4.2.1: the rollback.
+        let steps = on("n1", &all);
+        let last_forward = steps.iter().rposition(|k| k.contains("4.2.1")).unwrap();
+        let undo = &steps[last_forward + 1..];
+        if fail_commit {
+            assert_eq!(
+                undo,
+                [
+                    "downgrade to 4.2.0",
+                    "install 4.2.5",
+                    "health gate on 4.2.5"
+                ]
+            );
+        } else {
+            assert_eq!(undo, ["install 4.2.5", "health gate on 4.2.5"]);
+        }
+        assert_eq!(
+            worlds[0].shape(),
+            start.shape(),
+            "fail_commit {fail_commit}"
+        );
+    }
+}
+
+/// The target on disk already (unpacked, or old: even an older patch release taken back) is
+/// installed without staging; an `old` target is installed (health gate before permanent),
+/// not downgraded to.
+#[test]
+fn a_target_on_disk_is_installed_without_staging() {
+    for state in ["unpacked", "old"] {
+        let mut worlds = [
+            Node::with(&[("4.2.5", "permanent"), ("4.2.1", state)]),
+            Node::with(&[("4.2.5", "permanent")]),
+        ];
+        let mut s = spec(2);
+        s.package = Some(PackageRef {
+            name: "emqx".into(),
+            version: v(TARGET),
+            sha256: "0".repeat(64),
+            size: 1 << 50,
+        });
+        let mut h = H::new(s);
+        let a = h.issue();
+        // n1 needs no disk for a package it does not need; n2 does.
+        h.result(a[0].seq, agent(&a[0], &mut worlds[0]));
+        assert_eq!(h.step("n1"), NodeStep::Staged);
+        assert!(h.has_event(&format!("n1: preflight ok: runs 4.2.5 permanently: 4.2.1 is already on its disk ({state}), nothing to stage; install, gate, make permanent")));
+        h.result(a[1].seq, agent(&a[1], &mut worlds[1]));
+        assert_eq!(h.phase(), Phase::Aborted);
+        assert!(h.r.error().unwrap().contains("n2: not enough free disk"));
+
+        let mut worlds = [Node::with(&[("4.2.5", "permanent"), ("4.2.1", state)])];
+        let mut h = H::new(spec(1));
+        let all = drive(&mut h, &mut worlds, |_, _| None);
+        assert_eq!(
+            on("n1", &all),
+            [
+                "preflight",
+                "install 4.2.1",
+                "health gate on 4.2.1",
+                "make 4.2.1 permanent"
+            ]
+        );
+        assert!(h.has_event("all 1 node ready (0 staged, 1 already had 4.2.1)"));
+        assert_eq!(worlds[0].shape(), (vv("4.2.1"), vv("4.2.1"), None));
+    }
+}
+
+/// A release list that does not add up (two permanent releases, a running version it does not
+/// list) is refused in preflight, naming the node and what is wrong.
+#[test]
+fn a_release_list_that_does_not_add_up_is_refused_in_preflight() {
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.preflight_with(a[0].seq, &[("4.2.0", "permanent"), ("4.1.0", "permanent")]);
+    h.result(
+        a[1].seq,
+        ActionResult::Preflight {
+            running: v("4.2.3"),
+            free_disk: 1 << 40,
+            releases: entries(&[("4.2.0", "permanent")]),
+        },
+    );
+    assert_eq!(h.phase(), Phase::Aborted);
+    let err = h.r.error().unwrap();
+    assert!(err.contains("n1: its releases do not add up (both 4.2.0 and 4.1.0 are permanent: 4.2.0 permanent, 4.1.0 permanent); nothing was touched, check `orchestrator node versions --agent n1`"), "{err}");
+    assert!(err.contains("n2: its releases do not add up (it reports 4.2.3 running, but its releases say 4.2.0 runs"), "{err}");
+    h.check();
+}
+
+/// An `abort` half-way leaves some nodes on the target not permanently, others on the old
+/// release: a rollout of either version repairs the cluster.
+#[test]
+fn a_rollout_of_either_version_repairs_a_half_way_abort() {
+    let half_way = || {
+        [
+            Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]),
+            Node::with(&[("4.2.1", "current"), ("4.2.0", "permanent")]),
+            Node::with(&[("4.2.1", "unpacked"), ("4.2.0", "permanent")]),
+        ]
+    };
+    let mut worlds = half_way();
+    let mut h = H::new(spec(3));
+    drive(&mut h, &mut worlds, |_, _| None);
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert!(
+        worlds
+            .iter()
+            .all(|w| w.shape() == (vv("4.2.1"), vv("4.2.1"), None))
+    );
+
+    let mut worlds = half_way();
+    let mut s = spec(3);
+    s.version = v("4.2.0");
+    let mut h = H::new(s);
+    drive(&mut h, &mut worlds, |_, _| None);
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert!(
+        worlds
+            .iter()
+            .all(|w| w.shape() == (vv("4.2.0"), vv("4.2.0"), None))
+    );
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "all 3 nodes run 4.2.0 permanently (2 switched back to it with a downgrade, 1 already did: skipped)"
+    );
+}
+
+/// Bug 4: the failure threshold is in the spec (default 3, 0 disables, validated) and in every
+/// health gate the machine issues, forward and rollback, so the driver can fail a gate after
+/// that many failed probes in a row instead of waiting out the deadline.
+#[test]
+fn the_failure_threshold_travels_in_every_health_gate() {
+    assert_eq!(spec(1).failure_threshold, 3);
+    let mut s = spec(1);
+    s.failure_threshold = 30_000;
+    assert_eq!(
+        Rollout::new(s).unwrap_err(),
+        SpecError::FailureThresholdTooLarge(30_000)
+    );
+    for threshold in [0, 1, 5] {
+        let mut s = spec(1);
+        s.failure_threshold = threshold;
+        let mut h = H::new(s);
+        h.run_to_upgrading();
+        let a = h.issue();
+        h.done(a[0].seq);
+        let g = h.issue();
+        assert_eq!(
+            g[0].kind,
+            ActionKind::HealthGate {
+                min_healthy_time_ms: 0,
+                healthy_deadline_ms: 1_000,
+                expect: v(TARGET),
+                failure_threshold: threshold,
+            }
+        );
+        h.fail(g[0].seq, "3 probes in a row answered HTTP 500");
+        let d = h.issue();
+        h.done(d[0].seq);
+        let g = h.issue();
+        assert!(matches!(
+            g[0].kind,
+            ActionKind::HealthGate { failure_threshold, expect, .. } if failure_threshold == threshold && expect == v(FROM)
+        ));
+        h.check();
+    }
+}
+
+/// Snapshots of the coordinators' state hold every rollout ever run: a rollout serialized
+/// before release lists (no route, start, undo count or threshold fields) still decodes and
+/// continues as it would have.
+#[test]
+fn a_rollout_serialized_before_release_lists_decodes_and_continues() {
+    let mut h = H::new(spec(2));
+    let a = h.issue();
+    h.preflight_legacy(a[0].seq, FROM);
+    h.preflight_legacy(a[1].seq, FROM);
+    h.stage_all();
+    let i = h.issue();
+    h.done(i[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "unhealthy");
+    let d = h.issue();
+    h.done(d[0].seq);
+    let g = h.issue(); // the rollback gate, in flight
+    let mut old = serde_json::to_value(&h.r).unwrap();
+    old["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("failure_threshold");
+    for node in old["nodes"].as_array_mut().unwrap() {
+        let node = node.as_object_mut().unwrap();
+        for field in ["route", "start", "commit_seq", "undone", "refused"] {
+            assert!(node.remove(field).is_some(), "{field}");
+        }
+        assert!(node.contains_key("install_seq"));
+    }
+    for a in old["in_flight"].as_array_mut().unwrap() {
+        a["kind"]["health_gate"]
+            .as_object_mut()
+            .unwrap()
+            .remove("failure_threshold");
+    }
+    let mut back: Rollout = serde_json::from_value(old).unwrap();
+    assert_eq!(back.next_actions(), h.r.next_actions());
+    assert_eq!(back.touched(), vec![n("n1")]);
+    back.apply(
+        &Event::Result {
+            seq: g[0].seq,
+            result: ActionResult::Done,
+        },
+        1,
+        "c",
+    )
+    .unwrap();
+    assert_eq!(back.phase(), Phase::RolledBack);
+}
+
+/// The abort message says, per node and route, what each node runs.
+#[test]
+fn abort_message_names_switched_back_and_refused_nodes() {
+    let mut worlds = [
+        Node::with(&[("4.2.1", "permanent"), ("4.2.0", "current")]),
+        Node::with(&[("4.2.0", "permanent")]),
+    ];
+    let mut s = spec(2);
+    s.on_failure = OnFailure::Pause;
+    let mut h = H::new(s);
+    let a = h.issue();
+    for x in &a {
+        let i: usize = x.node.as_str()[1..].parse().unwrap();
+        h.result(x.seq, agent(x, &mut worlds[i - 1]));
+    }
+    h.stage_all();
+    let d = h.issue();
+    assert_eq!(kinds(&d), [k("n1", "downgrade")]);
+    h.result(d[0].seq, agent(&d[0], &mut worlds[0]));
+    let g = h.issue();
+    h.done(g[0].seq);
+    let i = h.issue();
+    h.refuse(i[0].seq, "no");
+    assert_eq!(h.phase(), Phase::Paused);
+    h.cmd(Command::Abort).unwrap();
+    assert_eq!(
+        h.messages().pop().unwrap(),
+        "aborted by alice; nodes are left as they are: n1: run 4.2.1 permanently; n2: untouched (install refused)"
+    );
     h.check();
 }

@@ -25,6 +25,16 @@ pub const DEFAULT_MAX_PARALLEL_STAGING: u32 = 8;
 pub const DEFAULT_MIN_HEALTHY_TIME_MS: u64 = 10_000;
 /// How long a node gets, from the start of its health gate, to become healthy.
 pub const DEFAULT_HEALTHY_DEADLINE_MS: u64 = 300_000;
+/// Consecutive failed probes that fail a health gate at once (Kubernetes' `failureThreshold`
+/// default). 0 disables it: only the deadline ends a gate.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+/// How long preflight may take per node (reading its releases and free disk) before the node
+/// counts as unreachable, and the longest an operator may ask for.
+pub const DEFAULT_PREFLIGHT_TIMEOUT_MS: u64 = 5_000;
+pub const MAX_PREFLIGHT_TIMEOUT_MS: u64 = 600_000;
+/// Largest accepted failure threshold. A count this high never fires before any sensible
+/// deadline, so a bigger one is almost surely a duration typed as a count (`30000`).
+pub const MAX_FAILURE_THRESHOLD: u32 = 10_000;
 
 /// Why a [`RolloutSpec`] was refused. Each message names the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +72,14 @@ pub enum SpecError {
     },
     #[error("invalid package sha256 {0:?}: expected 64 lowercase hexadecimal characters")]
     InvalidSha256(String),
+    #[error(
+        "failure threshold {0} is too large (at most {MAX_FAILURE_THRESHOLD} consecutive failed probes; it is a count, not a duration); use 0 to disable it"
+    )]
+    FailureThresholdTooLarge(u32),
+    #[error(
+        "preflight timeout {0} ms is out of range: it must be between 1 ms and {MAX_PREFLIGHT_TIMEOUT_MS} ms"
+    )]
+    PreflightTimeout(u64),
 }
 
 /// The package a rollout installs, as recorded in the Raft log: never the bytes, which live in
@@ -80,7 +98,7 @@ pub struct PackageRef {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
-    /// Downgrade every touched node, newest first (the default).
+    /// Undo what was done to every touched node, most recently touched first (the default).
     #[default]
     Rollback,
     /// Stop and wait for an operator's `resume`, `rollback` or `abort`.
@@ -121,6 +139,14 @@ fn default_max_parallel_staging() -> u32 {
     DEFAULT_MAX_PARALLEL_STAGING
 }
 
+fn default_failure_threshold() -> u32 {
+    DEFAULT_FAILURE_THRESHOLD
+}
+
+fn default_preflight_timeout_ms() -> u64 {
+    DEFAULT_PREFLIGHT_TIMEOUT_MS
+}
+
 /// What an operator asked for: move `nodes`, in this order, to `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutSpec {
@@ -145,6 +171,14 @@ pub struct RolloutSpec {
     /// Nodes staged (and committed) at a time; absent in older JSON, hence the default.
     #[serde(default = "default_max_parallel_staging")]
     pub max_parallel_staging: u32,
+    /// Consecutive failed probes (the agent answered: unhealthy) that fail a health gate at
+    /// once, without waiting for `healthy_deadline_ms`; 0: only the deadline. An unreachable
+    /// agent is not a failed probe. Absent in older JSON, hence the default.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// How long preflight may take per node; absent in older JSON, hence the default.
+    #[serde(default = "default_preflight_timeout_ms")]
+    pub preflight_timeout_ms: u64,
 }
 
 impl RolloutSpec {
@@ -169,6 +203,8 @@ impl RolloutSpec {
             on_failure: OnFailure::Rollback,
             requested_by: requested_by.into(),
             max_parallel_staging: DEFAULT_MAX_PARALLEL_STAGING,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            preflight_timeout_ms: DEFAULT_PREFLIGHT_TIMEOUT_MS,
         }
     }
 
@@ -208,6 +244,12 @@ impl RolloutSpec {
                 deadline_ms: self.healthy_deadline_ms,
                 min_healthy_ms: self.min_healthy_time_ms,
             });
+        }
+        if self.failure_threshold > MAX_FAILURE_THRESHOLD {
+            return Err(SpecError::FailureThresholdTooLarge(self.failure_threshold));
+        }
+        if self.preflight_timeout_ms == 0 || self.preflight_timeout_ms > MAX_PREFLIGHT_TIMEOUT_MS {
+            return Err(SpecError::PreflightTimeout(self.preflight_timeout_ms));
         }
         if let Some(p) = &self.package {
             if crate::validate_package_name(&p.name).is_err() {
@@ -263,10 +305,11 @@ pub enum Phase {
     Succeeded,
     /// Waiting for an operator (after `pause`, or after a failure with `--on-failure pause`).
     Paused,
-    /// Downgrading every touched node, newest first, each health-gated.
+    /// Undoing what was done to every touched node, most recently touched first, each
+    /// health-gated.
     RollingBack,
     RolledBack,
-    /// A downgrade or its health gate failed on some node; the error names them.
+    /// An undo step or its health gate failed on some node; the error names them.
     RollbackFailed,
     /// Stopped; nodes left as they were at that moment (the events say how).
     Aborted,
@@ -332,24 +375,31 @@ impl FromStr for Phase {
 /// Where one node stands within a rollout. Serialized as snake_case names.
 ///
 /// The forward path is `pending -> preflight_ok -> staging -> staged -> installing -> installed
-/// -> verifying -> upgraded -> committing -> committed`; `skipped` ends it for a node already on
-/// the target. `failed` holds the error of the step that failed. The rollback path is
-/// `rolling_back` (downgrade and its health gate) then `rolled_back` or `rollback_failed`.
+/// -> verifying -> upgraded -> committing -> committed`; `skipped` ends it for a node that is
+/// already where the rollout would leave it. A node enters the path where its releases put it:
+/// `staged` when the target is already on its disk, `installed` when it already runs the target
+/// without it being permanent. `installing` is the switch to the target, whichever agent call
+/// does it (install, or downgrade when the target is the node's permanent release).
+/// `failed` holds the error of the step that failed. The rollback path is `rolling_back` (the
+/// steps that undo what was done, then a health gate) then `rolled_back` or `rollback_failed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeStep {
     /// Not preflighted yet (or its preflight is in flight).
     Pending,
-    /// Already running the target: nothing to do.
+    /// Already where the rollout would leave it (running the target permanently, or, with
+    /// `--no-permanent`, running it at all): nothing to do.
     Skipped,
     /// Reachable, patch-level hop, enough disk.
     PreflightOk,
     Staging,
     /// The release is unpacked on the node; the service still runs the old one.
     Staged,
-    /// Hot install in flight.
+    /// The switch to the target in flight (a hot install, or a downgrade to the target when it
+    /// is the node's permanent release).
     Installing,
-    /// Switched to the target (not permanent); health not confirmed yet.
+    /// Running the target (not permanent, unless it was switched back to as the node's
+    /// permanent release); health not confirmed yet.
     Installed,
     /// Health gate on the target in flight.
     Verifying,
@@ -360,11 +410,12 @@ pub enum NodeStep {
     Committed,
     /// The last step failed; `error` says which and why.
     Failed,
-    /// Downgrade or its health gate in progress.
+    /// Undo steps (downgrade, install of the release that was current) or their health gate
+    /// in progress.
     RollingBack,
     /// Back on its previous version and healthy.
     RolledBack,
-    /// Downgrade or its health gate failed: this node needs a person.
+    /// An undo step or its health gate failed: this node needs a person.
     RollbackFailed,
 }
 
@@ -434,7 +485,9 @@ impl FromStr for NodeStep {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeProgress {
     pub id: NodeId,
-    /// The version the node ran when preflight asked (`None` before that). Rollback returns here.
+    /// The version the node ran when preflight asked (`None` before that). Rollback returns
+    /// here, except on a node that ran the target itself without it being permanent: that one
+    /// returns to its permanent release (the events say so).
     pub from_version: Option<Version>,
     pub step: NodeStep,
     /// The most recent error on this node, if any (the events keep the full history).
@@ -649,17 +702,36 @@ mod tests {
     }
 
     #[test]
+    fn failure_threshold_defaults_and_bounds() {
+        assert_eq!(spec().failure_threshold, DEFAULT_FAILURE_THRESHOLD);
+        let mut s = spec();
+        s.failure_threshold = 0;
+        assert_eq!(s.validate(), Ok(()), "0 disables the threshold");
+        s.failure_threshold = MAX_FAILURE_THRESHOLD;
+        assert_eq!(s.validate(), Ok(()));
+        s.failure_threshold = 30_000;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err, SpecError::FailureThresholdTooLarge(30_000));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("30000") && msg.contains("use 0 to disable"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn spec_json_round_trip_and_default_parallelism() {
         let s = spec();
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<RolloutSpec>(&json).unwrap(), s);
         let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
-        value
-            .as_object_mut()
-            .unwrap()
-            .remove("max_parallel_staging");
+        let obj = value.as_object_mut().unwrap();
+        obj.remove("max_parallel_staging");
+        // Specs in the Raft log of clusters older than the failure threshold lack it.
+        obj.remove("failure_threshold");
         let back: RolloutSpec = serde_json::from_value(value).unwrap();
         assert_eq!(back.max_parallel_staging, DEFAULT_MAX_PARALLEL_STAGING);
+        assert_eq!(back.failure_threshold, DEFAULT_FAILURE_THRESHOLD);
     }
 
     #[test]

@@ -175,12 +175,14 @@ pub struct Member {
     pub addr: String,
     /// A voter (`false`: a learner, receiving the log without voting).
     pub voter: bool,
-    /// On the leader: how long ago this member last acknowledged a heartbeat or an append
-    /// (`None`: never, or this node is not the leader).
-    #[serde(default)]
+}
+
+/// How a member answers the leader (known on the leader only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MemberLiveness {
+    /// How long ago it last acknowledged a heartbeat or an append (`None`: never).
     pub last_ack: Option<Duration>,
-    /// On the leader: the last log index this member is known to hold.
-    #[serde(default)]
+    /// The last log index it is known to hold.
     pub matched: Option<u64>,
 }
 
@@ -211,6 +213,9 @@ pub struct RaftStatus {
     /// never acknowledged in this term).
     #[serde(default)]
     pub quorum_acked: Option<Duration>,
+    /// On the leader: how each other member answers it, by id.
+    #[serde(default)]
+    pub liveness: BTreeMap<u64, MemberLiveness>,
 }
 
 impl RaftStatus {
@@ -709,8 +714,6 @@ fn status_of(m: &RaftMetrics<TypeConfig>) -> RaftStatus {
         id,
         addr: addr(&id),
         voter,
-        last_ack: last_ack(&id),
-        matched: matched(&id),
     };
     let mut members: Vec<Member> = membership
         .voter_ids()
@@ -718,6 +721,16 @@ fn status_of(m: &RaftMetrics<TypeConfig>) -> RaftStatus {
         .chain(membership.learner_ids().map(|id| member(id, false)))
         .collect();
     members.sort_by_key(|m| m.id);
+    let liveness: BTreeMap<u64, MemberLiveness> = members
+        .iter()
+        .map(|x| {
+            let l = MemberLiveness {
+                last_ack: last_ack(&x.id),
+                matched: matched(&x.id),
+            };
+            (x.id, l)
+        })
+        .collect();
     RaftStatus {
         id: m.id,
         role: match m.state {
@@ -742,5 +755,6 @@ fn status_of(m: &RaftMetrics<TypeConfig>) -> RaftStatus {
             .last_quorum_acked
             .as_ref()
             .map(|t| openraft::Instant::elapsed(&**t)),
+        liveness,
     }
 }

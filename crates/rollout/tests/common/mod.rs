@@ -3,11 +3,13 @@
 
 #![allow(dead_code)]
 
+pub mod node;
+
 use orch_rollout::{
     Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rejected, Rollout,
 };
 use orch_types::rollout::{NodeStep, Phase, RolloutSpec};
-use orch_types::{NodeId, Version};
+use orch_types::{NodeId, ReleaseState, Version, VersionEntry};
 
 pub fn v(s: &str) -> Version {
     s.parse().unwrap()
@@ -100,12 +102,48 @@ impl H {
         )
     }
 
+    /// A preflight answer from a node that runs `running` permanently and has nothing else.
     pub fn preflight(&mut self, seq: u64, running: &str) -> Outcome {
+        self.preflight_with(seq, &[(running, "permanent")])
+    }
+
+    /// A preflight answer listing `releases` as `(version, state)`; the running version is the
+    /// current one, else the permanent one.
+    pub fn preflight_with(&mut self, seq: u64, releases: &[(&str, &str)]) -> Outcome {
+        let releases = entries(releases);
+        let running = releases
+            .iter()
+            .find(|e| e.state == ReleaseState::Current)
+            .or_else(|| releases.iter().find(|e| e.state == ReleaseState::Permanent))
+            .expect("a running release")
+            .version;
+        self.result(
+            seq,
+            ActionResult::Preflight {
+                running,
+                free_disk: 1 << 40,
+                releases,
+            },
+        )
+    }
+
+    /// A preflight answer without a release list, as drivers sent before lists existed.
+    pub fn preflight_legacy(&mut self, seq: u64, running: &str) -> Outcome {
         self.result(
             seq,
             ActionResult::Preflight {
                 running: v(running),
                 free_disk: 1 << 40,
+                releases: Vec::new(),
+            },
+        )
+    }
+
+    pub fn refuse(&mut self, seq: u64, error: &str) -> Outcome {
+        self.result(
+            seq,
+            ActionResult::Refused {
+                error: error.to_string(),
             },
         )
     }
@@ -197,6 +235,17 @@ impl H {
     pub fn has_event(&self, needle: &str) -> bool {
         self.r.events().iter().any(|e| e.message.contains(needle))
     }
+}
+
+/// `(version, state)` pairs as release entries.
+pub fn entries(releases: &[(&str, &str)]) -> Vec<VersionEntry> {
+    releases
+        .iter()
+        .map(|(ver, st)| VersionEntry {
+            version: v(ver),
+            state: st.parse().expect("a release state"),
+        })
+        .collect()
 }
 
 pub fn kinds(actions: &[Action]) -> Vec<(String, &'static str)> {

@@ -1,0 +1,109 @@
+//! A node's release store for the tests, run by the node layer's own rules
+//! (`orch_release::rules`): what each action the machine plans does to a node's releases, or the
+//! refusal an agent would answer. Using the real rules (not a copy) means a plan the node layer
+//! would refuse fails the tests.
+
+use orch_release::rules::{self, Op, Plan, Releases};
+use orch_rollout::ActionKind;
+use orch_types::{ReleaseState, Version, VersionEntry};
+
+/// The package name staged releases come from.
+const PACKAGE: &str = "emqx";
+
+/// What a node runs, boots and has current: `(running, permanent, current)`.
+pub type Shape = (Option<Version>, Option<Version>, Option<Version>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Node {
+    pub table: Releases,
+}
+
+impl Node {
+    /// A node whose store holds exactly `rows` (`(version, state)`).
+    pub fn with(rows: &[(&str, &str)]) -> Node {
+        let mut table = Releases::default();
+        for (ver, st) in rows {
+            table.releases.insert(
+                ver.parse().expect("a version"),
+                rules::Record {
+                    state: st.parse().expect("a state"),
+                    name: PACKAGE.to_string(),
+                },
+            );
+        }
+        table.check_invariants().expect("a reachable table");
+        Node { table }
+    }
+
+    pub fn running(&self) -> Option<Version> {
+        self.table.running()
+    }
+
+    pub fn permanent(&self) -> Option<Version> {
+        self.table.permanent()
+    }
+
+    pub fn current(&self) -> Option<Version> {
+        self.table.current()
+    }
+
+    pub fn state(&self, v: Version) -> Option<ReleaseState> {
+        self.table.state(&v)
+    }
+
+    pub fn shape(&self) -> Shape {
+        (self.running(), self.permanent(), self.current())
+    }
+
+    /// The release list a preflight answer carries.
+    pub fn entries(&self) -> Vec<VersionEntry> {
+        self.table.entries()
+    }
+
+    /// Applies a node-layer operation. `Ok(true)`: changed; `Ok(false)`: already held;
+    /// `Err`: refused, nothing changed.
+    pub fn op(&mut self, op: Op, package: Option<&str>) -> Result<bool, String> {
+        match rules::plan(&self.table, op, package)? {
+            Plan::Already(_) => Ok(false),
+            Plan::Apply(change) => {
+                self.table = change.next;
+                self.table
+                    .check_invariants()
+                    .expect("the rules keep the invariants");
+                Ok(true)
+            }
+        }
+    }
+
+    /// The node-layer operation the agent performs for `kind`; `None` for the actions that
+    /// change nothing (preflight, health gate). An install never brings its own package: the
+    /// machine only installs what is already on the node's disk.
+    pub fn op_for(kind: &ActionKind) -> Option<(Op, Option<&'static str>)> {
+        match kind {
+            ActionKind::Preflight | ActionKind::HealthGate { .. } => None,
+            ActionKind::Stage { version } => Some((Op::Unpack(*version), Some(PACKAGE))),
+            ActionKind::Install { version } => Some((
+                Op::Install {
+                    version: *version,
+                    permanent: false,
+                },
+                None,
+            )),
+            ActionKind::Commit { version } => Some((Op::Permanent(*version), None)),
+            ActionKind::Downgrade { to } => Some((Op::Downgrade(*to), None)),
+        }
+    }
+
+    /// Performs `kind` as the agent would (see [`Node::op`]).
+    pub fn perform(&mut self, kind: &ActionKind) -> Result<bool, String> {
+        match Node::op_for(kind) {
+            Some((op, package)) => self.op(op, package),
+            None => Ok(false),
+        }
+    }
+
+    /// What performing `kind` would do, leaving the node as it is.
+    pub fn try_perform(&self, kind: &ActionKind) -> Result<bool, String> {
+        self.clone().perform(kind)
+    }
+}
