@@ -83,19 +83,30 @@ fn the_first_fenced_call_binds_the_node_and_other_clusters_are_refused_until_reb
     let root = agent.root.clone();
     rt().block_on(async {
         let mut c = agent.client().await;
-        let info = c.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(info.cluster_id, "", "unbound until a coordinator's fence");
         c.unpack(unpack("4.2.0", fence_of("cluster-a", 7, "r000003", 2)))
             .await
             .unwrap();
-        let info = c.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(info.cluster_id, "cluster-a");
         assert_eq!(info.held_by, "r000003");
         let bound: serde_json::Value =
             serde_json::from_str(&read_or_empty(&root.join("agent/cluster.json"))).unwrap();
         assert_eq!(bound["cluster_id"], "cluster-a");
         assert_eq!(bound["by"], "unauthenticated");
-        assert!(bound["bound_at"].as_str().unwrap().ends_with('Z'), "{bound}");
+        assert!(
+            bound["bound_at"].as_str().unwrap().ends_with('Z'),
+            "{bound}"
+        );
 
         // Coordinators rebuilt from scratch (terms restart at 1) are another cluster: refused,
         // naming both ids and the remedy, and nothing changes.
@@ -149,12 +160,20 @@ fn the_first_fenced_call_binds_the_node_and_other_clusters_are_refused_until_reb
     );
     rt().block_on(async {
         let mut c = agent.client().await;
-        let info = c.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!((info.cluster_id.as_str(), info.held_by.as_str()), ("", ""));
         c.unpack(unpack("4.2.0", fence_of("cluster-b", 1, "r1", 0)))
             .await
             .unwrap();
-        let info = c.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(info.cluster_id, "cluster-b");
         assert_eq!(info.last_fence, fence_of("cluster-b", 1, "r000001", 0));
     });
@@ -223,7 +242,11 @@ fn rollout_ids_compare_by_number_and_malformed_fences_are_bad_requests() {
             assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
             assert_eq!(error_kind(&e), "bad-request", "{e:?}");
             assert!(e.message().contains(needle), "{e:?}");
-            assert!(e.message().len() < 512, "bounded: {} bytes", e.message().len());
+            assert!(
+                e.message().len() < 512,
+                "bounded: {} bytes",
+                e.message().len()
+            );
         }
         assert_eq!(node_state(&mut c, &agent.root).await, before);
     });
@@ -267,9 +290,7 @@ fn a_step_whose_deadline_passed_is_refused_and_changes_nothing() {
     );
 
     // Already past when it arrives.
-    let e = r
-        .block_on(c.install(install(now_ms() - 1000)))
-        .unwrap_err();
+    let e = r.block_on(c.install(install(now_ms() - 1000))).unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert_eq!(error_kind(&e), "deadline");
     assert!(
@@ -325,7 +346,10 @@ fn a_rollout_holds_the_node_until_released() {
         ),
         "{line:?}"
     );
-    assert_eq!(agent.node_ok(&["versions"]), "Installed versions:\n* 4.2.0\tunpacked\n");
+    assert_eq!(
+        agent.node_ok(&["versions"]),
+        "Installed versions:\n* 4.2.0\tunpacked\n"
+    );
     rt().block_on(async {
         let mut c = agent.client().await;
         for (f, why) in [
@@ -346,7 +370,11 @@ fn a_rollout_holds_the_node_until_released() {
             .await
             .unwrap_err();
         assert_eq!(error_kind(&e), "other-cluster", "{e:?}");
-        let info = c.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(info.held_by, "r000007");
         let r = c
             .release(pb::ReleaseRequest {
@@ -356,7 +384,11 @@ fn a_rollout_holds_the_node_until_released() {
             .unwrap()
             .into_inner();
         assert!(r.released);
-        let info = c.node_info(pb::NodeInfoRequest {}).await.unwrap().into_inner();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(info.held_by, "");
         assert_eq!(info.last_fence, fence(2, "r000007", 14), "still fenced");
         // A deposed coordinator is still fenced after the release.
@@ -389,7 +421,10 @@ fn rebind_and_force_are_refused_where_they_mean_nothing() {
         "--root-dir",
         root.to_str().unwrap(),
     ]);
-    assert_refused(&o, "pass --agent ADDR (a local root directory has no agent)");
+    assert_refused(
+        &o,
+        "pass --agent ADDR (a local root directory has no agent)",
+    );
     let o = local(&root, &["uninstall", "4.2.0", "--force"]);
     assert_refused(&o, "--force overrides a rollout's hold on a node");
     assert!(!root.join("releases").exists(), "nothing was done");
@@ -404,7 +439,10 @@ fn switched_root(tmp: &Path) -> PathBuf {
     let root = tmp.join("root");
     let p = |v: &str| pkgs.join(format!("emqx-{v}.zip")).display().to_string();
     local_ok(&root, &["install", "--package", &p("4.2.0")]);
-    local_ok(&root, &["install", "--no-permanent", "--package", &p("4.2.1")]);
+    local_ok(
+        &root,
+        &["install", "--no-permanent", "--package", &p("4.2.1")],
+    );
     root
 }
 
@@ -478,7 +516,9 @@ fn reads_never_change_the_node_and_the_start_up_reconcile_does() {
 fn a_service_restart_seen_by_its_pid_is_reconciled_and_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let root = switched_root(tmp.path());
-    let body = |v: &str, pid: u32| HttpReply::Status(200, format!("{{\"version\":\"{v}\",\"pid\":{pid}}}"));
+    let body = |v: &str, pid: u32| {
+        HttpReply::Status(200, format!("{{\"version\":\"{v}\",\"pid\":{pid}}}"))
+    };
     let http = HttpServer::start(body("4.2.1", 100));
     let url = http.url();
     let agent = AgentProc::start("n1", &root, &["--health-url", url.as_str()]);
@@ -557,7 +597,9 @@ fn a_push_of_a_package_the_node_has_ends_at_once() {
             .unwrap();
         let reply = tokio::time::timeout(
             Duration::from_secs(20),
-            c.push_package(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx)),
+            c.push_package(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+                rx,
+            )),
         )
         .await
         .expect("the agent answers before the stream ends")
@@ -575,7 +617,8 @@ fn a_push_of_a_package_the_node_has_ends_at_once() {
     assert_eq!(o, "Unpacked successfully: \"4.2.0\"\n");
     let log = audit(&agent.root);
     assert_eq!(
-        log.matches("unfenced | push emqx-4.2.0.zip | ok unchanged").count(),
+        log.matches("unfenced | push emqx-4.2.0.zip | ok unchanged")
+            .count(),
         2,
         "{log}"
     );

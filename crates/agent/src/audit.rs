@@ -124,7 +124,12 @@ pub fn fence_field(f: Option<&pb::Fence>) -> String {
 
 /// `ok changed` / `ok unchanged`.
 pub fn ok(changed: bool) -> String {
-    if changed { "ok changed" } else { "ok unchanged" }.to_string()
+    if changed {
+        "ok changed"
+    } else {
+        "ok unchanged"
+    }
+    .to_string()
 }
 
 /// `refused <kind>: ...` or `failed <kind>: ...`.
@@ -233,7 +238,9 @@ impl AuditLog {
         match written {
             Ok(len) if len >= self.limit => self.rotate(),
             Ok(_) => {}
-            Err(e) => tracing::warn!(node = %self.node, "cannot write {}: {e}", self.path.display()),
+            Err(e) => {
+                tracing::warn!(node = %self.node, "cannot write {}: {e}", self.path.display())
+            }
         }
     }
 
@@ -283,7 +290,12 @@ mod tests {
             "downgrade 4.2.0",
             &error(&Error::Refused("refused to x\nforged line".into())),
         );
-        log.record(&Caller::Unauthenticated, "unfenced", "uninstall 4.2.0", &ok(false));
+        log.record(
+            &Caller::Unauthenticated,
+            "unfenced",
+            "uninstall 4.2.0",
+            &ok(false),
+        );
         let text = fs::read_to_string(dir.path().join("audit.log")).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
@@ -337,7 +349,12 @@ mod tests {
         let log = AuditLog::with_limit(dir.path(), "n1", 300);
         let name = |i: usize| dir.path().join(format!("audit.log.{i}"));
         for i in 0..40 {
-            log.record(&operator(), "unfenced", &format!("uninstall 1.0.{i}"), &ok(false));
+            log.record(
+                &operator(),
+                "unfenced",
+                &format!("uninstall 1.0.{i}"),
+                &ok(false),
+            );
         }
         // ~90 bytes a line: a rotation every 4 lines, 10 rotations; 3 kept.
         assert!(name(1).exists() && name(2).exists() && name(3).exists());
@@ -365,7 +382,14 @@ mod tests {
         let nums: Vec<u32> = all
             .iter()
             .map(|l| {
-                l.split("uninstall 1.0.").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+                l.split("uninstall 1.0.")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
             })
             .collect();
         assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "{nums:?}");

@@ -177,8 +177,8 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    let bytes =
-        serde_json::to_vec(v).map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))?;
+    let bytes = serde_json::to_vec(v)
+        .map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))?;
     orch_release::fsutil::write_atomic(path, &bytes)?;
     Ok(())
 }
@@ -512,7 +512,10 @@ mod tests {
         let e = admit(&mut s, Some(&fc("cluster-b", 9, "r9", 9))).unwrap_err();
         assert_eq!(e.kind(), "other-cluster");
         let msg = e.to_string();
-        assert!(msg.contains("cluster-a") && msg.contains("cluster-b"), "{msg}");
+        assert!(
+            msg.contains("cluster-a") && msg.contains("cluster-b"),
+            "{msg}"
+        );
         assert!(msg.contains("orchestrator node rebind"), "{msg}");
         drop(s);
         let cluster: serde_json::Value =
@@ -528,7 +531,10 @@ mod tests {
         );
         assert_eq!(s.held_by(), None);
         admit(&mut s, Some(&fc("cluster-b", 1, "r1", 1))).unwrap();
-        assert_eq!(admit(&mut s, Some(&f(9, "r9", 9))).unwrap_err().kind(), "other-cluster");
+        assert_eq!(
+            admit(&mut s, Some(&f(9, "r9", 9))).unwrap_err().kind(),
+            "other-cluster"
+        );
         // Unbound: the next cluster binds it; the stored fence of that cluster counts again.
         assert_eq!(
             s.rebind("", "operator/alice", NOW).unwrap(),
@@ -536,7 +542,9 @@ mod tests {
         );
         assert_eq!(s.cluster_id(), None);
         assert_eq!(
-            admit(&mut s, Some(&fc("cluster-b", 1, "r1", 0))).unwrap_err().kind(),
+            admit(&mut s, Some(&fc("cluster-b", 1, "r1", 0)))
+                .unwrap_err()
+                .kind(),
             "stale-fence"
         );
         admit(&mut s, Some(&f(1, "r1", 0))).unwrap();
@@ -571,11 +579,18 @@ mod tests {
         // Held by r000007 until released.
         let e = unfenced(&mut s, false).unwrap_err();
         assert_eq!(e.kind(), "held");
-        assert!(e.to_string().contains("rollout r000007 of cluster cluster-a"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("rollout r000007 of cluster cluster-a"),
+            "{e}"
+        );
         unfenced(&mut s, true).unwrap();
         assert!(!s.release(&f(1, "r6", 5), NOW).unwrap(), "another rollout");
         assert!(!s.release(&f(1, "r7", 0), NOW).unwrap(), "an older fence");
-        assert_eq!(s.release(&fc("b", 1, "r7", 1), NOW).unwrap_err().kind(), "other-cluster");
+        assert_eq!(
+            s.release(&fc("b", 1, "r7", 1), NOW).unwrap_err().kind(),
+            "other-cluster"
+        );
         assert!(s.release(&f(1, "r7", 1), NOW).unwrap());
         assert!(!s.release(&f(1, "r7", 1), NOW).unwrap(), "already released");
         unfenced(&mut s, false).unwrap();
