@@ -246,14 +246,16 @@ pub async fn serve(
             .or_else(|| local.map(|a| a.to_string()))
             .unwrap_or_else(|| config.listen.to_string());
         tokio::spawn(register::keep_registered(
-            config.coordinators.clone(),
-            config.node_id.to_string(),
-            address,
-            config.labels.clone(),
+            register::Registrant {
+                coordinators: config.coordinators.clone(),
+                node_id: config.node_id.to_string(),
+                address,
+                labels: config.labels.clone(),
+                activate_timeout: config.activate_timeout,
+            },
             shared.driver.clone(),
             shared.stamp.clone(),
             security.clone(),
-            config.activate_timeout,
             changed,
         ))
     });

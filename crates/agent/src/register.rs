@@ -15,17 +15,30 @@ use crate::driver::Driver;
 const REFRESH: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(1);
 
+/// Who this node is, as it registers.
+pub(crate) struct Registrant {
+    pub coordinators: Vec<String>,
+    pub node_id: String,
+    /// The address coordinators dial.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub activate_timeout: Duration,
+}
+
 pub(crate) async fn keep_registered(
-    coordinators: Vec<String>,
-    node_id: String,
-    address: String,
-    labels: BTreeMap<String, String>,
+    me: Registrant,
     driver: Arc<dyn Driver>,
     stamp: Arc<crate::service::Stamp>,
     security: orch_tls::Security,
-    activate_timeout: Duration,
     changed: Arc<tokio::sync::Notify>,
 ) {
+    let Registrant {
+        coordinators,
+        node_id,
+        address,
+        labels,
+        activate_timeout,
+    } = me;
     let mut client = Client::new(coordinators, security);
     client.patience = Duration::from_secs(3);
     let mut registered = false;
