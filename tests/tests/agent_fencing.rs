@@ -610,7 +610,11 @@ fn a_push_of_a_package_the_node_has_ends_at_once() {
             reply.message,
             "Package emqx-4.2.0.zip is already on this node"
         );
-        drop(tx);
+        // The request stream is dropped with the answer: a sender's next send fails, which is
+        // how the CLI's and the coordinators' readers stop.
+        tokio::time::timeout(Duration::from_secs(10), tx.closed())
+            .await
+            .expect("the request stream is dropped after the answer");
     });
     // The CLI's sender copes with the early answer.
     let o = agent.node_ok(&["unpack", "--package", zip.to_str().unwrap()]);

@@ -177,17 +177,26 @@ impl AgentService {
             .map_err(joined)?
     }
 
-    /// A role refusal, audited.
-    fn check(&self, call: &Call, allowed: Result<(), Status>) -> Result<(), Status> {
-        allowed.inspect_err(|s| self.shared.record(call, &audit::status(s)))
+    /// A status not made by the agent (the role check, the transport), audited.
+    fn denied(&self, call: &Call, s: Status) -> Status {
+        self.shared.record(call, &audit::status(&s));
+        s
     }
 
-    /// A refusal decided before admission (a malformed field), audited.
+    /// The agent's own refusal or failure outside [`AgentService::step`], audited.
+    fn refused(&self, call: &Call, e: Error) -> Status {
+        self.shared.record(call, &audit::error(&e));
+        e.into()
+    }
+
+    /// The role check's verdict, a refusal audited.
+    fn check(&self, call: &Call, allowed: Result<(), Status>) -> Result<(), Status> {
+        allowed.map_err(|s| self.denied(call, s))
+    }
+
+    /// A result decided outside a step (a malformed field, the upload), a refusal audited.
     fn parsed<T>(&self, call: &Call, r: Result<T>) -> Result<T, Status> {
-        r.map_err(|e| {
-            self.shared.record(call, &audit::error(&e));
-            e.into()
-        })
+        r.map_err(|e| self.refused(call, e))
     }
 
     /// A fenced (or unfenced), serialized, audited step that returns the outcome and the
@@ -359,10 +368,10 @@ impl Agent for AgentService {
         let mut stream = req.into_inner();
         let first = match stream.next().await {
             Some(Ok(c)) => c,
-            Some(Err(s)) => return Err(self.check(&call, Err(s)).unwrap_err()),
+            Some(Err(s)) => return Err(self.denied(&call, s)),
             None => {
                 let e = Error::BadRequest("push refused: empty stream".into());
-                return Err(self.parsed::<()>(&call, Err(e)).unwrap_err());
+                return Err(self.refused(&call, e));
             }
         };
         let h = self.parsed(
@@ -399,7 +408,7 @@ impl Agent for AgentService {
         .await
         .map_err(joined)
         .and_then(|r| r)
-        .map_err(|e| self.parsed::<()>(&call, Err(e)).unwrap_err())?;
+        .map_err(|e| self.refused(&call, e))?;
         let releases = self.shared.root.join("releases");
         let path = format!("releases/{file_name}");
         let started = tokio::task::spawn_blocking(move || Upload::start(&releases, header))
@@ -427,7 +436,7 @@ impl Agent for AgentService {
                     let s = Status::cancelled(format!(
                         "push of {file_name} interrupted ({e}); package discarded"
                     ));
-                    return Err(self.check(&call, Err(s)).unwrap_err());
+                    return Err(self.denied(&call, s));
                 }
             }
         }
@@ -537,7 +546,7 @@ impl Agent for AgentService {
             let e = Error::Forbidden {
                 caller: call.caller.to_string(),
             };
-            return Err(self.parsed::<()>(&call, Err(e)).unwrap_err());
+            return Err(self.refused(&call, e));
         }
         let fence = self.parsed(
             &call,
