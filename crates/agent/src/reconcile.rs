@@ -8,7 +8,7 @@
 //! - when the service's process identity changes: a background task polls the health URL every
 //!   [`POLL`] and compares the `pid` of its JSON body with the one last reconciled against.
 //!   A service that reports no `pid` is reconciled only at start (or at the first probe that
-//!   answers, if the service was down when the agent started).
+//!   answers, if the service was down when the agent started); the task then ends.
 //!
 //! A reconcile is a step: it runs under the step lock (when a step is in flight, the next poll
 //! tries again), the service is probed again under the lock (a step that ran meanwhile may have
@@ -105,6 +105,11 @@ pub(crate) async fn watch(shared: Arc<Shared>, mut seen: Seen) {
         return;
     };
     loop {
+        // A service that answered without a `pid` is reconciled only at start: polling it
+        // could not tell a restart, so the task ends (and probes nobody needlessly).
+        if seen.done && seen.identity.is_none() {
+            return;
+        }
         tokio::time::sleep(POLL).await;
         let r = health::probe_http(&url, shared.health.timeout, None).await;
         if r.reported.is_none() {
