@@ -623,3 +623,173 @@ fn a_push_of_a_package_the_node_has_ends_at_once() {
         "{log}"
     );
 }
+
+// ---- Registration ---------------------------------------------------------------------------
+
+/// A stand-in coordinator that records registrations and answers nothing else.
+#[derive(Clone, Default)]
+struct Registrations(
+    std::sync::Arc<std::sync::Mutex<Vec<orch_proto::control::RegisterNodeRequest>>>,
+);
+
+mod fake {
+    use orch_proto::control::{self as pb, control_server::Control};
+    use std::pin::Pin;
+    use tonic::codegen::tokio_stream::Stream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    type Res<T> = Result<Response<T>, Status>;
+
+    fn no<T>() -> Res<T> {
+        Err(Status::unimplemented("a test stand-in: registrations only"))
+    }
+
+    #[tonic::async_trait]
+    impl Control for super::Registrations {
+        async fn upload_package(
+            &self,
+            _: Request<Streaming<pb::UploadChunk>>,
+        ) -> Res<pb::UploadReply> {
+            no()
+        }
+        async fn start_rollout(
+            &self,
+            _: Request<pb::StartRolloutRequest>,
+        ) -> Res<pb::RolloutStatus> {
+            no()
+        }
+        async fn get_rollout(&self, _: Request<pb::RolloutRef>) -> Res<pb::RolloutStatus> {
+            no()
+        }
+        async fn list_rollouts(
+            &self,
+            _: Request<pb::ListRolloutsRequest>,
+        ) -> Res<pb::ListRolloutsReply> {
+            no()
+        }
+        type WatchRolloutStream =
+            Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
+        async fn watch_rollout(&self, _: Request<pb::RolloutRef>) -> Res<Self::WatchRolloutStream> {
+            no()
+        }
+        async fn rollout_command(
+            &self,
+            _: Request<pb::RolloutCommandRequest>,
+        ) -> Res<pb::RolloutStatus> {
+            no()
+        }
+        async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesReply> {
+            no()
+        }
+        async fn cluster_status(
+            &self,
+            _: Request<pb::ClusterStatusRequest>,
+        ) -> Res<pb::ClusterStatusReply> {
+            no()
+        }
+        async fn add_member(&self, _: Request<pb::MemberRequest>) -> Res<pb::ClusterStatusReply> {
+            no()
+        }
+        async fn remove_member(
+            &self,
+            _: Request<pb::MemberRequest>,
+        ) -> Res<pb::ClusterStatusReply> {
+            no()
+        }
+        async fn register_node(
+            &self,
+            req: Request<pb::RegisterNodeRequest>,
+        ) -> Res<pb::RegisterNodeReply> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(req.into_inner());
+            Ok(Response::new(pb::RegisterNodeReply { changed: true }))
+        }
+    }
+}
+
+/// Registrations carry the agent's `--activate-timeout` (coordinators size their calls'
+/// deadlines from it), and a reconcile after a service restart reaches the coordinators.
+#[test]
+fn registration_carries_the_activate_timeout_and_the_reconciled_releases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = switched_root(tmp.path());
+    let seen = Registrations::default();
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = server_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let coordinator = listener.local_addr().unwrap().to_string();
+    let svc = orch_proto::control::control_server::ControlServer::new(seen.clone());
+    server_rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(orch_tls::incoming(listener)),
+    );
+    let body = |v: &str, pid: u32| {
+        HttpReply::Status(200, format!("{{\"version\":\"{v}\",\"pid\":{pid}}}"))
+    };
+    let http = HttpServer::start(body("4.2.1", 100));
+    let url = http.url();
+    let _agent = AgentProc::start(
+        "n1",
+        &root,
+        &[
+            "--coordinator",
+            coordinator.as_str(),
+            "--activate-timeout",
+            "75s",
+            "--health-url",
+            url.as_str(),
+        ],
+    );
+    let last = || {
+        seen.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .cloned()
+    };
+    let states_of = |r: &orch_proto::control::RegisterNodeRequest| -> Vec<(String, String)> {
+        r.versions
+            .iter()
+            .map(|e| (e.version.clone(), e.state.clone()))
+            .collect()
+    };
+    wait_until(Duration::from_secs(20), "a registration", || {
+        last().is_some()
+    });
+    let first = last().unwrap();
+    assert_eq!(first.id, "n1");
+    assert_eq!(first.activate_timeout_ms, 75_000);
+    assert_eq!(
+        states_of(&first),
+        vec![
+            ("4.2.1".to_string(), "current".to_string()),
+            ("4.2.0".to_string(), "permanent".to_string())
+        ]
+    );
+    // The service restarts on its own: the reconciled releases are registered, newer stamped.
+    http.set(body("4.2.0", 200));
+    wait_until(
+        Duration::from_secs(20),
+        "the reconciled releases registered",
+        || {
+            last().is_some_and(|r| {
+                states_of(&r)
+                    == vec![
+                        ("4.2.1".to_string(), "unpacked".to_string()),
+                        ("4.2.0".to_string(), "permanent".to_string()),
+                    ]
+            })
+        },
+    );
+    let after = last().unwrap();
+    assert_eq!(after.boot_id, first.boot_id);
+    assert!(after.state_rev > first.state_rev, "{after:?}");
+}
