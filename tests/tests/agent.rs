@@ -744,8 +744,8 @@ fn fencing_rejects_stale_fences_across_restarts() {
             "older step",
         );
         assert!(
-            e.message().contains("(term 2, rollout r1, step 4)")
-                && e.message().contains("(term 2, rollout r1, step 5)"),
+            e.message().contains("(term 2, rollout r000001, step 4)")
+                && e.message().contains("(term 2, rollout r000001, step 5)"),
             "names both fences: {e:?}"
         );
         stale(
@@ -787,7 +787,7 @@ fn fencing_rejects_stale_fences_across_restarts() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(info.last_fence, fence(2, "r1", 5));
+        assert_eq!(info.last_fence, fence(2, "r000001", 5));
     });
 
     // Graceful restart on the same root: the fence survives.
@@ -800,7 +800,7 @@ fn fencing_rejects_stale_fences_across_restarts() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(info.last_fence, fence(2, "r1", 5));
+        assert_eq!(info.last_fence, fence(2, "r000001", 5));
         stale(
             c.permanent(perm(fence(2, "r1", 4))).await.unwrap_err(),
             "after restart",
@@ -850,34 +850,42 @@ fn fencing_rejects_stale_fences_across_restarts() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(info.last_fence, fence(4, "r2", 1));
+        assert_eq!(info.last_fence, fence(4, "r000002", 1));
+        assert_eq!(info.held_by, "r000002");
     });
 
-    // Unfenced calls (an operator's own commands) are still allowed, and recorded.
+    // Unfenced calls (an operator's own commands) are refused while rollout r2 holds the node,
+    // allowed with --force, and audited either way.
+    assert_refused(
+        &agent.node(&["downgrade", "4.2.0"]),
+        "node n1 is held by rollout r000002 of cluster test-cluster",
+    );
     assert_eq!(
-        agent.node_ok(&["downgrade", "4.2.0"]),
+        agent.node_ok(&["downgrade", "4.2.0", "--force"]),
         "Downgraded to release: 4.2.0\nMade release permanent: \"4.2.0\"\n"
     );
     let audit = fs::read_to_string(root.join("agent/audit.log")).unwrap();
+    let c = "cluster=test-cluster";
     for line in [
-        "unfenced push emqx-4.2.0.zip",
-        "unfenced install 4.2.0 permanent=true",
-        "unfenced unpack 4.2.1",
-        "fence term=2 rollout=r1 step=5 install 4.2.1 permanent=false",
-        "fence term=3 rollout=r0 step=0 permanent 4.2.1",
-        "fence term=4 rollout=r2 step=1 unpack 4.2.1",
-        "unfenced downgrade 4.2.0",
+        "unauthenticated unfenced | push emqx-4.2.0.zip | ok changed".to_string(),
+        "unauthenticated unfenced | install 4.2.0 permanent=true | ok changed".into(),
+        "unauthenticated unfenced | unpack 4.2.1 | ok changed".into(),
+        format!("{c} term=2 rollout=r1 step=5 | install 4.2.1 permanent=false | ok changed"),
+        format!("{c} term=2 rollout=r1 step=4 | permanent 4.2.1 | refused stale-fence: "),
+        format!("{c} term=2 rollout=r1 step=5 | install 4.2.1 permanent=false | ok unchanged"),
+        format!("{c} term=3 rollout=r0 step=0 | permanent 4.2.1 | ok changed"),
+        format!("{c} term=4 rollout=r2 step=1 | unpack 4.2.1 | ok unchanged"),
+        "unfenced | downgrade 4.2.0 | refused held: node n1 is held by rollout r000002".into(),
+        "unfenced | downgrade 4.2.0 | ok changed".into(),
     ] {
-        assert!(audit.contains(line), "audit.log lacks {line:?}:\n{audit}");
+        assert!(audit.contains(&line), "audit.log lacks {line:?}:\n{audit}");
     }
-    assert!(
-        !audit.contains("step=4"),
-        "rejected fences are not recorded as accepted:\n{audit}"
-    );
     let fence_file: serde_json::Value =
         serde_json::from_slice(&fs::read(root.join("agent/fence.json")).unwrap()).unwrap();
     assert_eq!(fence_file["term"], 4);
-    assert_eq!(fence_file["rollout_id"], "r2");
+    assert_eq!(fence_file["rollout_id"], "r000002");
+    assert_eq!(fence_file["cluster_id"], TEST_CLUSTER);
+    assert_eq!(fence_file["released"], false);
 }
 
 // ---- Where `--agent` and `--root-dir` disagree (bugs; see the ignore reasons) ----

@@ -406,6 +406,27 @@ fn a_corrupt_fence_file_stops_the_agent_from_starting() {
 }
 
 #[test]
+fn a_corrupt_cluster_file_stops_the_agent_from_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    fs::create_dir_all(root.join("agent")).unwrap();
+    fs::write(root.join("agent/cluster.json"), "{\"cluster_id\": \"3f").unwrap();
+    let line = refused_to_start(
+        &[
+            "--node-id".into(),
+            "n1".into(),
+            "--root-dir".into(),
+            root.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--insecure".into(),
+        ],
+        "cluster.json",
+    );
+    assert!(line.contains("unreadable"), "{line}");
+}
+
+#[test]
 fn serves_with_unreachable_coordinators_and_describes_itself() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = AgentProc::start(
@@ -428,6 +449,11 @@ fn serves_with_unreachable_coordinators_and_describes_itself() {
     assert!(!i.agent_version.is_empty());
     assert!(i.free_disk_bytes > 0);
     assert_eq!(i.last_fence, None);
+    assert_eq!((i.cluster_id.as_str(), i.held_by.as_str()), ("", ""));
+    assert_eq!(
+        i.activate_timeout_ms, 60_000,
+        "the default --activate-timeout"
+    );
     let log = agent.log();
     assert!(log.contains("--insecure"), "says it is plain text: {log}");
 }

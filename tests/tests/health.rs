@@ -1,7 +1,7 @@
 //! The agent's health checks (`--health-cmd`, `--health-url`, the store's view) through
 //! `orchestrator node health --agent ADDR --expect V` and the raw API, and reconciliation of a
 //! restarted node (the service reports the permanent release while the store says another is
-//! current).
+//! current): at agent start, never by a read.
 
 use std::fs;
 use std::path::Path;
@@ -322,27 +322,26 @@ fn store_with_current(tmp: &Path, name: &str) -> std::path::PathBuf {
     root
 }
 
+/// Reads never change the node (issue #10): a probe that sees the permanent release does not
+/// demote the current one; the agent reconciles when it starts (and when the service's pid
+/// changes, see agent_fencing.rs).
 #[test]
-fn a_restarted_service_demotes_the_current_release_on_versions() {
+fn a_restarted_service_is_reconciled_at_agent_start_not_by_versions() {
     let tmp = tempfile::tempdir().unwrap();
     let root = store_with_current(tmp.path(), "root");
     // The service runs the current release: nothing to repair.
     let server = HttpServer::start(HttpReply::version("4.2.1"));
-    let agent = AgentProc::start("n1", &root, &["--health-url", &server.url()]);
+    let mut agent = AgentProc::start("n1", &root, &["--health-url", &server.url()]);
     assert_eq!(
         agent.node_ok(&["versions"]),
         "Installed versions:\n* 4.2.1\tcurrent\n* 4.2.0\tpermanent\n"
     );
-    // The node was restarted: the service booted the permanent release.
+    // The node was restarted: the service booted the permanent release. Versions reports
+    // what the service says, and changes nothing.
     server.set(HttpReply::version("4.2.0"));
     assert_eq!(
         agent.node_ok(&["versions"]),
-        "Installed versions:\n* 4.2.1\tunpacked\n* 4.2.0\tpermanent\n"
-    );
-    // Durable: the store itself now says so.
-    assert_eq!(
-        local_ok(&root, &["versions"]),
-        "Installed versions:\n* 4.2.1\tunpacked\n* 4.2.0\tpermanent\n"
+        "Installed versions:\n* 4.2.1\tcurrent\n* 4.2.0\tpermanent\n"
     );
     rt().block_on(async {
         let mut c = agent.client().await;
@@ -352,8 +351,20 @@ fn a_restarted_service_demotes_the_current_release_on_versions() {
             .unwrap()
             .into_inner();
         assert_eq!(v.reported_version, "4.2.0");
-        assert_eq!(v.running_version, "4.2.0");
+        assert_eq!(v.running_version, "4.2.1");
     });
+    // The agent restarts with the node: it repairs the store before serving.
+    assert!(agent.stop_term().success(), "{}", agent.log());
+    let agent = AgentProc::start("n1", &root, &["--health-url", &server.url()]);
+    assert_eq!(
+        agent.node_ok(&["versions"]),
+        "Installed versions:\n* 4.2.1\tunpacked\n* 4.2.0\tpermanent\n"
+    );
+    // Durable: the store itself now says so.
+    assert_eq!(
+        local_ok(&root, &["versions"]),
+        "Installed versions:\n* 4.2.1\tunpacked\n* 4.2.0\tpermanent\n"
+    );
     // From there the release can be installed again.
     assert_eq!(
         agent.node_ok(&["install", "--no-permanent", "4.2.1"]),
@@ -362,11 +373,12 @@ fn a_restarted_service_demotes_the_current_release_on_versions() {
 }
 
 #[test]
-fn a_restarted_service_demotes_the_current_release_on_health() {
+fn health_checks_never_change_the_store() {
     let tmp = tempfile::tempdir().unwrap();
     let root = store_with_current(tmp.path(), "root");
-    let server = HttpServer::start(HttpReply::version("4.2.0"));
+    let server = HttpServer::start(HttpReply::version("4.2.1"));
     let agent = AgentProc::start("n1", &root, &["--health-url", &server.url()]);
+    server.set(HttpReply::version("4.2.0"));
     let (code, line) = health(&agent, Some("4.2.1"));
     assert_eq!(code, Some(1));
     assert!(
@@ -375,9 +387,9 @@ fn a_restarted_service_demotes_the_current_release_on_health() {
     );
     assert_eq!(
         local_ok(&root, &["versions"]),
-        "Installed versions:\n* 4.2.1\tunpacked\n* 4.2.0\tpermanent\n"
+        "Installed versions:\n* 4.2.1\tcurrent\n* 4.2.0\tpermanent\n"
     );
-    // A service reporting a version the store does not know changes nothing.
+    // A service reporting a version the store does not know changes nothing, at start either.
     let root2 = store_with_current(tmp.path(), "root2");
     server.set(HttpReply::version("4.2.9"));
     let agent2 = AgentProc::start("n2", &root2, &["--health-url", &server.url()]);

@@ -16,10 +16,11 @@
 //! After each batch: the process still runs, its log has no "panicked", a valid request still
 //! gets the same answer as before, and what it keeps on disk is unchanged, except for these
 //! allowed exceptions (what a valid request does too):
-//! - agent: `agent/audit.log` only grows, one well-formed line per admitted call (unfenced calls
-//!   are audited even when the step is then refused), and `agent/fence.json` may record a newer
-//!   fence (a fence is admitted before the step runs, so a deposed coordinator stays fenced
-//!   whatever its request was);
+//! - agent: `agent/audit.log` only grows, by well-formed lines (every mutating call that gets
+//!   past decoding is audited, admitted or refused, and no wire value can forge a line or a
+//!   field), `agent/fence.json` may record a newer fence (a fence is admitted before the step
+//!   runs, so a deposed coordinator stays fenced whatever its request was) and
+//!   `agent/cluster.json` may bind the node to the cluster of the first valid fence;
 //! - coordinator: the Raft log position (`last_applied`) may advance: a request that the state
 //!   machine refuses (e.g. a rollout spec that fails validation) still commits an entry that
 //!   applies as a no-op. Nodes, rollouts, members and the blob directory must not change.
@@ -410,13 +411,26 @@ fn random_digest(rng: &mut fastrand::Rng) -> String {
     (0..32).map(|_| format!("{:02x}", rng.u8(..))).collect()
 }
 
+/// The cluster the hostile suite's valid fences name.
+const HOSTILE_CLUSTER: &str = "hostile-cluster";
+
+/// None, or a fence with any mix of valid and hostile fields (cluster id, rollout id, terms,
+/// deadlines).
 fn agent_fence(rng: &mut fastrand::Rng) -> Option<apb::Fence> {
     (rng.u8(..4) == 0).then(|| apb::Fence {
         term: extreme_u64(rng),
-        rollout_id: any_str(rng),
+        rollout_id: match rng.u8(..3) {
+            0 => any_str(rng),
+            1 => format!("r{}", extreme_u64(rng)),
+            _ => format!("r{:06}", rng.u32(..1000)),
+        },
         step: extreme_u64(rng),
-        cluster_id: String::new(),
-        deadline_unix_ms: 0,
+        cluster_id: match rng.u8(..4) {
+            0 => hostile_str(rng),
+            1 => random_text(rng, 200),
+            _ => HOSTILE_CLUSTER.into(),
+        },
+        deadline_unix_ms: if rng.bool() { 0 } else { extreme_u64(rng) },
     })
 }
 
@@ -601,6 +615,7 @@ const A_HEALTH: &str = "/orchestrator.agent.v1.Agent/Health";
 /// Files the agent may change on any admitted call (see the module doc).
 const AGENT_AUDIT: &str = "agent/audit.log";
 const AGENT_FENCE: &str = "agent/fence.json";
+const AGENT_CLUSTER: &str = "agent/cluster.json";
 
 /// What must hold after every batch.
 struct AgentBase {
@@ -610,7 +625,111 @@ struct AgentBase {
 }
 
 fn agent_disk(root: &Path) -> Snap {
-    snapshot(root, &[AGENT_AUDIT, AGENT_FENCE])
+    snapshot(root, &[AGENT_AUDIT, AGENT_FENCE, AGENT_CLUSTER])
+}
+
+/// The kinds a result may name: the agent's (proto/agent.proto) and the role check's.
+const AUDIT_KINDS: &[&str] = &[
+    "refused",
+    "bad-package",
+    "bad-request",
+    "signature",
+    "not-found",
+    "activation",
+    "busy",
+    "stale-fence",
+    "other-cluster",
+    "held",
+    "deadline",
+    "forbidden",
+    "internal",
+    "permission-denied",
+    "unauthenticated",
+    "cancelled",
+];
+
+/// One audit line, strictly: `<RFC 3339 UTC, ms> unauthenticated <fence> | <step> | <result>`
+/// with `<fence>` `unfenced` or `cluster=X term=N rollout=X step=N` (X without spaces), the
+/// step a known verb and escaped tokens, the result `ok (un)changed` or `refused|failed
+/// <kind>: <message>`, and no control character anywhere.
+fn assert_audit_line(what: &str, line: &str) {
+    let fail = |why: &str| -> ! { panic!("{what}: malformed audit line ({why}): {line:?}") };
+    if line.chars().any(char::is_control) {
+        fail("control character");
+    }
+    let (time, rest) = line.split_once(' ').unwrap_or_else(|| fail("no fields"));
+    let t = time.as_bytes();
+    let digits = |r: std::ops::Range<usize>| t[r].iter().all(u8::is_ascii_digit);
+    let time_ok = t.len() == 24
+        && digits(0..4)
+        && t[4] == b'-'
+        && digits(5..7)
+        && t[7] == b'-'
+        && digits(8..10)
+        && t[10] == b'T'
+        && digits(11..13)
+        && t[13] == b':'
+        && digits(14..16)
+        && t[16] == b':'
+        && digits(17..19)
+        && t[19] == b'.'
+        && digits(20..23)
+        && t[23] == b'Z';
+    if !time_ok {
+        fail("time");
+    }
+    let mut parts = rest.splitn(3, " | ");
+    let (head, step, result) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(s), Some(r)) => (h, s, r),
+        _ => fail("not three fields"),
+    };
+    let (caller, fence) = head.split_once(' ').unwrap_or_else(|| fail("caller"));
+    if caller != "unauthenticated" {
+        fail("caller");
+    }
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let fence_ok = fence == "unfenced"
+        || match fence.split(' ').collect::<Vec<_>>().as_slice() {
+            [c, t, r, s] => {
+                c.starts_with("cluster=")
+                    && t.strip_prefix("term=").is_some_and(number)
+                    && r.starts_with("rollout=")
+                    && s.strip_prefix("step=").is_some_and(number)
+            }
+            _ => false,
+        };
+    if !fence_ok {
+        fail("fence");
+    }
+    let verbs = [
+        "push",
+        "unpack",
+        "install",
+        "permanent",
+        "downgrade",
+        "uninstall",
+        "release",
+        "rebind",
+        "unbind",
+    ];
+    let mut words = step.split(' ');
+    if !words.next().is_some_and(|v| verbs.contains(&v))
+        || step.contains(" | ")
+        || !step.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        fail("step");
+    }
+    let result_ok = result == "ok changed"
+        || result == "ok unchanged"
+        || ["refused ", "failed "].iter().any(|v| {
+            result.strip_prefix(v).is_some_and(|r| {
+                r.split_once(": ")
+                    .is_some_and(|(kind, msg)| AUDIT_KINDS.contains(&kind) && !msg.is_empty())
+            })
+        });
+    if !result_ok {
+        fail("result");
+    }
 }
 
 async fn agent_versions(w: &mut Wire) -> apb::VersionsReply {
@@ -657,14 +776,12 @@ async fn check_agent(what: &str, agent: &AgentProc, w: &mut Wire, base: &AgentBa
     let new = audit
         .strip_prefix(base.audit.as_str())
         .unwrap_or_else(|| panic!("{what}: the audit log was rewritten, not appended to"));
+    assert!(
+        new.is_empty() || new.ends_with('\n'),
+        "{what}: the audit log ends mid-line"
+    );
     for line in new.lines() {
-        let (secs, rest) = line.split_once(' ').unwrap_or(("", ""));
-        assert!(
-            !secs.is_empty()
-                && secs.bytes().all(|b| b.is_ascii_digit())
-                && (rest.starts_with("unfenced ") || rest.starts_with("fence term=")),
-            "{what}: malformed audit line {line:?}"
-        );
+        assert_audit_line(what, line);
     }
 }
 
@@ -673,6 +790,9 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
     for i in 0..n {
         let v = any_version(rng);
         let fence = agent_fence(rng);
+        // Unfenced steps are refused while a hostile fence's rollout holds the node, unless
+        // forced: both paths are exercised.
+        let force = rng.bool();
         let what = |m: &str| format!("case {i}: {m} {:?}", v.chars().take(40).collect::<String>());
         let r = w
             .unary(
@@ -681,7 +801,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     version: v.clone(),
                     fence: fence.clone(),
                     expected_sha256: String::new(),
-                    force: false,
+                    force,
                 }
                 .encode_to_vec(),
             )
@@ -695,7 +815,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     permanent: rng.bool(),
                     fence: fence.clone(),
                     expected_sha256: String::new(),
-                    force: false,
+                    force,
                 }
                 .encode_to_vec(),
             )
@@ -708,7 +828,7 @@ async fn agent_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
                     apb::VersionRequest {
                         version: v.clone(),
                         fence: fence.clone(),
-                        force: false,
+                        force,
                     }
                     .encode_to_vec(),
                 )
@@ -737,7 +857,7 @@ async fn agent_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         term: 3,
         rollout_id: "r000001".into(),
         step: 2,
-        cluster_id: String::new(),
+        cluster_id: HOSTILE_CLUSTER.into(),
         deadline_unix_ms: 0,
     });
     // Valid encodings to mutate: each names the installed version, whose steps are no-ops
@@ -829,7 +949,7 @@ async fn agent_push_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             sha256: sha256_hex(&data),
             size: data.len() as u64,
             fence: agent_fence(rng),
-            force: false,
+            force: rng.bool(),
         };
         let mut h = honest.clone();
         let variant = rng.u8(..11);
@@ -905,7 +1025,7 @@ async fn agent_push_abandoned(root: &Path, addr: &str) {
             sha256: sha256_hex(&data),
             size: 10 * data.len() as u64,
             fence: None,
-            force: false,
+            force: true, // whatever rollout the hostile fences left holding the node
         }),
         data,
     };
@@ -1050,7 +1170,7 @@ fn agent_survives_hostile_input() {
                             sha256: digest.clone(),
                             size: junk.len() as u64,
                             fence: None,
-                            force: false,
+                            force: true,
                         }),
                         data: junk,
                     }
@@ -1077,7 +1197,7 @@ fn agent_survives_hostile_input() {
                     version: "1.0.0".into(),
                     fence: None,
                     expected_sha256: String::new(),
-                    force: false,
+                    force: true,
                 }
                 .encode_to_vec(),
             )
@@ -1109,65 +1229,113 @@ fn agent_survives_hostile_input() {
     });
 }
 
-/// A fence's rollout id goes into the audit log: a newline in it must not forge a line.
+/// Wire values go into the audit log (a fence's ids, a version, a package name, a rebind's
+/// cluster id): none may forge a line or a field. Each call adds exactly one well-formed line.
 #[test]
-fn agent_audit_log_cannot_be_forged_through_a_fence() {
+fn agent_audit_log_cannot_be_forged_through_wire_values() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     fs::create_dir_all(&root).unwrap();
     let agent = AgentProc::start("n1", &root, &[]);
+    let forged =
+        "x\n2026-01-01T00:00:00.000Z unauthenticated unfenced | install 6.6.6 | ok changed";
+    let fence = |cluster: &str, rollout: &str| {
+        Some(apb::Fence {
+            term: 1,
+            rollout_id: rollout.into(),
+            step: 1,
+            cluster_id: cluster.into(),
+            deadline_unix_ms: 0,
+        })
+    };
+    let unpack = |version: &str, fence: Option<apb::Fence>| {
+        apb::UnpackRequest {
+            version: version.into(),
+            fence,
+            expected_sha256: String::new(),
+            force: false,
+        }
+        .encode_to_vec()
+    };
     rt().block_on(async {
         let mut w = Wire::new(&agent.addr).await;
-        let r = w
-            .unary(
-                A_UNPACK,
-                apb::UnpackRequest {
-                    version: "1.2.3".into(),
-                    fence: Some(apb::Fence {
-                        term: 1,
-                        rollout_id: "r1\n0 unfenced install 6.6.6".into(),
-                        step: 1,
-                        cluster_id: String::new(),
-                        deadline_unix_ms: 0,
-                    }),
-                    expected_sha256: String::new(),
-                    force: false,
-                }
-                .encode_to_vec(),
-            )
-            .await;
-        assert_refused("unpack of an absent version", &r);
+        let mut calls = 0;
+        for (what, r) in [
+            (
+                "rollout id",
+                w.unary(A_UNPACK, unpack("1.2.3", fence(HOSTILE_CLUSTER, forged)))
+                    .await,
+            ),
+            (
+                "cluster id",
+                w.unary(A_UNPACK, unpack("1.2.3", fence(forged, "r1")))
+                    .await,
+            ),
+            ("version", w.unary(A_UNPACK, unpack(forged, None)).await),
+            (
+                "package name",
+                w.client_stream(
+                    A_PUSH,
+                    vec![
+                        apb::PackageChunk {
+                            header: Some(apb::PackageHeader {
+                                name: forged.into(),
+                                version: "1.0.0".into(),
+                                sha256: "0".repeat(64),
+                                size: 1,
+                                ..Default::default()
+                            }),
+                            data: vec![0],
+                        }
+                        .encode_to_vec(),
+                    ],
+                )
+                .await,
+            ),
+            (
+                "rebind",
+                w.unary(
+                    "/orchestrator.agent.v1.Agent/Rebind",
+                    apb::RebindRequest {
+                        cluster_id: forged.into(),
+                    }
+                    .encode_to_vec(),
+                )
+                .await,
+            ),
+        ] {
+            assert_refused(what, &r);
+            calls += 1;
+        }
+        let audit = fs::read_to_string(root.join(AGENT_AUDIT)).unwrap();
+        assert_eq!(audit.lines().count(), calls, "one call, one line: {audit}");
+        for line in audit.lines() {
+            assert_audit_line("forged values", line);
+            assert!(!line.contains("install 6.6.6 | ok changed"), "{line:?}");
+        }
     });
-    let audit = fs::read_to_string(root.join(AGENT_AUDIT)).unwrap();
-    assert_eq!(
-        audit.lines().count(),
-        1,
-        "one admitted call, one line: {audit:?}"
-    );
-    assert!(
-        !audit.lines().any(|l| l.starts_with("0 unfenced")),
-        "a forged audit line: {audit:?}"
-    );
+    assert!(!root.join(AGENT_CLUSTER).exists(), "nothing was bound");
+    assert!(!root.join(AGENT_FENCE).exists(), "no fence was recorded");
 }
 
-/// A stale-fence refusal names both fences; with a huge rollout id (either one) the answer must
-/// still be a readable ABORTED, not a response whose headers the client cannot take.
+/// Fence refusals name fences and clusters; with huge ids (either one) the answer must still be
+/// a readable refusal, not a response whose headers the client cannot take.
 #[test]
-fn stale_fence_refusal_stays_readable_with_huge_rollout_ids() {
+fn fence_refusals_stay_readable_with_huge_ids() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     fs::create_dir_all(&root).unwrap();
     let agent = AgentProc::start("n1", &root, &[]);
     rt().block_on(async {
         let mut w = Wire::new(&agent.addr).await;
-        let unpack = |term: u64, rollout_id: String| {
+        let unpack = |term: u64, cluster_id: String, rollout_id: String| {
             apb::UnpackRequest {
                 version: "1.2.3".into(),
                 fence: Some(apb::Fence {
                     term,
                     rollout_id,
                     step: 0,
-                    cluster_id: String::new(),
+                    cluster_id,
                     deadline_unix_ms: 0,
                 }),
                 expected_sha256: String::new(),
@@ -1175,14 +1343,49 @@ fn stale_fence_refusal_stays_readable_with_huge_rollout_ids() {
             }
             .encode_to_vec()
         };
-        // Admitted (then not found): the highest fence now has a 20 KB id.
-        let r = w.unary(A_UNPACK, unpack(5, "é".repeat(10_000))).await;
+        // Admitted (then not found): the node is bound, with the highest possible rollout.
+        let longest = "c".repeat(128);
+        let r = w
+            .unary(
+                A_UNPACK,
+                unpack(5, longest.clone(), format!("r{}", u64::MAX)),
+            )
+            .await;
         assert_eq!(r.unwrap_err().code(), Code::NotFound);
-        for id in ["r1".to_string(), "a".repeat(20_000)] {
-            let r = w.unary(A_UNPACK, unpack(1, id)).await;
-            let s = r.expect_err("an older fence is refused");
-            assert_eq!(s.code(), Code::Aborted, "{}", s.message());
-            assert!(s.message().len() < 1024, "{} bytes", s.message().len());
+        for (what, body, code) in [
+            (
+                "older, huge rollout id",
+                unpack(1, longest.clone(), "é".repeat(10_000)),
+                Code::InvalidArgument,
+            ),
+            (
+                "newer, huge rollout id",
+                unpack(9, longest.clone(), "a".repeat(20_000)),
+                Code::InvalidArgument,
+            ),
+            (
+                "huge cluster id",
+                unpack(9, "c".repeat(20_000), "r1".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                "another cluster, longest ids",
+                unpack(9, "d".repeat(128), format!("r{}", u64::MAX)),
+                Code::FailedPrecondition,
+            ),
+            (
+                "stale",
+                unpack(4, longest.clone(), "r1".into()),
+                Code::Aborted,
+            ),
+        ] {
+            let s = w.unary(A_UNPACK, body).await.expect_err(what);
+            assert_eq!(s.code(), code, "{what}: {}", s.message());
+            assert!(
+                s.message().len() < 1024,
+                "{what}: {} bytes",
+                s.message().len()
+            );
         }
     });
     assert!(!agent.log().contains("panicked"));

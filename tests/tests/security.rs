@@ -52,6 +52,10 @@ const RPCS: &[(Svc, &str, &[Role])] = {
         (Svc::Agent, "Permanent", AGENT_WRITE),
         (Svc::Agent, "Downgrade", AGENT_WRITE),
         (Svc::Agent, "Uninstall", AGENT_WRITE),
+        // Fenced by the rollout that ends: coordinators only.
+        (Svc::Agent, "Release", &[Coordinator]),
+        // Moving a node between coordinator clusters is a person's decision.
+        (Svc::Agent, "Rebind", &[Operator]),
         (Svc::Control, "GetRollout", CTL_READ),
         (Svc::Control, "ListRollouts", CTL_READ),
         (Svc::Control, "WatchRollout", CTL_READ),
@@ -258,6 +262,18 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                 "Permanent" => c.permanent(vreq()).await.map(drop),
                 "Downgrade" => c.downgrade(vreq()).await.map(drop),
                 "Uninstall" => c.uninstall(vreq()).await.map(drop),
+                // No fence: refused as a bad request, nothing released.
+                "Release" => c
+                    .release(ag::ReleaseRequest { fence: None })
+                    .await
+                    .map(drop),
+                // Not a cluster id: refused, the binding unchanged.
+                "Rebind" => c
+                    .rebind(ag::RebindRequest {
+                        cluster_id: "not a cluster id".into(),
+                    })
+                    .await
+                    .map(drop),
                 other => panic!("unknown agent RPC {other}"),
             }
         }
@@ -635,6 +651,107 @@ fn the_cli_works_under_mtls_and_names_what_is_missing() {
     cmd.env("ORCHESTRATOR_TLS_DIR", e.certs.dir.join("missing"));
     let o = orch_tests::run_bounded(cmd, Duration::from_secs(30));
     orch_tests::assert_refused(&o, "--tls-dir");
+}
+
+/// Only coordinator certificates advance an agent's fence: an operator's fenced call is
+/// refused (`forbidden`). A coordinator's fenced step holds the node for its rollout: the
+/// operator's own (unfenced) steps are refused (`held`) unless forced, and allowed again once
+/// the coordinator released the node with the holding fence. Every call is audited with the
+/// caller from its certificate.
+#[test]
+fn only_coordinators_fence_and_a_held_node_refuses_operators_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = TestCerts::init(&tmp.path().join("certs"), 1, &["n1"]);
+    let pkgs = tmp.path().join("pkgs");
+    orch_tests::build_emqx(tmp.path(), &pkgs, &["4.2.0", "4.2.1"]);
+    let zip = |v: &str| pkgs.join(format!("emqx-{v}.zip")).display().to_string();
+    let root = tmp.path().join("root");
+    let agent = AgentProc::start_with("n1", &root, &[], &[], Some(&certs));
+    agent.node_ok(&["unpack", "--package", &zip("4.2.0")]);
+    agent.node_ok(&["unpack", "--package", &zip("4.2.1")]);
+    let fence = |step| orch_tests::fence(1, "r000009", step);
+    let unpack = |version: &str, fence| ag::UnpackRequest {
+        version: version.into(),
+        fence,
+        expected_sha256: String::new(),
+        force: false,
+    };
+    let rt = orch_tests::rt();
+    let as_party = |role: Role, name: &str| {
+        let security = certs.security(role, name);
+        rt.block_on(orch_tests::connect_as(&agent.addr, &security, "n1"))
+    };
+    let mut operator = as_party(Role::Operator, OPERATOR);
+    let mut coordinator = as_party(Role::Coordinator, "1");
+
+    // The operator's certificate cannot send a fence.
+    let s = rt
+        .block_on(operator.unpack(unpack("4.2.0", fence(1))))
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert_eq!(orch_tests::error_kind(&s), "forbidden");
+    assert!(
+        s.message().starts_with(
+            "only coordinators send fenced steps and releases; the caller is operator/alice"
+        ),
+        "{s:?}"
+    );
+    let info = rt
+        .block_on(operator.node_info(ag::NodeInfoRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.cluster_id.as_str(), info.last_fence), ("", None));
+
+    // The coordinator's can: the node is now held by its rollout.
+    rt.block_on(coordinator.unpack(unpack("4.2.0", fence(3))))
+        .unwrap();
+    let info = rt
+        .block_on(operator.node_info(ag::NodeInfoRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.held_by, "r000009");
+    let o = agent.node(&["install", "4.2.0"]);
+    orch_tests::assert_refused(
+        &o,
+        "node n1 is held by rollout r000009 of cluster test-cluster (its last step 3 at ",
+    );
+    assert_eq!(
+        agent.node_ok(&["versions"]),
+        "Installed versions:\n* 4.2.1\tunpacked\n* 4.2.0\tunpacked\n"
+    );
+    assert_eq!(
+        agent.node_ok(&["install", "4.2.0", "--force"]),
+        "Installed release: 4.2.0\nMade release permanent: \"4.2.0\"\n"
+    );
+    // Releasing takes the holding rollout's fence, from a coordinator.
+    let s = rt
+        .block_on(operator.release(ag::ReleaseRequest { fence: fence(3) }))
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    let r = rt
+        .block_on(coordinator.release(ag::ReleaseRequest { fence: fence(3) }))
+        .unwrap()
+        .into_inner();
+    assert!(r.released);
+    assert_eq!(
+        agent.node_ok(&["install", "4.2.1"]),
+        "Installed release: 4.2.1\nMade release permanent: \"4.2.1\"\n"
+    );
+    let audit = orch_tests::read_or_empty(&root.join("agent/audit.log"));
+    let c = "cluster=test-cluster term=1 rollout=r000009";
+    for line in [
+        format!("operator/alice {c} step=1 | unpack 4.2.0 | refused forbidden: "),
+        format!("coordinator/1 {c} step=3 | unpack 4.2.0 | ok unchanged"),
+        "operator/alice unfenced | install 4.2.0 permanent=true | refused held: ".to_string(),
+        "operator/alice unfenced | install 4.2.0 permanent=true | ok changed".into(),
+        format!(
+            "operator/alice {c} step=3 | release | refused permission-denied: permission denied: requires role coordinator"
+        ),
+        format!("coordinator/1 {c} step=3 | release | ok changed"),
+        "operator/alice unfenced | install 4.2.1 permanent=true | ok changed".into(),
+    ] {
+        assert!(audit.contains(&line), "audit.log lacks {line:?}:\n{audit}");
+    }
 }
 
 /// `orchestrator agent|coordinator ARGS` must exit non-zero at once with `needle` on stderr.

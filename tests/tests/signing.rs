@@ -52,6 +52,29 @@ fn assert_unchanged(before: &BTreeMap<String, String>, root: &Path, ctx: &str) {
     assert_eq!(&now, before, "{ctx}: the agent's root directory changed");
 }
 
+/// A refusal by the agent: the root is unchanged but for the audit log, which gained only
+/// `refused` lines (every mutating call is audited, admitted or refused).
+fn assert_refused_and_audited(
+    before: &BTreeMap<String, String>,
+    audit_before: &str,
+    root: &Path,
+    ctx: &str,
+) {
+    let audit_key = "agent/audit.log".to_string();
+    let (mut before, mut now) = (before.clone(), snapshot(root));
+    before.remove(&audit_key);
+    now.remove(&audit_key);
+    assert_eq!(now, before, "{ctx}: the agent's root directory changed");
+    let audit = read_or_empty(&root.join(&audit_key));
+    let new = audit
+        .strip_prefix(audit_before)
+        .unwrap_or_else(|| panic!("{ctx}: the audit log was rewritten"));
+    assert!(!new.is_empty(), "{ctx}: the refusal is audited");
+    for line in new.lines() {
+        assert!(line.contains(" | refused "), "{ctx}: {line:?}");
+    }
+}
+
 /// `package keygen --out DIR`; returns (signing.key, signing.pub).
 fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
     let out = orch_ok(&["package", "keygen", "--out", &dir.display().to_string()]);
@@ -242,6 +265,7 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
     for (what, zip, check) in cases {
         for cmd in ["unpack", "install"] {
             let before = snapshot(&root);
+            let audit_before = read_or_empty(&root.join("agent/audit.log"));
             let o = agent.node(&[cmd, "--package", &zip.display().to_string()]);
             let line = assert_refused(&o, "signature check failed");
             assert!(line.contains(check), "{what}: {line}");
@@ -249,7 +273,7 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
                 line.contains("emqx-4.2.1.zip"),
                 "{what}: names the package: {line}"
             );
-            assert_unchanged(&before, &root, &format!("{what} ({cmd})"));
+            assert_refused_and_audited(&before, &audit_before, &root, &format!("{what} ({cmd})"));
         }
     }
 
@@ -257,6 +281,7 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
     rt().block_on(async {
         let mut c = agent.client().await;
         let before = snapshot(&root);
+        let audit_before = read_or_empty(&root.join("agent/audit.log"));
         let e = push_file(&mut c, &unsigned, None).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         assert_eq!(error_kind(&e), "signature", "{e:?}");
@@ -268,7 +293,7 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-        assert_unchanged(&before, &root, "raw pushes");
+        assert_refused_and_audited(&before, &audit_before, &root, "raw pushes");
     });
 
     // A zip placed in releases/ by hand (not pushed) is checked on unpack too. The step's

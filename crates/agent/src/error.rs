@@ -8,8 +8,13 @@ pub enum Error {
     Store(#[from] orch_release::Error),
     #[error("{0}")]
     Refused(String),
+    /// A malformed request field (a version, a header): kind `bad-package`, as documented
+    /// before `bad-request` existed.
     #[error("{0}")]
     BadRequest(String),
+    /// A malformed fence or cluster id: kind `bad-request`.
+    #[error("{0}")]
+    InvalidFence(String),
     #[error(
         "stale fence: this request carries (term {got_term}, rollout {got_rollout}, step {got_step}) but node {node} already accepted (term {term}, rollout {rollout}, step {step}); a newer coordinator is in charge"
     )]
@@ -22,6 +27,37 @@ pub enum Error {
         rollout: String,
         step: u64,
     },
+    #[error(
+        "node {node} belongs to cluster {bound} but this call comes from cluster {got}; if the node really moved to the new cluster, run `orchestrator node rebind --agent ADDR --cluster-id {got}` (operator), else check which coordinators this node's agent talks to"
+    )]
+    OtherCluster {
+        node: String,
+        bound: String,
+        got: String,
+    },
+    #[error(
+        "node {node} is held by rollout {rollout} of cluster {cluster} (its last step {step} at {at}): wait for it to end or abort it (`orchestrator abort`), or pass --force"
+    )]
+    Held {
+        node: String,
+        rollout: String,
+        cluster: String,
+        step: u64,
+        at: String,
+    },
+    #[error(
+        "node {node} refused {what}: its deadline {deadline} passed before the step could start (agent clock {now}); the request waited too long (a stopped or overloaded agent) and was not applied; nothing changed"
+    )]
+    Deadline {
+        node: String,
+        what: String,
+        deadline: String,
+        now: String,
+    },
+    #[error(
+        "only coordinators send fenced steps and releases; the caller is {caller}: an operator's `orchestrator node ... --agent` step is unfenced"
+    )]
+    Forbidden { caller: String },
     #[error("driver {driver}: {msg}")]
     Driver { driver: &'static str, msg: String },
     #[error("{0}")]
@@ -37,26 +73,39 @@ impl Error {
         match self {
             Error::Store(S::Refused(_)) | Error::Refused(_) => "refused",
             Error::Store(S::BadPackage { .. }) | Error::BadRequest(_) => "bad-package",
+            Error::InvalidFence(_) => "bad-request",
             Error::Store(S::Signature { .. }) => "signature",
             Error::Store(S::PackageNotFound { .. }) => "not-found",
             Error::Store(S::Activation { .. }) => "activation",
             Error::Store(S::Locked { .. }) => "busy",
             Error::StaleFence { .. } => "stale-fence",
+            Error::OtherCluster { .. } => "other-cluster",
+            Error::Held { .. } => "held",
+            Error::Deadline { .. } => "deadline",
+            Error::Forbidden { .. } => "forbidden",
             Error::Driver { .. } => "activation",
             Error::Store(_) | Error::Internal(_) => "internal",
         }
+    }
+
+    /// True when the step was attempted and broke (an activation, an I/O error), as opposed
+    /// to a refusal decided by a rule before anything changed. The audit log says `failed`
+    /// for these and `refused` for the rest.
+    pub fn is_failure(&self) -> bool {
+        matches!(self.kind(), "activation" | "internal")
     }
 }
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match e.kind() {
-            "refused" => Code::FailedPrecondition,
-            "bad-package" => Code::InvalidArgument,
+            "refused" | "other-cluster" | "held" => Code::FailedPrecondition,
+            "bad-package" | "bad-request" => Code::InvalidArgument,
             // Not the caller's syntax but its authority: this node will not run unsigned code.
-            "signature" => Code::PermissionDenied,
+            "signature" | "forbidden" => Code::PermissionDenied,
             "not-found" => Code::NotFound,
             "stale-fence" => Code::Aborted,
+            "deadline" => Code::DeadlineExceeded,
             "busy" => Code::Unavailable,
             _ => Code::Internal,
         };

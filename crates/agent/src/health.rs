@@ -26,6 +26,9 @@ pub struct HealthResult {
     /// "http", "command" or "store".
     pub check: &'static str,
     pub detail: String,
+    /// The service process's identity (its `pid` in the health URL's JSON body), when it says:
+    /// a change means the service was restarted.
+    pub identity: Option<String>,
 }
 
 const MAX_BODY: usize = 64 << 10;
@@ -63,6 +66,17 @@ pub fn body_version(body: &[u8]) -> Option<String> {
     v.get("version")?.as_str().map(str::to_string)
 }
 
+/// The `pid` field (a number or a string) of a JSON object body, if there is one.
+pub fn body_identity(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    match v.get("pid")? {
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        // Bounded: it is only compared, but it comes from another process.
+        serde_json::Value::String(s) if s.len() <= 64 => Some(s.clone()),
+        _ => None,
+    }
+}
+
 pub async fn probe_http(url: &str, timeout: Duration, expect: Option<Version>) -> HealthResult {
     let (status, body) = match get(url, timeout).await {
         Ok(r) => r,
@@ -72,10 +86,12 @@ pub async fn probe_http(url: &str, timeout: Duration, expect: Option<Version>) -
                 reported: None,
                 check: "http",
                 detail,
+                identity: None,
             };
         }
     };
     let reported = body_version(&body);
+    let identity = body_identity(&body);
     let (healthy, detail) = if !(200..300).contains(&status) {
         (false, format!("GET {url} answered HTTP {status}"))
     } else {
@@ -91,6 +107,7 @@ pub async fn probe_http(url: &str, timeout: Duration, expect: Option<Version>) -
         reported,
         check: "http",
         detail,
+        identity,
     }
 }
 
@@ -100,6 +117,7 @@ pub async fn probe_cmd(cmd: &[String], timeout: Duration, expect: Option<Version
         reported: None,
         check: "command",
         detail,
+        identity: None,
     };
     let Some((prog, args)) = cmd.split_first() else {
         return fail("empty health command".to_string());
@@ -117,6 +135,7 @@ pub async fn probe_cmd(cmd: &[String], timeout: Duration, expect: Option<Version
             reported: None,
             check: "command",
             detail: format!("{prog} exited 0"),
+            identity: None,
         },
         Ok(Ok(out)) => {
             let tail = String::from_utf8_lossy(&out.stderr);
@@ -184,5 +203,6 @@ pub async fn check(
         reported: running,
         check: "store",
         detail,
+        identity: None,
     }
 }

@@ -1,16 +1,20 @@
 //! The node agent: serves the `Agent` gRPC API (proto/agent.proto) over one node's releases.
-//! Coordinators and operators reach a node only through it. Steps are fenced (a deposed
-//! coordinator cannot act after its successor), idempotent, serialized per node, and run on the
-//! blocking pool; health is probed by URL, command, or the store's own view.
+//! Coordinators and operators reach a node only through it. Steps are fenced (the node belongs
+//! to one coordinator cluster, and a deposed coordinator cannot act after its successor),
+//! idempotent, serialized per node, audited, and run on the blocking pool; health is probed by
+//! URL, command, or the store's own view. Reads never change the node: the store is reconciled
+//! with a restarted service at start and when the service's process changes (`reconcile`).
 //!
 //! `serve(config, listener, shutdown)` is the whole daemon, so tests run agents in-process.
 
+pub mod audit;
 pub mod driver;
 pub mod emqx;
 pub mod error;
 pub mod fence;
 pub mod health;
 pub mod push;
+pub mod reconcile;
 mod register;
 mod service;
 
@@ -181,7 +185,7 @@ pub async fn serve(
     store_cfg.activate_cmd = config.activate_cmd.clone();
     store_cfg.activate_timeout = config.activate_timeout;
     let store = Store::open(store_cfg)?;
-    clear_stale_uploads(store.releases_dir());
+    let releases_dir = store.releases_dir().to_path_buf();
     let driver: Arc<dyn driver::Driver> = match &config.driver {
         DriverKind::Native => Arc::new(driver::NativeDriver::new(store)),
         DriverKind::Emqx { bin } => {
@@ -204,27 +208,36 @@ pub async fn serve(
                 config.root_dir.display()
             ))
         })?;
-    let last_fence = std::sync::Mutex::new(fences.highest().map(|f| orch_proto::agent::Fence {
-        term: f.term,
-        rollout_id: f.rollout_id.clone(),
-        step: f.step,
-        ..Default::default()
-    }));
+    // Only once this agent owns the root: another one's upload in progress is not stale.
+    clear_stale_uploads(&releases_dir);
+    let view = std::sync::Mutex::new(fences.view());
     let steps = Arc::new(Mutex::new(fences));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let shared = Arc::new(service::Shared {
+        node_id: config.node_id.to_string(),
+        auth: security.mode(),
+        root: config.root_dir.clone(),
+        labels: config.labels.clone(),
+        driver,
+        health: config.health.clone(),
+        max_package_bytes: config.max_package_bytes,
+        trusted,
+        steps: steps.clone(),
+        view,
+        stamp: Arc::new(service::Stamp::new()),
+        audit: audit::AuditLog::open(&agent_dir, config.node_id.as_str()),
+        activate_timeout: config.activate_timeout,
+        changed: changed.clone(),
+    });
+    // Before serving: the first report and the first step see a repaired store.
+    let seen = reconcile::at_start(&shared).await;
+    let watcher = config
+        .health
+        .url
+        .is_some()
+        .then(|| tokio::spawn(reconcile::watch(shared.clone(), seen)));
     let svc = service::AgentService {
-        shared: Arc::new(service::Shared {
-            node_id: config.node_id.to_string(),
-            auth: security.mode(),
-            root: config.root_dir.clone(),
-            labels: config.labels.clone(),
-            driver,
-            health: config.health.clone(),
-            max_package_bytes: config.max_package_bytes,
-            trusted,
-            steps: steps.clone(),
-            last_fence,
-            stamp: Arc::new(service::Stamp::new()),
-        }),
+        shared: shared.clone(),
     };
     let registration = (!config.coordinators.is_empty()).then(|| {
         let address = config
@@ -233,13 +246,17 @@ pub async fn serve(
             .or_else(|| local.map(|a| a.to_string()))
             .unwrap_or_else(|| config.listen.to_string());
         tokio::spawn(register::keep_registered(
-            config.coordinators.clone(),
-            config.node_id.to_string(),
-            address,
-            config.labels.clone(),
-            svc.shared.driver.clone(),
-            svc.shared.stamp.clone(),
+            register::Registrant {
+                coordinators: config.coordinators.clone(),
+                node_id: config.node_id.to_string(),
+                address,
+                labels: config.labels.clone(),
+                activate_timeout: config.activate_timeout,
+            },
+            shared.driver.clone(),
+            shared.stamp.clone(),
             security.clone(),
+            changed,
         ))
     });
     let reflection = tonic_reflection::server::Builder::configure()
@@ -262,6 +279,7 @@ pub async fn serve(
         });
     tokio::pin!(server);
     let _registration = AbortOnDrop(registration);
+    let _watcher = AbortOnDrop(watcher);
     tokio::select! {
         r = &mut server => return r.map_err(|e| Error::Internal(format!("server: {e}"))),
         () = shutdown => {}

@@ -4,6 +4,10 @@
 //!
 //! With trusted keys the header's signature is checked over the announced digest before a byte
 //! is written; the received bytes must then hash to that digest, so only signed bytes land.
+//!
+//! All disk work (hashing an existing package, writing and hashing chunks, the final fsync and
+//! rename) runs on the blocking pool: [`Upload::start`] is called there, and a [`Writer`] is
+//! fed the chunks through a bounded channel.
 
 use std::path::{Path, PathBuf};
 
@@ -100,6 +104,7 @@ pub struct Upload {
 
 impl Upload {
     /// Starts an upload, or returns `Ok(None)` when the identical package is already there.
+    /// Blocking (it may hash the existing package): call it on the blocking pool.
     pub fn start(releases: &Path, header: Header) -> Result<Option<Upload>> {
         let dest = releases.join(header.file_name());
         if dest.exists() {
@@ -162,5 +167,62 @@ impl Upload {
             undo();
             e.into()
         })
+    }
+}
+
+/// Chunks queued between the stream and the disk: enough to overlap the network with the disk,
+/// bounded so a slow disk slows the sender (HTTP/2 flow control) instead of filling memory.
+const WRITE_QUEUE: usize = 4;
+
+enum Chunk {
+    Data(Vec<u8>),
+    /// The stream ended: check and rename into place.
+    Finish,
+}
+
+/// An [`Upload`] written by a task on the blocking pool, fed through a bounded channel.
+/// Dropping it without [`Writer::finish`] discards the upload (the temp file is removed).
+pub struct Writer {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    task: tokio::task::JoinHandle<Result<PathBuf>>,
+}
+
+impl Writer {
+    pub fn spawn(upload: Upload) -> Writer {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(WRITE_QUEUE);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut upload = upload;
+            loop {
+                match rx.blocking_recv() {
+                    Some(Chunk::Data(d)) => upload.write(&d)?,
+                    Some(Chunk::Finish) => return upload.finish(),
+                    // The request went away: `upload` is dropped, removing its temp file.
+                    None => return Err(Error::Internal("upload abandoned".into())),
+                }
+            }
+        });
+        Writer { tx, task }
+    }
+
+    /// Queues a chunk. `false` when the writer has stopped (on an error, which
+    /// [`Writer::finish`] returns).
+    pub async fn write(&self, data: Vec<u8>) -> bool {
+        self.tx.send(Chunk::Data(data)).await.is_ok()
+    }
+
+    /// Ends the upload: the size and digest checks, the sidecars, the rename. Also returns the
+    /// error that stopped the writer early.
+    pub async fn finish(self) -> Result<PathBuf> {
+        let _ = self.tx.send(Chunk::Finish).await;
+        drop(self.tx);
+        self.task
+            .await
+            .map_err(|e| Error::Internal(format!("push writer failed: {e}")))?
+    }
+
+    /// Discards the upload and waits until its temp file is gone.
+    pub async fn abort(self) {
+        drop(self.tx);
+        let _ = self.task.await;
     }
 }

@@ -1,6 +1,8 @@
 //! Registration with the coordinator cluster: at start, then periodically (so a coordinator
 //! that lost its state, or a new leader, learns about this node, and reported versions stay
-//! fresh). The coordinators only write to their log when something changed.
+//! fresh), and at once when the agent changed the node's releases outside a step (a reconcile).
+//! The coordinators only write to their log when something changed. The registration carries
+//! the agent's `--activate-timeout`, from which coordinators size their calls' deadlines.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,15 +15,30 @@ use crate::driver::Driver;
 const REFRESH: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(1);
 
+/// Who this node is, as it registers.
+pub(crate) struct Registrant {
+    pub coordinators: Vec<String>,
+    pub node_id: String,
+    /// The address coordinators dial.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub activate_timeout: Duration,
+}
+
 pub(crate) async fn keep_registered(
-    coordinators: Vec<String>,
-    node_id: String,
-    address: String,
-    labels: BTreeMap<String, String>,
+    me: Registrant,
     driver: Arc<dyn Driver>,
     stamp: Arc<crate::service::Stamp>,
     security: orch_tls::Security,
+    changed: Arc<tokio::sync::Notify>,
 ) {
+    let Registrant {
+        coordinators,
+        node_id,
+        address,
+        labels,
+        activate_timeout,
+    } = me;
     let mut client = Client::new(coordinators, security);
     client.patience = Duration::from_secs(3);
     let mut registered = false;
@@ -47,7 +64,7 @@ pub(crate) async fn keep_registered(
                 .collect(),
             boot_id,
             state_rev,
-            activate_timeout_ms: 0,
+            activate_timeout_ms: u64::try_from(activate_timeout.as_millis()).unwrap_or(u64::MAX),
         };
         match client.register_node(req).await {
             Ok(changed) => {
@@ -61,6 +78,11 @@ pub(crate) async fn keep_registered(
                 registered = false;
             }
         }
-        tokio::time::sleep(if registered { REFRESH } else { RETRY }).await;
+        // Woken early when the node changed outside a step (a reconcile after the service
+        // restarted), so the coordinators learn it at once.
+        tokio::select! {
+            () = tokio::time::sleep(if registered { REFRESH } else { RETRY }) => {}
+            () = changed.notified() => {}
+        }
     }
 }

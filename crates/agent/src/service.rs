@@ -1,8 +1,10 @@
 //! The tonic `Agent` service: fenced, idempotent steps, one at a time per node, with the
-//! blocking driver work run off the async runtime.
+//! blocking work (admission, the fence files, the driver, the audit line) run off the async
+//! runtime. Every mutating call is audited, admitted or refused; reads never write.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use orch_proto::agent::{self as pb, agent_server::Agent};
 use orch_tls::{AuthMode, Role};
@@ -11,11 +13,12 @@ use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit::{self, AuditLog, Caller, wire};
 use crate::driver::{Driver, StepOutcome};
 use crate::error::{Error, Result};
-use crate::fence::{Fence, FenceStore};
+use crate::fence::{Admission, FenceStore, View};
 use crate::health::{self, HealthConfig};
-use crate::push::{Header, Upload};
+use crate::push::{Header, Upload, Writer};
 
 /// Who may call what: steps change the node, so only coordinators (rollouts) and operators
 /// (`orchestrator node --agent`); reading it is also open to viewers.
@@ -35,10 +38,70 @@ pub(crate) struct Shared {
     pub trusted: orch_release::TrustedKeys,
     /// Held for the whole of a mutating step: one step at a time per node.
     pub steps: Arc<Mutex<FenceStore>>,
-    /// The highest fence, readable without the step lock.
-    pub last_fence: std::sync::Mutex<Option<pb::Fence>>,
+    /// The binding, highest fence and holder, readable without the step lock.
+    pub view: std::sync::Mutex<View>,
     /// Orders this process's reports of its releases (see [`Stamp`]).
     pub stamp: Arc<Stamp>,
+    pub audit: AuditLog,
+    /// `--activate-timeout`, reported in NodeInfo.
+    pub activate_timeout: Duration,
+    /// Wakes the registration loop when the node changed outside a step.
+    pub changed: Arc<tokio::sync::Notify>,
+}
+
+impl Shared {
+    /// Publishes what NodeInfo shows after the fence store changed.
+    pub fn publish(&self, fences: &FenceStore) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = fences.view();
+    }
+
+    /// The caller, and whether its role is one of `allowed` (under `--insecure`: everyone,
+    /// unauthenticated). The caller is known even when refused, for the audit line.
+    fn caller<T>(&self, req: &Request<T>, allowed: &[Role]) -> (Caller, Result<(), Status>) {
+        match self.auth {
+            AuthMode::Insecure => (Caller::Unauthenticated, Ok(())),
+            AuthMode::Mtls => match orch_tls::identity_of(req) {
+                Err(s) => (Caller::Unidentified, Err(s)),
+                Ok(id) => {
+                    let allowed = id.require(allowed);
+                    (Caller::Cert(id), allowed)
+                }
+            },
+        }
+    }
+
+    /// Admits `call` (recording its fence) and publishes the new view. Blocking.
+    fn admit(&self, fences: &mut FenceStore, call: &Call) -> Result<()> {
+        fences.admit(&Admission {
+            fence: call.fence.as_ref(),
+            force: call.force,
+            may_fence: call.caller.may_fence(),
+            caller: &call.caller.to_string(),
+            what: &call.what,
+            now_ms: audit::now_ms(),
+        })?;
+        self.publish(fences);
+        Ok(())
+    }
+
+    pub(crate) fn record(&self, call: &Call, result: &str) {
+        self.audit.record(
+            &call.caller,
+            &audit::fence_field(call.fence.as_ref()),
+            &call.what,
+            result,
+        );
+    }
+}
+
+/// One mutating call, as admitted and audited.
+#[derive(Debug, Clone)]
+pub(crate) struct Call {
+    pub caller: Caller,
+    pub fence: Option<pb::Fence>,
+    pub force: bool,
+    /// The step as the audit log shows it (wire values escaped).
+    pub what: String,
 }
 
 /// This agent process's id and a count of its completed state-changing steps, sent with every
@@ -89,14 +152,6 @@ pub struct AgentService {
     pub(crate) shared: Arc<Shared>,
 }
 
-fn fence_of(f: Option<pb::Fence>) -> Option<Fence> {
-    f.map(|f| Fence {
-        term: f.term,
-        rollout_id: f.rollout_id,
-        step: f.step,
-    })
-}
-
 fn parse_version(s: &str) -> Result<Version> {
     s.parse::<Version>()
         .map_err(|e| Error::BadRequest(e.to_string()))
@@ -104,6 +159,10 @@ fn parse_version(s: &str) -> Result<Version> {
 
 fn entries(v: &[VersionEntry]) -> Vec<pb::VersionEntry> {
     v.iter().map(pb::VersionEntry::from).collect()
+}
+
+fn joined(e: tokio::task::JoinError) -> Error {
+    Error::Internal(format!("step task failed: {e}"))
 }
 
 impl AgentService {
@@ -115,37 +174,69 @@ impl AgentService {
         let driver = self.shared.driver.clone();
         tokio::task::spawn_blocking(move || f(driver.as_ref()))
             .await
-            .map_err(|e| Error::Internal(format!("step task failed: {e}")))?
+            .map_err(joined)?
     }
 
-    /// A fenced, serialized step that returns the outcome and the releases after it.
+    /// A status not made by the agent (the role check, the transport), audited.
+    fn denied(&self, call: &Call, s: Status) -> Status {
+        self.shared.record(call, &audit::status(&s));
+        s
+    }
+
+    /// The agent's own refusal or failure outside [`AgentService::step`], audited.
+    fn refused(&self, call: &Call, e: Error) -> Status {
+        self.shared.record(call, &audit::error(&e));
+        e.into()
+    }
+
+    /// The role check's verdict, a refusal audited.
+    fn check(&self, call: &Call, allowed: Result<(), Status>) -> Result<(), Status> {
+        allowed.map_err(|s| self.denied(call, s))
+    }
+
+    /// A result decided outside a step (a malformed field, the upload), a refusal audited.
+    fn parsed<T>(&self, call: &Call, r: Result<T>) -> Result<T, Status> {
+        r.map_err(|e| self.refused(call, e))
+    }
+
+    /// A fenced (or unfenced), serialized, audited step that returns the outcome and the
+    /// releases after it.
     async fn step(
         &self,
-        fence: Option<pb::Fence>,
-        what: String,
+        call: Call,
         f: impl FnOnce(&dyn Driver) -> Result<StepOutcome> + Send + 'static,
     ) -> Result<pb::StepReply> {
-        let mut fences = self.shared.steps.clone().lock_owned().await;
-        fences.admit(fence_of(fence).as_ref(), &what)?;
-        self.snapshot_fence(&fences);
+        let guard = self.shared.steps.clone().lock_owned().await;
+        let shared = self.shared.clone();
         // The guard moves into the blocking task: even if this request is cancelled, the next
         // step (and a graceful shutdown) waits until the driver work has really finished.
-        let stamp = self.shared.stamp.clone();
-        let (outcome, versions, (boot_id, state_rev)) = self
-            .blocking(move |d| {
-                let _step = fences;
-                let o = f(d)?;
-                // Under the step lock, so the stamp read next describes exactly the releases
-                // read after it. Steps that changed nothing (or failed, which changes nothing)
-                // keep the count: reports with equal counts are all accepted.
-                if o.changed {
-                    stamp.bump();
-                }
-                let at = stamp.read();
-                Ok((o, d.versions()?, at))
-            })
-            .await?;
-        tracing::info!(node = %self.shared.node_id, step = %what, changed = outcome.changed, "step done");
+        // Admission happens there too, right before the work: a deadline that passed while
+        // this request waited (for the lock, or in a frozen agent's socket) is refused.
+        let (outcome, versions, (boot_id, state_rev)) = tokio::task::spawn_blocking(move || {
+            let mut fences = guard;
+            let r = shared
+                .admit(&mut fences, &call)
+                .and_then(|()| f(shared.driver.as_ref()));
+            shared.record(
+                &call,
+                &match &r {
+                    Ok(o) => audit::ok(o.changed),
+                    Err(e) => audit::error(e),
+                },
+            );
+            let o = r?;
+            // Under the step lock, so the stamp read next describes exactly the releases read
+            // after it. Steps that changed nothing (or failed, which changes nothing) keep the
+            // count: reports with equal counts are all accepted.
+            if o.changed {
+                shared.stamp.bump();
+            }
+            let at = shared.stamp.read();
+            Ok::<_, Error>((o, shared.driver.versions()?, at))
+        })
+        .await
+        .map_err(joined)??;
+        tracing::info!(node = %self.shared.node_id, changed = outcome.changed, "step done");
         Ok(pb::StepReply {
             changed: outcome.changed,
             messages: outcome.messages,
@@ -180,41 +271,32 @@ impl AgentService {
         }
     }
 
-    fn snapshot_fence(&self, fences: &FenceStore) {
-        *self
-            .shared
-            .last_fence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = fences.highest().map(|f| pb::Fence {
-            term: f.term,
-            rollout_id: f.rollout_id.clone(),
-            step: f.step,
-            ..Default::default()
-        });
-    }
-
-    /// What the service reports (health URL `version`), repairing the store when it shows
-    /// the node was restarted. Skips the repair while a step is in flight.
-    async fn reported_and_reconcile(&self) -> Option<String> {
+    /// What the service reports through its health URL (read only: the store is repaired by
+    /// the agent's own reconcile, see `crate::reconcile`).
+    async fn reported(&self) -> Option<String> {
         let url = self.shared.health.url.as_ref()?;
-        let r = health::probe_http(url, self.shared.health.timeout, None).await;
-        let reported = r.reported?;
-        self.reconcile(&reported).await;
-        Some(reported)
+        health::probe_http(url, self.shared.health.timeout, None)
+            .await
+            .reported
     }
 
-    /// Repairs the store from what the service reports (see `reported_and_reconcile`).
-    async fn reconcile(&self, reported: &str) {
-        if let (Ok(v), Ok(_guard)) = (reported.parse::<Version>(), self.shared.steps.try_lock()) {
-            match self.blocking(move |d| d.reconcile_running(v)).await {
-                Ok(Some(note)) => {
-                    self.shared.stamp.bump();
-                    tracing::warn!(node = %self.shared.node_id, "{note}")
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(node = %self.shared.node_id, "reconcile failed: {e}"),
-            }
-        }
+    /// The usual shape of a versioned step: role check, version parse, then the step.
+    async fn version_step(
+        &self,
+        caller: (Caller, Result<(), Status>),
+        name: &str,
+        r: pb::VersionRequest,
+        f: fn(&dyn Driver, Version) -> Result<StepOutcome>,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let call = Call {
+            caller: caller.0,
+            fence: r.fence,
+            force: r.force,
+            what: format!("{name} {}", wire(&r.version)),
+        };
+        self.check(&call, caller.1)?;
+        let v = self.parsed(&call, parse_version(&r.version))?;
+        Ok(Response::new(self.step(call, move |d| f(d, v)).await?))
     }
 }
 
@@ -227,9 +309,9 @@ impl Agent for AgentService {
         self.shared.auth.require(&req, READ)?;
         // Never wait for an in-flight step (an activation can take a minute): while one runs,
         // the fence is reported from the last snapshot.
-        let last_fence = self
+        let view = self
             .shared
-            .last_fence
+            .view
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
@@ -240,8 +322,11 @@ impl Agent for AgentService {
             labels: self.shared.labels.clone().into_iter().collect(),
             free_disk_bytes: free_disk(&self.shared.root),
             driver: self.shared.driver.name().to_string(),
-            last_fence,
-            ..Default::default()
+            last_fence: view.last_fence,
+            cluster_id: view.cluster_id,
+            held_by: view.held_by,
+            activate_timeout_ms: u64::try_from(self.shared.activate_timeout.as_millis())
+                .unwrap_or(u64::MAX),
         }))
     }
 
@@ -250,7 +335,7 @@ impl Agent for AgentService {
         req: Request<pb::VersionsRequest>,
     ) -> Result<Response<pb::VersionsReply>, Status> {
         self.shared.auth.require(&req, READ)?;
-        let reported = self.reported_and_reconcile().await.unwrap_or_default();
+        let reported = self.reported().await.unwrap_or_default();
         let (boot_id, state_rev) = self.shared.stamp.read();
         let (versions, running) = self
             .blocking(|d| {
@@ -272,56 +357,92 @@ impl Agent for AgentService {
         &self,
         req: Request<Streaming<pb::PackageChunk>>,
     ) -> Result<Response<pb::PushReply>, Status> {
-        self.shared.auth.require(&req, MUTATE)?;
+        let (caller, allowed) = self.shared.caller(&req, MUTATE);
+        let mut call = Call {
+            caller,
+            fence: None,
+            force: false,
+            what: "push".into(),
+        };
+        self.check(&call, allowed)?;
         let mut stream = req.into_inner();
-        let first = stream
-            .next()
-            .await
-            .ok_or_else(|| Error::BadRequest("push refused: empty stream".into()))??;
-        let h = first.header.ok_or_else(|| {
-            Error::BadRequest("push refused: the first chunk must carry the header".into())
-        })?;
-        let mut header = Header::validate(
-            &h.name,
-            &h.version,
-            &h.sha256,
-            h.size,
-            h.signature,
-            self.shared.max_package_bytes,
+        let first = match stream.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(s)) => return Err(self.denied(&call, s)),
+            None => {
+                let e = Error::BadRequest("push refused: empty stream".into());
+                return Err(self.refused(&call, e));
+            }
+        };
+        let h = self.parsed(
+            &call,
+            first.header.ok_or_else(|| {
+                Error::BadRequest("push refused: the first chunk must carry the header".into())
+            }),
+        )?;
+        call.what = format!("push {}-{}.zip", wire(&h.name), wire(&h.version));
+        call.fence = h.fence;
+        call.force = h.force;
+        let mut header = self.parsed(
+            &call,
+            Header::validate(
+                &h.name,
+                &h.version,
+                &h.sha256,
+                h.size,
+                h.signature,
+                self.shared.max_package_bytes,
+            ),
         )?;
         // Before the fence is recorded or a byte is written: a refusal changes nothing.
-        header.check_signature(&self.shared.trusted)?;
+        self.parsed(&call, header.check_signature(&self.shared.trusted))?;
         let file_name = header.file_name();
-        {
-            let mut fences = self.shared.steps.lock().await;
-            fences.admit(fence_of(h.fence).as_ref(), &format!("push {file_name}"))?;
-            self.snapshot_fence(&fences);
-        }
+        // Admitted under the step lock (fence, binding, hold, deadline) before the first byte
+        // is written; the upload itself runs beside other steps (it only adds a file).
+        let guard = self.shared.steps.clone().lock_owned().await;
+        let (shared, c) = (self.shared.clone(), call.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut fences = guard;
+            shared.admit(&mut fences, &c)
+        })
+        .await
+        .map_err(joined)
+        .and_then(|r| r)
+        .map_err(|e| self.refused(&call, e))?;
         let releases = self.shared.root.join("releases");
         let path = format!("releases/{file_name}");
-        let Some(mut upload) = Upload::start(&releases, header)? else {
-            // Drain what the client still sends; the identical package is already here.
-            while let Some(chunk) = stream.next().await {
-                chunk?;
-            }
+        let started = tokio::task::spawn_blocking(move || Upload::start(&releases, header))
+            .await
+            .map_err(joined)
+            .and_then(|r| r);
+        let Some(upload) = self.parsed(&call, started)? else {
+            // The identical package is already here: answer now, without reading the rest of
+            // the stream (dropping it tells the sender to stop).
+            self.shared.record(&call, &audit::ok(false));
             return Ok(Response::new(pb::PushReply {
                 path,
                 already: true,
                 message: format!("Package {file_name} is already on this node"),
             }));
         };
-        upload.write(&first.data)?;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                Status::cancelled(format!(
-                    "push of {file_name} interrupted ({e}); package discarded"
-                ))
-            })?;
-            upload.write(&chunk.data)?;
+        let writer = Writer::spawn(upload);
+        let mut writing = writer.write(first.data).await;
+        while writing {
+            match stream.next().await {
+                None => break,
+                Some(Ok(chunk)) => writing = writer.write(chunk.data).await,
+                Some(Err(e)) => {
+                    writer.abort().await;
+                    let s = Status::cancelled(format!(
+                        "push of {file_name} interrupted ({e}); package discarded"
+                    ));
+                    return Err(self.denied(&call, s));
+                }
+            }
         }
-        let finished = tokio::task::spawn_blocking(move || upload.finish())
-            .await
-            .map_err(|e| Status::internal(format!("push task failed: {e}")))??;
+        // Also the error that stopped the writer early (more data than announced, a disk error).
+        let finished = self.parsed(&call, writer.finish().await)?;
+        self.shared.record(&call, &audit::ok(true));
         tracing::info!(node = %self.shared.node_id, file = %finished.display(), "package received");
         Ok(Response::new(pb::PushReply {
             path,
@@ -334,13 +455,20 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::UnpackRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        self.shared.auth.require(&req, MUTATE)?;
+        let (caller, allowed) = self.shared.caller(&req, MUTATE);
         let r = req.into_inner();
-        let v = parse_version(&r.version)?;
-        let sha = expected_sha256(r.expected_sha256)?;
+        let call = Call {
+            caller,
+            fence: r.fence,
+            force: r.force,
+            what: format!("unpack {}", wire(&r.version)),
+        };
+        self.check(&call, allowed)?;
+        let v = self.parsed(&call, parse_version(&r.version))?;
+        let sha = self.parsed(&call, expected_sha256(r.expected_sha256))?;
         let gate = self.signature_gate();
         Ok(Response::new(
-            self.step(r.fence, format!("unpack {v}"), move |d| {
+            self.step(call, move |d| {
                 gate(d, v, sha.as_deref())?;
                 d.unpack(v, sha.as_deref())
             })
@@ -352,14 +480,21 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::InstallRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        self.shared.auth.require(&req, MUTATE)?;
+        let (caller, allowed) = self.shared.caller(&req, MUTATE);
         let r = req.into_inner();
-        let v = parse_version(&r.version)?;
         let p = r.permanent;
-        let sha = expected_sha256(r.expected_sha256)?;
+        let call = Call {
+            caller,
+            fence: r.fence,
+            force: r.force,
+            what: format!("install {} permanent={p}", wire(&r.version)),
+        };
+        self.check(&call, allowed)?;
+        let v = self.parsed(&call, parse_version(&r.version))?;
+        let sha = self.parsed(&call, expected_sha256(r.expected_sha256))?;
         let gate = self.signature_gate();
         Ok(Response::new(
-            self.step(r.fence, format!("install {v} permanent={p}"), move |d| {
+            self.step(call, move |d| {
                 gate(d, v, sha.as_deref())?;
                 d.install(v, p, sha.as_deref())
             })
@@ -371,53 +506,115 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        self.shared.auth.require(&req, MUTATE)?;
-        let r = req.into_inner();
-        let v = parse_version(&r.version)?;
-        Ok(Response::new(
-            self.step(r.fence, format!("permanent {v}"), move |d| d.permanent(v))
-                .await?,
-        ))
+        let caller = self.shared.caller(&req, MUTATE);
+        self.version_step(caller, "permanent", req.into_inner(), |d, v| d.permanent(v))
+            .await
     }
 
     async fn downgrade(
         &self,
         req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        self.shared.auth.require(&req, MUTATE)?;
-        let r = req.into_inner();
-        let v = parse_version(&r.version)?;
-        Ok(Response::new(
-            self.step(r.fence, format!("downgrade {v}"), move |d| d.downgrade(v))
-                .await?,
-        ))
+        let caller = self.shared.caller(&req, MUTATE);
+        self.version_step(caller, "downgrade", req.into_inner(), |d, v| d.downgrade(v))
+            .await
     }
 
     async fn uninstall(
         &self,
         req: Request<pb::VersionRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        self.shared.auth.require(&req, MUTATE)?;
-        let r = req.into_inner();
-        let v = parse_version(&r.version)?;
-        Ok(Response::new(
-            self.step(r.fence, format!("uninstall {v}"), move |d| d.uninstall(v))
-                .await?,
-        ))
+        let caller = self.shared.caller(&req, MUTATE);
+        self.version_step(caller, "uninstall", req.into_inner(), |d, v| d.uninstall(v))
+            .await
     }
 
     async fn release(
         &self,
-        _req: Request<pb::ReleaseRequest>,
+        req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseReply>, Status> {
-        Err(Status::unimplemented("release: not yet"))
+        let (caller, allowed) = self.shared.caller(&req, &[Role::Coordinator]);
+        let r = req.into_inner();
+        let call = Call {
+            caller,
+            fence: r.fence,
+            force: false,
+            what: "release".into(),
+        };
+        self.check(&call, allowed)?;
+        if !call.caller.may_fence() {
+            let e = Error::Forbidden {
+                caller: call.caller.to_string(),
+            };
+            return Err(self.refused(&call, e));
+        }
+        let fence = self.parsed(
+            &call,
+            call.fence.clone().ok_or_else(|| {
+                Error::InvalidFence(
+                    "release refused: it needs the fence of the rollout that ends".into(),
+                )
+            }),
+        )?;
+        let guard = self.shared.steps.clone().lock_owned().await;
+        let shared = self.shared.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            let mut fences = guard;
+            let r = fences.release(&fence, audit::now_ms());
+            shared.publish(&fences);
+            shared.record(
+                &call,
+                &match &r {
+                    Ok(released) => audit::ok(*released),
+                    Err(e) => audit::error(e),
+                },
+            );
+            r
+        })
+        .await
+        .map_err(joined)??;
+        Ok(Response::new(pb::ReleaseReply { released }))
     }
 
     async fn rebind(
         &self,
-        _req: Request<pb::RebindRequest>,
+        req: Request<pb::RebindRequest>,
     ) -> Result<Response<pb::RebindReply>, Status> {
-        Err(Status::unimplemented("rebind: not yet"))
+        // Operators only: a coordinator cluster must not be able to take nodes from another.
+        let (caller, allowed) = self.shared.caller(&req, &[Role::Operator]);
+        let r = req.into_inner();
+        let call = Call {
+            caller,
+            fence: None,
+            force: false,
+            what: if r.cluster_id.is_empty() {
+                "unbind".into()
+            } else {
+                format!("rebind {}", wire(&r.cluster_id))
+            },
+        };
+        self.check(&call, allowed)?;
+        let guard = self.shared.steps.clone().lock_owned().await;
+        let shared = self.shared.clone();
+        let (previous, cluster_id) = tokio::task::spawn_blocking(move || {
+            let mut fences = guard;
+            let r = fences.rebind(&r.cluster_id, &call.caller.to_string(), audit::now_ms());
+            shared.publish(&fences);
+            shared.record(
+                &call,
+                &match &r {
+                    Ok((previous, new)) => audit::ok(previous != new),
+                    Err(e) => audit::error(e),
+                },
+            );
+            r
+        })
+        .await
+        .map_err(joined)??;
+        Ok(Response::new(pb::RebindReply {
+            previous_cluster_id: previous,
+            cluster_id,
+        }))
     }
 
     async fn health(
@@ -431,20 +628,8 @@ impl Agent for AgentService {
         } else {
             Some(parse_version(&r.expect_version)?)
         };
-        // One GET serves both the repair and the check: probing twice would double a check's
-        // latency and could judge a different answer than the one the repair saw.
-        let url_probe = match &self.shared.health.url {
-            Some(url) => {
-                let r = health::probe_http(url, self.shared.health.timeout, expect).await;
-                if let Some(reported) = &r.reported {
-                    self.reconcile(reported).await;
-                }
-                Some(r)
-            }
-            None => None,
-        };
         let running = self.blocking(|d| d.running()).await?;
-        let h = health::check(&self.shared.health, expect, running, url_probe).await;
+        let h = health::check(&self.shared.health, expect, running, None).await;
         Ok(Response::new(pb::HealthReply {
             healthy: h.healthy,
             reported_version: h.reported.unwrap_or_default(),

@@ -343,11 +343,23 @@ pub enum NodeCmd {
     /// Unpack if needed, hot-switch, and make permanent (unless --no-permanent).
     Upgrade(InstallArgs),
     /// Make the current release permanent.
-    Permanent { version: Version },
+    Permanent {
+        version: Version,
+        #[command(flatten)]
+        force: ForceArg,
+    },
     /// Switch back to an old (or the permanent) release and make it permanent.
-    Downgrade { version: Version },
+    Downgrade {
+        version: Version,
+        #[command(flatten)]
+        force: ForceArg,
+    },
     /// Delete an old or unpacked release.
-    Uninstall { version: Version },
+    Uninstall {
+        version: Version,
+        #[command(flatten)]
+        force: ForceArg,
+    },
     /// Print the root directory.
     RootDir,
     /// Run the node's health check (through its agent) against an expected version.
@@ -356,6 +368,37 @@ pub enum NodeCmd {
         #[arg(long, value_name = "VERSION")]
         expect: Option<Version>,
     },
+    /// Move the node (through its agent) to another coordinator cluster: its agent then accepts
+    /// that cluster's fenced steps and refuses the old one's. Without --cluster-id the node is
+    /// unbound, and the next coordinator cluster to send it a step binds it. Operators only.
+    Rebind {
+        /// The id of the cluster the node now belongs to (`orchestrator cluster status` shows it).
+        #[arg(long, value_name = "ID")]
+        cluster_id: Option<String>,
+    },
+}
+
+impl NodeCmd {
+    /// Whether `--force` was given (step commands only).
+    pub fn force(&self) -> bool {
+        match self {
+            NodeCmd::Unpack(t) => t.force.force,
+            NodeCmd::Install(a) | NodeCmd::Upgrade(a) => a.target.force.force,
+            NodeCmd::Permanent { force, .. }
+            | NodeCmd::Downgrade { force, .. }
+            | NodeCmd::Uninstall { force, .. } => force.force,
+            NodeCmd::Versions { .. } | NodeCmd::RootDir | NodeCmd::Health { .. } => false,
+            NodeCmd::Rebind { .. } => false,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct ForceArg {
+    /// With --agent: do the step even while a rollout holds the node (the agent refuses an
+    /// operator's step then, to keep it from racing the rollout). Audited.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -368,6 +411,8 @@ pub struct PackageTarget {
     /// Expected SHA-256 of the package (overrides the .sha256 file).
     #[arg(long, value_name = "HEX")]
     pub sha256: Option<String>,
+    #[command(flatten)]
+    pub force: ForceArg,
 }
 
 #[derive(Args, Debug)]

@@ -31,6 +31,18 @@ pub fn run(args: NodeArgs) -> Result<()> {
         let security = crate::tls::client_security(&args.tls)?;
         return crate::remote::run(addr, args.node_id.as_deref(), &security, args.cmd);
     }
+    if let NodeCmd::Rebind { .. } = args.cmd {
+        bail!(
+            "rebind moves a node's agent to another coordinator cluster: pass --agent ADDR (a local root directory has no agent)"
+        );
+    }
+    // Holds are the agent's: a local step never checks them, so a --force here would claim
+    // an override that does not happen.
+    if args.cmd.force() {
+        bail!(
+            "--force overrides a rollout's hold on a node, which only its agent knows: pass --agent ADDR, or drop --force (a local --root-dir step is not checked against holds)"
+        );
+    }
     let Some(root) = args.root_dir.clone() else {
         bail!("no root directory: pass --root-dir DIR (or set ORCH_ROOT_DIR) or --agent ADDR");
     };
@@ -72,7 +84,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
             }
             return Ok(());
         }
-        NodeCmd::RootDir => unreachable!("handled above"),
+        NodeCmd::RootDir | NodeCmd::Rebind { .. } => unreachable!("handled above"),
         NodeCmd::Health { .. } => {
             bail!("health checks run through the node's agent: pass --agent ADDR")
         }
@@ -80,9 +92,9 @@ pub fn run(args: NodeArgs) -> Result<()> {
         NodeCmd::Install(a) | NodeCmd::Upgrade(a) => {
             store.install(&source(&store, a.target)?, !a.no_permanent)?
         }
-        NodeCmd::Permanent { version } => store.make_permanent(version)?,
-        NodeCmd::Downgrade { version } => store.downgrade(version)?,
-        NodeCmd::Uninstall { version } => store.uninstall(version)?,
+        NodeCmd::Permanent { version, .. } => store.make_permanent(version)?,
+        NodeCmd::Downgrade { version, .. } => store.downgrade(version)?,
+        NodeCmd::Uninstall { version, .. } => store.uninstall(version)?,
     };
     for line in outcome.messages {
         println!("{line}");

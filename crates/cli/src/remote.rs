@@ -73,14 +73,17 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
     // The per-call deadline is sized for legitimately long steps (a 4 GiB push, a 60 s
     // activation). A frozen agent still has its connections accepted by the kernel, so first
     // ask it something instant: one that does not answer is reported within seconds.
-    match tokio::time::timeout(RESPONSIVE_WITHIN, c.node_info(pb::NodeInfoRequest {})).await {
-        Ok(Ok(_)) => {}
+    let info = match tokio::time::timeout(RESPONSIVE_WITHIN, c.node_info(pb::NodeInfoRequest {}))
+        .await
+    {
+        Ok(Ok(info)) => info.into_inner(),
         Ok(Err(s)) => return Err(e(s)),
         Err(_) => bail!(
             "the agent at {addr} accepted the connection but did not answer within {}s: it is stopped, overloaded or hung; check its process and logs",
             RESPONSIVE_WITHIN.as_secs()
         ),
-    }
+    };
+    let force = cmd.force();
     let reply = match cmd {
         NodeCmd::Versions { json } => {
             let r = c
@@ -129,13 +132,24 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
             }
             bail!("unhealthy ({} check{reported}): {}", r.check, r.detail);
         }
+        NodeCmd::Rebind { cluster_id } => {
+            let r = c
+                .rebind(pb::RebindRequest {
+                    cluster_id: cluster_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            println!("{}", rebind_message(&info.node_id, &r));
+            return Ok(());
+        }
         NodeCmd::Unpack(t) => {
             let v = push_if_needed(&mut c, addr, &t).await?;
             c.unpack(pb::UnpackRequest {
                 version: v.to_string(),
                 fence: None,
                 expected_sha256: remote_digest(&t),
-                force: false,
+                force,
             })
             .await
         }
@@ -146,13 +160,13 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 permanent: !a.no_permanent,
                 fence: None,
                 expected_sha256: remote_digest(&a.target),
-                force: false,
+                force,
             })
             .await
         }
-        NodeCmd::Permanent { version } => c.permanent(vreq(version)).await,
-        NodeCmd::Downgrade { version } => c.downgrade(vreq(version)).await,
-        NodeCmd::Uninstall { version } => c.uninstall(vreq(version)).await,
+        NodeCmd::Permanent { version, .. } => c.permanent(vreq(version, force)).await,
+        NodeCmd::Downgrade { version, .. } => c.downgrade(vreq(version, force)).await,
+        NodeCmd::Uninstall { version, .. } => c.uninstall(vreq(version, force)).await,
     };
     for line in reply.map_err(e)?.into_inner().messages {
         println!("{line}");
@@ -160,11 +174,27 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
     Ok(())
 }
 
-fn vreq(v: Version) -> pb::VersionRequest {
+fn vreq(v: Version, force: bool) -> pb::VersionRequest {
     pb::VersionRequest {
         version: v.to_string(),
         fence: None,
-        force: false,
+        force,
+    }
+}
+
+/// What a rebind did, in one line.
+fn rebind_message(node: &str, r: &pb::RebindReply) -> String {
+    let (old, new) = (r.previous_cluster_id.as_str(), r.cluster_id.as_str());
+    match (old.is_empty(), new.is_empty()) {
+        _ if old == new && new.is_empty() => format!(
+            "Node {node} is not bound to a cluster; nothing to do: the next coordinator cluster to fence it binds it"
+        ),
+        _ if old == new => format!("Node {node} already belongs to cluster {new}; nothing to do"),
+        (false, true) => format!(
+            "Node {node} unbound from cluster {old}: the next coordinator cluster to fence it binds it"
+        ),
+        (true, false) => format!("Node {node} bound to cluster {new} (it was not bound)"),
+        _ => format!("Node {node} moved from cluster {old} to cluster {new}"),
     }
 }
 
@@ -201,13 +231,17 @@ async fn push_if_needed(
     let (digest, size) = package::digest_checked(path, t.sha256.as_deref())?;
     // FILE.sig, when present, travels with the package (agents with trusted keys need it).
     let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
-    push(c, path, &name, version, &digest, size, signature)
+    let force = t.force.force;
+    push(c, path, &name, version, &digest, size, signature, force)
         .await
         .map_err(|s| status_msg(addr, s))?;
     Ok(version)
 }
 
-/// Streams a package in chunks read on the blocking pool.
+/// Streams a package in chunks read on the blocking pool. The agent may answer before the end
+/// (it already holds the package): the reply then comes at once, the request stream is
+/// dropped, and the reader stops at its next send.
+#[allow(clippy::too_many_arguments)]
 pub async fn push(
     c: &mut AgentClient<Channel>,
     path: &Path,
@@ -216,6 +250,7 @@ pub async fn push(
     sha256: &str,
     size: u64,
     signature: Vec<u8>,
+    force: bool,
 ) -> Result<pb::PushReply, tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PackageChunk>(4);
     let header = pb::PackageHeader {
@@ -225,7 +260,7 @@ pub async fn push(
         size,
         fence: None,
         signature,
-        force: false,
+        force,
     };
     let path = path.to_path_buf();
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
