@@ -696,6 +696,9 @@ mod fake {
         ) -> Res<pb::ClusterStatusReply> {
             no()
         }
+        async fn forget_node(&self, _: Request<pb::ForgetNodeRequest>) -> Res<pb::ForgetNodeReply> {
+            no()
+        }
         async fn register_node(
             &self,
             req: Request<pb::RegisterNodeRequest>,

@@ -871,7 +871,11 @@ fn one_rollout_at_a_time_cluster_queries_and_bad_input() {
         .collect();
     assert_eq!(
         order,
-        [("n3", "committed"), ("n1", "committed"), ("n2", "committed")],
+        [
+            ("n3", "committed"),
+            ("n1", "committed"),
+            ("n2", "committed")
+        ],
         "nodes in the order given"
     );
     let nodes = c.nodes_json();

@@ -327,6 +327,7 @@ impl Agent for AgentService {
             held_by: view.held_by,
             activate_timeout_ms: u64::try_from(self.shared.activate_timeout.as_millis())
                 .unwrap_or(u64::MAX),
+            boot_id: self.shared.stamp.read().0,
         }))
     }
 

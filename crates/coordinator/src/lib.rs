@@ -308,7 +308,9 @@ impl Shared {
                         id: x.id,
                         address: x.addr.clone(),
                         role: if x.voter { "voter" } else { "learner" }.into(),
-                        reachable: this || recent(&live.last_ack) || (!leading && x.id == leader_id),
+                        reachable: this
+                            || recent(&live.last_ack)
+                            || (!leading && x.id == leader_id),
                         last_contact_ms_ago: if this {
                             Some(0)
                         } else {
