@@ -859,6 +859,11 @@ impl BgCmd {
         read_or_empty(&self.out)
     }
 
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        read_or_empty(&self.err)
+    }
+
     /// Whether it has exited.
     pub fn try_done(&mut self) -> bool {
         self.child

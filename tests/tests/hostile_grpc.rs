@@ -289,7 +289,8 @@ fn hostile_str(rng: &mut fastrand::Rng) -> String {
     match rng.u8(..8) {
         0 => "a".repeat(10 * 1024),
         1 => "é".repeat(rng.usize(33..3000)),
-        2 => random_text(rng, 80),
+        // Random text alone can be a valid name ("a"): the leading '/' keeps it invalid.
+        2 => format!("/{}", random_text(rng, 80)),
         3 => format!("{}/{}", random_text(rng, 8), random_text(rng, 8)),
         _ => POOL[rng.usize(..POOL.len())].to_string(),
     }

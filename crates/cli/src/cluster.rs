@@ -474,7 +474,17 @@ fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
             "cluster_id": s.cluster_id,
             "term": s.term,
             "last_applied": s.last_applied,
-            "members": s.members.iter().map(|m| json!({"id": m.id, "address": m.address, "role": m.role})).collect::<Vec<_>>(),
+            "quorum": s.quorum,
+            "note": s.note,
+            "answered_by": s.answered_by,
+            "members": s.members.iter().map(|m| json!({
+                "id": m.id,
+                "address": m.address,
+                "role": m.role,
+                "reachable": m.reachable,
+                "last_contact_ms_ago": m.last_contact_ms_ago,
+                "lag": m.lag,
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return;
@@ -490,13 +500,28 @@ fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
             s.leader_id, s.leader_address, s.term
         );
     }
+    if !s.note.is_empty() {
+        println!("{}", s.note);
+    }
     for m in &s.members {
         let lead = if m.id == s.leader_id {
             "  (leader)"
         } else {
             ""
         };
-        println!("  {}  {}  {}{}", m.id, m.address, m.role, lead);
+        let mut seen = if m.reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        }
+        .to_string();
+        if let Some(ms) = m.last_contact_ms_ago {
+            seen.push_str(&format!(", last contact {ms} ms ago"));
+        }
+        if let Some(lag) = m.lag {
+            seen.push_str(&format!(", {lag} entries behind"));
+        }
+        println!("  {}  {}  {}{}  ({seen})", m.id, m.address, m.role, lead);
     }
 }
 

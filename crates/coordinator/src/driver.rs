@@ -164,7 +164,7 @@ struct ActiveView {
 async fn drive(shared: Arc<Shared>, term: u64, cluster_id: String, scope: &Scope) {
     let me = format!("coordinator-{}", shared.raft.id());
     let mut applied = shared.raft.applied();
-    let mut tasks: HashMap<u64, Slot> = HashMap::new();
+    let mut tasks = Tasks::default();
     let recorder = Recorder::start(shared.clone(), term, scope);
     let cx = TaskCx {
         shared: shared.clone(),
@@ -200,6 +200,7 @@ async fn drive(shared: Arc<Shared>, term: u64, cluster_id: String, scope: &Scope
         });
         if let Some(ended) = watching.filter(|w| active.as_ref().is_none_or(|a| a.id != *w)) {
             release_nodes(&cx, ended);
+            watching = None;
         }
         watching = active.as_ref().map(|a| a.id).or(watching);
         if let Some(r) = active {
@@ -243,10 +244,30 @@ async fn issue(cx: &TaskCx, id: RolloutId) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The action tasks of the rollout being driven, by seq (seqs start again with each rollout).
+#[derive(Default)]
+struct Tasks {
+    rollout: Option<RolloutId>,
+    slots: HashMap<u64, Slot>,
+}
+
 /// Starts a task for every in-flight action that has none, and forgets tasks whose action is
 /// no longer in flight (cancelled by the machine) or whose result could not be recorded (it
 /// is performed again).
-fn sync_tasks(cx: &TaskCx, tasks: &mut HashMap<u64, Slot>, r: &ActiveView) {
+fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
+    if tasks.rollout != Some(r.id) {
+        // Another rollout: none of the previous one's tasks or early probes apply to it.
+        for (_, slot) in tasks.slots.drain() {
+            if let Slot::Running(h) = slot {
+                h.abort();
+            }
+        }
+        for (_, g) in lock(&cx.early).drain() {
+            g.handle.abort();
+        }
+        tasks.rollout = Some(r.id);
+    }
+    let tasks = &mut tasks.slots;
     let in_flight = &r.in_flight;
     tasks.retain(|seq, slot| {
         if !in_flight.iter().any(|a| a.seq == *seq) {

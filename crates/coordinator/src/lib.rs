@@ -380,6 +380,7 @@ pub async fn serve(
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Io(format!("create {}: {e}", config.data_dir.display())))?;
+    claim_data_dir(&config.data_dir, config.id)?;
     let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?
         .with_trusted(load_trusted_keys(&config.trusted_keys)?);
     let mut raft_cfg = RaftConfig::new(
@@ -393,6 +394,20 @@ pub async fn serve(
     let raft = RaftNode::start(raft_cfg)
         .await
         .map_err(|e| Error::Internal(format!("starting Raft: {e}")))?;
+    {
+        // The membership is known once the stored log has been read: check in the background.
+        let (config, raft) = (config.clone(), raft.clone());
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                let m = raft.metrics();
+                if !m.members.is_empty() {
+                    warn_on_peer_mismatch(&config, &m);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
     let shared = Arc::new(Shared {
         security: security.clone(),
         raft: raft.clone(),
@@ -430,6 +445,67 @@ pub async fn serve(
     let _ = leadership.await;
     raft.shutdown().await;
     result.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// The file in a data directory that names the coordinator it belongs to.
+pub const DATA_DIR_ID_FILE: &str = "coordinator-id";
+
+/// Records which coordinator a data directory belongs to, and refuses to start another one
+/// on it: coordinator 2 serving coordinator 3's log would vote and answer as 3 does.
+fn claim_data_dir(dir: &std::path::Path, id: u64) -> Result<()> {
+    let path = dir.join(DATA_DIR_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let owner: u64 = text.trim().parse().map_err(|_| {
+                Error::Refused(format!(
+                    "{} does not hold a coordinator id ({:?}); restore it (it names the coordinator this data directory belongs to)",
+                    path.display(),
+                    text.chars().take(32).collect::<String>()
+                ))
+            })?;
+            if owner != id {
+                return Err(Error::Refused(format!(
+                    "data directory {} belongs to coordinator {owner}, not {id}: start it with --id {owner}, or give coordinator {id} its own --data-dir",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            orch_release::fsutil::write_atomic(&path, format!("{id}\n").as_bytes())
+                .map_err(|e| Error::Io(format!("record {}: {e}", path.display())))
+        }
+        Err(e) => Err(Error::Io(format!("read {}: {e}", path.display()))),
+    }
+}
+
+/// The Raft membership decides who the peers are once the cluster exists; a `--peer` list
+/// that says otherwise is ignored, so say so (a typo there is otherwise silent).
+fn warn_on_peer_mismatch(config: &CoordinatorConfig, status: &raft::RaftStatus) {
+    if status.members.is_empty() {
+        return;
+    }
+    let mut given: BTreeMap<u64, String> = config.peers.clone();
+    given.insert(config.id, config.address());
+    let actual: BTreeMap<u64, String> = status
+        .members
+        .iter()
+        .map(|m| (m.id, m.addr.clone()))
+        .collect();
+    if config.peers.is_empty() || given == actual {
+        return;
+    }
+    let show = |m: &BTreeMap<u64, String>| {
+        m.iter()
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    tracing::warn!(
+        "the --peer list ({}) differs from the cluster's Raft membership ({}); the membership wins: change it with `orchestrator cluster add|remove`, or fix --peer",
+        show(&given),
+        show(&actual)
+    );
 }
 
 /// Loads `--trusted-key` files; one that cannot be read stops the daemon (a typo must not
