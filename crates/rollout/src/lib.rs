@@ -17,13 +17,19 @@
 //!    their `seq`s (unique, strictly increasing, starting at 1) and records them in flight, so a
 //!    stale or repeated `IssueActions` can never start anything the state does not call for.
 //! 2. Once the entry is committed, performs the actions in [`Outcome::issued`] (equivalently,
-//!    [`Rollout::in_flight`]). Every agent call carries the fence `(term, rollout id, seq)`.
+//!    [`Rollout::in_flight`]). Every agent call carries the fence `(cluster id, term, rollout
+//!    id, seq)`.
 //! 3. Proposes each result as [`Event::Result`]` { seq, result }`. A result for a seq that is not
 //!    in flight (never issued, already answered, cancelled) is [`Outcome::Ignored`] and changes
 //!    nothing, so duplicates and stragglers from a deposed leader are harmless. A result whose
 //!    shape does not fit the action (a `Done` for a preflight) is [`Rejected`].
 //! 4. Stops whatever [`Outcome::cancelled`] lists (a health gate nobody needs any more).
 //! 5. Loops. Operator commands arrive as [`Event::Command`] through the same log.
+//!
+//! The coordinator applies driver entries with [`Rollout::apply_in_term`], naming the Raft term
+//! of the driver that recorded them: the rollout keeps the newest such term, and a result
+//! recorded under an older one (by a deposed driver) is ignored. A new driver's first entry, an
+//! `IssueActions`, claims the rollout for its term before it performs anything.
 //!
 //! ```
 //! use orch_rollout::{ActionKind, ActionResult, Event, Rollout};
