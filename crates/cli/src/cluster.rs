@@ -10,7 +10,8 @@ use orch_release::{Limits, package};
 use serde_json::json;
 
 use crate::args::{
-    ClusterCmd, ClusterOpts, CoordinatorArgs, JsonOpts, RolloutArgs, RolloutRefArgs, StatusArgs,
+    ClusterCmd, ClusterOpts, CoordinatorArgs, JsonOpts, RolloutArgs, RolloutRefArgs, RolloutsArgs,
+    StatusArgs,
 };
 
 fn client(o: &ClusterOpts) -> Result<Client> {
@@ -179,6 +180,15 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     } else {
         a.trusted_keys
     };
+    if let Some(n) = a.retain_rollouts.or(f.retain_rollouts) {
+        // The flag's parser refuses 0; the file's value is checked here.
+        crate::args::parse_retain(&n.to_string())
+            .map_err(|e| anyhow!("retain-rollouts = {n}: {e}"))?;
+        cfg.retain_rollouts = n;
+    }
+    if let Some(g) = a.gc_grace {
+        cfg.gc_grace = g;
+    }
     if insecure {
         eprintln!(
             "WARNING: coordinator {id} serves plain-text gRPC on {listen} (--insecure): anyone who can reach it can run rollouts"
@@ -332,10 +342,10 @@ pub fn status(a: StatusArgs) -> Result<()> {
     })
 }
 
-pub fn rollouts(a: JsonOpts) -> Result<()> {
+pub fn rollouts(a: RolloutsArgs) -> Result<()> {
     let mut c = client(&a.cluster)?;
     runtime()?.block_on(async move {
-        let list = c.rollouts(false).await?;
+        let list = c.rollouts(a.all).await?;
         if a.json {
             let v: Vec<_> = list.iter().map(status_json).collect();
             println!("{}", serde_json::Value::Array(v));

@@ -31,6 +31,14 @@ impl fmt::Display for RaftCommand {
                 write!(f, "rollout({id}) if {} in flight", action.seq)
             }
             Command::Batch(cmds) => write!(f, "batch({})", cmds.len()),
+            Command::ArchiveRollouts {
+                rollouts, packages, ..
+            } => write!(
+                f,
+                "archive({} rollout(s), {} package(s))",
+                rollouts.len(),
+                packages.len()
+            ),
         }
     }
 }
