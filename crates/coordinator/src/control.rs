@@ -153,13 +153,17 @@ impl ControlService {
         found
     }
 
-    /// An archived rollout from this coordinator's history file.
-    async fn archived(&self, id: orch_types::RolloutId) -> Result<Option<HistoryRecord>, Status> {
+    /// An archived rollout's status (with its events) from this coordinator's history file.
+    async fn archived_status(&self, id: &str) -> Result<Option<pb::RolloutStatus>, Status> {
+        let Ok(id) = id.parse::<orch_types::RolloutId>() else {
+            return Ok(None);
+        };
         let history = self.shared.history.clone();
-        tokio::task::spawn_blocking(move || history.find(id))
+        let found: Option<HistoryRecord> = tokio::task::spawn_blocking(move || history.find(id))
             .await
             .map_err(|e| Status::internal(format!("reading the history: {e}")))?
-            .map_err(|e| Status::internal(e.to_string()))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(found.as_ref().map(status_of_archived))
     }
 
     fn find_here(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
@@ -176,7 +180,7 @@ impl ControlService {
                     )
                 } else {
                     Status::not_found(format!(
-                        "no rollout {}: `orchestrator rollouts` lists them",
+                        "no rollout {}: `orchestrator rollouts --all` lists them",
                         shown(id)
                     ))
                 }
@@ -380,10 +384,9 @@ impl Control for ControlService {
         let found = self.find(&id);
         // Not in the replicated state: perhaps archived (retention) into the history file.
         if found.is_err()
-            && let Ok(rid) = id.parse::<orch_types::RolloutId>()
-            && let Some(h) = self.archived(rid).await?
+            && let Some(st) = self.archived_status(&id).await?
         {
-            return Ok(Response::new(status_of_archived(&h)));
+            return Ok(Response::new(st));
         }
         Ok(Response::new(found?))
     }
@@ -431,7 +434,15 @@ impl Control for ControlService {
 
     async fn watch_rollout(&self, req: Request<pb::RolloutRef>) -> Res<Self::WatchRolloutStream> {
         self.check(&req, READ)?;
-        let first = self.find(&req.into_inner().id)?;
+        let wanted = req.into_inner().id;
+        let first = match self.find(&wanted) {
+            Ok(st) => st,
+            // Archived (it finished long ago): its final status is all there is to watch.
+            Err(e) => match self.archived_status(&wanted).await? {
+                Some(st) => return Ok(Response::new(Box::pin(tokio_stream::once(Ok(st))))),
+                None => return Err(e),
+            },
+        };
         let id = first.id.clone();
         let me = self.clone();
         let mut applied = self.shared.raft.applied();
@@ -442,6 +453,15 @@ impl Control for ControlService {
                 return;
             }
             loop {
+                // Archived meanwhile (it had finished): its last status, then the end.
+                if me.shared.read(|s| s.find_rollout(&id).is_none()) {
+                    if let Ok(Some(st)) = me.archived_status(&id).await
+                        && st != last
+                    {
+                        let _ = tx.send(Ok(st)).await;
+                    }
+                    return;
+                }
                 let done = me
                     .shared
                     .read(|s| s.find_rollout(&id).map(|r| r.is_finished()).unwrap_or(true));
