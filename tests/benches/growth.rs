@@ -15,6 +15,8 @@
 //!
 //! - `ORCH_BENCH_QUICK=1`: 30 rollouts, retention 5, a row every 5 (checks the benchmark runs).
 //! - `ORCH_BENCH_NO_RETENTION=1`: retention out of reach (1,000,000), for comparison.
+//! - `ORCH_BENCH_NO_ALL=1`: skip the `rollouts --all` measurement (whose answer, and so the
+//!   answering leader's transient memory, grows with the history).
 //! - `ORCH_BENCH_ROLLOUTS=N`, `ORCH_BENCH_RETAIN=N`, `ORCH_BENCH_EVERY=N` override the counts.
 
 use std::fs;
@@ -54,6 +56,7 @@ fn main() {
     } else {
         100
     });
+    let no_all = std::env::var_os("ORCH_BENCH_NO_ALL").is_some();
     let every = env_num("ORCH_BENCH_EVERY")
         .unwrap_or(if quick { 5 } else { 100 })
         .max(1);
@@ -144,7 +147,7 @@ fn main() {
         });
         assert_eq!(fin.phase, "succeeded", "rollout {i}: {fin:?}");
         if i % every == 0 || i == total {
-            let row = measure(&rt, &addrs, &procs);
+            let row = measure(&rt, &addrs, &procs, !no_all);
             println!(
                 "| {i} | {} | c{} | {} | {} | {} | {:.0} | {:.2} | {:.2} |",
                 row.in_state,
@@ -174,7 +177,7 @@ struct Row {
     list_all: Duration,
 }
 
-fn measure(rt: &Runtime, addrs: &[String], procs: &[CoordProc]) -> Row {
+fn measure(rt: &Runtime, addrs: &[String], procs: &[CoordProc], with_all: bool) -> Row {
     let status = rt.block_on(client(addrs).cluster_status()).unwrap();
     let (list, list_all, in_state) = rt.block_on(async {
         let ch =
@@ -201,7 +204,11 @@ fn measure(rt: &Runtime, addrs: &[String], procs: &[CoordProc]) -> Row {
             (median(out), len)
         };
         let (list, in_state) = timed(false, 20).await;
-        let (list_all, _) = timed(true, 5).await;
+        let list_all = if with_all {
+            timed(true, 5).await.0
+        } else {
+            Duration::ZERO
+        };
         (list, list_all, in_state)
     });
     let leader_blobs = procs

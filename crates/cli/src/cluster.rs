@@ -194,11 +194,28 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             "WARNING: coordinator {id} serves plain-text gRPC on {listen} (--insecure): anyone who can reach it can run rollouts"
         );
     }
+    bound_malloc_arenas();
     runtime()?.block_on(orch_coordinator::run(
         cfg,
         crate::agent_cmd::shutdown_signal(),
     ))?;
     Ok(())
+}
+
+/// Caps glibc's malloc arenas at 2 (unless MALLOC_ARENA_MAX is set), before any thread starts.
+/// With the default (8 per core) each runtime thread that allocates gets its own arena, and
+/// memory freed in one is not reused by another: the growth benchmark measured the leader's
+/// resident memory climbing from 64 to ~100 MiB over 1,000 rollouts while its live state stayed
+/// the same, and flat at ~60 MiB with the cap (docs/benchmarks.md).
+fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before the runtime's
+        // threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }
 
 pub fn rollout(a: RolloutArgs) -> Result<()> {

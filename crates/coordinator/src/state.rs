@@ -326,7 +326,7 @@ impl ClusterState {
                     };
                 }
                 self.apply(&Command::Rollout {
-                    id: id.clone(),
+                    id: *id,
                     entry: entry.clone(),
                 })
             }
