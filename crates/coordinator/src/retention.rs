@@ -51,6 +51,13 @@ impl RetentionConfig {
     }
 }
 
+/// Whether more than `keep` rollouts are finished: cheap (at most one rollout is unfinished,
+/// and it is the newest while it runs), so it can run after every applied entry.
+pub fn over_limit(s: &ClusterState, keep: usize) -> bool {
+    let unfinished = usize::from(s.active().is_some());
+    s.rollouts.len().saturating_sub(unfinished) > keep.max(1)
+}
+
 /// What retention would propose now, if anything: the oldest finished rollouts beyond the
 /// newest `keep` finished ones (at most [`MAX_BATCH`]), and package records that no remaining
 /// rollout names and that were uploaded at least `grace_ms` before `now_ms`.
@@ -147,8 +154,18 @@ async fn lead(shared: &Shared, cfg: RetentionConfig, term: u64) {
     let mut applied = shared.raft.applied();
     let mut tick = tokio::time::interval(cfg.period());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After an applied entry only the cheap check runs (a rollout may just have finished);
+    // unreferenced packages and grace periods are looked at on the timer, and with every
+    // archive (which is what leaves packages unreferenced).
+    let mut full = true;
     loop {
-        let cmd = shared.read(|s| plan(s, cfg.keep, grace_ms, now_ms()));
+        let cmd = shared.read(|s| {
+            if full || over_limit(s, cfg.keep) {
+                plan(s, cfg.keep, grace_ms, now_ms())
+            } else {
+                None
+            }
+        });
         if let Some(cmd) = cmd {
             match shared.raft.write(cmd).await {
                 Ok(Response::Archived { rollouts, packages }) => {
@@ -178,10 +195,10 @@ async fn lead(shared: &Shared, cfg: RetentionConfig, term: u64) {
                 }
             }
         }
-        tokio::select! {
-            r = applied.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
-        }
+        full = tokio::select! {
+            r = applied.changed() => if r.is_err() { return } else { false },
+            _ = tick.tick() => true,
+        };
     }
 }
 
@@ -295,6 +312,7 @@ mod tests {
     #[test]
     fn keeps_the_newest_finished_rollouts_and_never_an_active_one() {
         let mut s = cluster(6, true);
+        assert!(over_limit(&s, 2) && !over_limit(&s, 5));
         // 5 finished (r1..r5) + active r6; keep 2 finished: r1..r3 go.
         let cmd = plan(&s, 2, 0, 100).expect("something to archive");
         let Command::ArchiveRollouts { rollouts, .. } = &cmd else {
@@ -313,6 +331,7 @@ mod tests {
         assert_eq!(ids(&s), vec![4, 5, 6]);
         assert!(!s.created_at.contains_key(&RolloutId(1)));
         assert_eq!(s.active().map(|(id, _)| id), Some(RolloutId(6)));
+        assert!(!over_limit(&s, 2));
         // Nothing left to do; an active rollout is never archived, even named explicitly.
         assert!(plan(&s, 2, 0, 100).is_none());
         let before = s.clone();
