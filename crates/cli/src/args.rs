@@ -35,8 +35,8 @@ pub enum Command {
     Rollout(RolloutArgs),
     /// Show a rollout (the running one, else the latest).
     Status(StatusArgs),
-    /// List rollouts.
-    Rollouts(JsonOpts),
+    /// List rollouts (the newest ones kept by the coordinators; --all: also archived ones).
+    Rollouts(RolloutsArgs),
     /// Pause a rollout after its in-flight steps.
     Pause(RolloutRefArgs),
     /// Resume a paused rollout (retrying a failed step).
@@ -175,6 +175,18 @@ pub enum NodesCmd {
 }
 
 #[derive(Args, Debug)]
+pub struct RolloutsArgs {
+    /// Also the rollouts archived out of the replicated state (--retain-rollouts) into the
+    /// answering coordinator's history file.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct RolloutRefArgs {
     /// The rollout (default: the running one).
     pub id: Option<String>,
@@ -285,6 +297,30 @@ pub struct CoordinatorArgs {
     /// Only accept packages signed by this public key (signing.pub; repeatable).
     #[arg(long = "trusted-key", value_name = "PUB")]
     pub trusted_keys: Vec<PathBuf>,
+    /// Keep the last N finished rollouts in the replicated state [default: 100]; older ones
+    /// move to DATA/history.jsonl (still shown by `rollouts --all` and `status ID`), and
+    /// packages no kept rollout uses are deleted. Only the leader's setting counts: give every
+    /// coordinator the same.
+    #[arg(long, value_name = "N", value_parser = parse_retain)]
+    pub retain_rollouts: Option<usize>,
+    /// How long an unused package is kept after its upload before package GC deletes it
+    /// (tests shorten it).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, hide = true)]
+    pub gc_grace: Option<Duration>,
+}
+
+/// `--retain-rollouts N`: at least 1.
+pub fn parse_retain(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of rollouts"))?;
+    if n == 0 {
+        return Err(
+            "0 would archive every rollout as soon as it finishes: keep at least 1 (default 100)"
+                .to_string(),
+        );
+    }
+    Ok(n)
 }
 
 #[derive(Args, Debug)]

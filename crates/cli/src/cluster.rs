@@ -10,7 +10,8 @@ use orch_release::{Limits, package};
 use serde_json::json;
 
 use crate::args::{
-    ClusterCmd, ClusterOpts, CoordinatorArgs, JsonOpts, RolloutArgs, RolloutRefArgs, StatusArgs,
+    ClusterCmd, ClusterOpts, CoordinatorArgs, JsonOpts, RolloutArgs, RolloutRefArgs, RolloutsArgs,
+    StatusArgs,
 };
 
 fn client(o: &ClusterOpts) -> Result<Client> {
@@ -216,16 +217,42 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     } else {
         a.trusted_keys
     };
+    if let Some(n) = a.retain_rollouts.or(f.retain_rollouts) {
+        // The flag's parser refuses 0; the file's value is checked here.
+        crate::args::parse_retain(&n.to_string())
+            .map_err(|e| anyhow!("retain-rollouts = {n}: {e}"))?;
+        cfg.retain_rollouts = n;
+    }
+    if let Some(g) = a.gc_grace {
+        cfg.gc_grace = g;
+    }
     if insecure {
         eprintln!(
             "WARNING: coordinator {id} serves plain-text gRPC on {listen} (--insecure): anyone who can reach it can run rollouts"
         );
     }
+    bound_malloc_arenas();
     runtime()?.block_on(orch_coordinator::run(
         cfg,
         crate::agent_cmd::shutdown_signal(),
     ))?;
     Ok(())
+}
+
+/// Caps glibc's malloc arenas at 2 (unless MALLOC_ARENA_MAX is set), before any thread starts.
+/// With the default (8 per core) each runtime thread that allocates gets its own arena, and
+/// memory freed in one is not reused by another: the growth benchmark measured the leader's
+/// resident memory climbing from 64 to ~100 MiB over 1,000 rollouts while its live state stayed
+/// the same, and flat at ~60 MiB with the cap (docs/benchmarks.md).
+fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before the runtime's
+        // threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }
 
 pub fn rollout(a: RolloutArgs) -> Result<()> {
@@ -372,10 +399,10 @@ pub fn status(a: StatusArgs) -> Result<()> {
     })
 }
 
-pub fn rollouts(a: JsonOpts) -> Result<()> {
+pub fn rollouts(a: RolloutsArgs) -> Result<()> {
     let mut c = client(&a.cluster)?;
     runtime()?.block_on(async move {
-        let list = c.rollouts(false).await?;
+        let list = c.rollouts(a.all).await?;
         if a.json {
             let v: Vec<_> = list.iter().map(status_json).collect();
             println!("{}", serde_json::Value::Array(v));

@@ -31,6 +31,7 @@ fn coordinator_example_parses() {
     }
     assert!(c.tls_dir.is_some());
     assert_eq!(c.insecure, None);
+    assert_eq!(c.retain_rollouts, Some(100));
 }
 
 #[test]

@@ -4,8 +4,11 @@
 //! one, is kept beside its bytes as `<sha256>.sig` and travels with them (to other
 //! coordinators and to agents); with trusted keys, unsigned bytes are refused before storing.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 use orch_proto::raft::{
@@ -57,7 +60,32 @@ pub struct BlobStore {
     max_size: u64,
     /// Empty: signatures are kept when present but not required.
     trusted: TrustedKeys,
+    /// Held by the blob sweep while it decides on and deletes a file, and by a transfer while
+    /// it finds the bytes already stored and refreshes their time: a re-upload of old bytes is
+    /// then never deleted under it.
+    gc_lock: Arc<Mutex<()>>,
 }
+
+/// What one blob sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Blob files deleted (their signatures go with them).
+    pub deleted: usize,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Blob files kept (named by a package record, or younger than the grace period).
+    pub kept: usize,
+}
+
+/// A chunk for the blocking writer of [`BlobStore::receive`].
+enum Piece {
+    Data(Vec<u8>),
+    /// The stream ended normally: check, store the signature, rename into place.
+    End,
+}
+
+/// How many chunks may wait for the blocking writer (each up to [`CHUNK`] bytes).
+const WRITE_QUEUE: usize = 4;
 
 impl BlobStore {
     pub fn open(dir: PathBuf, max_size: u64) -> Result<BlobStore> {
@@ -79,6 +107,7 @@ impl BlobStore {
             dir,
             max_size,
             trusted: TrustedKeys::default(),
+            gc_lock: Arc::default(),
         })
     }
 
@@ -138,6 +167,9 @@ impl BlobStore {
     /// Receives a stream of data chunks for `sha256`/`size` (and its signature, kept beside
     /// the bytes); `Ok(true)` if the bytes were already here. The caller checks the signature
     /// first ([`BlobStore::check_signature`]).
+    ///
+    /// The file is written and hashed on a blocking thread fed through a short queue, never on
+    /// the async runtime; a stream that ends early or fails discards the partial file.
     pub async fn receive<S, E>(
         &self,
         sha256: &str,
@@ -164,42 +196,169 @@ impl BlobStore {
         }
         // A signature that is not even well-formed is not kept (a valid one was checked above).
         let signature = signature.filter(|s| signing::Signature::parse(s).is_ok());
-        if dest.is_file() {
+        let sha = normalize_digest(sha256).unwrap_or_default();
+        let store = self.clone();
+        let digest = sha.clone();
+        let sig = signature.clone();
+        let already = blocking(move || store.keep_existing(&digest, sig.as_deref())).await?;
+        if already {
             while let Some(c) = rest.next().await {
                 c.map_err(|e| Error::BadRequest(format!("upload interrupted: {e}")))?;
             }
-            // The same bytes, perhaps newly signed (a key rotation): keep the new signature.
-            if let Some(sig) = &signature
-                && self.signature(sha256).ok().flatten().as_deref() != Some(sig.as_slice())
-            {
-                self.store_signature(sha256, sig)?;
-            }
             return Ok(true);
         }
-        let sha = normalize_digest(sha256).unwrap_or_default();
-        let mut file = IncomingFile::create(&dest, &sha, size)?;
-        file.write(&first)?;
-        while let Some(c) = rest.next().await {
-            let c =
-                c.map_err(|e| Error::BadRequest(format!("upload interrupted: {e}; discarded")))?;
-            file.write(&c)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(WRITE_QUEUE);
+        let store = self.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            store.write_blob(&dest, &sha, size, signature.as_deref(), rx)
+        });
+        let mut fed = tx.send(Piece::Data(first)).await.is_ok();
+        let mut interrupted = None;
+        while fed && let Some(c) = rest.next().await {
+            match c {
+                Ok(c) => fed = tx.send(Piece::Data(c)).await.is_ok(),
+                Err(e) => {
+                    interrupted = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if fed && interrupted.is_none() {
+            // If the writer already stopped, its own error is the answer.
+            let _ = tx.send(Piece::End).await;
+        }
+        // Without `End`, the writer discards the partial file.
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Error::Io(format!("writing package {sha256}: {e}")))?;
+        if let Some(e) = interrupted {
+            return Err(Error::BadRequest(format!(
+                "upload interrupted: {e}; discarded"
+            )));
+        }
+        written?;
+        Ok(false)
+    }
+
+    /// When the bytes are already stored: keeps a new signature and refreshes the file's time
+    /// (so the blob sweep counts its grace period from this upload); `false` when not stored.
+    fn keep_existing(&self, sha256: &str, signature: Option<&[u8]>) -> Result<bool> {
+        let dest = self.path(sha256)?;
+        let _gc = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !dest.is_file() {
+            return Ok(false);
+        }
+        let touched = std::fs::File::options()
+            .write(true)
+            .open(&dest)
+            .and_then(|f| f.set_modified(SystemTime::now()));
+        if let Err(e) = touched {
+            tracing::warn!(file = %dest.display(), "cannot refresh the blob's time: {e}");
+        }
+        // The same bytes, perhaps newly signed (a key rotation): keep the new signature.
+        if let Some(sig) = signature
+            && self.signature(sha256).ok().flatten().as_deref() != Some(sig)
+        {
+            self.store_signature(sha256, sig)?;
+        }
+        Ok(true)
+    }
+
+    /// The blocking half of [`BlobStore::receive`]: writes and hashes what arrives on `rx`
+    /// into a temp file, and on [`Piece::End`] checks it and moves it into place.
+    fn write_blob(
+        &self,
+        dest: &Path,
+        sha: &str,
+        size: u64,
+        signature: Option<&[u8]>,
+        mut rx: tokio::sync::mpsc::Receiver<Piece>,
+    ) -> Result<()> {
+        let mut file = IncomingFile::create(dest, sha, size)?;
+        loop {
+            match rx.blocking_recv() {
+                Some(Piece::Data(d)) => file.write(&d)?,
+                Some(Piece::End) => break,
+                // The sender went away without `End`: dropping `file` discards it.
+                None => {
+                    return Err(Error::BadRequest(
+                        "upload interrupted; discarded".to_string(),
+                    ));
+                }
+            }
         }
         // Signature first: the bytes are never stored without the signature that came with them.
-        let sig_path = self.sig_path(sha256)?;
-        match &signature {
-            Some(sig) => self.store_signature(sha256, sig)?,
+        let sig_path = self.sig_path(sha)?;
+        match signature {
+            Some(sig) => self.store_signature(sha, sig)?,
             None => {
                 let _ = std::fs::remove_file(&sig_path);
             }
         }
-        let finished = tokio::task::spawn_blocking(move || file.finish())
-            .await
-            .map_err(|e| Error::Io(format!("finishing upload: {e}")))?;
-        if let Err(e) = finished {
+        if let Err(e) = file.finish() {
             let _ = std::fs::remove_file(&sig_path);
             return Err(e.into());
         }
-        Ok(false)
+        Ok(())
+    }
+
+    /// Deletes blob files (and their signatures) that `named` does not list and whose time is
+    /// older than `grace`; signatures left without their blob go too. Files under temp names
+    /// (transfers in progress) are never touched. Blocking.
+    pub fn sweep(&self, named: &BTreeSet<String>, grace: Duration) -> Result<Sweep> {
+        let mut out = Sweep::default();
+        let rd = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::Io(format!("list {}: {e}", self.dir.display())))?;
+        let now = SystemTime::now();
+        let old = |m: &std::fs::Metadata| {
+            m.modified()
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= grace)
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (digest, is_sig) = match name.strip_suffix(".sig") {
+                Some(d) => (d.to_string(), true),
+                None => (name.clone(), false),
+            };
+            // Only what this store names: `<sha256>` and `<sha256>.sig`.
+            if normalize_digest(&digest).as_deref() != Some(digest.as_str()) {
+                continue;
+            }
+            if named.contains(&digest) {
+                if !is_sig {
+                    out.kept += 1;
+                }
+                continue;
+            }
+            let _gc = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let path = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if is_sig {
+                // A signature whose blob is gone (a sweep interrupted between the two).
+                if !self.dir.join(&digest).exists() && old(&meta) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
+            if !old(&meta) {
+                out.kept += 1;
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    out.deleted += 1;
+                    out.bytes += meta.len();
+                    let _ = std::fs::remove_file(signing::sig_path(&path));
+                }
+                Err(e) => tracing::warn!(file = %path.display(), "package GC: cannot delete: {e}"),
+            }
+        }
+        Ok(out)
     }
 
     /// Streams a stored blob as chunks (the first carries digest and size).
@@ -209,7 +368,11 @@ impl BlobStore {
     ) -> Result<impl Stream<Item = std::result::Result<BlobChunk, Status>> + Send + 'static> {
         let path = self.path(sha256)?;
         let sha = normalize_digest(sha256).unwrap_or_default();
-        let mut signature = self.signature(sha256)?.unwrap_or_default();
+        let store = self.clone();
+        let digest = sha.clone();
+        let mut signature = blocking(move || store.signature(&digest))
+            .await?
+            .unwrap_or_default();
         let mut f = tokio::fs::File::open(&path)
             .await
             .map_err(|e| Error::NotFound(format!("package {sha} is not stored here ({e})")))?;
@@ -301,6 +464,13 @@ impl BlobStore {
     }
 }
 
+/// Runs blocking file work off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io(format!("package store task failed: {e}")))?
+}
+
 /// The `Blobs` service: other coordinators put and get package bytes.
 #[derive(Clone)]
 pub struct BlobsService {
@@ -339,5 +509,147 @@ impl blobs_server::Blobs for BlobsService {
     ) -> std::result::Result<Response<Self::GetBlobStream>, Status> {
         let s = self.store.read_chunks(&req.into_inner().sha256).await?;
         Ok(Response::new(Box::pin(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, SystemTime};
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    fn digest(data: &[u8]) -> String {
+        Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Stores `data` through `receive`; returns its digest.
+    fn put(rt: &tokio::runtime::Runtime, store: &BlobStore, data: &[u8]) -> String {
+        let sha = digest(data);
+        let rest = futures::stream::iter(Vec::<std::result::Result<Vec<u8>, String>>::new());
+        rt.block_on(store.receive(&sha, data.len() as u64, None, data.to_vec(), rest))
+            .unwrap();
+        sha
+    }
+
+    fn age(path: &Path, by: Duration) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - by)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_sweep_deletes_only_old_blobs_no_record_names() {
+        let rt = rt();
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("blobs"), 1 << 20).unwrap();
+        let named = put(&rt, &store, b"named");
+        let old = put(&rt, &store, b"old and unnamed");
+        let young = put(&rt, &store, b"young and unnamed");
+        let again = put(&rt, &store, b"old, uploaded again");
+        let hour = Duration::from_secs(3600);
+        for sha in [&named, &old, &again] {
+            age(&store.path(sha).unwrap(), 2 * hour);
+        }
+        // A signature beside the old blob, and one whose blob is already gone.
+        let old_sig = store.sig_path(&old).unwrap();
+        std::fs::write(&old_sig, b"sig").unwrap();
+        age(&old_sig, 2 * hour);
+        let orphan_sig = store.sig_path(&digest(b"gone")).unwrap();
+        std::fs::write(&orphan_sig, b"sig").unwrap();
+        age(&orphan_sig, 2 * hour);
+        // A transfer in progress (temp name), old.
+        let incoming = store.dir().join(format!(".incoming-{old}-1-2"));
+        std::fs::write(&incoming, b"partial").unwrap();
+        age(&incoming, 2 * hour);
+        // A re-upload of stored bytes restarts their grace period.
+        assert!(
+            rt.block_on(store.receive(
+                &again,
+                19,
+                None,
+                b"old, uploaded again".to_vec(),
+                futures::stream::iter(Vec::<std::result::Result<Vec<u8>, String>>::new()),
+            ))
+            .unwrap(),
+            "already stored"
+        );
+
+        let r = store.sweep(&BTreeSet::from([named.clone()]), hour).unwrap();
+        assert_eq!(r.deleted, 1, "{r:?}");
+        assert_eq!(r.bytes, b"old and unnamed".len() as u64);
+        assert_eq!(r.kept, 3);
+        assert!(!store.has(&old));
+        assert!(!old_sig.exists(), "the signature goes with its blob");
+        assert!(!orphan_sig.exists());
+        assert!(store.has(&named) && store.has(&young) && store.has(&again));
+        assert!(incoming.exists(), "transfers in progress are never swept");
+        // Nothing named and no grace: everything stored goes, temp files stay.
+        let r = store.sweep(&BTreeSet::new(), Duration::ZERO).unwrap();
+        assert_eq!(r.deleted, 3);
+        assert!(incoming.exists());
+    }
+
+    /// The runtime thread is free while a package is written and hashed: other tasks run
+    /// between its chunks. (Before, the writes and the hashing ran inside the async handler,
+    /// and a stream that always had the next chunk ready held the thread until the end.)
+    #[test]
+    fn receive_leaves_the_runtime_thread_to_other_tasks_while_writing() {
+        let rt = rt();
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("blobs"), 1 << 30).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..300u32)
+            .map(|i| {
+                let mut c = vec![0u8; 16 << 10];
+                c[..4].copy_from_slice(&i.to_le_bytes());
+                c
+            })
+            .collect();
+        let sha = digest(&chunks.concat());
+        let size = chunks.iter().map(|c| c.len() as u64).sum();
+        let ticks = std::sync::Arc::new(AtomicU64::new(0));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        rt.block_on(async {
+            let t = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                loop {
+                    t.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            });
+            let mut it = chunks.into_iter();
+            let first = it.next().unwrap();
+            let (t, s) = (ticks.clone(), seen.clone());
+            let rest = futures::stream::iter(it.map(move |c| {
+                s.lock().unwrap().push(t.load(Ordering::Relaxed));
+                Ok::<_, String>(c)
+            }));
+            let already = store.receive(&sha, size, None, first, rest).await.unwrap();
+            assert!(!already);
+            ticker.abort();
+        });
+        assert!(store.has(&sha));
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.last() > seen.first(),
+            "no other task ran while 299 chunks were written: {:?}..{:?}",
+            seen.first(),
+            seen.last()
+        );
     }
 }

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::Shared;
 use crate::driver::now_ms;
 use crate::error::Error;
+use crate::history::HistoryRecord;
 use crate::state::{ClusterState, Command, PackageRecord, Response as SmResponse};
 
 #[derive(Clone)]
@@ -37,40 +38,28 @@ pub const MAX_REPLY_BYTES: usize = 64 << 20;
 const WRITE: &[Role] = &[Role::Operator];
 const READ: &[Role] = &[Role::Operator, Role::Viewer];
 
+/// A rollout's status for the control API; `with_events: false` (listings) copies nothing of
+/// its audit trail, which is most of its size.
 pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::RolloutStatus {
-    let st = r.status();
-    let unresponsive = |id: &NodeId| s.nodes.get(id).and_then(|n| n.unresponsive.clone());
     pb::RolloutStatus {
-        id: st.id,
-        version: st.version.to_string(),
-        phase: st.phase.to_string(),
-        awaiting_promotion: st.awaiting_promotion,
-        error: st.error.unwrap_or_default(),
-        nodes: st
-            .nodes
-            .into_iter()
+        id: r.id().to_string(),
+        version: r.spec().version.to_string(),
+        phase: r.phase().to_string(),
+        awaiting_promotion: r.awaiting_promotion(),
+        error: r.error().unwrap_or_default().to_string(),
+        nodes: r
+            .nodes()
             .map(|n| {
-                let u = unresponsive(&n.id);
-                pb::NodeProgress {
-                    id: n.id.to_string(),
-                    from_version: n.from_version.map(|v| v.to_string()).unwrap_or_default(),
-                    step: n.step.to_string(),
-                    error: n.error.unwrap_or_default(),
-                    unresponsive_since_ms: u.as_ref().map_or(0, |u| u.since_ms),
-                    unresponsive_detail: u.map(|u| u.detail).unwrap_or_default(),
+                let mut p = node_progress(n);
+                if let Some(u) = s.nodes.get(&n.id).and_then(|rec| rec.unresponsive.as_ref()) {
+                    p.unresponsive_since_ms = u.since_ms;
+                    p.unresponsive_detail = u.detail.clone();
                 }
+                p
             })
             .collect(),
         events: if with_events {
-            st.events
-                .into_iter()
-                .map(|e| pb::AuditEvent {
-                    at_ms: e.at_ms,
-                    by: e.by,
-                    message: e.message,
-                    term: e.term,
-                })
-                .collect()
+            r.events().iter().map(audit_event).collect()
         } else {
             Vec::new()
         },
@@ -81,6 +70,41 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
             .and_then(|id| s.created_at.get(&id).copied())
             .unwrap_or(0),
         requested_by: r.spec().requested_by.clone(),
+    }
+}
+
+fn node_progress(n: &orch_types::rollout::NodeProgress) -> pb::NodeProgress {
+    pb::NodeProgress {
+        id: n.id.to_string(),
+        from_version: n.from_version.map(|v| v.to_string()).unwrap_or_default(),
+        step: n.step.to_string(),
+        error: n.error.clone().unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+fn audit_event(e: &orch_types::rollout::AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        at_ms: e.at_ms,
+        by: e.by.clone(),
+        message: e.message.clone(),
+        term: e.term,
+    }
+}
+
+/// An archived rollout's status, from its history line.
+pub fn status_of_archived(h: &HistoryRecord) -> pb::RolloutStatus {
+    let st = &h.status;
+    pb::RolloutStatus {
+        id: h.id.to_string(),
+        version: st.version.to_string(),
+        phase: st.phase.to_string(),
+        awaiting_promotion: st.awaiting_promotion,
+        error: st.error.clone().unwrap_or_default(),
+        nodes: st.nodes.iter().map(node_progress).collect(),
+        events: st.events.iter().map(audit_event).collect(),
+        created_at_ms: h.created_at_ms,
+        requested_by: h.spec.requested_by.clone(),
     }
 }
 
@@ -200,6 +224,19 @@ impl ControlService {
         found
     }
 
+    /// An archived rollout's status (with its events) from this coordinator's history file.
+    async fn archived_status(&self, id: &str) -> Result<Option<pb::RolloutStatus>, Status> {
+        let Ok(id) = id.parse::<orch_types::RolloutId>() else {
+            return Ok(None);
+        };
+        let history = self.shared.history.clone();
+        let found: Option<HistoryRecord> = tokio::task::spawn_blocking(move || history.find(id))
+            .await
+            .map_err(|e| Status::internal(format!("reading the history: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(found.as_ref().map(status_of_archived))
+    }
+
     fn find_here(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
         self.shared.read(|s| {
             let r = if id.is_empty() {
@@ -214,7 +251,7 @@ impl ControlService {
                     )
                 } else {
                     Status::not_found(format!(
-                        "no rollout {}: `orchestrator rollouts` lists them",
+                        "no rollout {}: `orchestrator rollouts --all` lists them",
                         shown(id)
                     ))
                 }
@@ -349,6 +386,7 @@ impl Control for ControlService {
             sha256: sha.clone(),
             size: h.size,
             holders: holders.iter().copied().collect(),
+            uploaded_at_ms: now_ms(),
         }))
         .await?;
         Ok(Response::new(pb::UploadReply {
@@ -454,7 +492,15 @@ impl Control for ControlService {
     async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Res<pb::RolloutStatus> {
         self.check(&req, READ)?;
         let at = self.read_gate(&req).await?;
-        Ok(at.answer(self.find(&req.into_inner().id)?))
+        let id = req.into_inner().id;
+        let found = self.find(&id);
+        // Not in the replicated state: perhaps archived (retention) into the history file.
+        if found.is_err()
+            && let Some(st) = self.archived_status(&id).await?
+        {
+            return Ok(at.answer(st));
+        }
+        Ok(at.answer(found?))
     }
 
     async fn list_rollouts(
@@ -463,15 +509,38 @@ impl Control for ControlService {
     ) -> Res<pb::ListRolloutsReply> {
         self.check(&req, READ)?;
         let at = self.read_gate(&req).await?;
-        Ok(at.answer(self.shared.read(|s| {
-            pb::ListRolloutsReply {
-                rollouts: s
-                    .rollouts
-                    .values()
-                    .map(|r| status_of(s, r, false))
-                    .collect(),
-            }
-        })))
+        let all = req.into_inner().all;
+        // The history first (read without holding the state), then the state: a rollout
+        // archived in between is then listed from its history line rather than missed.
+        let mut archived = if all {
+            let history = self.shared.history.clone();
+            tokio::task::spawn_blocking(move || history.list())
+                .await
+                .map_err(|e| Status::internal(format!("reading the history: {e}")))?
+                .map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        let mut rollouts = self.shared.read(|s| {
+            archived.retain(|h| !s.rollouts.contains_key(&h.id));
+            s.rollouts
+                .values()
+                .map(|r| status_of(s, r, false))
+                .collect::<Vec<_>>()
+        });
+        if !archived.is_empty() {
+            let mut out: Vec<_> = archived.iter().map(status_of_archived).collect();
+            out.append(&mut rollouts);
+            // Oldest first, by number.
+            out.sort_by_key(|st| {
+                st.id
+                    .parse::<orch_types::RolloutId>()
+                    .map(|i| i.0)
+                    .unwrap_or(0)
+            });
+            rollouts = out;
+        }
+        Ok(at.answer(pb::ListRolloutsReply { rollouts }))
     }
 
     type WatchRolloutStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
@@ -479,7 +548,15 @@ impl Control for ControlService {
     async fn watch_rollout(&self, req: Request<pb::RolloutRef>) -> Res<Self::WatchRolloutStream> {
         self.check(&req, READ)?;
         let at = self.read_gate(&req).await?;
-        let first = self.find(&req.into_inner().id)?;
+        let wanted = req.into_inner().id;
+        let first = match self.find(&wanted) {
+            Ok(st) => st,
+            // Archived (it finished long ago): its final status is all there is to watch.
+            Err(e) => match self.archived_status(&wanted).await? {
+                Some(st) => return Ok(at.answer(Box::pin(tokio_stream::once(Ok(st))))),
+                None => return Err(e),
+            },
+        };
         let id = first.id.clone();
         let me = self.clone();
         let mut applied = self.shared.raft.applied();
@@ -490,6 +567,15 @@ impl Control for ControlService {
                 return;
             }
             loop {
+                // Archived meanwhile (it had finished): its last status, then the end.
+                if me.shared.read(|s| s.find_rollout(&id).is_none()) {
+                    if let Ok(Some(st)) = me.archived_status(&id).await
+                        && st != last
+                    {
+                        let _ = tx.send(Ok(st)).await;
+                    }
+                    return;
+                }
                 let done = me
                     .shared
                     .read(|s| s.find_rollout(&id).map(|r| r.is_finished()).unwrap_or(true));

@@ -9,7 +9,9 @@ pub mod blobs;
 pub mod control;
 pub mod driver;
 pub mod error;
+pub mod history;
 pub mod raft;
+pub mod retention;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -52,6 +54,11 @@ pub struct CoordinatorConfig {
     /// `signing.pub` files: when any is given, package uploads and rollouts need a valid
     /// signature from one of them.
     pub trusted_keys: Vec<PathBuf>,
+    /// Finished rollouts kept in the replicated state (at least 1); older ones move to
+    /// `DATA/history.jsonl`. Only the leader's setting counts.
+    pub retain_rollouts: usize,
+    /// How long an unreferenced package record or blob file is kept after its upload.
+    pub gc_grace: Duration,
 }
 
 impl CoordinatorConfig {
@@ -68,6 +75,8 @@ impl CoordinatorConfig {
             limits: ServerLimits::default(),
             max_package_bytes: 4 << 30,
             trusted_keys: Vec::new(),
+            retain_rollouts: retention::DEFAULT_RETAIN_ROLLOUTS,
+            gc_grace: retention::DEFAULT_GC_GRACE,
         }
     }
 
@@ -100,6 +109,8 @@ pub struct CoordinatorFileConfig {
     #[serde(default)]
     pub trusted_key: Vec<PathBuf>,
     pub insecure_allow_remote: Option<bool>,
+    /// Finished rollouts kept in the replicated state (`--retain-rollouts`).
+    pub retain_rollouts: Option<usize>,
 }
 
 impl CoordinatorFileConfig {
@@ -133,6 +144,9 @@ pub struct Shared {
     pub raft: RaftNode,
     pub blobs: BlobStore,
     pub agents: AgentPool,
+    /// Rollouts archived out of the replicated state (read-only here; the state machine
+    /// appends).
+    pub history: history::History,
 }
 
 impl Shared {
@@ -378,6 +392,11 @@ pub async fn serve(
             config.id
         )));
     }
+    if config.retain_rollouts == 0 {
+        return Err(Error::Refused(
+            "--retain-rollouts 0 would archive every rollout as soon as it finishes: keep at least 1 (default 100)".to_string(),
+        ));
+    }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Io(format!("create {}: {e}", config.data_dir.display())))?;
     claim_data_dir(&config.data_dir, config.id)?;
@@ -391,6 +410,8 @@ pub async fn serve(
         config.bootstrap,
     );
     raft_cfg.security = security.clone();
+    let history_path = config.data_dir.join(history::HISTORY_FILE);
+    raft_cfg.history_path = history_path.clone();
     let raft = RaftNode::start(raft_cfg)
         .await
         .map_err(|e| Error::Internal(format!("starting Raft: {e}")))?;
@@ -413,9 +434,26 @@ pub async fn serve(
         raft: raft.clone(),
         blobs: blobs.clone(),
         agents: AgentPool::new(security.clone()),
+        history: history::History::new(history_path),
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop.clone()));
+    // The retention jobs take a watch; the driver a cancellation token.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let retention_cfg = retention::RetentionConfig {
+        keep: config.retain_rollouts,
+        grace: config.gc_grace,
+    };
+    let retention = tokio::spawn(retention::run(
+        shared.clone(),
+        retention_cfg,
+        stop_rx.clone(),
+    ));
+    let sweeper = tokio::spawn(retention::sweep_blobs(
+        shared.clone(),
+        retention_cfg,
+        stop_rx.clone(),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -442,7 +480,10 @@ pub async fn serve(
         .serve_with_incoming_shutdown(orch_tls::incoming(listener), shutdown)
         .await;
     stop.cancel();
+    let _ = stop_tx.send(true);
     let _ = leadership.await;
+    let _ = retention.await;
+    let _ = sweeper.await;
     raft.shutdown().await;
     result.map_err(|e| Error::Internal(format!("server: {e}")))
 }

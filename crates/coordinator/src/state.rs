@@ -3,6 +3,7 @@
 //! the same Raft log holds the same state, and a snapshot is just this struct as JSON.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use orch_rollout::{Action, LogEntry, Rollout};
 use orch_types::rollout::{Phase, RolloutSpec};
@@ -58,6 +59,11 @@ pub struct PackageRecord {
     pub size: u64,
     /// Coordinator ids that hold the bytes.
     pub holders: BTreeSet<u64>,
+    /// When it was last uploaded (the proposer's clock, ms since the epoch): package GC keeps
+    /// an unreferenced record for a grace period after this, so an upload followed by
+    /// `rollout` is never raced. 0 in records written before this field existed.
+    #[serde(default)]
+    pub uploaded_at_ms: u64,
 }
 
 /// A state change, proposed through Raft.
@@ -141,6 +147,22 @@ pub enum Command {
         at_ms: u64,
         command: Box<Command>,
     },
+    /// Moves finished rollouts out of the replicated state and drops package records that no
+    /// rollout left in it names (retention; proposed by the leader's `retention` job). Every
+    /// coordinator's state machine appends the archived rollouts to its history file before
+    /// applying this. Each item is checked again here, so a late or repeated command changes
+    /// nothing it should not: a rollout is archived only if it is present and finished, a
+    /// package record dropped only if no rollout still in the state names it and it was last
+    /// uploaded at least `grace_ms` before `at_ms` (the proposer's clock). Not allowed in a
+    /// [`Command::Batch`] (the state machine looks for it at the top level only).
+    ArchiveRollouts {
+        rollouts: Vec<RolloutId>,
+        #[serde(default)]
+        packages: Vec<String>,
+        #[serde(default)]
+        grace_ms: u64,
+        at_ms: u64,
+    },
     /// Several commands applied in order as one log entry (one Raft round trip). The driver
     /// records an action's result, the node's reported versions and the issuing of whatever that
     /// result enables together, so one upgraded node costs two commits instead of five. Each
@@ -169,14 +191,21 @@ pub enum Response {
     },
     /// One response per command of a [`Command::Batch`], in order.
     Batch(Vec<Response>),
+    /// What [`Command::ArchiveRollouts`] removed (rollout ids, package digests).
+    Archived {
+        rollouts: Vec<String>,
+        packages: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub packages: BTreeMap<String, PackageRecord>,
-    /// By id, which orders by number (creation order).
-    pub rollouts: BTreeMap<RolloutId, Rollout>,
+    /// By id, which orders by number (creation order). Shared (`Arc`) so that a snapshot copies
+    /// pointers, not audit trails; a change copies only the rollout it changes, and only while
+    /// a snapshot still holds it.
+    pub rollouts: BTreeMap<RolloutId, Arc<Rollout>>,
     /// Counter behind rollout ids.
     pub rollout_seq: u64,
     /// When each rollout was accepted (the proposer's clock).
@@ -242,16 +271,34 @@ impl ClusterState {
             .iter()
             .rev()
             .find(|(_, r)| !r.is_finished())
-            .map(|(id, r)| (*id, r))
+            .map(|(id, r)| (*id, &**r))
     }
 
     pub fn latest_rollout(&self) -> Option<&Rollout> {
-        self.rollouts.values().next_back()
+        self.rollouts.values().next_back().map(|r| &**r)
     }
 
     /// Finds a rollout by id; `42` and `r42` also find `r000042`.
     pub fn find_rollout(&self, id: &str) -> Option<&Rollout> {
-        self.rollouts.get(&id.parse::<RolloutId>().ok()?)
+        self.rollouts
+            .get(&id.parse::<RolloutId>().ok()?)
+            .map(|r| &**r)
+    }
+
+    /// Whether [`Command::ArchiveRollouts`] would archive rollout `id` now: present and
+    /// finished.
+    pub fn archivable(&self, id: RolloutId) -> bool {
+        self.rollouts.get(&id).is_some_and(|r| r.is_finished())
+    }
+
+    /// Whether a rollout in the state names package `sha256`.
+    pub fn package_in_use(&self, sha256: &str) -> bool {
+        self.rollouts.values().any(|r| {
+            r.spec()
+                .package
+                .as_ref()
+                .is_some_and(|p| p.sha256 == sha256)
+        })
     }
 
     pub fn apply(&mut self, cmd: &Command) -> Response {
@@ -260,6 +307,9 @@ impl ClusterState {
                 cmds.iter()
                     .map(|c| match c {
                         Command::Batch(_) => Response::Rejected("batches do not nest".to_string()),
+                        Command::ArchiveRollouts { .. } => {
+                            Response::Rejected("archiving is not batched".to_string())
+                        }
                         c => self.apply(c),
                     })
                     .collect(),
@@ -374,7 +424,11 @@ impl ClusterState {
             }
             Command::AddPackage(p) => {
                 match self.packages.get_mut(&p.sha256) {
-                    Some(existing) => existing.holders.extend(p.holders.iter().copied()),
+                    Some(existing) => {
+                        existing.holders.extend(p.holders.iter().copied());
+                        // A new upload restarts the grace period package GC waits.
+                        existing.uploaded_at_ms = existing.uploaded_at_ms.max(p.uploaded_at_ms);
+                    }
                     None => {
                         self.packages.insert(p.sha256.clone(), p.clone());
                     }
@@ -411,7 +465,7 @@ impl ClusterState {
                     Ok(r) => {
                         self.rollout_seq += 1;
                         self.created_at.insert(id, *at_ms);
-                        self.rollouts.insert(id, r);
+                        self.rollouts.insert(id, Arc::new(r));
                         Response::Created { id: id.to_string() }
                     }
                     Err(e) => Response::Rejected(e.to_string()),
@@ -440,10 +494,42 @@ impl ClusterState {
                     term: *term,
                 })
             }
+            Command::ArchiveRollouts {
+                rollouts,
+                packages,
+                grace_ms,
+                at_ms,
+            } => {
+                let mut archived = Vec::new();
+                for id in rollouts {
+                    if self.archivable(*id) {
+                        self.rollouts.remove(id);
+                        self.created_at.remove(id);
+                        archived.push(id.to_string());
+                    }
+                }
+                let mut dropped = Vec::new();
+                for sha in packages {
+                    let old_enough = self
+                        .packages
+                        .get(sha)
+                        .is_some_and(|p| at_ms.saturating_sub(p.uploaded_at_ms) >= *grace_ms);
+                    if old_enough && !self.package_in_use(sha) {
+                        self.packages.remove(sha);
+                        dropped.push(sha.clone());
+                    }
+                }
+                Response::Archived {
+                    rollouts: archived,
+                    packages: dropped,
+                }
+            }
             Command::Rollout { id, entry, term } => {
                 let Some(r) = self.rollouts.get_mut(id) else {
                     return Response::Rejected(format!("no rollout {id}"));
                 };
+                // Copies the rollout only if a snapshot being built still shares it.
+                let r = Arc::make_mut(r);
                 match r.apply_in_term(&entry.event, entry.at_ms, &entry.by, *term) {
                     Ok(o) => Response::Rollout {
                         phase: r.phase(),

@@ -77,6 +77,9 @@ pub struct RaftConfig {
     /// node's Raft service (coordinators only). `new` starts with `Insecure`; the coordinator
     /// daemon sets its own.
     pub security: Security,
+    /// Where the state machine appends archived rollouts (`new`: `history.jsonl` in
+    /// `data_dir`; the coordinator daemon uses its own data directory's).
+    pub history_path: PathBuf,
 }
 
 impl RaftConfig {
@@ -88,10 +91,12 @@ impl RaftConfig {
         peers: BTreeMap<u64, String>,
         bootstrap: bool,
     ) -> RaftConfig {
+        let data_dir: PathBuf = data_dir.into();
         RaftConfig {
             id,
             addr: addr.into(),
-            data_dir: data_dir.into(),
+            history_path: data_dir.join(crate::history::HISTORY_FILE),
+            data_dir,
             peers,
             bootstrap,
             heartbeat_ms: 100,
@@ -296,7 +301,8 @@ impl RaftNode {
         let log_path = cfg.data_dir.join(log_store::LOG_FILE);
         let sm_path = cfg.data_dir.join(state_machine::STATE_FILE);
         let log = LogStore::open(&log_path).await.map_err(storage_err)?;
-        let sm = StateMachineStore::open(&sm_path)
+        let history = crate::history::History::new(cfg.history_path.clone());
+        let sm = StateMachineStore::open_with_history(&sm_path, history)
             .await
             .map_err(storage_err)?;
         let view = sm.view();

@@ -53,6 +53,14 @@ fn describe(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 describe(command, f)?;
                 f.write_str(")")
             }
+            Command::ArchiveRollouts {
+                rollouts, packages, ..
+            } => write!(
+                f,
+                "archive({} rollout(s), {} package(s))",
+                rollouts.len(),
+                packages.len()
+            ),
         }
     }
 }
