@@ -9,6 +9,7 @@
 //! --workspace` does it too, because crates/cli has integration tests).
 
 pub mod cluster;
+pub mod containers;
 
 use std::fs;
 use std::io::{Read, Write};

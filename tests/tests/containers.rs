@@ -1,0 +1,272 @@
+//! Resilience on real networks (issue #14): the container test bed of
+//! `orch_tests::containers` (3 coordinators, 5 agents with the demo service, mutual TLS, two
+//! private networks), with faults injected through Docker Engine. Each test names the precise
+//! end state it expects. Without Docker each test prints a loud SKIPPED line and passes.
+
+use std::time::{Duration, Instant};
+
+use orch_tests::containers::{Bed, BedOpts, docker_or_skip};
+use orch_tests::stdout;
+use serde_json::Value;
+
+const PKG1: &str = "/pkgs/ok/demo-service-4.2.1.zip";
+
+fn events(st: &Value) -> Vec<(u64, String)> {
+    st["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["term"].as_u64().unwrap_or(0),
+                        e["message"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The fence terms of a node's audit log lines that changed or confirmed something (`ok`), in
+/// order.
+fn accepted_terms(audit: &str) -> Vec<u64> {
+    audit
+        .lines()
+        .filter(|l| l.contains("| ok "))
+        .filter_map(|l| {
+            let t = l.split(" term=").nth(1)?;
+            t.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The leader is cut from the other coordinators mid-rollout but still reaches the agents. The
+/// majority elects a new leader that finishes the rollout; every call the old leader makes to an
+/// agent after its successor's first call there is refused by the fence; after healing there is
+/// one history.
+#[test]
+fn a_leader_cut_from_its_peers_is_replaced_and_fenced_out() {
+    if !docker_or_skip("a_leader_cut_from_its_peers_is_replaced_and_fenced_out") {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 5));
+    let waiting = bed.spawn_cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "3s",
+        "--healthy-deadline",
+        "60s",
+    ]);
+    bed.wait_for(Duration::from_secs(120), "n2 in its health gate", |b| {
+        Bed::step(&b.status_json(""), "n2") == "verifying"
+    });
+    let old = bed.leader();
+    assert_ne!(old, 0);
+    let old_c = format!("c{old}");
+    bed.disconnect(&old_c, "raft");
+    let cut = Instant::now();
+    bed.wait_for(
+        Duration::from_secs(180),
+        "the majority to finish the rollout",
+        |b| b.status_json("r000001")["phase"] == "succeeded",
+    );
+    println!(
+        "rollout finished {:?} after the leader was cut off",
+        cut.elapsed()
+    );
+    let witness = format!("c{}", (1..=3).find(|i| *i != old).unwrap());
+    let new = bed.leader_seen_by(&witness);
+    assert!(new != 0 && new != old, "a new leader: {new} (old {old})");
+    bed.connect(&old_c, "raft");
+    let o = waiting.wait(Duration::from_secs(300));
+    assert!(
+        o.status.success(),
+        "the waiting rollout: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // One history: terms never go back, each step once.
+    let st = bed.status_json("r000001");
+    let ev = events(&st);
+    let mut highest = 0;
+    for (term, msg) in &ev {
+        assert!(
+            *term == 0 || *term >= highest,
+            "term {term} after {highest}: {msg}\n{st}"
+        );
+        highest = highest.max(*term);
+    }
+    for n in 1..=5 {
+        let count = ev
+            .iter()
+            .filter(|(_, m)| m.starts_with(&format!("n{n}: installed 4.2.1")))
+            .count();
+        assert_eq!(count, 1, "n{n} installed once\n{st}");
+    }
+    // The agents accepted nothing from the old term after the new term's first call.
+    for n in 1..=5 {
+        let terms = accepted_terms(&bed.audit(&format!("n{n}")));
+        if let Some(first_new) = terms.iter().position(|t| *t > 1 && *t == highest) {
+            assert!(
+                terms[first_new..].iter().all(|t| *t >= highest),
+                "n{n} accepted an older term after the newer one: {terms:?}"
+            );
+        }
+    }
+    for n in 1..=5 {
+        let v = bed.versions(&format!("n{n}"));
+        assert!(v.contains("4.2.1\tpermanent"), "n{n}: {v}");
+    }
+}
+
+/// A hung agent (its container paused) during its turn: detected within the step's deadline,
+/// shown as unresponsive in `status`, and the rollout does not get stuck.
+#[test]
+fn a_hung_agent_is_detected_within_the_step_deadline() {
+    if !docker_or_skip("a_hung_agent_is_detected_within_the_step_deadline") {
+        return;
+    }
+    let bed = Bed::start(BedOpts {
+        agent_extra: vec!["--activate-timeout".into(), "5s".into()],
+        ..BedOpts::new(3, 3)
+    });
+    let waiting = bed.spawn_cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "4s",
+        "--healthy-deadline",
+        "30s",
+    ]);
+    bed.wait_for(Duration::from_secs(120), "n1 in its health gate", |b| {
+        Bed::step(&b.status_json(""), "n1") == "verifying"
+    });
+    bed.pause("n2");
+    let paused = Instant::now();
+    bed.wait_for(Duration::from_secs(60), "n2 shown unresponsive", |b| {
+        b.status_json("")["nodes"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|n| n["id"] == "n2" && n["unresponsive_since_ms"].as_u64().is_some())
+        })
+    });
+    let shown = paused.elapsed();
+    let text = stdout(&bed.cli(&["status"]));
+    assert!(text.contains("agent unresponsive for"), "{text}");
+    bed.wait_for(Duration::from_secs(180), "the rollout to end", |b| {
+        matches!(
+            b.status_json("r000001")["phase"].as_str(),
+            Some("rolled_back" | "rollback_failed")
+        )
+    });
+    let ended = paused.elapsed();
+    println!("hung agent shown unresponsive after {shown:?}; rollout ended after {ended:?}");
+    bed.unpause("n2");
+    let o = waiting.wait(Duration::from_secs(300));
+    assert!(!o.status.success());
+    // n2 applied nothing late: it still runs 4.2.0 permanently.
+    std::thread::sleep(Duration::from_secs(3));
+    let v = bed.versions("n2");
+    assert!(
+        v.contains("4.2.0\tpermanent") && !v.contains("4.2.1\tcurrent"),
+        "n2: {v}\n{}",
+        bed.audit("n2")
+    );
+}
+
+/// A node's container restarts after its install but before the commit: it boots its
+/// permanent (old) release, the agent reconciles (the new release is no longer current), and
+/// the rollout handles it by its failure policy (here: rolls back, ending in a nameable state).
+#[test]
+fn a_node_rebooted_before_the_commit_boots_the_old_release_and_is_handled() {
+    if !docker_or_skip("a_node_rebooted_before_the_commit_boots_the_old_release_and_is_handled") {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 3));
+    let waiting = bed.spawn_cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "10s",
+        "--healthy-deadline",
+        "30s",
+    ]);
+    bed.wait_for(Duration::from_secs(120), "n1 in its health gate", |b| {
+        Bed::step(&b.status_json(""), "n1") == "verifying"
+    });
+    bed.kill("n1");
+    bed.start_again("n1");
+    let o = waiting.wait(Duration::from_secs(300));
+    let st = bed.status_json("r000001");
+    let phase = st["phase"].as_str().unwrap_or_default().to_string();
+    println!(
+        "after the reboot: {phase}; {}",
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+    );
+    assert!(
+        matches!(phase.as_str(), "succeeded" | "rolled_back"),
+        "a nameable end: {st}"
+    );
+    let v = bed.versions("n1");
+    let want = if phase == "succeeded" {
+        "4.2.1\tpermanent"
+    } else {
+        "4.2.0\tpermanent"
+    };
+    assert!(v.contains(want) && !v.contains("current"), "n1: {v}\n{st}");
+    for n in ["n2", "n3"] {
+        let v = bed.versions(n);
+        assert!(v.contains(want) && !v.contains("current"), "{n}: {v}\n{st}");
+    }
+}
+
+/// Two of three coordinators lost mid-rollout (their containers killed) and started again
+/// from their data: the rollout resumes and finishes.
+#[test]
+fn two_of_three_coordinators_lost_and_restored_the_rollout_resumes() {
+    if !docker_or_skip("two_of_three_coordinators_lost_and_restored_the_rollout_resumes") {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 3));
+    let waiting = bed.spawn_cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "3s",
+        "--healthy-deadline",
+        "60s",
+    ]);
+    bed.wait_for(Duration::from_secs(120), "n1 in its health gate", |b| {
+        Bed::step(&b.status_json(""), "n1") == "verifying"
+    });
+    let leader = bed.leader();
+    let other = (1..=3).find(|i| *i != leader).unwrap();
+    bed.kill(&format!("c{leader}"));
+    bed.kill(&format!("c{other}"));
+    std::thread::sleep(Duration::from_secs(5));
+    bed.start_again(&format!("c{leader}"));
+    bed.start_again(&format!("c{other}"));
+    let o = waiting.wait(Duration::from_secs(300));
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        bed.all_logs()
+    );
+    for n in ["n1", "n2", "n3"] {
+        let v = bed.versions(n);
+        assert!(v.contains("4.2.1\tpermanent"), "{n}: {v}");
+    }
+}
