@@ -515,6 +515,10 @@ pub struct DemoArgs {
     /// generated into the demo directory).
     #[arg(long)]
     pub insecure: bool,
+    /// Skip the second, broken rollout (a release that fails its health check and is rolled
+    /// back).
+    #[arg(long)]
+    pub no_failure: bool,
     #[command(subcommand)]
     pub cmd: Option<DemoCmd>,
 }

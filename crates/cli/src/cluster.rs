@@ -1,18 +1,16 @@
-//! Cluster commands: the coordinator daemon, `rollout`, `status`, `rollouts`, operator
-//! commands on a rollout, `nodes`, and `cluster status|add|remove`.
+//! Cluster commands (clients of the coordinators' control API): `rollout`, `status`,
+//! `rollouts`, operator commands on a rollout, `nodes`, and `cluster status|add|remove`.
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use orch_client::{Client, control as pb};
-use orch_coordinator::{CoordinatorConfig, CoordinatorFileConfig, parse_peer};
 use orch_release::{Limits, package};
-use serde_json::json;
 
 use crate::args::{
-    ClusterCmd, ClusterOpts, CoordinatorArgs, JsonOpts, RolloutArgs, RolloutRefArgs, RolloutsArgs,
-    StatusArgs,
+    ClusterCmd, ClusterOpts, JsonOpts, RolloutArgs, RolloutRefArgs, RolloutsArgs, StatusArgs,
 };
+use crate::output::{clock, cluster_json, node_json, print_status, status_json};
 
 fn client(o: &ClusterOpts) -> Result<Client> {
     let addrs: Vec<String> = o
@@ -62,252 +60,14 @@ fn is_terminal(phase: &str) -> bool {
     )
 }
 
-pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
-    json!({
-        "id": s.id,
-        "version": s.version,
-        "phase": s.phase,
-        "awaiting_promotion": s.awaiting_promotion,
-        "error": if s.error.is_empty() { serde_json::Value::Null } else { json!(s.error) },
-        "requested_by": s.requested_by,
-        "created_at_ms": s.created_at_ms,
-        "nodes": s.nodes.iter().map(|n| json!({
-            "id": n.id,
-            "from_version": if n.from_version.is_empty() { serde_json::Value::Null } else { json!(n.from_version) },
-            "step": n.step,
-            "error": if n.error.is_empty() { serde_json::Value::Null } else { json!(n.error) },
-            "unresponsive_since_ms": if n.unresponsive_since_ms == 0 { serde_json::Value::Null } else { json!(n.unresponsive_since_ms) },
-            "unresponsive_detail": if n.unresponsive_detail.is_empty() { serde_json::Value::Null } else { json!(n.unresponsive_detail) },
-        })).collect::<Vec<_>>(),
-        "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
-    })
-}
-
-fn clock(at_ms: u64) -> String {
-    let secs = at_ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
-}
-
-/// A node's error column: its agent's unresponsiveness (and for how long), then its error.
-fn node_problem(n: &pb::NodeProgress) -> String {
-    let mut out = Vec::new();
-    if n.unresponsive_since_ms > 0 {
-        let secs = now_ms().saturating_sub(n.unresponsive_since_ms) / 1000;
-        out.push(format!(
-            "agent unresponsive for {secs}s ({})",
-            n.unresponsive_detail
-        ));
-    }
-    if !n.error.is_empty() {
-        out.push(n.error.clone());
-    }
-    out.join("; ")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn print_status(s: &pb::RolloutStatus) {
-    let mut head = format!("Rollout {} to {}: {}", s.id, s.version, s.phase);
-    if s.awaiting_promotion {
-        head.push_str(" (canary done: waiting for `orchestrator promote`)");
-    }
-    println!("{head}");
-    if !s.requested_by.is_empty() {
-        println!("requested by {}", s.requested_by);
-    }
-    if !s.error.is_empty() {
-        println!("error: {}", s.error);
-    }
-    let w = s.nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
-    println!("  {:<w$}  {:<10}  {:<16}  ERROR", "NODE", "FROM", "STEP");
-    for n in &s.nodes {
-        println!(
-            "  {:<w$}  {:<10}  {:<16}  {}",
-            n.id,
-            if n.from_version.is_empty() {
-                "-"
-            } else {
-                &n.from_version
-            },
-            n.step,
-            node_problem(n)
-        );
-    }
-    if !s.events.is_empty() {
-        println!("events:");
-        for e in s
-            .events
-            .iter()
-            .rev()
-            .take(10)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
-            println!("  {} {} ({})", clock(e.at_ms), e.message, e.by);
-        }
-    }
-}
-
-pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let f = match &a.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
-            CoordinatorFileConfig::parse(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?
-        }
-        None => CoordinatorFileConfig::default(),
-    };
-    let id =
-        a.id.or(f.id)
-            .ok_or_else(|| anyhow!("no coordinator id: pass --id N"))?;
-    if id == 0 {
-        bail!("--id must be 1 or more");
-    }
-    let listen_s = a
-        .listen
-        .or(f.listen)
-        .ok_or_else(|| anyhow!("no listen address: pass --listen HOST:PORT"))?;
-    let listen = listen_s
-        .parse()
-        .with_context(|| format!("--listen {listen_s:?} is not HOST:PORT"))?;
-    let data_dir = a
-        .data_dir
-        .or(f.data_dir)
-        .ok_or_else(|| anyhow!("no data directory: pass --data-dir DIR"))?;
-    let security = crate::tls::daemon_security(
-        &a.tls,
-        crate::tls::FileTls {
-            tls_dir: f.tls_dir.clone(),
-            ca: f.ca.clone(),
-            cert: f.cert.clone(),
-            key: f.key.clone(),
-            insecure: f.insecure,
-        },
-    )?;
-    let allow_remote = a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
-    let listen: std::net::SocketAddr = listen;
-    // Checked here too (the daemon checks again) so the refusal comes before anything starts.
-    security.check_listen(listen, allow_remote)?;
-    security.expect_identity(orch_tls::Role::Coordinator, &id.to_string())?;
-    let insecure = security.is_insecure();
-    let mut cfg = CoordinatorConfig::new(id, listen, data_dir, security);
-    cfg.insecure_allow_remote = allow_remote;
-    cfg.advertise = a.advertise.or(f.advertise);
-    let peers = if a.peers.is_empty() { f.peer } else { a.peers };
-    for p in peers {
-        let (pid, addr) = parse_peer(&p).map_err(|e| anyhow!(e))?;
-        if pid != id {
-            cfg.peers.insert(pid, addr);
-        }
-    }
-    cfg.bootstrap = a.bootstrap || f.bootstrap.unwrap_or(false);
-    cfg.trusted_keys = if a.trusted_keys.is_empty() {
-        f.trusted_key
-    } else {
-        a.trusted_keys
-    };
-    if let Some(n) = a.retain_rollouts.or(f.retain_rollouts) {
-        // The flag's parser refuses 0; the file's value is checked here.
-        crate::args::parse_retain(&n.to_string())
-            .map_err(|e| anyhow!("retain-rollouts = {n}: {e}"))?;
-        cfg.retain_rollouts = n;
-    }
-    if let Some(g) = a.gc_grace {
-        cfg.gc_grace = g;
-    }
-    if insecure {
-        eprintln!(
-            "WARNING: coordinator {id} serves plain-text gRPC on {listen} (--insecure): anyone who can reach it can run rollouts"
-        );
-    }
-    bound_malloc_arenas();
-    runtime()?.block_on(orch_coordinator::run(
-        cfg,
-        crate::agent_cmd::shutdown_signal(),
-    ))?;
-    Ok(())
-}
-
-/// Caps glibc's malloc arenas at 2 (unless MALLOC_ARENA_MAX is set), before any thread starts.
-/// With the default (8 per core) each runtime thread that allocates gets its own arena, and
-/// memory freed in one is not reused by another: the growth benchmark measured the leader's
-/// resident memory climbing from 64 to ~100 MiB over 1,000 rollouts while its live state stayed
-/// the same, and flat at ~60 MiB with the cap (docs/benchmarks.md).
-fn bound_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; called before the runtime's
-        // threads exist.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
 pub fn rollout(a: RolloutArgs) -> Result<()> {
     let mut c = client(&a.cluster)?;
     runtime()?.block_on(async move {
-        let mut package_sha256 = String::new();
-        if let Some(path) = &a.package {
-            // Refuse a bad package here, before anything is uploaded.
-            let info = package::verify(path, None, Some(a.version), &Limits::default())?;
-            // FILE.sig travels with the package; coordinators and agents with trusted keys
-            // check it.
-            let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
-            eprintln!(
-                "Uploading {} {} ({} bytes, sha256 {}, {})",
-                info.name,
-                info.version,
-                info.size,
-                info.sha256,
-                if signature.is_empty() {
-                    "unsigned"
-                } else {
-                    "with its signature"
-                }
-            );
-            let reply = c
-                .upload(
-                    path,
-                    pb::UploadHeader {
-                        name: info.name.clone(),
-                        version: info.version.to_string(),
-                        sha256: info.sha256.clone(),
-                        size: info.size,
-                        signature,
-                    },
-                )
-                .await?;
-            eprintln!("Stored on coordinators {:?}", reply.holders);
-            package_sha256 = info.sha256;
-        }
-        let req = pb::StartRolloutRequest {
-            version: a.version.to_string(),
-            package_sha256,
-            nodes: a.nodes.clone(),
-            batch_size: a.batch_size.unwrap_or(0),
-            canary: a.canary,
-            no_permanent: a.no_permanent,
-            min_healthy_time_ms: a.min_healthy_time.map(|d| d.as_millis() as u64),
-            healthy_deadline_ms: a.healthy_deadline.map(|d| d.as_millis() as u64),
-            on_failure: a.on_failure.clone(),
-            requested_by: operator(),
-            request_id: orch_client::request_id(),
-            preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
-            failure_threshold: a.failure_threshold,
+        let package_sha256 = match &a.package {
+            Some(path) => upload(&mut c, path, a.version).await?,
+            None => String::new(),
         };
-        let started = c.start_rollout(req).await?;
+        let started = c.start_rollout(start_request(&a, package_sha256)).await?;
         if a.detach {
             if a.json {
                 println!("{}", status_json(&started));
@@ -324,24 +84,8 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
                 started.nodes.len()
             );
         }
-        let json = a.json;
-        let mut printed = 0usize;
-        let fin = c
-            .follow(
-                &started.id,
-                |s| {
-                    if json {
-                        return;
-                    }
-                    for e in s.events.iter().skip(printed) {
-                        println!("{} {}", clock(e.at_ms), e.message);
-                    }
-                    printed = printed.max(s.events.len());
-                },
-                is_terminal,
-            )
-            .await?;
-        if json {
+        let fin = follow_events(&mut c, &started.id, a.json).await?;
+        if a.json {
             println!("{}", status_json(&fin));
         } else {
             println!("Rollout {} {}", fin.id, fin.phase);
@@ -350,20 +94,89 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
             }
         }
         if fin.phase == "succeeded" {
-            Ok(())
-        } else {
-            Err(anyhow!(
-                "rollout {} ended {}{}",
-                fin.id,
-                fin.phase,
-                if fin.error.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", fin.error)
-                }
-            ))
+            return Ok(());
         }
+        let cause = if fin.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", fin.error)
+        };
+        Err(anyhow!("rollout {} ended {}{cause}", fin.id, fin.phase))
     })
+}
+
+/// Checks the package here (a bad one is refused before anything is uploaded), uploads it with
+/// its signature, and returns its digest.
+async fn upload(
+    c: &mut Client,
+    path: &std::path::Path,
+    version: orch_types::Version,
+) -> Result<String> {
+    let info = package::verify(path, None, Some(version), &Limits::default())?;
+    // FILE.sig travels with the package; coordinators and agents with trusted keys check it.
+    let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
+    eprintln!(
+        "Uploading {} {} ({} bytes, sha256 {}, {})",
+        info.name,
+        info.version,
+        info.size,
+        info.sha256,
+        if signature.is_empty() {
+            "unsigned"
+        } else {
+            "with its signature"
+        }
+    );
+    let header = pb::UploadHeader {
+        name: info.name.clone(),
+        version: info.version.to_string(),
+        sha256: info.sha256.clone(),
+        size: info.size,
+        signature,
+    };
+    let reply = c.upload(path, header).await?;
+    eprintln!("Stored on coordinators {:?}", reply.holders);
+    Ok(info.sha256)
+}
+
+/// The `StartRollout` request for the command's flags.
+fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutRequest {
+    pb::StartRolloutRequest {
+        version: a.version.to_string(),
+        package_sha256,
+        nodes: a.nodes.clone(),
+        batch_size: a.batch_size.unwrap_or(0),
+        canary: a.canary,
+        no_permanent: a.no_permanent,
+        min_healthy_time_ms: a.min_healthy_time.map(|d| d.as_millis() as u64),
+        healthy_deadline_ms: a.healthy_deadline.map(|d| d.as_millis() as u64),
+        on_failure: a.on_failure.clone(),
+        requested_by: operator(),
+        request_id: orch_client::request_id(),
+        preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
+        failure_threshold: a.failure_threshold,
+    }
+}
+
+/// Follows a rollout to its end, printing each new event with its time (unless `quiet`).
+async fn follow_events(c: &mut Client, id: &str, quiet: bool) -> Result<pb::RolloutStatus> {
+    let mut printed = 0usize;
+    let fin = c
+        .follow(
+            id,
+            |s| {
+                if quiet {
+                    return;
+                }
+                for e in s.events.iter().skip(printed) {
+                    println!("{} {}", clock(e.at_ms), e.message);
+                }
+                printed = printed.max(s.events.len());
+            },
+            is_terminal,
+        )
+        .await?;
+    Ok(fin)
 }
 
 pub fn status(a: StatusArgs) -> Result<()> {
@@ -375,7 +188,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
             if a.json {
                 println!("{}", status_json(&s));
             } else {
-                print_status(&s);
+                print_status(&s, Some(10));
             }
             warn_if_stale(&c);
             return Ok(());
@@ -389,7 +202,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
                     println!("{}", status_json(s));
                 } else {
                     println!();
-                    print_status(s);
+                    print_status(s, Some(10));
                 }
             },
             is_terminal,
@@ -444,29 +257,22 @@ pub fn nodes(a: JsonOpts) -> Result<()> {
     runtime()?.block_on(async move {
         let nodes = c.nodes(true).await?;
         if a.json {
-            let v: Vec<_> = nodes
-                .iter()
-                .map(|n| {
-                    json!({
-                        "id": n.id,
-                        "address": n.address,
-                        "labels": n.labels,
-                        "versions": n.versions.iter().map(|e| json!({"version": e.version, "state": e.state})).collect::<Vec<_>>(),
-                        "healthy": n.healthy,
-                        "health_detail": n.health_detail,
-                        "conflict": if n.conflict.is_empty() { serde_json::Value::Null } else { json!(n.conflict) },
-                        "conflict_at_ms": if n.conflict_at_ms == 0 { serde_json::Value::Null } else { json!(n.conflict_at_ms) },
-                    })
-                })
-                .collect();
+            let v: Vec<_> = nodes.iter().map(node_json).collect();
             println!("{}", serde_json::Value::Array(v));
         } else if nodes.is_empty() {
             println!("No nodes registered: start agents with --coordinator ADDR.");
         } else {
             let w = nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
-            println!("{:<w$}  {:<21}  {:<9}  VERSIONS", "NODE", "ADDRESS", "HEALTHY");
+            println!(
+                "{:<w$}  {:<21}  {:<9}  VERSIONS",
+                "NODE", "ADDRESS", "HEALTHY"
+            );
             for n in &nodes {
-                let versions: Vec<String> = n.versions.iter().map(|e| format!("{} {}", e.version, e.state)).collect();
+                let versions: Vec<String> = n
+                    .versions
+                    .iter()
+                    .map(|e| format!("{} {}", e.version, e.state))
+                    .collect();
                 println!(
                     "{:<w$}  {:<21}  {:<9}  {}",
                     n.id,
@@ -495,24 +301,7 @@ pub fn forget_node(id: &str, o: ClusterOpts) -> Result<()> {
 
 fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
     if json_out {
-        let v = json!({
-            "leader_id": if s.leader_id == 0 { serde_json::Value::Null } else { json!(s.leader_id) },
-            "leader_address": s.leader_address,
-            "cluster_id": s.cluster_id,
-            "term": s.term,
-            "last_applied": s.last_applied,
-            "quorum": s.quorum,
-            "note": s.note,
-            "answered_by": s.answered_by,
-            "members": s.members.iter().map(|m| json!({
-                "id": m.id,
-                "address": m.address,
-                "role": m.role,
-                "reachable": m.reachable,
-                "last_contact_ms_ago": m.last_contact_ms_ago,
-                "lag": m.lag,
-            })).collect::<Vec<_>>(),
-        });
+        let v = cluster_json(s);
         println!("{v}");
         return;
     }

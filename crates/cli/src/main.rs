@@ -4,8 +4,11 @@
 mod agent_cmd;
 mod args;
 mod cluster;
+mod coordinator_cmd;
+mod daemon;
 mod demo;
 mod node;
+mod output;
 mod package_cmd;
 mod remote;
 mod tls;
@@ -44,7 +47,7 @@ fn main() {
         Command::Package(p) => package_cmd::run(p),
         Command::Demo(d) => demo::run(d),
         Command::Agent(a) => agent_cmd::run(a),
-        Command::Coordinator(a) => cluster::coordinator(a),
+        Command::Coordinator(a) => coordinator_cmd::coordinator(a),
         Command::Rollout(a) => cluster::rollout(a),
         Command::Status(a) => cluster::status(a),
         Command::Rollouts(a) => cluster::rollouts(a),

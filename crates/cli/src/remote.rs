@@ -52,39 +52,10 @@ fn status_msg(addr: &str, s: tonic::Status) -> anyhow::Error {
 }
 
 async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCmd) -> Result<()> {
-    let channel = endpoint
-        .connect_timeout(std::time::Duration::from_secs(5))
-        // A wedged agent must not hang the operator forever; activation may take its 60s.
-        .timeout(std::time::Duration::from_secs(150))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-        .keep_alive_timeout(std::time::Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot reach the agent at {addr}: {}",
-                orch_tls::connect_error(&e)
-            )
-        })?;
-    let mut c = AgentClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut c = connect(addr, endpoint).await?;
+    let info = responsive(&mut c, addr).await?;
     let e = |s| status_msg(addr, s);
-    // The per-call deadline is sized for legitimately long steps (a 4 GiB push, a 60 s
-    // activation). A frozen agent still has its connections accepted by the kernel, so first
-    // ask it something instant: one that does not answer is reported within seconds.
-    let info = match tokio::time::timeout(RESPONSIVE_WITHIN, c.node_info(pb::NodeInfoRequest {}))
-        .await
-    {
-        Ok(Ok(info)) => info.into_inner(),
-        Ok(Err(s)) => return Err(e(s)),
-        Err(_) => bail!(
-            "the agent at {addr} accepted the connection but did not answer within {}s: it is stopped, overloaded or hung; check its process and logs",
-            RESPONSIVE_WITHIN.as_secs()
-        ),
-    };
-    let force = cmd.force();
-    let reply = match cmd {
+    match cmd {
         NodeCmd::Versions { json } => {
             let r = c
                 .versions(pb::VersionsRequest {})
@@ -102,36 +73,9 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
             } else {
                 print!("{}", format_versions(&entries));
             }
-            return Ok(());
         }
-        NodeCmd::RootDir => {
-            let r = c
-                .node_info(pb::NodeInfoRequest {})
-                .await
-                .map_err(e)?
-                .into_inner();
-            println!("{}", r.root_dir);
-            return Ok(());
-        }
-        NodeCmd::Health { expect } => {
-            let r = c
-                .health(pb::HealthRequest {
-                    expect_version: expect.map(|v| v.to_string()).unwrap_or_default(),
-                })
-                .await
-                .map_err(e)?
-                .into_inner();
-            let reported = if r.reported_version.is_empty() {
-                String::new()
-            } else {
-                format!(", reports {}", r.reported_version)
-            };
-            if r.healthy {
-                println!("healthy ({} check{reported}): {}", r.check, r.detail);
-                return Ok(());
-            }
-            bail!("unhealthy ({} check{reported}): {}", r.check, r.detail);
-        }
+        NodeCmd::RootDir => println!("{}", info.root_dir),
+        NodeCmd::Health { expect } => health(&mut c, addr, expect).await?,
         NodeCmd::Rebind { cluster_id } => {
             let r = c
                 .rebind(pb::RebindRequest {
@@ -141,10 +85,78 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 .map_err(e)?
                 .into_inner();
             println!("{}", rebind_message(&info.node_id, &r));
-            return Ok(());
         }
+        step => {
+            for line in step_cmd(&mut c, addr, step).await? {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A channel to the agent, with deadlines that fit its longest legitimate steps.
+async fn connect(addr: &str, endpoint: tonic::transport::Endpoint) -> Result<AgentClient<Channel>> {
+    let channel = endpoint
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // A wedged agent must not hang the operator forever; activation may take its 60s.
+        .timeout(std::time::Duration::from_secs(150))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot reach the agent at {addr}: {}",
+                orch_tls::connect_error(&e)
+            )
+        })?;
+    Ok(AgentClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The agent's identity, asked first with a short deadline. The per-call deadline is sized for
+/// legitimately long steps (a 4 GiB push, a 60 s activation), but a frozen agent still has its
+/// connections accepted by the kernel: one that does not answer this is reported within seconds.
+async fn responsive(c: &mut AgentClient<Channel>, addr: &str) -> Result<pb::NodeInfoReply> {
+    match tokio::time::timeout(RESPONSIVE_WITHIN, c.node_info(pb::NodeInfoRequest {})).await {
+        Ok(Ok(info)) => Ok(info.into_inner()),
+        Ok(Err(s)) => Err(status_msg(addr, s)),
+        Err(_) => bail!(
+            "the agent at {addr} accepted the connection but did not answer within {}s: it is stopped, overloaded or hung; check its process and logs",
+            RESPONSIVE_WITHIN.as_secs()
+        ),
+    }
+}
+
+/// `node health --agent`: prints the verdict; an unhealthy node is an error.
+async fn health(c: &mut AgentClient<Channel>, addr: &str, expect: Option<Version>) -> Result<()> {
+    let r = c
+        .health(pb::HealthRequest {
+            expect_version: expect.map(|v| v.to_string()).unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| status_msg(addr, s))?
+        .into_inner();
+    let reported = if r.reported_version.is_empty() {
+        String::new()
+    } else {
+        format!(", reports {}", r.reported_version)
+    };
+    if r.healthy {
+        println!("healthy ({} check{reported}): {}", r.check, r.detail);
+        return Ok(());
+    }
+    bail!("unhealthy ({} check{reported}): {}", r.check, r.detail);
+}
+
+/// A step on the node's store (pushing `--package` first); returns the store's message lines.
+async fn step_cmd(c: &mut AgentClient<Channel>, addr: &str, cmd: NodeCmd) -> Result<Vec<String>> {
+    let force = cmd.force();
+    let reply = match cmd {
         NodeCmd::Unpack(t) => {
-            let v = push_if_needed(&mut c, addr, &t).await?;
+            let v = push_if_needed(c, addr, &t).await?;
             c.unpack(pb::UnpackRequest {
                 version: v.to_string(),
                 fence: None,
@@ -154,7 +166,7 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
             .await
         }
         NodeCmd::Install(a) | NodeCmd::Upgrade(a) => {
-            let v = push_if_needed(&mut c, addr, &a.target).await?;
+            let v = push_if_needed(c, addr, &a.target).await?;
             c.install(pb::InstallRequest {
                 version: v.to_string(),
                 permanent: !a.no_permanent,
@@ -167,11 +179,15 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
         NodeCmd::Permanent { version, .. } => c.permanent(vreq(version, force)).await,
         NodeCmd::Downgrade { version, .. } => c.downgrade(vreq(version, force)).await,
         NodeCmd::Uninstall { version, .. } => c.uninstall(vreq(version, force)).await,
+        NodeCmd::Versions { .. }
+        | NodeCmd::RootDir
+        | NodeCmd::Health { .. }
+        | NodeCmd::Rebind { .. } => return Ok(Vec::new()),
     };
-    for line in reply.map_err(e)?.into_inner().messages {
-        println!("{line}");
-    }
-    Ok(())
+    Ok(reply
+        .map_err(|s| status_msg(addr, s))?
+        .into_inner()
+        .messages)
 }
 
 fn vreq(v: Version, force: bool) -> pb::VersionRequest {

@@ -18,6 +18,20 @@ pub struct FileTls {
     pub insecure: Option<bool>,
 }
 
+/// The TLS keys of a daemon's `--config` file (agent or coordinator: the same five fields).
+#[macro_export]
+macro_rules! file_tls {
+    ($f:expr) => {
+        $crate::tls::FileTls {
+            tls_dir: $f.tls_dir.clone(),
+            ca: $f.ca.clone(),
+            cert: $f.cert.clone(),
+            key: $f.key.clone(),
+            insecure: $f.insecure,
+        }
+    };
+}
+
 /// A daemon's security: the flags, else the config file's keys; no default folder. Neither TLS
 /// files nor `--insecure` is refused, so a daemon never runs plain text by accident.
 pub fn daemon_security(t: &TlsArgs, f: FileTls) -> Result<Security> {
