@@ -23,7 +23,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
 }
 
 fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
-    let security = crate::tls::daemon_security(&a.tls, crate::file_tls!(f))?;
+    let security = crate::tls::daemon_security(&a.serve.tls, crate::file_tls!(f))?;
     let node_id: orch_types::NodeId = a
         .node_id
         .or(f.node_id)
@@ -37,11 +37,12 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
     // Checked here too (the daemon checks again) so the refusal comes before anything starts.
     security.check_listen(
         listen,
-        a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false),
+        a.serve.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false),
     )?;
     security.expect_identity(orch_tls::Role::Agent, node_id.as_str())?;
     let mut cfg = AgentConfig::new(node_id, root, listen, security);
-    cfg.insecure_allow_remote = a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
+    cfg.insecure_allow_remote =
+        a.serve.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
     cfg.advertise = a.advertise.or(f.advertise);
     cfg.coordinators = if a.coordinators.is_empty() {
         f.coordinator
@@ -84,10 +85,10 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
         },
         other => bail!("unknown --driver {other:?}: use native or emqx"),
     };
-    cfg.trusted_keys = if a.trusted_keys.is_empty() {
+    cfg.trusted_keys = if a.serve.trusted_keys.is_empty() {
         f.trusted_key
     } else {
-        a.trusted_keys
+        a.serve.trusted_keys
     };
     Ok(cfg)
 }

@@ -1,18 +1,35 @@
 //! Cluster commands (clients of the coordinators' control API): `rollout`, `status`,
 //! `rollouts`, operator commands on a rollout, `nodes`, and `cluster status|add|remove`.
+//!
+//! One-shot commands fail at once when every coordinator refuses the connection and wait at
+//! most `--timeout` (10 s) for a leader, with a spinner on a terminal; the waiting ones
+//! (`rollout`, `status --watch`) reconnect instead (see `wait.rs`).
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use orch_client::{Client, control as pb};
 use orch_release::{Limits, package};
+use orch_types::rollout::{DEFAULT_HEALTHY_DEADLINE_MS, DEFAULT_MIN_HEALTHY_TIME_MS};
+use serde_json::json;
 
 use crate::args::{
-    ClusterCmd, ClusterOpts, JsonOpts, RolloutArgs, RolloutRefArgs, RolloutsArgs, StatusArgs,
+    ClusterCmd, ClusterOpts, EventCount, GlobalOpts, NodesArgs, NodesCmd, RolloutArgs,
+    RolloutRefArgs, StatusArgs,
 };
-use crate::output::{clock, cluster_json, node_json, print_status, status_json};
+use crate::exit::Exit;
+use crate::live::Gate;
+use crate::output::{
+    Paint, cluster_json, node_json, print_status, releases, status_json, use_color,
+};
+use crate::spinner::spin;
+use crate::wait::{Mode, conclude, wait};
 
-fn client(o: &ClusterOpts) -> Result<Client> {
+/// How long a one-shot command waits for a leader unless `--timeout` says otherwise.
+const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn addrs(o: &ClusterOpts) -> Result<Vec<String>> {
     let addrs: Vec<String> = o
         .coordinators
         .iter()
@@ -24,13 +41,59 @@ fn client(o: &ClusterOpts) -> Result<Client> {
             "no coordinator address: pass --coordinator ADDR or set ORCHESTRATOR_COORDINATORS=a,b,c"
         );
     }
+    Ok(addrs)
+}
+
+/// A client for a one-shot command: refused at once when no coordinator accepts connections,
+/// patient for `--timeout` (10 s) while no leader answers.
+pub(crate) fn client(o: &ClusterOpts) -> Result<Client> {
+    let addrs = addrs(o)?;
+    fail_fast(&addrs)?;
     let mut c = Client::new(addrs, crate::tls::client_security(&o.tls)?);
+    c.allow_stale(o.stale);
+    c.patience = o.timeout.unwrap_or(ONE_SHOT_TIMEOUT);
+    Ok(c)
+}
+
+/// A client for a waiting command: it keeps trying while coordinators are away.
+fn waiting_client(o: &ClusterOpts) -> Result<Client> {
+    let mut c = Client::new(addrs(o)?, crate::tls::client_security(&o.tls)?);
     c.allow_stale(o.stale);
     Ok(c)
 }
 
+/// Fails when every address refuses the TCP connection (nothing listens there): retrying for
+/// the leader's patience would only make the operator wait for the same answer. Any other
+/// outcome (an accepted connection, a timeout, a name that does not resolve) is left to the
+/// client, which knows how to wait and what to say.
+fn fail_fast(addrs: &[String]) -> Result<()> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let mut refused = Vec::new();
+    for a in addrs {
+        let Ok(resolved) = a.to_socket_addrs() else {
+            return Ok(());
+        };
+        for sa in resolved {
+            match TcpStream::connect_timeout(&sa, Duration::from_millis(500)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                _ => return Ok(()),
+            }
+        }
+        refused.push(a.as_str());
+    }
+    Err(Exit::new(
+        1,
+        "unreachable",
+        format!(
+            "no coordinator reachable at {}: connection refused (nothing listens there): are they running? check --coordinator / ORCHESTRATOR_COORDINATORS",
+            refused.join(", ")
+        ),
+    )
+    .into())
+}
+
 /// After a read with `--stale`: says on stderr when the answer may be out of date.
-fn warn_if_stale(c: &Client) {
+pub(crate) fn warn_if_stale(c: &Client) {
     if c.saw_stale() {
         eprintln!(
             "warning: --stale: this view comes from a coordinator that could not confirm it is up to date (no leader reachable, or a follower answering; applied index {}): it may be stale",
@@ -49,34 +112,53 @@ fn operator() -> String {
         .unwrap_or_else(|| "operator".to_string())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Runtime::new()?)
 }
 
-fn is_terminal(phase: &str) -> bool {
-    matches!(
-        phase,
-        "succeeded" | "rolled_back" | "rollback_failed" | "aborted"
-    )
+/// A spinner on stderr while a one-shot command waits, when stderr is a terminal.
+pub(crate) fn spinner_on(g: &GlobalOpts) -> bool {
+    !g.json && std::io::stderr().is_terminal()
 }
 
-pub fn rollout(a: RolloutArgs) -> Result<()> {
-    let mut c = client(&a.cluster)?;
+/// How a waiting command shows the rollout: JSON, the live view on a terminal, else lines.
+fn wait_mode(g: &GlobalOpts, every_json: bool, gate: Option<Gate>, skip: usize) -> Mode {
+    if g.json {
+        Mode::Json { every: every_json }
+    } else if std::io::stdout().is_terminal() {
+        Mode::Live {
+            paint: Paint {
+                on: use_color(g.color),
+            },
+            gate,
+        }
+    } else {
+        Mode::Lines { skip }
+    }
+}
+
+pub fn rollout(a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
+    let mut c = waiting_client(&a.cluster)?;
+    // Starting is one-shot: refused at once when nothing listens, bounded while leaderless.
+    fail_fast(c.addrs())?;
+    c.patience = a.cluster.timeout.unwrap_or(ONE_SHOT_TIMEOUT);
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
         let package_sha256 = match &a.package {
             Some(path) => upload(&mut c, path, a.version).await?,
             None => String::new(),
         };
-        let started = c.start_rollout(start_request(&a, package_sha256)).await?;
+        let req = start_request(&a, package_sha256);
+        let started = spin("starting the rollout", spinning, c.start_rollout(req)).await?;
         if a.detach {
-            if a.json {
+            if g.json {
                 println!("{}", status_json(&started));
             } else {
                 println!("{}", started.id);
             }
             return Ok(());
         }
-        if !a.json {
+        if !g.json {
             println!(
                 "Rollout {} started: {} on {} node(s)",
                 started.id,
@@ -84,24 +166,17 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
                 started.nodes.len()
             );
         }
-        let fin = follow_events(&mut c, &started.id, a.json).await?;
-        if a.json {
-            println!("{}", status_json(&fin));
-        } else {
-            println!("Rollout {} {}", fin.id, fin.phase);
-            if !fin.error.is_empty() {
-                println!("error: {}", fin.error);
-            }
-        }
-        if fin.phase == "succeeded" {
-            return Ok(());
-        }
-        let cause = if fin.error.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", fin.error)
+        let gate = Gate {
+            min_healthy: a
+                .min_healthy_time
+                .unwrap_or(Duration::from_millis(DEFAULT_MIN_HEALTHY_TIME_MS)),
+            deadline: a
+                .healthy_deadline
+                .unwrap_or(Duration::from_millis(DEFAULT_HEALTHY_DEADLINE_MS)),
         };
-        Err(anyhow!("rollout {} ended {}{cause}", fin.id, fin.phase))
+        let mode = wait_mode(g, false, Some(gate), 0);
+        let end = wait(&c, &started.id, mode, a.cluster.timeout, a.exit_on_pause).await?;
+        conclude(end, &started.id, g.json, false)
     })
 }
 
@@ -158,153 +233,134 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
     }
 }
 
-/// Follows a rollout to its end, printing each new event with its time (unless `quiet`).
-async fn follow_events(c: &mut Client, id: &str, quiet: bool) -> Result<pb::RolloutStatus> {
-    let mut printed = 0usize;
-    let fin = c
-        .follow(
-            id,
-            |s| {
-                if quiet {
-                    return;
-                }
-                for e in s.events.iter().skip(printed) {
-                    println!("{} {}", clock(e.at_ms), e.message);
-                }
-                printed = printed.max(s.events.len());
-            },
-            is_terminal,
-        )
-        .await?;
-    Ok(fin)
-}
-
-pub fn status(a: StatusArgs) -> Result<()> {
-    let mut c = client(&a.cluster)?;
-    let id = a.id.unwrap_or_default();
-    runtime()?.block_on(async move {
-        if !a.watch {
-            let s = c.rollout(&id).await?;
-            if a.json {
-                println!("{}", status_json(&s));
+pub fn status(a: StatusArgs, g: &GlobalOpts) -> Result<()> {
+    let events = match a.events {
+        None | Some(EventCount::All) => None,
+        Some(EventCount::Last(n)) => Some(n),
+    };
+    if !a.watch {
+        let mut c = client(&a.cluster)?;
+        let id = a.id.unwrap_or_default();
+        let spinning = spinner_on(g);
+        return runtime()?.block_on(async move {
+            let s = spin("reading the rollout", spinning, c.rollout(&id)).await?;
+            if g.json {
+                println!("{}", status_json_events(&s, events));
             } else {
-                print_status(&s, Some(10));
+                print_status(&s, events);
             }
             warn_if_stale(&c);
-            return Ok(());
-        }
-        let first = c.rollout(&id).await?;
-        let json = a.json;
-        c.follow(
-            &first.id,
-            |s| {
-                if json {
-                    println!("{}", status_json(s));
-                } else {
-                    println!();
-                    print_status(s, Some(10));
-                }
-            },
-            is_terminal,
-        )
-        .await?;
-        Ok(())
-    })
-}
-
-pub fn rollouts(a: RolloutsArgs) -> Result<()> {
-    let mut c = client(&a.cluster)?;
+            Ok(())
+        });
+    }
+    let mut c = waiting_client(&a.cluster)?;
     runtime()?.block_on(async move {
-        let list = c.rollouts(a.all).await?;
-        if a.json {
-            let v: Vec<_> = list.iter().map(status_json).collect();
-            println!("{}", serde_json::Value::Array(v));
-        } else if list.is_empty() {
-            println!("No rollouts yet.");
-        } else {
-            println!(
-                "{:<9} {:<10} {:<16} {:>5}  REQUESTED BY",
-                "ID", "VERSION", "PHASE", "NODES"
-            );
-            for r in &list {
-                println!(
-                    "{:<9} {:<10} {:<16} {:>5}  {}",
-                    r.id,
-                    r.version,
-                    r.phase,
-                    r.nodes.len(),
-                    r.requested_by
-                );
-            }
+        let Some(first) = crate::wait::first_watched(&mut c, &a).await? else {
+            return Ok(());
+        };
+        let mut skip = 0;
+        if !g.json && !std::io::stdout().is_terminal() {
+            print_status(&first, events);
+            skip = first.events.len();
         }
-        warn_if_stale(&c);
-        Ok(())
+        let mode = wait_mode(g, true, None, skip);
+        let end = wait(&c, &first.id, mode, a.cluster.timeout, a.exit_on_pause).await?;
+        conclude(end, &first.id, g.json, true)
     })
 }
 
-pub fn command(name: &str, a: RolloutRefArgs) -> Result<()> {
+/// A status as JSON, with only the last `events` events (and how many were left out).
+fn status_json_events(s: &pb::RolloutStatus, events: Option<usize>) -> serde_json::Value {
+    let mut v = status_json(s);
+    if let Some(n) = events {
+        let total = s.events.len();
+        let keep = n.min(total);
+        if let Some(list) = v["events"].as_array_mut() {
+            list.drain(..total - keep);
+        }
+        v["events_left_out"] = json!(total - keep);
+    }
+    v
+}
+
+pub fn command(name: &str, a: RolloutRefArgs, g: &GlobalOpts) -> Result<()> {
     let mut c = client(&a.cluster)?;
     let id = a.id.unwrap_or_default();
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        let s = c.command(&id, name, &operator()).await?;
-        println!("Rollout {}: {} accepted; phase {}", s.id, name, s.phase);
+        let s = spin(
+            &format!("sending {name}"),
+            spinning,
+            c.command(&id, name, &operator()),
+        )
+        .await?;
+        if g.json {
+            println!("{}", status_json(&s));
+        } else {
+            println!("Rollout {}: {} accepted; phase {}", s.id, name, s.phase);
+        }
         Ok(())
     })
 }
 
-pub fn nodes(a: JsonOpts) -> Result<()> {
+pub fn nodes(a: NodesArgs, g: &GlobalOpts) -> Result<()> {
+    if let Some(NodesCmd::Forget { id, cluster }) = a.cmd {
+        return forget_node(&id, cluster, g);
+    }
     let mut c = client(&a.cluster)?;
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        let nodes = c.nodes(true).await?;
-        if a.json {
+        let nodes = spin("listing nodes", spinning, c.nodes(true)).await?;
+        if g.json {
             let v: Vec<_> = nodes.iter().map(node_json).collect();
             println!("{}", serde_json::Value::Array(v));
         } else if nodes.is_empty() {
             println!("No nodes registered: start agents with --coordinator ADDR.");
         } else {
-            let w = nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
-            println!(
-                "{:<w$}  {:<21}  {:<9}  VERSIONS",
-                "NODE", "ADDRESS", "HEALTHY"
-            );
-            for n in &nodes {
-                let versions: Vec<String> = n
-                    .versions
-                    .iter()
-                    .map(|e| format!("{} {}", e.version, e.state))
-                    .collect();
-                println!(
-                    "{:<w$}  {:<21}  {:<9}  {}",
-                    n.id,
-                    n.address,
-                    if n.healthy { "yes" } else { "no" },
-                    versions.join(", ")
-                );
-                if !n.conflict.is_empty() {
-                    println!("{:<w$}  CONFLICT: {}", "", n.conflict);
-                }
-            }
+            print_nodes(&nodes);
         }
         warn_if_stale(&c);
         Ok(())
     })
 }
 
-pub fn forget_node(id: &str, o: ClusterOpts) -> Result<()> {
+fn print_nodes(nodes: &[pb::NodeEntry]) {
+    let w = nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
+    println!(
+        "{:<w$}  {:<21}  {:<9}  VERSIONS",
+        "NODE", "ADDRESS", "HEALTHY"
+    );
+    for n in nodes {
+        println!(
+            "{:<w$}  {:<21}  {:<9}  {}",
+            n.id,
+            n.address,
+            if n.healthy { "yes" } else { "no" },
+            releases(n)
+        );
+        if !n.conflict.is_empty() {
+            println!("{:<w$}  CONFLICT: {}", "", n.conflict);
+        }
+    }
+}
+
+fn forget_node(id: &str, o: ClusterOpts, g: &GlobalOpts) -> Result<()> {
     let mut c = client(&o)?;
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        c.forget_node(id, &operator()).await?;
-        println!("Forgot node {id}: it is no longer in the registry (its agent reappears if it registers again)");
+        spin("forgetting the node", spinning, c.forget_node(id, &operator())).await?;
+        if g.json {
+            println!("{}", json!({ "forgot": id }));
+        } else {
+            println!(
+                "Forgot node {id}: it is no longer in the registry (its agent reappears if it registers again)"
+            );
+        }
         Ok(())
     })
 }
 
-fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
-    if json_out {
-        let v = cluster_json(s);
-        println!("{v}");
-        return;
-    }
+fn print_cluster(s: &pb::ClusterStatusReply) {
     if !s.cluster_id.is_empty() {
         println!("cluster: {}", s.cluster_id);
     }
@@ -341,13 +397,18 @@ fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
     }
 }
 
-pub fn cluster(cmd: ClusterCmd) -> Result<()> {
+pub fn cluster(cmd: ClusterCmd, g: &GlobalOpts) -> Result<()> {
     let rt = runtime()?;
-    match cmd {
+    let spinning = spinner_on(g);
+    let (s, done) = match cmd {
         ClusterCmd::Status(a) => {
             let mut c = client(&a.cluster)?;
-            let s = rt.block_on(c.cluster_status())?;
-            print_cluster(&s, a.json);
+            let s = rt.block_on(spin(
+                "asking for the cluster's status",
+                spinning,
+                c.cluster_status(),
+            ))?;
+            (s, None)
         }
         ClusterCmd::Add {
             id,
@@ -356,17 +417,31 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
         } => {
             let mut c = client(&cluster)?;
             // Catching up a learner can take a while; do not give up after the default.
-            c.patience = Duration::from_secs(120);
-            let s = rt.block_on(c.add_member(id, &address))?;
-            println!("Added coordinator {id} at {address}");
-            print_cluster(&s, false);
+            c.patience = cluster.timeout.unwrap_or(Duration::from_secs(120));
+            let s = rt.block_on(spin(
+                "adding the coordinator",
+                spinning,
+                c.add_member(id, &address),
+            ))?;
+            (s, Some(format!("Added coordinator {id} at {address}")))
         }
         ClusterCmd::Remove { id, cluster } => {
             let mut c = client(&cluster)?;
-            let s = rt.block_on(c.remove_member(id))?;
-            println!("Removed coordinator {id}");
-            print_cluster(&s, false);
+            let s = rt.block_on(spin(
+                "removing the coordinator",
+                spinning,
+                c.remove_member(id),
+            ))?;
+            (s, Some(format!("Removed coordinator {id}")))
         }
+    };
+    if g.json {
+        println!("{}", cluster_json(&s));
+        return Ok(());
     }
+    if let Some(line) = done {
+        println!("{line}");
+    }
+    print_cluster(&s);
     Ok(())
 }

@@ -19,8 +19,8 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         .data_dir
         .or(f.data_dir)
         .ok_or_else(|| anyhow!("no data directory: pass --data-dir DIR"))?;
-    let security = crate::tls::daemon_security(&a.tls, crate::file_tls!(f))?;
-    let allow_remote = a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
+    let security = crate::tls::daemon_security(&a.serve.tls, crate::file_tls!(f))?;
+    let allow_remote = a.serve.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
     // Checked here too (the daemon checks again) so the refusal comes before anything starts.
     security.check_listen(listen, allow_remote)?;
     security.expect_identity(orch_tls::Role::Coordinator, &id.to_string())?;
@@ -36,10 +36,10 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         }
     }
     cfg.bootstrap = a.bootstrap || f.bootstrap.unwrap_or(false);
-    cfg.trusted_keys = if a.trusted_keys.is_empty() {
+    cfg.trusted_keys = if a.serve.trusted_keys.is_empty() {
         f.trusted_key
     } else {
-        a.trusted_keys
+        a.serve.trusted_keys
     };
     if let Some(n) = a.retain_rollouts.or(f.retain_rollouts) {
         // The flag's parser refuses 0; the file's value is checked here.

@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use orch_demo::{DemoCluster, DemoConfig, DemoOutcome, Report};
 
-use crate::args::{DemoArgs, DemoCmd};
-use crate::output::{clock_ms, human_duration, now_ms};
+use crate::args::{DemoArgs, DemoCmd, GlobalOpts};
+use crate::output::{clock_ms, human_duration, now_ms, releases};
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(args: DemoArgs, g: &GlobalOpts) -> Result<()> {
     let exe = std::env::current_exe().context("locate the orchestrator binary")?;
     if let Some(DemoCmd::Package {
         version,
@@ -20,7 +20,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     {
         let bin = orch_demo::service_binary(&exe, &out)?;
         let zip = orch_demo::build_package(&out, version, broken, &bin)?;
-        println!("Built package: {}", zip.display());
+        if g.json {
+            println!("{}", serde_json::json!({ "package": zip }));
+        } else {
+            println!("Built package: {}", zip.display());
+        }
         return Ok(());
     }
     let dir = match &args.dir {
@@ -148,12 +152,7 @@ impl Printer {
             Report::Nodes { nodes } => {
                 println!();
                 for n in nodes {
-                    let versions: Vec<String> = n
-                        .versions
-                        .iter()
-                        .map(|e| format!("{} {}", e.version, e.state))
-                        .collect();
-                    println!("  {}  healthy={}  {}", n.id, n.healthy, versions.join(", "));
+                    println!("  {}  healthy={}  {}", n.id, n.healthy, releases(n));
                 }
             }
             Report::Load { served, failures } => println!(

@@ -8,10 +8,11 @@ use anyhow::{Result, anyhow, bail};
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
 use orch_release::package;
 use orch_tls::{Role, Security, party_domain};
-use orch_types::{Version, VersionEntry, format_versions};
+use orch_types::{Version, VersionEntry};
 use tonic::transport::Channel;
 
 use crate::args::{NodeCmd, PackageTarget};
+use crate::output::{opt_str, print_messages, print_root_dir, print_versions};
 
 const CHUNK: usize = 256 << 10;
 
@@ -21,7 +22,13 @@ const RESPONSIVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10
 /// Largest message exchanged with the agent (push chunks are 256 KiB).
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-pub fn run(addr: &str, node_id: Option<&str>, security: &Security, cmd: NodeCmd) -> Result<()> {
+pub fn run(
+    addr: &str,
+    node_id: Option<&str>,
+    security: &Security,
+    cmd: NodeCmd,
+    json: bool,
+) -> Result<()> {
     // Under mutual TLS the agent's certificate must name the node we mean: dial it as
     // `agent-<id>`. Certificates carry no "any agent" name, so the id is required.
     let domain = match (security, node_id) {
@@ -38,7 +45,7 @@ pub fn run(addr: &str, node_id: Option<&str>, security: &Security, cmd: NodeCmd)
         .endpoint(addr, &domain)
         .map_err(|e| anyhow!("agent at {addr}: {e}"))?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(run_async(addr, endpoint, cmd))
+    rt.block_on(run_async(addr, endpoint, cmd, json))
 }
 
 /// One line for the operator: the agent's message, without gRPC decoration.
@@ -51,12 +58,17 @@ fn status_msg(addr: &str, s: tonic::Status) -> anyhow::Error {
     }
 }
 
-async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCmd) -> Result<()> {
+async fn run_async(
+    addr: &str,
+    endpoint: tonic::transport::Endpoint,
+    cmd: NodeCmd,
+    json: bool,
+) -> Result<()> {
     let mut c = connect(addr, endpoint).await?;
     let info = responsive(&mut c, addr).await?;
     let e = |s| status_msg(addr, s);
     match cmd {
-        NodeCmd::Versions { json } => {
+        NodeCmd::Versions => {
             let r = c
                 .versions(pb::VersionsRequest {})
                 .await
@@ -68,14 +80,10 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 .map(VersionEntry::try_from)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|err| anyhow!("agent at {addr} sent an invalid listing: {err}"))?;
-            if json {
-                println!("{}", serde_json::to_string(&entries)?);
-            } else {
-                print!("{}", format_versions(&entries));
-            }
+            print_versions(&entries, json)?;
         }
-        NodeCmd::RootDir => println!("{}", info.root_dir),
-        NodeCmd::Health { expect } => health(&mut c, addr, expect).await?,
+        NodeCmd::RootDir => print_root_dir(&info.root_dir, json),
+        NodeCmd::Health { expect } => health(&mut c, addr, expect, json).await?,
         NodeCmd::Rebind { cluster_id } => {
             let r = c
                 .rebind(pb::RebindRequest {
@@ -84,13 +92,18 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 .await
                 .map_err(e)?
                 .into_inner();
-            println!("{}", rebind_message(&info.node_id, &r));
-        }
-        step => {
-            for line in step_cmd(&mut c, addr, step).await? {
-                println!("{line}");
+            if json {
+                let v = serde_json::json!({
+                    "node_id": info.node_id,
+                    "cluster_id": opt_str(&r.cluster_id),
+                    "previous_cluster_id": opt_str(&r.previous_cluster_id),
+                });
+                println!("{v}");
+            } else {
+                println!("{}", rebind_message(&info.node_id, &r));
             }
         }
+        step => print_messages(&step_cmd(&mut c, addr, step).await?, json),
     }
     Ok(())
 }
@@ -131,7 +144,12 @@ async fn responsive(c: &mut AgentClient<Channel>, addr: &str) -> Result<pb::Node
 }
 
 /// `node health --agent`: prints the verdict; an unhealthy node is an error.
-async fn health(c: &mut AgentClient<Channel>, addr: &str, expect: Option<Version>) -> Result<()> {
+async fn health(
+    c: &mut AgentClient<Channel>,
+    addr: &str,
+    expect: Option<Version>,
+    json: bool,
+) -> Result<()> {
     let r = c
         .health(pb::HealthRequest {
             expect_version: expect.map(|v| v.to_string()).unwrap_or_default(),
@@ -144,7 +162,19 @@ async fn health(c: &mut AgentClient<Channel>, addr: &str, expect: Option<Version
     } else {
         format!(", reports {}", r.reported_version)
     };
+    if json {
+        let v = serde_json::json!({
+            "healthy": r.healthy,
+            "check": r.check,
+            "reported_version": opt_str(&r.reported_version),
+            "detail": r.detail,
+        });
+        println!("{v}");
+    }
     if r.healthy {
+        if json {
+            return Ok(());
+        }
         println!("healthy ({} check{reported}): {}", r.check, r.detail);
         return Ok(());
     }
@@ -179,10 +209,9 @@ async fn step_cmd(c: &mut AgentClient<Channel>, addr: &str, cmd: NodeCmd) -> Res
         NodeCmd::Permanent { version, .. } => c.permanent(vreq(version, force)).await,
         NodeCmd::Downgrade { version, .. } => c.downgrade(vreq(version, force)).await,
         NodeCmd::Uninstall { version, .. } => c.uninstall(vreq(version, force)).await,
-        NodeCmd::Versions { .. }
-        | NodeCmd::RootDir
-        | NodeCmd::Health { .. }
-        | NodeCmd::Rebind { .. } => return Ok(Vec::new()),
+        NodeCmd::Versions | NodeCmd::RootDir | NodeCmd::Health { .. } | NodeCmd::Rebind { .. } => {
+            return Ok(Vec::new());
+        }
     };
     Ok(reply
         .map_err(|s| status_msg(addr, s))?
