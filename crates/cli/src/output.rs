@@ -6,7 +6,7 @@ use std::time::Duration;
 use std::io::IsTerminal;
 
 use orch_client::control as pb;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::args::ColorChoice;
 
@@ -166,38 +166,6 @@ pub fn use_color_stderr(choice: ColorChoice) -> bool {
     }
 }
 
-/// `null` for an empty string.
-pub fn opt_str(s: &str) -> Value {
-    if s.is_empty() { Value::Null } else { json!(s) }
-}
-
-/// `null` for 0.
-fn opt_ms(ms: u64) -> Value {
-    if ms == 0 { Value::Null } else { json!(ms) }
-}
-
-/// A rollout's status as JSON (see docs/cli-json.md).
-pub fn status_json(s: &pb::RolloutStatus) -> Value {
-    json!({
-        "id": s.id,
-        "version": s.version,
-        "phase": s.phase,
-        "awaiting_promotion": s.awaiting_promotion,
-        "error": opt_str(&s.error),
-        "requested_by": s.requested_by,
-        "created_at_ms": s.created_at_ms,
-        "nodes": s.nodes.iter().map(|n| json!({
-            "id": n.id,
-            "from_version": opt_str(&n.from_version),
-            "step": n.step,
-            "error": opt_str(&n.error),
-            "unresponsive_since_ms": opt_ms(n.unresponsive_since_ms),
-            "unresponsive_detail": opt_str(&n.unresponsive_detail),
-        })).collect::<Vec<_>>(),
-        "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
-    })
-}
-
 /// A registered node's releases: `4.2.1 permanent, 4.2.0 old`.
 pub fn releases(n: &pb::NodeEntry) -> String {
     let v: Vec<String> = n
@@ -208,41 +176,7 @@ pub fn releases(n: &pb::NodeEntry) -> String {
     v.join(", ")
 }
 
-/// A registered node as JSON.
-pub fn node_json(n: &pb::NodeEntry) -> Value {
-    json!({
-        "id": n.id,
-        "address": n.address,
-        "labels": n.labels,
-        "versions": n.versions.iter().map(|e| json!({"version": e.version, "state": e.state})).collect::<Vec<_>>(),
-        "healthy": n.healthy,
-        "health_detail": n.health_detail,
-        "conflict": opt_str(&n.conflict),
-        "conflict_at_ms": opt_ms(n.conflict_at_ms),
-    })
-}
-
-/// The coordinator cluster's status as JSON.
-pub fn cluster_json(s: &pb::ClusterStatusReply) -> Value {
-    json!({
-        "leader_id": if s.leader_id == 0 { Value::Null } else { json!(s.leader_id) },
-        "leader_address": s.leader_address,
-        "cluster_id": s.cluster_id,
-        "term": s.term,
-        "last_applied": s.last_applied,
-        "quorum": s.quorum,
-        "note": s.note,
-        "answered_by": s.answered_by,
-        "members": s.members.iter().map(|m| json!({
-            "id": m.id,
-            "address": m.address,
-            "role": m.role,
-            "reachable": m.reachable,
-            "last_contact_ms_ago": m.last_contact_ms_ago,
-            "lag": m.lag,
-        })).collect::<Vec<_>>(),
-    })
-}
+pub use orch_proto::json::{cluster_json, node_json, opt_str, status_json};
 
 /// A release store's versions: the EMQX-style listing, or JSON `[{"version", "state"}]`.
 pub fn print_versions(entries: &[orch_types::VersionEntry], json: bool) -> anyhow::Result<()> {
