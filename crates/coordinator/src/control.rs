@@ -379,6 +379,9 @@ impl Control for ControlService {
             .blobs
             .receive(&sha, h.size, sig, first.data, rest)
             .await?;
+        if !already {
+            self.shared.metrics.package_uploaded.inc_by(h.size);
+        }
         let holders = self.shared.replicate_blob(&sha).await?;
         self.write(Command::AddPackage(PackageRecord {
             name: h.name,

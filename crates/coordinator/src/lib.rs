@@ -10,6 +10,8 @@ pub mod control;
 pub mod driver;
 pub mod error;
 pub mod history;
+mod http;
+pub mod metrics;
 pub mod raft;
 pub mod retention;
 pub mod state;
@@ -59,6 +61,10 @@ pub struct CoordinatorConfig {
     pub retain_rollouts: usize,
     /// How long an unreferenced package record or blob file is kept after its upload.
     pub gc_grace: Duration,
+    /// `--http-listen`: the dashboard, JSON API and metrics (off when `None`).
+    pub http_listen: Option<SocketAddr>,
+    /// `--http-public-metrics`: `/metrics` and `/healthz` without a client certificate.
+    pub http_public_metrics: bool,
 }
 
 impl CoordinatorConfig {
@@ -77,6 +83,8 @@ impl CoordinatorConfig {
             trusted_keys: Vec::new(),
             retain_rollouts: retention::DEFAULT_RETAIN_ROLLOUTS,
             gc_grace: retention::DEFAULT_GC_GRACE,
+            http_listen: None,
+            http_public_metrics: false,
         }
     }
 
@@ -111,6 +119,8 @@ pub struct CoordinatorFileConfig {
     pub insecure_allow_remote: Option<bool>,
     /// Finished rollouts kept in the replicated state (`--retain-rollouts`).
     pub retain_rollouts: Option<usize>,
+    pub http_listen: Option<String>,
+    pub http_public_metrics: Option<bool>,
 }
 
 impl CoordinatorFileConfig {
@@ -147,6 +157,8 @@ pub struct Shared {
     /// Rollouts archived out of the replicated state (read-only here; the state machine
     /// appends).
     pub history: history::History,
+    /// What `/metrics` shows (counters are fed from the code paths they count).
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Shared {
@@ -435,6 +447,7 @@ pub async fn serve(
         blobs: blobs.clone(),
         agents: AgentPool::new(security.clone()),
         history: history::History::new(history_path),
+        metrics: Arc::new(metrics::Metrics::new()),
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop.clone()));
@@ -458,7 +471,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let metrics = shared.metrics.clone();
+    let http = match config.http_listen {
+        Some(addr) => {
+            Some(start_http(&config, addr, shared.clone(), metrics.clone(), stop.clone()).await?)
+        }
+        None => None,
+    };
     tracing::info!(id = config.id, addr = %config.address(), "coordinator listening");
+    // systemd's Type=notify: everything is set up and the listener is bound. Without
+    // NOTIFY_SOCKET (not under systemd) this does nothing.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     // Package bytes move between coordinators only: no other role may read or plant them.
     let blobs_svc = InterceptedService::new(
         BlobsServer::new(blobs::BlobsService { store: blobs })
@@ -479,13 +502,60 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(orch_tls::incoming(listener), shutdown)
         .await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     stop.cancel();
     let _ = stop_tx.send(true);
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     let _ = leadership.await;
     let _ = retention.await;
     let _ = sweeper.await;
     raft.shutdown().await;
     result.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// Binds `--http-listen` and serves the dashboard, API and metrics until `stop`.
+async fn start_http(
+    config: &CoordinatorConfig,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    metrics: Arc<metrics::Metrics>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let refused = |e: orch_tls::Error| Error::Refused(format!("--http-listen {addr}: {e}"));
+    config
+        .security
+        .check_listen(addr, config.insecure_allow_remote)
+        .map_err(refused)?;
+    let tls = match &config.security {
+        Security::Mtls(material) => Some(
+            // A client without a certificate gets through the handshake and then a 401 that
+            // says how to get one, rather than a bare TLS alert.
+            material.https_server_config(true).map_err(refused)?,
+        ),
+        Security::Insecure => None,
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io(format!("cannot listen on --http-listen {addr}: {e}")))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(url = %format!("{scheme}://{local}/"), "dashboard and metrics listening");
+    let routes = Arc::new(http::CoordinatorRoutes {
+        shared,
+        metrics,
+        data_dir: config.data_dir.clone(),
+    });
+    let cfg = orch_http::HttpConfig {
+        tls,
+        public_metrics: config.http_public_metrics,
+    };
+    Ok(tokio::spawn(async move {
+        if let Err(e) = orch_http::serve(listener, cfg, routes, stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "the HTTP endpoint stopped");
+        }
+    }))
 }
 
 /// The file in a data directory that names the coordinator it belongs to.

@@ -121,8 +121,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use authz::{
-    AuthMode, RoleInterceptor, authenticated, authorize, identity_from_cert_der, identity_of,
-    require, require_name,
+    AuthMode, RoleInterceptor, VerifiedCaller, authenticated, authorize, identity_from_cert_der,
+    identity_of, require, require_name,
 };
 pub use certs::{
     DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS, InitOptions, IssueOptions, Validity, init, init_with,
