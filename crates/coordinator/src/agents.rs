@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
+use orch_retry::Backoff;
 use orch_rollout::{Action, ActionKind, ActionResult};
 use orch_tls::{Role, Security, party_domain};
 use orch_types::{NodeId, Version, VersionEntry, VersionStamp};
@@ -57,6 +58,16 @@ pub struct AgentPool {
     channels: Mutex<HashMap<(String, String), Channel>>,
 }
 
+/// A node's registered address that cannot be dialed.
+#[derive(Debug, thiserror::Error)]
+#[error("agent {node} at {addr:?}")]
+pub struct BadAgentAddress {
+    pub node: String,
+    pub addr: String,
+    #[source]
+    pub source: orch_tls::Error,
+}
+
 /// An agent call's failure, split by what the driver must do about it.
 #[derive(Debug)]
 pub enum CallError {
@@ -82,7 +93,7 @@ impl AgentPool {
     /// of that very node (`agent-<node>`): an address registered for n1 that leads to another
     /// machine's agent fails the handshake instead of receiving n1's steps. Calls carry their
     /// own deadlines (see the module docs); HTTP/2 keep-alive notices a dead connection.
-    pub fn client(&self, node: &str, addr: &str) -> Result<AgentClient<Channel>, String> {
+    pub fn client(&self, node: &str, addr: &str) -> Result<AgentClient<Channel>, BadAgentAddress> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let key = (node.to_string(), addr.to_string());
         let ch = match map.get(&key) {
@@ -91,7 +102,11 @@ impl AgentPool {
                 let c = self
                     .security
                     .endpoint(addr, &party_domain(Role::Agent, node))
-                    .map_err(|e| format!("agent {node} at {addr:?}: {e}"))?
+                    .map_err(|source| BadAgentAddress {
+                        node: node.to_string(),
+                        addr: addr.to_string(),
+                        source,
+                    })?
                     .connect_timeout(Duration::from_secs(2))
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5))
@@ -207,36 +222,30 @@ fn classify(node: &NodeId, what: &str, d: &Deadline, why: &str, s: tonic::Status
     }
 }
 
-/// Calls `f` until it answers, retrying connection failures for a few seconds (never past the
-/// deadline); a timeout is not retried (the deadline is over).
+/// Connection failures (agent restarting, port not open yet) are retried with this policy for
+/// at most [`TRANSPORT_RETRY`], never past the step's own deadline.
+const TRANSPORT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+
+/// Calls `f` until it answers, retrying connection failures (see [`TRANSPORT_BACKOFF`]); a
+/// timeout is not retried (the deadline is over).
 async fn retrying<T, F, Fut>(
     node: &NodeId,
     what: &str,
     why: &str,
     d: &Deadline,
-    mut f: F,
+    f: F,
 ) -> Result<T, CallError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
-    let start = Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(s)
-                if is_transport(&s)
-                    && s.code() != tonic::Code::DeadlineExceeded
-                    && start.elapsed() + delay < TRANSPORT_RETRY
-                    && delay < d.remaining() =>
-            {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-            Err(s) => return Err(classify(node, what, d, why, s)),
-        }
-    }
+    TRANSPORT_BACKOFF
+        .with_deadline(TRANSPORT_RETRY.min(d.remaining()))
+        .retry(f, |s| {
+            is_transport(s) && s.code() != tonic::Code::DeadlineExceeded
+        })
+        .await
+        .map_err(|s| classify(node, what, d, why, s))
 }
 
 /// Told, while a step call is outstanding, whether the node's agent answers pings: `Some`
@@ -298,7 +307,7 @@ pub async fn perform(cx: &ActionCtx<'_>, action: &Action) -> Performed {
     let c = cx
         .pool
         .client(node.as_str(), cx.address)
-        .map_err(CallError::Step)?;
+        .map_err(|e| CallError::Step(orch_types::error_chain(&e)))?;
     match &action.kind {
         ActionKind::Preflight => preflight(cx, node, &c).await,
         ActionKind::Stage { version } => stage(cx, node, &c, *version).await,

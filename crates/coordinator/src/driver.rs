@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orch_proto::agent as pb;
+use orch_retry::Backoff;
 use orch_rollout::{Action, ActionKind, ActionResult, Event, LogEntry};
 use orch_types::{NodeId, RolloutId};
 use tokio::task::JoinHandle;
@@ -27,6 +28,7 @@ use crate::Shared;
 use crate::agents::{
     ActionCtx, Budgets, CallError, LivenessFn, Reported, UNKNOWN_ACTIVATE_TIMEOUT, perform,
 };
+use crate::raft::error::WriteError;
 use crate::state::{Command, Unresponsive};
 
 pub fn now_ms() -> u64 {
@@ -41,6 +43,11 @@ pub const PREFLIGHT_TIMEOUT: Duration =
     Duration::from_millis(orch_types::rollout::DEFAULT_PREFLIGHT_TIMEOUT_MS);
 /// How long the end of a driver waits for its tasks to notice the cancellation.
 const WIND_DOWN: Duration = Duration::from_secs(5);
+/// Pauses between the leader's attempts at a write it needs before driving (naming the cluster).
+const LEADER_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+/// Telling the nodes of a finished rollout that it no longer holds them: a few tries.
+const RELEASE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(2), Duration::from_secs(8)).with_max_retries(2);
 
 /// The tasks of one driver term: spawned through it, they stop when the term's token is
 /// cancelled (the term ended, or the driver was dropped), and [`Scope::close`] waits until
@@ -102,6 +109,8 @@ fn leads_in(shared: &Shared, term: u64) -> bool {
 
 /// The cluster's id, created by the first leader that finds none.
 async fn ensure_cluster_id(shared: &Shared, term: u64, stop: &CancellationToken) -> Option<String> {
+    // Retried for as long as this coordinator leads in `term`.
+    let mut attempts = LEADER_BACKOFF.start();
     loop {
         if let Some(id) = shared.read(|s| s.cluster_id.clone()) {
             return Some(id);
@@ -118,9 +127,10 @@ async fn ensure_cluster_id(shared: &Shared, term: u64, stop: &CancellationToken)
             Ok(_) => tracing::info!(cluster_id = %id, "named the cluster"),
             Err(e) => {
                 tracing::warn!("cannot record the cluster id: {e}");
+                let pause = attempts.next_delay().unwrap_or(LEADER_BACKOFF.cap);
                 tokio::select! {
                     _ = stop.cancelled() => return None,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
@@ -226,7 +236,7 @@ async fn drive(shared: Arc<Shared>, term: u64, cluster_id: String, scope: &Scope
     }
 }
 
-async fn issue(cx: &TaskCx, id: RolloutId) -> Result<(), String> {
+async fn issue(cx: &TaskCx, id: RolloutId) -> Result<(), WriteError> {
     let entry = LogEntry {
         event: Event::IssueActions,
         at_ms: now_ms(),
@@ -241,7 +251,6 @@ async fn issue(cx: &TaskCx, id: RolloutId) -> Result<(), String> {
         })
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 /// The action tasks of the rollout being driven, by seq (seqs start again with each rollout).
@@ -336,13 +345,19 @@ fn release_nodes(cx: &TaskCx, id: RolloutId) {
             deadline_unix_ms: 0,
         };
         cx.scope.spawn(async move {
-            for attempt in 0..3u32 {
-                if crate::agents::release(&shared.agents, &node, &addr, fence.clone()).await {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+            let delivered = RELEASE_BACKOFF
+                .retry(
+                    || async {
+                        let sent =
+                            crate::agents::release(&shared.agents, &node, &addr, fence.clone());
+                        if sent.await { Ok(()) } else { Err(()) }
+                    },
+                    |_| true,
+                )
+                .await;
+            if delivered.is_err() {
+                tracing::info!(%node, rollout = %id, "could not tell the agent that the rollout ended; an operator's step there needs --force until the next rollout");
             }
-            tracing::info!(%node, rollout = %id, "could not tell the agent that the rollout ended; an operator's step there needs --force until the next rollout");
         });
     }
 }

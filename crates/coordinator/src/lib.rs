@@ -33,7 +33,7 @@ use crate::blobs::BlobStore;
 use crate::raft::{RaftConfig, RaftNode};
 use crate::state::ClusterState;
 
-pub use error::{Error, Result};
+pub use error::{ConfigError, Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -114,21 +114,19 @@ pub struct CoordinatorFileConfig {
 }
 
 impl CoordinatorFileConfig {
-    pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.message().to_string())
+    pub fn parse(text: &str) -> std::result::Result<Self, ConfigError> {
+        toml::from_str(text).map_err(ConfigError::File)
     }
 }
 
 /// Parses `ID=ADDR`.
-pub fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
+pub fn parse_peer(s: &str) -> std::result::Result<(u64, String), ConfigError> {
     let (id, addr) = s
         .split_once('=')
-        .ok_or_else(|| format!("--peer {s:?} is not ID=HOST:PORT"))?;
-    let id = id
-        .parse()
-        .map_err(|_| format!("--peer {s:?}: the id must be a number"))?;
+        .ok_or_else(|| ConfigError::PeerSyntax(s.to_string()))?;
+    let id = id.parse().map_err(|_| ConfigError::PeerId(s.to_string()))?;
     if addr.is_empty() {
-        return Err(format!("--peer {s:?}: the address is empty"));
+        return Err(ConfigError::PeerAddress(s.to_string()));
     }
     Ok((id, addr.to_string()))
 }
@@ -247,7 +245,7 @@ impl Shared {
     pub async fn probe_node(&self, node: &str, addr: &str) -> (bool, String) {
         let mut c = match self.agents.client(node, addr) {
             Ok(c) => c,
-            Err(e) => return (false, e),
+            Err(e) => return (false, orch_types::error_chain(&e)),
         };
         let req = orch_proto::agent::HealthRequest {
             expect_version: String::new(),
@@ -354,7 +352,7 @@ pub async fn run(
 ) -> Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|e| Error::Io(format!("cannot listen on {}: {e}", config.listen)))?;
+        .map_err(|e| Error::io(format!("cannot listen on {}", config.listen), e))?;
     serve(config, listener, shutdown).await
 }
 
@@ -398,7 +396,7 @@ pub async fn serve(
         ));
     }
     std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| Error::Io(format!("create {}: {e}", config.data_dir.display())))?;
+        .map_err(|e| Error::io(format!("create {}", config.data_dir.display()), e))?;
     claim_data_dir(&config.data_dir, config.id)?;
     let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?
         .with_trusted(load_trusted_keys(&config.trusted_keys)?);
@@ -412,9 +410,10 @@ pub async fn serve(
     raft_cfg.security = security.clone();
     let history_path = config.data_dir.join(history::HISTORY_FILE);
     raft_cfg.history_path = history_path.clone();
-    let raft = RaftNode::start(raft_cfg)
-        .await
-        .map_err(|e| Error::Internal(format!("starting Raft: {e}")))?;
+    let raft = RaftNode::start(raft_cfg).await.map_err(|e| Error::Raft {
+        context: "starting Raft",
+        source: Box::new(e),
+    })?;
     {
         // The membership is known once the stored log has been read: check in the background.
         let (config, raft) = (config.clone(), raft.clone());
@@ -457,7 +456,10 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+        .map_err(|e| Error::Server {
+            context: "reflection",
+            source: Box::new(e),
+        })?;
     tracing::info!(id = config.id, addr = %config.address(), "coordinator listening");
     // Package bytes move between coordinators only: no other role may read or plant them.
     let blobs_svc = InterceptedService::new(
@@ -485,7 +487,10 @@ pub async fn serve(
     let _ = retention.await;
     let _ = sweeper.await;
     raft.shutdown().await;
-    result.map_err(|e| Error::Internal(format!("server: {e}")))
+    result.map_err(|e| Error::Server {
+        context: "server",
+        source: Box::new(e),
+    })
 }
 
 /// The file in a data directory that names the coordinator it belongs to.
@@ -514,9 +519,9 @@ fn claim_data_dir(dir: &std::path::Path, id: u64) -> Result<()> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             orch_release::fsutil::write_atomic(&path, format!("{id}\n").as_bytes())
-                .map_err(|e| Error::Io(format!("record {}: {e}", path.display())))
+                .map_err(|e| Error::io(format!("record {}", path.display()), e))
         }
-        Err(e) => Err(Error::Io(format!("read {}: {e}", path.display()))),
+        Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
     }
 }
 

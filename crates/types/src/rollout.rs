@@ -121,16 +121,13 @@ impl fmt::Display for OnFailure {
 }
 
 impl FromStr for OnFailure {
-    type Err = String;
+    type Err = crate::ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "rollback" => Ok(OnFailure::Rollback),
             "pause" => Ok(OnFailure::Pause),
-            _ => Err(format!(
-                "invalid on-failure policy {:?}: expected rollback or pause",
-                s.chars().take(64).collect::<String>()
-            )),
+            _ => Err(crate::ParseError::OnFailure(crate::ParseError::shown(s))),
         }
     }
 }
@@ -362,13 +359,13 @@ impl fmt::Display for Phase {
 }
 
 impl FromStr for Phase {
-    type Err = String;
+    type Err = crate::ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Phase::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| format!("invalid phase {:?}", s.chars().take(64).collect::<String>()))
+            .ok_or_else(|| crate::ParseError::Phase(crate::ParseError::shown(s)))
     }
 }
 
@@ -466,18 +463,13 @@ impl fmt::Display for NodeStep {
 }
 
 impl FromStr for NodeStep {
-    type Err = String;
+    type Err = crate::ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         NodeStep::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "invalid node step {:?}",
-                    s.chars().take(64).collect::<String>()
-                )
-            })
+            .ok_or_else(|| crate::ParseError::NodeStep(crate::ParseError::shown(s)))
     }
 }
 

@@ -290,21 +290,25 @@ impl RaftNode {
             )));
         }
         let config = cfg.openraft_config()?;
-        let storage_err = |e: std::io::Error| Error::Storage {
-            dir: cfg.data_dir.clone(),
-            msg: e.to_string(),
+        let storage_err = |context: &'static str| {
+            let dir = cfg.data_dir.clone();
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Storage {
+                dir,
+                context,
+                source: e,
+            }
         };
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::Storage {
-            dir: cfg.data_dir.clone(),
-            msg: format!("cannot create the data directory: {e}"),
-        })?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| storage_err(": cannot create the data directory")(e.into()))?;
         let log_path = cfg.data_dir.join(log_store::LOG_FILE);
         let sm_path = cfg.data_dir.join(state_machine::STATE_FILE);
-        let log = LogStore::open(&log_path).await.map_err(storage_err)?;
+        let log = LogStore::open(&log_path)
+            .await
+            .map_err(|e| storage_err("")(e.into()))?;
         let history = crate::history::History::new(cfg.history_path.clone());
         let sm = StateMachineStore::open_with_history(&sm_path, history)
             .await
-            .map_err(storage_err)?;
+            .map_err(|e| storage_err("")(e.into()))?;
         let view = sm.view();
         let applied = sm.applied();
         let closers = vec![sm.closer(), log.closer()];
@@ -316,9 +320,8 @@ impl RaftNode {
         );
         let raft = openraft::Raft::new(cfg.id, Arc::new(config), network, log, sm)
             .await
-            .map_err(|e| Error::Storage {
-                dir: cfg.data_dir.clone(),
-                msg: format!("cannot start Raft from the stored log and state: {e}"),
+            .map_err(|e| {
+                storage_err(": cannot start Raft from the stored log and state")(e.into())
             })?;
 
         if cfg.bootstrap {
