@@ -767,6 +767,9 @@ impl Sim {
         // Determinism: the log replays to the identical state on a fresh machine.
         let replayed = Rollout::replay(self.spec.clone(), &self.log).unwrap();
         prop_assert_eq!(&replayed, &self.r);
+        // And so does the rollout's own record of its inputs, without the log.
+        let replayed = orch_rollout::replay(self.spec.clone(), self.r.inputs()).unwrap();
+        prop_assert_eq!(&replayed, &self.r);
         Ok(())
     }
 }
