@@ -80,6 +80,9 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
             "unresponsive_detail": if n.unresponsive_detail.is_empty() { serde_json::Value::Null } else { json!(n.unresponsive_detail) },
         })).collect::<Vec<_>>(),
         "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
+        // For replay: orch_rollout::replay(spec, inputs) gives this status back.
+        "spec": serde_json::from_str::<serde_json::Value>(&s.spec_json).unwrap_or(serde_json::Value::Null),
+        "inputs": serde_json::from_str::<serde_json::Value>(&s.inputs_json).unwrap_or(serde_json::Value::Null),
     })
 }
 

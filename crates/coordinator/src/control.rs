@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use orch_proto::control::{self as pb, control_server::Control};
-use orch_rollout::{Event, LogEntry, Rollout};
+use orch_rollout::{Event, Input, LogEntry, Rollout};
 use orch_tls::Role;
 use orch_types::rollout::{OnFailure, PackageRef, RolloutSpec};
 use orch_types::{NodeId, Version, VersionEntry};
@@ -70,6 +70,21 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
             .and_then(|id| s.created_at.get(&id).copied())
             .unwrap_or(0),
         requested_by: r.spec().requested_by.clone(),
+        ..replay_data(r.spec(), r.inputs(), with_events)
+    }
+}
+
+/// A status holding only what replays the rollout, as JSON (`spec_json`, `inputs_json`); the
+/// rest default. Nothing without events (listings).
+fn replay_data(spec: &RolloutSpec, inputs: &[Input], with_events: bool) -> pb::RolloutStatus {
+    if !with_events {
+        return pb::RolloutStatus::default();
+    }
+    // Neither type can fail to serialize (plain data, string keys).
+    pb::RolloutStatus {
+        spec_json: serde_json::to_string(spec).unwrap_or_default(),
+        inputs_json: serde_json::to_string(inputs).unwrap_or_default(),
+        ..Default::default()
     }
 }
 
@@ -92,8 +107,9 @@ fn audit_event(e: &orch_types::rollout::AuditEvent) -> pb::AuditEvent {
     }
 }
 
-/// An archived rollout's status, from its history line.
-pub fn status_of_archived(h: &HistoryRecord) -> pb::RolloutStatus {
+/// An archived rollout's status, from its history line; `with_events: false` (listings, read
+/// without the audit trail) leaves out the replay data too.
+pub fn status_of_archived(h: &HistoryRecord, with_events: bool) -> pb::RolloutStatus {
     let st = &h.status;
     pb::RolloutStatus {
         id: h.id.to_string(),
@@ -105,6 +121,7 @@ pub fn status_of_archived(h: &HistoryRecord) -> pb::RolloutStatus {
         events: st.events.iter().map(audit_event).collect(),
         created_at_ms: h.created_at_ms,
         requested_by: h.spec.requested_by.clone(),
+        ..replay_data(&h.spec, &h.inputs, with_events)
     }
 }
 
@@ -234,7 +251,7 @@ impl ControlService {
             .await
             .map_err(|e| Status::internal(format!("reading the history: {e}")))?
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(found.as_ref().map(status_of_archived))
+        Ok(found.as_ref().map(|h| status_of_archived(h, true)))
     }
 
     fn find_here(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
@@ -529,7 +546,10 @@ impl Control for ControlService {
                 .collect::<Vec<_>>()
         });
         if !archived.is_empty() {
-            let mut out: Vec<_> = archived.iter().map(status_of_archived).collect();
+            let mut out: Vec<_> = archived
+                .iter()
+                .map(|h| status_of_archived(h, false))
+                .collect();
             out.append(&mut rollouts);
             // Oldest first, by number.
             out.sort_by_key(|st| {

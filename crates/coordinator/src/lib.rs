@@ -362,72 +362,16 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let security = config.security.clone();
-    let refused = |e: orch_tls::Error| Error::Refused(e.to_string());
-    security
-        .expect_identity(Role::Coordinator, &config.id.to_string())
-        .map_err(refused)?;
-    let local = listener.local_addr().unwrap_or(config.listen);
-    security
-        .check_listen(local, config.insecure_allow_remote)
-        .map_err(refused)?;
-    let mut server = security.server(&config.limits).map_err(refused)?;
-    if security.is_insecure() {
-        tracing::warn!(
-            "coordinator serving plain-text gRPC (--insecure): anyone who can reach it can run rollouts"
-        );
-    }
-    // A peer at this coordinator's own address would be this coordinator answering Raft
-    // messages meant for another member (seen as a Raft core panic): refuse the typo.
-    let own = config.address();
-    if let Some((id, _)) = config
-        .peers
-        .iter()
-        .find(|(id, addr)| **id != config.id && **addr == own)
-    {
-        return Err(Error::Refused(format!(
-            "--peer {id}={own} is this coordinator's own address (coordinator {}): every coordinator needs its own address; fix the peer list",
-            config.id
-        )));
-    }
-    if config.retain_rollouts == 0 {
-        return Err(Error::Refused(
-            "--retain-rollouts 0 would archive every rollout as soon as it finishes: keep at least 1 (default 100)".to_string(),
-        ));
-    }
+    let mut server = secure_server(&config, &listener)?;
+    check_config(&config)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::io(format!("create {}", config.data_dir.display()), e))?;
     claim_data_dir(&config.data_dir, config.id)?;
     let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_package_bytes)?
         .with_trusted(load_trusted_keys(&config.trusted_keys)?);
-    let mut raft_cfg = RaftConfig::new(
-        config.id,
-        config.address(),
-        config.data_dir.join("raft"),
-        config.peers.clone(),
-        config.bootstrap,
-    );
-    raft_cfg.security = security.clone();
     let history_path = config.data_dir.join(history::HISTORY_FILE);
-    raft_cfg.history_path = history_path.clone();
-    let raft = RaftNode::start(raft_cfg).await.map_err(|e| Error::Raft {
-        context: "starting Raft",
-        source: Box::new(e),
-    })?;
-    {
-        // The membership is known once the stored log has been read: check in the background.
-        let (config, raft) = (config.clone(), raft.clone());
-        tokio::spawn(async move {
-            for _ in 0..100 {
-                let m = raft.metrics();
-                if !m.members.is_empty() {
-                    warn_on_peer_mismatch(&config, &m);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-    }
+    let raft = start_raft(&config, history_path.clone()).await?;
+    let security = config.security.clone();
     let shared = Arc::new(Shared {
         security: security.clone(),
         raft: raft.clone(),
@@ -435,24 +379,7 @@ pub async fn serve(
         agents: AgentPool::new(security.clone()),
         history: history::History::new(history_path),
     });
-    let stop = tokio_util::sync::CancellationToken::new();
-    let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop.clone()));
-    // The retention jobs take a watch; the driver a cancellation token.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let retention_cfg = retention::RetentionConfig {
-        keep: config.retain_rollouts,
-        grace: config.gc_grace,
-    };
-    let retention = tokio::spawn(retention::run(
-        shared.clone(),
-        retention_cfg,
-        stop_rx.clone(),
-    ));
-    let sweeper = tokio::spawn(retention::sweep_blobs(
-        shared.clone(),
-        retention_cfg,
-        stop_rx.clone(),
-    ));
+    let jobs = Jobs::start(&shared, &config);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -481,16 +408,136 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(orch_tls::incoming(listener), shutdown)
         .await;
-    stop.cancel();
-    let _ = stop_tx.send(true);
-    let _ = leadership.await;
-    let _ = retention.await;
-    let _ = sweeper.await;
+    jobs.stop().await;
     raft.shutdown().await;
     result.map_err(|e| Error::Server {
         context: "server",
         source: Box::new(e),
     })
+}
+
+/// The gRPC server for `listener`, once this coordinator's certificate, listen address and
+/// security mode are as they must be.
+fn secure_server(
+    config: &CoordinatorConfig,
+    listener: &TcpListener,
+) -> Result<tonic::transport::Server> {
+    let security = &config.security;
+    let refused = |e: orch_tls::Error| Error::Refused(e.to_string());
+    security
+        .expect_identity(Role::Coordinator, &config.id.to_string())
+        .map_err(refused)?;
+    let local = listener.local_addr().unwrap_or(config.listen);
+    security
+        .check_listen(local, config.insecure_allow_remote)
+        .map_err(refused)?;
+    let server = security.server(&config.limits).map_err(refused)?;
+    if security.is_insecure() {
+        tracing::warn!(
+            "coordinator serving plain-text gRPC (--insecure): anyone who can reach it can run rollouts"
+        );
+    }
+    Ok(server)
+}
+
+/// Refuses settings that cannot work: a peer at this coordinator's own address, or keeping no
+/// finished rollout.
+fn check_config(config: &CoordinatorConfig) -> Result<()> {
+    // A peer at this coordinator's own address would be this coordinator answering Raft
+    // messages meant for another member (seen as a Raft core panic): refuse the typo.
+    let own = config.address();
+    if let Some((id, _)) = config
+        .peers
+        .iter()
+        .find(|(id, addr)| **id != config.id && **addr == own)
+    {
+        return Err(Error::Refused(format!(
+            "--peer {id}={own} is this coordinator's own address (coordinator {}): every coordinator needs its own address; fix the peer list",
+            config.id
+        )));
+    }
+    if config.retain_rollouts == 0 {
+        return Err(Error::Refused(
+            "--retain-rollouts 0 would archive every rollout as soon as it finishes: keep at least 1 (default 100)".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Starts Raft on `DATA/raft`, and checks the peer list against the membership once the stored
+/// log has been read.
+async fn start_raft(config: &CoordinatorConfig, history_path: PathBuf) -> Result<RaftNode> {
+    let mut raft_cfg = RaftConfig::new(
+        config.id,
+        config.address(),
+        config.data_dir.join("raft"),
+        config.peers.clone(),
+        config.bootstrap,
+    );
+    raft_cfg.security = config.security.clone();
+    raft_cfg.history_path = history_path;
+    let raft = RaftNode::start(raft_cfg).await.map_err(|e| Error::Raft {
+        context: "starting Raft",
+        source: Box::new(e),
+    })?;
+    // The membership is known once the stored log has been read: check in the background.
+    let (config, r) = (config.clone(), raft.clone());
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            let m = r.metrics();
+            if !m.members.is_empty() {
+                warn_on_peer_mismatch(&config, &m);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Ok(raft)
+}
+
+/// The coordinator's background jobs: the driver whenever this coordinator leads, retention
+/// and the blob sweeper.
+struct Jobs {
+    stop: tokio_util::sync::CancellationToken,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Jobs {
+    fn start(shared: &Arc<Shared>, config: &CoordinatorConfig) -> Jobs {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let leadership = tokio::spawn(lead_when_leader(shared.clone(), stop.clone()));
+        // The retention jobs take a watch; the driver a cancellation token.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let retention_cfg = retention::RetentionConfig {
+            keep: config.retain_rollouts,
+            grace: config.gc_grace,
+        };
+        let retention = tokio::spawn(retention::run(
+            shared.clone(),
+            retention_cfg,
+            stop_rx.clone(),
+        ));
+        let sweeper = tokio::spawn(retention::sweep_blobs(
+            shared.clone(),
+            retention_cfg,
+            stop_rx,
+        ));
+        Jobs {
+            stop,
+            stop_tx,
+            handles: vec![leadership, retention, sweeper],
+        }
+    }
+
+    /// Stops every job and waits until they have.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.stop_tx.send(true);
+        for h in self.handles {
+            let _ = h.await;
+        }
+    }
 }
 
 /// The file in a data directory that names the coordinator it belongs to.
