@@ -393,59 +393,12 @@ impl Cluster {
 
         // Nodes on 4.2.0 while the coordinators elect a leader.
         for i in 1..=opts.nodes {
-            let id = format!("n{i}");
-            let root = c.dir.path().join(format!("node{i}"));
-            fs::create_dir_all(&root).unwrap();
-            let mut node = Node {
-                id: id.clone(),
-                root: root.clone(),
-                service: None,
-                agent: None,
-                agent_args: Vec::new(),
-                certs: c.certs.clone(),
-                _reaper: None,
-            };
-            if opts.demo {
-                node._reaper = Some(Reaper::new(&root));
-                let svc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-                fs::write(
-                    root.join("demo-service.toml"),
-                    format!("listen = \"{svc}\"\n"),
-                )
-                .unwrap();
-                node.service = Some(svc);
-            }
-            c.nodes.push(node);
-            local_ok(
-                &root,
-                &["install", "--package", &pkg0.display().to_string()],
-            );
-            if let Some(svc) = c.nodes[i - 1].service {
-                wait_until(Duration::from_secs(15), "the demo service on 4.2.0", || {
-                    health_of(svc).is_some_and(|(v, _)| v == V0)
-                });
-            }
+            c.add_node(i, opts.demo, &pkg0);
         }
-
         c.wait_for_leader(FORM_TIMEOUT);
 
         for i in 1..=opts.nodes {
-            let mut args: Vec<String> = Vec::new();
-            for a in &addrs {
-                args.push("--coordinator".into());
-                args.push(a.clone());
-            }
-            if let Some(svc) = c.nodes[i - 1].service {
-                args.push("--health-url".into());
-                args.push(format!("http://{svc}/health"));
-            }
-            for (n, extra) in &opts.agent_extra {
-                if *n == i {
-                    args.extend(extra.iter().cloned());
-                }
-            }
-            c.nodes[i - 1].agent_args = args;
-            c.nodes[i - 1].restart_agent();
+            c.start_agent(i, &opts, &addrs);
         }
         let n = opts.nodes;
         c.wait_for(FORM_TIMEOUT, "every agent registered on 4.2.0", |c| {
@@ -459,6 +412,63 @@ impl Cluster {
             })
         });
         c
+    }
+
+    /// Node `i` (1-based): its root with 4.2.0 installed from `pkg0` (a demo node's hook
+    /// starts its service on a free port, waited for).
+    fn add_node(&mut self, i: usize, demo: bool, pkg0: &Path) {
+        let id = format!("n{i}");
+        let root = self.dir.path().join(format!("node{i}"));
+        fs::create_dir_all(&root).unwrap();
+        let mut node = Node {
+            id: id.clone(),
+            root: root.clone(),
+            service: None,
+            agent: None,
+            agent_args: Vec::new(),
+            certs: self.certs.clone(),
+            _reaper: None,
+        };
+        if demo {
+            node._reaper = Some(Reaper::new(&root));
+            let svc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            fs::write(
+                root.join("demo-service.toml"),
+                format!("listen = \"{svc}\"\n"),
+            )
+            .unwrap();
+            node.service = Some(svc);
+        }
+        self.nodes.push(node);
+        local_ok(
+            &root,
+            &["install", "--package", &pkg0.display().to_string()],
+        );
+        if let Some(svc) = self.nodes[i - 1].service {
+            wait_until(Duration::from_secs(15), "the demo service on 4.2.0", || {
+                health_of(svc).is_some_and(|(v, _)| v == V0)
+            });
+        }
+    }
+
+    /// Starts node `i`'s agent, registered with the coordinators at `addrs`.
+    fn start_agent(&mut self, i: usize, opts: &ClusterOpts, addrs: &[String]) {
+        let mut args: Vec<String> = Vec::new();
+        for a in addrs {
+            args.push("--coordinator".into());
+            args.push(a.clone());
+        }
+        if let Some(svc) = self.nodes[i - 1].service {
+            args.push("--health-url".into());
+            args.push(format!("http://{svc}/health"));
+        }
+        for (n, extra) in &opts.agent_extra {
+            if *n == i {
+                args.extend(extra.iter().cloned());
+            }
+        }
+        self.nodes[i - 1].agent_args = args;
+        self.nodes[i - 1].restart_agent();
     }
 
     /// `DIR/pkgs/{ok,broken}/<name>-VERSION.zip`, built on first use: the demo service
@@ -857,6 +867,11 @@ impl BgCmd {
 
     pub fn stdout(&self) -> String {
         read_or_empty(&self.out)
+    }
+
+    /// Its process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("already waited").id()
     }
 
     /// What it wrote to stderr so far.

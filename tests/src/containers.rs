@@ -281,8 +281,10 @@ impl Bed {
         ];
         match self.opts.node_disk_bytes {
             Some(bytes) => {
-                args.push("--mount".into());
-                args.push(format!("type=tmpfs,destination=/data,tmpfs-size={bytes}"));
+                // --tmpfs, not --mount: Docker mounts tmpfs noexec by default and release
+                // hooks run from the root dir.
+                args.push("--tmpfs".into());
+                args.push(format!("/data:rw,exec,size={bytes}"));
             }
             None => {
                 let data = self.volume(&format!("{short}-data"));

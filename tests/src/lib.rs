@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod containers;
+pub mod pty;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -270,3 +270,116 @@ fn two_of_three_coordinators_lost_and_restored_the_rollout_resumes() {
         assert!(v.contains("4.2.1\tpermanent"), "{n}: {v}");
     }
 }
+
+/// Nodes whose disk cannot hold the new release: preflight (free disk) or staging (the disk
+/// fills) refuses, and nothing is installed anywhere.
+#[test]
+fn a_full_disk_refuses_the_rollout_with_nothing_installed() {
+    if !docker_or_skip("a_full_disk_refuses_the_rollout_with_nothing_installed") {
+        return;
+    }
+    // Room for the installed 4.2.0 and little more: 4.2.1 needs its zip plus its unpacked tree.
+    let bed = Bed::start(BedOpts {
+        node_disk_bytes: Some(8 << 20),
+        ..BedOpts::new(3, 3)
+    });
+    let o = bed.cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "1s",
+        "--healthy-deadline",
+        "30s",
+    ]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let st = bed.status_json("r000001");
+    assert_eq!(st["phase"], "aborted", "{st}");
+    let err = st["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("disk") || err.contains("space"),
+        "the refusal says why: {err}"
+    );
+    println!("refused: {err}");
+    for n in ["n1", "n2", "n3"] {
+        let v = bed.versions(n);
+        assert!(
+            v.contains("4.2.0\tpermanent")
+                && !v.contains("4.2.1\tcurrent")
+                && !v.contains("4.2.1\tpermanent"),
+            "{n}: {v}"
+        );
+    }
+}
+
+/// A coordinator's data directory restored from a backup taken before the rollout (the
+/// container killed mid-rollout, its /data replaced by the old copy, started again): it catches
+/// up from its peers without disturbing the rollout.
+#[test]
+fn a_coordinator_restored_from_an_old_backup_catches_up_quietly() {
+    if !docker_or_skip("a_coordinator_restored_from_an_old_backup_catches_up_quietly") {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 3));
+    let leader = bed.leader();
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let short = format!("c{follower}");
+    let backup = tempfile::tempdir().unwrap();
+    let dest = backup.path().join("data");
+    orch_tests::containers::docker_ok(&["stop", &bed.container(&short)]);
+    orch_tests::containers::docker_ok(&[
+        "cp",
+        &format!("{}:/data", bed.container(&short)),
+        dest.to_str().unwrap(),
+    ]);
+    bed.start_again(&short);
+    let waiting = bed.spawn_cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "3s",
+        "--healthy-deadline",
+        "60s",
+    ]);
+    bed.wait_for(Duration::from_secs(120), "n2 in its health gate", |b| {
+        Bed::step(&b.status_json(""), "n2") == "verifying"
+    });
+    bed.kill(&short);
+    orch_tests::containers::docker_ok(&[
+        "cp",
+        &format!("{}/.", dest.display()),
+        &format!("{}:/data", bed.container(&short)),
+    ]);
+    bed.start_again(&short);
+    let o = waiting.wait(Duration::from_secs(300));
+    assert!(o.status.success(), "{}\n{}", stdout(&o), bed.all_logs());
+    let st = bed.status_json("r000001");
+    for n in 1..=3 {
+        let count = events(&st)
+            .iter()
+            .filter(|(_, m)| m.starts_with(&format!("n{n}: installed 4.2.1")))
+            .count();
+        assert_eq!(count, 1, "n{n} installed once\n{st}");
+    }
+    // The restored coordinator caught up: it answers with the same state.
+    let addr = format!("{short}:7000");
+    bed.wait_for(
+        Duration::from_secs(60),
+        "the restored coordinator to catch up",
+        |b| {
+            let o = b.cli(&[
+                "status",
+                "r000001",
+                "--json",
+                "--stale",
+                "--coordinator",
+                &addr,
+            ]);
+            serde_json::from_str::<Value>(stdout(&o).trim())
+                .is_ok_and(|v| v["phase"] == "succeeded")
+        },
+    );
+}

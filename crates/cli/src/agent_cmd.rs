@@ -9,14 +9,7 @@ use orch_agent::{AgentConfig, AgentFileConfig, DriverKind};
 use crate::args::{AgentArgs, parse_duration};
 
 pub fn run(a: AgentArgs) -> Result<()> {
-    let file = match &a.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
-            AgentFileConfig::parse(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?
-        }
-        None => AgentFileConfig::default(),
-    };
+    let file = crate::daemon::read_config(a.config.as_deref(), AgentFileConfig::parse)?;
     let cfg = merge(a, file)?;
     if cfg.security.is_insecure() {
         eprintln!(
@@ -25,34 +18,12 @@ pub fn run(a: AgentArgs) -> Result<()> {
         );
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(orch_agent::run(cfg, shutdown_signal()))?;
+    rt.block_on(orch_agent::run(cfg, crate::daemon::shutdown_signal()))?;
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
-    let security = crate::tls::daemon_security(
-        &a.tls,
-        crate::tls::FileTls {
-            tls_dir: f.tls_dir.clone(),
-            ca: f.ca.clone(),
-            cert: f.cert.clone(),
-            key: f.key.clone(),
-            insecure: f.insecure,
-        },
-    )?;
+    let security = crate::tls::daemon_security(&a.serve.tls, crate::file_tls!(f))?;
     let node_id: orch_types::NodeId = a
         .node_id
         .or(f.node_id)
@@ -62,22 +33,16 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
     let root: PathBuf = a.root_dir.or(f.root_dir).ok_or_else(|| {
         anyhow!("no root directory: pass --root-dir DIR (or root-dir in --config)")
     })?;
-    let listen_s = a
-        .listen
-        .or(f.listen)
-        .ok_or_else(|| anyhow!("no listen address: pass --listen HOST:PORT"))?;
-    let listen = listen_s
-        .parse()
-        .with_context(|| format!("--listen {listen_s:?} is not HOST:PORT"))?;
-    let listen: std::net::SocketAddr = listen;
+    let listen = crate::daemon::listen_addr(a.listen, f.listen)?;
     // Checked here too (the daemon checks again) so the refusal comes before anything starts.
     security.check_listen(
         listen,
-        a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false),
+        a.serve.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false),
     )?;
     security.expect_identity(orch_tls::Role::Agent, node_id.as_str())?;
     let mut cfg = AgentConfig::new(node_id, root, listen, security);
-    cfg.insecure_allow_remote = a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
+    cfg.insecure_allow_remote =
+        a.serve.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
     cfg.advertise = a.advertise.or(f.advertise);
     cfg.coordinators = if a.coordinators.is_empty() {
         f.coordinator
@@ -120,10 +85,10 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
         },
         other => bail!("unknown --driver {other:?}: use native or emqx"),
     };
-    cfg.trusted_keys = if a.trusted_keys.is_empty() {
+    cfg.trusted_keys = if a.serve.trusted_keys.is_empty() {
         f.trusted_key
     } else {
-        a.trusted_keys
+        a.serve.trusted_keys
     };
     Ok(cfg)
 }

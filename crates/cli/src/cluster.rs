@@ -1,20 +1,35 @@
-//! Cluster commands: the coordinator daemon, `rollout`, `status`, `rollouts`, operator
-//! commands on a rollout, `nodes`, and `cluster status|add|remove`.
+//! Cluster commands (clients of the coordinators' control API): `rollout`, `status`,
+//! `rollouts`, operator commands on a rollout, `nodes`, and `cluster status|add|remove`.
+//!
+//! One-shot commands fail at once when every coordinator refuses the connection and wait at
+//! most `--timeout` (10 s) for a leader, with a spinner on a terminal; the waiting ones
+//! (`rollout`, `status --watch`) reconnect instead (see `wait.rs`).
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use orch_client::{Client, control as pb};
-use orch_coordinator::{CoordinatorConfig, CoordinatorFileConfig, parse_peer};
 use orch_release::{Limits, package};
+use orch_types::rollout::{DEFAULT_HEALTHY_DEADLINE_MS, DEFAULT_MIN_HEALTHY_TIME_MS};
 use serde_json::json;
 
 use crate::args::{
-    ClusterCmd, ClusterOpts, CoordinatorArgs, JsonOpts, RolloutArgs, RolloutRefArgs, RolloutsArgs,
-    StatusArgs,
+    ClusterCmd, ClusterOpts, EventCount, GlobalOpts, NodesArgs, NodesCmd, RolloutArgs,
+    RolloutRefArgs, StatusArgs,
 };
+use crate::exit::Exit;
+use crate::live::Gate;
+use crate::output::{
+    Paint, cluster_json, node_json, print_status, releases, status_json, use_color,
+};
+use crate::spinner::spin;
+use crate::wait::{Mode, conclude, wait};
 
-fn client(o: &ClusterOpts) -> Result<Client> {
+/// How long a one-shot command waits for a leader unless `--timeout` says otherwise.
+const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn addrs(o: &ClusterOpts) -> Result<Vec<String>> {
     let addrs: Vec<String> = o
         .coordinators
         .iter()
@@ -26,13 +41,59 @@ fn client(o: &ClusterOpts) -> Result<Client> {
             "no coordinator address: pass --coordinator ADDR or set ORCHESTRATOR_COORDINATORS=a,b,c"
         );
     }
+    Ok(addrs)
+}
+
+/// A client for a one-shot command: refused at once when no coordinator accepts connections,
+/// patient for `--timeout` (10 s) while no leader answers.
+pub(crate) fn client(o: &ClusterOpts) -> Result<Client> {
+    let addrs = addrs(o)?;
+    fail_fast(&addrs)?;
     let mut c = Client::new(addrs, crate::tls::client_security(&o.tls)?);
+    c.allow_stale(o.stale);
+    c.patience = o.timeout.unwrap_or(ONE_SHOT_TIMEOUT);
+    Ok(c)
+}
+
+/// A client for a waiting command: it keeps trying while coordinators are away.
+fn waiting_client(o: &ClusterOpts) -> Result<Client> {
+    let mut c = Client::new(addrs(o)?, crate::tls::client_security(&o.tls)?);
     c.allow_stale(o.stale);
     Ok(c)
 }
 
+/// Fails when every address refuses the TCP connection (nothing listens there): retrying for
+/// the leader's patience would only make the operator wait for the same answer. Any other
+/// outcome (an accepted connection, a timeout, a name that does not resolve) is left to the
+/// client, which knows how to wait and what to say.
+fn fail_fast(addrs: &[String]) -> Result<()> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let mut refused = Vec::new();
+    for a in addrs {
+        let Ok(resolved) = a.to_socket_addrs() else {
+            return Ok(());
+        };
+        for sa in resolved {
+            match TcpStream::connect_timeout(&sa, Duration::from_millis(500)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                _ => return Ok(()),
+            }
+        }
+        refused.push(a.as_str());
+    }
+    Err(Exit::new(
+        1,
+        "unreachable",
+        format!(
+            "no coordinator reachable at {}: connection refused (nothing listens there): are they running? check --coordinator / ORCHESTRATOR_COORDINATORS",
+            refused.join(", ")
+        ),
+    )
+    .into())
+}
+
 /// After a read with `--stale`: says on stderr when the answer may be out of date.
-fn warn_if_stale(c: &Client) {
+pub(crate) fn warn_if_stale(c: &Client) {
     if c.saw_stale() {
         eprintln!(
             "warning: --stale: this view comes from a coordinator that could not confirm it is up to date (no leader reachable, or a follower answering; applied index {}): it may be stale",
@@ -51,275 +112,53 @@ fn operator() -> String {
         .unwrap_or_else(|| "operator".to_string())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Runtime::new()?)
 }
 
-fn is_terminal(phase: &str) -> bool {
-    matches!(
-        phase,
-        "succeeded" | "rolled_back" | "rollback_failed" | "aborted"
-    )
+/// A spinner on stderr while a one-shot command waits, when stderr is a terminal.
+pub(crate) fn spinner_on(g: &GlobalOpts) -> bool {
+    !g.json && std::io::stderr().is_terminal()
 }
 
-pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
-    json!({
-        "id": s.id,
-        "version": s.version,
-        "phase": s.phase,
-        "awaiting_promotion": s.awaiting_promotion,
-        "error": if s.error.is_empty() { serde_json::Value::Null } else { json!(s.error) },
-        "requested_by": s.requested_by,
-        "created_at_ms": s.created_at_ms,
-        "nodes": s.nodes.iter().map(|n| json!({
-            "id": n.id,
-            "from_version": if n.from_version.is_empty() { serde_json::Value::Null } else { json!(n.from_version) },
-            "step": n.step,
-            "error": if n.error.is_empty() { serde_json::Value::Null } else { json!(n.error) },
-            "unresponsive_since_ms": if n.unresponsive_since_ms == 0 { serde_json::Value::Null } else { json!(n.unresponsive_since_ms) },
-            "unresponsive_detail": if n.unresponsive_detail.is_empty() { serde_json::Value::Null } else { json!(n.unresponsive_detail) },
-        })).collect::<Vec<_>>(),
-        "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
-        // For replay: orch_rollout::replay(spec, inputs) gives this status back.
-        "spec": serde_json::from_str::<serde_json::Value>(&s.spec_json).unwrap_or(serde_json::Value::Null),
-        "inputs": serde_json::from_str::<serde_json::Value>(&s.inputs_json).unwrap_or(serde_json::Value::Null),
-    })
-}
-
-fn clock(at_ms: u64) -> String {
-    let secs = at_ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
-}
-
-/// A node's error column: its agent's unresponsiveness (and for how long), then its error.
-fn node_problem(n: &pb::NodeProgress) -> String {
-    let mut out = Vec::new();
-    if n.unresponsive_since_ms > 0 {
-        let secs = now_ms().saturating_sub(n.unresponsive_since_ms) / 1000;
-        out.push(format!(
-            "agent unresponsive for {secs}s ({})",
-            n.unresponsive_detail
-        ));
-    }
-    if !n.error.is_empty() {
-        out.push(n.error.clone());
-    }
-    out.join("; ")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn print_status(s: &pb::RolloutStatus) {
-    let mut head = format!("Rollout {} to {}: {}", s.id, s.version, s.phase);
-    if s.awaiting_promotion {
-        head.push_str(" (canary done: waiting for `orchestrator promote`)");
-    }
-    println!("{head}");
-    if !s.requested_by.is_empty() {
-        println!("requested by {}", s.requested_by);
-    }
-    if !s.error.is_empty() {
-        println!("error: {}", s.error);
-    }
-    let w = s.nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
-    println!("  {:<w$}  {:<10}  {:<16}  ERROR", "NODE", "FROM", "STEP");
-    for n in &s.nodes {
-        println!(
-            "  {:<w$}  {:<10}  {:<16}  {}",
-            n.id,
-            if n.from_version.is_empty() {
-                "-"
-            } else {
-                &n.from_version
+/// How a waiting command shows the rollout: JSON, the live view on a terminal, else lines.
+fn wait_mode(g: &GlobalOpts, every_json: bool, gate: Option<Gate>, skip: usize) -> Mode {
+    if g.json {
+        Mode::Json { every: every_json }
+    } else if std::io::stdout().is_terminal() {
+        Mode::Live {
+            paint: Paint {
+                on: use_color(g.color),
             },
-            n.step,
-            node_problem(n)
-        );
-    }
-    if !s.events.is_empty() {
-        println!("events:");
-        for e in s
-            .events
-            .iter()
-            .rev()
-            .take(10)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
-            println!("  {} {} ({})", clock(e.at_ms), e.message, e.by);
+            gate,
         }
-    }
-}
-
-pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    let f = match &a.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
-            CoordinatorFileConfig::parse(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?
-        }
-        None => CoordinatorFileConfig::default(),
-    };
-    let id =
-        a.id.or(f.id)
-            .ok_or_else(|| anyhow!("no coordinator id: pass --id N"))?;
-    if id == 0 {
-        bail!("--id must be 1 or more");
-    }
-    let listen_s = a
-        .listen
-        .or(f.listen)
-        .ok_or_else(|| anyhow!("no listen address: pass --listen HOST:PORT"))?;
-    let listen = listen_s
-        .parse()
-        .with_context(|| format!("--listen {listen_s:?} is not HOST:PORT"))?;
-    let data_dir = a
-        .data_dir
-        .or(f.data_dir)
-        .ok_or_else(|| anyhow!("no data directory: pass --data-dir DIR"))?;
-    let security = crate::tls::daemon_security(
-        &a.tls,
-        crate::tls::FileTls {
-            tls_dir: f.tls_dir.clone(),
-            ca: f.ca.clone(),
-            cert: f.cert.clone(),
-            key: f.key.clone(),
-            insecure: f.insecure,
-        },
-    )?;
-    let allow_remote = a.insecure_allow_remote || f.insecure_allow_remote.unwrap_or(false);
-    let listen: std::net::SocketAddr = listen;
-    // Checked here too (the daemon checks again) so the refusal comes before anything starts.
-    security.check_listen(listen, allow_remote)?;
-    security.expect_identity(orch_tls::Role::Coordinator, &id.to_string())?;
-    let insecure = security.is_insecure();
-    let mut cfg = CoordinatorConfig::new(id, listen, data_dir, security);
-    cfg.insecure_allow_remote = allow_remote;
-    cfg.advertise = a.advertise.or(f.advertise);
-    let peers = if a.peers.is_empty() { f.peer } else { a.peers };
-    for p in peers {
-        let (pid, addr) = parse_peer(&p).map_err(|e| anyhow!(e))?;
-        if pid != id {
-            cfg.peers.insert(pid, addr);
-        }
-    }
-    cfg.bootstrap = a.bootstrap || f.bootstrap.unwrap_or(false);
-    cfg.trusted_keys = if a.trusted_keys.is_empty() {
-        f.trusted_key
     } else {
-        a.trusted_keys
-    };
-    if let Some(n) = a.retain_rollouts.or(f.retain_rollouts) {
-        // The flag's parser refuses 0; the file's value is checked here.
-        crate::args::parse_retain(&n.to_string())
-            .map_err(|e| anyhow!("retain-rollouts = {n}: {e}"))?;
-        cfg.retain_rollouts = n;
-    }
-    if let Some(g) = a.gc_grace {
-        cfg.gc_grace = g;
-    }
-    if insecure {
-        eprintln!(
-            "WARNING: coordinator {id} serves plain-text gRPC on {listen} (--insecure): anyone who can reach it can run rollouts"
-        );
-    }
-    bound_malloc_arenas();
-    runtime()?.block_on(orch_coordinator::run(
-        cfg,
-        crate::agent_cmd::shutdown_signal(),
-    ))?;
-    Ok(())
-}
-
-/// Caps glibc's malloc arenas at 2 (unless MALLOC_ARENA_MAX is set), before any thread starts.
-/// With the default (8 per core) each runtime thread that allocates gets its own arena, and
-/// memory freed in one is not reused by another: the growth benchmark measured the leader's
-/// resident memory climbing from 64 to ~100 MiB over 1,000 rollouts while its live state stayed
-/// the same, and flat at ~60 MiB with the cap (docs/benchmarks.md).
-fn bound_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; called before the runtime's
-        // threads exist.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
+        Mode::Lines { skip }
     }
 }
 
-pub fn rollout(a: RolloutArgs) -> Result<()> {
-    let mut c = client(&a.cluster)?;
+pub fn rollout(a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
+    let mut c = waiting_client(&a.cluster)?;
+    // Starting is one-shot: refused at once when nothing listens, bounded while leaderless.
+    fail_fast(c.addrs())?;
+    c.patience = a.cluster.timeout.unwrap_or(ONE_SHOT_TIMEOUT);
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        let mut package_sha256 = String::new();
-        if let Some(path) = &a.package {
-            // Refuse a bad package here, before anything is uploaded.
-            let info = package::verify(path, None, Some(a.version), &Limits::default())?;
-            // FILE.sig travels with the package; coordinators and agents with trusted keys
-            // check it.
-            let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
-            eprintln!(
-                "Uploading {} {} ({} bytes, sha256 {}, {})",
-                info.name,
-                info.version,
-                info.size,
-                info.sha256,
-                if signature.is_empty() {
-                    "unsigned"
-                } else {
-                    "with its signature"
-                }
-            );
-            let reply = c
-                .upload(
-                    path,
-                    pb::UploadHeader {
-                        name: info.name.clone(),
-                        version: info.version.to_string(),
-                        sha256: info.sha256.clone(),
-                        size: info.size,
-                        signature,
-                    },
-                )
-                .await?;
-            eprintln!("Stored on coordinators {:?}", reply.holders);
-            package_sha256 = info.sha256;
-        }
-        let req = pb::StartRolloutRequest {
-            version: a.version.to_string(),
-            package_sha256,
-            nodes: a.nodes.clone(),
-            batch_size: a.batch_size.unwrap_or(0),
-            canary: a.canary,
-            no_permanent: a.no_permanent,
-            min_healthy_time_ms: a.min_healthy_time.map(|d| d.as_millis() as u64),
-            healthy_deadline_ms: a.healthy_deadline.map(|d| d.as_millis() as u64),
-            on_failure: a.on_failure.clone(),
-            requested_by: operator(),
-            request_id: orch_client::request_id(),
-            preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
-            failure_threshold: a.failure_threshold,
+        let package_sha256 = match &a.package {
+            Some(path) => upload(&mut c, path, a.version).await?,
+            None => String::new(),
         };
-        let started = c.start_rollout(req).await?;
+        let req = start_request(&a, package_sha256);
+        let started = spin("starting the rollout", spinning, c.start_rollout(req)).await?;
         if a.detach {
-            if a.json {
+            if g.json {
                 println!("{}", status_json(&started));
             } else {
                 println!("{}", started.id);
             }
             return Ok(());
         }
-        if !a.json {
+        if !g.json {
             println!(
                 "Rollout {} started: {} on {} node(s)",
                 started.id,
@@ -327,198 +166,201 @@ pub fn rollout(a: RolloutArgs) -> Result<()> {
                 started.nodes.len()
             );
         }
-        let json = a.json;
-        let mut printed = 0usize;
-        let fin = c
-            .follow(
-                &started.id,
-                |s| {
-                    if json {
-                        return;
-                    }
-                    for e in s.events.iter().skip(printed) {
-                        println!("{} {}", clock(e.at_ms), e.message);
-                    }
-                    printed = printed.max(s.events.len());
-                },
-                is_terminal,
-            )
-            .await?;
-        if json {
-            println!("{}", status_json(&fin));
-        } else {
-            println!("Rollout {} {}", fin.id, fin.phase);
-            if !fin.error.is_empty() {
-                println!("error: {}", fin.error);
-            }
-        }
-        if fin.phase == "succeeded" {
-            Ok(())
-        } else {
-            Err(anyhow!(
-                "rollout {} ended {}{}",
-                fin.id,
-                fin.phase,
-                if fin.error.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", fin.error)
-                }
-            ))
-        }
+        let gate = Gate {
+            min_healthy: a
+                .min_healthy_time
+                .unwrap_or(Duration::from_millis(DEFAULT_MIN_HEALTHY_TIME_MS)),
+            deadline: a
+                .healthy_deadline
+                .unwrap_or(Duration::from_millis(DEFAULT_HEALTHY_DEADLINE_MS)),
+        };
+        let mode = wait_mode(g, false, Some(gate), 0);
+        let end = wait(&c, &started.id, mode, a.cluster.timeout, a.exit_on_pause).await?;
+        conclude(end, &started.id, g.json, false)
     })
 }
 
-pub fn status(a: StatusArgs) -> Result<()> {
-    let mut c = client(&a.cluster)?;
-    let id = a.id.unwrap_or_default();
-    runtime()?.block_on(async move {
-        if !a.watch {
-            let s = c.rollout(&id).await?;
-            if a.json {
-                println!("{}", status_json(&s));
+/// Checks the package here (a bad one is refused before anything is uploaded), uploads it with
+/// its signature, and returns its digest.
+async fn upload(
+    c: &mut Client,
+    path: &std::path::Path,
+    version: orch_types::Version,
+) -> Result<String> {
+    let info = package::verify(path, None, Some(version), &Limits::default())?;
+    // FILE.sig travels with the package; coordinators and agents with trusted keys check it.
+    let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
+    eprintln!(
+        "Uploading {} {} ({} bytes, sha256 {}, {})",
+        info.name,
+        info.version,
+        info.size,
+        info.sha256,
+        if signature.is_empty() {
+            "unsigned"
+        } else {
+            "with its signature"
+        }
+    );
+    let header = pb::UploadHeader {
+        name: info.name.clone(),
+        version: info.version.to_string(),
+        sha256: info.sha256.clone(),
+        size: info.size,
+        signature,
+    };
+    let reply = c.upload(path, header).await?;
+    eprintln!("Stored on coordinators {:?}", reply.holders);
+    Ok(info.sha256)
+}
+
+/// The `StartRollout` request for the command's flags.
+fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutRequest {
+    pb::StartRolloutRequest {
+        version: a.version.to_string(),
+        package_sha256,
+        nodes: a.nodes.clone(),
+        batch_size: a.batch_size.unwrap_or(0),
+        canary: a.canary,
+        no_permanent: a.no_permanent,
+        min_healthy_time_ms: a.min_healthy_time.map(|d| d.as_millis() as u64),
+        healthy_deadline_ms: a.healthy_deadline.map(|d| d.as_millis() as u64),
+        on_failure: a.on_failure.clone(),
+        requested_by: operator(),
+        request_id: orch_client::request_id(),
+        preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
+        failure_threshold: a.failure_threshold,
+    }
+}
+
+pub fn status(a: StatusArgs, g: &GlobalOpts) -> Result<()> {
+    let events = match a.events {
+        None | Some(EventCount::All) => None,
+        Some(EventCount::Last(n)) => Some(n),
+    };
+    if !a.watch {
+        let mut c = client(&a.cluster)?;
+        let id = a.id.unwrap_or_default();
+        let spinning = spinner_on(g);
+        return runtime()?.block_on(async move {
+            let s = spin("reading the rollout", spinning, c.rollout(&id)).await?;
+            if g.json {
+                println!("{}", status_json_events(&s, events));
             } else {
-                print_status(&s);
+                print_status(&s, events);
             }
             warn_if_stale(&c);
-            return Ok(());
-        }
-        let first = c.rollout(&id).await?;
-        let json = a.json;
-        c.follow(
-            &first.id,
-            |s| {
-                if json {
-                    println!("{}", status_json(s));
-                } else {
-                    println!();
-                    print_status(s);
-                }
-            },
-            is_terminal,
-        )
-        .await?;
-        Ok(())
-    })
-}
-
-pub fn rollouts(a: RolloutsArgs) -> Result<()> {
-    let mut c = client(&a.cluster)?;
+            Ok(())
+        });
+    }
+    let mut c = waiting_client(&a.cluster)?;
     runtime()?.block_on(async move {
-        let list = c.rollouts(a.all).await?;
-        if a.json {
-            let v: Vec<_> = list.iter().map(status_json).collect();
-            println!("{}", serde_json::Value::Array(v));
-        } else if list.is_empty() {
-            println!("No rollouts yet.");
-        } else {
-            println!(
-                "{:<9} {:<10} {:<16} {:>5}  REQUESTED BY",
-                "ID", "VERSION", "PHASE", "NODES"
-            );
-            for r in &list {
-                println!(
-                    "{:<9} {:<10} {:<16} {:>5}  {}",
-                    r.id,
-                    r.version,
-                    r.phase,
-                    r.nodes.len(),
-                    r.requested_by
-                );
-            }
+        let Some(first) = crate::wait::first_watched(&mut c, &a).await? else {
+            return Ok(());
+        };
+        let mut skip = 0;
+        if !g.json && !std::io::stdout().is_terminal() {
+            print_status(&first, events);
+            skip = first.events.len();
         }
-        warn_if_stale(&c);
-        Ok(())
+        let mode = wait_mode(g, true, None, skip);
+        let end = wait(&c, &first.id, mode, a.cluster.timeout, a.exit_on_pause).await?;
+        conclude(end, &first.id, g.json, true)
     })
 }
 
-pub fn command(name: &str, a: RolloutRefArgs) -> Result<()> {
+/// A status as JSON, with only the last `events` events (and how many were left out).
+fn status_json_events(s: &pb::RolloutStatus, events: Option<usize>) -> serde_json::Value {
+    let mut v = status_json(s);
+    if let Some(n) = events {
+        let total = s.events.len();
+        let keep = n.min(total);
+        if let Some(list) = v["events"].as_array_mut() {
+            list.drain(..total - keep);
+        }
+        v["events_left_out"] = json!(total - keep);
+    }
+    v
+}
+
+pub fn command(name: &str, a: RolloutRefArgs, g: &GlobalOpts) -> Result<()> {
     let mut c = client(&a.cluster)?;
     let id = a.id.unwrap_or_default();
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        let s = c.command(&id, name, &operator()).await?;
-        println!("Rollout {}: {} accepted; phase {}", s.id, name, s.phase);
+        let s = spin(
+            &format!("sending {name}"),
+            spinning,
+            c.command(&id, name, &operator()),
+        )
+        .await?;
+        if g.json {
+            println!("{}", status_json(&s));
+        } else {
+            println!("Rollout {}: {} accepted; phase {}", s.id, name, s.phase);
+        }
         Ok(())
     })
 }
 
-pub fn nodes(a: JsonOpts) -> Result<()> {
+pub fn nodes(a: NodesArgs, g: &GlobalOpts) -> Result<()> {
+    if let Some(NodesCmd::Forget { id, cluster }) = a.cmd {
+        return forget_node(&id, cluster, g);
+    }
     let mut c = client(&a.cluster)?;
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        let nodes = c.nodes(true).await?;
-        if a.json {
-            let v: Vec<_> = nodes
-                .iter()
-                .map(|n| {
-                    json!({
-                        "id": n.id,
-                        "address": n.address,
-                        "labels": n.labels,
-                        "versions": n.versions.iter().map(|e| json!({"version": e.version, "state": e.state})).collect::<Vec<_>>(),
-                        "healthy": n.healthy,
-                        "health_detail": n.health_detail,
-                        "conflict": if n.conflict.is_empty() { serde_json::Value::Null } else { json!(n.conflict) },
-                        "conflict_at_ms": if n.conflict_at_ms == 0 { serde_json::Value::Null } else { json!(n.conflict_at_ms) },
-                    })
-                })
-                .collect();
+        let nodes = spin("listing nodes", spinning, c.nodes(true)).await?;
+        if g.json {
+            let v: Vec<_> = nodes.iter().map(node_json).collect();
             println!("{}", serde_json::Value::Array(v));
         } else if nodes.is_empty() {
             println!("No nodes registered: start agents with --coordinator ADDR.");
         } else {
-            let w = nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
-            println!("{:<w$}  {:<21}  {:<9}  VERSIONS", "NODE", "ADDRESS", "HEALTHY");
-            for n in &nodes {
-                let versions: Vec<String> = n.versions.iter().map(|e| format!("{} {}", e.version, e.state)).collect();
-                println!(
-                    "{:<w$}  {:<21}  {:<9}  {}",
-                    n.id,
-                    n.address,
-                    if n.healthy { "yes" } else { "no" },
-                    versions.join(", ")
-                );
-                if !n.conflict.is_empty() {
-                    println!("{:<w$}  CONFLICT: {}", "", n.conflict);
-                }
-            }
+            print_nodes(&nodes);
         }
         warn_if_stale(&c);
         Ok(())
     })
 }
 
-pub fn forget_node(id: &str, o: ClusterOpts) -> Result<()> {
+fn print_nodes(nodes: &[pb::NodeEntry]) {
+    let w = nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
+    println!(
+        "{:<w$}  {:<21}  {:<9}  VERSIONS",
+        "NODE", "ADDRESS", "HEALTHY"
+    );
+    for n in nodes {
+        println!(
+            "{:<w$}  {:<21}  {:<9}  {}",
+            n.id,
+            n.address,
+            if n.healthy { "yes" } else { "no" },
+            releases(n)
+        );
+        if !n.conflict.is_empty() {
+            println!("{:<w$}  CONFLICT: {}", "", n.conflict);
+        }
+    }
+}
+
+fn forget_node(id: &str, o: ClusterOpts, g: &GlobalOpts) -> Result<()> {
     let mut c = client(&o)?;
+    let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        c.forget_node(id, &operator()).await?;
-        println!("Forgot node {id}: it is no longer in the registry (its agent reappears if it registers again)");
+        spin("forgetting the node", spinning, c.forget_node(id, &operator())).await?;
+        if g.json {
+            println!("{}", json!({ "forgot": id }));
+        } else {
+            println!(
+                "Forgot node {id}: it is no longer in the registry (its agent reappears if it registers again)"
+            );
+        }
         Ok(())
     })
 }
 
-fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
-    if json_out {
-        let v = json!({
-            "leader_id": if s.leader_id == 0 { serde_json::Value::Null } else { json!(s.leader_id) },
-            "leader_address": s.leader_address,
-            "cluster_id": s.cluster_id,
-            "term": s.term,
-            "last_applied": s.last_applied,
-            "quorum": s.quorum,
-            "note": s.note,
-            "answered_by": s.answered_by,
-            "members": s.members.iter().map(|m| json!({
-                "id": m.id,
-                "address": m.address,
-                "role": m.role,
-                "reachable": m.reachable,
-                "last_contact_ms_ago": m.last_contact_ms_ago,
-                "lag": m.lag,
-            })).collect::<Vec<_>>(),
-        });
-        println!("{v}");
-        return;
-    }
+fn print_cluster(s: &pb::ClusterStatusReply) {
     if !s.cluster_id.is_empty() {
         println!("cluster: {}", s.cluster_id);
     }
@@ -555,13 +397,18 @@ fn print_cluster(s: &pb::ClusterStatusReply, json_out: bool) {
     }
 }
 
-pub fn cluster(cmd: ClusterCmd) -> Result<()> {
+pub fn cluster(cmd: ClusterCmd, g: &GlobalOpts) -> Result<()> {
     let rt = runtime()?;
-    match cmd {
+    let spinning = spinner_on(g);
+    let (s, done) = match cmd {
         ClusterCmd::Status(a) => {
             let mut c = client(&a.cluster)?;
-            let s = rt.block_on(c.cluster_status())?;
-            print_cluster(&s, a.json);
+            let s = rt.block_on(spin(
+                "asking for the cluster's status",
+                spinning,
+                c.cluster_status(),
+            ))?;
+            (s, None)
         }
         ClusterCmd::Add {
             id,
@@ -570,17 +417,31 @@ pub fn cluster(cmd: ClusterCmd) -> Result<()> {
         } => {
             let mut c = client(&cluster)?;
             // Catching up a learner can take a while; do not give up after the default.
-            c.patience = Duration::from_secs(120);
-            let s = rt.block_on(c.add_member(id, &address))?;
-            println!("Added coordinator {id} at {address}");
-            print_cluster(&s, false);
+            c.patience = cluster.timeout.unwrap_or(Duration::from_secs(120));
+            let s = rt.block_on(spin(
+                "adding the coordinator",
+                spinning,
+                c.add_member(id, &address),
+            ))?;
+            (s, Some(format!("Added coordinator {id} at {address}")))
         }
         ClusterCmd::Remove { id, cluster } => {
             let mut c = client(&cluster)?;
-            let s = rt.block_on(c.remove_member(id))?;
-            println!("Removed coordinator {id}");
-            print_cluster(&s, false);
+            let s = rt.block_on(spin(
+                "removing the coordinator",
+                spinning,
+                c.remove_member(id),
+            ))?;
+            (s, Some(format!("Removed coordinator {id}")))
         }
+    };
+    if g.json {
+        println!("{}", cluster_json(&s));
+        return Ok(());
     }
+    if let Some(line) = done {
+        println!("{line}");
+    }
+    print_cluster(&s);
     Ok(())
 }

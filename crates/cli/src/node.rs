@@ -2,11 +2,12 @@
 
 use anyhow::{Context, Result, bail};
 use orch_release::{Limits, PackageSource, Store, StoreConfig};
-use orch_types::{format_versions, parse_package_file_name};
+use orch_types::parse_package_file_name;
 
-use crate::args::{NodeArgs, NodeCmd, PackageTarget};
+use crate::args::{GlobalOpts, NodeArgs, NodeCmd, PackageTarget};
+use crate::output::{print_messages, print_root_dir, print_versions};
 
-pub fn run(args: NodeArgs) -> Result<()> {
+pub fn run(args: NodeArgs, g: &GlobalOpts) -> Result<()> {
     if let Some(addr) = &args.agent {
         // Store settings belong to the agent's own configuration; dropping them silently
         // would let an operator believe a limit applied that did not.
@@ -29,7 +30,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
             );
         }
         let security = crate::tls::client_security(&args.tls)?;
-        return crate::remote::run(addr, args.node_id.as_deref(), &security, args.cmd);
+        return crate::remote::run(addr, args.node_id.as_deref(), &security, args.cmd, g.json);
     }
     if let NodeCmd::Rebind { .. } = args.cmd {
         bail!(
@@ -47,7 +48,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         bail!("no root directory: pass --root-dir DIR (or set ORCH_ROOT_DIR) or --agent ADDR");
     };
     if let NodeCmd::RootDir = args.cmd {
-        println!("{}", root.display());
+        print_root_dir(&root.display().to_string(), g.json);
         return Ok(());
     }
     let mut cfg = StoreConfig::new(root);
@@ -75,13 +76,8 @@ pub fn run(args: NodeArgs) -> Result<()> {
     }
     let store = Store::open(cfg)?;
     let outcome = match args.cmd {
-        NodeCmd::Versions { json } => {
-            let entries = store.versions()?;
-            if json {
-                println!("{}", serde_json::to_string(&entries)?);
-            } else {
-                print!("{}", format_versions(&entries));
-            }
+        NodeCmd::Versions => {
+            print_versions(&store.versions()?, g.json)?;
             return Ok(());
         }
         NodeCmd::RootDir | NodeCmd::Rebind { .. } => unreachable!("handled above"),
@@ -96,9 +92,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         NodeCmd::Downgrade { version, .. } => store.downgrade(version)?,
         NodeCmd::Uninstall { version, .. } => store.uninstall(version)?,
     };
-    for line in outcome.messages {
-        println!("{line}");
-    }
+    print_messages(&outcome.messages, g.json);
     Ok(())
 }
 

@@ -8,10 +8,11 @@ use anyhow::{Result, anyhow, bail};
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
 use orch_release::package;
 use orch_tls::{Role, Security, party_domain};
-use orch_types::{Version, VersionEntry, format_versions};
+use orch_types::{Version, VersionEntry};
 use tonic::transport::Channel;
 
 use crate::args::{NodeCmd, PackageTarget};
+use crate::output::{opt_str, print_messages, print_root_dir, print_versions};
 
 const CHUNK: usize = 256 << 10;
 
@@ -21,7 +22,13 @@ const RESPONSIVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10
 /// Largest message exchanged with the agent (push chunks are 256 KiB).
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-pub fn run(addr: &str, node_id: Option<&str>, security: &Security, cmd: NodeCmd) -> Result<()> {
+pub fn run(
+    addr: &str,
+    node_id: Option<&str>,
+    security: &Security,
+    cmd: NodeCmd,
+    json: bool,
+) -> Result<()> {
     // Under mutual TLS the agent's certificate must name the node we mean: dial it as
     // `agent-<id>`. Certificates carry no "any agent" name, so the id is required.
     let domain = match (security, node_id) {
@@ -38,7 +45,7 @@ pub fn run(addr: &str, node_id: Option<&str>, security: &Security, cmd: NodeCmd)
         .endpoint(addr, &domain)
         .map_err(|e| anyhow!("agent at {addr}: {e}"))?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(run_async(addr, endpoint, cmd))
+    rt.block_on(run_async(addr, endpoint, cmd, json))
 }
 
 /// One line for the operator: the agent's message, without gRPC decoration.
@@ -51,7 +58,58 @@ fn status_msg(addr: &str, s: tonic::Status) -> anyhow::Error {
     }
 }
 
-async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCmd) -> Result<()> {
+async fn run_async(
+    addr: &str,
+    endpoint: tonic::transport::Endpoint,
+    cmd: NodeCmd,
+    json: bool,
+) -> Result<()> {
+    let mut c = connect(addr, endpoint).await?;
+    let info = responsive(&mut c, addr).await?;
+    let e = |s| status_msg(addr, s);
+    match cmd {
+        NodeCmd::Versions => {
+            let r = c
+                .versions(pb::VersionsRequest {})
+                .await
+                .map_err(e)?
+                .into_inner();
+            let entries = r
+                .versions
+                .iter()
+                .map(VersionEntry::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| anyhow!("agent at {addr} sent an invalid listing: {err}"))?;
+            print_versions(&entries, json)?;
+        }
+        NodeCmd::RootDir => print_root_dir(&info.root_dir, json),
+        NodeCmd::Health { expect } => health(&mut c, addr, expect, json).await?,
+        NodeCmd::Rebind { cluster_id } => {
+            let r = c
+                .rebind(pb::RebindRequest {
+                    cluster_id: cluster_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(e)?
+                .into_inner();
+            if json {
+                let v = serde_json::json!({
+                    "node_id": info.node_id,
+                    "cluster_id": opt_str(&r.cluster_id),
+                    "previous_cluster_id": opt_str(&r.previous_cluster_id),
+                });
+                println!("{v}");
+            } else {
+                println!("{}", rebind_message(&info.node_id, &r));
+            }
+        }
+        step => print_messages(&step_cmd(&mut c, addr, step).await?, json),
+    }
+    Ok(())
+}
+
+/// A channel to the agent, with deadlines that fit its longest legitimate steps.
+async fn connect(addr: &str, endpoint: tonic::transport::Endpoint) -> Result<AgentClient<Channel>> {
     let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
         // A wedged agent must not hang the operator forever; activation may take its 60s.
@@ -66,85 +124,69 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
                 orch_tls::connect_error(&e)
             )
         })?;
-    let mut c = AgentClient::new(channel)
+    Ok(AgentClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let e = |s| status_msg(addr, s);
-    // The per-call deadline is sized for legitimately long steps (a 4 GiB push, a 60 s
-    // activation). A frozen agent still has its connections accepted by the kernel, so first
-    // ask it something instant: one that does not answer is reported within seconds.
-    let info = match tokio::time::timeout(RESPONSIVE_WITHIN, c.node_info(pb::NodeInfoRequest {}))
-        .await
-    {
-        Ok(Ok(info)) => info.into_inner(),
-        Ok(Err(s)) => return Err(e(s)),
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The agent's identity, asked first with a short deadline. The per-call deadline is sized for
+/// legitimately long steps (a 4 GiB push, a 60 s activation), but a frozen agent still has its
+/// connections accepted by the kernel: one that does not answer this is reported within seconds.
+async fn responsive(c: &mut AgentClient<Channel>, addr: &str) -> Result<pb::NodeInfoReply> {
+    match tokio::time::timeout(RESPONSIVE_WITHIN, c.node_info(pb::NodeInfoRequest {})).await {
+        Ok(Ok(info)) => Ok(info.into_inner()),
+        Ok(Err(s)) => Err(status_msg(addr, s)),
         Err(_) => bail!(
             "the agent at {addr} accepted the connection but did not answer within {}s: it is stopped, overloaded or hung; check its process and logs",
             RESPONSIVE_WITHIN.as_secs()
         ),
+    }
+}
+
+/// `node health --agent`: prints the verdict; an unhealthy node is an error.
+async fn health(
+    c: &mut AgentClient<Channel>,
+    addr: &str,
+    expect: Option<Version>,
+    json: bool,
+) -> Result<()> {
+    let r = c
+        .health(pb::HealthRequest {
+            expect_version: expect.map(|v| v.to_string()).unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| status_msg(addr, s))?
+        .into_inner();
+    let reported = if r.reported_version.is_empty() {
+        String::new()
+    } else {
+        format!(", reports {}", r.reported_version)
     };
+    if json {
+        let v = serde_json::json!({
+            "healthy": r.healthy,
+            "check": r.check,
+            "reported_version": opt_str(&r.reported_version),
+            "detail": r.detail,
+        });
+        println!("{v}");
+    }
+    if r.healthy {
+        if json {
+            return Ok(());
+        }
+        println!("healthy ({} check{reported}): {}", r.check, r.detail);
+        return Ok(());
+    }
+    bail!("unhealthy ({} check{reported}): {}", r.check, r.detail);
+}
+
+/// A step on the node's store (pushing `--package` first); returns the store's message lines.
+async fn step_cmd(c: &mut AgentClient<Channel>, addr: &str, cmd: NodeCmd) -> Result<Vec<String>> {
     let force = cmd.force();
     let reply = match cmd {
-        NodeCmd::Versions { json } => {
-            let r = c
-                .versions(pb::VersionsRequest {})
-                .await
-                .map_err(e)?
-                .into_inner();
-            let entries = r
-                .versions
-                .iter()
-                .map(VersionEntry::try_from)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|err| anyhow!("agent at {addr} sent an invalid listing: {err}"))?;
-            if json {
-                println!("{}", serde_json::to_string(&entries)?);
-            } else {
-                print!("{}", format_versions(&entries));
-            }
-            return Ok(());
-        }
-        NodeCmd::RootDir => {
-            let r = c
-                .node_info(pb::NodeInfoRequest {})
-                .await
-                .map_err(e)?
-                .into_inner();
-            println!("{}", r.root_dir);
-            return Ok(());
-        }
-        NodeCmd::Health { expect } => {
-            let r = c
-                .health(pb::HealthRequest {
-                    expect_version: expect.map(|v| v.to_string()).unwrap_or_default(),
-                })
-                .await
-                .map_err(e)?
-                .into_inner();
-            let reported = if r.reported_version.is_empty() {
-                String::new()
-            } else {
-                format!(", reports {}", r.reported_version)
-            };
-            if r.healthy {
-                println!("healthy ({} check{reported}): {}", r.check, r.detail);
-                return Ok(());
-            }
-            bail!("unhealthy ({} check{reported}): {}", r.check, r.detail);
-        }
-        NodeCmd::Rebind { cluster_id } => {
-            let r = c
-                .rebind(pb::RebindRequest {
-                    cluster_id: cluster_id.unwrap_or_default(),
-                })
-                .await
-                .map_err(e)?
-                .into_inner();
-            println!("{}", rebind_message(&info.node_id, &r));
-            return Ok(());
-        }
         NodeCmd::Unpack(t) => {
-            let v = push_if_needed(&mut c, addr, &t).await?;
+            let v = push_if_needed(c, addr, &t).await?;
             c.unpack(pb::UnpackRequest {
                 version: v.to_string(),
                 fence: None,
@@ -154,7 +196,7 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
             .await
         }
         NodeCmd::Install(a) | NodeCmd::Upgrade(a) => {
-            let v = push_if_needed(&mut c, addr, &a.target).await?;
+            let v = push_if_needed(c, addr, &a.target).await?;
             c.install(pb::InstallRequest {
                 version: v.to_string(),
                 permanent: !a.no_permanent,
@@ -167,11 +209,14 @@ async fn run_async(addr: &str, endpoint: tonic::transport::Endpoint, cmd: NodeCm
         NodeCmd::Permanent { version, .. } => c.permanent(vreq(version, force)).await,
         NodeCmd::Downgrade { version, .. } => c.downgrade(vreq(version, force)).await,
         NodeCmd::Uninstall { version, .. } => c.uninstall(vreq(version, force)).await,
+        NodeCmd::Versions | NodeCmd::RootDir | NodeCmd::Health { .. } | NodeCmd::Rebind { .. } => {
+            return Ok(Vec::new());
+        }
     };
-    for line in reply.map_err(e)?.into_inner().messages {
-        println!("{line}");
-    }
-    Ok(())
+    Ok(reply
+        .map_err(|s| status_msg(addr, s))?
+        .into_inner()
+        .messages)
 }
 
 fn vreq(v: Version, force: bool) -> pb::VersionRequest {

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Result, anyhow, bail};
 use orch_tls::{InitOptions, IssueOptions, Role, Security, Validity};
 
-use crate::args::{CertsCmd, TlsArgs};
+use serde_json::json;
+
+use crate::args::{CertsCmd, GlobalOpts, TlsArgs};
 
 /// TLS settings a daemon's `--config` file may hold (flags win over them).
 #[derive(Debug, Default)]
@@ -16,6 +18,20 @@ pub struct FileTls {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub insecure: Option<bool>,
+}
+
+/// The TLS keys of a daemon's `--config` file (agent or coordinator: the same five fields).
+#[macro_export]
+macro_rules! file_tls {
+    ($f:expr) => {
+        $crate::tls::FileTls {
+            tls_dir: $f.tls_dir.clone(),
+            ca: $f.ca.clone(),
+            cert: $f.cert.clone(),
+            key: $f.key.clone(),
+            insecure: $f.insecure,
+        }
+    };
 }
 
 /// A daemon's security: the flags, else the config file's keys; no default folder. Neither TLS
@@ -74,7 +90,7 @@ pub fn client_security(t: &TlsArgs) -> Result<Security> {
     Ok(Security::resolve(false, Some(&dir), None, None, None)?)
 }
 
-pub fn certs(cmd: CertsCmd) -> Result<()> {
+pub fn certs(cmd: CertsCmd, g: &GlobalOpts) -> Result<()> {
     match cmd {
         CertsCmd::Init {
             dir,
@@ -106,6 +122,10 @@ pub fn certs(cmd: CertsCmd) -> Result<()> {
             let (ca, parties) = made
                 .split_first()
                 .ok_or_else(|| anyhow!("nothing was created"))?;
+            if g.json {
+                println!("{}", json!({"ca": ca, "parties": parties}));
+                return Ok(());
+            }
             println!(
                 "Created the CA in {} (keep ca-key.pem offline) and {} part{}:",
                 ca.display(),
@@ -132,7 +152,14 @@ pub fn certs(cmd: CertsCmd) -> Result<()> {
                 out,
             };
             let made = orch_tls::issue_with(&dir, role, &name, &opts)?;
-            println!("Issued {role} {name}: {}", made.display());
+            if g.json {
+                println!(
+                    "{}",
+                    json!({"role": role.to_string(), "name": name, "dir": made})
+                );
+            } else {
+                println!("Issued {role} {name}: {}", made.display());
+            }
         }
     }
     Ok(())

@@ -1,6 +1,8 @@
 //! Generated gRPC code for the orchestrator's services, and conversions between wire messages
 //! and domain types (prost types stay out of core logic).
 
+pub mod json;
+
 pub mod agent {
     tonic::include_proto!("orchestrator.agent.v1");
 }

@@ -112,6 +112,7 @@
 
 mod authz;
 mod certs;
+mod https;
 mod load;
 mod security;
 

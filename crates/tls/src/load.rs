@@ -160,9 +160,9 @@ impl TlsFiles {
 /// A party's checked TLS files, ready to build tonic configurations from.
 #[derive(Clone)]
 pub struct TlsMaterial {
-    ca_pem: Vec<u8>,
-    cert_pem: Vec<u8>,
-    key_pem: Vec<u8>,
+    pub(crate) ca_pem: Vec<u8>,
+    pub(crate) cert_pem: Vec<u8>,
+    pub(crate) key_pem: Vec<u8>,
     identity: Identity,
     not_after: SystemTime,
     ca_count: usize,

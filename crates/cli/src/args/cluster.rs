@@ -1,0 +1,213 @@
+//! The grammar of the commands that talk to the coordinators.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use orch_types::Version;
+
+use super::{TlsArgs, parse_duration};
+
+pub const ROLLOUT_EXAMPLES: &str = "Examples:
+  orchestrator rollout 4.2.1 --package emqx-4.2.1.zip
+  orchestrator rollout 4.2.1 --nodes n1,n2,n3 --batch-size 2 --min-healthy-time 30s
+  orchestrator rollout 4.2.1 --canary 1 --exit-on-pause --timeout 30m --json
+  orchestrator rollout 4.2.1 --detach
+
+While it waits, the command shows a live view on a terminal (one line per event otherwise) and
+ends with the rollout: exit 0 succeeded, 1 failed, rolled back or aborted, 3 rollback failed,
+4 paused or awaiting promotion (--exit-on-pause), 5 --timeout passed. Losing the coordinators
+does not end it: it reconnects. Ctrl-C stops waiting, not the rollout.";
+
+pub const STATUS_EXAMPLES: &str = "Examples:
+  orchestrator status
+  orchestrator status r000003 --events 50
+  orchestrator status --watch --timeout 30m
+  orchestrator status --watch --next --exit-on-pause
+
+With --watch the command exits like `rollout` does when the rollout ends (0 succeeded, 1 failed,
+rolled back or aborted, 3 rollback failed, 4 paused with --exit-on-pause, 5 --timeout).";
+
+/// How to reach the coordinators.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterOpts {
+    /// A coordinator's address (repeatable, or comma-separated); any member will do
+    /// [default: $ORCHESTRATOR_COORDINATORS].
+    #[arg(
+        long = "coordinator",
+        value_name = "ADDR",
+        env = "ORCHESTRATOR_COORDINATORS",
+        value_delimiter = ','
+    )]
+    pub coordinators: Vec<String>,
+    /// For reads: when no leader can be reached, accept the answer of any coordinator (it may
+    /// be out of date; the command says so on stderr). Without it, reads come from the leader
+    /// or from a coordinator at least as up to date as what this command saw.
+    #[arg(long)]
+    pub stale: bool,
+    /// How long to wait. One-shot commands: for a leader to answer (when every coordinator
+    /// refuses the connection they fail at once) [default: 10s]. `rollout` (waiting) and
+    /// `status --watch`: for the rollout to end, then exit 5 leaving it running [default: no
+    /// limit].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct NodesArgs {
+    #[command(subcommand)]
+    pub cmd: Option<NodesCmd>,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodesCmd {
+    /// Remove a node from the registry (a decommissioned machine). Refused while a rollout
+    /// holds it; an agent that registers again reappears.
+    #[command(after_long_help = "Example:\n  orchestrator nodes forget n7")]
+    Forget {
+        /// The node id.
+        id: String,
+        #[command(flatten)]
+        cluster: ClusterOpts,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RolloutsArgs {
+    /// Also the rollouts archived out of the replicated state (--retain-rollouts) into the
+    /// answering coordinator's history file.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct RolloutRefArgs {
+    /// The rollout [default: the running one].
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The rollout [default: the running one, else the latest].
+    pub id: Option<String>,
+    /// Keep showing the rollout until it ends (a live view on a terminal, one line per event
+    /// otherwise), then exit with its outcome's code.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: when no rollout is running, wait for the next one to start instead of
+    /// showing the last one.
+    #[arg(long, requires = "watch")]
+    pub next: bool,
+    /// With --watch: exit 4 when the rollout pauses or waits for `orchestrator promote`.
+    #[arg(long, requires = "watch")]
+    pub exit_on_pause: bool,
+    /// How many of the last events to show: a number, or `all` [default: all].
+    #[arg(long, value_name = "N", value_parser = parse_events)]
+    pub events: Option<EventCount>,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+/// `--events N|all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventCount {
+    All,
+    Last(usize),
+}
+
+fn parse_events(s: &str) -> Result<EventCount, String> {
+    if s == "all" {
+        return Ok(EventCount::All);
+    }
+    s.parse()
+        .map(EventCount::Last)
+        .map_err(|_| format!("{s:?} is not a number of events (or `all`)"))
+}
+
+#[derive(Args, Debug)]
+pub struct RolloutArgs {
+    /// The version to roll out (x.y.z).
+    pub version: Version,
+    /// Upload this package and push it to the nodes (without it, the coordinators must hold it
+    /// already).
+    #[arg(long, value_name = "FILE")]
+    pub package: Option<PathBuf>,
+    /// Target nodes in order [default: every registered node, by id].
+    #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Nodes upgraded at a time (at least 1) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: Option<u32>,
+    /// Upgrade the first N nodes, then wait for `orchestrator promote` (0: no canary).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub canary: u32,
+    /// Leave the new release current but not permanent.
+    #[arg(long)]
+    pub no_permanent: bool,
+    /// How long each node must stay healthy on the new version [default: 10s].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub min_healthy_time: Option<Duration>,
+    /// How long a node may take to become healthy [default: 5m].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub healthy_deadline: Option<Duration>,
+    /// What a failed node does to the rollout: rollback or pause.
+    #[arg(long, value_name = "WHAT", default_value = "rollback")]
+    pub on_failure: String,
+    /// How long preflight may take per node before it counts as unreachable [default: 5s].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub preflight_timeout: Option<Duration>,
+    /// Consecutive failed health probes that fail a node's health gate at once, before its
+    /// deadline (0: only the deadline decides; an unreachable agent never counts) [default: 3].
+    #[arg(long, value_name = "N")]
+    pub failure_threshold: Option<u32>,
+    /// Print the rollout id (with --json: its status) and return at once.
+    #[arg(long)]
+    pub detach: bool,
+    /// Exit 4 when the rollout pauses or waits for `orchestrator promote` (a canary).
+    #[arg(long)]
+    pub exit_on_pause: bool,
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Leader, term and members.
+    #[command(
+        after_long_help = "Examples:\n  orchestrator cluster status\n  orchestrator cluster status --json"
+    )]
+    Status(ClusterOptsOnly),
+    /// Add a coordinator (learner first, then voter).
+    #[command(after_long_help = "Example:\n  orchestrator cluster add 4 10.0.0.14:7000")]
+    Add {
+        /// The new coordinator's id (unique, 1 or more).
+        id: u64,
+        /// The address the other coordinators dial it at (HOST:PORT).
+        address: String,
+        #[command(flatten)]
+        cluster: ClusterOpts,
+    },
+    /// Remove a coordinator.
+    #[command(after_long_help = "Example:\n  orchestrator cluster remove 4")]
+    Remove {
+        /// The coordinator's id.
+        id: u64,
+        #[command(flatten)]
+        cluster: ClusterOpts,
+    },
+}
+
+/// Only the coordinators' address and TLS.
+#[derive(Args, Debug)]
+pub struct ClusterOptsOnly {
+    #[command(flatten)]
+    pub cluster: ClusterOpts,
+}

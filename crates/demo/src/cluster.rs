@@ -1,0 +1,311 @@
+//! The demo's processes: node roots with the demo service, coordinators and agents started as
+//! children of the `orchestrator` binary, all stopped on every exit path.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use orch_release::{PackageSource, Store, StoreConfig};
+use orch_tls::{Role, Security};
+use orch_types::Version;
+
+use crate::{DemoConfig, DemoError, Report, V_BROKEN, V0, V1};
+
+/// A running demo cluster. Dropping it stops everything it started.
+pub struct DemoCluster {
+    pub(crate) config: DemoConfig,
+    /// `certs/` (mutual TLS), or `None` for plain text.
+    certs: Option<PathBuf>,
+    /// The coordinators' `127.0.0.1:PORT` addresses.
+    coordinators: Vec<String>,
+    /// Each node's demo-service address.
+    pub(crate) services: Vec<SocketAddr>,
+    /// The packages built for the rollouts: [`V1`], then [`V_BROKEN`] when the config asks for
+    /// the failing rollout.
+    pub(crate) packages: Vec<(Version, PathBuf)>,
+    children: Vec<(String, Child)>,
+    /// Node roots whose demo service must be stopped.
+    roots: Vec<PathBuf>,
+}
+
+impl DemoCluster {
+    /// Lays out the demo directory and starts every daemon. Returns once they are started, not
+    /// once they have formed a cluster ([`DemoCluster::run`] waits for that).
+    pub fn start(
+        config: &DemoConfig,
+        report: &mut dyn FnMut(Report<'_>),
+    ) -> Result<DemoCluster, DemoError> {
+        config.check()?;
+        let base = &config.dir;
+        fs::create_dir_all(base).map_err(DemoError::io(format!("create {}", base.display())))?;
+        let mut cluster = DemoCluster {
+            config: config.clone(),
+            certs: None,
+            coordinators: Vec::new(),
+            services: Vec::new(),
+            packages: Vec::new(),
+            children: Vec::new(),
+            roots: Vec::new(),
+        };
+        if !config.insecure {
+            let dir = demo_certs(base, config.coordinators, config.nodes)?;
+            report(Report::Certificates { dir: &dir });
+            cluster.certs = Some(dir);
+        }
+        let initial = cluster.build_packages(report)?;
+        cluster.install_nodes(&initial)?;
+        report(Report::NodesInstalled {
+            nodes: config.nodes,
+            version: V0,
+        });
+        cluster.spawn_coordinators()?;
+        cluster.spawn_agents()?;
+        report(Report::DaemonsStarted {
+            coordinators: config.coordinators,
+            nodes: config.nodes,
+            logs: base,
+        });
+        Ok(cluster)
+    }
+
+    /// The coordinators' addresses (what `ORCHESTRATOR_COORDINATORS` should hold).
+    pub fn coordinator_addrs(&self) -> &[String] {
+        &self.coordinators
+    }
+
+    /// The operator's certificate folder (what `ORCHESTRATOR_TLS_DIR` should name), or `None`
+    /// for a plain-text demo.
+    pub fn operator_tls_dir(&self) -> Option<PathBuf> {
+        self.certs.as_ref().map(|d| d.join("operator-demo"))
+    }
+
+    /// The packages of the versions the demo rolls out, in order.
+    pub fn packages(&self) -> &[(Version, PathBuf)] {
+        &self.packages
+    }
+
+    /// A client for the coordinators, as the demo's operator.
+    pub fn client(&self) -> Result<orch_client::Client, DemoError> {
+        let security = match self.operator_tls_dir() {
+            None => Security::Insecure,
+            Some(d) => Security::resolve(false, Some(&d), None, None, None).map_err(|source| {
+                DemoError::Tls {
+                    dir: d.clone(),
+                    source,
+                }
+            })?,
+        };
+        Ok(orch_client::Client::new(
+            self.coordinators.clone(),
+            security,
+        ))
+    }
+
+    /// Builds the packages: the initial version (returned), the target and, for the failing
+    /// rollout, the broken one.
+    fn build_packages(&mut self, report: &mut dyn FnMut(Report<'_>)) -> Result<PathBuf, DemoError> {
+        let dir = self.config.dir.join("packages");
+        fs::create_dir_all(&dir).map_err(DemoError::io(format!("create {}", dir.display())))?;
+        let bin = crate::service_binary(&self.config.exe, &dir)?;
+        let initial = crate::build_package(&dir, V0, false, &bin)?;
+        let mut versions = vec![V0, V1];
+        self.packages
+            .push((V1, crate::build_package(&dir, V1, false, &bin)?));
+        if self.config.failure {
+            self.packages
+                .push((V_BROKEN, crate::build_package(&dir, V_BROKEN, true, &bin)?));
+            versions.push(V_BROKEN);
+        }
+        report(Report::Packages {
+            dir: &dir,
+            versions: &versions,
+        });
+        Ok(initial)
+    }
+
+    /// A root per node with `initial` installed (its hook starts the demo service).
+    fn install_nodes(&mut self, initial: &Path) -> Result<(), DemoError> {
+        for i in 1..=self.config.nodes {
+            let root = self.config.dir.join(format!("node{i}"));
+            let releases = root.join("releases");
+            fs::create_dir_all(&releases)
+                .map_err(DemoError::io(format!("create {}", releases.display())))?;
+            let svc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let conf = root.join("demo-service.toml");
+            fs::write(&conf, format!("listen = \"{svc}\"\n"))
+                .map_err(DemoError::io(format!("write {}", conf.display())))?;
+            let store = Store::open(StoreConfig::new(&root)).map_err(DemoError::release(
+                format!("open the release store of node n{i} in {}", root.display()),
+            ))?;
+            self.roots.push(root.clone());
+            let source = PackageSource::File {
+                path: initial.to_path_buf(),
+                sha256: None,
+            };
+            store
+                .install(&source, true)
+                .map_err(DemoError::release(format!(
+                    "install {V0} on node n{i} ({})",
+                    root.display()
+                )))?;
+            self.services.push(svc);
+        }
+        Ok(())
+    }
+
+    fn spawn_coordinators(&mut self) -> Result<(), DemoError> {
+        let base = self.config.dir.clone();
+        self.coordinators = (0..self.config.coordinators)
+            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_, _>>()?;
+        let list = base.join("coordinators");
+        fs::write(&list, self.coordinators.join(","))
+            .map_err(DemoError::io(format!("write {}", list.display())))?;
+        for (i, addr) in self.coordinators.clone().iter().enumerate() {
+            let id = i + 1;
+            let mut a = vec![
+                "coordinator".to_string(),
+                "--id".into(),
+                id.to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                base.join(format!("coordinator{id}")).display().to_string(),
+            ];
+            a.extend(self.tls_flags(&format!("coordinator-{id}")));
+            for (j, peer) in self.coordinators.iter().enumerate() {
+                if j != i {
+                    a.push("--peer".into());
+                    a.push(format!("{}={peer}", j + 1));
+                }
+            }
+            if id == 1 {
+                a.push("--bootstrap".into());
+            }
+            let log = base.join(format!("coordinator{id}.log"));
+            self.spawn(&format!("coordinator {id}"), &log, &a)?;
+        }
+        Ok(())
+    }
+
+    fn spawn_agents(&mut self) -> Result<(), DemoError> {
+        let base = self.config.dir.clone();
+        for (i, svc) in self.services.clone().iter().enumerate() {
+            let n = i + 1;
+            let mut a = vec![
+                "agent".to_string(),
+                "--node-id".into(),
+                format!("n{n}"),
+                "--root-dir".into(),
+                base.join(format!("node{n}")).display().to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{}", free_port()?),
+                "--health-url".into(),
+                format!("http://{svc}/health"),
+            ];
+            a.extend(self.tls_flags(&format!("agent-n{n}")));
+            for c in &self.coordinators {
+                a.push("--coordinator".into());
+                a.push(c.clone());
+            }
+            let log = base.join(format!("agent{n}.log"));
+            self.spawn(&format!("agent n{n}"), &log, &a)?;
+        }
+        Ok(())
+    }
+
+    /// `--insecure`, or `--tls-dir certs/<party>`.
+    fn tls_flags(&self, party: &str) -> Vec<String> {
+        match &self.certs {
+            None => vec!["--insecure".into()],
+            Some(d) => vec!["--tls-dir".into(), d.join(party).display().to_string()],
+        }
+    }
+
+    /// Starts `exe args...` with stdout and stderr appended to `log`.
+    fn spawn(&mut self, name: &str, log: &Path, args: &[String]) -> Result<(), DemoError> {
+        let log_file =
+            fs::File::create(log).map_err(DemoError::io(format!("create {}", log.display())))?;
+        let err_file = log_file
+            .try_clone()
+            .map_err(DemoError::io(format!("open {}", log.display())))?;
+        let child = Command::new(&self.config.exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(err_file)
+            .spawn()
+            .map_err(DemoError::io(format!(
+                "start {name} ({})",
+                self.config.exe.display()
+            )))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Stops every daemon (SIGTERM, then SIGKILL after 5 s) and every demo service. Idempotent.
+    pub fn stop(&mut self) {
+        for (_, c) in &mut self.children {
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                // Our own child, not reaped yet: its pid cannot have been reused.
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, c) in &mut self.children {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        for r in self.roots.drain(..) {
+            let _ = orch_demo_service::stop(&r, Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for DemoCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> Result<u16, DemoError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(DemoError::io("find a free loopback port"))?;
+    Ok(l.local_addr()
+        .map_err(DemoError::io("find a free loopback port"))?
+        .port())
+}
+
+/// The demo's certificates in `base/certs` (one folder per party, `orchestrator certs init`
+/// style); parties missing from an earlier run with the same directory are issued.
+fn demo_certs(base: &Path, coordinators: u32, nodes: u32) -> Result<PathBuf, DemoError> {
+    let dir = base.join("certs");
+    let tls = |source| DemoError::Tls {
+        dir: dir.clone(),
+        source,
+    };
+    let agents: Vec<String> = (1..=nodes).map(|n| format!("n{n}")).collect();
+    if !dir.join(orch_tls::CA_FOLDER).exists() {
+        orch_tls::init(&dir, coordinators, &agents, &["demo".to_string()]).map_err(tls)?;
+        return Ok(dir);
+    }
+    let mut want: Vec<(Role, String)> = (1..=coordinators)
+        .map(|i| (Role::Coordinator, i.to_string()))
+        .collect();
+    want.extend(agents.into_iter().map(|a| (Role::Agent, a)));
+    want.push((Role::Operator, "demo".into()));
+    for (role, name) in want {
+        if !dir.join(orch_tls::party_domain(role, &name)).exists() {
+            orch_tls::issue(&dir, role, &name, &[]).map_err(tls)?;
+        }
+    }
+    Ok(dir)
+}

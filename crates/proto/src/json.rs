@@ -1,0 +1,83 @@
+//! The JSON shapes of the control API's answers, shared by the CLI's `--json` output and the
+//! coordinators' HTTP API (docs/cli-json.md, docs/api.md): empty strings and zero times become
+//! `null`, times are milliseconds since the Unix epoch.
+
+use serde_json::{Value, json};
+
+use crate::control as pb;
+
+/// `null` for an empty string.
+pub fn opt_str(s: &str) -> Value {
+    if s.is_empty() { Value::Null } else { json!(s) }
+}
+
+/// `null` for 0.
+pub fn opt_ms(ms: u64) -> Value {
+    if ms == 0 { Value::Null } else { json!(ms) }
+}
+
+/// A rollout's status as JSON (see docs/cli-json.md).
+pub fn status_json(s: &pb::RolloutStatus) -> Value {
+    json!({
+        "id": s.id,
+        "version": s.version,
+        "phase": s.phase,
+        "awaiting_promotion": s.awaiting_promotion,
+        "error": opt_str(&s.error),
+        "requested_by": s.requested_by,
+        "created_at_ms": s.created_at_ms,
+        "nodes": s.nodes.iter().map(|n| json!({
+            "id": n.id,
+            "from_version": opt_str(&n.from_version),
+            "step": n.step,
+            "error": opt_str(&n.error),
+            "unresponsive_since_ms": opt_ms(n.unresponsive_since_ms),
+            "unresponsive_detail": opt_str(&n.unresponsive_detail),
+        })).collect::<Vec<_>>(),
+        "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
+        // For replay (null in listings): orch_rollout::replay(spec, inputs) gives this status.
+        "spec": raw_json(&s.spec_json),
+        "inputs": raw_json(&s.inputs_json),
+    })
+}
+
+/// JSON the coordinator sent as text, as a value; `null` when empty (or unreadable).
+fn raw_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// A registered node as JSON.
+pub fn node_json(n: &pb::NodeEntry) -> Value {
+    json!({
+        "id": n.id,
+        "address": n.address,
+        "labels": n.labels,
+        "versions": n.versions.iter().map(|e| json!({"version": e.version, "state": e.state})).collect::<Vec<_>>(),
+        "healthy": n.healthy,
+        "health_detail": n.health_detail,
+        "conflict": opt_str(&n.conflict),
+        "conflict_at_ms": opt_ms(n.conflict_at_ms),
+    })
+}
+
+/// The coordinator cluster's status as JSON.
+pub fn cluster_json(s: &pb::ClusterStatusReply) -> Value {
+    json!({
+        "leader_id": if s.leader_id == 0 { Value::Null } else { json!(s.leader_id) },
+        "leader_address": s.leader_address,
+        "cluster_id": s.cluster_id,
+        "term": s.term,
+        "last_applied": s.last_applied,
+        "quorum": s.quorum,
+        "note": s.note,
+        "answered_by": s.answered_by,
+        "members": s.members.iter().map(|m| json!({
+            "id": m.id,
+            "address": m.address,
+            "role": m.role,
+            "reachable": m.reachable,
+            "last_contact_ms_ago": m.last_contact_ms_ago,
+            "lag": m.lag,
+        })).collect::<Vec<_>>(),
+    })
+}
