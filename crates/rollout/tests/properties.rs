@@ -526,7 +526,7 @@ impl Sim {
             (ActionKind::HealthGate { .. }, None) => ActionResult::Done,
             (kind, None) => match w.perform(kind) {
                 Ok(_) => ActionResult::Done,
-                Err(e) => ActionResult::Refused { error: e },
+                Err(e) => ActionResult::Refused { error: e.0 },
             },
             (_, Some(mode)) => match mode % 3 {
                 0 => ActionResult::Refused {
