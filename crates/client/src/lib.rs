@@ -7,9 +7,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use orch_proto::control::{self as pb, control_client::ControlClient};
+use orch_retry::Backoff;
 use orch_tls::{COORDINATOR_DOMAIN, Security};
 use tonic::codegen::{Service, http};
 use tonic::transport::Channel;
@@ -119,6 +120,26 @@ impl Service<http::Request<tonic::body::Body>> for Tracked {
     }
 }
 
+/// Pauses between attempts while no coordinator answers or none leads (up to the client's
+/// patience). A redirect to the leader is followed at once.
+pub const CALL_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+
+/// What one attempt at one coordinator came to.
+enum Attempt<T> {
+    Answered(T),
+    /// The coordinators answered with a refusal: no retry.
+    Refused(String),
+    /// A follower named the leader: try there at once.
+    Redirected(String),
+    /// Try again after a pause: why; whether TLS failed; whether no leader is elected.
+    Failed {
+        why: String,
+        tls: bool,
+        no_leader: bool,
+    },
+}
+
 fn is_transport(s: &tonic::Status) -> bool {
     s.metadata().get("orch-error").is_none()
         && matches!(
@@ -191,110 +212,153 @@ impl Client {
     }
 
     /// Runs `f` against the leader (or any coordinator, for reads), following redirects and
-    /// retrying while coordinators are unreachable or leaderless, up to `patience`.
+    /// retrying while coordinators are unreachable or leaderless ([`CALL_BACKOFF`]), up to
+    /// `patience`.
     pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T>
     where
         F: FnMut(ControlClient<Tracked>) -> Fut,
         Fut: Future<Output = std::result::Result<T, tonic::Status>>,
     {
-        let start = Instant::now();
+        let mut attempts = CALL_BACKOFF.with_deadline(self.patience).start();
         let mut last: String;
         let mut leaderless = false;
-        let mut delay = Duration::from_millis(50);
         // Addresses whose last attempt failed in TLS; when that is all of them, stop at once.
         let mut tls_failed = std::collections::BTreeSet::new();
         loop {
             let idx = self.current % self.addrs.len();
-            let addr = self.addrs[idx].clone();
-            let mut tls = false;
-            match self.connect(&addr).await {
-                Ok(c) => match f(c).await {
-                    Ok(v) => return Ok(v),
-                    Err(s)
-                        if s.metadata().get("orch-error").and_then(|v| v.to_str().ok())
-                            == Some("not-leader") =>
-                    {
-                        last = s.message().to_string();
-                        match s
-                            .metadata()
-                            .get("orch-leader")
-                            .and_then(|v| v.to_str().ok())
-                        {
-                            Some(leader) => {
-                                let leader = leader.to_string();
-                                self.current = match self.addrs.iter().position(|a| *a == leader) {
-                                    Some(i) => i,
-                                    None => {
-                                        self.addrs.push(leader);
-                                        self.addrs.len() - 1
-                                    }
-                                };
-                                // A redirect is immediate; no back-off.
-                                if start.elapsed() < self.patience {
-                                    continue;
-                                }
-                            }
-                            None => {
-                                leaderless = true;
-                                self.current += 1;
-                            }
-                        }
+            let tls = match self.attempt(idx, &mut f).await {
+                Attempt::Answered(v) => return Ok(v),
+                Attempt::Refused(why) => return Err(ClientError::Refused(why)),
+                Attempt::Redirected(why) => {
+                    last = why;
+                    // A redirect is immediate; no back-off.
+                    if !attempts.expired() {
+                        continue;
                     }
-                    Err(s) if is_transport(&s) => {
-                        last = format!("{addr}: {}", s.message());
-                        // Under TLS 1.3 a refused client certificate shows up on the first call.
-                        tls = orch_tls::is_tls_failure(&s);
-                        self.current += 1;
-                    }
-                    // Not an answer but the connection failing at the HTTP/2 level (a TLS
-                    // server spoken to in plain text): counted like a TLS failure.
-                    Err(s)
-                        if s.code() == tonic::Code::Internal
-                            && s.metadata().get("orch-error").is_none()
-                            && std::error::Error::source(&s).is_some() =>
-                    {
-                        last = format!("{addr}: {}", s.message());
-                        tls = true;
-                        self.current += 1;
-                    }
-                    Err(s) => return Err(ClientError::Refused(s.message().to_string())),
-                },
-                Err((e, is_tls)) => {
-                    last = e;
-                    tls = is_tls;
-                    self.current += 1;
+                    false
                 }
-            }
+                Attempt::Failed {
+                    why,
+                    tls,
+                    no_leader,
+                } => {
+                    last = why;
+                    leaderless |= no_leader;
+                    tls
+                }
+            };
             if tls {
                 tls_failed.insert(idx);
                 if tls_failed.len() >= self.addrs.len() {
-                    let hint = match self.security {
-                        Security::Insecure => {
-                            "this command used --insecure: if the coordinators serve mutual TLS, drop it and pass --tls-dir (or set ORCHESTRATOR_TLS_DIR)"
-                        }
-                        Security::Mtls(_) => {
-                            "check the certificate this command uses (--tls-dir, --ca/--cert/--key or ORCHESTRATOR_TLS_DIR): it must be issued by the cluster's CA, not expired, and be an operator's or viewer's"
-                        }
-                    };
-                    return Err(ClientError::Tls { last, hint });
+                    return Err(ClientError::Tls {
+                        last,
+                        hint: self.tls_hint(),
+                    });
                 }
             } else {
                 tls_failed.remove(&idx);
             }
-            if start.elapsed() >= self.patience {
+            if !attempts.wait().await {
                 let addrs = self.addrs.join(", ");
                 return Err(if leaderless {
                     ClientError::NoLeader {
                         addrs,
-                        waited: start.elapsed(),
+                        waited: attempts.elapsed(),
                         last,
                     }
                 } else {
                     ClientError::Unreachable { addrs, last }
                 });
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// One attempt of `f` at address `idx`. Moves [`Client::current`] to where the next
+    /// attempt should go: the leader a follower named, or the next address.
+    async fn attempt<T, F, Fut>(&mut self, idx: usize, f: &mut F) -> Attempt<T>
+    where
+        F: FnMut(ControlClient<Tracked>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let addr = self.addrs[idx].clone();
+        let s = match self.connect(&addr).await {
+            Ok(c) => match f(c).await {
+                Ok(v) => return Attempt::Answered(v),
+                Err(s) => s,
+            },
+            Err((why, tls)) => {
+                self.current += 1;
+                return Attempt::Failed {
+                    why,
+                    tls,
+                    no_leader: false,
+                };
+            }
+        };
+        if s.metadata().get("orch-error").and_then(|v| v.to_str().ok()) == Some("not-leader") {
+            let why = s.message().to_string();
+            let leader = s
+                .metadata()
+                .get("orch-leader")
+                .and_then(|v| v.to_str().ok());
+            return match leader {
+                Some(leader) => {
+                    self.current = self.index_of(leader);
+                    Attempt::Redirected(why)
+                }
+                None => {
+                    self.current += 1;
+                    Attempt::Failed {
+                        why,
+                        tls: false,
+                        no_leader: true,
+                    }
+                }
+            };
+        }
+        let why = format!("{addr}: {}", s.message());
+        let tls = if is_transport(&s) {
+            // Under TLS 1.3 a refused client certificate shows up on the first call.
+            orch_tls::is_tls_failure(&s)
+        } else if s.code() == tonic::Code::Internal
+            && s.metadata().get("orch-error").is_none()
+            && std::error::Error::source(&s).is_some()
+        {
+            // Not an answer but the connection failing at the HTTP/2 level (a TLS server
+            // spoken to in plain text): counted like a TLS failure.
+            true
+        } else {
+            return Attempt::Refused(s.message().to_string());
+        };
+        self.current += 1;
+        Attempt::Failed {
+            why,
+            tls,
+            no_leader: false,
+        }
+    }
+
+    /// The index of address `addr`, added to the known ones if it is new (a leader named by a
+    /// follower).
+    fn index_of(&mut self, addr: &str) -> usize {
+        match self.addrs.iter().position(|a| a == addr) {
+            Some(i) => i,
+            None => {
+                self.addrs.push(addr.to_string());
+                self.addrs.len() - 1
+            }
+        }
+    }
+
+    /// What to change when every coordinator failed TLS.
+    fn tls_hint(&self) -> &'static str {
+        match self.security {
+            Security::Insecure => {
+                "this command used --insecure: if the coordinators serve mutual TLS, drop it and pass --tls-dir (or set ORCHESTRATOR_TLS_DIR)"
+            }
+            Security::Mtls(_) => {
+                "check the certificate this command uses (--tls-dir, --ca/--cert/--key or ORCHESTRATOR_TLS_DIR): it must be issued by the cluster's CA, not expired, and be an operator's or viewer's"
+            }
         }
     }
 

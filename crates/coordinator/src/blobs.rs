@@ -90,7 +90,7 @@ const WRITE_QUEUE: usize = 4;
 impl BlobStore {
     pub fn open(dir: PathBuf, max_size: u64) -> Result<BlobStore> {
         std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Io(format!("create {}: {e}", dir.display())))?;
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         // Transfers interrupted by a crash are incomplete by definition (as are the temp files
         // of atomic signature writes).
         if let Ok(rd) = std::fs::read_dir(&dir) {
@@ -144,7 +144,7 @@ impl BlobStore {
     /// The stored signature of a blob, if it has one.
     pub fn signature(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
         let blob = self.path(sha256)?;
-        signing::read_sig(&blob).map_err(|e| Error::Io(format!("signature of {sha256}: {e}")))
+        signing::read_sig(&blob).map_err(|e| Error::io(format!("signature of {sha256}"), e))
     }
 
     fn store_signature(&self, sha256: &str, sig: &[u8]) -> Result<()> {
@@ -229,9 +229,10 @@ impl BlobStore {
         }
         // Without `End`, the writer discards the partial file.
         drop(tx);
-        let written = writer
-            .await
-            .map_err(|e| Error::Io(format!("writing package {sha256}: {e}")))?;
+        let written = writer.await.map_err(|e| Error::Task {
+            context: format!("writing package {sha256}"),
+            source: e,
+        })?;
         if let Some(e) = interrupted {
             return Err(Error::BadRequest(format!(
                 "upload interrupted: {e}; discarded"
@@ -309,7 +310,7 @@ impl BlobStore {
     pub fn sweep(&self, named: &BTreeSet<String>, grace: Duration) -> Result<Sweep> {
         let mut out = Sweep::default();
         let rd = std::fs::read_dir(&self.dir)
-            .map_err(|e| Error::Io(format!("list {}: {e}", self.dir.display())))?;
+            .map_err(|e| Error::io(format!("list {}", self.dir.display()), e))?;
         let now = SystemTime::now();
         let old = |m: &std::fs::Metadata| {
             m.modified()
@@ -379,7 +380,7 @@ impl BlobStore {
         let size = f
             .metadata()
             .await
-            .map_err(|e| Error::Io(format!("stat {}: {e}", path.display())))?
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
             .len();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -468,7 +469,10 @@ impl BlobStore {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Io(format!("package store task failed: {e}")))?
+        .map_err(|e| Error::Task {
+            context: "package store task failed".to_string(),
+            source: e,
+        })?
 }
 
 /// The `Blobs` service: other coordinators put and get package bytes.

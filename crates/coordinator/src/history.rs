@@ -1,6 +1,6 @@
 //! The history file, `DATA/history.jsonl`: rollouts that retention moved out of the replicated
 //! state, one JSON line per rollout with everything `status ID --json` shows (spec, phase,
-//! nodes, every event, creation time).
+//! nodes, every event, creation time, and the inputs that replay it).
 //!
 //! Each coordinator's state machine appends the lines when it applies
 //! [`crate::state::Command::ArchiveRollouts`], and fsyncs them before the rollouts leave the
@@ -18,7 +18,7 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use orch_rollout::Rollout;
+use orch_rollout::{Input, Rollout};
 use orch_types::RolloutId;
 use orch_types::rollout::{AuditEvent, NodeProgress, Phase, RolloutSpec, RolloutStatus};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,10 @@ pub struct HistoryRecord {
     pub spec: RolloutSpec,
     /// Phase, nodes and the whole audit trail at the time it was archived (it was finished).
     pub status: RolloutStatus,
+    /// The rollout machine's inputs: `orch_rollout::replay(spec, inputs)` gives the rollout
+    /// back. Empty in lines written before inputs were recorded.
+    #[serde(default)]
+    pub inputs: Vec<Input>,
 }
 
 impl HistoryRecord {
@@ -48,12 +52,13 @@ impl HistoryRecord {
             archived_at_ms,
             spec: r.spec().clone(),
             status: r.status(),
+            inputs: r.inputs().to_vec(),
         }
     }
 }
 
 /// The fields of a line that `rollouts --all` shows: the same as [`HistoryRecord`] without the
-/// audit trail, which serde skips instead of building (the bulk of every line).
+/// audit trail and the inputs, which serde skips instead of building (the bulk of every line).
 #[derive(Deserialize)]
 struct ListedRecord {
     id: RolloutId,
@@ -89,6 +94,7 @@ impl From<ListedRecord> for HistoryRecord {
                 nodes: r.status.nodes,
                 events: Vec::<AuditEvent>::new(),
             },
+            inputs: Vec::new(),
         }
     }
 }

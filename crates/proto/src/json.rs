@@ -35,7 +35,15 @@ pub fn status_json(s: &pb::RolloutStatus) -> Value {
             "unresponsive_detail": opt_str(&n.unresponsive_detail),
         })).collect::<Vec<_>>(),
         "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
+        // For replay (null in listings): orch_rollout::replay(spec, inputs) gives this status.
+        "spec": raw_json(&s.spec_json),
+        "inputs": raw_json(&s.inputs_json),
     })
+}
+
+/// JSON the coordinator sent as text, as a value; `null` when empty (or unreadable).
+fn raw_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
 /// A registered node as JSON.

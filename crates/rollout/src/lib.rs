@@ -72,6 +72,15 @@
 //! `Err(Rejected)` always leaves the state untouched, so replaying a log that contains rejected
 //! entries ([`Rollout::replay`]) gives the same state.
 //!
+//! # Replay
+//!
+//! A rollout records its own inputs: every event that changed it, with the time, the caller
+//! and the driver term it was applied with ([`Rollout::inputs`], an [`Input`] each). Events that
+//! changed nothing (rejected, or ignored without claiming the rollout for a newer term) are not
+//! kept, so the record grows with the rollout's progress, not with its driver's retries. The
+//! audit trail is rendered from these inputs as they are applied, and [`replay`]`(spec, inputs)`
+//! rebuilds the identical rollout, audit trail included, anywhere.
+//!
 //! # Semantics
 //!
 //! - **pending**: accepted, not started. The first `IssueActions` moves it to preflight.
@@ -159,5 +168,7 @@
 mod machine;
 mod protocol;
 
-pub use machine::{DISK_HEADROOM_FACTOR, MAX_TEXT_CHARS, Rollout};
-pub use protocol::{Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rejected};
+pub use machine::{DISK_HEADROOM_FACTOR, MAX_TEXT_CHARS, Rollout, replay};
+pub use protocol::{
+    Action, ActionKind, ActionResult, Command, Event, Input, LogEntry, Outcome, Rejected,
+};

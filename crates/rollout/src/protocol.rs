@@ -176,6 +176,23 @@ pub struct LogEntry {
     pub by: String,
 }
 
+/// One event as the machine applied it: the arguments of [`crate::Rollout::apply_in_term`]
+/// (`term` 0: not a driver's entry, as with [`crate::Rollout::apply`]). A rollout keeps every
+/// input that changed it ([`crate::Rollout::inputs`]), so [`crate::replay`] of its spec and
+/// its inputs gives the same rollout, audit trail included: the prose is rendered from them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    pub event: Event,
+    pub at_ms: u64,
+    pub by: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub term: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// What applying an event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

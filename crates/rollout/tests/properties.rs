@@ -526,7 +526,7 @@ impl Sim {
             (ActionKind::HealthGate { .. }, None) => ActionResult::Done,
             (kind, None) => match w.perform(kind) {
                 Ok(_) => ActionResult::Done,
-                Err(e) => ActionResult::Refused { error: e },
+                Err(e) => ActionResult::Refused { error: e.0 },
             },
             (_, Some(mode)) => match mode % 3 {
                 0 => ActionResult::Refused {
@@ -766,6 +766,9 @@ impl Sim {
         }
         // Determinism: the log replays to the identical state on a fresh machine.
         let replayed = Rollout::replay(self.spec.clone(), &self.log).unwrap();
+        prop_assert_eq!(&replayed, &self.r);
+        // And so does the rollout's own record of its inputs, without the log.
+        let replayed = orch_rollout::replay(self.spec.clone(), self.r.inputs()).unwrap();
         prop_assert_eq!(&replayed, &self.r);
         Ok(())
     }

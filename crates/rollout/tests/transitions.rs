@@ -1733,7 +1733,7 @@ fn agent(a: &Action, w: &mut Node) -> ActionResult {
         },
         kind => match w.perform(kind) {
             Ok(_) => ActionResult::Done,
-            Err(error) => ActionResult::Refused { error },
+            Err(e) => ActionResult::Refused { error: e.0 },
         },
     }
 }

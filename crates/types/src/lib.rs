@@ -30,6 +30,51 @@ pub enum ParseError {
     PackageName(String),
     #[error("invalid rollout id {0:?}: expected r followed by its number (for example r000042)")]
     RolloutId(String),
+    #[error("invalid on-failure policy {0:?}: expected rollback or pause")]
+    OnFailure(String),
+    #[error("invalid phase {0:?}")]
+    Phase(String),
+    #[error("invalid node step {0:?}")]
+    NodeStep(String),
+}
+
+impl ParseError {
+    /// What a refusal shows of the refused text: its first 64 characters.
+    pub(crate) fn shown(s: &str) -> String {
+        s.chars().take(64).collect()
+    }
+}
+
+/// Why a node's labels were refused ([`check_labels`]). The offending key is cut to 64
+/// characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    #[error("{0} labels, at most {MAX_LABELS}")]
+    TooMany(usize),
+    #[error("label key {0:?} must be 1-{MAX_LABEL_KEY} bytes without control characters")]
+    BadKey(String),
+    #[error(
+        "the value of label {0:?} must be at most {MAX_LABEL_VALUE} bytes without control characters"
+    )]
+    BadValue(String),
+}
+
+/// `error` and its causes on one line, `what failed: why: why`, each cause once: a cause whose
+/// text its parent already shows (errors that embed their source in their message) is not
+/// repeated. For messages that leave the process as text (a gRPC status); a local caller that
+/// has `anyhow` prints the chain with `{:#}` instead.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// A release version: strict `major.minor.patch`, ordered numerically (4.2.10 > 4.2.9).
@@ -331,23 +376,16 @@ pub const MAX_LABEL_VALUE: usize = 1024;
 /// no control characters). The error names the offending key, cut to 64 characters.
 pub fn check_labels<'a>(
     labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
-) -> Result<(), String> {
+) -> Result<(), LabelError> {
     if labels.len() > MAX_LABELS {
-        return Err(format!("{} labels, at most {MAX_LABELS}", labels.len()));
+        return Err(LabelError::TooMany(labels.len()));
     }
-    let shown = |k: &str| k.chars().take(64).collect::<String>();
     for (k, v) in labels {
         if k.is_empty() || k.len() > MAX_LABEL_KEY || k.chars().any(char::is_control) {
-            return Err(format!(
-                "label key {:?} must be 1-{MAX_LABEL_KEY} bytes without control characters",
-                shown(k)
-            ));
+            return Err(LabelError::BadKey(ParseError::shown(k)));
         }
         if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
-            return Err(format!(
-                "the value of label {:?} must be at most {MAX_LABEL_VALUE} bytes without control characters",
-                shown(k)
-            ));
+            return Err(LabelError::BadValue(ParseError::shown(k)));
         }
     }
     Ok(())
@@ -528,6 +566,7 @@ mod tests {
         assert!(
             check_labels(over.iter())
                 .unwrap_err()
+                .to_string()
                 .contains("at most 64")
         );
         for (k, v) in [
@@ -538,7 +577,7 @@ mod tests {
             ("zone".to_string(), "eu\n1".to_string()),
         ] {
             let m: BTreeMap<String, String> = [(k.clone(), v)].into_iter().collect();
-            let e = check_labels(m.iter()).unwrap_err();
+            let e = check_labels(m.iter()).unwrap_err().to_string();
             assert!(e.len() < 200, "{e}");
         }
     }

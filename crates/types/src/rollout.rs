@@ -15,6 +15,40 @@ use serde::{Deserialize, Serialize};
 
 use crate::{NodeId, Version};
 
+/// For a fieldless enum whose variants each have a name (the serde name too): `ALL` (in
+/// declaration order), `as_str`, `Display`, and `FromStr`, which refuses any other text with
+/// `ParseError::$err`.
+macro_rules! names {
+    ($ty:ident, $err:ident, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const ALL: [$ty; [$(stringify!($variant)),+].len()] = [$($ty::$variant),+];
+
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = crate::ParseError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $ty::ALL
+                    .into_iter()
+                    .find(|p| p.as_str() == s)
+                    .ok_or_else(|| crate::ParseError::$err(crate::ParseError::shown(s)))
+            }
+        }
+    };
+}
+
 /// Nodes upgraded at a time when the operator does not say (`--batch-size`).
 pub const DEFAULT_BATCH_SIZE: u32 = 1;
 /// Nodes pushed and unpacked at a time during staging (and made permanent at a time during
@@ -121,16 +155,13 @@ impl fmt::Display for OnFailure {
 }
 
 impl FromStr for OnFailure {
-    type Err = String;
+    type Err = crate::ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "rollback" => Ok(OnFailure::Rollback),
             "pause" => Ok(OnFailure::Pause),
-            _ => Err(format!(
-                "invalid on-failure policy {:?}: expected rollback or pause",
-                s.chars().take(64).collect::<String>()
-            )),
+            _ => Err(crate::ParseError::OnFailure(crate::ParseError::shown(s))),
         }
     }
 }
@@ -315,60 +346,27 @@ pub enum Phase {
     Aborted,
 }
 
-impl Phase {
-    pub const ALL: [Phase; 11] = [
-        Phase::Pending,
-        Phase::Preflight,
-        Phase::Staging,
-        Phase::Upgrading,
-        Phase::Committing,
-        Phase::Succeeded,
-        Phase::Paused,
-        Phase::RollingBack,
-        Phase::RolledBack,
-        Phase::RollbackFailed,
-        Phase::Aborted,
-    ];
+names!(Phase, Phase, {
+    Pending => "pending",
+    Preflight => "preflight",
+    Staging => "staging",
+    Upgrading => "upgrading",
+    Committing => "committing",
+    Succeeded => "succeeded",
+    Paused => "paused",
+    RollingBack => "rolling_back",
+    RolledBack => "rolled_back",
+    RollbackFailed => "rollback_failed",
+    Aborted => "aborted",
+});
 
+impl Phase {
     /// A terminal phase never changes again and accepts no command.
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
             Phase::Succeeded | Phase::RolledBack | Phase::RollbackFailed | Phase::Aborted
         )
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Phase::Pending => "pending",
-            Phase::Preflight => "preflight",
-            Phase::Staging => "staging",
-            Phase::Upgrading => "upgrading",
-            Phase::Committing => "committing",
-            Phase::Succeeded => "succeeded",
-            Phase::Paused => "paused",
-            Phase::RollingBack => "rolling_back",
-            Phase::RolledBack => "rolled_back",
-            Phase::RollbackFailed => "rollback_failed",
-            Phase::Aborted => "aborted",
-        }
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Phase {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Phase::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| format!("invalid phase {:?}", s.chars().take(64).collect::<String>()))
     }
 }
 
@@ -419,67 +417,23 @@ pub enum NodeStep {
     RollbackFailed,
 }
 
-impl NodeStep {
-    pub const ALL: [NodeStep; 15] = [
-        NodeStep::Pending,
-        NodeStep::Skipped,
-        NodeStep::PreflightOk,
-        NodeStep::Staging,
-        NodeStep::Staged,
-        NodeStep::Installing,
-        NodeStep::Installed,
-        NodeStep::Verifying,
-        NodeStep::Upgraded,
-        NodeStep::Committing,
-        NodeStep::Committed,
-        NodeStep::Failed,
-        NodeStep::RollingBack,
-        NodeStep::RolledBack,
-        NodeStep::RollbackFailed,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            NodeStep::Pending => "pending",
-            NodeStep::Skipped => "skipped",
-            NodeStep::PreflightOk => "preflight_ok",
-            NodeStep::Staging => "staging",
-            NodeStep::Staged => "staged",
-            NodeStep::Installing => "installing",
-            NodeStep::Installed => "installed",
-            NodeStep::Verifying => "verifying",
-            NodeStep::Upgraded => "upgraded",
-            NodeStep::Committing => "committing",
-            NodeStep::Committed => "committed",
-            NodeStep::Failed => "failed",
-            NodeStep::RollingBack => "rolling_back",
-            NodeStep::RolledBack => "rolled_back",
-            NodeStep::RollbackFailed => "rollback_failed",
-        }
-    }
-}
-
-impl fmt::Display for NodeStep {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for NodeStep {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        NodeStep::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "invalid node step {:?}",
-                    s.chars().take(64).collect::<String>()
-                )
-            })
-    }
-}
+names!(NodeStep, NodeStep, {
+    Pending => "pending",
+    Skipped => "skipped",
+    PreflightOk => "preflight_ok",
+    Staging => "staging",
+    Staged => "staged",
+    Installing => "installing",
+    Installed => "installed",
+    Verifying => "verifying",
+    Upgraded => "upgraded",
+    Committing => "committing",
+    Committed => "committed",
+    Failed => "failed",
+    RollingBack => "rolling_back",
+    RolledBack => "rolled_back",
+    RollbackFailed => "rollback_failed",
+});
 
 /// One node's progress, as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

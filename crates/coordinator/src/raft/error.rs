@@ -30,9 +30,15 @@ pub enum Error {
     /// The configuration is unusable.
     #[error("invalid Raft configuration: {0}")]
     Config(String),
-    /// The log or state machine files cannot be opened or used.
-    #[error("Raft storage under {dir}: {msg}")]
-    Storage { dir: PathBuf, msg: String },
+    /// The log or state machine files cannot be opened or used. `context` is empty or says
+    /// what was being done (`: cannot create the data directory`).
+    #[error("Raft storage under {}{context}", dir.display())]
+    Storage {
+        dir: PathBuf,
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The operation must run on the leader.
     #[error("{}", not_leader_msg(.leader))]
     NotLeader { leader: Option<(u64, String)> },
@@ -74,7 +80,10 @@ impl From<Error> for crate::error::Error {
             Error::Membership(_) => crate::error::Error::Refused(e.to_string()),
             Error::Config(_) => crate::error::Error::BadRequest(e.to_string()),
             Error::Stopped(_) | Error::Other(_) => crate::error::Error::Unavailable(e.to_string()),
-            Error::Storage { .. } => crate::error::Error::Internal(e.to_string()),
+            Error::Storage { .. } => crate::error::Error::Raft {
+                context: "the Raft storage failed",
+                source: Box::new(e),
+            },
         }
     }
 }

@@ -154,17 +154,7 @@ impl LogStore {
         R: Send + 'static,
         F: FnOnce(&Database) -> Result<R, redb::Error> + Send + 'static,
     {
-        let db = self.db.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(join_err)?
-            .map_err(|e| {
-                io::Error::other(format!(
-                    "Raft log {}: {what} failed: {e}; check the disk (space, permissions) under the data directory",
-                    path.display()
-                ))
-            })
+        on_db(&self.db, "Raft log", &self.path, what, f).await
     }
 
     async fn read_meta<T: DeserializeOwned + Send + 'static>(
@@ -453,6 +443,33 @@ pub(crate) fn decode<T: DeserializeOwned>(path: &Path, what: &str, b: &[u8]) -> 
             ),
         )
     })
+}
+
+/// Runs `f` on the database off the async runtime. A redb failure becomes an I/O error naming
+/// the store (`Raft log`, `state machine`), its file and what was being done (openraft takes
+/// I/O errors and shows their text, so the cause goes into it).
+pub(crate) async fn on_db<R, F>(
+    db: &Arc<Db>,
+    store: &'static str,
+    path: &Arc<PathBuf>,
+    what: &'static str,
+    f: F,
+) -> io::Result<R>
+where
+    R: Send + 'static,
+    F: FnOnce(&Database) -> Result<R, redb::Error> + Send + 'static,
+{
+    let db = db.clone();
+    let path = path.clone();
+    tokio::task::spawn_blocking(move || f(&db))
+        .await
+        .map_err(join_err)?
+        .map_err(|e| {
+            io::Error::other(format!(
+                "{store} {}: {what} failed: {e}; check the disk (space, permissions) under the data directory",
+                path.display()
+            ))
+        })
 }
 
 pub(crate) fn join_err(e: tokio::task::JoinError) -> io::Error {

@@ -4,252 +4,50 @@
 //! - [`state_machine`]: the applied [`ClusterState`] (`DATA/state.redb`) and snapshots.
 //! - [`network`]: RPCs to peers over tonic, one long-lived channel per peer.
 //! - [`service`]: the `RaftPeer` service peers call.
-//! - [`RaftNode`]: the handle the rest of the coordinator uses: writes, leadership, membership,
-//!   the read view of the state and a watch of the applied index.
+//! - [`RaftNode`]: the handle the rest of the coordinator uses: writes, leadership, membership
+//!   (`membership`), the read view of the state and a watch of the applied index; its
+//!   settings are a [`RaftConfig`], what it knows of the group a [`RaftStatus`].
 //!
 //! Timing defaults (loopback/LAN): heartbeat 100 ms, election timeout 300-600 ms. A follower
 //! campaigns once the leader lease (= election_timeout_max) plus its random election timeout
 //! passed without a heartbeat, so a dead leader is replaced after roughly 0.9-1.2 s.
 
+mod config;
 pub mod error;
 pub mod log_store;
+mod membership;
 pub mod network;
 pub mod service;
 pub mod state_machine;
+mod status;
 pub mod types;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
-use openraft::{BasicNode, ChangeMembers, RaftMetrics, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ReadPolicy};
 use orch_proto::raft::raft_peer_server::RaftPeerServer;
-use orch_tls::{RoleInterceptor, Security};
-use serde::{Deserialize, Serialize};
+use orch_tls::RoleInterceptor;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 
+pub use config::RaftConfig;
 pub use error::{Error, WriteError};
 pub use log_store::LogStore;
 pub use network::Network;
 pub use service::RaftPeerService;
 pub use state_machine::{StateMachineStore, StateView};
+pub use status::{Leadership, Member, MemberLiveness, RaftStatus, Role};
+use status::{leadership_of, status_of, watch_leadership};
 pub use types::{Raft, RaftCommand, TypeConfig};
 
 use crate::state::{ClusterState, Command, Response};
 
-/// How long `add_member` waits for a new member to catch up before giving up.
-const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a new learner has to confirm the entry that added it before it may become a voter
-/// (a live coordinator does so within a heartbeat or a snapshot transfer).
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long `shutdown` waits for openraft's tasks to release the storage files.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Configuration of one coordinator's Raft node.
-#[derive(Debug, Clone)]
-pub struct RaftConfig {
-    /// This coordinator's Raft node id (stable across restarts).
-    pub id: u64,
-    /// This coordinator's gRPC address "HOST:PORT" as the other coordinators dial it.
-    pub addr: String,
-    /// Holds `raft-log.redb` and `state.redb`.
-    pub data_dir: PathBuf,
-    /// The other coordinators (id -> "HOST:PORT"); used only when bootstrapping.
-    pub peers: BTreeMap<u64, String>,
-    /// Initialise a new cluster of {self} ∪ peers if this node's log is empty. Set it on one
-    /// coordinator only; restarting it later does not re-initialise.
-    pub bootstrap: bool,
-    pub heartbeat_ms: u64,
-    pub election_timeout_min_ms: u64,
-    pub election_timeout_max_ms: u64,
-    /// Build a snapshot (and purge the log before it) every this many applied entries.
-    pub snapshot_every: u64,
-    /// Entries kept in the log behind the last snapshot.
-    pub logs_to_keep: u64,
-    /// How long `write` and `ensure_linearizable` wait for a quorum.
-    pub write_timeout_ms: u64,
-    /// How peers are dialed (each as `coordinator-<id>` under mTLS) and who may call this
-    /// node's Raft service (coordinators only). `new` starts with `Insecure`; the coordinator
-    /// daemon sets its own.
-    pub security: Security,
-    /// Where the state machine appends archived rollouts (`new`: `history.jsonl` in
-    /// `data_dir`; the coordinator daemon uses its own data directory's).
-    pub history_path: PathBuf,
-}
-
-impl RaftConfig {
-    /// A configuration with the default timings and snapshot policy.
-    pub fn new(
-        id: u64,
-        addr: impl Into<String>,
-        data_dir: impl Into<PathBuf>,
-        peers: BTreeMap<u64, String>,
-        bootstrap: bool,
-    ) -> RaftConfig {
-        let data_dir: PathBuf = data_dir.into();
-        RaftConfig {
-            id,
-            addr: addr.into(),
-            history_path: data_dir.join(crate::history::HISTORY_FILE),
-            data_dir,
-            peers,
-            bootstrap,
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
-            snapshot_every: 500,
-            logs_to_keep: 50,
-            write_timeout_ms: 5_000,
-            security: Security::Insecure,
-        }
-    }
-
-    fn openraft_config(&self) -> Result<openraft::Config, Error> {
-        let cfg = openraft::Config {
-            cluster_name: "orchestrator".to_string(),
-            heartbeat_interval: self.heartbeat_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
-            install_snapshot_timeout: 30_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every.max(1)),
-            max_in_snapshot_log_to_keep: self.logs_to_keep,
-            replication_lag_threshold: (self.snapshot_every * 2).max(1_000),
-            // A restarted leader must win a new election instead of resuming leadership: the
-            // state machine and the committed id are persisted lazily (see state_machine.rs),
-            // and `Leadership::is_leader` relies on an entry of the leader's own, new term.
-            enable_leader_restore: Some(false),
-            // Replicate entries as soon as they are in the local log, in parallel with the local
-            // fsync (see log_store.rs): saves one fsync on the commit path.
-            broadcast_submitted_on_append: Some(true),
-            ..Default::default()
-        };
-        cfg.validate().map_err(|e| {
-            Error::Config(format!(
-                "{e} (heartbeat {} ms, election timeout {}-{} ms: need heartbeat < min < max)",
-                self.heartbeat_ms, self.election_timeout_min_ms, self.election_timeout_max_ms
-            ))
-        })
-    }
-}
-
-/// This node's view of leadership. The leader-only driver runs while `is_leader` holds; restart
-/// it whenever `term` changes (a new term may be a new leadership of the same node).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Leadership {
-    pub term: u64,
-    /// This node is the leader AND has applied an entry of its own term, so the state view
-    /// holds everything committed before it took over.
-    pub is_leader: bool,
-    /// The leader this node knows of (may be itself).
-    pub leader: Option<u64>,
-}
-
-/// A node's Raft role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Leader,
-    Follower,
-    Candidate,
-    Learner,
-    Shutdown,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Leader => "leader",
-            Role::Follower => "follower",
-            Role::Candidate => "candidate",
-            Role::Learner => "learner",
-            Role::Shutdown => "shutdown",
-        })
-    }
-}
-
-/// A member of the Raft group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    pub id: u64,
-    /// "HOST:PORT" the coordinators dial.
-    pub addr: String,
-    /// A voter (`false`: a learner, receiving the log without voting).
-    pub voter: bool,
-}
-
-/// How a member answers the leader (known on the leader only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct MemberLiveness {
-    /// How long ago it last acknowledged a heartbeat or an append (`None`: never).
-    pub last_ack: Option<Duration>,
-    /// The last log index it is known to hold.
-    pub matched: Option<u64>,
-}
-
-/// A point-in-time copy of a node's Raft metrics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RaftStatus {
-    /// This node.
-    pub id: u64,
-    pub role: Role,
-    pub term: u64,
-    /// The leader this node knows of: (id, address).
-    pub leader: Option<(u64, String)>,
-    /// Index of the last entry in this node's log (0: empty).
-    pub last_log_index: u64,
-    /// Index of the last entry known committed (0: none).
-    pub committed: u64,
-    /// Index of the last entry applied to the state (0: none).
-    pub last_applied: u64,
-    /// Last entry included in the current snapshot.
-    pub snapshot: Option<u64>,
-    /// Last entry purged from the log.
-    pub purged: Option<u64>,
-    /// Voters and learners of the effective membership, by id.
-    pub members: Vec<Member>,
-    /// A membership change is half-way (joint configuration).
-    pub joint: bool,
-    /// On the leader: how long ago a quorum last acknowledged it (`None`: not the leader, or
-    /// never acknowledged in this term).
-    #[serde(default)]
-    pub quorum_acked: Option<Duration>,
-    /// On the leader: how each other member answers it, by id.
-    #[serde(default)]
-    pub liveness: BTreeMap<u64, MemberLiveness>,
-}
-
-impl RaftStatus {
-    /// Voter ids.
-    pub fn voters(&self) -> BTreeSet<u64> {
-        self.members
-            .iter()
-            .filter(|m| m.voter)
-            .map(|m| m.id)
-            .collect()
-    }
-
-    /// Learner ids.
-    pub fn learners(&self) -> BTreeSet<u64> {
-        self.members
-            .iter()
-            .filter(|m| !m.voter)
-            .map(|m| m.id)
-            .collect()
-    }
-
-    /// A member's address.
-    pub fn addr_of(&self, id: u64) -> Option<&str> {
-        self.members
-            .iter()
-            .find(|m| m.id == id)
-            .map(|m| m.addr.as_str())
-    }
-}
 
 /// A running Raft node. Cheap to clone.
 #[derive(Clone)]
@@ -290,21 +88,25 @@ impl RaftNode {
             )));
         }
         let config = cfg.openraft_config()?;
-        let storage_err = |e: std::io::Error| Error::Storage {
-            dir: cfg.data_dir.clone(),
-            msg: e.to_string(),
+        let storage_err = |context: &'static str| {
+            let dir = cfg.data_dir.clone();
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Storage {
+                dir,
+                context,
+                source: e,
+            }
         };
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::Storage {
-            dir: cfg.data_dir.clone(),
-            msg: format!("cannot create the data directory: {e}"),
-        })?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| storage_err(": cannot create the data directory")(e.into()))?;
         let log_path = cfg.data_dir.join(log_store::LOG_FILE);
         let sm_path = cfg.data_dir.join(state_machine::STATE_FILE);
-        let log = LogStore::open(&log_path).await.map_err(storage_err)?;
+        let log = LogStore::open(&log_path)
+            .await
+            .map_err(|e| storage_err("")(e.into()))?;
         let history = crate::history::History::new(cfg.history_path.clone());
         let sm = StateMachineStore::open_with_history(&sm_path, history)
             .await
-            .map_err(storage_err)?;
+            .map_err(|e| storage_err("")(e.into()))?;
         let view = sm.view();
         let applied = sm.applied();
         let closers = vec![sm.closer(), log.closer()];
@@ -316,9 +118,8 @@ impl RaftNode {
         );
         let raft = openraft::Raft::new(cfg.id, Arc::new(config), network, log, sm)
             .await
-            .map_err(|e| Error::Storage {
-                dir: cfg.data_dir.clone(),
-                msg: format!("cannot start Raft from the stored log and state: {e}"),
+            .map_err(|e| {
+                storage_err(": cannot start Raft from the stored log and state")(e.into())
             })?;
 
         if cfg.bootstrap {
@@ -488,104 +289,6 @@ impl RaftNode {
         }
     }
 
-    /// Adds coordinator `id` at `addr`: first as a learner, waiting until it has caught up,
-    /// then as a voter. Must run on the leader; one membership change at a time.
-    pub async fn add_member(&self, id: u64, addr: impl Into<String>) -> Result<(), Error> {
-        let addr = addr.into();
-        let _one_at_a_time = self.inner.membership_lock.lock().await;
-        let st = self.metrics();
-        let existing = st.members.iter().find(|m| m.id == id);
-        if existing.is_some_and(|m| m.voter && m.addr == addr) {
-            return Ok(());
-        }
-        if let Some(other) = existing.map(|m| &m.addr)
-            && other != &addr
-        {
-            return Err(Error::Membership(format!(
-                "coordinator {id} is already a member with address {other}; remove it first to change its address"
-            )));
-        }
-        let raft = &self.inner.raft;
-        let added = tokio::time::timeout(
-            CATCH_UP_TIMEOUT,
-            raft.add_learner(id, BasicNode::new(&addr), true),
-        )
-        .await;
-        let added = match added {
-            Err(_) => {
-                return Err(Error::Membership(format!(
-                    "coordinator {id} at {addr} did not catch up within {CATCH_UP_TIMEOUT:?}; is it running and reachable from the leader? It stays a learner: add it again, or remove it"
-                )));
-            }
-            Ok(r) => r.map_err(|e| self.membership_err(e))?,
-        };
-        // openraft's blocking add_learner may return before the learner ever answered (it
-        // counts a short log as caught up). Promoting a silent node would count it towards the
-        // quorum and could stall the cluster for good, so wait until it has replicated the entry
-        // that added it.
-        let target = added.log_id.index;
-        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
-        loop {
-            let metrics = raft.metrics();
-            let matched = metrics
-                .borrow_watched()
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&id).cloned().flatten())
-                .map(|l| l.index);
-            if matched.is_some_and(|m| m >= target) {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Membership(format!(
-                    "coordinator {id} at {addr} never confirmed the log within {CONFIRM_TIMEOUT:?}; is it running and reachable from the leader? It stays a learner (not counted for quorum): start it and add it again, or remove it"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(|e| self.membership_err(e))?;
-        tracing::info!(id, addr, "coordinator added as a voter");
-        Ok(())
-    }
-
-    /// Removes coordinator `id` (voter or learner) from the cluster. Must run on the leader;
-    /// removing the leader itself hands leadership to another voter.
-    pub async fn remove_member(&self, id: u64) -> Result<(), Error> {
-        let _one_at_a_time = self.inner.membership_lock.lock().await;
-        let st = self.metrics();
-        let (voters, learners) = (st.voters(), st.learners());
-        let change = if voters.contains(&id) {
-            if voters.len() == 1 {
-                return Err(Error::Membership(format!(
-                    "coordinator {id} is the only voter; a cluster cannot remove its last voter"
-                )));
-            }
-            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-        } else if learners.contains(&id) {
-            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-        } else {
-            return Err(Error::Membership(format!(
-                "coordinator {id} is not a member (voters: {voters:?}, learners: {learners:?})"
-            )));
-        };
-        self.inner
-            .raft
-            .change_membership(change, false)
-            .await
-            .map_err(|e| self.membership_err(e))?;
-        tracing::info!(id, "coordinator removed");
-        Ok(())
-    }
-
-    fn membership_err(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
-        match self.write_err(e) {
-            WriteError::NotLeader { leader } => Error::NotLeader { leader },
-            WriteError::Other(m) => Error::Membership(m),
-        }
-    }
-
     /// The read view of the applied state (updated on every apply and snapshot install).
     pub fn state(&self) -> StateView {
         self.inner.view.clone()
@@ -661,106 +364,5 @@ impl RaftNode {
             }
         }
         tracing::info!(id = self.inner.id, "Raft node stopped");
-    }
-}
-
-async fn watch_leadership(raft: Raft, id: u64, tx: watch::Sender<Leadership>) {
-    let mut rx = raft.metrics();
-    drop(raft);
-    loop {
-        let (l, shutdown) = {
-            let g = rx.borrow_watched();
-            (leadership_of(&g, id), g.state == ServerState::Shutdown)
-        };
-        tx.send_if_modified(|cur| {
-            if *cur != l {
-                *cur = l;
-                true
-            } else {
-                false
-            }
-        });
-        if shutdown || rx.changed().await.is_err() {
-            break;
-        }
-    }
-    tx.send_modify(|l| l.is_leader = false);
-}
-
-fn leadership_of(m: &RaftMetrics<TypeConfig>, id: u64) -> Leadership {
-    let term = m.current_term;
-    let is_leader = m.state == ServerState::Leader
-        && m.last_applied
-            .as_ref()
-            .is_some_and(|l| l.leader_id.term == term && l.leader_id.node_id == id);
-    Leadership {
-        term,
-        is_leader,
-        leader: m.current_leader,
-    }
-}
-
-fn status_of(m: &RaftMetrics<TypeConfig>) -> RaftStatus {
-    let membership = m.membership_config.membership();
-    let addr = |id: &u64| {
-        membership
-            .get_node(id)
-            .map(|n| n.addr.clone())
-            .unwrap_or_default()
-    };
-    let last_ack = |id: &u64| {
-        m.heartbeat
-            .as_ref()?
-            .get(id)?
-            .as_ref()
-            .map(|t| openraft::Instant::elapsed(&**t))
-    };
-    let matched = |id: &u64| Some(m.replication.as_ref()?.get(id)?.as_ref()?.index);
-    let member = |id: u64, voter: bool| Member {
-        id,
-        addr: addr(&id),
-        voter,
-    };
-    let mut members: Vec<Member> = membership
-        .voter_ids()
-        .map(|id| member(id, true))
-        .chain(membership.learner_ids().map(|id| member(id, false)))
-        .collect();
-    members.sort_by_key(|m| m.id);
-    let liveness: BTreeMap<u64, MemberLiveness> = members
-        .iter()
-        .map(|x| {
-            let l = MemberLiveness {
-                last_ack: last_ack(&x.id),
-                matched: matched(&x.id),
-            };
-            (x.id, l)
-        })
-        .collect();
-    RaftStatus {
-        id: m.id,
-        role: match m.state {
-            ServerState::Leader => Role::Leader,
-            ServerState::Follower => Role::Follower,
-            ServerState::Candidate => Role::Candidate,
-            ServerState::Learner => Role::Learner,
-            ServerState::Shutdown => Role::Shutdown,
-        },
-        term: m.current_term,
-        leader: m
-            .current_leader
-            .and_then(|id| membership.get_node(&id).map(|n| (id, n.addr.clone()))),
-        last_log_index: m.last_log_index.unwrap_or(0),
-        committed: m.local_committed.as_ref().map_or(0, |l| l.index),
-        last_applied: m.last_applied.as_ref().map_or(0, |l| l.index),
-        snapshot: m.snapshot.as_ref().map(|l| l.index),
-        purged: m.purged.as_ref().map(|l| l.index),
-        members,
-        joint: membership.get_joint_config().len() > 1,
-        quorum_acked: m
-            .last_quorum_acked
-            .as_ref()
-            .map(|t| openraft::Instant::elapsed(&**t)),
-        liveness,
     }
 }

@@ -6,8 +6,8 @@
 //! HTTP/2 multiplexes them, so a snapshot transfer does not stall heartbeats. The channel
 //! reconnects by itself after the peer restarts.
 //!
-//! Connection failures are returned as `Unreachable` so openraft backs off; elapsed per-RPC
-//! deadlines as `Timeout`.
+//! Connection failures are returned as `Unreachable` so openraft backs off (with the workspace's
+//! retry policy, [`PEER_BACKOFF`]); elapsed per-RPC deadlines as `Timeout`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,6 +25,7 @@ use openraft::raft::{
 use openraft::{OptionalSend, RaftNetworkV2};
 use orch_proto::raft::raft_peer_client::RaftPeerClient;
 use orch_proto::raft::{RaftMessage, SnapshotChunk};
+use orch_retry::Backoff;
 use orch_tls::{Role, Security, party_domain};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -34,11 +35,25 @@ use super::types::{NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 
 /// Largest gRPC message either side accepts (AppendEntries batches and snapshot chunks).
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Pauses between attempts to reach an unreachable peer: jittered so that the members do not
+/// retry in step, capped low so that a restarted peer rejoins quickly (heartbeats are 100 ms
+/// apart; openraft's own default is a constant 200 ms).
+const PEER_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
 /// Snapshot bytes per `SnapshotChunk`.
 const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
+/// A peer's address that cannot be dialed. Shared: the channel cache hands it to every client
+/// of that peer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("peer address {addr:?} (expected HOST:PORT)")]
+pub struct BadPeerAddress {
+    addr: String,
+    #[source]
+    source: Arc<orch_tls::Error>,
+}
+
 /// A peer's channel, or why its address is unusable.
-type ChannelOrErr = Result<Channel, String>;
+type ChannelOrErr = Result<Channel, BadPeerAddress>;
 
 /// Creates the per-peer clients; owns the channel cache.
 #[derive(Clone)]
@@ -68,7 +83,7 @@ impl Network {
         }
     }
 
-    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
+    fn channel(&self, target: NodeId, addr: &str) -> ChannelOrErr {
         let mut map = self
             .inner
             .channels
@@ -81,7 +96,7 @@ impl Network {
         }
         let ch = make_channel(target, addr, &self.inner.security);
         if let Err(e) = &ch {
-            tracing::warn!(peer = target, addr, "{e}");
+            tracing::warn!(peer = target, addr, "{}", orch_types::error_chain(e));
         }
         map.insert(target, (addr.to_string(), ch.clone()));
         ch
@@ -90,11 +105,14 @@ impl Network {
 
 /// Under mTLS the peer must present the certificate of coordinator `target` itself: the
 /// handshake proves this node reached the member it means to replicate to.
-fn make_channel(target: NodeId, addr: &str, security: &Security) -> Result<Channel, String> {
+fn make_channel(target: NodeId, addr: &str, security: &Security) -> ChannelOrErr {
     let domain = party_domain(Role::Coordinator, &target.to_string());
     let ep = security
         .endpoint(addr, &domain)
-        .map_err(|e| format!("peer address {addr:?}: {e}; expected HOST:PORT"))?
+        .map_err(|e| BadPeerAddress {
+            addr: addr.to_string(),
+            source: Arc::new(e),
+        })?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(2))
@@ -123,7 +141,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     append_floor: Duration,
-    channel: Result<Channel, String>,
+    channel: ChannelOrErr,
 }
 
 impl PeerClient {
@@ -133,8 +151,10 @@ impl PeerClient {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)),
             Err(e) => Err(Unreachable::from_string(format!(
-                "peer {} at {}: {e}; fix its address in the cluster membership",
-                self.target, self.addr
+                "peer {} at {}: {}; fix its address in the cluster membership",
+                self.target,
+                self.addr,
+                orch_types::error_chain(e)
             ))),
         }
     }
@@ -211,6 +231,13 @@ impl PeerClient {
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotData;
+
+    /// How long openraft waits before retrying a peer it found unreachable: the workspace's
+    /// retry policy ([`PEER_BACKOFF`]), with no deadline (a peer is retried until it is back
+    /// or removed from the membership).
+    fn backoff(&self) -> Option<openraft::network::Backoff> {
+        Some(openraft::network::Backoff::new(PEER_BACKOFF.delays()))
+    }
 
     async fn append_entries(
         &mut self,

@@ -37,7 +37,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::log_store::{Db, DbCloser, decode, encode, join_err, open_db};
+use super::log_store::{Db, DbCloser, decode, encode, join_err, on_db, open_db};
 use super::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::history::{History, HistoryRecord};
 use crate::state::{ClusterState, Command, Response};
@@ -198,7 +198,7 @@ impl StateMachineStore {
         R: Send + 'static,
         F: FnOnce(&Database) -> Result<R, redb::Error> + Send + 'static,
     {
-        blocking(&self.db, &self.path, what, f).await
+        on_db(&self.db, "state machine", &self.path, what, f).await
     }
 
     /// Writes the rollouts that an archive command will remove to the history file and waits
@@ -244,29 +244,6 @@ impl StateMachineStore {
             }
         });
     }
-}
-
-async fn blocking<R, F>(
-    db: &Arc<Db>,
-    path: &Arc<PathBuf>,
-    what: &'static str,
-    f: F,
-) -> io::Result<R>
-where
-    R: Send + 'static,
-    F: FnOnce(&Database) -> Result<R, redb::Error> + Send + 'static,
-{
-    let db = db.clone();
-    let path = path.clone();
-    tokio::task::spawn_blocking(move || f(&db))
-        .await
-        .map_err(join_err)?
-        .map_err(|e| {
-            io::Error::other(format!(
-                "state machine {}: {what} failed: {e}; check the disk (space, permissions) under the data directory",
-                path.display()
-            ))
-        })
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -439,32 +416,41 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let path = self.path.clone();
         let new_last = meta.last_log_id;
         let d = data.clone();
-        blocking(&self.db, &self.path, "store snapshot", move |db| {
-            let mut tx = db.begin_write()?;
-            tx.set_durability(Durability::Immediate)?;
-            {
-                let mut t = tx.open_table(SM)?;
-                // Never replace a newer snapshot (an install may have raced this build).
-                let current: Option<SnapshotMeta> = t
-                    .get(KEY_SNAPSHOT_META)?
-                    .map(|v| serde_json::from_slice(v.value()))
-                    .transpose()
-                    .map_err(|e| {
-                        redb::Error::Corrupted(format!("{}: snapshot meta: {e}", path.display()))
-                    })?;
-                let newer_exists = current.is_some_and(|c| c.last_log_id > new_last);
-                if !newer_exists {
-                    // Also the state a restart starts from (with its last applied id and
-                    // membership); later entries are re-applied from the log.
-                    t.insert(KEY_SNAPSHOT_META, meta_json.as_slice())?;
-                    t.insert(KEY_SNAPSHOT_DATA, d.as_slice())?;
-                    remove_old_keys(&mut t)?;
+        on_db(
+            &self.db,
+            "state machine",
+            &self.path,
+            "store snapshot",
+            move |db| {
+                let mut tx = db.begin_write()?;
+                tx.set_durability(Durability::Immediate)?;
+                {
+                    let mut t = tx.open_table(SM)?;
+                    // Never replace a newer snapshot (an install may have raced this build).
+                    let current: Option<SnapshotMeta> = t
+                        .get(KEY_SNAPSHOT_META)?
+                        .map(|v| serde_json::from_slice(v.value()))
+                        .transpose()
+                        .map_err(|e| {
+                            redb::Error::Corrupted(format!(
+                                "{}: snapshot meta: {e}",
+                                path.display()
+                            ))
+                        })?;
+                    let newer_exists = current.is_some_and(|c| c.last_log_id > new_last);
+                    if !newer_exists {
+                        // Also the state a restart starts from (with its last applied id and
+                        // membership); later entries are re-applied from the log.
+                        t.insert(KEY_SNAPSHOT_META, meta_json.as_slice())?;
+                        t.insert(KEY_SNAPSHOT_DATA, d.as_slice())?;
+                        remove_old_keys(&mut t)?;
+                    }
                 }
-            }
-            // Immediate: also makes the preceding (Durability::None) apply batches durable.
-            tx.commit()?;
-            Ok(())
-        })
+                // Immediate: also makes the preceding (Durability::None) apply batches durable.
+                tx.commit()?;
+                Ok(())
+            },
+        )
         .await?;
         tracing::info!(snapshot = %snapshot_id, last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {

@@ -219,10 +219,13 @@ impl H {
         }
     }
 
-    /// The state is reproducible: replaying the log and a serde round trip both give it back.
+    /// The state is reproducible: replaying the log, replaying the rollout's own record of its
+    /// inputs and a serde round trip all give it back.
     pub fn check(&self) {
         let replayed = Rollout::replay(self.r.spec().clone(), &self.log).unwrap();
         assert_eq!(replayed, self.r, "replay diverged");
+        let replayed = orch_rollout::replay(self.r.spec().clone(), self.r.inputs()).unwrap();
+        assert_eq!(replayed, self.r, "replay of the recorded inputs diverged");
         let json = serde_json::to_string(&self.r).unwrap();
         let back: Rollout = serde_json::from_str(&json).unwrap();
         assert_eq!(back, self.r, "serde round trip diverged");

@@ -13,6 +13,16 @@ const PACKAGE: &str = "emqx";
 /// What a node runs, boots and has current: `(running, permanent, current)`.
 pub type Shape = (Option<Version>, Option<Version>, Option<Version>);
 
+/// The node layer refused an operation (its rules' reason); nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Node {
     pub table: Releases,
@@ -62,8 +72,8 @@ impl Node {
 
     /// Applies a node-layer operation. `Ok(true)`: changed; `Ok(false)`: already held;
     /// `Err`: refused, nothing changed.
-    pub fn op(&mut self, op: Op, package: Option<&str>) -> Result<bool, String> {
-        match rules::plan(&self.table, op, package)? {
+    pub fn op(&mut self, op: Op, package: Option<&str>) -> Result<bool, Refused> {
+        match rules::plan(&self.table, op, package).map_err(|e| Refused(e.to_string()))? {
             Plan::Already(_) => Ok(false),
             Plan::Apply(change) => {
                 self.table = change.next;
@@ -95,7 +105,7 @@ impl Node {
     }
 
     /// Performs `kind` as the agent would (see [`Node::op`]).
-    pub fn perform(&mut self, kind: &ActionKind) -> Result<bool, String> {
+    pub fn perform(&mut self, kind: &ActionKind) -> Result<bool, Refused> {
         match Node::op_for(kind) {
             Some((op, package)) => self.op(op, package),
             None => Ok(false),
@@ -103,7 +113,7 @@ impl Node {
     }
 
     /// What performing `kind` would do, leaving the node as it is.
-    pub fn try_perform(&self, kind: &ActionKind) -> Result<bool, String> {
+    pub fn try_perform(&self, kind: &ActionKind) -> Result<bool, Refused> {
         self.clone().perform(kind)
     }
 }

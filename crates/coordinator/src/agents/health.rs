@@ -1,0 +1,175 @@
+//! Watching an agent while a step runs (pings), and health gates.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use orch_proto::agent::{self as pb, agent_client::AgentClient};
+use orch_rollout::ActionResult;
+use orch_types::{NodeId, Version};
+use tonic::transport::Channel;
+
+use super::{
+    ActionCtx, PING_AFTER, PING_EVERY, PING_TIMEOUT, PROBE_INTERVAL, PROBE_TIMEOUT, answered,
+    kind_of,
+};
+use crate::driver::now_ms;
+use crate::state::Unresponsive;
+
+/// Runs a step call while pinging its agent (after [`PING_AFTER`], every [`PING_EVERY`]):
+/// an agent that stops answering pings is reported unresponsive, since the first unanswered
+/// ping, and responsive again when it answers. `NodeInfo` never waits for a step, so a busy
+/// agent still answers; a frozen or cut-off one does not.
+pub(super) async fn watched<T>(
+    cx: &ActionCtx<'_>,
+    node: &NodeId,
+    c: &AgentClient<Channel>,
+    call: impl Future<Output = T>,
+) -> T {
+    let Some(report) = cx.liveness.clone() else {
+        return call.await;
+    };
+    tokio::pin!(call);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PING_AFTER, PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut since: Option<u64> = None;
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            _ = tick.tick() => {
+                let sent = now_ms();
+                let mut c = c.clone();
+                let mut req = tonic::Request::new(pb::NodeInfoRequest {});
+                req.set_timeout(PING_TIMEOUT);
+                let detail = match tokio::time::timeout(PING_TIMEOUT, c.node_info(req)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(s)) => Some(format!("ping failed: {}", s.message())),
+                    Err(_) => Some(format!("no answer to a ping within {PING_TIMEOUT:?}")),
+                };
+                match detail {
+                    None => {
+                        if since.take().is_some() {
+                            report(node, None);
+                        }
+                    }
+                    Some(detail) => {
+                        let since_ms = *since.get_or_insert(sent);
+                        report(node, Some(Unresponsive { since_ms, detail }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a health gate checks.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Gate {
+    pub expect: Version,
+    pub min_healthy: Duration,
+    pub deadline: Duration,
+    /// Consecutive probes answered "unhealthy" that fail the gate at once (0: never).
+    pub failure_threshold: u32,
+}
+
+/// After a probe answered "unhealthy", the next one waits this long, so that a failure
+/// threshold counts about one failed probe a second (a service briefly busy right after its
+/// hot switch is not failed by a burst of fast probes).
+const PROBE_INTERVAL_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// The probe must pass continuously for `min_healthy` and report `expect`, within `deadline`;
+/// `failure_threshold` probes in a row answered "unhealthy" fail it at once. A probe the agent
+/// does not answer counts for neither (only the deadline governs an unreachable agent) and
+/// tells the liveness watch.
+pub(super) async fn health_gate(
+    cx: &ActionCtx<'_>,
+    node: &NodeId,
+    c: &AgentClient<Channel>,
+    gate: Gate,
+) -> ActionResult {
+    let Gate {
+        expect,
+        min_healthy,
+        deadline,
+        failure_threshold,
+    } = gate;
+    let start = Instant::now();
+    let mut healthy_since: Option<Instant> = None;
+    let mut unanswered_since: Option<u64> = None;
+    let mut failed_in_a_row = 0u32;
+    let mut last = String::from("no probe answered yet");
+    loop {
+        let sent = now_ms();
+        let mut req = tonic::Request::new(pb::HealthRequest {
+            expect_version: expect.to_string(),
+        });
+        req.set_timeout(PROBE_TIMEOUT);
+        let mut client = c.clone();
+        let probe = tokio::time::timeout(PROBE_TIMEOUT, client.health(req)).await;
+        let unanswered = match probe {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                if r.healthy {
+                    failed_in_a_row = 0;
+                    let since = *healthy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= min_healthy {
+                        answered(cx, node);
+                        return ActionResult::Done;
+                    }
+                } else {
+                    healthy_since = None;
+                    failed_in_a_row += 1;
+                    last = format!("{} check: {}", r.check, r.detail);
+                }
+                None
+            }
+            Ok(Err(s)) if kind_of(&s).is_some() => {
+                healthy_since = None;
+                last = s.message().to_string();
+                None
+            }
+            Ok(Err(s)) => Some(format!("agent unreachable: {}", s.message())),
+            Err(_) => Some("health probe timed out".to_string()),
+        };
+        match unanswered {
+            None => {
+                if unanswered_since.take().is_some() {
+                    answered(cx, node);
+                }
+            }
+            Some(detail) => {
+                healthy_since = None;
+                let since_ms = *unanswered_since.get_or_insert(sent);
+                if let Some(l) = &cx.liveness {
+                    l(
+                        node,
+                        Some(Unresponsive {
+                            since_ms,
+                            detail: detail.clone(),
+                        }),
+                    );
+                }
+                last = detail;
+            }
+        }
+        if failure_threshold > 0 && failed_in_a_row >= failure_threshold {
+            return ActionResult::Failed {
+                error: format!(
+                    "unhealthy on {failed_in_a_row} probes in a row (failure threshold {failure_threshold}); last: {last}"
+                ),
+            };
+        }
+        if start.elapsed() >= deadline {
+            return ActionResult::Failed {
+                error: format!(
+                    "not healthy on {expect} for {min_healthy:?} within {deadline:?}; last: {last}"
+                ),
+            };
+        }
+        let pause = if failed_in_a_row > 0 {
+            PROBE_INTERVAL_AFTER_FAILURE
+        } else {
+            PROBE_INTERVAL
+        };
+        tokio::time::sleep(pause.min(deadline.saturating_sub(start.elapsed()))).await;
+    }
+}

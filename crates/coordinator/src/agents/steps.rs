@@ -1,0 +1,312 @@
+//! Performing one action on its node's agent: the step calls (preflight, stage, install,
+//! commit, downgrade) and the package push. Health gates are in [`super::health`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use orch_proto::agent::{self as pb, agent_client::AgentClient};
+use orch_rollout::{Action, ActionKind, ActionResult};
+use orch_types::{NodeId, Version};
+use tonic::transport::Channel;
+
+use super::health::{Gate, health_gate, watched};
+use super::{ActionCtx, Budgets, COMMIT_BUDGET, CallError, Deadline, Reported, answered, retrying};
+use crate::blobs::{BlobStore, CHUNK};
+
+pub type Performed = Result<(ActionResult, Option<Reported>), CallError>;
+
+/// Performs one action; returns the result to record, the versions the node reported (to
+/// refresh the registry), or `Stale` when the agent has seen a newer fence.
+pub async fn perform(cx: &ActionCtx<'_>, action: &Action) -> Performed {
+    let node = &action.node;
+    let c = cx
+        .pool
+        .client(node.as_str(), cx.address)
+        .map_err(|e| CallError::Step(orch_types::error_chain(&e)))?;
+    match &action.kind {
+        ActionKind::Preflight => preflight(cx, node, &c).await,
+        ActionKind::Stage { version } => stage(cx, node, &c, *version).await,
+        ActionKind::Install { version } => {
+            let req = |fence| pb::InstallRequest {
+                version: version.to_string(),
+                permanent: false,
+                fence,
+                expected_sha256: String::new(),
+                force: false,
+            };
+            let send = |mut c: Client, r| async move { c.install(r).await };
+            step(cx, node, &c, Step::switch("install", cx), req, send).await
+        }
+        ActionKind::Commit { version } => {
+            let step_of = Step {
+                what: "commit",
+                why: "a state write",
+                budget: COMMIT_BUDGET,
+            };
+            let send = |mut c: Client, r| async move { c.permanent(r).await };
+            step(cx, node, &c, step_of, |f| vreq(*version, f), send).await
+        }
+        ActionKind::Downgrade { to } => {
+            let send = |mut c: Client, r| async move { c.downgrade(r).await };
+            step(
+                cx,
+                node,
+                &c,
+                Step::switch("downgrade", cx),
+                |f| vreq(*to, f),
+                send,
+            )
+            .await
+        }
+        ActionKind::HealthGate {
+            min_healthy_time_ms,
+            healthy_deadline_ms,
+            expect,
+            failure_threshold,
+        } => {
+            let gate = Gate {
+                expect: *expect,
+                min_healthy: Duration::from_millis(*min_healthy_time_ms),
+                deadline: Duration::from_millis(*healthy_deadline_ms),
+                failure_threshold: *failure_threshold,
+            };
+            Ok((health_gate(cx, node, &c, gate).await, None))
+        }
+    }
+}
+
+type Client = AgentClient<Channel>;
+
+/// What a step call is, for its deadline and for the error when the agent does not answer.
+struct Step {
+    /// `install`, `commit`, ...
+    what: &'static str,
+    /// How its budget was chosen.
+    why: &'static str,
+    budget: Duration,
+}
+
+impl Step {
+    /// A hot switch (install or downgrade): the agent's activation timeout plus a margin.
+    fn switch(what: &'static str, cx: &ActionCtx<'_>) -> Step {
+        Step {
+            what,
+            why: "the agent's activation timeout plus a margin",
+            budget: cx.budgets.switch(),
+        }
+    }
+}
+
+/// One step call that answers a `StepReply` (install, commit, downgrade, unpack): the request
+/// `req` builds around its fence goes out with `send`, retried on connection failures within
+/// the step's deadline, while the agent is watched with pings.
+async fn step<Req, Fut>(
+    cx: &ActionCtx<'_>,
+    node: &NodeId,
+    c: &Client,
+    step: Step,
+    req: impl FnOnce(Option<pb::Fence>) -> Req,
+    send: impl Fn(Client, tonic::Request<Req>) -> Fut,
+) -> Performed
+where
+    Req: Clone,
+    Fut: Future<Output = Result<tonic::Response<pb::StepReply>, tonic::Status>>,
+{
+    let d = Deadline::after(step.budget);
+    let req = req(cx.fence(&d));
+    let call = retrying(node, step.what, step.why, &d, || {
+        send(c.clone(), d.request(req.clone()))
+    });
+    step_reply(cx, node, watched(cx, node, c, call).await)
+}
+
+/// A step's reply as a result (and the releases it reported); a refusal or failure on the
+/// node is a `Failed` result, a stale fence goes back to the driver.
+fn step_reply(
+    cx: &ActionCtx<'_>,
+    node: &NodeId,
+    r: Result<tonic::Response<pb::StepReply>, CallError>,
+) -> Performed {
+    match r {
+        Ok(reply) => {
+            answered(cx, node);
+            let reply = reply.into_inner();
+            let reported = Reported::new(&reply.versions, reply.boot_id, reply.state_rev);
+            Ok((ActionResult::Done, Some(reported)))
+        }
+        Err(CallError::Step(e)) => Ok((ActionResult::Failed { error: e }, None)),
+        Err(CallError::Refused(e)) => {
+            answered(cx, node);
+            Ok((ActionResult::Refused { error: e }, None))
+        }
+        Err(s) => Err(s),
+    }
+}
+
+async fn preflight(cx: &ActionCtx<'_>, node: &NodeId, c: &AgentClient<Channel>) -> Performed {
+    let d = Deadline::after(cx.budgets.preflight);
+    let why = "the preflight timeout";
+    let versions = retrying(node, "preflight", why, &d, || {
+        let mut c = c.clone();
+        let r = d.request(pb::VersionsRequest {});
+        async move { c.versions(r).await }
+    });
+    let info = retrying(node, "preflight", why, &d, || {
+        let mut c = c.clone();
+        let r = d.request(pb::NodeInfoRequest {});
+        async move { c.node_info(r).await }
+    });
+    let (v, i) = match tokio::join!(versions, info) {
+        (Ok(v), Ok(i)) => (v.into_inner(), i.into_inner()),
+        (Err(CallError::Stale(s)), _) | (_, Err(CallError::Stale(s))) => {
+            return Err(CallError::Stale(s));
+        }
+        (Err(CallError::Step(e) | CallError::Refused(e)), _)
+        | (_, Err(CallError::Step(e) | CallError::Refused(e))) => {
+            return Ok((ActionResult::Failed { error: e }, None));
+        }
+    };
+    answered(cx, node);
+    let entries = Reported::new(&v.versions, v.boot_id, v.state_rev);
+    // A node bound to another cluster would refuse every step: say so now, with nothing
+    // touched, instead of failing at the first push.
+    if !i.cluster_id.is_empty() && i.cluster_id != cx.cluster_id() {
+        let error = format!(
+            "the agent belongs to cluster {} but this cluster is {}; if the node really moved here, run `orchestrator node rebind --agent {}` (operator), else remove it from this rollout",
+            i.cluster_id,
+            cx.cluster_id(),
+            cx.address
+        );
+        return Ok((ActionResult::Failed { error }, Some(entries)));
+    }
+    match v.running_version.parse::<Version>() {
+        Ok(running) => Ok((
+            ActionResult::Preflight {
+                running,
+                free_disk: i.free_disk_bytes,
+                releases: entries.versions.clone(),
+            },
+            Some(entries),
+        )),
+        Err(_) => Ok((
+            ActionResult::Failed {
+                error: "no release is installed on the node".into(),
+            },
+            Some(entries),
+        )),
+    }
+}
+
+async fn stage(
+    cx: &ActionCtx<'_>,
+    node: &NodeId,
+    c: &AgentClient<Channel>,
+    version: Version,
+) -> Performed {
+    let size = cx.package.map_or(0, |p| p.size);
+    if let Some(p) = cx.package {
+        let d = Deadline::after(Budgets::push(size));
+        let why = "a margin plus the package size at 4 MiB/s";
+        let fence = cx.fence(&d);
+        let call = retrying(node, "push", why, &d, || {
+            let mut c = c.clone();
+            let fence = fence.clone();
+            async move { push(&mut c, cx.blobs, p, fence, &d).await }
+        });
+        match watched(cx, node, c, call).await {
+            Ok(_) => {}
+            Err(CallError::Step(e)) => {
+                let error = format!("push: {e}");
+                return Ok((ActionResult::Failed { error }, None));
+            }
+            // A refused push wrote nothing: the release store is untouched.
+            Err(CallError::Refused(e)) => {
+                let error = format!("push: {e}");
+                return Ok((ActionResult::Refused { error }, None));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+    let unpack = Step {
+        what: "unpack",
+        why: "a margin plus the package size at 16 MiB/s",
+        budget: Budgets::unpack(size),
+    };
+    let req = |fence| pb::UnpackRequest {
+        version: version.to_string(),
+        fence,
+        expected_sha256: String::new(),
+        force: false,
+    };
+    let send = |mut c: Client, r| async move { c.unpack(r).await };
+    step(cx, node, c, unpack, req, send).await
+}
+
+fn vreq(v: Version, fence: Option<pb::Fence>) -> pb::VersionRequest {
+    pb::VersionRequest {
+        version: v.to_string(),
+        fence,
+        force: false,
+    }
+}
+
+/// Streams the package from the content store to the agent. The agent may answer before the
+/// stream ends (it already holds the package): the reader then stops.
+async fn push(
+    c: &mut AgentClient<Channel>,
+    blobs: &BlobStore,
+    p: &orch_types::rollout::PackageRef,
+    fence: Option<pb::Fence>,
+    d: &Deadline,
+) -> Result<pb::PushReply, tonic::Status> {
+    use tokio::io::AsyncReadExt;
+    let path = blobs.path(&p.sha256)?;
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| tonic::Status::not_found(format!("package bytes missing here: {e}")))?;
+    // The signature travels with the bytes: agents with trusted keys check it themselves.
+    let signature = blobs
+        .signature(&p.sha256)
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .unwrap_or_default();
+    let header = pb::PackageHeader {
+        name: p.name.clone(),
+        version: p.version.to_string(),
+        sha256: p.sha256.clone(),
+        size: p.size,
+        fence,
+        signature,
+        force: false,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let reader = tokio::spawn(async move {
+        let mut header = Some(header);
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = match f.read(&mut buf).await {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            if n == 0 && header.is_none() {
+                return;
+            }
+            buf.truncate(n);
+            if tx
+                .send(pb::PackageChunk {
+                    header: header.take(),
+                    data: buf,
+                })
+                .await
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
+        }
+    });
+    let r = c
+        .push_package(d.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await;
+    reader.abort();
+    Ok(r?.into_inner())
+}

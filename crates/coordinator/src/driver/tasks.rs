@@ -1,0 +1,219 @@
+//! The driver's action tasks: one per in-flight action, which performs it on its node's agent
+//! and records the result.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use orch_proto::agent as pb;
+use orch_rollout::{Action, ActionKind, ActionResult};
+use orch_types::{NodeId, RolloutId};
+use tokio::task::JoinHandle;
+
+use super::early::{lock, start_gate_early};
+use super::record::{liveness_reporter, record, record_with};
+use super::{ActiveView, PREFLIGHT_TIMEOUT, TaskCx, leads_in};
+use crate::agents::{ActionCtx, Budgets, CallError, Performed, UNKNOWN_ACTIVATE_TIMEOUT, perform};
+use crate::state::Command;
+
+/// The action tasks of the rollout being driven, by seq (seqs start again with each rollout).
+#[derive(Default)]
+pub(super) struct Tasks {
+    rollout: Option<RolloutId>,
+    slots: HashMap<u64, Slot>,
+}
+
+/// Starts a task for every in-flight action that has none, and forgets tasks whose action is
+/// no longer in flight (cancelled by the machine) or whose result could not be recorded (it
+/// is performed again).
+pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
+    if tasks.rollout != Some(r.id) {
+        // Another rollout: none of the previous one's tasks or early probes apply to it.
+        for (_, slot) in tasks.slots.drain() {
+            if let Slot::Running(h) = slot {
+                h.abort();
+            }
+        }
+        for (_, g) in lock(&cx.early).drain() {
+            g.handle.abort();
+        }
+        tasks.rollout = Some(r.id);
+    }
+    let tasks = &mut tasks.slots;
+    let in_flight = &r.in_flight;
+    tasks.retain(|seq, slot| {
+        if !in_flight.iter().any(|a| a.seq == *seq) {
+            if let Slot::Running(h) = slot {
+                h.abort();
+            }
+            return false;
+        }
+        if let Slot::Running(h) = slot
+            && h.is_finished()
+        {
+            match futures::FutureExt::now_or_never(h) {
+                // Recorded: the state read above may predate it, so never re-run it.
+                Some(Ok(Some(true))) => *slot = Slot::Recorded,
+                _ => return false,
+            }
+        }
+        true
+    });
+    // Early probes whose gate was never issued (the rollout went another way) are dropped.
+    lock(&cx.early).retain(|seq, g| {
+        let keep = *seq >= r.next_seq || in_flight.iter().any(|a| a.seq == *seq);
+        if !keep {
+            g.handle.abort();
+        }
+        keep
+    });
+    for a in in_flight {
+        if tasks.contains_key(&a.seq) {
+            continue;
+        }
+        let h = cx.scope.spawn(perform_and_record(
+            cx.clone(),
+            r.id,
+            r.package.clone(),
+            a.clone(),
+        ));
+        tasks.insert(a.seq, Slot::Running(h));
+    }
+}
+
+enum Slot {
+    Running(JoinHandle<Option<bool>>),
+    /// Finished and its result is in the log.
+    Recorded,
+}
+
+/// What an action of `node` needs to reach its agent: its address and step budgets.
+fn agent_of(cx: &TaskCx, rollout: RolloutId, node: &NodeId) -> Option<(String, Budgets)> {
+    cx.shared.read(|s| {
+        let preflight = s.rollouts.get(&rollout).map_or(PREFLIGHT_TIMEOUT, |r| {
+            Duration::from_millis(r.spec().preflight_timeout_ms)
+        });
+        s.nodes.get(node).map(|n| {
+            let activate = match n.activate_timeout_ms {
+                0 => UNKNOWN_ACTIVATE_TIMEOUT,
+                ms => Duration::from_millis(ms),
+            };
+            (
+                n.address.clone(),
+                Budgets {
+                    preflight,
+                    activate,
+                },
+            )
+        })
+    })
+}
+
+/// Performs an action and records its result; `false` when the result could not be recorded.
+pub(super) async fn perform_and_record(
+    cx: TaskCx,
+    rollout: RolloutId,
+    package: Option<orch_types::rollout::PackageRef>,
+    action: Action,
+) -> bool {
+    let Some((address, budgets)) = agent_of(&cx, rollout, &action.node) else {
+        let error = format!("node {} is not registered", action.node);
+        return record(&cx, rollout, &action, ActionResult::Failed { error }).await;
+    };
+    if let (ActionKind::Stage { .. }, Some(p)) = (&action.kind, &package)
+        && let Err(e) = cx.shared.ensure_blob(&p.sha256).await
+    {
+        let error = format!(
+            "package bytes unavailable on the leader: {}",
+            orch_types::error_chain(&e)
+        );
+        return record(&cx, rollout, &action, ActionResult::Failed { error }).await;
+    }
+    let actx = ActionCtx {
+        pool: &cx.shared.agents,
+        blobs: &cx.shared.blobs,
+        address: &address,
+        fence: pb::Fence {
+            term: cx.term,
+            rollout_id: rollout.to_string(),
+            step: action.seq,
+            cluster_id: cx.cluster_id.clone(),
+            deadline_unix_ms: 0,
+        },
+        package: package.as_ref(),
+        budgets,
+        liveness: Some(liveness_reporter(&cx)),
+    };
+    let performed = perform_or_take_early(&cx, &actx, rollout, &action).await;
+    record_performed(&cx, &actx, rollout, &action, performed).await
+}
+
+/// Performs `action`, or takes the outcome of its early health probe if one was started for
+/// exactly this action.
+async fn perform_or_take_early(
+    cx: &TaskCx,
+    actx: &ActionCtx<'_>,
+    rollout: RolloutId,
+    action: &Action,
+) -> Performed {
+    let started_early = lock(&cx.early).remove(&action.seq).and_then(|g| {
+        if g.action == *action {
+            Some(g.handle)
+        } else {
+            g.handle.abort();
+            None
+        }
+    });
+    match started_early {
+        Some(h) => {
+            tracing::info!(%action, rollout = %rollout, "performing (probing since the install)");
+            match h.await {
+                Ok(Some(p)) => p,
+                _ => perform(actx, action).await,
+            }
+        }
+        None => {
+            tracing::info!(%action, rollout = %rollout, "performing");
+            perform(actx, action).await
+        }
+    }
+}
+
+/// Records what performing `action` gave; `false` when it could not be recorded. A stale
+/// fence is recorded as a failure only while this coordinator still leads.
+async fn record_performed(
+    cx: &TaskCx,
+    actx: &ActionCtx<'_>,
+    rollout: RolloutId,
+    action: &Action,
+    performed: Performed,
+) -> bool {
+    let result = match performed {
+        Ok((result, versions)) => {
+            let gate_done = start_gate_early(cx, actx, rollout, action, &result).await;
+            let versions = versions.map(|r| Command::NodeVersions {
+                id: action.node.clone(),
+                versions: r.versions,
+                stamp: r.stamp,
+            });
+            return record_with(cx, rollout, action, result, versions, gate_done).await;
+        }
+        Err(CallError::Stale(msg)) if leads_in(&cx.shared, cx.term) => {
+            // This coordinator still leads, yet the agent holds a newer fence of this
+            // cluster: the step did not happen. Recorded as a failure so that the rollout's
+            // failure policy applies (instead of waiting forever).
+            tracing::warn!(%msg, "an agent refused a step with a newer fence while this coordinator leads");
+            let error = format!(
+                "the agent refused the step: {msg}; something else advanced its fence (another coordinator of this cluster, or a restored data directory)"
+            );
+            ActionResult::Failed { error }
+        }
+        Err(CallError::Stale(msg)) => {
+            tracing::warn!(%msg, "an agent saw a newer coordinator's fence; this driver stands down");
+            // The newer leader owns this action now.
+            return true;
+        }
+        Err(CallError::Step(error)) => ActionResult::Failed { error },
+        Err(CallError::Refused(error)) => ActionResult::Refused { error },
+    };
+    record(cx, rollout, action, result).await
+}
