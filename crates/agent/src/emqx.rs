@@ -96,7 +96,7 @@ impl EmqxDriver {
     fn step(&self, op: Op, args: &[&str]) -> Result<StepOutcome> {
         let table = self.table()?;
         // The script finds the package itself; the rules only need to know one could exist.
-        match rules::plan(&table, op, Some("emqx")).map_err(Error::Refused)? {
+        match rules::plan(&table, op, Some("emqx")).map_err(|r| Error::Refused(r.0))? {
             Plan::Already(msg) => Ok(StepOutcome {
                 changed: false,
                 messages: vec![msg],

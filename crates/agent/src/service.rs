@@ -35,7 +35,7 @@ pub(crate) struct Shared {
     pub health: HealthConfig,
     pub max_package_bytes: u64,
     /// Empty: signatures are not required.
-    pub trusted: orch_release::TrustedKeys,
+    pub trusted: orch_package::TrustedKeys,
     /// Held for the whole of a mutating step: one step at a time per node.
     pub steps: Arc<Mutex<FenceStore>>,
     /// The binding, highest fence and holder, readable without the step lock.
@@ -162,7 +162,7 @@ fn entries(v: &[VersionEntry]) -> Vec<pb::VersionEntry> {
 }
 
 fn joined(e: tokio::task::JoinError) -> Error {
-    Error::Internal(format!("step task failed: {e}"))
+    Error::task("the step task")(e)
 }
 
 impl AgentService {
@@ -263,9 +263,9 @@ impl AgentService {
             let zip = orch_release::store::find_package_in(&releases, v)?;
             // One pass over the file: the signature check verifies the digest first.
             if !trusted.is_empty() {
-                orch_release::store::check_signature(&zip, sha256, &trusted)?;
-            } else if orch_release::package::expected_digest(&zip, sha256)?.is_some() {
-                orch_release::package::digest_checked(&zip, sha256)?;
+                orch_package::signing::check_signature(&zip, sha256, &trusted)?;
+            } else if orch_package::digest::expected_digest(&zip, sha256)?.is_some() {
+                orch_package::digest::digest_checked(&zip, sha256)?;
             }
             Ok(())
         }
@@ -280,7 +280,28 @@ impl AgentService {
             .reported
     }
 
-    /// The usual shape of a versioned step: role check, version parse, then the step.
+    /// A step on one version: role check, version and expected digest parsed (refusals
+    /// audited), then [`AgentService::step`].
+    async fn versioned(
+        &self,
+        caller: (Caller, Result<(), Status>),
+        req: VersionCall,
+        f: impl FnOnce(&dyn Driver, Version, Option<&str>) -> Result<StepOutcome> + Send + 'static,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let call = Call {
+            caller: caller.0,
+            fence: req.fence,
+            force: req.force,
+            what: req.what,
+        };
+        self.check(&call, caller.1)?;
+        let v = self.parsed(&call, parse_version(&req.version))?;
+        let sha = self.parsed(&call, expected_sha256(req.sha256))?;
+        let reply = self.step(call, move |d| f(d, v, sha.as_deref())).await?;
+        Ok(Response::new(reply))
+    }
+
+    /// A versioned step without a package: `NAME VERSION` in the audit log.
     async fn version_step(
         &self,
         caller: (Caller, Result<(), Status>),
@@ -288,16 +309,54 @@ impl AgentService {
         r: pb::VersionRequest,
         f: fn(&dyn Driver, Version) -> Result<StepOutcome>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        let call = Call {
-            caller: caller.0,
+        let req = VersionCall {
+            what: format!("{name} {}", wire(&r.version)),
             fence: r.fence,
             force: r.force,
-            what: format!("{name} {}", wire(&r.version)),
+            version: r.version,
+            sha256: String::new(),
         };
-        self.check(&call, caller.1)?;
-        let v = self.parsed(&call, parse_version(&r.version))?;
-        Ok(Response::new(self.step(call, move |d| f(d, v)).await?))
+        self.versioned(caller, req, move |d, v, _| f(d, v)).await
     }
+
+    /// A change of the fence files alone (no driver work): serialized with steps, published
+    /// to NodeInfo's view and audited, `changed` saying whether it changed anything.
+    async fn fence_change<T: Send + 'static>(
+        &self,
+        call: Call,
+        f: impl FnOnce(&mut FenceStore, &Call) -> Result<T> + Send + 'static,
+        changed: fn(&T) -> bool,
+    ) -> Result<T, Status> {
+        let guard = self.shared.steps.clone().lock_owned().await;
+        let shared = self.shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut fences = guard;
+            let r = f(&mut fences, &call);
+            shared.publish(&fences);
+            shared.record(
+                &call,
+                &match &r {
+                    Ok(v) => audit::ok(changed(v)),
+                    Err(e) => audit::error(e),
+                },
+            );
+            r
+        })
+        .await
+        .map_err(joined)??;
+        Ok(r)
+    }
+}
+
+/// What a versioned step's request says.
+struct VersionCall {
+    /// The step as the audit log shows it.
+    what: String,
+    fence: Option<pb::Fence>,
+    force: bool,
+    version: String,
+    /// The expected digest (empty: none).
+    sha256: String,
 }
 
 #[tonic::async_trait]
@@ -456,51 +515,43 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::UnpackRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        let (caller, allowed) = self.shared.caller(&req, MUTATE);
+        let caller = self.shared.caller(&req, MUTATE);
         let r = req.into_inner();
-        let call = Call {
-            caller,
+        let req = VersionCall {
+            what: format!("unpack {}", wire(&r.version)),
             fence: r.fence,
             force: r.force,
-            what: format!("unpack {}", wire(&r.version)),
+            version: r.version,
+            sha256: r.expected_sha256,
         };
-        self.check(&call, allowed)?;
-        let v = self.parsed(&call, parse_version(&r.version))?;
-        let sha = self.parsed(&call, expected_sha256(r.expected_sha256))?;
         let gate = self.signature_gate();
-        Ok(Response::new(
-            self.step(call, move |d| {
-                gate(d, v, sha.as_deref())?;
-                d.unpack(v, sha.as_deref())
-            })
-            .await?,
-        ))
+        self.versioned(caller, req, move |d, v, sha| {
+            gate(d, v, sha)?;
+            d.unpack(v, sha)
+        })
+        .await
     }
 
     async fn install(
         &self,
         req: Request<pb::InstallRequest>,
     ) -> Result<Response<pb::StepReply>, Status> {
-        let (caller, allowed) = self.shared.caller(&req, MUTATE);
+        let caller = self.shared.caller(&req, MUTATE);
         let r = req.into_inner();
         let p = r.permanent;
-        let call = Call {
-            caller,
+        let req = VersionCall {
+            what: format!("install {} permanent={p}", wire(&r.version)),
             fence: r.fence,
             force: r.force,
-            what: format!("install {} permanent={p}", wire(&r.version)),
+            version: r.version,
+            sha256: r.expected_sha256,
         };
-        self.check(&call, allowed)?;
-        let v = self.parsed(&call, parse_version(&r.version))?;
-        let sha = self.parsed(&call, expected_sha256(r.expected_sha256))?;
         let gate = self.signature_gate();
-        Ok(Response::new(
-            self.step(call, move |d| {
-                gate(d, v, sha.as_deref())?;
-                d.install(v, p, sha.as_deref())
-            })
-            .await?,
-        ))
+        self.versioned(caller, req, move |d, v, sha| {
+            gate(d, v, sha)?;
+            d.install(v, p, sha)
+        })
+        .await
     }
 
     async fn permanent(
@@ -557,23 +608,13 @@ impl Agent for AgentService {
                 )
             }),
         )?;
-        let guard = self.shared.steps.clone().lock_owned().await;
-        let shared = self.shared.clone();
-        let released = tokio::task::spawn_blocking(move || {
-            let mut fences = guard;
-            let r = fences.release(&fence, audit::now_ms());
-            shared.publish(&fences);
-            shared.record(
-                &call,
-                &match &r {
-                    Ok(released) => audit::ok(*released),
-                    Err(e) => audit::error(e),
-                },
-            );
-            r
-        })
-        .await
-        .map_err(joined)??;
+        let released = self
+            .fence_change(
+                call,
+                move |fences, _| fences.release(&fence, audit::now_ms()),
+                |released| *released,
+            )
+            .await?;
         Ok(Response::new(pb::ReleaseReply { released }))
     }
 
@@ -595,23 +636,15 @@ impl Agent for AgentService {
             },
         };
         self.check(&call, allowed)?;
-        let guard = self.shared.steps.clone().lock_owned().await;
-        let shared = self.shared.clone();
-        let (previous, cluster_id) = tokio::task::spawn_blocking(move || {
-            let mut fences = guard;
-            let r = fences.rebind(&r.cluster_id, &call.caller.to_string(), audit::now_ms());
-            shared.publish(&fences);
-            shared.record(
-                &call,
-                &match &r {
-                    Ok((previous, new)) => audit::ok(previous != new),
-                    Err(e) => audit::error(e),
+        let (previous, cluster_id) = self
+            .fence_change(
+                call,
+                move |fences, call| {
+                    fences.rebind(&r.cluster_id, &call.caller.to_string(), audit::now_ms())
                 },
-            );
-            r
-        })
-        .await
-        .map_err(joined)??;
+                |(previous, new)| previous != new,
+            )
+            .await?;
         Ok(Response::new(pb::RebindReply {
             previous_cluster_id: previous,
             cluster_id,
@@ -642,19 +675,9 @@ impl Agent for AgentService {
 
 /// Free bytes for unprivileged users on the root's file system (0 when unknown).
 fn free_disk(root: &std::path::Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
-        return 0;
-    };
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is a valid C string.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut s) == 0 {
-            (s.f_bavail as u64).saturating_mul(s.f_frsize as u64)
-        } else {
-            0
-        }
-    }
+    rustix::fs::statvfs(root)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(0)
 }
 
 /// The request's expected digest (empty: none). Its form is checked where the package is

@@ -18,7 +18,7 @@ pub enum Error {
     #[error("{0}")]
     Io(String),
     #[error(transparent)]
-    Release(#[from] orch_release::Error),
+    Package(#[from] orch_package::Error),
     #[error("{0}")]
     Internal(String),
 }
@@ -29,15 +29,17 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
             Error::BadRequest(_) => Code::InvalidArgument,
-            Error::Release(orch_release::Error::BadPackage { .. }) => Code::InvalidArgument,
-            Error::Release(orch_release::Error::Signature { .. }) => Code::PermissionDenied,
+            Error::Package(orch_package::Error::BadPackage { .. }) => Code::InvalidArgument,
+            Error::Package(orch_package::Error::Signature { .. }) => Code::PermissionDenied,
             Error::NotFound(_) => Code::NotFound,
             Error::Refused(_) => Code::FailedPrecondition,
             Error::Unavailable(_) | Error::NotLeader { .. } => Code::Unavailable,
             _ => Code::Internal,
         };
-        let mut st = Status::new(code, e.to_string());
-        if let Error::Release(orch_release::Error::Signature { .. }) = &e {
+        // The whole chain: a wrapped cause (the I/O error under a failed write) is not part of
+        // the top-level message.
+        let mut st = Status::new(code, orch_tls::error_chain(&e));
+        if let Error::Package(orch_package::Error::Signature { .. }) = &e {
             st.metadata_mut().insert(
                 "orch-error",
                 tonic::metadata::MetadataValue::from_static("signature"),

@@ -173,8 +173,16 @@ impl Security {
 /// A connection error with its causes: tonic's top-level message is only "transport error",
 /// while the causes say what went wrong (refused, TLS handshake, certificate not trusted).
 pub fn connect_error(e: &tonic::transport::Error) -> String {
+    error_chain(e)
+}
+
+/// An error and its causes on one line, `outer: cause: root cause`, each cause once: a cause
+/// whose text the message before it already contains (an error that prints its source itself)
+/// is skipped. This is the text for a gRPC status or a log line; `e.to_string()` alone would
+/// drop every cause an error returns through `source()`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = e.to_string();
-    let mut cur = std::error::Error::source(e);
+    let mut cur = e.source();
     while let Some(c) = cur {
         let m = c.to_string();
         if !msg.contains(&m) {
