@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use orch_types::Version;
 
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 use crate::fsutil::unique_suffix;
 
 /// How the switch was carried out.

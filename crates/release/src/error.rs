@@ -99,21 +99,6 @@ impl From<Refusal> for Error {
     }
 }
 
-/// Attaches the operation and path to an I/O error so the message is actionable.
-pub(crate) trait IoContext<T> {
-    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T>;
-}
-
-impl<T> IoContext<T> for std::io::Result<T> {
-    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 pub use orch_package::fsutil::unique_suffix;
 
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 
 /// [`orch_package::fsutil::fsync_dir`], with this crate's error.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
@@ -27,7 +29,8 @@ pub(crate) fn syncfs(dir: &Path) -> Result<()> {
     let d = File::open(dir).ctx("open for syncfs", dir)?;
     rustix::fs::syncfs(&d)
         .map_err(std::io::Error::from)
-        .ctx("syncfs", dir)
+        .ctx("syncfs", dir)?;
+    Ok(())
 }
 
 /// Removes a directory tree if it exists.
@@ -35,7 +38,7 @@ pub(crate) fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).ctx("remove", path),
+        Err(e) => Err(e).ctx("remove", path).map_err(Error::from),
     }
 }
 /// An exclusive advisory lock on the store (flock on `releases/.lock`), held until dropped.
@@ -78,7 +81,9 @@ impl StoreLock {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(TryLockError::Error(e)) => return Err(e).ctx("lock", &lock_path),
+                Err(TryLockError::Error(e)) => {
+                    return Err(e).ctx("lock", &lock_path).map_err(Error::from);
+                }
             }
         }
         // Best effort: the note is informational, the flock is what excludes.

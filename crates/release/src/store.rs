@@ -17,7 +17,9 @@ use orch_types::{Version, VersionEntry, parse_package_file_name};
 use serde::{Deserialize, Serialize};
 
 use crate::activate::{Activation, hook_for, run_hook};
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 use crate::fsutil::{StoreLock, fsync_dir, remove_tree, syncfs, unique_suffix, write_atomic};
 use crate::package::{self, Limits, MANIFEST, PackageInfo};
 use crate::rules::{self, Op, Plan, Releases};
@@ -232,7 +234,7 @@ impl Store {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Releases::default()),
-            Err(e) => return Err(e).ctx("read", &path),
+            Err(e) => return Err(e).ctx("read", &path).map_err(Error::from),
         };
         let file: StateFile = serde_json::from_slice(&bytes)
             .map_err(|e| self.undecodable(format!("{} is unreadable", path.display()), e))?;

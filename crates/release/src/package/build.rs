@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use orch_types::{Version, validate_package_name};
 
 use super::{MANIFEST, parse_manifest, sha256_file, sidecar_path};
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 use crate::fsutil::{unique_suffix, write_atomic};
 
 /// Builds `<out>/<name>-<version>.zip` and its `.sha256` from a directory. A `release.toml` in
@@ -38,7 +40,7 @@ pub fn build(src: &Path, name: &str, version: Version, out: &Path) -> Result<(Pa
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             Some(format!("name = \"{name}\"\nversion = \"{version}\"\n"))
         }
-        Err(e) => return Err(e).ctx("read", &manifest_path),
+        Err(e) => return Err(e).ctx("read", &manifest_path).map_err(Error::from),
     };
     let mut files = Vec::new();
     walk(src, Path::new(""), &mut files)?;

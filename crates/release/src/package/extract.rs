@@ -15,7 +15,9 @@ use sha2::{Digest, Sha256};
 
 use super::check::{Kind, classify, open_checked, safe_relative_path};
 use super::{Limits, MANIFEST, PackageInfo, bad, copy_capped, expected_digest, hex, short_entry};
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 
 /// A positional reader over a shared open file: every clone reads the same file (the one whose
 /// digest is checked) without sharing a file offset, so extraction threads need no lock.

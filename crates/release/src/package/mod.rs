@@ -28,7 +28,9 @@ pub use orch_package::manifest::{
 };
 use orch_types::Version;
 
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 use check::{Kind, classify, open_checked, safe_relative_path};
 
 /// Caps that bound what a package may expand to (zip-bomb protection).
