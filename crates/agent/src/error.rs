@@ -61,7 +61,13 @@ pub enum Error {
     )]
     Forbidden { caller: String },
     #[error("driver {driver}: {msg}")]
-    Driver { driver: &'static str, msg: String },
+    Driver {
+        driver: &'static str,
+        msg: String,
+        /// The tool could not be run or waited for.
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// A file of the agent's own state could not be read or written.
     #[error("{op} {path}")]
     Io {
