@@ -223,7 +223,23 @@ fn trim(addr: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        // A cause returned by source() only, and one its parent already prints.
+        let missing = Error::io("/nowhere/ca.pem", io::Error::from_raw_os_error(2));
+        let line = error_chain(&missing);
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+        assert!(line.starts_with("/nowhere/ca.pem: "), "{line}");
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct PrintsItsSource(#[source] io::Error);
+        let both = PrintsItsSource(io::Error::other("inner"));
+        assert_eq!(error_chain(&both), "outer: inner");
+    }
 
     #[test]
     fn insecure_is_loopback_only_unless_allowed() {
