@@ -102,6 +102,14 @@ pub enum Error {
     Health(String),
     #[error("{0}")]
     Start(String),
+    /// `--inherit-fd` or `--ready-fd` names a descriptor this process cannot take over.
+    #[error("{flag} {fd}")]
+    Inherited {
+        flag: &'static str,
+        fd: i32,
+        #[source]
+        reason: server::Unfit,
+    },
     #[error("{0}")]
     Stop(String),
     #[error("cannot signal pid {pid}")]

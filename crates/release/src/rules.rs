@@ -391,13 +391,13 @@ fn plan_downgrade(table: &Releases, v: Version) -> Result<Plan, Refusal> {
     }
 }
 
+/// The release directories present: version -> the package name in its manifest.
+pub type ReleaseDirs = BTreeMap<Version, String>;
+
 /// Repairs a table against the release directories actually present (after a crash between a
 /// directory rename and the state write). Returns the repaired table and what was repaired, or
 /// an error when a running or permanent release has lost its directory.
-pub fn reconcile(
-    table: &Releases,
-    dirs: &BTreeMap<Version, String>,
-) -> Result<(Releases, Vec<String>), Refusal> {
+pub fn reconcile(table: &Releases, dirs: &ReleaseDirs) -> Result<(Releases, Vec<String>), Refusal> {
     let mut next = table.clone();
     let mut notes = Vec::new();
     for (v, r) in &table.releases {

@@ -263,7 +263,7 @@ impl Store {
     }
 
     /// Release directories present: `releases/<x.y.z>/release.toml` whose manifest agrees.
-    fn scan_dirs(&self) -> Result<BTreeMap<Version, String>> {
+    fn scan_dirs(&self) -> Result<rules::ReleaseDirs> {
         let mut out = BTreeMap::new();
         for entry in fs::read_dir(&self.releases).ctx("read directory", &self.releases)? {
             let entry = entry.ctx("read directory", &self.releases)?;

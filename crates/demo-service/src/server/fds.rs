@@ -10,25 +10,38 @@ use tokio::net::UnixListener;
 use crate::Error;
 use crate::layout::Paths;
 
+/// Why an inherited descriptor was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Unfit {
+    #[error("is a standard stream")]
+    StandardStream,
+    #[error("not a socket")]
+    NotSocket(#[source] std::io::Error),
+    #[error("not a listening socket")]
+    NotListening,
+    #[error("not an open descriptor")]
+    NotOpen(#[source] std::io::Error),
+}
+
 /// Checks an inherited descriptor number with `check` (which must not close it), marks it
 /// close-on-exec, and only then takes ownership of it: taking a wrong descriptor would close
 /// something else on drop. Numbers 0-2 are the standard streams, never an inherited socket.
 fn take_inherited(
     fd: RawFd,
-    flag: &str,
-    check: impl FnOnce(BorrowedFd<'_>) -> Result<(), String>,
+    flag: &'static str,
+    check: impl FnOnce(BorrowedFd<'_>) -> Result<(), Unfit>,
 ) -> Result<OwnedFd, Error> {
-    let err = |m: String| Error::Start(format!("{flag} {fd}: {m}"));
+    let unfit = |reason| Error::Inherited { flag, fd, reason };
     if fd <= 2 {
-        return Err(err("is a standard stream".into()));
+        return Err(unfit(Unfit::StandardStream));
     }
     // SAFETY: only syscalls use the borrowed number, and they fail cleanly (EBADF) if it is not
     // open; nothing closes it while borrowed.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    check(borrowed).map_err(err)?;
-    let flags = rustix::io::fcntl_getfd(borrowed).map_err(|e| err(e.to_string()))?;
-    rustix::io::fcntl_setfd(borrowed, flags | rustix::io::FdFlags::CLOEXEC)
-        .map_err(|e| err(e.to_string()))?;
+    check(borrowed).map_err(unfit)?;
+    rustix::io::fcntl_getfd(borrowed)
+        .and_then(|flags| rustix::io::fcntl_setfd(borrowed, flags | rustix::io::FdFlags::CLOEXEC))
+        .map_err(|e| unfit(Unfit::NotOpen(e.into())))?;
     // SAFETY: checked above that the descriptor is open; it was inherited for us alone and
     // nothing else in this process owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -41,8 +54,8 @@ pub(super) fn take_listener_fd(fd: RawFd) -> Result<std::net::TcpListener, Error
         "--inherit-fd",
         |b| match rustix::net::sockopt::socket_acceptconn(b) {
             Ok(true) => Ok(()),
-            Ok(false) => Err("not a listening socket".into()),
-            Err(e) => Err(format!("not a socket: {}", std::io::Error::from(e))),
+            Ok(false) => Err(Unfit::NotListening),
+            Err(e) => Err(Unfit::NotSocket(e.into())),
         },
     )?;
     Ok(std::net::TcpListener::from(owned))

@@ -5,6 +5,8 @@ mod fds;
 mod handover;
 mod respond;
 
+pub use fds::Unfit;
+
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
