@@ -314,7 +314,7 @@ fn claim_data_dir(dir: &std::path::Path, id: u64) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            orch_release::fsutil::write_atomic(&path, format!("{id}\n").as_bytes())
+            orch_package::fsutil::write_atomic(&path, format!("{id}\n").as_bytes())
                 .map_err(|e| Error::io(format!("record {}", path.display()), e))
         }
         Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
@@ -352,10 +352,11 @@ fn warn_on_peer_mismatch(config: &CoordinatorConfig, status: &raft::RaftStatus) 
 
 /// Loads `--trusted-key` files; one that cannot be read stops the daemon (a typo must not
 /// silently turn signature checks off or lock out good packages).
-fn load_trusted_keys(paths: &[PathBuf]) -> Result<orch_release::TrustedKeys> {
-    let keys = orch_release::TrustedKeys::load(paths).map_err(|e| {
+fn load_trusted_keys(paths: &[PathBuf]) -> Result<orch_package::TrustedKeys> {
+    let keys = orch_package::TrustedKeys::load(paths).map_err(|e| {
         Error::Refused(format!(
-            "cannot load a --trusted-key: {e}; fix the path or the file and restart"
+            "cannot load a --trusted-key: {}; fix the path or the file and restart",
+            orch_tls::error_chain(&e)
         ))
     })?;
     if !keys.is_empty() {
