@@ -63,6 +63,12 @@ pub struct Metrics {
     nodes_by_step: Family<StepLabel, Gauge>,
     since_progress: Gauge<f64, AtomicU64>,
     nodes: Family<NodeState, Gauge>,
+    raft: RaftGauges,
+    seen: Mutex<Option<Seen>>,
+}
+
+/// Raft's view from this coordinator, read at scrape time.
+struct RaftGauges {
     term: Gauge,
     is_leader: Gauge,
     leader_id: Gauge,
@@ -70,7 +76,39 @@ pub struct Metrics {
     applied_index: Gauge,
     log_entries: Gauge,
     log_bytes: Gauge,
-    seen: Mutex<Option<Seen>>,
+}
+
+impl RaftGauges {
+    fn new(r: &mut Registry) -> RaftGauges {
+        let g = Gauge::default;
+        RaftGauges {
+            term: reg(r, "raft_term", "Current Raft term", None, g()),
+            is_leader: reg(
+                r,
+                "raft_is_leader",
+                "1 if this coordinator leads",
+                None,
+                g(),
+            ),
+            leader_id: reg(
+                r,
+                "raft_leader_id",
+                "Leader known here (0: none)",
+                None,
+                g(),
+            ),
+            commit_index: reg(r, "raft_commit_index", "Last committed index", None, g()),
+            applied_index: reg(r, "raft_applied_index", "Last applied index", None, g()),
+            log_entries: reg(r, "raft_log_entries", "Entries not yet purged", None, g()),
+            log_bytes: reg(
+                r,
+                "raft_storage",
+                "Raft files on disk",
+                Some(Unit::Bytes),
+                g(),
+            ),
+        }
+    }
 }
 
 fn step_histogram() -> Histogram {
@@ -78,125 +116,94 @@ fn step_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
 }
 
+/// Registers `metric` (with a unit suffix when given) and hands it back.
+fn reg<M>(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    match unit {
+        Some(u) => r.register_with_unit(name, help, u, metric.clone()),
+        None => r.register(name, help, metric.clone()),
+    }
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("orchestrator");
-        let rollouts = Family::default();
-        registry.register(
-            "rollouts",
-            "Rollouts that ended, by outcome",
-            rollouts.clone(),
-        );
-        let gate_failures = Counter::default();
-        registry.register(
-            "health_gate_failures",
-            "Nodes that failed their health gate after an upgrade step",
-            gate_failures.clone(),
-        );
+        let mut r = Registry::with_prefix("orchestrator");
+        let r = &mut r;
+        let (s, b) = (Some(Unit::Seconds), Some(Unit::Bytes));
         let step_duration = Family::new_with_constructor(step_histogram as fn() -> Histogram);
-        registry.register_with_unit(
-            "step_duration",
-            "Duration of the agent steps this coordinator drove, by kind",
-            Unit::Seconds,
-            step_duration.clone(),
-        );
-        let package_uploaded = Counter::default();
-        registry.register_with_unit(
-            "package_uploaded",
-            "Package bytes uploaded to this coordinator",
-            Unit::Bytes,
-            package_uploaded.clone(),
-        );
-        let package_pushed = Counter::default();
-        registry.register_with_unit(
-            "package_pushed",
-            "Package bytes this coordinator pushed to agents",
-            Unit::Bytes,
-            package_pushed.clone(),
-        );
-        let phase = Family::default();
-        registry.register(
-            "rollout_phase",
-            "The latest rollout's phase (1 for its phase, 0 for the others)",
-            phase.clone(),
-        );
-        let nodes_by_step = Family::default();
-        registry.register(
-            "rollout_nodes",
-            "Nodes of the latest rollout by step",
-            nodes_by_step.clone(),
-        );
-        let since_progress = Gauge::<f64, AtomicU64>::default();
-        registry.register_with_unit(
-            "rollout_since_progress",
-            "Time since the running rollout's last event (0 when none runs)",
-            Unit::Seconds,
-            since_progress.clone(),
-        );
-        let nodes = Family::default();
-        registry.register(
-            "nodes",
-            "Registered nodes: responsive, unresponsive (during a step), or with an id conflict",
-            nodes.clone(),
-        );
-        let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let g = Gauge::default();
-            registry.register(name, help, g.clone());
-            g
-        };
-        let term = gauge(&mut registry, "raft_term", "Current Raft term");
-        let is_leader = gauge(
-            &mut registry,
-            "raft_is_leader",
-            "1 if this coordinator leads",
-        );
-        let leader_id = gauge(
-            &mut registry,
-            "raft_leader_id",
-            "Id of the leader this coordinator knows (0: none)",
-        );
-        let commit_index = gauge(
-            &mut registry,
-            "raft_commit_index",
-            "Last committed log index",
-        );
-        let applied_index = gauge(
-            &mut registry,
-            "raft_applied_index",
-            "Last applied log index",
-        );
-        let log_entries = gauge(
-            &mut registry,
-            "raft_log_entries",
-            "Entries in this coordinator's Raft log (not yet purged)",
-        );
-        let log_bytes = Gauge::default();
-        registry.register_with_unit(
-            "raft_storage",
-            "Size of the Raft log and state files on disk",
-            Unit::Bytes,
-            log_bytes.clone(),
-        );
-        Metrics {
-            registry,
-            rollouts,
-            gate_failures,
-            step_duration,
-            package_uploaded,
-            package_pushed,
-            phase,
-            nodes_by_step,
-            since_progress,
-            nodes,
-            term,
-            is_leader,
-            leader_id,
-            commit_index,
-            applied_index,
-            log_entries,
-            log_bytes,
+        let mut m = Metrics {
+            rollouts: reg(
+                r,
+                "rollouts",
+                "Rollouts that ended, by outcome",
+                None,
+                Family::default(),
+            ),
+            gate_failures: reg(
+                r,
+                "health_gate_failures",
+                "Nodes that failed their health gate after an upgrade step",
+                None,
+                Counter::default(),
+            ),
+            step_duration: reg(
+                r,
+                "step_duration",
+                "Duration of the agent steps this coordinator drove, by kind",
+                s.clone(),
+                step_duration,
+            ),
+            package_uploaded: reg(
+                r,
+                "package_uploaded",
+                "Package bytes uploaded to this coordinator",
+                b.clone(),
+                Counter::default(),
+            ),
+            package_pushed: reg(
+                r,
+                "package_pushed",
+                "Package bytes this coordinator pushed to agents",
+                b.clone(),
+                Counter::default(),
+            ),
+            phase: reg(
+                r,
+                "rollout_phase",
+                "The latest rollout's phase (1 for its phase, 0 for the others)",
+                None,
+                Family::default(),
+            ),
+            nodes_by_step: reg(
+                r,
+                "rollout_nodes",
+                "Nodes of the latest rollout by step",
+                None,
+                Family::default(),
+            ),
+            since_progress: reg(
+                r,
+                "rollout_since_progress",
+                "Time since the running rollout's last event (0 when none runs)",
+                s,
+                Gauge::<f64, AtomicU64>::default(),
+            ),
+            nodes: reg(
+                r,
+                "nodes",
+                "Registered nodes: responsive, unresponsive (during a step), or with an id conflict",
+                None,
+                Family::default(),
+            ),
+            raft: RaftGauges::new(r),
             seen: Mutex::new(None),
-        }
+            registry: Registry::default(),
+        };
+        m.registry = std::mem::take(r);
+        m
     }
 
     pub fn registry(&self) -> &Registry {
@@ -264,16 +271,20 @@ impl Metrics {
     }
 
     fn refresh_raft(&self, raft: &RaftStatus, storage_bytes: u64) {
-        self.term.set(raft.term as i64);
-        self.is_leader.set(i64::from(raft.role == Role::Leader));
-        self.leader_id
+        self.raft.term.set(raft.term as i64);
+        self.raft
+            .is_leader
+            .set(i64::from(raft.role == Role::Leader));
+        self.raft
+            .leader_id
             .set(raft.leader.as_ref().map_or(0, |l| l.0) as i64);
-        self.commit_index.set(raft.committed as i64);
-        self.applied_index.set(raft.last_applied as i64);
+        self.raft.commit_index.set(raft.committed as i64);
+        self.raft.applied_index.set(raft.last_applied as i64);
         let first = raft.purged.map_or(1, |p| p + 1);
-        self.log_entries
+        self.raft
+            .log_entries
             .set(raft.last_log_index.saturating_sub(first.saturating_sub(1)) as i64);
-        self.log_bytes.set(storage_bytes as i64);
+        self.raft.log_bytes.set(storage_bytes as i64);
     }
 
     fn count_from_state(&self, state: &ClusterState) {
