@@ -188,6 +188,9 @@ pub async fn serve(
     );
     let _registration = AbortOnDrop(start_registration(&config, local, &shared));
     tracing::info!(node = %config.node_id, addr = ?local, "agent listening");
+    // systemd's Type=notify: the store is open and the listener bound (no-op without
+    // NOTIFY_SOCKET).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let router = router.add_service(
         AgentServer::new(service::AgentService {
             shared: shared.clone(),

@@ -42,6 +42,10 @@ pub(crate) async fn keep_registered(
     let mut client = Client::new(coordinators, security);
     client.patience = Duration::from_secs(3);
     let mut registered = false;
+    // Failed registrations back off (with jitter, so a fleet restarted together does not
+    // call together) up to REFRESH; a success resets it.
+    let backoff = orch_retry::Backoff::new(RETRY, REFRESH);
+    let mut failures = backoff.start();
     loop {
         let d = driver.clone();
         // Before reading the releases (see `Stamp`).
@@ -72,16 +76,22 @@ pub(crate) async fn keep_registered(
                     tracing::info!(node = %node_id, %address, "registered with the coordinators");
                 }
                 registered = true;
+                failures = backoff.start();
             }
             Err(e) => {
                 tracing::warn!(node = %node_id, "registration failed (will retry): {e}");
                 registered = false;
             }
         }
+        let pause = if registered {
+            REFRESH
+        } else {
+            failures.next_delay().unwrap_or(REFRESH)
+        };
         // Woken early when the node changed outside a step (a reconcile after the service
         // restarted), so the coordinators learn it at once.
         tokio::select! {
-            () = tokio::time::sleep(if registered { REFRESH } else { RETRY }) => {}
+            () = tokio::time::sleep(pause) => {}
             () = changed.notified() => {}
         }
     }

@@ -18,7 +18,7 @@ pub fn run(a: AgentArgs) -> Result<()> {
         );
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(orch_agent::run(cfg, crate::daemon::shutdown_signal()))?;
+    rt.block_on(async { orch_agent::run(cfg, crate::daemon::shutdown_signal()).await })?;
     Ok(())
 }
 

@@ -64,7 +64,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     }
     bound_malloc_arenas();
     tokio::runtime::Runtime::new()?
-        .block_on(orch_coordinator::run(cfg, crate::daemon::shutdown_signal()))?;
+        .block_on(async { orch_coordinator::run(cfg, crate::daemon::shutdown_signal()).await })?;
     Ok(())
 }
 

@@ -41,12 +41,19 @@ pub fn run(args: DemoArgs, g: &GlobalOpts) -> Result<()> {
     let mut printer = Printer;
     let mut report = |r: Report<'_>| printer.print(r);
     let mut cluster = DemoCluster::start(&config, &mut report)?;
+    if let Some(url) = cluster.dashboard_urls().first() {
+        println!("Dashboard and metrics: {url} (every coordinator serves one; see docs/api.md)");
+    }
     let rt = tokio::runtime::Runtime::new()?;
-    let outcome = rt.block_on(cluster.run(&mut report, crate::daemon::shutdown_signal()))?;
+    let outcome = rt.block_on(async {
+        cluster
+            .run(&mut report, crate::daemon::shutdown_signal())
+            .await
+    })?;
     summary(&outcome);
     if args.keep {
         next_steps(&exe, &cluster, &dir, true);
-        rt.block_on(crate::daemon::shutdown_signal());
+        rt.block_on(async { crate::daemon::shutdown_signal().await });
         cluster.stop();
     } else {
         cluster.stop();
@@ -195,6 +202,17 @@ fn next_steps(exe: &Path, cluster: &DemoCluster, dir: &Path, running: bool) {
         }
         None => " --insecure",
     };
+    if let Some(url) = cluster.dashboard_urls().first() {
+        match cluster.operator_tls_dir() {
+            Some(d) => println!(
+                "  curl --cacert {ca} --cert {cert} --key {key} {url}api/v1/nodes   # the dashboard's API; a browser needs the certificate too (docs/api.md)",
+                ca = shell_quote(&d.join("ca.pem")),
+                cert = shell_quote(&d.join("cert.pem")),
+                key = shell_quote(&d.join("key.pem")),
+            ),
+            None => println!("  open {url}   # the live dashboard"),
+        }
+    }
     let pkgs = dir.join("packages");
     println!("  {bin} nodes{tls}");
     println!("  {bin} rollouts{tls}");

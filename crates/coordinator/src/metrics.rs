@@ -116,6 +116,19 @@ fn step_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
 }
 
+/// The `kind` label of an action's step.
+pub fn kind_of(kind: &orch_rollout::ActionKind) -> &'static str {
+    use orch_rollout::ActionKind as K;
+    match kind {
+        K::Preflight => "preflight",
+        K::Stage { .. } => "stage",
+        K::Install { .. } => "install",
+        K::Commit { .. } => "commit",
+        K::Downgrade { .. } => "downgrade",
+        K::HealthGate { .. } => "health_gate",
+    }
+}
+
 /// Registers `metric` (with a unit suffix when given) and hands it back.
 fn reg<M>(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, metric: M) -> M
 where

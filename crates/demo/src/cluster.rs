@@ -20,6 +20,8 @@ pub struct DemoCluster {
     certs: Option<PathBuf>,
     /// The coordinators' `127.0.0.1:PORT` addresses.
     coordinators: Vec<String>,
+    /// Their dashboards' URLs (`--http-listen`).
+    dashboards: Vec<String>,
     /// Each node's demo-service address.
     pub(crate) services: Vec<SocketAddr>,
     /// The packages built for the rollouts: [`V1`], then [`V_BROKEN`] when the config asks for
@@ -44,6 +46,7 @@ impl DemoCluster {
             config: config.clone(),
             certs: None,
             coordinators: Vec::new(),
+            dashboards: Vec::new(),
             services: Vec::new(),
             packages: Vec::new(),
             children: Vec::new(),
@@ -71,6 +74,11 @@ impl DemoCluster {
     }
 
     /// The coordinators' addresses (what `ORCHESTRATOR_COORDINATORS` should hold).
+    /// The coordinators' dashboards (HTTPS under mutual TLS: a viewer certificate is needed).
+    pub fn dashboard_urls(&self) -> &[String] {
+        &self.dashboards
+    }
+
     pub fn coordinator_addrs(&self) -> &[String] {
         &self.coordinators
     }
@@ -175,6 +183,15 @@ impl DemoCluster {
                 base.join(format!("coordinator{id}")).display().to_string(),
             ];
             a.extend(self.tls_flags(&format!("coordinator-{id}")));
+            let http = format!("127.0.0.1:{}", free_port()?);
+            let scheme = if self.certs.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            self.dashboards.push(format!("{scheme}://{http}/"));
+            a.push("--http-listen".into());
+            a.push(http);
             for (j, peer) in self.coordinators.iter().enumerate() {
                 if j != i {
                     a.push("--peer".into());

@@ -269,6 +269,8 @@ pub struct ActionCtx<'a> {
     pub budgets: Budgets,
     /// Where pings report an unresponsive agent (none: not watched).
     pub liveness: Option<LivenessFn>,
+    /// Where pushed bytes are counted.
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 impl ActionCtx<'_> {

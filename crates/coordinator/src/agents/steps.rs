@@ -214,7 +214,11 @@ async fn stage(
             async move { push(&mut c, cx.blobs, p, fence, &d).await }
         });
         match watched(cx, node, c, call).await {
-            Ok(_) => {}
+            Ok(reply) => {
+                if !reply.already {
+                    cx.metrics.package_pushed.inc_by(p.size);
+                }
+            }
             Err(CallError::Step(e)) => {
                 let error = format!("push: {e}");
                 return Ok((ActionResult::Failed { error }, None));

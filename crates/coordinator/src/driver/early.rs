@@ -91,6 +91,7 @@ pub(super) async fn start_gate_early(
             package: None,
             budgets,
             liveness,
+            metrics: &shared.metrics,
         };
         perform(&actx, &g).await
     });

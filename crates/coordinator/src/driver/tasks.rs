@@ -142,8 +142,14 @@ pub(super) async fn perform_and_record(
         package: package.as_ref(),
         budgets,
         liveness: Some(liveness_reporter(&cx)),
+        metrics: &cx.shared.metrics,
     };
+    let started = std::time::Instant::now();
     let performed = perform_or_take_early(&cx, &actx, rollout, &action).await;
+    cx.shared.metrics.observe_step(
+        crate::metrics::kind_of(&action.kind),
+        started.elapsed().as_secs_f64(),
+    );
     record_performed(&cx, &actx, rollout, &action, performed).await
 }
 
