@@ -16,7 +16,7 @@
 //! when the bed drops, also on panic. A test that needs Docker calls [`docker_or_skip`] first:
 //! without Docker it prints a loud, counted SKIPPED line and returns.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -61,14 +61,17 @@ pub fn docker_or_skip(test: &str) -> bool {
 pub fn image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let root = crate::target_dir()
+        // The workspace root is this crate's parent (the target dir may be elsewhere:
+        // CARGO_TARGET_DIR); build.sh finds the binaries through CARGO_TARGET_DIR too.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
-            .and_then(|p| p.parent())
             .map(PathBuf::from)
             .expect("workspace root");
         let mut cmd = Command::new(root.join("deploy/image/build.sh"));
+        let target = crate::target_dir();
         cmd.env("PROFILE", "dev")
             .env("TAG", IMAGE)
+            .env("CARGO_TARGET_DIR", target.parent().unwrap_or(&target))
             .current_dir(&root);
         let o = run_bounded(cmd, Duration::from_secs(1200));
         assert!(

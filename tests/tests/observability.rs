@@ -273,6 +273,27 @@ fn prometheus_scrapes_the_cluster_and_sees_the_rollout() {
     assert_eq!(code, 200);
     promtool_check(&body);
 
+    // The shipped alert rules are valid and name metrics that exist.
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml");
+    let o = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let text = std::fs::read_to_string(&rules).unwrap();
+    for name in text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("orchestrator_"))
+    {
+        let base = name.trim_end_matches("_total");
+        assert!(
+            body.contains(base),
+            "alerts.yml uses {name}, which /metrics does not serve"
+        );
+    }
+
     let prom = Prometheus::start(&addrs, &viewer);
     prom.wait_for("count(up == 1)", "all three coordinators scraped", |v| {
         v == 3.0
