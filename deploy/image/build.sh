@@ -26,7 +26,7 @@ mkdir -p "$root"/usr/local/bin "$root"/usr/local/share/orchestrator "$root"/bin 
     "$root"/tmp "$root"/data "$root"/root
 chmod 1777 "$root"/tmp
 for b in orchestrator demo-service; do
-    cp "target/$dir/$b" "$root/usr/local/bin/$b"
+    cp "${CARGO_TARGET_DIR:-target}/$dir/$b" "$root/usr/local/bin/$b"
     strip "$root/usr/local/bin/$b" 2>/dev/null || true
 done
 cp "$(readlink -f /bin/sh)" "$root/bin/sh"

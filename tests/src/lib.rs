@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod containers;
+pub mod http;
 pub mod pty;
 
 use std::fs;

@@ -135,7 +135,7 @@ pub fn ok(changed: bool) -> String {
 /// `refused <kind>: ...` or `failed <kind>: ...`.
 pub fn error(e: &Error) -> String {
     let verdict = if e.is_failure() { "failed" } else { "refused" };
-    format!("{verdict} {}: {}", e.kind(), message(&e.to_string()))
+    format!("{verdict} {}: {}", e.kind(), message(&e.message()))
 }
 
 /// A status the agent did not make itself (the role check): `refused <kind>: ...`, the kind

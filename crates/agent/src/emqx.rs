@@ -30,6 +30,16 @@ impl EmqxDriver {
         Error::Driver {
             driver: "emqx",
             msg,
+            source: None,
+        }
+    }
+
+    /// `msg`, caused by an I/O error, for `map_err`.
+    fn io_fail(&self, msg: String) -> impl FnOnce(std::io::Error) -> Error {
+        move |e| Error::Driver {
+            driver: "emqx",
+            msg,
+            source: Some(e),
         }
     }
 
@@ -42,7 +52,7 @@ impl EmqxDriver {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| self.fail(format!("cannot run {shown}: {e}")))?;
+            .map_err(self.io_fail(format!("cannot run {shown}")))?;
         // Read both pipes on threads so a chatty script cannot block on a full pipe.
         let out = child.stdout.take().map(read_all);
         let err = child.stderr.take().map(read_all);
@@ -59,7 +69,7 @@ impl EmqxDriver {
                     )));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => return Err(self.fail(format!("waiting for {shown}: {e}"))),
+                Err(e) => return Err(self.io_fail(format!("waiting for {shown}"))(e)),
             }
         };
         let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
@@ -96,7 +106,7 @@ impl EmqxDriver {
     fn step(&self, op: Op, args: &[&str]) -> Result<StepOutcome> {
         let table = self.table()?;
         // The script finds the package itself; the rules only need to know one could exist.
-        match rules::plan(&table, op, Some("emqx")).map_err(Error::Refused)? {
+        match rules::plan(&table, op, Some("emqx")).map_err(|r| Error::Refused(r.0))? {
             Plan::Already(msg) => Ok(StepOutcome {
                 changed: false,
                 messages: vec![msg],

@@ -1,5 +1,7 @@
 //! The agent's error type and its mapping onto gRPC statuses (see proto/agent.proto).
 
+use std::path::PathBuf;
+
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,19 +61,84 @@ pub enum Error {
     )]
     Forbidden { caller: String },
     #[error("driver {driver}: {msg}")]
-    Driver { driver: &'static str, msg: String },
-    #[error("{0}")]
-    Internal(String),
+    Driver {
+        driver: &'static str,
+        msg: String,
+        /// The tool could not be run or waited for.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// A file of the agent's own state could not be read or written.
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `fence.json` or `cluster.json` does not decode.
+    #[error("{path} is unreadable; restore it or remove it only if no coordinator is running")]
+    StateFile {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encode {path}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The blocking half of a call panicked or was cancelled.
+    #[error("{what} failed")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The request went away while its upload was being written; the upload was discarded.
+    #[error("upload abandoned by its request; discarded")]
+    Abandoned,
+    /// Start-up: the TLS settings do not fit this daemon.
+    #[error(transparent)]
+    Tls(#[from] orch_tls::Error),
+    #[error("cannot load a --trusted-key (fix the path or the file and restart)")]
+    TrustedKeys(#[source] orch_package::signing::Error),
+    #[error("another agent already serves {root}; stop it first")]
+    AgentLocked {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server stopped")]
+    Serve(#[source] tonic::transport::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A package-format error is reported as the store reports it (same variants, same kinds).
+impl From<orch_package::Error> for Error {
+    fn from(e: orch_package::Error) -> Error {
+        Error::Store(e.into())
+    }
+}
 
 impl Error {
     /// The machine-readable kind carried in the `orch-error` metadata.
     pub fn kind(&self) -> &'static str {
         use orch_release::Error as S;
         match self {
-            Error::Store(S::Refused(_)) | Error::Refused(_) => "refused",
+            Error::Store(S::Refused(_))
+            | Error::Refused(_)
+            | Error::Tls(_)
+            | Error::TrustedKeys(_)
+            | Error::AgentLocked { .. } => "refused",
             Error::Store(S::BadPackage { .. }) | Error::BadRequest(_) => "bad-package",
             Error::InvalidFence(_) => "bad-request",
             Error::Store(S::Signature { .. }) => "signature",
@@ -84,7 +151,14 @@ impl Error {
             Error::Deadline { .. } => "deadline",
             Error::Forbidden { .. } => "forbidden",
             Error::Driver { .. } => "activation",
-            Error::Store(_) | Error::Internal(_) => "internal",
+            Error::Store(_)
+            | Error::Io { .. }
+            | Error::StateFile { .. }
+            | Error::Encode { .. }
+            | Error::Task { .. }
+            | Error::Abandoned
+            | Error::Listen { .. }
+            | Error::Serve(_) => "internal",
         }
     }
 
@@ -93,6 +167,25 @@ impl Error {
     /// for these and `refused` for the rest.
     pub fn is_failure(&self) -> bool {
         matches!(self.kind(), "activation" | "internal")
+    }
+
+    /// The message with every cause, once each: what callers and the audit log see.
+    pub fn message(&self) -> String {
+        orch_tls::error_chain(self)
+    }
+
+    /// An I/O error on `path` while doing `op`, for `map_err`.
+    pub(crate) fn io(
+        op: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.to_path_buf();
+        move |source| Error::Io { op, path, source }
+    }
+
+    /// A failed blocking task, for `map_err`.
+    pub(crate) fn task(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
+        move |source| Error::Task { what, source }
     }
 }
 
@@ -109,7 +202,7 @@ impl From<Error> for Status {
             "busy" => Code::Unavailable,
             _ => Code::Internal,
         };
-        let mut st = Status::new(code, e.to_string());
+        let mut st = Status::new(code, e.message());
         st.metadata_mut().insert(
             "orch-error",
             tonic::metadata::MetadataValue::from_static(e.kind()),

@@ -79,17 +79,30 @@ impl Fence {
     }
 }
 
+/// Why a cluster id is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterIdError {
+    #[error("the cluster id is empty (a coordinator's fence names its cluster)")]
+    Empty,
+    #[error(
+        "cluster id {shown:?} is not 1-{MAX_CLUSTER_ID} printable ASCII characters without spaces"
+    )]
+    Invalid {
+        /// The id's first 64 characters.
+        shown: String,
+    },
+}
+
 /// A cluster id must be 1-128 printable ASCII characters without spaces: it is shown in
 /// refusals and audit lines as it is.
-pub fn validate_cluster_id(id: &str) -> std::result::Result<(), String> {
+pub fn validate_cluster_id(id: &str) -> std::result::Result<(), ClusterIdError> {
     if id.is_empty() {
-        return Err("the cluster id is empty (a coordinator's fence names its cluster)".into());
+        return Err(ClusterIdError::Empty);
     }
     if id.len() > MAX_CLUSTER_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "cluster id {:?} is not 1-{MAX_CLUSTER_ID} printable ASCII characters without spaces",
-            id.chars().take(64).collect::<String>()
-        ));
+        return Err(ClusterIdError::Invalid {
+            shown: id.chars().take(64).collect(),
+        });
     }
     Ok(())
 }
@@ -165,21 +178,23 @@ pub struct FenceStore {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-            Error::Internal(format!(
-                "{} is unreadable ({e}); restore it or remove it only if no coordinator is running",
-                path.display()
-            ))
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|source| Error::StateFile {
+                path: path.to_path_buf(),
+                source,
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Internal(format!("read {}: {e}", path.display()))),
+        Err(e) => Err(Error::io("read", path)(e)),
     }
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    let bytes = serde_json::to_vec(v)
-        .map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))?;
-    orch_release::fsutil::write_atomic(path, &bytes)?;
+    let bytes = serde_json::to_vec(v).map_err(|source| Error::Encode {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    orch_package::fsutil::write_atomic(path, &bytes)?;
     Ok(())
 }
 
@@ -187,8 +202,7 @@ impl FenceStore {
     /// Loads `DIR/cluster.json` and `DIR/fence.json`; missing files mean "not bound" and "no
     /// fence yet".
     pub fn open(dir: &Path, node: &str) -> Result<FenceStore> {
-        fs::create_dir_all(dir)
-            .map_err(|e| Error::Internal(format!("create {}: {e}", dir.display())))?;
+        fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
         let fence_path = dir.join("fence.json");
         let cluster_path = dir.join("cluster.json");
         let cluster = read_json::<ClusterFile>(&cluster_path)?.filter(|c| !c.cluster_id.is_empty());
@@ -370,7 +384,7 @@ impl FenceStore {
     /// stored fence stays: it counts again only if the node is bound to its cluster again.
     pub fn rebind(&mut self, cluster_id: &str, by: &str, now_ms: u64) -> Result<(String, String)> {
         if !cluster_id.is_empty() {
-            validate_cluster_id(cluster_id).map_err(Error::InvalidFence)?;
+            validate_cluster_id(cluster_id).map_err(|e| Error::InvalidFence(e.to_string()))?;
         }
         let previous = self.cluster_id().unwrap_or_default().to_string();
         if previous != cluster_id {

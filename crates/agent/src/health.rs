@@ -33,31 +33,67 @@ pub struct HealthResult {
 
 const MAX_BODY: usize = 64 << 10;
 
-/// GETs `url`; returns (status, body) or a reason.
-async fn get(url: &str, timeout: Duration) -> Result<(u16, Bytes), String> {
-    let uri: hyper::Uri = url
-        .parse()
-        .map_err(|e| format!("invalid health URL {url:?}: {e}"))?;
+/// Why a health URL could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("invalid health URL {url:?}")]
+    BadUrl {
+        url: String,
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("health URL {url:?} must be http://")]
+    NotHttp { url: String },
+    #[error("GET {url}")]
+    Get {
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("GET {url}: reading body")]
+    Body {
+        url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("GET {url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
+/// GETs `url`; returns (status, body).
+async fn get(url: &str, timeout: Duration) -> Result<(u16, Bytes), ProbeError> {
+    let uri: hyper::Uri = url.parse().map_err(|source| ProbeError::BadUrl {
+        url: url.to_string(),
+        source,
+    })?;
     if uri.scheme_str() != Some("http") {
-        return Err(format!("health URL {url:?} must be http://"));
+        return Err(ProbeError::NotHttp {
+            url: url.to_string(),
+        });
     }
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let fut = async {
-        let resp = client
-            .get(uri)
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
+        let resp = client.get(uri).await.map_err(|source| ProbeError::Get {
+            url: url.to_string(),
+            source,
+        })?;
         let status = resp.status().as_u16();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| format!("GET {url}: reading body: {e}"))?
+            .map_err(|source| ProbeError::Body {
+                url: url.to_string(),
+                source,
+            })?
             .to_bytes();
         Ok((status, body))
     };
     tokio::time::timeout(timeout, fut)
         .await
-        .map_err(|_| format!("GET {url}: no answer within {timeout:?}"))?
+        .map_err(|_| ProbeError::Timeout {
+            url: url.to_string(),
+            timeout,
+        })?
 }
 
 /// The `version` string field of a JSON object body, if there is one.
@@ -80,12 +116,12 @@ pub fn body_identity(body: &[u8]) -> Option<String> {
 pub async fn probe_http(url: &str, timeout: Duration, expect: Option<Version>) -> HealthResult {
     let (status, body) = match get(url, timeout).await {
         Ok(r) => r,
-        Err(detail) => {
+        Err(e) => {
             return HealthResult {
                 healthy: false,
                 reported: None,
                 check: "http",
-                detail,
+                detail: orch_tls::error_chain(&e),
                 identity: None,
             };
         }

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use orch_proto::agent::agent_server::AgentServer;
 use orch_release::{Store, StoreConfig};
-use orch_tls::{Role, Security, ServerLimits};
+use orch_tls::{Daemon, Role, Security, ServerLimits};
 use orch_types::NodeId;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -133,10 +133,16 @@ pub struct AgentFileConfig {
 }
 
 impl AgentFileConfig {
-    pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.message().to_string())
+    pub fn parse(text: &str) -> std::result::Result<Self, ConfigFileError> {
+        toml::from_str(text).map_err(ConfigFileError)
     }
 }
+
+/// Why an agent config file was refused: the parser's one-line message (its full form quotes
+/// the file over several lines; the error itself keeps the position).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.message())]
+pub struct ConfigFileError(pub toml::de::Error);
 
 /// Largest gRPC message the agent accepts or sends (push chunks are 256 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
@@ -145,7 +151,10 @@ pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|e| Error::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
+        .map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
     serve(config, listener, shutdown).await
 }
 
@@ -156,30 +165,63 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let security = config.security.clone();
-    let refused = |e: orch_tls::Error| Error::Refused(e.to_string());
-    security
-        .expect_identity(Role::Agent, config.node_id.as_str())
-        .map_err(refused)?;
     let local = listener.local_addr().ok();
-    security
-        .check_listen(local.unwrap_or(config.listen), config.insecure_allow_remote)
-        .map_err(refused)?;
-    if security.is_insecure() {
-        tracing::warn!(
-            "agent serving plain-text gRPC (--insecure): anyone who can reach it can act on this node"
-        );
-    }
-    let trusted = orch_release::TrustedKeys::load(&config.trusted_keys).map_err(|e| {
-        Error::Refused(format!(
-            "cannot load a --trusted-key: {e}; fix the path or the file and restart"
-        ))
+    let router = config.security.daemon_server(&Daemon {
+        role: Role::Agent,
+        name: config.node_id.as_str(),
+        listen: local.unwrap_or(config.listen),
+        allow_remote: config.insecure_allow_remote,
+        limits: &config.limits,
+        descriptors: orch_proto::FILE_DESCRIPTOR_SET,
+        insecure_risk: "act on this node",
     })?;
+    let trusted = load_trusted_keys(&config.trusted_keys)?;
+    let (shared, _agent_lock) = open_node(&config, trusted)?;
+    // Before serving: the first report and the first step see a repaired store.
+    let seen = reconcile::at_start(&shared).await;
+    let _watcher = AbortOnDrop(
+        config
+            .health
+            .url
+            .is_some()
+            .then(|| tokio::spawn(reconcile::watch(shared.clone(), seen))),
+    );
+    let _registration = AbortOnDrop(start_registration(&config, local, &shared));
+    tracing::info!(node = %config.node_id, addr = ?local, "agent listening");
+    let router = router.add_service(
+        AgentServer::new(service::AgentService {
+            shared: shared.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    serve_until(
+        router,
+        listener,
+        shutdown,
+        &shared.steps,
+        config.shutdown_grace,
+    )
+    .await
+}
+
+/// `--trusted-key` files; none means packages need no signature.
+fn load_trusted_keys(paths: &[PathBuf]) -> Result<orch_package::TrustedKeys> {
+    let trusted = orch_package::TrustedKeys::load(paths).map_err(Error::TrustedKeys)?;
     if trusted.is_empty() {
         tracing::info!("no --trusted-key: packages are accepted without signatures");
     } else {
         tracing::info!(keys = ?trusted.ids(), "only packages signed by a trusted key are accepted");
     }
+    Ok(trusted)
+}
+
+/// Opens the node under `config.root_dir`: the release store and its driver, the fence files,
+/// and the lock that makes this the root's only agent (held until the returned file drops).
+fn open_node(
+    config: &AgentConfig,
+    trusted: orch_package::TrustedKeys,
+) -> Result<(Arc<service::Shared>, std::fs::File)> {
     let mut store_cfg = StoreConfig::new(&config.root_dir);
     store_cfg.trusted_keys = trusted.clone();
     store_cfg.activate_cmd = config.activate_cmd.clone();
@@ -195,98 +237,86 @@ pub async fn serve(
     let agent_dir = config.root_dir.join("agent");
     let fences = fence::FenceStore::open(&agent_dir, config.node_id.as_str())?;
     // One agent per root for the daemon's lifetime: two would each trust their own fence.
-    let lock_path = agent_dir.join("agent.lock");
-    let _agent_lock = std::fs::OpenOptions::new()
+    let agent_lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&lock_path)
+        .open(agent_dir.join("agent.lock"))
         .and_then(|f| f.try_lock().map(|()| f).map_err(std::io::Error::other))
-        .map_err(|e| {
-            Error::Refused(format!(
-                "another agent already serves {} ({e}); stop it first",
-                config.root_dir.display()
-            ))
+        .map_err(|source| Error::AgentLocked {
+            root: config.root_dir.clone(),
+            source,
         })?;
     // Only once this agent owns the root: another one's upload in progress is not stale.
     clear_stale_uploads(&releases_dir);
-    let view = std::sync::Mutex::new(fences.view());
-    let steps = Arc::new(Mutex::new(fences));
-    let changed = Arc::new(tokio::sync::Notify::new());
     let shared = Arc::new(service::Shared {
         node_id: config.node_id.to_string(),
-        auth: security.mode(),
+        auth: config.security.mode(),
         root: config.root_dir.clone(),
         labels: config.labels.clone(),
         driver,
         health: config.health.clone(),
         max_package_bytes: config.max_package_bytes,
         trusted,
-        steps: steps.clone(),
-        view,
+        view: std::sync::Mutex::new(fences.view()),
+        steps: Arc::new(Mutex::new(fences)),
         stamp: Arc::new(service::Stamp::new()),
         audit: audit::AuditLog::open(&agent_dir, config.node_id.as_str()),
         activate_timeout: config.activate_timeout,
-        changed: changed.clone(),
+        changed: Arc::new(tokio::sync::Notify::new()),
     });
-    // Before serving: the first report and the first step see a repaired store.
-    let seen = reconcile::at_start(&shared).await;
-    let watcher = config
-        .health
-        .url
-        .is_some()
-        .then(|| tokio::spawn(reconcile::watch(shared.clone(), seen)));
-    let svc = service::AgentService {
-        shared: shared.clone(),
-    };
-    let registration = (!config.coordinators.is_empty()).then(|| {
-        let address = config
-            .advertise
-            .clone()
-            .or_else(|| local.map(|a| a.to_string()))
-            .unwrap_or_else(|| config.listen.to_string());
-        tokio::spawn(register::keep_registered(
-            register::Registrant {
-                coordinators: config.coordinators.clone(),
-                node_id: config.node_id.to_string(),
-                address,
-                labels: config.labels.clone(),
-                activate_timeout: config.activate_timeout,
-            },
-            shared.driver.clone(),
-            shared.stamp.clone(),
-            security.clone(),
-            changed,
-        ))
-    });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    tracing::info!(node = %config.node_id, addr = ?local, "agent listening");
+    Ok((shared, agent_lock))
+}
+
+/// Keeps the node registered with `config.coordinators` (none: no registration).
+fn start_registration(
+    config: &AgentConfig,
+    local: Option<SocketAddr>,
+    shared: &Arc<service::Shared>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if config.coordinators.is_empty() {
+        return None;
+    }
+    let address = config
+        .advertise
+        .clone()
+        .or_else(|| local.map(|a| a.to_string()))
+        .unwrap_or_else(|| config.listen.to_string());
+    Some(tokio::spawn(register::keep_registered(
+        register::Registrant {
+            coordinators: config.coordinators.clone(),
+            node_id: config.node_id.to_string(),
+            address,
+            labels: config.labels.clone(),
+            activate_timeout: config.activate_timeout,
+        },
+        shared.driver.clone(),
+        shared.stamp.clone(),
+        config.security.clone(),
+        shared.changed.clone(),
+    )))
+}
+
+/// Serves `router` until `shutdown`; then stops accepting and waits up to `grace` for the
+/// in-flight step (which holds `steps`) to finish.
+async fn serve_until(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    steps: &Mutex<fence::FenceStore>,
+    grace: Duration,
+) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = security
-        .server(&config.limits)
-        .map_err(refused)?
-        .add_service(reflection)
-        .add_service(
-            AgentServer::new(svc)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(orch_tls::incoming(listener), async {
-            let _ = stop_rx.await;
-        });
+    let server = router.serve_with_incoming_shutdown(orch_tls::incoming(listener), async {
+        let _ = stop_rx.await;
+    });
     tokio::pin!(server);
-    let _registration = AbortOnDrop(registration);
-    let _watcher = AbortOnDrop(watcher);
     tokio::select! {
-        r = &mut server => return r.map_err(|e| Error::Internal(format!("server: {e}"))),
+        r = &mut server => return r.map_err(Error::Serve),
         () = shutdown => {}
     }
     tracing::info!("shutting down: no new requests; waiting for an in-flight step");
     let _ = stop_tx.send(());
-    let grace = config.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
         let _ = (&mut server).await;
         // The step lock is held by the blocking work itself, so this waits for it to finish.

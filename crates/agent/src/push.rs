@@ -11,10 +11,10 @@
 
 use std::path::{Path, PathBuf};
 
-use orch_release::fsutil::write_atomic;
-use orch_release::incoming::IncomingFile;
-use orch_release::package::{normalize_digest, sha256_file, sidecar_path};
-use orch_release::signing::{self, MAX_SIG_BYTES, TrustedKeys};
+use orch_package::digest::{normalize_digest, sha256_file, sidecar_path};
+use orch_package::fsutil::write_atomic;
+use orch_package::incoming::IncomingFile;
+use orch_package::signing::{self, MAX_SIG_BYTES, TrustedKeys};
 use orch_types::{Version, validate_package_name};
 
 use crate::error::{Error, Result};
@@ -79,15 +79,8 @@ impl Header {
             }
             return Ok(());
         }
-        trusted
-            .verify(self.signature.as_deref(), &self.sha256)
-            .map(|_| ())
-            .map_err(|reason| {
-                Error::Store(orch_release::Error::Signature {
-                    file: self.file_name(),
-                    reason,
-                })
-            })
+        trusted.verify_package(&self.file_name(), self.signature.as_deref(), &self.sha256)?;
+        Ok(())
     }
 
     pub fn file_name(&self) -> String {
@@ -150,7 +143,7 @@ impl Upload {
             Some(sig) => write_atomic(&sig_path, sig),
             None => match std::fs::remove_file(&sig_path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(orch_release::Error::Io {
+                    Err(orch_package::Error::Io {
                         op: "remove stale signature",
                         path: sig_path.clone(),
                         source: e,
@@ -197,7 +190,7 @@ impl Writer {
                     Some(Chunk::Data(d)) => upload.write(&d)?,
                     Some(Chunk::Finish) => return upload.finish(),
                     // The request went away: `upload` is dropped, removing its temp file.
-                    None => return Err(Error::Internal("upload abandoned".into())),
+                    None => return Err(Error::Abandoned),
                 }
             }
         });
@@ -215,9 +208,7 @@ impl Writer {
     pub async fn finish(self) -> Result<PathBuf> {
         let _ = self.tx.send(Chunk::Finish).await;
         drop(self.tx);
-        self.task
-            .await
-            .map_err(|e| Error::Internal(format!("push writer failed: {e}")))?
+        self.task.await.map_err(Error::task("the push writer"))?
     }
 
     /// Discards the upload and waits until its temp file is gone.

@@ -76,7 +76,7 @@ async fn probe_and_reconcile(
             Ok(None) => false,
             Err(e) => {
                 s.record(&call, &audit::error(&e));
-                tracing::warn!(node = %s.node_id, "reconcile failed: {e}");
+                tracing::warn!(node = %s.node_id, "reconcile failed: {}", e.message());
                 false
             }
         }

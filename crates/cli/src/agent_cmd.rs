@@ -23,6 +23,12 @@ pub fn run(a: AgentArgs) -> Result<()> {
 }
 
 fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
+    if a.serve.http_listen.is_some() || a.serve.http_public_metrics {
+        // Refused rather than ignored until the agent's endpoint lands (#13).
+        anyhow::bail!(
+            "--http-listen and --http-public-metrics are served by coordinators only for now"
+        );
+    }
     let security = crate::tls::daemon_security(&a.serve.tls, crate::file_tls!(f))?;
     let node_id: orch_types::NodeId = a
         .node_id

@@ -47,6 +47,13 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             .map_err(|e| anyhow!("retain-rollouts = {n}: {e}"))?;
         cfg.retain_rollouts = n;
     }
+    if let Some(h) = a.serve.http_listen.clone().or(f.http_listen.clone()) {
+        cfg.http_listen = Some(
+            h.parse()
+                .map_err(|_| anyhow!("--http-listen {h:?} is not HOST:PORT"))?,
+        );
+    }
+    cfg.http_public_metrics = a.serve.http_public_metrics || f.http_public_metrics.unwrap_or(false);
     if let Some(g) = a.gc_grace {
         cfg.gc_grace = g;
     }

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
+use orch_package::digest::normalize_digest;
+use orch_package::incoming::IncomingFile;
+use orch_package::signing::{self, MAX_SIG_BYTES, TrustedKeys};
 use orch_proto::raft::{
     BlobChunk, BlobReply, BlobRequest, blobs_client::BlobsClient, blobs_server,
 };
-use orch_release::incoming::IncomingFile;
-use orch_release::package::normalize_digest;
-use orch_release::signing::{self, MAX_SIG_BYTES, TrustedKeys};
 use orch_tls::{Role, Security, party_domain};
 use tokio::io::AsyncReadExt;
 use tokio_stream::StreamExt;
@@ -126,15 +126,8 @@ impl BlobStore {
         if self.trusted.is_empty() {
             return Ok(());
         }
-        self.trusted
-            .verify(sig, sha256)
-            .map(|_| ())
-            .map_err(|reason| {
-                Error::Release(orch_release::Error::Signature {
-                    file: what.to_string(),
-                    reason,
-                })
-            })
+        self.trusted.verify_package(what, sig, sha256)?;
+        Ok(())
     }
 
     fn sig_path(&self, sha256: &str) -> Result<PathBuf> {
@@ -149,7 +142,7 @@ impl BlobStore {
 
     fn store_signature(&self, sha256: &str, sig: &[u8]) -> Result<()> {
         let path = self.sig_path(sha256)?;
-        orch_release::fsutil::write_atomic(&path, sig)?;
+        orch_package::fsutil::write_atomic(&path, sig)?;
         Ok(())
     }
 

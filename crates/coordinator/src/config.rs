@@ -35,6 +35,10 @@ pub struct CoordinatorConfig {
     pub retain_rollouts: usize,
     /// How long an unreferenced package record or blob file is kept after its upload.
     pub gc_grace: Duration,
+    /// `--http-listen`: the dashboard, JSON API and metrics (off when `None`).
+    pub http_listen: Option<SocketAddr>,
+    /// `--http-public-metrics`: `/metrics` and `/healthz` without a client certificate.
+    pub http_public_metrics: bool,
 }
 
 impl CoordinatorConfig {
@@ -53,6 +57,8 @@ impl CoordinatorConfig {
             trusted_keys: Vec::new(),
             retain_rollouts: retention::DEFAULT_RETAIN_ROLLOUTS,
             gc_grace: retention::DEFAULT_GC_GRACE,
+            http_listen: None,
+            http_public_metrics: false,
         }
     }
 
@@ -87,6 +93,8 @@ pub struct CoordinatorFileConfig {
     pub insecure_allow_remote: Option<bool>,
     /// Finished rollouts kept in the replicated state (`--retain-rollouts`).
     pub retain_rollouts: Option<usize>,
+    pub http_listen: Option<String>,
+    pub http_public_metrics: Option<bool>,
 }
 
 impl CoordinatorFileConfig {

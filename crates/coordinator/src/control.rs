@@ -175,7 +175,7 @@ impl Control for ControlService {
             .version
             .parse()
             .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
-        let sha = orch_release::package::normalize_digest(&h.sha256)
+        let sha = orch_package::digest::normalize_digest(&h.sha256)
             .ok_or_else(|| bad("upload refused: sha256 is not a hex SHA-256 digest"))?;
         // Before a byte is stored, copied or staged: with trusted keys, unsigned code stops here.
         let sig = (!h.signature.is_empty()).then_some(h.signature);
@@ -190,6 +190,9 @@ impl Control for ControlService {
             .blobs
             .receive(&sha, h.size, sig, first.data, rest)
             .await?;
+        if !already {
+            self.shared.metrics.package_uploaded.inc_by(h.size);
+        }
         let holders = self.shared.replicate_blob(&sha).await?;
         self.write(Command::AddPackage(PackageRecord {
             name: h.name,

@@ -26,7 +26,7 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error(transparent)]
-    Release(#[from] orch_release::Error),
+    Package(#[from] orch_package::Error),
     /// Work handed to a blocking thread panicked or was cancelled.
     #[error("{context}")]
     Task {
@@ -83,8 +83,8 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
             Error::BadRequest(_) => Code::InvalidArgument,
-            Error::Release(orch_release::Error::BadPackage { .. }) => Code::InvalidArgument,
-            Error::Release(orch_release::Error::Signature { .. }) => Code::PermissionDenied,
+            Error::Package(orch_package::Error::BadPackage { .. }) => Code::InvalidArgument,
+            Error::Package(orch_package::Error::Signature { .. }) => Code::PermissionDenied,
             Error::NotFound(_) => Code::NotFound,
             Error::Refused(_) => Code::FailedPrecondition,
             Error::Unavailable(_) | Error::NotLeader { .. } => Code::Unavailable,
@@ -92,7 +92,7 @@ impl From<Error> for Status {
         };
         // The whole chain: a status leaves the process as text, so the causes go with it.
         let mut st = Status::new(code, orch_types::error_chain(&e));
-        if let Error::Release(orch_release::Error::Signature { .. }) = &e {
+        if let Error::Package(orch_package::Error::Signature { .. }) = &e {
             st.metadata_mut().insert(
                 "orch-error",
                 tonic::metadata::MetadataValue::from_static("signature"),

@@ -12,6 +12,8 @@ pub mod control;
 pub mod driver;
 pub mod error;
 pub mod history;
+mod http;
+pub mod metrics;
 pub mod raft;
 pub mod retention;
 mod shared;
@@ -25,7 +27,8 @@ use std::time::Duration;
 
 use orch_proto::control::control_server::ControlServer;
 use orch_proto::raft::blobs_server::BlobsServer;
-use orch_tls::Role;
+use orch_tls::{Role, Security};
+use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
@@ -70,6 +73,7 @@ pub async fn serve(
         blobs: blobs.clone(),
         agents: AgentPool::new(security.clone()),
         history: history::History::new(history_path),
+        metrics: Arc::new(metrics::Metrics::new()),
     });
     let jobs = Jobs::start(&shared, &config);
     let reflection = tonic_reflection::server::Builder::configure()
@@ -79,7 +83,14 @@ pub async fn serve(
             context: "reflection",
             source: Box::new(e),
         })?;
+    let http = match config.http_listen {
+        Some(addr) => Some(start_http(&config, addr, shared.clone(), jobs.stop.clone()).await?),
+        None => None,
+    };
     tracing::info!(id = config.id, addr = %config.address(), "coordinator listening");
+    // systemd's Type=notify: everything is set up and the listener is bound. Without
+    // NOTIFY_SOCKET (not under systemd) this does nothing.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     // Package bytes move between coordinators only: no other role may read or plant them.
     let blobs_svc = InterceptedService::new(
         BlobsServer::new(blobs::BlobsService { store: blobs })
@@ -100,7 +111,11 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(orch_tls::incoming(listener), shutdown)
         .await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     jobs.stop().await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     raft.shutdown().await;
     result.map_err(|e| Error::Server {
         context: "server",
@@ -232,6 +247,48 @@ impl Jobs {
     }
 }
 
+/// Binds `--http-listen` and serves the dashboard, API and metrics until `stop`.
+async fn start_http(
+    config: &CoordinatorConfig,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let refused = |e: orch_tls::Error| Error::Refused(format!("--http-listen {addr}: {e}"));
+    config
+        .security
+        .check_listen(addr, config.insecure_allow_remote)
+        .map_err(refused)?;
+    let tls = match &config.security {
+        Security::Mtls(material) => Some(
+            // A client without a certificate gets through the handshake and then a 401 that
+            // says how to get one, rather than a bare TLS alert.
+            material.https_server_config(true).map_err(refused)?,
+        ),
+        Security::Insecure => None,
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("cannot listen on --http-listen {addr}"), e))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(url = %format!("{scheme}://{local}/"), "dashboard and metrics listening");
+    let routes = Arc::new(http::CoordinatorRoutes {
+        metrics: shared.metrics.clone(),
+        shared,
+        data_dir: config.data_dir.clone(),
+    });
+    let cfg = orch_http::HttpConfig {
+        tls,
+        public_metrics: config.http_public_metrics,
+    };
+    Ok(tokio::spawn(async move {
+        if let Err(e) = orch_http::serve(listener, cfg, routes, stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "the HTTP endpoint stopped");
+        }
+    }))
+}
+
 /// The file in a data directory that names the coordinator it belongs to.
 pub const DATA_DIR_ID_FILE: &str = "coordinator-id";
 
@@ -257,7 +314,7 @@ fn claim_data_dir(dir: &std::path::Path, id: u64) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            orch_release::fsutil::write_atomic(&path, format!("{id}\n").as_bytes())
+            orch_package::fsutil::write_atomic(&path, format!("{id}\n").as_bytes())
                 .map_err(|e| Error::io(format!("record {}", path.display()), e))
         }
         Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
@@ -295,10 +352,11 @@ fn warn_on_peer_mismatch(config: &CoordinatorConfig, status: &raft::RaftStatus) 
 
 /// Loads `--trusted-key` files; one that cannot be read stops the daemon (a typo must not
 /// silently turn signature checks off or lock out good packages).
-fn load_trusted_keys(paths: &[PathBuf]) -> Result<orch_release::TrustedKeys> {
-    let keys = orch_release::TrustedKeys::load(paths).map_err(|e| {
+fn load_trusted_keys(paths: &[PathBuf]) -> Result<orch_package::TrustedKeys> {
+    let keys = orch_package::TrustedKeys::load(paths).map_err(|e| {
         Error::Refused(format!(
-            "cannot load a --trusted-key: {e}; fix the path or the file and restart"
+            "cannot load a --trusted-key: {}; fix the path or the file and restart",
+            orch_tls::error_chain(&e)
         ))
     })?;
     if !keys.is_empty() {

@@ -27,6 +27,8 @@ pub struct Shared {
     /// Rollouts archived out of the replicated state (read-only here; the state machine
     /// appends).
     pub history: history::History,
+    /// What `/metrics` shows (counters are fed from the code paths they count).
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -149,7 +151,11 @@ impl Shared {
         let me = self.raft.id();
         let leading = m.role == raft::Role::Leader;
         let recent = |d: &Option<Duration>| d.is_some_and(|d| d <= REACHABLE_WITHIN);
-        let (quorum, note) = if leading {
+        let voters = m.members.iter().filter(|x| x.voter).count();
+        let (quorum, note) = if leading && voters <= 1 {
+            // A lone voter is its own majority; openraft does not refresh its quorum-ack time.
+            (true, "this coordinator is the only voter".to_string())
+        } else if leading {
             match m.quorum_acked {
                 Some(d) if d <= REACHABLE_WITHIN => (
                     true,

@@ -23,20 +23,20 @@ fn main() {
         .build()
         .expect("tokio runtime");
     if let Err(e) = runtime.block_on(run()) {
-        eprintln!("hotswap benchmark failed: {e}");
+        eprintln!("hotswap benchmark failed: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run() -> Result<(), String> {
-    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let root = std::fs::canonicalize(tmp.path()).map_err(|e| e.to_string())?;
+async fn run() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = std::fs::canonicalize(tmp.path())?;
     // Kills every service process of this root on return, also on panic.
     let _reaper = Reaper::new(&root);
-    let addr = fixture::free_loopback_addr().map_err(|e| e.to_string())?;
+    let addr = fixture::free_loopback_addr()?;
     let releases: Vec<(String, bool)> = (0..=SWAPS).map(|i| (patch_version(i), false)).collect();
     let binary = Path::new(env!("CARGO_BIN_EXE_demo-service"));
-    fixture::setup_root(&root, binary, &releases, addr).map_err(|e| e.to_string())?;
+    fixture::setup_root(&root, binary, &releases, addr)?;
 
     activate(&root, "none", &patch_version(0)).await?;
     let mut config = LoadConfig::new(addr);
@@ -110,16 +110,12 @@ fn row(name: &str, r: &LoadReport) {
     );
 }
 
-async fn activate(root: &Path, from: &str, to: &str) -> Result<(), String> {
-    let out = fixture::run_hook(root, from, to, Duration::from_secs(90))
-        .await
-        .map_err(|e| e.to_string())?;
-    if out.success {
-        Ok(())
-    } else {
-        Err(format!(
-            "activation {from} -> {to} failed: {}",
-            out.stderr.trim()
-        ))
-    }
+async fn activate(root: &Path, from: &str, to: &str) -> anyhow::Result<()> {
+    let out = fixture::run_hook(root, from, to, Duration::from_secs(90)).await?;
+    anyhow::ensure!(
+        out.success,
+        "activation {from} -> {to} failed: {}",
+        out.stderr.trim()
+    );
+    Ok(())
 }

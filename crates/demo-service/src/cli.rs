@@ -118,7 +118,7 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The store shows the tail of stderr to the operator: one clear line.
-            eprintln!("demo-service {name}: error: {e}");
+            eprintln!("demo-service {name}: error: {}", crate::one_line(e));
             ExitCode::FAILURE
         }
     }
@@ -215,7 +215,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 Some(r @ Reply::Status { .. }) => {
                     let text = serde_json::to_string(&r).map_err(|e| Error::Control {
                         path: Paths::new(&root).control_socket(),
-                        message: e.to_string(),
+                        message: "cannot encode the reply".into(),
+                        source: Some(e.into()),
                     })?;
                     println!("{text}");
                     Ok(())
@@ -223,6 +224,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 Some(other) => Err(Error::Control {
                     path: Paths::new(&root).control_socket(),
                     message: format!("unexpected reply: {other:?}"),
+                    source: None,
                 }),
                 None => {
                     println!("{{\"reply\":\"not_running\"}}");

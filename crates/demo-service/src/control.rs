@@ -65,6 +65,15 @@ pub async fn request(
     let err = |message: String| Error::Control {
         path: path.to_owned(),
         message,
+        source: None,
+    };
+    let by = |message: &str| {
+        let message = message.to_string();
+        move |e: std::io::Error| Error::Control {
+            path: path.to_owned(),
+            message,
+            source: Some(e.into()),
+        }
     };
     let exchange = async {
         let mut stream = match UnixStream::connect(path).await {
@@ -77,23 +86,31 @@ pub async fn request(
             {
                 return Ok(None);
             }
-            Err(e) => return Err(err(format!("cannot connect: {e}"))),
+            Err(e) => return Err(by("cannot connect")(e)),
         };
-        let mut line = serde_json::to_string(req).map_err(|e| err(e.to_string()))?;
+        let mut line = serde_json::to_string(req).map_err(|e| Error::Control {
+            path: path.to_owned(),
+            message: "cannot encode the request".into(),
+            source: Some(e.into()),
+        })?;
         line.push('\n');
         stream
             .write_all(line.as_bytes())
             .await
-            .map_err(|e| err(format!("cannot send: {e}")))?;
+            .map_err(by("cannot send"))?;
         let reply = read_line(&mut stream)
             .await
-            .map_err(|e| err(format!("cannot read the reply: {e}")))?;
+            .map_err(by("cannot read the reply"))?;
         if reply.is_empty() {
             return Err(err("closed without replying".into()));
         }
         serde_json::from_str(&reply)
             .map(Some)
-            .map_err(|e| err(format!("unreadable reply {reply:?}: {e}")))
+            .map_err(|e| Error::Control {
+                path: path.to_owned(),
+                message: format!("unreadable reply {reply:?}"),
+                source: Some(e.into()),
+            })
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,

@@ -111,7 +111,7 @@ impl Reaper {
             pids.push(pid);
         }
         for pid in &pids {
-            let _ = proc::signal(*pid, libc::SIGKILL);
+            let _ = proc::signal(*pid, proc::Signal::KILL);
         }
         for pid in &pids {
             proc::wait_for_exit(*pid, Duration::from_secs(5));

@@ -74,9 +74,8 @@ pub async fn send_get(
 ) -> Result<Response, Error> {
     let mut req = Request::get(path)
         .body(Empty::<Bytes>::new())
-        .map_err(|e| Error::Http(format!("building request: {e}")))?;
-    let host = HeaderValue::from_str(&addr.to_string())
-        .map_err(|e| Error::Http(format!("host header: {e}")))?;
+        .map_err(Error::http("building request"))?;
+    let host = HeaderValue::from_str(&addr.to_string()).map_err(Error::http("host header"))?;
     req.headers_mut().insert(HOST, host);
     if close {
         req.headers_mut()
@@ -85,13 +84,13 @@ pub async fn send_get(
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| Error::Http(format!("GET {path}: {e}")))?;
+        .map_err(Error::http(format!("GET {path}")))?;
     let status = resp.status();
     let connection_close = says_close(resp.headers());
     let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| Error::Http(format!("GET {path}: reading body: {e}")))?
+        .map_err(Error::http(format!("GET {path}: reading body")))?
         .to_bytes();
     Ok(Response {
         status,
@@ -105,14 +104,15 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Resp
     let once = async {
         let mut sender = connect(addr)
             .await
-            .map_err(|e| Error::Http(format!("connecting to {addr}: {e}")))?;
+            .map_err(Error::http(format!("connecting to {addr}")))?;
         send_get(&mut sender, addr, path, true).await
     };
-    tokio::time::timeout(timeout, once).await.map_err(|_| {
-        Error::Http(format!(
-            "GET http://{addr}{path}: no response within {timeout:?}"
-        ))
-    })?
+    tokio::time::timeout(timeout, once)
+        .await
+        .map_err(|_| Error::Http {
+            what: format!("GET http://{addr}{path}: no response within {timeout:?}"),
+            source: None,
+        })?
 }
 
 #[cfg(test)]

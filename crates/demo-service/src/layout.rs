@@ -2,7 +2,6 @@
 //! one release directory (what the package builder zips).
 
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -231,30 +230,6 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
     set_mode(path, mode)
 }
 
-/// Writes `contents` to `path` atomically: a temp file in the same directory, renamed over. A
-/// reader sees the old or the new contents, never a partial file.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f =
-            fs::File::create(&tmp).map_err(Error::io(format!("creating {}", tmp.display())))?;
-        f.write_all(contents)
-            .and_then(|()| f.sync_all())
-            .map_err(Error::io(format!("writing {}", tmp.display())))?;
-        fs::rename(&tmp, path).map_err(Error::io(format!("renaming to {}", path.display())))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,15 +315,5 @@ mod tests {
             configured_listen(&paths).unwrap(),
             "127.0.0.1:8080".parse().unwrap()
         );
-    }
-
-    #[test]
-    fn write_atomic_replaces_contents() {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("f");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1, "no temp left");
     }
 }

@@ -71,11 +71,15 @@ pub use layout::{Paths, find_service_binary, write_release_dir};
 pub use ops::{ActivateOptions, Activated, activate, start, status, stop};
 pub use server::{ServeOptions, serve};
 
+/// Boxed causes of errors whose type varies (hyper, http, body errors).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can go wrong in this crate; each variant's text is meant to be shown to an
-/// operator as one line.
+/// operator as one line, with its causes ([`one_line`]). A wrapped cause is returned by
+/// `source()` and not repeated in the message.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -86,17 +90,43 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
     #[error("control socket {}: {message}", path.display())]
-    Control { path: PathBuf, message: String },
+    Control {
+        path: PathBuf,
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("handover to {to} failed: {reason}")]
     Handover { to: String, reason: String },
     #[error("{0}")]
     Health(String),
     #[error("{0}")]
     Start(String),
+    /// `--inherit-fd` or `--ready-fd` names a descriptor this process cannot take over.
+    #[error("{flag} {fd}")]
+    Inherited {
+        flag: &'static str,
+        fd: i32,
+        #[source]
+        reason: server::Unfit,
+    },
     #[error("{0}")]
     Stop(String),
-    #[error("{0}")]
-    Http(String),
+    #[error("cannot signal pid {pid}")]
+    Signal {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Http {
+        what: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A durable write (pid file) failed.
+    #[error(transparent)]
+    Write(#[from] orch_package::Error),
 }
 
 impl Error {
@@ -105,6 +135,20 @@ impl Error {
         let context = context.into();
         move |source| Error::Io { context, source }
     }
+
+    /// An HTTP failure caused by `source`, for `map_err`.
+    pub(crate) fn http<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> Error {
+        let what = what.into();
+        move |source| Error::Http {
+            what,
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// An error and its causes on one line (`outer: cause: root cause`), as an operator reads it.
+pub fn one_line(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(e))
 }
 
 /// Parses a version the way the store does (strict `x.y.z`); the result is safe to use as a

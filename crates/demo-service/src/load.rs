@@ -24,6 +24,7 @@ use hyper::client::conn::http1::SendRequest;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::Error;
 use crate::http::{self, Response};
 
 /// What to run.
@@ -252,8 +253,25 @@ fn version_of(body: &[u8]) -> Option<String> {
     words.next().map(str::to_owned)
 }
 
+/// Why one request of the load failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("connect to {addr}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("keep-alive")]
+    KeepAlive(#[source] Error),
+    #[error("keep-alive GET {path}: no response within {timeout:?}")]
+    KeepAliveTimeout { path: String, timeout: Duration },
+    #[error("fresh")]
+    Fresh(#[source] Error),
+}
+
 /// Records one exchange; returns whether its connection may carry another request.
-fn record(shared: &Shared, started: Instant, outcome: Result<Response, String>) -> bool {
+fn record(shared: &Shared, started: Instant, outcome: Result<Response, Failure>) -> bool {
     match outcome {
         Ok(resp) if resp.status == StatusCode::OK => {
             shared.served(started.elapsed(), version_of(&resp.body));
@@ -264,7 +282,7 @@ fn record(shared: &Shared, started: Instant, outcome: Result<Response, String>) 
             !resp.connection_close
         }
         Err(e) => {
-            shared.failed(e);
+            shared.failed(crate::one_line(e));
             false
         }
     }
@@ -288,23 +306,24 @@ async fn keepalive_client(
         let exchange = async {
             let sender = match conn.as_mut() {
                 Some(s) => s,
-                None => conn.insert(
-                    http::connect(config.addr)
-                        .await
-                        .map_err(|e| format!("connect to {}: {e}", config.addr))?,
-                ),
+                None => conn.insert(http::connect(config.addr).await.map_err(|source| {
+                    Failure::Connect {
+                        addr: config.addr,
+                        source,
+                    }
+                })?),
             };
             http::send_get(sender, config.addr, &config.path, false)
                 .await
-                .map_err(|e| format!("keep-alive {e}"))
+                .map_err(Failure::KeepAlive)
         };
         let outcome = tokio::time::timeout(config.request_timeout, exchange)
             .await
             .unwrap_or_else(|_| {
-                Err(format!(
-                    "keep-alive GET {}: no response within {:?}",
-                    config.path, config.request_timeout
-                ))
+                Err(Failure::KeepAliveTimeout {
+                    path: config.path.clone(),
+                    timeout: config.request_timeout,
+                })
             });
         let failed = outcome.is_err();
         let reusable = record(&shared, started, outcome);
@@ -335,7 +354,7 @@ async fn fresh_client(
         let started = Instant::now();
         let outcome = http::get(config.addr, &config.path, config.request_timeout)
             .await
-            .map_err(|e| format!("fresh {e}"));
+            .map_err(Failure::Fresh);
         let failed = outcome.is_err();
         record(&shared, started, outcome);
         let wait = if failed {

@@ -158,6 +158,7 @@ pub async fn activate(
         Some(other) => Err(Error::Control {
             path: sock,
             message: format!("unexpected reply to handover: {other:?}"),
+            source: None,
         }),
         None => Err(Error::Handover {
             to,
@@ -241,12 +242,11 @@ pub fn stop(root: &Path, timeout: Duration) -> Result<Stopped, Error> {
     if !proc::is_alive(pid) || !proc::is_service_of(pid, root) {
         return Ok(Stopped::NotRunning);
     }
-    proc::signal(pid, libc::SIGTERM)
-        .map_err(|e| Error::Stop(format!("cannot signal pid {pid}: {e}")))?;
+    proc::signal(pid, proc::Signal::TERM).map_err(|source| Error::Signal { pid, source })?;
     if proc::wait_for_exit(pid, timeout) {
         return Ok(Stopped::Stopped { pid });
     }
-    let _ = proc::signal(pid, libc::SIGKILL);
+    let _ = proc::signal(pid, proc::Signal::KILL);
     if !proc::wait_for_exit(pid, Duration::from_secs(5)) {
         return Err(Error::Stop(format!("pid {pid} survived SIGKILL for 5s")));
     }
@@ -304,6 +304,7 @@ async fn running_service(
                 return Err(Error::Control {
                     path: sock,
                     message: format!("unexpected reply to status: {other:?}"),
+                    source: None,
                 });
             }
         }
@@ -380,11 +381,10 @@ fn spawn_detached(
         .stdout(log)
         .stderr(log_err);
     // SAFETY: setsid is async-signal-safe; the child is a fresh fork, never a group leader.
+    // (std has no safe way to run code between fork and exec; the call itself is rustix's.)
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::setsid()?;
             Ok(())
         });
     }
@@ -428,7 +428,7 @@ async fn verify_health(
                 }
                 None => last = format!("{} with a body that is not health JSON", resp.status),
             },
-            Err(e) => last = e.to_string(),
+            Err(e) => last = crate::one_line(e),
         }
         if Instant::now() >= deadline {
             let who = pid.map_or(String::new(), |p| format!(" from pid {p}"));

@@ -4,6 +4,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use rustix::io::Errno;
+pub use rustix::process::Signal;
+use rustix::process::{Pid, kill_process, test_kill_process};
+
 /// Whether `pid` names a live process. A zombie counts as dead: a detached service is reparented
 /// to pid 1, which in a container may never reap it, and "exited but not reaped" is what callers
 /// waiting for an exit care about.
@@ -11,9 +15,11 @@ pub fn is_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
-    // SAFETY: signal 0 only checks that the process exists and may be signalled.
-    let exists = unsafe { libc::kill(pid, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    let Some(p) = Pid::from_raw(pid) else {
+        return false;
+    };
+    // Signal 0: the process exists (EPERM: it exists but belongs to someone else).
+    let exists = matches!(test_kill_process(p), Ok(()) | Err(Errno::PERM));
     exists && !is_zombie(pid)
 }
 
@@ -83,17 +89,13 @@ pub fn service_processes_of(root: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// Sends `sig` to `pid`.
-pub fn signal(pid: i32, sig: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: plain syscall; pid > 0 is checked so we never signal a process group.
-    if pid <= 0 {
-        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-    }
-    if unsafe { libc::kill(pid, sig) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+/// Sends `sig` to `pid`; a pid <= 0 (a process group, or every process) is refused.
+pub fn signal(pid: i32, sig: Signal) -> std::io::Result<()> {
+    let p = (pid > 0)
+        .then(|| Pid::from_raw(pid))
+        .flatten()
+        .ok_or(Errno::SRCH)?;
+    Ok(kill_process(p, sig)?)
 }
 
 /// Polls until `pid` is dead or `timeout` passes; returns whether it died.

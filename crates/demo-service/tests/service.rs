@@ -199,9 +199,9 @@ async fn first_install_starts_a_detached_service_that_reports_its_version() {
     assert_eq!(missing.status.as_u16(), 404);
 
     // Detached: its own session, not a child of the hook that started it.
-    // SAFETY: getsid only reads.
+    let sid = rustix::process::getsid(rustix::process::Pid::from_raw(pid)).unwrap();
     assert_eq!(
-        unsafe { libc::getsid(pid) },
+        sid.as_raw_nonzero().get(),
         pid,
         "service runs in its own session"
     );
@@ -556,7 +556,7 @@ async fn after_a_crash_activate_starts_the_release_afresh() {
     env.activate("none", "1.0.0").await;
     let pid = env.health().await.1.pid.unwrap() as i32;
     // A crash (or a node restart) leaves a stale pid file and control socket behind.
-    proc::signal(pid, libc::SIGKILL).unwrap();
+    proc::signal(pid, proc::Signal::KILL).unwrap();
     assert!(proc::wait_for_exit(pid, Duration::from_secs(10)));
     assert!(env.paths().control_socket().exists());
     let out = env.activate("1.0.0", "1.0.1").await;

@@ -148,14 +148,15 @@ pub enum DemoError {
     #[error("{context}")]
     Release {
         context: String,
+        // Boxed: the store's error is large, and every demo function returns this type.
         #[source]
-        source: orch_release::Error,
+        source: Box<orch_release::Error>,
     },
     #[error("{context}")]
     DemoService {
         context: String,
         #[source]
-        source: orch_demo_service::Error,
+        source: Box<orch_demo_service::Error>,
     },
     #[error("demo certificates in {}", dir.display())]
     Tls {
@@ -206,7 +207,10 @@ impl DemoError {
         context: impl Into<String>,
     ) -> impl FnOnce(orch_release::Error) -> DemoError {
         let context = context.into();
-        move |source| DemoError::Release { context, source }
+        move |source| DemoError::Release {
+            context,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn client(

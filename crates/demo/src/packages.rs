@@ -43,7 +43,7 @@ pub fn build_package(
     orch_demo_service::write_release_dir(&src, &v.to_string(), broken, service_binary).map_err(
         |source| DemoError::DemoService {
             context: format!("lay out the demo-service {v} release in {}", src.display()),
-            source,
+            source: Box::new(source),
         },
     )?;
     let built = package::build(&src, "demo-service", v, out);

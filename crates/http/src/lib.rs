@@ -15,7 +15,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use orch_tls::{Identity, Role};
-pub use response::{Body, Response, error, html, json, metrics, not_found, static_asset, text};
+pub use response::{
+    Body, Response, classic_text, error, html, json, metrics, not_found, static_asset, text,
+};
 pub use server::{HttpConfig, serve};
 
 /// A request as the routes see it: its body is never read by this crate.

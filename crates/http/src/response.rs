@@ -65,19 +65,81 @@ pub fn static_asset(body: &'static [u8], content_type: &'static str) -> Response
     with_type(StatusCode::OK, content_type, full(Bytes::from_static(body)))
 }
 
-/// A Prometheus registry in the OpenMetrics text format.
-pub fn metrics(registry: &prometheus_client::registry::Registry) -> Response {
+/// A Prometheus registry: in the OpenMetrics text format when the client accepts it (as
+/// Prometheus does), else in the classic text format 0.0.4 (what `promtool check metrics`
+/// and older scrapers read).
+pub fn metrics(registry: &prometheus_client::registry::Registry, accept: &str) -> Response {
     let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, registry) {
-        Ok(()) => with_type(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            full(out),
-        ),
-        Err(e) => error(
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             &format!("could not encode the metrics: {e}"),
-        ),
+        );
+    }
+    if accept.contains("application/openmetrics-text") {
+        with_type(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            full(out),
+        )
+    } else {
+        with_type(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            full(classic_text(&out)),
+        )
+    }
+}
+
+/// OpenMetrics text to the classic format: no `# UNIT` or `# EOF`, and the metadata of a
+/// counter (or info metric) under its sample name (`x_total`, `x_info`).
+pub fn classic_text(openmetrics: &str) -> String {
+    let mut renamed = std::collections::BTreeMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            match rest.rsplit_once(' ') {
+                Some((name, "counter")) => {
+                    renamed.insert(name.to_string(), (format!("{name}_total"), "counter"))
+                }
+                Some((name, "info")) => {
+                    renamed.insert(name.to_string(), (format!("{name}_info"), "gauge"))
+                }
+                _ => None,
+            };
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("HELP", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("TYPE", r)));
+        if let Some((kind, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if let Some((new, ty)) = renamed.get(name) {
+                let tail = if kind == "TYPE" { ty } else { tail };
+                out.push_str(&format!("# {kind} {new} {tail}\n"));
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn classic_text_names_counters_by_their_samples() {
+        let om = "# HELP up_rollouts Rollouts.\n# TYPE up_rollouts counter\n# UNIT up_rollouts bytes\nup_rollouts_total{a=\"b\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
+        assert_eq!(
+            super::classic_text(om),
+            "# HELP up_rollouts_total Rollouts.\n# TYPE up_rollouts_total counter\nup_rollouts_total{a=\"b\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n"
+        );
     }
 }

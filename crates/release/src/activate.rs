@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use orch_types::Version;
 
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 use crate::fsutil::unique_suffix;
 
 /// How the switch was carried out.
@@ -22,6 +24,41 @@ pub enum Activation {
     Hook(String),
     /// No hook is configured or shipped: only the recorded state changed.
     StateOnly,
+}
+
+/// Why a hook did not switch the release. A leaf rendered inside [`Error::Activation`]'s
+/// sentence (which the advice follows), so it prints its I/O error itself and has no `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("cannot prepare its output file {}: {error}", path.display())]
+    Output {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot run {}: {error}", prog.display())]
+    Spawn {
+        prog: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("waiting for {}: {error}", prog.display())]
+    Wait {
+        prog: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{} did not finish within {timeout:?} and was killed{}", prog.display(), tail_note(output))]
+    TimedOut {
+        prog: PathBuf,
+        timeout: Duration,
+        /// The end of what the hook printed.
+        output: String,
+    },
+    #[error("{} ended with {how}{}", prog.display(), tail_note(output))]
+    Failed {
+        prog: PathBuf,
+        /// `exit code N` or `a signal`.
+        how: String,
+        output: String,
+    },
 }
 
 /// The command to run for a switch to `to`: the configured one, else the release's own hook.
@@ -61,104 +98,120 @@ pub(crate) fn run_hook(
         .create_new(true)
         .open(&log_path)
         .ctx("create", &log_path)?;
-    let result = wait_hook(
+    let hook = Hook {
         prog,
         args,
         root,
         release_dir,
-        &from_s,
+        from: &from_s,
         to,
-        timeout,
-        &log,
-        &log_path,
-    );
+    };
+    let result = hook.run(timeout, &log, &log_path);
     let _ = fs::remove_file(&log_path);
     result.map_err(|reason| Error::Activation {
         from: from_s.clone(),
         to,
-        reason,
+        reason: Box::new(reason),
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn wait_hook(
-    prog: &Path,
-    args: &[String],
-    root: &Path,
-    release_dir: &Path,
-    from_s: &str,
+/// One hook invocation: `prog ARGS.. FROM TO` in `root`, with the documented environment.
+struct Hook<'a> {
+    prog: &'a Path,
+    args: &'a [String],
+    root: &'a Path,
+    release_dir: &'a Path,
+    from: &'a str,
     to: Version,
-    timeout: Duration,
-    log: &File,
-    log_path: &Path,
-) -> std::result::Result<Activation, String> {
-    let dup = || {
-        log.try_clone()
-            .map_err(|e| format!("dup {}: {e}", log_path.display()))
-    };
-    let mut child = Command::new(prog)
-        .args(args)
-        .arg(from_s)
-        .arg(to.to_string())
-        .current_dir(root)
-        .env("ORCH_ROOT_DIR", root)
-        .env("ORCH_RELEASE_DIR", release_dir)
-        .env("ORCH_FROM_VERSION", from_s)
-        .env("ORCH_TO_VERSION", to.to_string())
-        .stdin(Stdio::null())
-        .stdout(dup()?)
-        .stderr(dup()?)
-        // Own process group, so a timeout kills the hook and whatever it spawned in its group.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", prog.display()))?;
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if start.elapsed() >= timeout => {
-                // SAFETY: plain kill(2) on the group we created; no memory is touched.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                return Err(format!(
-                    "{} did not finish within {:?} and was killed{}",
-                    prog.display(),
-                    timeout,
-                    tail_note(log)
-                ));
+}
+
+impl Hook<'_> {
+    /// Runs the hook with its output in `log`; kills its process group on timeout.
+    fn run(&self, timeout: Duration, log: &File, log_path: &Path) -> Result<Activation, HookError> {
+        let prog = || self.prog.to_path_buf();
+        let dup = || {
+            log.try_clone().map_err(|error| HookError::Output {
+                path: log_path.to_path_buf(),
+                error,
+            })
+        };
+        let to = self.to.to_string();
+        let mut child = Command::new(self.prog)
+            .args(self.args)
+            .arg(self.from)
+            .arg(&to)
+            .current_dir(self.root)
+            .env("ORCH_ROOT_DIR", self.root)
+            .env("ORCH_RELEASE_DIR", self.release_dir)
+            .env("ORCH_FROM_VERSION", self.from)
+            .env("ORCH_TO_VERSION", &to)
+            .stdin(Stdio::null())
+            .stdout(dup()?)
+            .stderr(dup()?)
+            // Own process group, so a timeout kills the hook and whatever it spawned in its group.
+            .process_group(0)
+            .spawn()
+            .map_err(|error| HookError::Spawn {
+                prog: prog(),
+                error,
+            })?;
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if start.elapsed() >= timeout => {
+                    // The group's id is the hook's pid (process_group(0) above).
+                    let group = rustix::process::Pid::from_child(&child);
+                    let _ =
+                        rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+                    let _ = child.wait();
+                    return Err(HookError::TimedOut {
+                        prog: prog(),
+                        timeout,
+                        output: tail(log),
+                    });
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(error) => {
+                    return Err(HookError::Wait {
+                        prog: prog(),
+                        error,
+                    });
+                }
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(format!("waiting for {}: {e}", prog.display())),
+        };
+        if status.success() {
+            return Ok(Activation::Hook(self.prog.display().to_string()));
         }
-    };
-    if status.success() {
-        Ok(Activation::Hook(prog.display().to_string()))
-    } else {
-        let code = status
+        let how = status
             .code()
             .map(|c| format!("exit code {c}"))
             .unwrap_or_else(|| "a signal".to_string());
-        Err(format!(
-            "{} ended with {code}{}",
-            prog.display(),
-            tail_note(log)
-        ))
+        Err(HookError::Failed {
+            prog: prog(),
+            how,
+            output: tail(log),
+        })
     }
 }
 
-fn tail_note(mut log: &File) -> String {
-    let tail = (|| -> std::io::Result<String> {
+/// The last [`TAIL_BYTES`] the hook printed, trimmed (empty when unreadable).
+fn tail(mut log: &File) -> String {
+    (|| -> std::io::Result<String> {
         let len = log.metadata()?.len();
         log.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
         let mut buf = Vec::new();
         log.read_to_end(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf).trim().to_string())
     })()
-    .unwrap_or_default();
+    .unwrap_or_default()
+}
+
+/// `; output: ...` on one line (newlines folded), or nothing when the hook printed nothing.
+fn tail_note(tail: &str) -> String {
     if tail.is_empty() {
         String::new()
     } else {
-        // One line for the operator: newlines folded so the message stays a single line.
         format!("; output: {}", tail.lines().collect::<Vec<_>>().join(" | "))
     }
 }

@@ -1,25 +1,31 @@
-//! The release crate's error type. Every message says what failed and what to do about it.
+//! The release crate's error type. Every message says what failed and what to do about it; a
+//! wrapped cause is returned by `source()` and not repeated in the message, so a chain printer
+//! shows it exactly once.
 
 use std::path::PathBuf;
 
 use orch_types::Version;
 
+use crate::activate::HookError;
+use crate::rules::Refusal;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A state rule forbids the operation; nothing was changed.
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
 
     /// The package is malformed, hostile or does not match its digest; nothing was changed.
     #[error("package {file} refused: {reason}; nothing was changed")]
     BadPackage { file: String, reason: String },
 
     /// Signatures are required (trusted keys are configured) and this package's is missing,
-    /// from an untrusted key, or does not verify; nothing was changed.
+    /// from an untrusted key, or does not verify; nothing was changed. The verdict is part of
+    /// the sentence, so it is not also a `source()`.
     #[error("package {file} refused: signature check failed: {reason}; nothing was changed")]
     Signature {
         file: String,
-        reason: crate::signing::Error,
+        reason: orch_package::signing::Error,
     },
 
     #[error(
@@ -27,12 +33,14 @@ pub enum Error {
     )]
     PackageNotFound { version: Version, dir: PathBuf },
 
-    /// The activation hook failed or timed out; release states are unchanged.
+    /// The activation hook failed or timed out; release states are unchanged. What the hook
+    /// did is part of the sentence (the advice comes after it), so it is not also a `source()`.
     #[error("activation {from} -> {to} failed: {reason}; release states are unchanged")]
     Activation {
         from: String,
         to: Version,
-        reason: String,
+        /// Boxed: the hook's output tail would make every `Result` of this crate large.
+        reason: Box<HookError>,
     },
 
     #[error(
@@ -46,9 +54,15 @@ pub enum Error {
 
     /// The on-disk state contradicts itself in a way that cannot be repaired automatically.
     #[error("release store {root} is inconsistent: {reason}")]
-    Corrupt { root: PathBuf, reason: String },
+    Corrupt {
+        root: PathBuf,
+        reason: String,
+        /// The decoder's complaint, when `state.json` does not parse.
+        #[source]
+        source: Option<serde_json::Error>,
+    },
 
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -59,17 +73,49 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Attaches the operation and path to an I/O error so the message is actionable.
-pub(crate) trait IoContext<T> {
-    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T>;
+impl Error {
+    /// A refusal that is not one of the state rules' (a build input, an ambiguous lookup).
+    pub(crate) fn refused(msg: impl Into<String>) -> Error {
+        Error::Refused(Refusal(msg.into()))
+    }
 }
 
-impl<T> IoContext<T> for std::io::Result<T> {
-    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        })
+/// The package format's errors are this crate's too, variant for variant, so callers match one
+/// type whether a package was refused by its digest, its signature or its zip structure.
+impl From<orch_package::Error> for Error {
+    fn from(e: orch_package::Error) -> Error {
+        use orch_package::Error as P;
+        match e {
+            P::BadPackage { file, reason } => Error::BadPackage { file, reason },
+            P::Signature { file, reason } => Error::Signature { file, reason },
+            P::Io { op, path, source } => Error::Io { op, path, source },
+        }
+    }
+}
+
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Error {
+        Error::Refused(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_file_prints_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e: Error = crate::package::sha256_file(&dir.path().join("gone.zip"))
+            .unwrap_err()
+            .into();
+        let mut all = vec![e.to_string()];
+        let mut cur = std::error::Error::source(&e);
+        while let Some(c) = cur {
+            all.push(c.to_string());
+            cur = c.source();
+        }
+        let all = all.join(": ");
+        assert_eq!(all.matches("os error 2").count(), 1, "{all}");
     }
 }

@@ -1,66 +1,35 @@
-//! Durable file-system primitives: atomic writes, directory fsync, the store lock.
+//! The store's file-system primitives: the durable writes of the package format (with this
+//! crate's error),
+//! one `syncfs` for a whole extracted tree, tree removal, and the store lock.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, IoContext, Result};
+pub use orch_package::fsutil::unique_suffix;
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
+use orch_package::error::IoContext;
 
-/// A name unique within this machine for temp files and dirs: pid + per-process counter.
-pub fn unique_suffix() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+use crate::error::{Error, Result};
+
+/// [`orch_package::fsutil::fsync_dir`], with this crate's error.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    Ok(orch_package::fsutil::fsync_dir(dir)?)
 }
 
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx("fsync directory", dir)
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
-/// temp file in the same directory, fsync, rename over, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", unique_suffix()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .ctx("create", &tmp)?;
-        f.write_all(bytes).ctx("write", &tmp)?;
-        f.sync_all().ctx("fsync", &tmp)?;
-        fs::rename(&tmp, path).ctx("rename into place", path)?;
-        fsync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+/// [`orch_package::fsutil::write_atomic`], with this crate's error.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(orch_package::fsutil::write_atomic(path, bytes)?)
 }
 
 /// Flushes every dirty page of the file system holding `dir` with one `syncfs` call: far cheaper
 /// than an fsync per file when thousands of files were just extracted.
 pub(crate) fn syncfs(dir: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
     let d = File::open(dir).ctx("open for syncfs", dir)?;
-    // SAFETY: syncfs only reads the descriptor, which `d` keeps open for the call.
-    let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).ctx("syncfs", dir);
-    }
+    rustix::fs::syncfs(&d)
+        .map_err(std::io::Error::from)
+        .ctx("syncfs", dir)?;
     Ok(())
 }
 
@@ -69,10 +38,9 @@ pub(crate) fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).ctx("remove", path),
+        Err(e) => Err(e).ctx("remove", path).map_err(Error::from),
     }
 }
-
 /// An exclusive advisory lock on the store (flock on `releases/.lock`), held until dropped.
 pub(crate) struct StoreLock {
     file: File,
@@ -113,7 +81,9 @@ impl StoreLock {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(TryLockError::Error(e)) => return Err(e).ctx("lock", &lock_path),
+                Err(TryLockError::Error(e)) => {
+                    return Err(e).ctx("lock", &lock_path).map_err(Error::from);
+                }
             }
         }
         // Best effort: the note is informational, the flock is what excludes.

@@ -11,6 +11,20 @@ use std::collections::BTreeMap;
 use orch_types::{ReleaseState, Version, VersionEntry};
 use serde::{Deserialize, Serialize};
 
+/// Why the rules refuse an operation or a table: one sentence for the operator, saying what
+/// holds and what to do instead. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Callers that keep refusals as text (simulations in other crates' tests) use `?` into a
+/// `String`.
+impl From<Refusal> for String {
+    fn from(r: Refusal) -> String {
+        r.0
+    }
+}
+
 /// Everything the store knows about one release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -113,7 +127,7 @@ impl Releases {
     }
 
     /// The invariants every reachable table satisfies; `Err` names the first one broken.
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub fn check_invariants(&self) -> Result<(), Refusal> {
         let count = |st| self.releases.values().filter(|r| r.state == st).count();
         let (cur, perm, old) = (
             count(ReleaseState::Current),
@@ -121,13 +135,19 @@ impl Releases {
             count(ReleaseState::Old),
         );
         if cur > 1 {
-            return Err(format!("{cur} releases are current; at most one may be"));
+            return Err(Refusal(format!(
+                "{cur} releases are current; at most one may be"
+            )));
         }
         if perm > 1 {
-            return Err(format!("{perm} releases are permanent; exactly one may be"));
+            return Err(Refusal(format!(
+                "{perm} releases are permanent; exactly one may be"
+            )));
         }
         if perm == 0 && (cur > 0 || old > 0) {
-            return Err("releases were installed but none is permanent".to_string());
+            return Err(Refusal(
+                "releases were installed but none is permanent".to_string(),
+            ));
         }
         Ok(())
     }
@@ -142,13 +162,13 @@ impl Releases {
     }
 }
 
-fn patch_check(running: Option<Version>, to: Version, verb: &str) -> Result<(), String> {
+fn patch_check(running: Option<Version>, to: Version, verb: &str) -> Result<(), Refusal> {
     match running {
-        Some(from) if !from.is_patch_hop(&to) => Err(format!(
+        Some(from) if !from.is_patch_hop(&to) => Err(Refusal(format!(
             "refused to {verb} {from} -> {to}: only patch-level hot {verb}s are allowed \
              (major.minor must stay {}.{}); nothing was changed",
             from.major, from.minor
-        )),
+        ))),
         _ => Ok(()),
     }
 }
@@ -156,7 +176,7 @@ fn patch_check(running: Option<Version>, to: Version, verb: &str) -> Result<(), 
 /// Decides an operation. `package_name` is the name of the package that would be unpacked when
 /// the version is unknown (install of a not-yet-unpacked version); `None` means no package was
 /// found, which refuses such an install.
-pub fn plan(table: &Releases, op: Op, package_name: Option<&str>) -> Result<Plan, String> {
+pub fn plan(table: &Releases, op: Op, package_name: Option<&str>) -> Result<Plan, Refusal> {
     match op {
         Op::Unpack(v) => match table.state(&v) {
             Some(st) => Ok(Plan::Already(format!(
@@ -185,10 +205,12 @@ pub fn plan(table: &Releases, op: Op, package_name: Option<&str>) -> Result<Plan
         Op::Permanent(v) => plan_permanent(table, v),
         Op::Downgrade(v) => plan_downgrade(table, v),
         Op::Uninstall(v) => match table.state(&v) {
-            None => Err(format!("refused to uninstall {v}: it is not installed")),
-            Some(st @ (ReleaseState::Current | ReleaseState::Permanent)) => Err(format!(
+            None => Err(Refusal(format!(
+                "refused to uninstall {v}: it is not installed"
+            ))),
+            Some(st @ (ReleaseState::Current | ReleaseState::Permanent)) => Err(Refusal(format!(
                 "refused to uninstall {v}: it is the {st} release; switch away from it first"
-            )),
+            ))),
             Some(_) => {
                 let mut next = table.clone();
                 next.releases.remove(&v);
@@ -204,8 +226,10 @@ pub fn plan(table: &Releases, op: Op, package_name: Option<&str>) -> Result<Plan
     }
 }
 
-fn no_package(v: Version) -> String {
-    format!("refused: release {v} is not unpacked and no package for it was found")
+fn no_package(v: Version) -> Refusal {
+    Refusal(format!(
+        "refused: release {v} is not unpacked and no package for it was found"
+    ))
 }
 
 fn make_permanent(next: &mut Releases, v: Version, messages: &mut Vec<String>) {
@@ -221,7 +245,7 @@ fn plan_install(
     v: Version,
     permanent: bool,
     package_name: Option<&str>,
-) -> Result<Plan, String> {
+) -> Result<Plan, Refusal> {
     let running = table.running();
     match table.state(&v) {
         Some(ReleaseState::Permanent) => {
@@ -231,10 +255,10 @@ fn plan_install(
                 )))
             } else {
                 let cur = running.map(|c| c.to_string()).unwrap_or_default();
-                Err(format!(
+                Err(Refusal(format!(
                     "refused to install {v}: it is the permanent release while {cur} is current; \
                      use downgrade {v} to switch back to it"
-                ))
+                )))
             }
         }
         Some(ReleaseState::Current) => {
@@ -297,11 +321,11 @@ fn plan_install(
     }
 }
 
-fn plan_permanent(table: &Releases, v: Version) -> Result<Plan, String> {
+fn plan_permanent(table: &Releases, v: Version) -> Result<Plan, Refusal> {
     match table.state(&v) {
-        None => Err(format!(
+        None => Err(Refusal(format!(
             "refused to make {v} permanent: it is not installed"
-        )),
+        ))),
         Some(ReleaseState::Current) => {
             let mut next = table.clone();
             let mut messages = Vec::new();
@@ -317,28 +341,30 @@ fn plan_permanent(table: &Releases, v: Version) -> Result<Plan, String> {
         Some(ReleaseState::Permanent) if table.current().is_none() => Ok(Plan::Already(format!(
             "Release {v} is already permanent; nothing to do"
         ))),
-        Some(st) => Err(format!(
+        Some(st) => Err(Refusal(format!(
             "refused to make {v} permanent: it is {st}, and only the current (running) release \
              can be made permanent{}",
             table
                 .running()
                 .map(|r| format!(" (running: {r})"))
                 .unwrap_or_default()
-        )),
+        ))),
     }
 }
 
-fn plan_downgrade(table: &Releases, v: Version) -> Result<Plan, String> {
+fn plan_downgrade(table: &Releases, v: Version) -> Result<Plan, Refusal> {
     let running = table.running();
     match table.state(&v) {
-        None => Err(format!("refused to downgrade to {v}: it is not installed")),
-        Some(ReleaseState::Unpacked) => Err(format!(
+        None => Err(Refusal(format!(
+            "refused to downgrade to {v}: it is not installed"
+        ))),
+        Some(ReleaseState::Unpacked) => Err(Refusal(format!(
             "refused to downgrade to {v}: it is only unpacked, never installed; use install {v}"
-        )),
-        Some(ReleaseState::Current) => Err(format!(
+        ))),
+        Some(ReleaseState::Current) => Err(Refusal(format!(
             "refused to downgrade to {v}: it is already the running (current) release; \
              use permanent {v} to keep it"
-        )),
+        ))),
         Some(ReleaseState::Permanent) if running == Some(v) => Ok(Plan::Already(format!(
             "Release {v} is already running and permanent; nothing to do"
         ))),
@@ -365,13 +391,13 @@ fn plan_downgrade(table: &Releases, v: Version) -> Result<Plan, String> {
     }
 }
 
+/// The release directories present: version -> the package name in its manifest.
+pub type ReleaseDirs = BTreeMap<Version, String>;
+
 /// Repairs a table against the release directories actually present (after a crash between a
 /// directory rename and the state write). Returns the repaired table and what was repaired, or
 /// an error when a running or permanent release has lost its directory.
-pub fn reconcile(
-    table: &Releases,
-    dirs: &BTreeMap<Version, String>,
-) -> Result<(Releases, Vec<String>), String> {
+pub fn reconcile(table: &Releases, dirs: &ReleaseDirs) -> Result<(Releases, Vec<String>), Refusal> {
     let mut next = table.clone();
     let mut notes = Vec::new();
     for (v, r) in &table.releases {
@@ -385,9 +411,9 @@ pub fn reconcile(
                 notes.push(format!("finished interrupted uninstall of {v}"));
             }
             st => {
-                return Err(format!(
+                return Err(Refusal(format!(
                     "the {st} release {v} has no directory releases/{v}; restore it from its package"
-                ));
+                )));
             }
         }
     }
@@ -462,7 +488,7 @@ mod tests {
 
     fn refused(t: &Releases, op: Op, pkg: Option<&str>) -> String {
         match plan(t, op, pkg) {
-            Err(msg) => msg,
+            Err(Refusal(msg)) => msg,
             other => panic!("{op:?} on {t:?}: expected a refusal, got {other:?}"),
         }
     }
@@ -928,20 +954,22 @@ mod tests {
                 },
             );
         }
-        assert!(t.check_invariants().unwrap_err().contains("current"));
+        assert!(t.check_invariants().unwrap_err().0.contains("current"));
         t.set(v("4.2.0"), P);
-        assert!(t.check_invariants().unwrap_err().contains("permanent"));
+        assert!(t.check_invariants().unwrap_err().0.contains("permanent"));
         t.set(v("4.2.0"), O);
         t.set(v("4.2.2"), U);
         assert!(
             t.check_invariants()
                 .unwrap_err()
+                .0
                 .contains("none is permanent")
         );
         t.set(v("4.2.1"), U);
         assert!(
             t.check_invariants()
                 .unwrap_err()
+                .0
                 .contains("none is permanent")
         );
         t.set(v("4.2.0"), U);
@@ -1013,7 +1041,7 @@ mod tests {
                 .into_iter()
                 .filter(|x| *x != missing)
                 .collect();
-            let msg = reconcile(&t, &dirs(&present)).unwrap_err();
+            let msg = reconcile(&t, &dirs(&present)).unwrap_err().0;
             assert!(
                 msg.contains(st) && msg.contains(&format!("releases/{missing}")),
                 "{msg}"

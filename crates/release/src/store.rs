@@ -17,11 +17,14 @@ use orch_types::{Version, VersionEntry, parse_package_file_name};
 use serde::{Deserialize, Serialize};
 
 use crate::activate::{Activation, hook_for, run_hook};
-use crate::error::{Error, IoContext, Result};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
 use crate::fsutil::{StoreLock, fsync_dir, remove_tree, syncfs, unique_suffix, write_atomic};
 use crate::package::{self, Limits, MANIFEST, PackageInfo};
 use crate::rules::{self, Op, Plan, Releases};
-use crate::signing::{self, TrustedKeys};
+use orch_package::signing::TrustedKeys;
+pub use orch_package::signing::check_signature;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = ".lock";
@@ -40,7 +43,7 @@ pub struct StoreConfig {
     /// How long a writer waits for another one to finish.
     pub lock_timeout: Duration,
     /// When not empty, a package is only unpacked with a valid `<file>.sig` from one of these
-    /// keys beside it (see [`crate::signing`]).
+    /// keys beside it (see [`orch_package::signing`]).
     pub trusted_keys: TrustedKeys,
 }
 
@@ -210,10 +213,19 @@ impl Store {
 
     // ---- internals ----
 
-    fn corrupt(&self, reason: String) -> Error {
+    fn corrupt(&self, reason: impl ToString) -> Error {
+        Error::Corrupt {
+            root: self.cfg.root.clone(),
+            reason: reason.to_string(),
+            source: None,
+        }
+    }
+
+    fn undecodable(&self, reason: String, source: serde_json::Error) -> Error {
         Error::Corrupt {
             root: self.cfg.root.clone(),
             reason,
+            source: Some(source),
         }
     }
 
@@ -222,10 +234,10 @@ impl Store {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Releases::default()),
-            Err(e) => return Err(e).ctx("read", &path),
+            Err(e) => return Err(e).ctx("read", &path).map_err(Error::from),
         };
         let file: StateFile = serde_json::from_slice(&bytes)
-            .map_err(|e| self.corrupt(format!("{} is unreadable: {e}", path.display())))?;
+            .map_err(|e| self.undecodable(format!("{} is unreadable", path.display()), e))?;
         if file.format != STATE_FORMAT {
             return Err(self.corrupt(format!(
                 "{} has format {}, this version understands {STATE_FORMAT}",
@@ -245,13 +257,13 @@ impl Store {
             table: table.clone(),
         };
         let mut bytes = serde_json::to_vec_pretty(&file)
-            .map_err(|e| self.corrupt(format!("cannot encode state: {e}")))?;
+            .map_err(|e| self.undecodable("cannot encode state".to_string(), e))?;
         bytes.push(b'\n');
         write_atomic(&self.releases.join(STATE_FILE), &bytes)
     }
 
     /// Release directories present: `releases/<x.y.z>/release.toml` whose manifest agrees.
-    fn scan_dirs(&self) -> Result<BTreeMap<Version, String>> {
+    fn scan_dirs(&self) -> Result<rules::ReleaseDirs> {
         let mut out = BTreeMap::new();
         for entry in fs::read_dir(&self.releases).ctx("read directory", &self.releases)? {
             let entry = entry.ctx("read directory", &self.releases)?;
@@ -344,9 +356,7 @@ impl Store {
 
     fn execute(&self, what: &str, op: Op, pkg: Option<ResolvedPackage>) -> Result<Outcome> {
         self.with_lock(what, |table| {
-            let change = match rules::plan(table, op, pkg.as_ref().map(|p| p.name.as_str()))
-                .map_err(Error::Refused)?
-            {
+            let change = match rules::plan(table, op, pkg.as_ref().map(|p| p.name.as_str()))? {
                 Plan::Already(msg) => {
                     return Ok(Outcome {
                         messages: vec![msg],
@@ -453,27 +463,6 @@ impl Store {
     }
 }
 
-/// Checks a package file against its expected digest (explicit, else its `.sha256`) and its
-/// `.sig` against `trusted`; returns the verified digest and the id of the key that signed it.
-pub fn check_signature(
-    zip: &Path,
-    explicit_sha256: Option<&str>,
-    trusted: &TrustedKeys,
-) -> Result<(String, String)> {
-    let (actual, _) = package::digest_checked(zip, explicit_sha256)?;
-    let file = zip
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let refuse = |reason| Error::Signature {
-        file: file.clone(),
-        reason,
-    };
-    let sig = signing::read_sig(zip).map_err(refuse)?;
-    let key = trusted.verify(sig.as_deref(), &actual).map_err(refuse)?;
-    Ok((actual, key))
-}
-
 #[derive(Debug, Clone)]
 struct ResolvedPackage {
     path: PathBuf,
@@ -502,7 +491,7 @@ pub fn find_package_in(releases: &Path, v: Version) -> Result<PathBuf> {
             dir: releases.to_path_buf(),
         }),
         1 => Ok(found.remove(0)),
-        _ => Err(Error::Refused(format!(
+        _ => Err(Error::refused(format!(
             "refused: several packages hold version {v} ({}); pass --package FILE",
             found
                 .iter()

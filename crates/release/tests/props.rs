@@ -80,7 +80,8 @@ fn check_disk(store: &Store, model: &Releases) -> Result<(), TestCaseError> {
         .view()
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(&view, model, "store table vs model");
-    view.check_invariants().map_err(TestCaseError::fail)?;
+    view.check_invariants()
+        .map_err(|e| TestCaseError::fail(e.0))?;
     prop_assert_eq!(
         listing(store),
         orch_types::format_versions(&model.entries())
@@ -185,6 +186,7 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
                     match result {
                         Err(Error::Activation { to, reason, .. }) => {
                             prop_assert_eq!(to, v(BAD_HOOK));
+                            let reason = reason.to_string();
                             prop_assert!(reason.contains("refusing"), "{}", reason);
                         }
                         other => prop_assert!(
@@ -299,7 +301,7 @@ proptest! {
                 continue;
             };
             match rules::plan(&t, op, Some("emqx")) {
-                Err(msg) => {
+                Err(rules::Refusal(msg)) => {
                     if msg.contains("patch-level") {
                         let running = t.running().unwrap().to_string();
                         prop_assert!(msg.contains(&running), "{}", msg);

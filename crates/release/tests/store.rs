@@ -393,6 +393,7 @@ fn failing_hook_fails_the_step_with_its_stderr_and_states_unchanged() {
         match &e {
             Error::Activation { from, to, reason } => {
                 assert_eq!((from.as_str(), *to), ("4.2.0", v("4.2.1")));
+                let reason = reason.to_string();
                 assert!(
                     reason.contains("boom") && reason.contains("exit code 3"),
                     "{reason}"

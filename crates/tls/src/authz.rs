@@ -59,6 +59,12 @@ pub fn identity_from_cert_der(der: &[u8]) -> Result<Identity> {
     })
 }
 
+/// An identity that another transport of this process verified (the HTTPS endpoint's TLS
+/// handshake), attached to a request it builds to call a service in-process. Only code in the
+/// process can set request extensions: a remote gRPC caller cannot forge one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedCaller(pub Identity);
+
 /// The caller's identity, from the leaf of the client certificate chain that tonic recorded
 /// for this connection. `Unauthenticated` when there is none (plain-text connection, or a
 /// server not built with [`crate::server_config`]) or it carries no valid role.
@@ -66,6 +72,9 @@ pub fn identity_from_cert_der(der: &[u8]) -> Result<Identity> {
 /// Only works on connections tonic accepted itself (`Server::serve*` over TCP): that is where
 /// [`Request::peer_certs`] comes from.
 pub fn identity_of<T>(req: &Request<T>) -> Result<Identity, Status> {
+    if let Some(VerifiedCaller(id)) = req.extensions().get::<VerifiedCaller>() {
+        return Ok(id.clone());
+    }
     let certs = req.peer_certs().ok_or_else(|| {
         Status::unauthenticated("no client certificate: this service requires mutual TLS")
     })?;

@@ -478,8 +478,11 @@ fn create_folder(folder: &Path, files: &[(&str, &[u8], u32)]) -> Result<PathBuf>
         }
         sync_dir(&tmp)?;
         rename_noreplace(&tmp, folder).map_err(|e| {
-            if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY))
-                || e.kind() == io::ErrorKind::AlreadyExists
+            let errno = e.raw_os_error().map(rustix::io::Errno::from_raw_os_error);
+            if matches!(
+                errno,
+                Some(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY)
+            ) || e.kind() == io::ErrorKind::AlreadyExists
             {
                 Error::Exists(folder.to_path_buf())
             } else {
@@ -532,34 +535,14 @@ fn nanos() -> u128 {
 }
 
 /// `rename` that fails instead of replacing an existing target (`renameat2(RENAME_NOREPLACE)`
-/// on Linux; elsewhere, or where the file system lacks it, check then rename).
+/// on Linux; where the file system lacks it, check then rename).
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::ffi::CString;
-        use std::os::unix::ffi::OsStrExt;
-        let c = |p: &Path| {
-            CString::new(p.as_os_str().as_bytes())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-        };
-        let (f, t) = (c(from)?, c(to)?);
-        // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-        let r = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                f.as_ptr(),
-                libc::AT_FDCWD,
-                t.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-            return Err(e);
-        }
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use rustix::io::Errno;
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(Errno::INVAL | Errno::NOSYS) => {}
+        Err(e) => return Err(e.into()),
     }
     if fs::symlink_metadata(to).is_ok() {
         return Err(io::Error::from(io::ErrorKind::AlreadyExists));

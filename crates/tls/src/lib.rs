@@ -5,6 +5,10 @@
 //! [`require`] (or install an [`authorize`] interceptor) with the roles they accept; the crate
 //! itself grants nothing.
 //!
+//! It also holds what both daemons do at their gRPC edge: the start of serving
+//! ([`Security::daemon_server`]: identity and listen checks, TLS, limits, reflection) and the
+//! one-line text of an error with its causes for a status or a log line ([`error_chain`]).
+//!
 //! # Parties and roles
 //!
 //! Every party holds a certificate issued by the cluster's own CA. The party's role and name are
@@ -112,6 +116,7 @@
 
 mod authz;
 mod certs;
+mod daemon;
 mod https;
 mod load;
 mod security;
@@ -121,15 +126,16 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use authz::{
-    AuthMode, RoleInterceptor, authenticated, authorize, identity_from_cert_der, identity_of,
-    require, require_name,
+    AuthMode, RoleInterceptor, VerifiedCaller, authenticated, authorize, identity_from_cert_der,
+    identity_of, require, require_name,
 };
 pub use certs::{
     DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS, InitOptions, IssueOptions, Validity, init, init_with,
     issue, issue_with,
 };
+pub use daemon::Daemon;
 pub use load::{TlsFiles, TlsMaterial, client_config, default_tls_dir, server_config, tls_uri};
-pub use security::{Security, ServerLimits, connect_error, incoming, is_tls_failure};
+pub use security::{Security, ServerLimits, connect_error, error_chain, incoming, is_tls_failure};
 
 /// The URI prefix of the subject alternative name that records a party's role and name.
 pub const ROLE_URI_PREFIX: &str = "orchestrator://role/";
@@ -276,7 +282,7 @@ pub enum Error {
     },
     #[error("{} already exists: refusing to overwrite it", .0.display())]
     Exists(PathBuf),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -286,10 +292,12 @@ pub enum Error {
     BadFile { path: PathBuf, msg: String },
     #[error("the certificate identifies no party: {0}")]
     Identity(&'static str),
-    #[error("certificate generation failed: {0}")]
+    #[error("certificate generation failed")]
     Generate(#[from] rcgen::Error),
     #[error("{0}")]
     Config(String),
+    #[error("gRPC reflection setup")]
+    Reflection(#[source] tonic_reflection::server::Error),
 }
 
 impl Error {

@@ -173,18 +173,11 @@ impl Security {
 /// A connection error with its causes: tonic's top-level message is only "transport error",
 /// while the causes say what went wrong (refused, TLS handshake, certificate not trusted).
 pub fn connect_error(e: &tonic::transport::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !msg.contains(&m) {
-            msg.push_str(": ");
-            msg.push_str(&m);
-        }
-        cur = c.source();
-    }
-    msg
+    error_chain(e)
 }
+
+/// One error and its causes on one line (each cause once); one implementation for every crate.
+pub use orch_types::error_chain;
 
 /// True when `e` (or any of its causes) is a TLS failure: a handshake refused, a certificate
 /// not trusted, expired or of the wrong party. Unlike a refused or timed-out connection, this
@@ -215,7 +208,23 @@ fn trim(addr: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        // A cause returned by source() only, and one its parent already prints.
+        let missing = Error::io("/nowhere/ca.pem", io::Error::from_raw_os_error(2));
+        let line = error_chain(&missing);
+        assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+        assert!(line.starts_with("/nowhere/ca.pem: "), "{line}");
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct PrintsItsSource(#[source] io::Error);
+        let both = PrintsItsSource(io::Error::other("inner"));
+        assert_eq!(error_chain(&both), "outer: inner");
+    }
 
     #[test]
     fn insecure_is_loopback_only_unless_allowed() {

@@ -120,6 +120,15 @@ pub struct ServeArgs {
     /// [default: any package].
     #[arg(long = "trusted-key", value_name = "PUB")]
     pub trusted_keys: Vec<PathBuf>,
+    /// Serve HTTP(S) on this address too (HOST:PORT): the dashboard and JSON API on
+    /// coordinators, /metrics and /healthz on both daemons [default: off]. Under mutual TLS it
+    /// is HTTPS with this daemon's certificate, and clients need a viewer certificate or above.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
+    /// Serve /metrics and /healthz to clients without a certificate (for a Prometheus that has
+    /// none); everything else still needs one.
+    #[arg(long)]
+    pub http_public_metrics: bool,
 }
 
 #[derive(Args, Debug)]

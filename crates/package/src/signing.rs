@@ -23,16 +23,16 @@
 //!   say "modified after signing"): verification always uses the digest of the actual bytes.
 
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::{unique_suffix, write_atomic};
-use crate::package::{hex, normalize_digest};
+use crate::digest::{hex, normalize_digest};
+use crate::error::display_name;
+use crate::fsutil::{WriteNewError, write_atomic, write_new};
 
 /// Prefix of every signed message (see the module docs).
 pub const DOMAIN: &[u8] = b"orchestrator-package-signature-v1\0";
@@ -77,20 +77,51 @@ pub enum Error {
     #[error("invalid: {0}")]
     Invalid(String),
     /// A key file is missing, unreadable or not an Ed25519 key.
-    #[error("key file {path}: {reason}")]
-    KeyFile { path: PathBuf, reason: String },
+    #[error("key file {path}")]
+    KeyFile {
+        path: PathBuf,
+        #[source]
+        reason: KeyError,
+    },
     /// Key generation never overwrites.
     #[error("{path} already exists; refusing to overwrite a signing key (move it away first)")]
     Exists { path: PathBuf },
+    /// The random generator or the key encoding failed while making a key.
+    #[error("generating a signing key failed: {0}")]
+    KeyGen(&'static str),
+    /// Hashing or writing the package file (`sign_file`).
     #[error(transparent)]
-    Store(#[from] Box<crate::error::Error>),
-    #[error("{op} {path}: {source}")]
+    Package(#[from] Box<crate::error::Error>),
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+}
+
+/// What is wrong with a key file or key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read it")]
+    Read(#[source] io::Error),
+    #[error("too large to be a key file")]
+    TooLarge,
+    #[error("not a PEM file")]
+    NotPem(#[source] pem::PemError),
+    #[error("expected a PEM \"{expected}\" block, found \"{found}\"{hint}")]
+    WrongBlock {
+        expected: &'static str,
+        found: String,
+        hint: &'static str,
+    },
+    #[error("not an Ed25519 public key")]
+    NotEd25519,
+    /// ring's reason is a short fixed phrase (and not a `std::error::Error` without its `std`
+    /// feature), so it is part of the sentence.
+    #[error("not an Ed25519 PKCS#8 key ({0})")]
+    NotPkcs8(ring::error::KeyRejected),
 }
 
 impl Error {
@@ -117,10 +148,10 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Err
     }
 }
 
-fn key_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::KeyFile {
+fn key_err(path: &Path) -> impl FnOnce(KeyError) -> Error + '_ {
+    move |reason| Error::KeyFile {
         path: path.to_path_buf(),
-        reason: reason.into(),
+        reason,
     }
 }
 
@@ -168,17 +199,10 @@ impl PublicKey {
     }
 
     /// Parses the PEM `PUBLIC KEY` text of `signing.pub`.
-    pub fn from_pem(text: &str) -> std::result::Result<PublicKey, String> {
-        let p = pem::parse(text).map_err(|e| format!("not a PEM file ({e})"))?;
-        if p.tag() != PUBLIC_TAG {
-            return Err(format!(
-                "expected a PEM \"{PUBLIC_TAG}\" block, found \"{}\"",
-                p.tag()
-            ));
-        }
-        let der = p.contents();
+    pub fn from_pem(text: &str) -> std::result::Result<PublicKey, KeyError> {
+        let der = pem_block(text, PUBLIC_TAG, "")?;
         if der.len() != SPKI_PREFIX.len() + 32 || der[..SPKI_PREFIX.len()] != SPKI_PREFIX {
-            return Err("not an Ed25519 public key".into());
+            return Err(KeyError::NotEd25519);
         }
         let mut raw = [0u8; 32];
         raw.copy_from_slice(&der[SPKI_PREFIX.len()..]);
@@ -193,8 +217,8 @@ impl PublicKey {
 
     /// Reads a `signing.pub` file.
     pub fn load(path: &Path) -> Result<PublicKey> {
-        let text = read_small(path, 16 << 10)?;
-        PublicKey::from_pem(&text).map_err(|reason| key_err(path, reason))
+        let text = read_small(path, 16 << 10).map_err(key_err(path))?;
+        PublicKey::from_pem(&text).map_err(key_err(path))
     }
 
     fn verifies(&self, sha256: &[u8; 32], sig: &[u8]) -> bool {
@@ -222,26 +246,25 @@ impl SigningKey {
     pub fn generate() -> Result<(SigningKey, Vec<u8>)> {
         let rng = ring::rand::SystemRandom::new();
         let v2 = Ed25519KeyPair::generate_pkcs8(&rng)
-            .map_err(|_| Error::Invalid("the system random generator failed".into()))?;
+            .map_err(|_| Error::KeyGen("the system random generator failed"))?;
         // ring writes v2 (seed plus public key), which OpenSSL 3 refuses; v1 is the bare seed.
         let der = v2.as_ref();
         if der.len() < PKCS8_V2_PREFIX.len() + 32 || der[..PKCS8_V2_PREFIX.len()] != PKCS8_V2_PREFIX
         {
-            return Err(Error::Invalid(
-                "the generated key has an unexpected encoding".into(),
+            return Err(Error::KeyGen(
+                "the generated key has an unexpected encoding",
             ));
         }
         let mut v1 = PKCS8_V1_PREFIX.to_vec();
         v1.extend_from_slice(&der[PKCS8_V2_PREFIX.len()..PKCS8_V2_PREFIX.len() + 32]);
         let key = SigningKey::from_pkcs8(&v1)
-            .map_err(|e| Error::Invalid(format!("generated key rejected: {e}")))?;
+            .map_err(|_| Error::KeyGen("the generated key was rejected"))?;
         Ok((key, v1))
     }
 
     /// Accepts PKCS#8 v1 (OpenSSL) and v2 (ring) Ed25519 keys.
-    pub fn from_pkcs8(der: &[u8]) -> std::result::Result<SigningKey, String> {
-        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
-            .map_err(|e| format!("not an Ed25519 PKCS#8 key ({e})"))?;
+    pub fn from_pkcs8(der: &[u8]) -> std::result::Result<SigningKey, KeyError> {
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(KeyError::NotPkcs8)?;
         let mut raw = [0u8; 32];
         raw.copy_from_slice(pair.public_key().as_ref());
         Ok(SigningKey {
@@ -252,18 +275,10 @@ impl SigningKey {
 
     /// Reads a `signing.key` file.
     pub fn load(path: &Path) -> Result<SigningKey> {
-        let text = read_small(path, 16 << 10)?;
-        let p = pem::parse(&text).map_err(|e| key_err(path, format!("not a PEM file ({e})")))?;
-        if p.tag() != PRIVATE_TAG {
-            return Err(key_err(
-                path,
-                format!(
-                    "expected a PEM \"{PRIVATE_TAG}\" block, found \"{}\" (is this signing.pub?)",
-                    p.tag()
-                ),
-            ));
-        }
-        SigningKey::from_pkcs8(p.contents()).map_err(|reason| key_err(path, reason))
+        let text = read_small(path, 16 << 10).map_err(key_err(path))?;
+        pem_block(&text, PRIVATE_TAG, " (is this signing.pub?)")
+            .and_then(|der| SigningKey::from_pkcs8(&der))
+            .map_err(key_err(path))
     }
 
     pub fn public(&self) -> &PublicKey {
@@ -383,6 +398,21 @@ impl TrustedKeys {
         self.keys.iter().map(|k| k.id()).collect()
     }
 
+    /// [`TrustedKeys::verify`] for the package `file`, a failure being its refusal
+    /// ([`crate::Error::Signature`]).
+    pub fn verify_package(
+        &self,
+        file: &str,
+        sig: Option<&[u8]>,
+        actual_sha256: &str,
+    ) -> crate::Result<String> {
+        self.verify(sig, actual_sha256)
+            .map_err(|reason| crate::Error::Signature {
+                file: file.to_string(),
+                reason,
+            })
+    }
+
     /// Checks a signature (the `.sig` bytes, if any) over the digest of the actual package
     /// bytes. Returns the id of the key that signed it.
     pub fn verify(&self, sig: Option<&[u8]>, actual_sha256: &str) -> Result<String> {
@@ -445,47 +475,33 @@ fn pem_text(tag: &str, der: Vec<u8>) -> String {
     )
 }
 
-fn read_small(path: &Path, max: u64) -> Result<String> {
-    let meta = fs::metadata(path).map_err(|e| key_err(path, format!("cannot read it ({e})")))?;
-    if meta.len() > max {
-        return Err(key_err(path, "too large to be a key file"));
+/// The DER contents of the one PEM block in `text`, which must be tagged `tag`.
+fn pem_block(text: &str, tag: &'static str, hint: &'static str) -> Result<Vec<u8>, KeyError> {
+    let p = pem::parse(text).map_err(KeyError::NotPem)?;
+    if p.tag() != tag {
+        return Err(KeyError::WrongBlock {
+            expected: tag,
+            found: p.tag().to_string(),
+            hint,
+        });
     }
-    fs::read_to_string(path).map_err(|e| key_err(path, format!("cannot read it ({e})")))
+    Ok(p.into_contents())
 }
 
-/// Writes `bytes` to a new file `path` with `mode`, durably, refusing to replace anything: the
-/// temp file is linked into place (link fails if the name exists), never renamed over.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        fs::hard_link(&tmp, path).map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                Error::Exists {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                io_err("create", path)(e)
-            }
-        })
-    })();
-    let _ = fs::remove_file(&tmp);
-    result?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
+fn read_small(path: &Path, max: u64) -> Result<String, KeyError> {
+    let meta = fs::metadata(path).map_err(KeyError::Read)?;
+    if meta.len() > max {
+        return Err(KeyError::TooLarge);
+    }
+    fs::read_to_string(path).map_err(KeyError::Read)
+}
+
+/// [`write_new`], with an existing file reported as a key that must not be overwritten.
+fn write_key_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_new(path, bytes, mode).map_err(|e| match e {
+        WriteNewError::Exists { path } => Error::Exists { path },
+        WriteNewError::Write(e) => Error::Package(Box::new(e)),
+    })
 }
 
 /// `package keygen --out DIR`: writes `DIR/signing.key` (0600) and `DIR/signing.pub`. Refuses
@@ -501,8 +517,8 @@ pub fn keygen(dir: &Path) -> Result<(PathBuf, PathBuf, String)> {
     }
     let (key, pkcs8) = SigningKey::generate()?;
     let key_pem = pem_text(PRIVATE_TAG, pkcs8);
-    write_new(&key_path, key_pem.as_bytes(), 0o600)?;
-    if let Err(e) = write_new(&pub_path, key.public().to_pem().as_bytes(), 0o644) {
+    write_key_file(&key_path, key_pem.as_bytes(), 0o600)?;
+    if let Err(e) = write_key_file(&pub_path, key.public().to_pem().as_bytes(), 0o644) {
         // Leave no half pair: the key we just wrote has never been used.
         let _ = fs::remove_file(&key_path);
         return Err(e);
@@ -513,11 +529,31 @@ pub fn keygen(dir: &Path) -> Result<(PathBuf, PathBuf, String)> {
 /// `package sign FILE --key KEY`: writes `FILE.sig` (replacing an older signature: re-signing
 /// with a new key during rotation is the point). Returns the signature path and key id.
 pub fn sign_file(package: &Path, key: &SigningKey) -> Result<(PathBuf, String)> {
-    let (digest, _) = crate::package::sha256_file(package).map_err(Box::new)?;
+    let (digest, _) = crate::digest::sha256_file(package).map_err(Box::new)?;
     let text = key.sign_digest(&digest)?;
     let path = sig_path(package);
     write_atomic(&path, text.as_bytes()).map_err(Box::new)?;
     Ok((path, key.public().id().to_string()))
+}
+
+/// Checks a package file against its expected digest (explicit, else its `.sha256`) and its
+/// `.sig` against `trusted`; returns the verified digest and the id of the key that signed it.
+/// A `.sig` that cannot be read is an I/O error, not a verdict on the package.
+pub fn check_signature(
+    zip: &Path,
+    explicit_sha256: Option<&str>,
+    trusted: &TrustedKeys,
+) -> crate::Result<(String, String)> {
+    let (actual, _) = crate::digest::digest_checked(zip, explicit_sha256)?;
+    let sig = read_sig(zip).map_err(|e| match e {
+        Error::Io { op, path, source } => crate::Error::Io { op, path, source },
+        reason => crate::Error::Signature {
+            file: display_name(zip),
+            reason,
+        },
+    })?;
+    let key = trusted.verify_package(&display_name(zip), sig.as_deref(), &actual)?;
+    Ok((actual, key))
 }
 
 #[cfg(test)]
@@ -694,7 +730,7 @@ mod tests {
         let (sp, id) = sign_file(&pkg, &k).unwrap();
         assert_eq!(sp, dir.path().join("app-1.0.0.zip.sig"));
         assert_eq!(id, k.public().id());
-        let (d, _) = crate::package::sha256_file(&pkg).unwrap();
+        let (d, _) = crate::digest::sha256_file(&pkg).unwrap();
         let trusted = TrustedKeys::new(vec![k.public().clone()]);
         let sig = read_sig(&pkg).unwrap();
         assert!(trusted.verify(sig.as_deref(), &d).is_ok());

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::digest::hex;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{fsync_dir, unique_suffix};
-use crate::package::hex;
 
 pub struct IncomingFile {
     dest: PathBuf,
@@ -48,14 +48,7 @@ impl IncomingFile {
     }
 
     fn refuse(&self, reason: String) -> Error {
-        Error::BadPackage {
-            file: self
-                .dest
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            reason,
-        }
+        Error::bad(&self.dest, reason)
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<()> {

@@ -1,0 +1,111 @@
+//! `PushPackage`: the header checked (and, with trusted keys, its signature) and the push
+//! admitted under the step lock before a byte is written; then the chunks stream to disk.
+
+use orch_proto::agent as pb;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{AgentService, Call, MUTATE, joined};
+use crate::audit::{self, wire};
+use crate::error::Error;
+use crate::push::{Header, Upload, Writer};
+
+impl AgentService {
+    pub(super) async fn push(
+        &self,
+        req: Request<Streaming<pb::PackageChunk>>,
+    ) -> Result<Response<pb::PushReply>, Status> {
+        let (caller, allowed) = self.shared.caller(&req, MUTATE);
+        let mut call = Call {
+            caller,
+            fence: None,
+            force: false,
+            what: "push".into(),
+        };
+        self.check(&call, allowed)?;
+        let mut stream = req.into_inner();
+        let first = match stream.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(s)) => return Err(self.denied(&call, s)),
+            None => {
+                let e = Error::BadRequest("push refused: empty stream".into());
+                return Err(self.refused(&call, e));
+            }
+        };
+        let h = self.parsed(
+            &call,
+            first.header.ok_or_else(|| {
+                Error::BadRequest("push refused: the first chunk must carry the header".into())
+            }),
+        )?;
+        call.what = format!("push {}-{}.zip", wire(&h.name), wire(&h.version));
+        call.fence = h.fence;
+        call.force = h.force;
+        let mut header = self.parsed(
+            &call,
+            Header::validate(
+                &h.name,
+                &h.version,
+                &h.sha256,
+                h.size,
+                h.signature,
+                self.shared.max_package_bytes,
+            ),
+        )?;
+        // Before the fence is recorded or a byte is written: a refusal changes nothing.
+        self.parsed(&call, header.check_signature(&self.shared.trusted))?;
+        let file_name = header.file_name();
+        // Admitted under the step lock (fence, binding, hold, deadline) before the first byte
+        // is written; the upload itself runs beside other steps (it only adds a file).
+        let guard = self.shared.steps.clone().lock_owned().await;
+        let (shared, c) = (self.shared.clone(), call.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut fences = guard;
+            shared.admit(&mut fences, &c)
+        })
+        .await
+        .map_err(joined)
+        .and_then(|r| r)
+        .map_err(|e| self.refused(&call, e))?;
+        let releases = self.shared.root.join("releases");
+        let path = format!("releases/{file_name}");
+        let started = tokio::task::spawn_blocking(move || Upload::start(&releases, header))
+            .await
+            .map_err(joined)
+            .and_then(|r| r);
+        let Some(upload) = self.parsed(&call, started)? else {
+            // The identical package is already here: answer now, without reading the rest of
+            // the stream (dropping it tells the sender to stop).
+            self.shared.record(&call, &audit::ok(false));
+            return Ok(Response::new(pb::PushReply {
+                path,
+                already: true,
+                message: format!("Package {file_name} is already on this node"),
+            }));
+        };
+        let writer = Writer::spawn(upload);
+        let mut writing = writer.write(first.data).await;
+        while writing {
+            match stream.next().await {
+                None => break,
+                Some(Ok(chunk)) => writing = writer.write(chunk.data).await,
+                Some(Err(e)) => {
+                    writer.abort().await;
+                    let s = Status::cancelled(format!(
+                        "push of {file_name} interrupted ({e}); package discarded"
+                    ));
+                    return Err(self.denied(&call, s));
+                }
+            }
+        }
+        // Also the error that stopped the writer early (more data than announced, a disk error).
+        let finished = self.parsed(&call, writer.finish().await)?;
+        self.shared.record(&call, &audit::ok(true));
+        tracing::info!(node = %self.shared.node_id, file = %finished.display(), "package received");
+        Ok(Response::new(pb::PushReply {
+            path,
+            already: false,
+            message: format!("Received package {file_name}"),
+        }))
+    }
+}

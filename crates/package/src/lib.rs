@@ -1,0 +1,23 @@
+//! The package format, shared by every party that handles packages: the node's release store
+//! (`orch-release`), the agent and the coordinators. Nothing here knows about zip archives, the
+//! release store or its states; the coordinator links this crate and not the store.
+//!
+//! - [`manifest`]: the `release.toml` at a package's root and the `<name>-<x.y.z>.zip` file name;
+//! - [`digest`]: SHA-256 digests of package files and their `<file>.sha256` sidecars;
+//! - [`signing`]: detached Ed25519 signatures (`<file>.sig`) and the keys that vouch for packages;
+//! - [`incoming`]: a file arriving over the network, checked against its announced size and
+//!   digest before it becomes visible;
+//! - [`fsutil`]: durable file-system primitives (atomic replace, directory fsync).
+//!
+//! Synchronous and blocking on purpose: async callers run it through `spawn_blocking`.
+
+pub mod digest;
+pub mod error;
+pub mod fsutil;
+pub mod incoming;
+pub mod manifest;
+pub mod signing;
+
+pub use error::{Error, Result};
+pub use incoming::IncomingFile;
+pub use signing::TrustedKeys;

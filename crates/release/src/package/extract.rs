@@ -1,0 +1,281 @@
+//! Extraction: entries inflated on several threads while the digest is computed on another,
+//! all reading the same open file, into a fresh directory the caller renames into place.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use orch_package::digest::check_digest;
+use orch_package::manifest::check_identity;
+use orch_types::Version;
+use sha2::{Digest, Sha256};
+
+use super::check::{Kind, classify, open_checked, safe_relative_path};
+use super::{Limits, MANIFEST, PackageInfo, bad, copy_capped, expected_digest, hex, short_entry};
+use orch_package::error::IoContext;
+
+use crate::error::{Error, Result};
+
+/// A positional reader over a shared open file: every clone reads the same file (the one whose
+/// digest is checked) without sharing a file offset, so extraction threads need no lock.
+#[derive(Clone)]
+struct PosReader {
+    file: Arc<File>,
+    pos: u64,
+    len: u64,
+}
+
+impl Read for PosReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for PosReader {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let base = match to {
+            io::SeekFrom::Start(n) => Some(n),
+            io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos =
+            base.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek out of range"))?;
+        Ok(self.pos)
+    }
+}
+
+/// Hex SHA-256 of a whole file through positional reads.
+fn sha256_at(file: &File, len: u64) -> io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = file.read_at(&mut buf, pos)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// A regular file to extract: entry index, relative path, mode, declared size.
+struct FileEntry {
+    index: usize,
+    rel: PathBuf,
+    name: String,
+    mode: u32,
+    declared: u64,
+}
+
+fn extract_entry(
+    zip: &Path,
+    archive: &mut zip::ZipArchive<PosReader>,
+    dest: &Path,
+    e: &FileEntry,
+) -> Result<u64> {
+    let mut f = archive
+        .by_index(e.index)
+        .map_err(|err| bad(zip, format!("entry {:?} is unreadable ({err})", e.name)))?;
+    let target = dest.join(&e.rel);
+    // create_new: nothing can overwrite an earlier entry.
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(e.mode)
+        .open(&target)
+        .map_err(|err| {
+            if err.kind() == io::ErrorKind::AlreadyExists {
+                bad(zip, format!("entry {:?} appears twice", e.name))
+            } else {
+                Error::Io {
+                    op: "create",
+                    path: target.clone(),
+                    source: err,
+                }
+            }
+        })?;
+    let mut w = BufWriter::with_capacity(256 << 10, out);
+    // The declared sizes were checked against the limit; an entry that inflates past its own
+    // declaration is lying (zip bomb) and is refused.
+    let n = copy_capped(zip, &e.name, &mut f, &mut w, e.declared)?;
+    // Short is as wrong as long: what lands must be exactly what the archive declares.
+    if n != e.declared {
+        return Err(short_entry(zip, &e.name, n, e.declared));
+    }
+    w.flush().ctx("write", &target)?;
+    Ok(n)
+}
+
+/// The digest of the package file, computed on its own thread while entries are extracted.
+struct Hasher {
+    thread: std::thread::JoinHandle<io::Result<String>>,
+}
+
+impl Hasher {
+    fn spawn(file: Arc<File>, size: u64) -> Hasher {
+        Hasher {
+            thread: std::thread::spawn(move || sha256_at(&file, size)),
+        }
+    }
+
+    /// Waits for the digest and checks it against `expected`; returns it.
+    fn check(self, zip: &Path, expected: Option<&str>) -> Result<String> {
+        let actual = self
+            .thread
+            .join()
+            .map_err(|_| Error::refused("the digest thread panicked"))?
+            .ctx("read", zip)?;
+        check_digest(zip, expected, &actual)?;
+        Ok(actual)
+    }
+}
+
+/// Verifies and extracts a package into `dest`, which must not exist. On any error `dest` is
+/// removed, so the caller only ever sees a complete tree. The caller fsyncs and renames it.
+///
+/// Entries are inflated on several threads and the digest is computed on another one, all
+/// reading the same open file; nothing is visible before the caller's rename, and the digest
+/// is checked before this returns.
+pub fn extract(
+    zip: &Path,
+    dest: &Path,
+    expected_sha256: Option<&str>,
+    expected_version: Option<Version>,
+    limits: &Limits,
+) -> Result<PackageInfo> {
+    let expected = expected_digest(zip, expected_sha256)?;
+    let file = Arc::new(File::open(zip).ctx("open package", zip)?);
+    let size = file.metadata().ctx("stat", zip)?.len();
+    let hasher = Hasher::spawn(file.clone(), size);
+    let reader = PosReader {
+        file,
+        pos: 0,
+        len: size,
+    };
+    let archive = match open_checked(zip, reader, limits) {
+        Ok(a) => a,
+        Err(e) => {
+            // A digest mismatch explains a broken archive better than the archive error.
+            hasher.check(zip, expected.as_deref())?;
+            return Err(e);
+        }
+    };
+    fs::create_dir(dest).ctx("create", dest)?;
+    let result = (|| {
+        let files = make_dirs(zip, &archive, dest)?;
+        let extracted = extract_files(zip, &archive, dest, files);
+        // The digest first: a mismatch explains a broken entry better than the entry's error.
+        let sha256 = hasher.check(zip, expected.as_deref())?;
+        let uncompressed_bytes = extracted?;
+        let manifest_path = dest.join(MANIFEST);
+        let text = fs::read_to_string(&manifest_path)
+            .map_err(|e| bad(zip, format!("{MANIFEST} is unreadable ({e})")))?;
+        let (name, version) = check_identity(zip, &text, expected_version)?;
+        // Entries may carry restrictive dir modes; the store must be able to delete the tree.
+        let _ = fs::set_permissions(dest, fs::Permissions::from_mode(0o755));
+        Ok(PackageInfo {
+            name,
+            version,
+            sha256,
+            size,
+            entries: archive.len() as u64,
+            uncompressed_bytes,
+        })
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(dest);
+    }
+    result
+}
+
+/// Creates every directory (including every file's parent), so workers only create files;
+/// returns the files to extract, largest first (so the last worker does not finish long after
+/// the others).
+fn make_dirs(
+    zip: &Path,
+    archive: &zip::ZipArchive<PosReader>,
+    dest: &Path,
+) -> Result<Vec<FileEntry>> {
+    // A clone shares the parsed central directory; reading raw entries needs `&mut`.
+    let mut archive = archive.clone();
+    let mut files = Vec::new();
+    for i in 0..archive.len() {
+        let f = archive
+            .by_index_raw(i)
+            .map_err(|e| bad(zip, format!("entry {i} is unreadable ({e})")))?;
+        let name = f.name().map(|n| n.into_owned()).unwrap_or_default();
+        let rel = safe_relative_path(&name)
+            .ok_or_else(|| bad(zip, format!("entry {name:?} escapes the release directory")))?;
+        let target = dest.join(&rel);
+        match classify(zip, &f, &name)? {
+            Kind::Dir => fs::create_dir_all(&target).ctx("create", &target)?,
+            Kind::File { mode } => {
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent).ctx("create", parent)?;
+                }
+                files.push(FileEntry {
+                    index: i,
+                    rel,
+                    name,
+                    mode,
+                    declared: f.size(),
+                });
+            }
+        }
+    }
+    files.sort_by_key(|f| std::cmp::Reverse(f.declared));
+    Ok(files)
+}
+
+/// Extracts `files` on up to four threads; returns the bytes written, or the first error (after
+/// which every worker stops at its next entry).
+fn extract_files(
+    zip: &Path,
+    archive: &zip::ZipArchive<PosReader>,
+    dest: &Path,
+    files: Vec<FileEntry>,
+) -> Result<u64> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+        .min(files.len().max(1));
+    let next = AtomicUsize::new(0);
+    let total = AtomicU64::new(0);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let mut archive = archive.clone();
+            let (next, total, failed, files) = (&next, &total, &failed, &files);
+            s.spawn(move || {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(e) = files.get(k) else { return };
+                    match extract_entry(zip, &mut archive, dest, e) {
+                        Ok(n) => {
+                            total.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(err) => {
+                            let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                            f.get_or_insert(err);
+                            // Make every worker stop at its next entry.
+                            next.store(files.len(), Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(total.into_inner()),
+    }
+}
