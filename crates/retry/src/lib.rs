@@ -1,9 +1,9 @@
 //! The one retry policy of the workspace: exponential backoff with full jitter, a cap on each
 //! pause, and an overall deadline.
 //!
-//! Every network call that may meet a transient failure (a coordinator calling an agent, the
-//! control client looking for the leader, Raft replication to a peer that is down, an agent
-//! registering) waits between attempts as [`Backoff`] says, so that many callers that failed
+//! A network call that may meet a transient failure (a coordinator calling an agent or telling
+//! it a rollout ended, the control client looking for the leader, Raft replication to a peer
+//! that is down) waits between attempts as a [`Backoff`] says, so that many callers that failed
 //! together do not retry together (full jitter: each pause is drawn uniformly from zero to the
 //! exponential bound), no pause grows past the cap, and no caller retries past its deadline.
 //!

@@ -94,3 +94,101 @@ pub fn status_of_archived(h: &HistoryRecord, with_events: bool) -> pb::RolloutSt
         ..replay_data(&h.spec, &h.inputs, with_events)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use orch_rollout::{ActionKind, ActionResult, Event, LogEntry};
+    use orch_types::rollout::RolloutStatus;
+    use orch_types::{RolloutId, VersionEntry};
+
+    use super::*;
+    use crate::state::Command;
+
+    fn register(s: &mut ClusterState, id: &str) {
+        s.apply(&Command::RegisterNode {
+            id: id.parse().unwrap(),
+            address: "127.0.0.1:1".into(),
+            labels: BTreeMap::new(),
+            versions: Vec::new(),
+            at_ms: 0,
+            stamp: None,
+            activate_timeout_ms: 0,
+        });
+    }
+
+    fn event(s: &mut ClusterState, event: Event, at_ms: u64, term: u64) {
+        s.apply(&Command::Rollout {
+            id: RolloutId(1),
+            entry: LogEntry {
+                event,
+                at_ms,
+                by: "coordinator-1".into(),
+            },
+            term,
+        });
+    }
+
+    /// What `status --json` carries replays to what it shows: the spec and inputs of the
+    /// status, parsed back, give the same phase, nodes, error and audit trail, through a
+    /// change of driver term, a failure and the rollback it causes.
+    #[test]
+    fn the_status_replays_from_its_spec_and_inputs() {
+        let mut s = ClusterState::default();
+        register(&mut s, "n1");
+        register(&mut s, "n2");
+        let mut spec = RolloutSpec::new(
+            "x",
+            "4.2.1".parse().unwrap(),
+            vec!["n1".parse().unwrap(), "n2".parse().unwrap()],
+            "operator/alice",
+        );
+        spec.min_healthy_time_ms = 0;
+        s.apply(&Command::CreateRollout { spec, at_ms: 1 });
+        let mut t = 1;
+        while let Some(r) = s.find_rollout("r000001").filter(|r| !r.is_finished()) {
+            t += 1;
+            let term = if t > 6 { 3 } else { 2 };
+            let in_flight = r.in_flight().to_vec();
+            if in_flight.is_empty() {
+                event(&mut s, Event::IssueActions, t, term);
+                continue;
+            }
+            for a in in_flight {
+                let result = match &a.kind {
+                    ActionKind::Preflight => ActionResult::Preflight {
+                        running: "4.2.0".parse().unwrap(),
+                        free_disk: u64::MAX,
+                        releases: vec![VersionEntry {
+                            version: "4.2.0".parse().unwrap(),
+                            state: orch_types::ReleaseState::Permanent,
+                        }],
+                    },
+                    ActionKind::HealthGate { expect, .. }
+                        if a.node.as_str() == "n2" && expect.to_string() == "4.2.1" =>
+                    {
+                        ActionResult::Failed {
+                            error: "probe reported 4.2.0".into(),
+                        }
+                    }
+                    _ => ActionResult::Done,
+                };
+                let seq = a.seq;
+                event(&mut s, Event::Result { seq, result }, t, term);
+            }
+        }
+        let r = s.find_rollout("r000001").unwrap();
+        assert_eq!(r.phase().as_str(), "rolled_back", "{}", r.summary());
+        let st = status_of(&s, r, true);
+        let spec: RolloutSpec = serde_json::from_str(&st.spec_json).unwrap();
+        let inputs: Vec<Input> = serde_json::from_str(&st.inputs_json).unwrap();
+        let replayed: RolloutStatus = orch_rollout::replay(spec, &inputs).unwrap().status();
+        assert_eq!(replayed, r.status());
+        assert_eq!(replayed.phase.as_str(), st.phase);
+        assert_eq!(replayed.events.len(), st.events.len());
+        // Listings carry none of it.
+        let listed = status_of(&s, r, false);
+        assert!(listed.spec_json.is_empty() && listed.inputs_json.is_empty());
+    }
+}
