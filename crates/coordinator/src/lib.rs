@@ -1,6 +1,8 @@
 //! The coordinator: holds the cluster's state in a Raft log (openraft, persisted in redb),
 //! serves the control API to operators and registration to agents, stores package bytes
-//! content-addressed, and, on the Raft leader only, drives rollouts through the agents.
+//! content-addressed, and, on the Raft leader only, drives rollouts through the agents. With
+//! `--http-listen` it also serves the web dashboard, a JSON API and Prometheus metrics
+//! (`http`, `metrics`).
 //!
 //! `serve(config, listener, shutdown)` is the whole daemon, so tests can run clusters in-process.
 //! Its settings are in `config`, what its services and driver share in `shared`.
