@@ -57,8 +57,8 @@ pub async fn run_hook(
     let paths = Paths::new(root);
     let release = paths.release_dir(to);
     let hook = release.join("hooks").join("activate");
-    let child = tokio::process::Command::new(&hook)
-        .args([from, to])
+    let mut cmd = tokio::process::Command::new(&hook);
+    cmd.args([from, to])
         .current_dir(root)
         .env("ORCH_ROOT_DIR", root)
         .env("ORCH_RELEASE_DIR", &release)
@@ -67,8 +67,8 @@ pub async fn run_hook(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    let child = orch_package::fsutil::retry_text_busy(|| cmd.spawn())?;
     let out = tokio::time::timeout(timeout, child.wait_with_output())
         .await
         .map_err(|_| {

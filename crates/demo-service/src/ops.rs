@@ -388,7 +388,7 @@ fn spawn_detached(
             Ok(())
         });
     }
-    cmd.spawn()
+    orch_package::fsutil::retry_text_busy(|| cmd.spawn())
         .map_err(Error::io(format!("starting {}", binary.display())))
 }
 

@@ -101,6 +101,30 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::result::Result<()
     Ok(fsync_dir(dir)?)
 }
 
+/// How long [`retry_text_busy`] keeps retrying an `exec` refused with `ETXTBSY`.
+pub const TEXT_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `spawn` again while it fails with `ETXTBSY` ("text file busy"), for up to
+/// [`TEXT_BUSY_RETRY`]. A program just written by this process (a release binary, a hook)
+/// cannot be executed while any process holds it open for writing, and a child forked by
+/// another thread during the write inherits that descriptor until its own `exec` closes it
+/// (close-on-exec): a window of microseconds to milliseconds in which a correct `exec` fails.
+/// Only that error is retried; the retries sleep 5 ms each, so use it at spawn sites only.
+pub fn retry_text_busy<T>(mut spawn: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let start = std::time::Instant::now();
+    loop {
+        match spawn() {
+            Err(e)
+                if e.kind() == io::ErrorKind::ExecutableFileBusy
+                    && start.elapsed() < TEXT_BUSY_RETRY =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +155,37 @@ mod tests {
         ));
         assert_eq!(fs::read(&p).unwrap(), b"one");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+    #[test]
+    fn an_exec_refused_while_the_program_is_open_for_writing_is_retried() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("prog");
+        fs::write(&prog, "#!/bin/sh\nexit 0\n").unwrap();
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o755)).unwrap();
+        // A writer holds the program open, as a child forked mid-copy does until its exec.
+        let mut writer = Some(OpenOptions::new().write(true).open(&prog).unwrap());
+        let busy = std::process::Command::new(&prog).spawn().unwrap_err();
+        assert_eq!(busy.kind(), io::ErrorKind::ExecutableFileBusy);
+        let mut attempts = 0;
+        let mut child = retry_text_busy(|| {
+            attempts += 1;
+            // The writer lets go after the first refusal (the child's exec closing it).
+            if attempts == 2 {
+                writer.take();
+            }
+            std::process::Command::new(&prog).spawn()
+        })
+        .unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(attempts, 2);
+        // Other errors are not retried.
+        let mut calls = 0;
+        let missing = retry_text_busy(|| {
+            calls += 1;
+            std::process::Command::new(dir.path().join("missing")).spawn()
+        });
+        assert!(missing.is_err());
+        assert_eq!(calls, 1);
     }
 }

@@ -136,8 +136,8 @@ impl Hook<'_> {
             })
         };
         let to = self.to.to_string();
-        let mut child = Command::new(self.prog)
-            .args(self.args)
+        let mut cmd = Command::new(self.prog);
+        cmd.args(self.args)
             .arg(self.from)
             .arg(&to)
             .current_dir(self.root)
@@ -149,12 +149,14 @@ impl Hook<'_> {
             .stdout(dup()?)
             .stderr(dup()?)
             // Own process group, so a timeout kills the hook and whatever it spawned in its group.
-            .process_group(0)
-            .spawn()
-            .map_err(|error| HookError::Spawn {
+            .process_group(0);
+        // A hook just unpacked may still be open for writing in a child forked meanwhile.
+        let mut child = orch_package::fsutil::retry_text_busy(|| cmd.spawn()).map_err(|error| {
+            HookError::Spawn {
                 prog: prog(),
                 error,
-            })?;
+            }
+        })?;
         let start = Instant::now();
         let status = loop {
             match child.try_wait() {

@@ -253,7 +253,7 @@ fn spawn_successor(
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
+    let child = orch_package::fsutil::retry_text_busy(|| cmd.spawn())?;
     // Our copy of the write end must go, or EOF would never tell us the child died.
     drop(ready_write);
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_read)?;
