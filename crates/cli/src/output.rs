@@ -197,13 +197,17 @@ pub fn print_root_dir(root: &str, json: bool) {
     }
 }
 
-/// A store step's lines (EMQX's words), or JSON `{"messages": [...]}`.
-pub fn print_messages(lines: &[String], json: bool) {
+/// A store step's lines: EMQX's words on stdout and anything else on stderr, or JSON
+/// `{"messages": [...], "notes": [...]}`.
+pub fn print_messages(lines: &[String], notes: &[String], json: bool) {
     if json {
-        println!("{}", json!({ "messages": lines }));
+        println!("{}", json!({ "messages": lines, "notes": notes }));
     } else {
         for l in lines {
             println!("{l}");
+        }
+        for n in notes {
+            eprintln!("{n}");
         }
     }
 }

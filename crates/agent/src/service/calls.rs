@@ -87,6 +87,7 @@ impl AgentService {
         Ok(pb::StepReply {
             changed: outcome.changed,
             messages: outcome.messages,
+            notes: outcome.notes,
             versions: entries(&versions),
             boot_id,
             state_rev,
