@@ -339,3 +339,77 @@ fn one_shot_commands_fail_fast_and_bound_the_wait_for_a_leader() {
     );
     println!("without a quorum: {}", stderr(&o).trim());
 }
+
+/// The JSON log lines of `log` that were written inside a `step` span, as parsed objects.
+fn step_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|sp| sp["name"] == "step"))
+        })
+        .collect()
+}
+
+/// The `step` span's fields of a JSON log line.
+fn step_span(v: &serde_json::Value) -> &serde_json::Value {
+    v["spans"]
+        .as_array()
+        .and_then(|s| s.iter().find(|sp| sp["name"] == "step"))
+        .expect("a step span")
+}
+
+/// One span per rollout and per node step: the leader's log lines about a step (json format)
+/// carry the rollout id, the node and the fence, inside the rollout's span; the agent's step
+/// handler carries the same rollout and fence.
+#[test]
+fn daemon_logs_carry_rollout_node_and_fence_in_step_spans() {
+    let c = Cluster::start(
+        ClusterOpts::state_only(1, 2)
+            .coordinator_args(&["--log-format", "json"])
+            .agent_args(1, &["--log-format", "json"]),
+    );
+    let id = start_detached(&c, V1, &[]);
+    c.wait_for(WAIT, "the rollout to succeed", |c| {
+        c.ctl_status(&id).is_some_and(|s| s.phase == "succeeded")
+    });
+    let log = c.coords[0].log();
+    let steps = step_lines(&log);
+    assert!(
+        !steps.is_empty(),
+        "no step lines in the coordinator log:\n{log}"
+    );
+    for node in ["n1", "n2"] {
+        let mine: Vec<&serde_json::Value> = steps
+            .iter()
+            .filter(|v| step_span(v)["node"] == node)
+            .collect();
+        assert!(!mine.is_empty(), "no step line for {node}:\n{log}");
+        for v in mine {
+            let span = step_span(v);
+            assert_eq!(span["rollout"], id.as_str(), "{v}");
+            assert!(span["fence"].as_u64().is_some_and(|f| f > 0), "{v}");
+            // Inside the rollout's own span.
+            let spans = v["spans"].as_array().unwrap();
+            assert!(
+                spans
+                    .iter()
+                    .any(|s| s["name"] == "rollout" && s["rollout"] == id.as_str()),
+                "{v}"
+            );
+        }
+    }
+    // The agent's step handler: the same rollout id and a fence on its fenced steps.
+    let agent_log = c.nodes[0].agent.as_ref().expect("agent n1").log();
+    let fenced: Vec<serde_json::Value> = step_lines(&agent_log)
+        .into_iter()
+        .filter(|v| step_span(v)["rollout"] == id.as_str())
+        .collect();
+    assert!(!fenced.is_empty(), "no fenced step lines:\n{agent_log}");
+    for v in &fenced {
+        let span = step_span(v);
+        assert_eq!(span["node"], "n1", "{v}");
+        assert!(span["fence"].as_u64().is_some_and(|f| f > 0), "{v}");
+    }
+}
