@@ -6,6 +6,7 @@ use std::time::Duration;
 use orch_proto::control as pb;
 use tonic::{Request, Response, Status};
 
+use super::status::with_gates;
 use super::{ControlService, shown, status_of, status_of_archived};
 use crate::error::Error;
 use crate::history::HistoryRecord;
@@ -85,7 +86,7 @@ impl ControlService {
     }
 
     pub(super) fn find_here(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
-        self.shared.read(|s| {
+        let st = self.shared.read(|s| {
             let r = if id.is_empty() {
                 s.active_rollout().or_else(|| s.latest_rollout())
             } else {
@@ -103,7 +104,8 @@ impl ControlService {
                     ))
                 }
             })
-        })
+        })?;
+        Ok(with_gates(st, &self.shared.gates))
     }
 }
 

@@ -156,6 +156,7 @@ pub(super) async fn perform_and_record(
         budgets,
         liveness: Some(liveness_reporter(&cx)),
         metrics: &cx.shared.metrics,
+        gates: &cx.shared.gates,
     };
     let started = std::time::Instant::now();
     let performed = perform_or_take_early(&cx, &actx, rollout, &action).await;
