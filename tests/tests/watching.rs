@@ -421,3 +421,76 @@ fn daemon_logs_carry_rollout_node_and_fence_in_step_spans() {
         assert!(span["fence"].as_u64().is_some_and(|f| f > 0), "{v}");
     }
 }
+
+/// Reads from a follower that knows no leader (`--stale`) say so on stderr, with for how long,
+/// and carry `"stale": true` in their JSON; with a leader, neither.
+#[test]
+fn stale_reads_say_how_long_there_has_been_no_leader() {
+    let mut c = Cluster::start(ClusterOpts::state_only(3, 1));
+    let id = start_detached(&c, V1, &[]);
+    c.wait_for(WAIT, "the rollout to succeed", |c| {
+        c.ctl_status(&id).is_some_and(|s| s.phase == "succeeded")
+    });
+    // With a leader: no notice, no flag.
+    for args in [&["status", "--json"][..], &["nodes", "--json"][..]] {
+        let o = c.cli(args);
+        assert_eq!(code(&o), Some(0), "{args:?}: {}", stderr(&o));
+        assert!(
+            !stdout(&o).contains("\"stale\""),
+            "{args:?}: {}",
+            stdout(&o)
+        );
+        assert!(!stderr(&o).contains("stale"), "{args:?}: {}", stderr(&o));
+    }
+    // Kill the leader and one follower: the survivor knows no leader once its election fails.
+    let leader = c.leader().expect("a leader");
+    let other = (1..=3).find(|i| *i != leader).unwrap();
+    let survivor = (1..=3).find(|i| *i != leader && *i != other).unwrap();
+    c.coord(leader).kill9();
+    c.coord(other).kill9();
+    let addr = c.coord(survivor).addr.clone();
+    c.wait_for(
+        Duration::from_secs(30),
+        "the survivor to know no leader",
+        |c| c.ctl_cluster_via(&addr).is_some_and(|s| s.leader_id == 0),
+    );
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--stale");
+        run_bounded(c.cli_cmd_via(std::slice::from_ref(&addr), &all), WAIT)
+    };
+    let seconds = |err: &str| -> u64 {
+        let rest = err
+            .split("no leader for ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no notice: {err:?}"));
+        assert!(
+            rest.contains("s; this view may be stale"),
+            "the notice: {err:?}"
+        );
+        rest.split('s').next().unwrap().parse().expect("seconds")
+    };
+    for args in [&["status", &id][..], &["nodes"][..]] {
+        let o = run(args);
+        assert_eq!(code(&o), Some(0), "{args:?}: {}", stderr(&o));
+        seconds(&stderr(&o));
+    }
+    let o = run(&["status", &id, "--json"]);
+    assert_eq!(code(&o), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
+    assert_eq!(v["stale"], true, "{v}");
+    assert_eq!(v["phase"], "succeeded", "{v}");
+    seconds(&stderr(&o));
+    let o = run(&["nodes", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
+    assert!(
+        v.as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|n| n["stale"] == true)),
+        "{v}"
+    );
+    // The count grows with the time without a leader.
+    let first = seconds(&stderr(&run(&["nodes"])));
+    c.wait_for(Duration::from_secs(10), "a second to pass", |_| {
+        seconds(&stderr(&run(&["nodes"]))) > first
+    });
+}

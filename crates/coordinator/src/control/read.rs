@@ -33,6 +33,7 @@ impl ControlService {
                     return Ok(ReadAt {
                         index: here(),
                         stale: false,
+                        no_leader_ms: None,
                     });
                 }
                 Err(e) if !stale_ok => return Err(e.into()),
@@ -42,12 +43,16 @@ impl ControlService {
             return Ok(ReadAt {
                 index: here(),
                 stale: false,
+                no_leader_ms: None,
             });
         }
         if stale_ok {
+            let since = raft.leadership().borrow().leaderless_since_ms;
             return Ok(ReadAt {
                 index: here(),
                 stale: true,
+                no_leader_ms: (since > 0 && raft.leader().is_none())
+                    .then(|| crate::driver::now_ms().saturating_sub(since)),
             });
         }
         Err(Error::NotLeader {
@@ -115,6 +120,8 @@ impl ControlService {
 pub(super) struct ReadAt {
     index: u64,
     stale: bool,
+    /// A stale answer from a coordinator that knows no leader: for how long it has known none.
+    no_leader_ms: Option<u64>,
 }
 
 impl ReadAt {
@@ -129,6 +136,11 @@ impl ReadAt {
                 "orch-stale",
                 tonic::metadata::MetadataValue::from_static("1"),
             );
+        }
+        if let Some(ms) = self.no_leader_ms
+            && let Ok(v) = ms.to_string().parse()
+        {
+            md.insert("orch-no-leader-ms", v);
         }
         r
     }
