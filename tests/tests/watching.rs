@@ -494,3 +494,46 @@ fn stale_reads_say_how_long_there_has_been_no_leader() {
         seconds(&stderr(&run(&["nodes"]))) > first
     });
 }
+
+/// A rollout that fails on its first node (batch size 1) leaves the others untouched: `status`
+/// shows them on the version they run, with the release it staged there not installed, instead
+/// of "staged".
+#[test]
+fn a_failed_rollout_shows_untouched_nodes_and_what_it_staged() {
+    // n1's health check points at a port where nothing listens: its gate fails.
+    let dead = format!("http://127.0.0.1:{}/health", free_port());
+    let c = Cluster::start(ClusterOpts::state_only(1, 3).agent_args(1, &["--health-url", &dead]));
+    let pkg = c.package(V1, false).display().to_string();
+    let o = c.cli(&[
+        "rollout",
+        V1,
+        "--package",
+        &pkg,
+        "--batch-size",
+        "1",
+        "--min-healthy-time",
+        "300ms",
+        "--healthy-deadline",
+        "10s",
+    ]);
+    assert!(
+        matches!(code(&o), Some(1) | Some(3)),
+        "a failed rollout: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let text = c.cli_ok(&["status", "r000001"]);
+    let row = |id: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("{id} in {text}"))
+            .to_string()
+    };
+    assert!(!row("n1").contains("untouched"), "{text}");
+    for n in ["n2", "n3"] {
+        assert!(
+            row(n).contains("untouched (on 4.2.0); staged 4.2.1, not installed"),
+            "{text}"
+        );
+    }
+}

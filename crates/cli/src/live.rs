@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use orch_client::control as pb;
 
-use crate::output::{Paint, clock, node_problem, secs};
+use crate::output::{Paint, clock, node_problem, secs, step_shown};
 
 /// How many of the last events the view shows.
 const EVENTS_SHOWN: usize = 6;
@@ -144,7 +144,7 @@ impl LiveState {
                 [
                     n.id.clone(),
                     format!("{from} -> {}", s.version),
-                    n.step.clone(),
+                    step_shown(s, n),
                     health(n).to_string(),
                     in_step,
                     self.gate_text(n, self.gate_of(s), now),
@@ -448,6 +448,46 @@ mod tests {
             lines
                 .iter()
                 .any(|l| l.contains("healthy 0s of 5s, deadline in 40s")),
+            "{lines:?}"
+        );
+    }
+
+    /// After a rollback, nodes the rollout never switched show where they were left, and the
+    /// release it staged there as not installed.
+    #[test]
+    fn untouched_nodes_show_their_end_state() {
+        let s = status(
+            "rolled_back",
+            &[
+                ("n1", "rolled_back"),
+                ("n2", "staged"),
+                ("n3", "preflight_ok"),
+            ],
+            &[],
+        );
+        let v = LiveState::default();
+        let lines = v.render(&s, 99_000, 200, Paint { on: false });
+        let row = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l.trim_start().starts_with(id))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert!(row("n1").contains("rolled_back"), "{lines:?}");
+        assert!(
+            row("n2").contains("untouched (on 4.2.0); staged 4.2.1, not installed"),
+            "{lines:?}"
+        );
+        assert!(row("n3").contains("untouched (on 4.2.0)"), "{lines:?}");
+        assert!(!row("n3").contains("staged"), "{lines:?}");
+        // While the rollout runs, a staged node is just staged.
+        let running = status("upgrading", &[("n2", "staged")], &[]);
+        let lines = v.render(&running, 99_000, 200, Paint { on: false });
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("staged") && !l.contains("untouched")),
             "{lines:?}"
         );
     }
