@@ -46,15 +46,20 @@ fn sequence() -> Vec<(&'static str, Expect)> {
         ("versions", Out("Installed versions:\n")),
         (
             "unpack --package {P}/emqx-4.2.0.zip",
-            Out("Unpacked successfully: \"4.2.0\"\n"),
+            Out(
+                "Release 4.2.0 not found, attempting to unpack releases/emqx-4.2.0.zip\n\
+                 Unpacked successfully: \"4.2.0\"\n",
+            ),
         ),
         (
             "unpack --package {P}/emqx-4.2.0.zip",
-            Out("Release 4.2.0 is already unpacked (state: unpacked); nothing to do\n"),
+            Out("Release 4.2.0 is already unpacked.\n"),
         ),
         (
             "install 4.2.0",
-            Out("Installed release: 4.2.0\nMade release permanent: \"4.2.0\"\n"),
+            Out("Release 4.2.0 is already unpacked, now installing.\n\
+                 Installed Release: 4.2.0\n\
+                 Made release permanent: \"4.2.0\"\n"),
         ),
         (
             "unpack 4.2.1 --package {P}/emqx-4.2.0.zip",
@@ -70,15 +75,18 @@ fn sequence() -> Vec<(&'static str, Expect)> {
         ),
         (
             "unpack --package {P}/emqx-4.2.1.zip",
-            Out("Unpacked successfully: \"4.2.1\"\n"),
+            Out(
+                "Release 4.2.1 not found, attempting to unpack releases/emqx-4.2.1.zip\n\
+                 Unpacked successfully: \"4.2.1\"\n",
+            ),
         ),
         (
             "install --no-permanent 4.2.1",
-            Out("Installed release: 4.2.1\n"),
+            Out("Release 4.2.1 is already unpacked, now installing.\nInstalled Release: 4.2.1\n"),
         ),
         (
             "install --no-permanent 4.2.1",
-            Out("Release 4.2.1 is already current (not permanent); nothing to do\n"),
+            Out("Release 4.2.1 is already installed and current.\n"),
         ),
         (
             "versions",
@@ -116,16 +124,21 @@ fn sequence() -> Vec<(&'static str, Expect)> {
         ),
         (
             "downgrade 4.2.0",
-            Out("Downgraded to release: 4.2.0\nMade release permanent: \"4.2.0\"\n"),
+            Out("Release 4.2.0 is marked old, switching to it.\n\
+                 Installed Release: 4.2.0\n\
+                 Made release permanent: \"4.2.0\"\n"),
         ),
-        ("uninstall 4.2.1", Out("Uninstalled release: 4.2.1\n")),
+        (
+            "uninstall 4.2.1",
+            Out("Release 4.2.1 is marked old, uninstalling it.\nUninstalled Release: 4.2.1\n"),
+        ),
         (
             "uninstall 4.2.1",
             Refused("refused to uninstall 4.2.1: it is not installed"),
         ),
         (
             "install 4.2.0",
-            Out("Release 4.2.0 is already installed and permanent; nothing to do\n"),
+            Out("Release 4.2.0 is already installed, running and set permanent.\n"),
         ),
         ("versions", Out("Installed versions:\n* 4.2.0\tpermanent\n")),
         (
@@ -169,7 +182,17 @@ fn step_sequence_over_agent_matches_local_root_dir() {
     for (i, (step, expect)) in sequence().into_iter().enumerate() {
         let args = args_of(step, &pkgs);
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let l = seen(&local(&local_root, &a), &local_root);
+        let mut l = seen(&local(&local_root, &a), &local_root);
+        // The local store unpacks `--package FILE` where it is, and names it so; the agent
+        // first receives it into its releases/ and names that.
+        let real = format!("attempting to unpack {}/", pkgs.display());
+        if step.starts_with("unpack --package")
+            && l.code == Some(0)
+            && l.stdout.contains("not found")
+        {
+            assert!(l.stdout.contains(&real), "{step}: {}", l.stdout);
+        }
+        l.stdout = l.stdout.replace(&real, "attempting to unpack releases/");
         let r = seen(&agent.node(&a), &agent_root);
         let ctx = format!("step {i} `{step}`");
         match expect {
@@ -200,7 +223,7 @@ fn step_sequence_over_agent_matches_local_root_dir() {
 
         // Health is the agent's own (a local store has no probe): checked once 4.2.1 is
         // current but not yet permanent.
-        if step == "install --no-permanent 4.2.1" && l.stdout.starts_with("Installed") {
+        if step == "install --no-permanent 4.2.1" && l.stdout.contains("Installed Release") {
             assert_eq!(
                 agent.node_ok(&["health", "--expect", "4.2.1"]),
                 "healthy (store check, reports 4.2.1): store runs 4.2.1\n"
@@ -268,13 +291,16 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
         assert!(r.changed);
         assert_eq!(
             r.messages,
-            vec!["Unpacked successfully: \"4.2.0\"".to_string()]
+            vec![
+                "Release 4.2.0 not found, attempting to unpack releases/emqx-4.2.0.zip".to_string(),
+                "Unpacked successfully: \"4.2.0\"".to_string()
+            ]
         );
         let r = c.unpack(unpack).await.unwrap().into_inner();
         assert!(!r.changed, "{r:?}");
         assert_eq!(
             r.messages,
-            vec!["Release 4.2.0 is already unpacked (state: unpacked); nothing to do".to_string()]
+            vec!["Release 4.2.0 is already unpacked.".to_string()]
         );
         assert_eq!(
             states(&r.versions),
@@ -298,7 +324,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
             );
             assert_eq!(
                 r.messages,
-                vec!["Release 4.2.0 is already installed and permanent; nothing to do".to_string()]
+                vec!["Release 4.2.0 is already installed, running and set permanent.".to_string()]
             );
             assert_eq!(
                 states(&r.versions),
@@ -360,7 +386,7 @@ fn repeated_steps_over_grpc_say_already_and_a_different_package_is_refused() {
     // Repeating the whole CLI upgrade is a success that changes nothing.
     assert_eq!(
         agent.node_ok(&["upgrade", "--package", zip.to_str().unwrap()]),
-        "Release 4.2.0 is already installed and permanent; nothing to do\n"
+        "Release 4.2.0 is already installed, running and set permanent.\n"
     );
     assert_eq!(read_or_empty(&root.join("activations")), "none -> 4.2.0\n");
 }
@@ -862,7 +888,9 @@ fn fencing_rejects_stale_fences_across_restarts() {
     );
     assert_eq!(
         agent.node_ok(&["downgrade", "4.2.0", "--force"]),
-        "Downgraded to release: 4.2.0\nMade release permanent: \"4.2.0\"\n"
+        "Release 4.2.0 is marked old, switching to it.\n\
+         Installed Release: 4.2.0\n\
+         Made release permanent: \"4.2.0\"\n"
     );
     let audit = fs::read_to_string(root.join("agent/audit.log")).unwrap();
     let c = "cluster=test-cluster";
@@ -1164,7 +1192,12 @@ fn steps_on_one_node_run_one_at_a_time() {
         "Made release permanent: \"4.2.1\"\n"
     );
     let o = install.join().unwrap();
-    assert_eq!(stdout(&o), "Installed release: 4.2.1\n", "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "Release 4.2.1 is already unpacked, now installing.\nInstalled Release: 4.2.1\n",
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(
         agent.node_ok(&["versions"]),
         "Installed versions:\n* 4.2.1\tpermanent\n* 4.2.0\told\n"

@@ -73,7 +73,9 @@ fn sigterm_lets_the_step_in_flight_finish_then_exits_zero() {
     );
     assert_eq!(
         stdout(&o),
-        "Installed release: 4.2.1\nMade release permanent: \"4.2.1\"\n"
+        "Release 4.2.1 is already unpacked, now installing.\n\
+         Installed Release: 4.2.1\n\
+         Made release permanent: \"4.2.1\"\n"
     );
     assert_eq!(
         local_ok(&root, &["versions"]),
@@ -369,7 +371,7 @@ fn a_crash_mid_activation_keeps_the_old_state_and_the_step_can_be_retried() {
     fs::remove_file(&started).unwrap();
     assert_eq!(
         agent.node_ok(&["install", "--no-permanent", "4.2.1"]),
-        "Installed release: 4.2.1\n"
+        "Release 4.2.1 is already unpacked, now installing.\nInstalled Release: 4.2.1\n"
     );
     assert_eq!(
         read_or_empty(&acts),

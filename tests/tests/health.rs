@@ -368,7 +368,7 @@ fn a_restarted_service_is_reconciled_at_agent_start_not_by_versions() {
     // From there the release can be installed again.
     assert_eq!(
         agent.node_ok(&["install", "--no-permanent", "4.2.1"]),
-        "Installed release: 4.2.1\n"
+        "Release 4.2.1 is already unpacked, now installing.\nInstalled Release: 4.2.1\n"
     );
 }
 

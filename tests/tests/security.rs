@@ -721,7 +721,9 @@ fn only_coordinators_fence_and_a_held_node_refuses_operators_unless_forced() {
     );
     assert_eq!(
         agent.node_ok(&["install", "4.2.0", "--force"]),
-        "Installed release: 4.2.0\nMade release permanent: \"4.2.0\"\n"
+        "Release 4.2.0 is already unpacked, now installing.\n\
+         Installed Release: 4.2.0\n\
+         Made release permanent: \"4.2.0\"\n"
     );
     // Releasing takes the holding rollout's fence, from a coordinator.
     let s = rt
@@ -735,7 +737,9 @@ fn only_coordinators_fence_and_a_held_node_refuses_operators_unless_forced() {
     assert!(r.released);
     assert_eq!(
         agent.node_ok(&["install", "4.2.1"]),
-        "Installed release: 4.2.1\nMade release permanent: \"4.2.1\"\n"
+        "Release 4.2.1 is already unpacked, now installing.\n\
+         Installed Release: 4.2.1\n\
+         Made release permanent: \"4.2.1\"\n"
     );
     let audit = orch_tests::read_or_empty(&root.join("agent/audit.log"));
     let c = "cluster=test-cluster term=1 rollout=r000009";

@@ -237,7 +237,7 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
     let good0 = PkgSpec::emqx("4.2.0").build(tmp.path(), &pkgs);
     sign(&good0, &key);
     let out = agent.node_ok(&["install", "--package", &good0.display().to_string()]);
-    assert!(out.contains("Installed release: 4.2.0"), "{out}");
+    assert!(out.contains("Installed Release: 4.2.0"), "{out}");
     assert_eq!(
         fs::read(root.join("releases/emqx-4.2.0.zip.sig")).unwrap(),
         fs::read(sig_of(&good0)).unwrap()
@@ -339,7 +339,7 @@ fn agent_with_trusted_keys_refuses_unsigned_wrongly_signed_and_modified_packages
     // With its genuine signature stored, the same zip installs.
     fs::copy(sig_of(&genuine), sig_of(&placed)).unwrap();
     let out = agent.node_ok(&["install", "4.2.1"]);
-    assert!(out.contains("Installed release: 4.2.1"), "{out}");
+    assert!(out.contains("Installed Release: 4.2.1"), "{out}");
     let versions = agent.node_ok(&["versions"]);
     assert!(
         versions.contains("4.2.1") && versions.contains("permanent"),
@@ -605,7 +605,7 @@ fn local_store_commands_enforce_trusted_keys() {
     let o = node(&["install", "--package", genuine.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stdout(&o).contains("Installed release: 4.2.0"),
+        stdout(&o).contains("Installed Release: 4.2.0"),
         "{}",
         stdout(&o)
     );

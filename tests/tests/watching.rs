@@ -47,7 +47,7 @@ fn live_view_redraws_one_table_in_place_on_a_terminal() {
     cmd.env("TERM", "xterm-256color").env_remove("NO_COLOR");
     let mut watch = PtyRun::spawn(cmd, COLS, ROWS);
     std::thread::sleep(Duration::from_millis(500));
-    let id = start_detached(&c, V1, &["--min-healthy-time", "2s"]);
+    let id = start_detached(&c, V1, &["--min-healthy-time", "3s"]);
     let status = watch
         .wait(WAIT)
         .expect("status --watch ends with the rollout");
@@ -75,13 +75,21 @@ fn live_view_redraws_one_table_in_place_on_a_terminal() {
             "{n} committed on screen:\n{screen}"
         );
     }
-    // While a node was in its health gate, the view counted it.
-    assert!(text.contains("in gate"), "{text:?}");
+    // While a node was in its health gate, the view counted its healthy time, as the leader
+    // (which probes the gate) reported it.
+    assert!(
+        [
+            "healthy 1s of 3s, deadline in",
+            "healthy 2s of 3s, deadline in"
+        ]
+        .iter()
+        .any(|t| text.contains(t)),
+        "{text:?}"
+    );
     assert!(screen.contains("Last events:"), "{screen}");
     println!("{screen}");
 
-    // The waiting `rollout` draws the same view, with the gate's countdown (it knows the
-    // rollout's settings), and exits 0.
+    // The waiting `rollout` draws the same view, with the gate's countdown, and exits 0.
     let pkg = c.package("4.2.2", false).display().to_string();
     let cmd = c.cli_cmd(&[
         "rollout",
@@ -99,7 +107,7 @@ fn live_view_redraws_one_table_in_place_on_a_terminal() {
     let text = String::from_utf8_lossy(&raw);
     let screen = render(&raw, COLS, ROWS);
     assert_eq!(status.code(), Some(0), "{screen}");
-    assert!(text.contains("needs 2s healthy, deadline in"), "{text:?}");
+    assert!(text.contains(" of 2s, deadline in"), "{text:?}");
     assert!(
         !text.contains("\x1b[3"),
         "--color never: no colours: {text:?}"
@@ -338,4 +346,194 @@ fn one_shot_commands_fail_fast_and_bound_the_wait_for_a_leader() {
         start.elapsed()
     );
     println!("without a quorum: {}", stderr(&o).trim());
+}
+
+/// The JSON log lines of `log` that were written inside a `step` span, as parsed objects.
+fn step_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|sp| sp["name"] == "step"))
+        })
+        .collect()
+}
+
+/// The `step` span's fields of a JSON log line.
+fn step_span(v: &serde_json::Value) -> &serde_json::Value {
+    v["spans"]
+        .as_array()
+        .and_then(|s| s.iter().find(|sp| sp["name"] == "step"))
+        .expect("a step span")
+}
+
+/// One span per rollout and per node step: the leader's log lines about a step (json format)
+/// carry the rollout id, the node and the fence, inside the rollout's span; the agent's step
+/// handler carries the same rollout and fence.
+#[test]
+fn daemon_logs_carry_rollout_node_and_fence_in_step_spans() {
+    let c = Cluster::start(
+        ClusterOpts::state_only(1, 2)
+            .coordinator_args(&["--log-format", "json"])
+            .agent_args(1, &["--log-format", "json"]),
+    );
+    let id = start_detached(&c, V1, &[]);
+    c.wait_for(WAIT, "the rollout to succeed", |c| {
+        c.ctl_status(&id).is_some_and(|s| s.phase == "succeeded")
+    });
+    let log = c.coords[0].log();
+    let steps = step_lines(&log);
+    assert!(
+        !steps.is_empty(),
+        "no step lines in the coordinator log:\n{log}"
+    );
+    for node in ["n1", "n2"] {
+        let mine: Vec<&serde_json::Value> = steps
+            .iter()
+            .filter(|v| step_span(v)["node"] == node)
+            .collect();
+        assert!(!mine.is_empty(), "no step line for {node}:\n{log}");
+        for v in mine {
+            let span = step_span(v);
+            assert_eq!(span["rollout"], id.as_str(), "{v}");
+            assert!(span["fence"].as_u64().is_some_and(|f| f > 0), "{v}");
+            // Inside the rollout's own span.
+            let spans = v["spans"].as_array().unwrap();
+            assert!(
+                spans
+                    .iter()
+                    .any(|s| s["name"] == "rollout" && s["rollout"] == id.as_str()),
+                "{v}"
+            );
+        }
+    }
+    // The agent's step handler: the same rollout id and a fence on its fenced steps.
+    let agent_log = c.nodes[0].agent.as_ref().expect("agent n1").log();
+    let fenced: Vec<serde_json::Value> = step_lines(&agent_log)
+        .into_iter()
+        .filter(|v| step_span(v)["rollout"] == id.as_str())
+        .collect();
+    assert!(!fenced.is_empty(), "no fenced step lines:\n{agent_log}");
+    for v in &fenced {
+        let span = step_span(v);
+        assert_eq!(span["node"], "n1", "{v}");
+        assert!(span["fence"].as_u64().is_some_and(|f| f > 0), "{v}");
+    }
+}
+
+/// Reads from a follower that knows no leader (`--stale`) say so on stderr, with for how long,
+/// and carry `"stale": true` in their JSON; with a leader, neither.
+#[test]
+fn stale_reads_say_how_long_there_has_been_no_leader() {
+    let mut c = Cluster::start(ClusterOpts::state_only(3, 1));
+    let id = start_detached(&c, V1, &[]);
+    c.wait_for(WAIT, "the rollout to succeed", |c| {
+        c.ctl_status(&id).is_some_and(|s| s.phase == "succeeded")
+    });
+    // With a leader: no notice, no flag.
+    for args in [&["status", "--json"][..], &["nodes", "--json"][..]] {
+        let o = c.cli(args);
+        assert_eq!(code(&o), Some(0), "{args:?}: {}", stderr(&o));
+        assert!(
+            !stdout(&o).contains("\"stale\""),
+            "{args:?}: {}",
+            stdout(&o)
+        );
+        assert!(!stderr(&o).contains("stale"), "{args:?}: {}", stderr(&o));
+    }
+    // Kill the leader and one follower: the survivor knows no leader once its election fails.
+    let leader = c.leader().expect("a leader");
+    let other = (1..=3).find(|i| *i != leader).unwrap();
+    let survivor = (1..=3).find(|i| *i != leader && *i != other).unwrap();
+    c.coord(leader).kill9();
+    c.coord(other).kill9();
+    let addr = c.coord(survivor).addr.clone();
+    c.wait_for(
+        Duration::from_secs(30),
+        "the survivor to know no leader",
+        |c| c.ctl_cluster_via(&addr).is_some_and(|s| s.leader_id == 0),
+    );
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--stale");
+        run_bounded(c.cli_cmd_via(std::slice::from_ref(&addr), &all), WAIT)
+    };
+    let seconds = |err: &str| -> u64 {
+        let rest = err
+            .split("no leader for ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no notice: {err:?}"));
+        assert!(
+            rest.contains("s; this view may be stale"),
+            "the notice: {err:?}"
+        );
+        rest.split('s').next().unwrap().parse().expect("seconds")
+    };
+    for args in [&["status", &id][..], &["nodes"][..]] {
+        let o = run(args);
+        assert_eq!(code(&o), Some(0), "{args:?}: {}", stderr(&o));
+        seconds(&stderr(&o));
+    }
+    let o = run(&["status", &id, "--json"]);
+    assert_eq!(code(&o), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
+    assert_eq!(v["stale"], true, "{v}");
+    assert_eq!(v["phase"], "succeeded", "{v}");
+    seconds(&stderr(&o));
+    let o = run(&["nodes", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
+    assert!(
+        v.as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|n| n["stale"] == true)),
+        "{v}"
+    );
+    // The count grows with the time without a leader.
+    let first = seconds(&stderr(&run(&["nodes"])));
+    c.wait_for(Duration::from_secs(10), "a second to pass", |_| {
+        seconds(&stderr(&run(&["nodes"]))) > first
+    });
+}
+
+/// A rollout that fails on its first node (batch size 1) leaves the others untouched: `status`
+/// shows them on the version they run, with the release it staged there not installed, instead
+/// of "staged".
+#[test]
+fn a_failed_rollout_shows_untouched_nodes_and_what_it_staged() {
+    // n1's health check points at a port where nothing listens: its gate fails.
+    let dead = format!("http://127.0.0.1:{}/health", free_port());
+    let c = Cluster::start(ClusterOpts::state_only(1, 3).agent_args(1, &["--health-url", &dead]));
+    let pkg = c.package(V1, false).display().to_string();
+    let o = c.cli(&[
+        "rollout",
+        V1,
+        "--package",
+        &pkg,
+        "--batch-size",
+        "1",
+        "--min-healthy-time",
+        "300ms",
+        "--healthy-deadline",
+        "10s",
+    ]);
+    assert!(
+        matches!(code(&o), Some(1) | Some(3)),
+        "a failed rollout: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let text = c.cli_ok(&["status", "r000001"]);
+    let row = |id: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("{id} in {text}"))
+            .to_string()
+    };
+    assert!(!row("n1").contains("untouched"), "{text}");
+    for n in ["n2", "n3"] {
+        assert!(
+            row(n).contains("untouched (on 4.2.0); staged 4.2.1, not installed"),
+            "{text}"
+        );
+    }
 }

@@ -11,7 +11,10 @@ use crate::error::Result;
 pub struct StepOutcome {
     /// False when the result already held.
     pub changed: bool,
+    /// For stdout: EMQX's words.
     pub messages: Vec<String>,
+    /// For stderr: anything else (a state-only switch).
+    pub notes: Vec<String>,
 }
 
 /// The node-layer steps. Every step is idempotent: repeating one whose result holds succeeds
@@ -71,6 +74,7 @@ fn outcome(o: orch_release::Outcome) -> StepOutcome {
     StepOutcome {
         changed: o.changed,
         messages: o.messages,
+        notes: o.notes,
     }
 }
 

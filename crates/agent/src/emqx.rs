@@ -110,6 +110,7 @@ impl EmqxDriver {
             Plan::Already(msg) => Ok(StepOutcome {
                 changed: false,
                 messages: vec![msg],
+                notes: vec![],
             }),
             Plan::Apply(change) => {
                 let out = self.emqx(args)?;
@@ -125,6 +126,7 @@ impl EmqxDriver {
                 Ok(StepOutcome {
                     changed: true,
                     messages,
+                    notes: vec![],
                 })
             }
         }

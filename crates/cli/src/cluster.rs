@@ -92,9 +92,12 @@ fn fail_fast(addrs: &[String]) -> Result<()> {
     .into())
 }
 
-/// After a read with `--stale`: says on stderr when the answer may be out of date.
+/// After a read with `--stale`: says on stderr when the answer may be out of date (and for how
+/// long the coordinator that answered has known no leader, when it said).
 pub(crate) fn warn_if_stale(c: &Client) {
-    if c.saw_stale() {
+    if let Some(d) = c.stale_no_leader_for().filter(|_| c.saw_stale()) {
+        eprintln!("no leader for {}s; this view may be stale", d.as_secs());
+    } else if c.saw_stale() {
         eprintln!(
             "warning: --stale: this view comes from a coordinator that could not confirm it is up to date (no leader reachable, or a follower answering; applied index {}): it may be stale",
             c.seen_index()
@@ -245,7 +248,11 @@ pub fn status(a: StatusArgs, g: &GlobalOpts) -> Result<()> {
         return runtime()?.block_on(async move {
             let s = spin("reading the rollout", spinning, c.rollout(&id)).await?;
             if g.json {
-                println!("{}", status_json_events(&s, events));
+                let mut v = status_json_events(&s, events);
+                if c.saw_stale() {
+                    v["stale"] = json!(true);
+                }
+                println!("{v}");
             } else {
                 print_status(&s, events);
             }
@@ -312,7 +319,18 @@ pub fn nodes(a: NodesArgs, g: &GlobalOpts) -> Result<()> {
     runtime()?.block_on(async move {
         let nodes = spin("listing nodes", spinning, c.nodes(true)).await?;
         if g.json {
-            let v: Vec<_> = nodes.iter().map(node_json).collect();
+            // An array has no room for a flag of its own: each entry carries it.
+            let stale = c.saw_stale();
+            let v: Vec<_> = nodes
+                .iter()
+                .map(|n| {
+                    let mut v = node_json(n);
+                    if stale {
+                        v["stale"] = json!(true);
+                    }
+                    v
+                })
+                .collect();
             println!("{}", serde_json::Value::Array(v));
         } else if nodes.is_empty() {
             println!("No nodes registered: start agents with --coordinator ADDR.");

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use orch_client::control as pb;
 
-use crate::output::{Paint, clock, node_problem, secs};
+use crate::output::{Paint, clock, node_problem, secs, step_shown};
 
 /// How many of the last events the view shows.
 const EVENTS_SHOWN: usize = 6;
 
-/// The health gate's settings, when this command knows them (the rollout it started).
+/// The health gate's settings: from the status (coordinators that send them), else what this
+/// command knows (the rollout it started).
 #[derive(Debug, Clone, Copy)]
 pub struct Gate {
     pub min_healthy: Duration,
@@ -82,10 +83,23 @@ impl LiveState {
         }
     }
 
-    fn in_step(&self, node: &str, now: u64) -> Option<Duration> {
-        self.steps
-            .get(node)
-            .map(|(_, since)| Duration::from_millis(now.saturating_sub(*since)))
+    /// How long `n` has been in its step: since the recorded time the coordinators send, else
+    /// since this view saw it change.
+    fn in_step(&self, n: &pb::NodeProgress, now: u64) -> Option<Duration> {
+        let seen = self.steps.get(&n.id).map(|(_, since)| *since);
+        let since = Some(n.step_since_ms).filter(|&ms| ms > 0).or(seen)?;
+        Some(Duration::from_millis(now.saturating_sub(since)))
+    }
+
+    /// The gate's settings: the status's, else this command's.
+    fn gate_of(&self, s: &pb::RolloutStatus) -> Option<Gate> {
+        if s.min_healthy_ms > 0 || s.healthy_deadline_ms > 0 {
+            return Some(Gate {
+                min_healthy: Duration::from_millis(s.min_healthy_ms),
+                deadline: Duration::from_millis(s.healthy_deadline_ms),
+            });
+        }
+        self.gate
     }
 
     /// The view's lines, each at most `width` columns wide.
@@ -125,15 +139,15 @@ impl LiveState {
                 let in_step = if phase_is_terminal(&s.phase) {
                     String::new()
                 } else {
-                    self.in_step(&n.id, now).map(secs).unwrap_or_default()
+                    self.in_step(n, now).map(secs).unwrap_or_default()
                 };
                 [
                     n.id.clone(),
                     format!("{from} -> {}", s.version),
-                    n.step.clone(),
+                    step_shown(s, n),
                     health(n).to_string(),
                     in_step,
-                    self.gate_text(n, now),
+                    self.gate_text(n, self.gate_of(s), now),
                     node_problem(n),
                 ]
             })
@@ -178,15 +192,28 @@ impl LiveState {
         out
     }
 
-    /// The health gate's countdown for a node in its gate.
-    fn gate_text(&self, n: &pb::NodeProgress, now: u64) -> String {
+    /// The health gate's countdown for a node in its gate: how long it has been healthy (the
+    /// leader, which probes it, says), else how long it has been in the gate.
+    fn gate_text(&self, n: &pb::NodeProgress, gate: Option<Gate>, now: u64) -> String {
         if n.step != "verifying" {
             return String::new();
         }
-        let Some(in_gate) = self.in_step(&n.id, now) else {
+        let Some(in_gate) = self.in_step(n, now) else {
             return String::new();
         };
-        match self.gate {
+        match gate {
+            Some(g) if n.gate_watched => {
+                let healthy = match n.healthy_since_ms {
+                    0 => Duration::ZERO,
+                    since => Duration::from_millis(now.saturating_sub(since)),
+                };
+                format!(
+                    "healthy {} of {}, deadline in {}",
+                    secs(healthy),
+                    secs(g.min_healthy),
+                    secs(g.deadline.saturating_sub(in_gate))
+                )
+            }
             Some(g) => format!(
                 "{} in gate, needs {} healthy, deadline in {}",
                 secs(in_gate),
@@ -374,6 +401,95 @@ mod tests {
         );
         assert!(text.contains("Last events:"), "{text}");
         assert!(lines.iter().all(|l| l.chars().count() <= 200));
+    }
+
+    /// With what the leader sends (the recorded step time, the gate's settings, how long its
+    /// probes have seen the node healthy), the countdown counts healthy time; a follower's
+    /// answer (no gate progress) falls back to the time in the gate.
+    #[test]
+    fn countdown_from_the_leaders_gate() {
+        let mut s = status(
+            "upgrading",
+            &[("n1", "verifying"), ("n2", "verifying")],
+            &[],
+        );
+        s.min_healthy_ms = 5_000;
+        s.healthy_deadline_ms = 60_000;
+        for n in &mut s.nodes {
+            n.step_since_ms = 20_000;
+        }
+        s.nodes[0].gate_watched = true;
+        s.nodes[0].healthy_since_ms = 38_000;
+        // This view never saw the steps change: the recorded time counts.
+        let v = LiveState::default();
+        let lines = v.render(&s, 40_000, 200, Paint { on: false });
+        let row = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l.trim_start().starts_with(id))
+                .cloned()
+                .unwrap_or_else(|| panic!("{id} row in {lines:?}"))
+        };
+        assert!(
+            row("n1").contains("healthy 2s of 5s, deadline in 40s"),
+            "{}",
+            row("n1")
+        );
+        assert!(row("n1").contains("20s"), "time in step: {}", row("n1"));
+        assert!(
+            row("n2").contains("20s in gate, needs 5s healthy, deadline in 40s"),
+            "{}",
+            row("n2")
+        );
+        // Probed but not healthy (yet): 0s of 5s.
+        s.nodes[0].healthy_since_ms = 0;
+        let lines = v.render(&s, 40_000, 200, Paint { on: false });
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("healthy 0s of 5s, deadline in 40s")),
+            "{lines:?}"
+        );
+    }
+
+    /// After a rollback, nodes the rollout never switched show where they were left, and the
+    /// release it staged there as not installed.
+    #[test]
+    fn untouched_nodes_show_their_end_state() {
+        let s = status(
+            "rolled_back",
+            &[
+                ("n1", "rolled_back"),
+                ("n2", "staged"),
+                ("n3", "preflight_ok"),
+            ],
+            &[],
+        );
+        let v = LiveState::default();
+        let lines = v.render(&s, 99_000, 200, Paint { on: false });
+        let row = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l.trim_start().starts_with(id))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert!(row("n1").contains("rolled_back"), "{lines:?}");
+        assert!(
+            row("n2").contains("untouched (on 4.2.0); staged 4.2.1, not installed"),
+            "{lines:?}"
+        );
+        assert!(row("n3").contains("untouched (on 4.2.0)"), "{lines:?}");
+        assert!(!row("n3").contains("staged"), "{lines:?}");
+        // While the rollout runs, a staged node is just staged.
+        let running = status("upgrading", &[("n2", "staged")], &[]);
+        let lines = v.render(&running, 99_000, 200, Paint { on: false });
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("staged") && !l.contains("untouched")),
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -92,7 +92,7 @@ pub fn run(args: NodeArgs, g: &GlobalOpts) -> Result<()> {
         NodeCmd::Downgrade { version, .. } => store.downgrade(version)?,
         NodeCmd::Uninstall { version, .. } => store.uninstall(version)?,
     };
-    print_messages(&outcome.messages, g.json);
+    print_messages(&outcome.messages, &outcome.notes, g.json);
     Ok(())
 }
 

@@ -150,6 +150,7 @@ impl Paint {
             "failed" | "rollback_failed" => "31",
             "rolled_back" | "rolling_back" => "33",
             "skipped" | "pending" | "preflight_ok" | "staged" => "2",
+            s if s.starts_with("untouched") => "2",
             _ => "36",
         };
         self.wrap(code, text)
@@ -197,13 +198,17 @@ pub fn print_root_dir(root: &str, json: bool) {
     }
 }
 
-/// A store step's lines (EMQX's words), or JSON `{"messages": [...]}`.
-pub fn print_messages(lines: &[String], json: bool) {
+/// A store step's lines: EMQX's words on stdout and anything else on stderr, or JSON
+/// `{"messages": [...], "notes": [...]}`.
+pub fn print_messages(lines: &[String], notes: &[String], json: bool) {
     if json {
-        println!("{}", json!({ "messages": lines }));
+        println!("{}", json!({ "messages": lines, "notes": notes }));
     } else {
         for l in lines {
             println!("{l}");
+        }
+        for n in notes {
+            eprintln!("{n}");
         }
     }
 }
@@ -224,6 +229,32 @@ pub fn node_problem(n: &pb::NodeProgress) -> String {
     out.join("; ")
 }
 
+/// A node's step as the views show it. Once a rollout has ended without succeeding, a node it
+/// never switched is not "staged" or "preflight_ok" any more: it was left untouched on the
+/// version it ran, and a release this rollout unpacked there stays unpacked, not installed.
+pub fn step_shown(s: &pb::RolloutStatus, n: &pb::NodeProgress) -> String {
+    let ended_badly = matches!(
+        s.phase.as_str(),
+        "rolled_back" | "rollback_failed" | "aborted"
+    );
+    let untouched = matches!(
+        n.step.as_str(),
+        "pending" | "preflight_ok" | "staging" | "staged"
+    );
+    if !ended_badly || !untouched {
+        return n.step.clone();
+    }
+    let mut out = if n.from_version.is_empty() {
+        "untouched".to_string()
+    } else {
+        format!("untouched (on {})", n.from_version)
+    };
+    if n.step == "staged" {
+        out.push_str(&format!("; staged {}, not installed", s.version));
+    }
+    out
+}
+
 /// The plain-text status of one rollout; `events`: how many of the last events to show (`None`:
 /// all of them), saying how many were left out.
 pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
@@ -239,18 +270,20 @@ pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
         println!("error: {}", s.error);
     }
     let w = s.nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
-    println!("  {:<w$}  {:<10}  {:<16}  ERROR", "NODE", "FROM", "STEP");
-    for n in &s.nodes {
+    let steps: Vec<String> = s.nodes.iter().map(|n| step_shown(s, n)).collect();
+    let sw = steps.iter().map(String::len).max().unwrap_or(0).max(16);
+    println!("  {:<w$}  {:<10}  {:<sw$}  ERROR", "NODE", "FROM", "STEP");
+    for (n, step) in s.nodes.iter().zip(&steps) {
         let from = if n.from_version.is_empty() {
             "-"
         } else {
             &n.from_version
         };
         println!(
-            "  {:<w$}  {:<10}  {:<16}  {}",
+            "  {:<w$}  {:<10}  {:<sw$}  {}",
             n.id,
             from,
-            n.step,
+            step,
             node_problem(n)
         );
     }

@@ -103,7 +103,10 @@ async fn run_async(
                 println!("{}", rebind_message(&info.node_id, &r));
             }
         }
-        step => print_messages(&step_cmd(&mut c, addr, step).await?, json),
+        step => {
+            let (messages, notes) = step_cmd(&mut c, addr, step).await?;
+            print_messages(&messages, &notes, json)
+        }
     }
     Ok(())
 }
@@ -181,8 +184,13 @@ async fn health(
     bail!("unhealthy ({} check{reported}): {}", r.check, r.detail);
 }
 
-/// A step on the node's store (pushing `--package` first); returns the store's message lines.
-async fn step_cmd(c: &mut AgentClient<Channel>, addr: &str, cmd: NodeCmd) -> Result<Vec<String>> {
+/// A step on the node's store (pushing `--package` first); returns its EMQX lines (stdout)
+/// and its notes (stderr).
+async fn step_cmd(
+    c: &mut AgentClient<Channel>,
+    addr: &str,
+    cmd: NodeCmd,
+) -> Result<(Vec<String>, Vec<String>)> {
     let force = cmd.force();
     let reply = match cmd {
         NodeCmd::Unpack(t) => {
@@ -210,13 +218,11 @@ async fn step_cmd(c: &mut AgentClient<Channel>, addr: &str, cmd: NodeCmd) -> Res
         NodeCmd::Downgrade { version, .. } => c.downgrade(vreq(version, force)).await,
         NodeCmd::Uninstall { version, .. } => c.uninstall(vreq(version, force)).await,
         NodeCmd::Versions | NodeCmd::RootDir | NodeCmd::Health { .. } | NodeCmd::Rebind { .. } => {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
     };
-    Ok(reply
-        .map_err(|s| status_msg(addr, s))?
-        .into_inner()
-        .messages)
+    let r = reply.map_err(|s| status_msg(addr, s))?.into_inner();
+    Ok((r.messages, r.notes))
 }
 
 fn vreq(v: Version, force: bool) -> pb::VersionRequest {

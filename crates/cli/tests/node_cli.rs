@@ -83,7 +83,10 @@ fn emqx_guide_walkthrough_byte_for_byte() {
     let o = ok(&root, &["node", "upgrade", "4.2.0"]);
     assert_eq!(
         o,
-        "Unpacked successfully: \"4.2.0\"\nInstalled release: 4.2.0\nMade release permanent: \"4.2.0\"\n"
+        "Release 4.2.0 not found, attempting to unpack releases/emqx-4.2.0.zip\n\
+         Unpacked successfully: \"4.2.0\"\n\
+         Installed Release: 4.2.0\n\
+         Made release permanent: \"4.2.0\"\n"
     );
     assert_eq!(
         ok(&root, &["node", "versions"]),
@@ -93,7 +96,9 @@ fn emqx_guide_walkthrough_byte_for_byte() {
     let o = ok(&root, &["node", "upgrade", "--no-permanent", "4.2.1"]);
     assert_eq!(
         o,
-        "Unpacked successfully: \"4.2.1\"\nInstalled release: 4.2.1\n"
+        "Release 4.2.1 not found, attempting to unpack releases/emqx-4.2.1.zip\n\
+         Unpacked successfully: \"4.2.1\"\n\
+         Installed Release: 4.2.1\n"
     );
     assert_eq!(
         ok(&root, &["node", "versions"]),
@@ -101,7 +106,11 @@ fn emqx_guide_walkthrough_byte_for_byte() {
     );
 
     let o = ok(&root, &["node", "install", "4.2.1"]);
-    assert!(o.ends_with("Made release permanent: \"4.2.1\"\n"), "{o}");
+    assert_eq!(
+        o,
+        "Release 4.2.1 is already installed and current, making permanent.\n\
+         Made release permanent: \"4.2.1\"\n"
+    );
     assert_eq!(
         ok(&root, &["node", "versions"]),
         "Installed versions:\n* 4.2.1\tpermanent\n* 4.2.0\told\n"
@@ -112,7 +121,12 @@ fn emqx_guide_walkthrough_byte_for_byte() {
     );
 
     let o = ok(&root, &["node", "downgrade", "4.2.0"]);
-    assert!(o.contains("Downgraded to release: 4.2.0"), "{o}");
+    assert_eq!(
+        o,
+        "Release 4.2.0 is marked old, switching to it.\n\
+         Installed Release: 4.2.0\n\
+         Made release permanent: \"4.2.0\"\n"
+    );
     assert_eq!(
         ok(&root, &["node", "versions"]),
         "Installed versions:\n* 4.2.1\told\n* 4.2.0\tpermanent\n"
@@ -120,7 +134,7 @@ fn emqx_guide_walkthrough_byte_for_byte() {
 
     assert_eq!(
         ok(&root, &["node", "uninstall", "4.2.1"]),
-        "Uninstalled release: 4.2.1\n"
+        "Release 4.2.1 is marked old, uninstalling it.\nUninstalled Release: 4.2.1\n"
     );
     assert_eq!(
         ok(&root, &["node", "versions"]),
@@ -134,6 +148,51 @@ fn emqx_guide_walkthrough_byte_for_byte() {
     assert_eq!(
         ok(&root, &["node", "root-dir"]).trim_end(),
         root.to_str().unwrap()
+    );
+    // The guide's spelling, unquoted, usable as `$(orchestrator node root_dir)/releases`.
+    let dir = ok(&root, &["node", "root_dir"]);
+    assert_eq!(dir, format!("{}\n", root.display()));
+    assert!(Path::new(dir.trim_end()).join("releases").is_dir(), "{dir}");
+}
+
+/// Without an activation hook the switch only changes the recorded state: saying so is not an
+/// EMQX line, so it goes to stderr and stdout stays exactly EMQX's.
+#[test]
+fn notes_go_to_stderr_and_emqx_lines_to_stdout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let rel = root.join("releases");
+    // A package without an activation hook.
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("payload.txt"), "release 4.2.0\n").unwrap();
+    let (src_s, rel_s) = (src.to_str().unwrap(), rel.to_str().unwrap());
+    ok(
+        &root,
+        &[
+            "package",
+            "build",
+            src_s,
+            "--name",
+            "emqx",
+            "--version",
+            "4.2.0",
+            "--out",
+            rel_s,
+        ],
+    );
+    let out = orch(&root, &["node", "install", "4.2.0"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Release 4.2.0 not found, attempting to unpack releases/emqx-4.2.0.zip\n\
+         Unpacked successfully: \"4.2.0\"\n\
+         Installed Release: 4.2.0\n\
+         Made release permanent: \"4.2.0\"\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "No activation hook: only the recorded state changed (state-only switch)\n"
     );
 }
 
@@ -189,10 +248,13 @@ fn package_verify_and_idempotent_repeats() {
 
     ok(&root, &["node", "unpack", "4.2.0"]);
     let o = ok(&root, &["node", "unpack", "4.2.0"]);
-    assert!(o.contains("already unpacked"), "{o}");
+    assert_eq!(o, "Release 4.2.0 is already unpacked.\n");
     ok(&root, &["node", "install", "4.2.0"]);
     let o = ok(&root, &["node", "install", "4.2.0"]);
-    assert!(o.contains("already installed and permanent"), "{o}");
+    assert_eq!(
+        o,
+        "Release 4.2.0 is already installed, running and set permanent.\n"
+    );
 
     // A truncated copy is refused by verify.
     let bytes = fs::read(&zip).unwrap();

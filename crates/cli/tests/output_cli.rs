@@ -113,7 +113,11 @@ fn local_commands_print_json() {
     );
     let steps = json(&["node", "--root-dir", r, "upgrade", "1.2.3", "--json"]);
     let lines = steps["messages"].as_array().expect("messages");
-    assert!(!lines.is_empty(), "{steps}");
+    assert_eq!(
+        lines[0], "Release 1.2.3 not found, attempting to unpack releases/app-1.2.3.zip",
+        "{steps}"
+    );
+    assert!(steps["notes"].is_array(), "{steps}");
     let listed = json(&["node", "--root-dir", r, "--json", "versions"]);
     assert_eq!(listed[0]["version"], "1.2.3", "{listed}");
     assert_eq!(

@@ -62,13 +62,26 @@ pub struct Client {
 
 /// What keeps this client's reads from going backwards: the newest applied index an answer
 /// reflected, sent with every request (see proto/control.proto).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Consistency {
     seen: Arc<AtomicU64>,
     /// Accept a plain read from any coordinator when no leader can be reached.
     allow_stale: bool,
     /// An answer said it may be stale.
     got_stale: Arc<AtomicBool>,
+    /// A stale answer's coordinator knew no leader for this long (ms; `u64::MAX`: not said).
+    no_leader_ms: Arc<AtomicU64>,
+}
+
+impl Default for Consistency {
+    fn default() -> Self {
+        Consistency {
+            seen: Arc::default(),
+            allow_stale: false,
+            got_stale: Arc::default(),
+            no_leader_ms: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
 }
 
 /// A channel to one coordinator that sends `orch-min-index` (and `orch-stale`) with every
@@ -114,6 +127,12 @@ impl Service<http::Request<tonic::body::Body>> for Tracked {
             }
             if h.get("orch-stale").is_some_and(|v| v == "1") {
                 c.got_stale.store(true, Ordering::SeqCst);
+                let ms = h
+                    .get("orch-no-leader-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(u64::MAX);
+                c.no_leader_ms.store(ms, Ordering::SeqCst);
             }
             Ok(resp)
         })
@@ -175,6 +194,14 @@ impl Client {
     /// True when an answer came from a coordinator that could not confirm it is up to date.
     pub fn saw_stale(&self) -> bool {
         self.consistency.got_stale.load(Ordering::SeqCst)
+    }
+
+    /// For the last stale answer: how long its coordinator had known no leader, when it said.
+    pub fn stale_no_leader_for(&self) -> Option<Duration> {
+        match self.consistency.no_leader_ms.load(Ordering::SeqCst) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 
     /// The newest Raft index an answer reflected (0: none yet).

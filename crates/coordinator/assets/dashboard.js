@@ -77,6 +77,13 @@ function gateText(r, n, now) {
   if (n.step !== "verifying" || !n.step_since_ms) return "";
   const inGate = now - n.step_since_ms;
   const g = r.gate || {};
+  // The leader probes the gate and knows how long the node has been healthy; from a follower,
+  // only the time in the gate is known.
+  if (n.healthy_since_ms !== null && n.healthy_since_ms !== undefined && g.min_healthy_ms !== undefined) {
+    const healthy = n.healthy_since_ms ? Math.max(0, now - n.healthy_since_ms) : 0;
+    return "healthy " + secs(healthy) + " of " + secs(g.min_healthy_ms) + ", deadline in " +
+      secs(Math.max(0, g.healthy_deadline_ms - inGate));
+  }
   let t = secs(inGate) + " in gate";
   if (g.min_healthy_ms !== undefined) t += ", needs " + secs(g.min_healthy_ms) + " healthy";
   if (g.healthy_deadline_ms !== undefined) t += ", deadline in " + secs(Math.max(0, g.healthy_deadline_ms - inGate));

@@ -298,6 +298,8 @@ impl Control for ControlService {
         let id = first.id.clone();
         let me = self.clone();
         let mut applied = self.shared.raft.applied();
+        // A health gate's progress changes no replicated state, yet the view counts it.
+        let mut gates = self.shared.gates.changes();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut last = first;
@@ -322,6 +324,7 @@ impl Control for ControlService {
                 }
                 tokio::select! {
                     r = applied.changed() => if r.is_err() { return },
+                    r = gates.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     _ = tx.closed() => return,
                 }

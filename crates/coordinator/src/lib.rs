@@ -76,6 +76,7 @@ pub async fn serve(
         agents: AgentPool::new(security.clone()),
         history: history::History::new(history_path),
         metrics: Arc::new(metrics::Metrics::new()),
+        gates: agents::GateBoard::default(),
     });
     let jobs = Jobs::start(&shared, &config);
     let reflection = tonic_reflection::server::Builder::configure()

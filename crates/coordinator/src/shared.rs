@@ -29,6 +29,8 @@ pub struct Shared {
     pub history: history::History,
     /// What `/metrics` shows (counters are fed from the code paths they count).
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// How long the nodes in this leader's health gates have been healthy (volatile).
+    pub gates: crate::agents::GateBoard,
 }
 
 impl Shared {

@@ -26,13 +26,20 @@ pub fn status_json(s: &pb::RolloutStatus) -> Value {
         "error": opt_str(&s.error),
         "requested_by": s.requested_by,
         "created_at_ms": s.created_at_ms,
+        "gate": {
+            "min_healthy_ms": s.min_healthy_ms,
+            "healthy_deadline_ms": s.healthy_deadline_ms,
+        },
         "nodes": s.nodes.iter().map(|n| json!({
             "id": n.id,
             "from_version": opt_str(&n.from_version),
             "step": n.step,
+            "step_since_ms": opt_ms(n.step_since_ms),
             "error": opt_str(&n.error),
             "unresponsive_since_ms": opt_ms(n.unresponsive_since_ms),
             "unresponsive_detail": opt_str(&n.unresponsive_detail),
+            // Known only to the leader, which probes the gate: null elsewhere.
+            "healthy_since_ms": if n.gate_watched { json!(n.healthy_since_ms) } else { Value::Null },
         })).collect::<Vec<_>>(),
         "events": s.events.iter().map(|e| json!({"at_ms": e.at_ms, "by": e.by, "message": e.message, "term": e.term})).collect::<Vec<_>>(),
         // For replay (null in listings): orch_rollout::replay(spec, inputs) gives this status.

@@ -79,8 +79,19 @@ pub struct Change {
     pub delete: Option<Version>,
     /// The table once the change is done.
     pub next: Releases,
-    /// What happened, for the operator, in order.
+    /// What happened, in order, in EMQX 4.x's own words (the lines its runbooks grep): the
+    /// `node` commands print exactly these on stdout.
     pub messages: Vec<String>,
+}
+
+/// The package an unknown version would be unpacked from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackageRef<'a> {
+    /// Package name (`emqx` for `emqx-4.2.1.zip`), recorded with the release.
+    pub name: &'a str,
+    /// The file as EMQX names it in "attempting to unpack": relative to the root when it is
+    /// inside it (`releases/emqx-4.2.1.zip`), else the path as given.
+    pub file: &'a str,
 }
 
 impl Releases {
@@ -175,15 +186,50 @@ fn patch_check(running: Option<Version>, to: Version, verb: &str) -> Result<(), 
 
 /// Decides an operation. `package_name` is the name of the package that would be unpacked when
 /// the version is unknown (install of a not-yet-unpacked version); `None` means no package was
-/// found, which refuses such an install.
+/// found, which refuses such an install. The package file is taken to be
+/// `releases/<name>-<version>.zip`; [`plan_package`] names the real one.
 pub fn plan(table: &Releases, op: Op, package_name: Option<&str>) -> Result<Plan, Refusal> {
+    let v = op.version();
+    let file = package_name.map(|n| format!("releases/{n}-{v}.zip"));
+    let pkg = package_name
+        .zip(file.as_deref())
+        .map(|(name, file)| PackageRef { name, file });
+    plan_package(table, op, pkg)
+}
+
+impl Op {
+    pub fn version(&self) -> Version {
+        match *self {
+            Op::Unpack(v)
+            | Op::Install { version: v, .. }
+            | Op::Permanent(v)
+            | Op::Downgrade(v)
+            | Op::Uninstall(v) => v,
+        }
+    }
+}
+
+/// EMQX's line before it unpacks a release it does not know.
+fn attempting_unpack(v: Version, pkg: PackageRef) -> String {
+    format!("Release {v} not found, attempting to unpack {}", pkg.file)
+}
+
+/// [`plan`] with the package file that would be unpacked, for the messages.
+pub fn plan_package(table: &Releases, op: Op, pkg: Option<PackageRef>) -> Result<Plan, Refusal> {
     match op {
+        // EMQX's `unpack` words for a release it already knows, by its state.
         Op::Unpack(v) => match table.state(&v) {
-            Some(st) => Ok(Plan::Already(format!(
-                "Release {v} is already unpacked (state: {st}); nothing to do"
-            ))),
+            Some(st) => Ok(Plan::Already(match st {
+                ReleaseState::Old => format!("Release {v} is marked old."),
+                ReleaseState::Unpacked => format!("Release {v} is already unpacked."),
+                ReleaseState::Current => format!("Release {v} is already installed and current."),
+                ReleaseState::Permanent => {
+                    format!("Release {v} is already installed and set permanent.")
+                }
+            })),
             None => {
-                let name = package_name.ok_or_else(|| no_package(v))?;
+                let pkg = pkg.ok_or_else(|| no_package(v))?;
+                let name = pkg.name;
                 let mut next = table.clone();
                 next.releases.insert(
                     v,
@@ -197,11 +243,14 @@ pub fn plan(table: &Releases, op: Op, package_name: Option<&str>) -> Result<Plan
                     switch: None,
                     delete: None,
                     next,
-                    messages: vec![format!("Unpacked successfully: \"{v}\"")],
+                    messages: vec![
+                        attempting_unpack(v, pkg),
+                        format!("Unpacked successfully: \"{v}\""),
+                    ],
                 }))
             }
         },
-        Op::Install { version, permanent } => plan_install(table, version, permanent, package_name),
+        Op::Install { version, permanent } => plan_install(table, version, permanent, pkg),
         Op::Permanent(v) => plan_permanent(table, v),
         Op::Downgrade(v) => plan_downgrade(table, v),
         Op::Uninstall(v) => match table.state(&v) {
@@ -211,15 +260,21 @@ pub fn plan(table: &Releases, op: Op, package_name: Option<&str>) -> Result<Plan
             Some(st @ (ReleaseState::Current | ReleaseState::Permanent)) => Err(Refusal(format!(
                 "refused to uninstall {v}: it is the {st} release; switch away from it first"
             ))),
-            Some(_) => {
+            Some(st) => {
                 let mut next = table.clone();
                 next.releases.remove(&v);
+                // EMQX's words, including its missing full stop after "unpacked".
+                let first = if st == ReleaseState::Old {
+                    format!("Release {v} is marked old, uninstalling it.")
+                } else {
+                    format!("Release {v} is marked unpacked, uninstalling it")
+                };
                 Ok(Plan::Apply(Change {
                     unpack: None,
                     switch: None,
                     delete: Some(v),
                     next,
-                    messages: vec![format!("Uninstalled release: {v}")],
+                    messages: vec![first, format!("Uninstalled Release: {v}")],
                 }))
             }
         },
@@ -244,14 +299,14 @@ fn plan_install(
     table: &Releases,
     v: Version,
     permanent: bool,
-    package_name: Option<&str>,
+    pkg: Option<PackageRef>,
 ) -> Result<Plan, Refusal> {
     let running = table.running();
     match table.state(&v) {
         Some(ReleaseState::Permanent) => {
             if running == Some(v) {
                 Ok(Plan::Already(format!(
-                    "Release {v} is already installed and permanent; nothing to do"
+                    "Release {v} is already installed, running and set permanent."
                 )))
             } else {
                 let cur = running.map(|c| c.to_string()).unwrap_or_default();
@@ -264,11 +319,13 @@ fn plan_install(
         Some(ReleaseState::Current) => {
             if !permanent {
                 return Ok(Plan::Already(format!(
-                    "Release {v} is already current (not permanent); nothing to do"
+                    "Release {v} is already installed and current."
                 )));
             }
             let mut next = table.clone();
-            let mut messages = vec![format!("Release {v} is already current")];
+            let mut messages = vec![format!(
+                "Release {v} is already installed and current, making permanent."
+            )];
             make_permanent(&mut next, v, &mut messages);
             Ok(Plan::Apply(Change {
                 unpack: None,
@@ -282,19 +339,28 @@ fn plan_install(
             patch_check(running, v, "upgrade")?;
             let mut next = table.clone();
             let mut messages = Vec::new();
-            let unpack = if st.is_none() {
-                let name = package_name.ok_or_else(|| no_package(v))?;
-                next.releases.insert(
-                    v,
-                    Record {
-                        state: ReleaseState::Unpacked,
-                        name: name.to_string(),
-                    },
-                );
-                messages.push(format!("Unpacked successfully: \"{v}\""));
-                Some(v)
-            } else {
-                None
+            let unpack = match st {
+                None => {
+                    let pkg = pkg.ok_or_else(|| no_package(v))?;
+                    next.releases.insert(
+                        v,
+                        Record {
+                            state: ReleaseState::Unpacked,
+                            name: pkg.name.to_string(),
+                        },
+                    );
+                    messages.push(attempting_unpack(v, pkg));
+                    messages.push(format!("Unpacked successfully: \"{v}\""));
+                    Some(v)
+                }
+                Some(ReleaseState::Old) => {
+                    messages.push(format!("Release {v} is marked old, switching to it."));
+                    None
+                }
+                Some(_) => {
+                    messages.push(format!("Release {v} is already unpacked, now installing."));
+                    None
+                }
             };
             // A release that was current but never made permanent stops running: it is only
             // unpacked from now on (a reboot would not come back to it either).
@@ -302,7 +368,7 @@ fn plan_install(
                 next.set(c, ReleaseState::Unpacked);
             }
             next.set(v, ReleaseState::Current);
-            messages.push(format!("Installed release: {v}"));
+            messages.push(format!("Installed Release: {v}"));
             // The first install has nothing else to boot, so it is permanent regardless.
             if permanent || table.permanent().is_none() {
                 make_permanent(&mut next, v, &mut messages);
@@ -366,7 +432,7 @@ fn plan_downgrade(table: &Releases, v: Version) -> Result<Plan, Refusal> {
              use permanent {v} to keep it"
         ))),
         Some(ReleaseState::Permanent) if running == Some(v) => Ok(Plan::Already(format!(
-            "Release {v} is already running and permanent; nothing to do"
+            "Release {v} is already installed, running and set permanent."
         ))),
         Some(ReleaseState::Permanent | ReleaseState::Old) => {
             patch_check(running, v, "downgrade")?;
@@ -375,7 +441,15 @@ fn plan_downgrade(table: &Releases, v: Version) -> Result<Plan, Refusal> {
             if let Some(r) = running {
                 next.set(r, ReleaseState::Old);
             }
-            let mut messages = vec![format!("Downgraded to release: {v}")];
+            // EMQX's downgrade is its install: back to the permanent release it names the one
+            // running, to an old one it says so.
+            let first = match (table.state(&v), running) {
+                (Some(ReleaseState::Permanent), Some(r)) => {
+                    format!("Release {r} is the currently running version.")
+                }
+                _ => format!("Release {v} is marked old, switching to it."),
+            };
+            let mut messages = vec![first, format!("Installed Release: {v}")];
             make_permanent(&mut next, v, &mut messages);
             Ok(Plan::Apply(Change {
                 unpack: None,
@@ -520,7 +594,11 @@ mod tests {
         assert_eq!(c.next, want);
         assert_eq!(
             c.messages,
-            vec!["Unpacked successfully: \"4.2.1\"".to_string()]
+            vec![
+                "Release 4.2.1 not found, attempting to unpack releases/emqx-ee-4.2.1.zip"
+                    .to_string(),
+                "Unpacked successfully: \"4.2.1\"".to_string()
+            ]
         );
     }
 
@@ -575,8 +653,10 @@ mod tests {
             assert_eq!(
                 c.messages,
                 vec![
+                    "Release 4.2.0 not found, attempting to unpack releases/emqx-4.2.0.zip"
+                        .to_string(),
                     "Unpacked successfully: \"4.2.0\"".to_string(),
-                    "Installed release: 4.2.0".to_string(),
+                    "Installed Release: 4.2.0".to_string(),
                     "Made release permanent: \"4.2.0\"".to_string(),
                 ]
             );
@@ -654,9 +734,33 @@ mod tests {
             let c = apply(&t, install("4.2.1", false), pkg);
             assert_eq!(c.switch, switch(Some("4.2.0"), "4.2.1"));
             assert_eq!(c.next, table(&[("4.2.0", P), ("4.2.1", C)]), "{t:?}");
-            assert_eq!(c.messages.last().unwrap(), "Installed release: 4.2.1");
+            assert_eq!(c.messages.last().unwrap(), "Installed Release: 4.2.1");
             assert!(!c.messages.iter().any(|m| m.contains("permanent")));
         }
+    }
+
+    #[test]
+    fn install_speaks_emqx_about_where_the_release_comes_from() {
+        let pkg = PackageRef {
+            name: "emqx",
+            file: "/srv/pkgs/emqx-4.2.1.zip",
+        };
+        let first = |t: &Releases, ver: &str, pkg| match plan_package(t, install(ver, true), pkg) {
+            Ok(Plan::Apply(c)) => c.messages[0].clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            first(&table(&[("4.2.0", P)]), "4.2.1", Some(pkg)),
+            "Release 4.2.1 not found, attempting to unpack /srv/pkgs/emqx-4.2.1.zip"
+        );
+        assert_eq!(
+            first(&table(&[("4.2.0", P), ("4.2.1", U)]), "4.2.1", None),
+            "Release 4.2.1 is already unpacked, now installing."
+        );
+        assert_eq!(
+            first(&table(&[("4.2.0", O), ("4.2.1", P)]), "4.2.0", None),
+            "Release 4.2.0 is marked old, switching to it."
+        );
     }
 
     #[test]
@@ -686,7 +790,7 @@ mod tests {
         assert_eq!(
             c.messages,
             vec![
-                "Release 4.2.1 is already current".to_string(),
+                "Release 4.2.1 is already installed and current, making permanent.".to_string(),
                 "Made release permanent: \"4.2.1\"".to_string()
             ]
         );
@@ -697,7 +801,7 @@ mod tests {
         let t = table(&[("4.2.0", P), ("4.2.1", C)]);
         let msg = already(&t, install("4.2.1", false), None);
         assert!(
-            msg.contains("4.2.1") && msg.contains("already current"),
+            msg == "Release 4.2.1 is already installed and current.",
             "{msg}"
         );
     }
@@ -829,7 +933,8 @@ mod tests {
         assert_eq!(
             c.messages,
             vec![
-                "Downgraded to release: 4.2.0".to_string(),
+                "Release 4.2.1 is the currently running version.".to_string(),
+                "Installed Release: 4.2.0".to_string(),
                 "Made release permanent: \"4.2.0\"".to_string()
             ]
         );
@@ -841,6 +946,15 @@ mod tests {
         let c = apply(&t, Op::Downgrade(v("4.2.0")), None);
         assert_eq!(c.switch, switch(Some("4.2.1"), "4.2.0"));
         assert_eq!(c.next, table(&[("4.2.0", P), ("4.2.1", O)]));
+        // EMQX's guide, verbatim.
+        assert_eq!(
+            c.messages,
+            vec![
+                "Release 4.2.0 is marked old, switching to it.".to_string(),
+                "Installed Release: 4.2.0".to_string(),
+                "Made release permanent: \"4.2.0\"".to_string()
+            ]
+        );
         // With a current release too: both the one we leave and the permanent one become old.
         let t = table(&[("4.2.0", O), ("4.2.1", P), ("4.2.2", C)]);
         let c = apply(&t, Op::Downgrade(v("4.2.0")), None);
@@ -893,15 +1007,26 @@ mod tests {
     #[test]
     fn uninstall_deletes_old_and_unpacked_releases() {
         let t = table(&[("4.2.0", O), ("4.2.1", P), ("4.2.2", U)]);
-        for (ver, rest) in [
-            ("4.2.0", table(&[("4.2.1", P), ("4.2.2", U)])),
-            ("4.2.2", table(&[("4.2.0", O), ("4.2.1", P)])),
+        for (ver, rest, first) in [
+            (
+                "4.2.0",
+                table(&[("4.2.1", P), ("4.2.2", U)]),
+                "Release 4.2.0 is marked old, uninstalling it.",
+            ),
+            (
+                "4.2.2",
+                table(&[("4.2.0", O), ("4.2.1", P)]),
+                "Release 4.2.2 is marked unpacked, uninstalling it",
+            ),
         ] {
             let c = apply(&t, Op::Uninstall(v(ver)), None);
             assert_eq!((c.unpack, c.switch), (None, None));
             assert_eq!(c.delete, Some(v(ver)));
             assert_eq!(c.next, rest);
-            assert_eq!(c.messages, vec![format!("Uninstalled release: {ver}")]);
+            assert_eq!(
+                c.messages,
+                vec![first.to_string(), format!("Uninstalled Release: {ver}")]
+            );
         }
         // The last unpacked release of a store where nothing was installed.
         let c = apply(&table(&[("4.2.0", U)]), Op::Uninstall(v("4.2.0")), None);

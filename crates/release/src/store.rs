@@ -75,8 +75,10 @@ pub enum PackageSource {
 /// What an operation did, for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// Lines to print, in order.
+    /// Lines to print on stdout, in order: EMQX's own words (scripts grep them).
     pub messages: Vec<String>,
+    /// Anything else worth saying (a state-only switch): for stderr, so stdout stays EMQX's.
+    pub notes: Vec<String>,
     /// False when the result already held.
     pub changed: bool,
     /// Present when the operation switched the running release.
@@ -199,12 +201,14 @@ impl Store {
                     messages: vec![format!(
                         "The service runs the permanent release {reported}: it was restarted, so {cur} is now unpacked"
                     )],
+                    notes: vec![],
                     changed: true,
                     activation: None,
                 });
             }
             Ok(Outcome {
                 messages: vec![],
+                notes: vec![],
                 changed: false,
                 activation: None,
             })
@@ -356,10 +360,19 @@ impl Store {
 
     fn execute(&self, what: &str, op: Op, pkg: Option<ResolvedPackage>) -> Result<Outcome> {
         self.with_lock(what, |table| {
-            let change = match rules::plan(table, op, pkg.as_ref().map(|p| p.name.as_str()))? {
+            let shown = pkg.as_ref().map(|p| self.shown_path(&p.path));
+            let pkg_ref = pkg
+                .as_ref()
+                .zip(shown.as_deref())
+                .map(|(p, file)| rules::PackageRef {
+                    name: &p.name,
+                    file,
+                });
+            let change = match rules::plan_package(table, op, pkg_ref)? {
                 Plan::Already(msg) => {
                     return Ok(Outcome {
                         messages: vec![msg],
+                        notes: vec![],
                         changed: false,
                         activation: None,
                     });
@@ -410,19 +423,30 @@ impl Store {
                 self.save(&change.next)?;
             }
             *table = change.next;
-            let mut messages = change.messages;
+            let mut notes = Vec::new();
             if activation == Some(Activation::StateOnly) {
-                messages.push(
+                notes.push(
                     "No activation hook: only the recorded state changed (state-only switch)"
                         .to_string(),
                 );
             }
             Ok(Outcome {
-                messages,
+                messages: change.messages,
+                notes,
                 changed: true,
                 activation,
             })
         })
+    }
+
+    /// A package path as EMQX shows it: relative to the root when inside it
+    /// (`releases/emqx-4.2.1.zip`), else as given.
+    fn shown_path(&self, path: &Path) -> String {
+        let abs = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        abs.strip_prefix(&self.cfg.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
     }
 
     /// Extracts into a temp dir, flushes it, and renames it to `releases/<v>`.

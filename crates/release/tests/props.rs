@@ -115,6 +115,8 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
             sha256: None,
         };
         let ver = |i: usize| v(POOL[i]);
+        // The package file a step would unpack, as its "attempting to unpack" line names it.
+        let outside = |i: usize| Some(pkgs.zips[i].display().to_string());
         if let Cmd::Reported(i) = c {
             let r = store.reconcile_running(ver(*i)).unwrap();
             let restarted = model.permanent() == Some(ver(*i)) && model.current().is_some();
@@ -125,14 +127,14 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
             check_disk(&store, &model)?;
             continue;
         }
-        let (op, pkg_name, result) = match c {
-            Cmd::Unpack(i) => (Op::Unpack(ver(*i)), Some("emqx"), store.unpack(&file(*i))),
+        let (op, pkg_file, result) = match c {
+            Cmd::Unpack(i) => (Op::Unpack(ver(*i)), outside(*i), store.unpack(&file(*i))),
             Cmd::Install(i, p) => (
                 Op::Install {
                     version: ver(*i),
                     permanent: *p,
                 },
-                Some("emqx"),
+                outside(*i),
                 store.install(&file(*i), *p),
             ),
             Cmd::InstallLookup(i, p) => {
@@ -154,7 +156,7 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
                         version: ver(*i),
                         permanent: *p,
                     },
-                    (!known).then_some("emqx"),
+                    (!known).then(|| format!("releases/emqx-{}.zip", POOL[*i])),
                     r,
                 )
             }
@@ -163,7 +165,10 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
             Cmd::Uninstall(i) => (Op::Uninstall(ver(*i)), None, store.uninstall(ver(*i))),
             Cmd::Reported(_) => unreachable!(),
         };
-        match rules::plan(&model, op, pkg_name) {
+        let pkg = pkg_file
+            .as_deref()
+            .map(|file| rules::PackageRef { name: "emqx", file });
+        match rules::plan_package(&model, op, pkg) {
             Err(msg) => match result {
                 Err(Error::Refused(m)) => prop_assert_eq!(m, msg, "{}", ctx),
                 other => prop_assert!(
@@ -178,6 +183,7 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
                 let o = result.map_err(|e| TestCaseError::fail(format!("{ctx}: {e}")))?;
                 prop_assert!(!o.changed, "{}", ctx);
                 prop_assert_eq!(o.messages, vec![msg], "{}", ctx);
+                prop_assert!(o.notes.is_empty(), "{}", ctx);
                 prop_assert_eq!(o.activation, None, "{}", ctx);
             }
             Ok(Plan::Apply(change)) => {
@@ -209,7 +215,8 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
                 } else {
                     let o = result.map_err(|e| TestCaseError::fail(format!("{ctx}: {e}")))?;
                     prop_assert!(o.changed, "{}", ctx);
-                    let mut want = change.messages.clone();
+                    let want = change.messages.clone();
+                    let mut want_notes = Vec::<String>::new();
                     match change.switch {
                         None => prop_assert_eq!(&o.activation, &None, "{}", ctx),
                         Some(s) if s.to == v(OK_HOOK) => {
@@ -221,13 +228,14 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
                         }
                         Some(_) => {
                             prop_assert_eq!(&o.activation, &Some(Activation::StateOnly), "{}", ctx);
-                            want.push(
+                            want_notes.push(
                                 "No activation hook: only the recorded state changed (state-only switch)"
                                     .to_string(),
                             );
                         }
                     }
                     prop_assert_eq!(o.messages, want, "{}", ctx);
+                    prop_assert_eq!(o.notes, want_notes, "{}", ctx);
                     if change.switch.is_some() {
                         installed_once = true;
                     }

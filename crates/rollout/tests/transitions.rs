@@ -1623,7 +1623,15 @@ fn wire_shapes_are_stable() {
 fn status_has_the_documented_json_shape() {
     let mut h = H::new(spec(2));
     h.preflight_all(&["4.2.1", "4.2.0"]);
-    let status = serde_json::to_value(h.r.status()).unwrap();
+    let mut status = serde_json::to_value(h.r.status()).unwrap();
+    // When each node entered its step: the recorded time of the entry that moved it there.
+    for n in status["nodes"].as_array_mut().unwrap() {
+        let since = n.as_object_mut().unwrap().remove("step_since_ms");
+        assert!(
+            since.and_then(|v| v.as_u64()).is_some_and(|t| t > 1_000),
+            "{n}"
+        );
+    }
     assert_eq!(status["id"], "r1");
     assert_eq!(status["version"], "4.2.1");
     assert_eq!(status["phase"], "staging");
@@ -2323,4 +2331,25 @@ fn abort_message_names_switched_back_and_refused_nodes() {
         "aborted by alice; nodes are left as they are: n1: run 4.2.1 permanently; n2: untouched (install refused)"
     );
     h.check();
+}
+
+/// Each node's `step_since_ms` is the time of the recorded entry that moved it into its step:
+/// entries that leave a node's step alone keep it, and a replay of the log gives the same.
+#[test]
+fn a_node_entered_its_step_at_the_entry_that_moved_it() {
+    let mut h = H::new(spec(2));
+    h.preflight_all(&["4.2.0", "4.2.0"]);
+    let times =
+        |h: &H| -> Vec<u64> { h.r.status().nodes.iter().map(|n| n.step_since_ms).collect() };
+    let before = times(&h);
+    for t in &before {
+        assert!(
+            h.log.iter().any(|e| e.at_ms == *t),
+            "{t} is an entry's time: {before:?}"
+        );
+    }
+    h.apply(Event::Command(Command::Pause)).unwrap();
+    assert_eq!(times(&h), before, "a pause moves no node");
+    let replayed = Rollout::replay(h.r.spec().clone(), &h.log).unwrap();
+    assert_eq!(replayed.status(), h.r.status());
 }

@@ -446,6 +446,15 @@ pub struct NodeProgress {
     pub step: NodeStep,
     /// The most recent error on this node, if any (the events keep the full history).
     pub error: Option<String>,
+    /// When the node entered `step`: the time of the recorded entry that moved it there (ms
+    /// since the epoch; 0 before its first step, and in rollouts recorded before this was
+    /// kept).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub step_since_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl NodeProgress {
@@ -455,6 +464,7 @@ impl NodeProgress {
             from_version: None,
             step: NodeStep::Pending,
             error: None,
+            step_since_ms: 0,
         }
     }
 }
@@ -695,10 +705,19 @@ mod tests {
             from_version: Some(v("4.2.0")),
             step: NodeStep::PreflightOk,
             error: None,
+            step_since_ms: 0,
         };
         assert_eq!(
             serde_json::to_string(&p).unwrap(),
             r#"{"id":"n1","from_version":"4.2.0","step":"preflight_ok","error":null}"#
+        );
+        let p = NodeProgress {
+            step_since_ms: 7,
+            ..p
+        };
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"id":"n1","from_version":"4.2.0","step":"preflight_ok","error":null,"step_since_ms":7}"#
         );
     }
 }

@@ -4,6 +4,7 @@
 use orch_proto::agent as pb;
 use orch_types::Version;
 use tonic::{Response, Status};
+use tracing::Instrument;
 
 use super::{AgentService, Call, entries, expected_sha256, joined, parse_version};
 use crate::audit::{self, Caller, wire};
@@ -53,13 +54,36 @@ impl AgentService {
         call: Call,
         f: impl FnOnce(&dyn Driver) -> Result<StepOutcome> + Send + 'static,
     ) -> Result<pb::StepReply> {
+        // Every line of the step names its rollout and fence (empty and 0: an operator's own
+        // unfenced step), as the coordinator's step span does.
+        let (rollout, term, fence) = call.fence.as_ref().map_or((String::new(), 0, 0), |f| {
+            (f.rollout_id.clone(), f.term, f.step)
+        });
+        let span = tracing::info_span!(
+            "step",
+            node = %self.shared.node_id,
+            step = %call.what,
+            rollout = %rollout,
+            term,
+            fence,
+        );
+        self.step_in_span(call, f).instrument(span).await
+    }
+
+    async fn step_in_span(
+        &self,
+        call: Call,
+        f: impl FnOnce(&dyn Driver) -> Result<StepOutcome> + Send + 'static,
+    ) -> Result<pb::StepReply> {
         let guard = self.shared.steps.clone().lock_owned().await;
+        let span = tracing::Span::current();
         let shared = self.shared.clone();
         // The guard moves into the blocking task: even if this request is cancelled, the next
         // step (and a graceful shutdown) waits until the driver work has really finished.
         // Admission happens there too, right before the work: a deadline that passed while
         // this request waited (for the lock, or in a frozen agent's socket) is refused.
         let (outcome, versions, (boot_id, state_rev)) = tokio::task::spawn_blocking(move || {
+            let _in_step = span.enter();
             let mut fences = guard;
             let r = shared
                 .admit(&mut fences, &call)
@@ -87,6 +111,7 @@ impl AgentService {
         Ok(pb::StepReply {
             changed: outcome.changed,
             messages: outcome.messages,
+            notes: outcome.notes,
             versions: entries(&versions),
             boot_id,
             state_rev,

@@ -1,6 +1,8 @@
 //! Watching an agent while a step runs (pings), and health gates.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
@@ -61,6 +63,96 @@ pub(super) async fn watched<T>(
     }
 }
 
+/// The leader's volatile view of the health gates it runs: per node, since when its probes have
+/// seen it healthy without a break. Only the prober knows this (it is not replicated, and the
+/// rollout machine has no clock): `status` shows it when the leader answers; a follower leaves
+/// it out and the views fall back to the time in step.
+#[derive(Debug)]
+pub struct GateBoard {
+    /// Node -> healthy since (ms since the epoch), 0 while not healthy; present while a gate
+    /// of this coordinator probes the node.
+    healthy_since: Mutex<HashMap<NodeId, u64>>,
+    /// Bumped on every change, so that watchers send a new status.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for GateBoard {
+    fn default() -> Self {
+        GateBoard {
+            healthy_since: Mutex::default(),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl GateBoard {
+    /// `Some(since_ms)` while this coordinator probes `node`'s gate (`Some(0)`: not healthy).
+    pub fn healthy_since(&self, node: &NodeId) -> Option<u64> {
+        self.lock().get(node).copied()
+    }
+
+    /// Changes whenever a gate's progress does.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, u64>> {
+        self.healthy_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, node: &NodeId, since: Option<u64>) {
+        let before = match since {
+            Some(ms) => self.lock().insert(node.clone(), ms),
+            None => self.lock().remove(node),
+        };
+        if before != since {
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// One gate's run of healthy probes, published on the [`GateBoard`] (cleared when dropped).
+struct Healthy<'a> {
+    board: &'a GateBoard,
+    node: &'a NodeId,
+    since: Option<Instant>,
+}
+
+impl<'a> Healthy<'a> {
+    fn start(board: &'a GateBoard, node: &'a NodeId) -> Self {
+        board.set(node, Some(0));
+        Healthy {
+            board,
+            node,
+            since: None,
+        }
+    }
+
+    /// A probe saw the node healthy: for how long now without a break.
+    fn seen(&mut self) -> Duration {
+        let (board, node) = (self.board, self.node);
+        self.since
+            .get_or_insert_with(|| {
+                board.set(node, Some(now_ms()));
+                Instant::now()
+            })
+            .elapsed()
+    }
+
+    /// The run of healthy probes broke.
+    fn reset(&mut self) {
+        if self.since.take().is_some() {
+            self.board.set(self.node, Some(0));
+        }
+    }
+}
+
+impl Drop for Healthy<'_> {
+    fn drop(&mut self) {
+        self.board.set(self.node, None);
+    }
+}
+
 /// What a health gate checks.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Gate {
@@ -93,7 +185,7 @@ pub(super) async fn health_gate(
         failure_threshold,
     } = gate;
     let start = Instant::now();
-    let mut healthy_since: Option<Instant> = None;
+    let mut healthy = Healthy::start(cx.gates, node);
     let mut unanswered_since: Option<u64> = None;
     let mut failed_in_a_row = 0u32;
     let mut last = String::from("no probe answered yet");
@@ -110,20 +202,19 @@ pub(super) async fn health_gate(
                 let r = r.into_inner();
                 if r.healthy {
                     failed_in_a_row = 0;
-                    let since = *healthy_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= min_healthy {
+                    if healthy.seen() >= min_healthy {
                         answered(cx, node);
                         return ActionResult::Done;
                     }
                 } else {
-                    healthy_since = None;
+                    healthy.reset();
                     failed_in_a_row += 1;
                     last = format!("{} check: {}", r.check, r.detail);
                 }
                 None
             }
             Ok(Err(s)) if kind_of(&s).is_some() => {
-                healthy_since = None;
+                healthy.reset();
                 last = s.message().to_string();
                 None
             }
@@ -137,7 +228,7 @@ pub(super) async fn health_gate(
                 }
             }
             Some(detail) => {
-                healthy_since = None;
+                healthy.reset();
                 let since_ms = *unanswered_since.get_or_insert(sent);
                 if let Some(l) = &cx.liveness {
                     l(

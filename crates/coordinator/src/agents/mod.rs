@@ -28,6 +28,8 @@ use crate::state::Unresponsive;
 mod health;
 mod steps;
 
+pub use health::GateBoard;
+
 pub use steps::{Performed, perform};
 
 /// How long a connection failure (agent restarting, port not open yet) is retried before the
@@ -271,6 +273,8 @@ pub struct ActionCtx<'a> {
     pub liveness: Option<LivenessFn>,
     /// Where pushed bytes are counted.
     pub metrics: &'a crate::metrics::Metrics,
+    /// Where health gates publish how long their node has been healthy.
+    pub gates: &'a GateBoard,
 }
 
 impl ActionCtx<'_> {

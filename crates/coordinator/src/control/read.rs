@@ -6,6 +6,7 @@ use std::time::Duration;
 use orch_proto::control as pb;
 use tonic::{Request, Response, Status};
 
+use super::status::with_gates;
 use super::{ControlService, shown, status_of, status_of_archived};
 use crate::error::Error;
 use crate::history::HistoryRecord;
@@ -32,6 +33,7 @@ impl ControlService {
                     return Ok(ReadAt {
                         index: here(),
                         stale: false,
+                        no_leader_ms: None,
                     });
                 }
                 Err(e) if !stale_ok => return Err(e.into()),
@@ -41,12 +43,16 @@ impl ControlService {
             return Ok(ReadAt {
                 index: here(),
                 stale: false,
+                no_leader_ms: None,
             });
         }
         if stale_ok {
+            let since = raft.leadership().borrow().leaderless_since_ms;
             return Ok(ReadAt {
                 index: here(),
                 stale: true,
+                no_leader_ms: (since > 0 && raft.leader().is_none())
+                    .then(|| crate::driver::now_ms().saturating_sub(since)),
             });
         }
         Err(Error::NotLeader {
@@ -85,7 +91,7 @@ impl ControlService {
     }
 
     pub(super) fn find_here(&self, id: &str) -> Result<pb::RolloutStatus, Status> {
-        self.shared.read(|s| {
+        let st = self.shared.read(|s| {
             let r = if id.is_empty() {
                 s.active_rollout().or_else(|| s.latest_rollout())
             } else {
@@ -103,7 +109,8 @@ impl ControlService {
                     ))
                 }
             })
-        })
+        })?;
+        Ok(with_gates(st, &self.shared.gates))
     }
 }
 
@@ -113,6 +120,8 @@ impl ControlService {
 pub(super) struct ReadAt {
     index: u64,
     stale: bool,
+    /// A stale answer from a coordinator that knows no leader: for how long it has known none.
+    no_leader_ms: Option<u64>,
 }
 
 impl ReadAt {
@@ -127,6 +136,11 @@ impl ReadAt {
                 "orch-stale",
                 tonic::metadata::MetadataValue::from_static("1"),
             );
+        }
+        if let Some(ms) = self.no_leader_ms
+            && let Ok(v) = ms.to_string().parse()
+        {
+            md.insert("orch-no-leader-ms", v);
         }
         r
     }

@@ -5,6 +5,7 @@ use orch_proto::control as pb;
 use orch_rollout::{Input, Rollout};
 use orch_types::rollout::RolloutSpec;
 
+use crate::agents::GateBoard;
 use crate::history::HistoryRecord;
 use crate::state::ClusterState;
 
@@ -40,8 +41,25 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
             .and_then(|id| s.created_at.get(&id).copied())
             .unwrap_or(0),
         requested_by: r.spec().requested_by.clone(),
+        min_healthy_ms: r.spec().min_healthy_time_ms,
+        healthy_deadline_ms: r.spec().healthy_deadline_ms,
         ..replay_data(r.spec(), r.inputs(), with_events)
     }
+}
+
+/// Adds what this coordinator's own health gates know (only the leader runs them): whether it
+/// probes each node's gate, and since when the node has been healthy.
+pub fn with_gates(mut st: pb::RolloutStatus, board: &GateBoard) -> pb::RolloutStatus {
+    for n in &mut st.nodes {
+        let Ok(id) = n.id.parse::<orch_types::NodeId>() else {
+            continue;
+        };
+        if let Some(since) = board.healthy_since(&id) {
+            n.gate_watched = true;
+            n.healthy_since_ms = since;
+        }
+    }
+    st
 }
 
 /// A status holding only what replays the rollout, as JSON (`spec_json`, `inputs_json`); the
@@ -64,6 +82,7 @@ fn node_progress(n: &orch_types::rollout::NodeProgress) -> pb::NodeProgress {
         from_version: n.from_version.map(|v| v.to_string()).unwrap_or_default(),
         step: n.step.to_string(),
         error: n.error.clone().unwrap_or_default(),
+        step_since_ms: n.step_since_ms,
         ..Default::default()
     }
 }
@@ -91,6 +110,8 @@ pub fn status_of_archived(h: &HistoryRecord, with_events: bool) -> pb::RolloutSt
         events: st.events.iter().map(audit_event).collect(),
         created_at_ms: h.created_at_ms,
         requested_by: h.spec.requested_by.clone(),
+        min_healthy_ms: h.spec.min_healthy_time_ms,
+        healthy_deadline_ms: h.spec.healthy_deadline_ms,
         ..replay_data(&h.spec, &h.inputs, with_events)
     }
 }

@@ -92,6 +92,7 @@ pub(super) async fn start_gate_early(
             budgets,
             liveness,
             metrics: &shared.metrics,
+            gates: &shared.gates,
         };
         perform(&actx, &g).await
     });

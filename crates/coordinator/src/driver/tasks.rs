@@ -8,6 +8,7 @@ use orch_proto::agent as pb;
 use orch_rollout::{Action, ActionKind, ActionResult};
 use orch_types::{NodeId, RolloutId};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::early::{lock, start_gate_early};
 use super::record::{liveness_reporter, record, record_with};
@@ -19,6 +20,9 @@ use crate::state::Command;
 #[derive(Default)]
 pub(super) struct Tasks {
     rollout: Option<RolloutId>,
+    /// The rollout's span: every step's span is its child, so each log line of a step names
+    /// the rollout, the node and the fence.
+    span: Option<tracing::Span>,
     slots: HashMap<u64, Slot>,
 }
 
@@ -37,7 +41,9 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
             g.handle.abort();
         }
         tasks.rollout = Some(r.id);
+        tasks.span = Some(tracing::info_span!("rollout", rollout = %r.id));
     }
+    let parent = tasks.span.clone().unwrap_or_else(tracing::Span::none);
     let tasks = &mut tasks.slots;
     let in_flight = &r.in_flight;
     tasks.retain(|seq, slot| {
@@ -70,12 +76,19 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
         if tasks.contains_key(&a.seq) {
             continue;
         }
-        let h = cx.scope.spawn(perform_and_record(
-            cx.clone(),
-            r.id,
-            r.package.clone(),
-            a.clone(),
-        ));
+        // `fence` is the fence's step: with the term and the rollout it is what the agent checks.
+        let span = tracing::info_span!(
+            parent: &parent,
+            "step",
+            rollout = %r.id,
+            node = %a.node,
+            fence = a.seq,
+            term = cx.term,
+            kind = crate::metrics::kind_of(&a.kind),
+        );
+        let h = cx.scope.spawn(
+            perform_and_record(cx.clone(), r.id, r.package.clone(), a.clone()).instrument(span),
+        );
         tasks.insert(a.seq, Slot::Running(h));
     }
 }
@@ -143,6 +156,7 @@ pub(super) async fn perform_and_record(
         budgets,
         liveness: Some(liveness_reporter(&cx)),
         metrics: &cx.shared.metrics,
+        gates: &cx.shared.gates,
     };
     let started = std::time::Instant::now();
     let performed = perform_or_take_early(&cx, &actx, rollout, &action).await;

@@ -22,6 +22,10 @@ pub struct Leadership {
     pub is_leader: bool,
     /// The leader this node knows of (may be itself).
     pub leader: Option<u64>,
+    /// Since when (ms since the epoch) this node has known no leader (since it started, if it
+    /// never knew one); 0 while it knows one. Stale reads say how long that has been.
+    #[serde(default)]
+    pub leaderless_since_ms: u64,
 }
 
 /// A node's Raft role.
@@ -130,11 +134,16 @@ pub(super) async fn watch_leadership(raft: Raft, id: u64, tx: watch::Sender<Lead
     let mut rx = raft.metrics();
     drop(raft);
     loop {
-        let (l, shutdown) = {
+        let (mut l, shutdown) = {
             let g = rx.borrow_watched();
             (leadership_of(&g, id), g.state == ServerState::Shutdown)
         };
         tx.send_if_modified(|cur| {
+            l.leaderless_since_ms = match (l.leader, cur.leaderless_since_ms) {
+                (Some(_), _) => 0,
+                (None, 0) => crate::driver::now_ms(),
+                (None, since) => since,
+            };
             if *cur != l {
                 *cur = l;
                 true
@@ -159,6 +168,7 @@ pub(super) fn leadership_of(m: &RaftMetrics<TypeConfig>, id: u64) -> Leadership 
         term,
         is_leader,
         leader: m.current_leader,
+        leaderless_since_ms: 0,
     }
 }
 

@@ -318,7 +318,15 @@ impl Rollout {
     ) -> Result<Outcome, Rejected> {
         let term_before = self.driver_term;
         let by = clip(by);
+        let steps_before: Vec<NodeStep> = self.nodes.iter().map(|n| n.progress.step).collect();
         let outcome = self.take(event, at_ms, &by, term);
+        // A node that changed step entered it at this entry's time: recorded, so the time in
+        // step is the same on every coordinator and in a replay (the machine has no clock).
+        for (n, before) in self.nodes.iter_mut().zip(steps_before) {
+            if n.progress.step != before {
+                n.progress.step_since_ms = at_ms;
+            }
+        }
         // Only what changed the state is kept: a replay without the rest gives the same state.
         if matches!(outcome, Ok(Outcome::Applied { .. })) || self.driver_term != term_before {
             self.inputs.push(Input {
