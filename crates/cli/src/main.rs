@@ -14,6 +14,7 @@ mod live;
 mod node;
 mod output;
 mod package_cmd;
+mod plan;
 mod remote;
 mod spinner;
 mod tls;

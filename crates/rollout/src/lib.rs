@@ -72,6 +72,15 @@
 //! `Err(Rejected)` always leaves the state untouched, so replaying a log that contains rejected
 //! entries ([`Rollout::replay`]) gives the same state.
 //!
+//! # Plans
+//!
+//! [`plan`]`(spec, answers)` runs a new rollout through its preflight on the given answers and
+//! reads back what it would do: every node's action (stage, install, adopt, switch back, skip,
+//! or refused, with preflight's own sentence), the upgrade batches with the canary, and the
+//! refusal, if any. It is the machine's own planning, so a dry run shows exactly what a real
+//! rollout given the same answers does, and a coordinator can refuse a rollout before
+//! recording it.
+//!
 //! # Replay
 //!
 //! A rollout records its own inputs: every event that changed it, with the time, the caller
@@ -167,8 +176,13 @@
 
 mod machine;
 mod protocol;
+mod prune;
 
-pub use machine::{DISK_HEADROOM_FACTOR, MAX_TEXT_CHARS, Rollout, replay};
+pub use machine::{
+    DISK_HEADROOM_FACTOR, MAX_TEXT_CHARS, NodeAction, Plan, PlannedBatch, PlannedNode, Rollout,
+    plan, replay,
+};
 pub use protocol::{
     Action, ActionKind, ActionResult, Command, Event, Input, LogEntry, Outcome, Rejected,
 };
+pub use prune::prune_candidates;

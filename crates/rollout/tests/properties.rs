@@ -10,12 +10,14 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use common::node::{Node, Shape};
 use common::{n, v};
 use orch_release::rules::Op;
-use orch_rollout::{Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rollout};
+use orch_rollout::{
+    Action, ActionKind, ActionResult, Command, Event, LogEntry, NodeAction, Outcome, Rollout,
+};
 use orch_types::rollout::{NodeStep, OnFailure, Phase, RolloutSpec};
 use orch_types::{NodeId, ReleaseState, Version};
 use proptest::prelude::*;
@@ -986,4 +988,149 @@ fn every_start_state_and_outcome_ends_where_the_machine_says() {
     }
     assert!(runs > 1_000, "{runs}");
     assert_eq!(endings.len(), 4, "{endings:?}");
+}
+
+/// A node's preflight answer in the plan test: its releases, or unreachable.
+fn answer_of(node: &Node, reachable: bool) -> ActionResult {
+    if !reachable {
+        return ActionResult::Failed {
+            error: "agent unreachable: connection refused".into(),
+        };
+    }
+    ActionResult::Preflight {
+        running: node.running().expect("something runs"),
+        free_disk: 1 << 40,
+        releases: node.entries(),
+    }
+}
+
+/// The machine driven to its end with every step succeeding (promoting when asked): the
+/// actions in issue order, each with the number of the `IssueActions` round that issued it.
+fn run_all_done(r: &mut Rollout, answers: &BTreeMap<NodeId, ActionResult>) -> Vec<(usize, Action)> {
+    let mut issued = Vec::new();
+    let mut t = 0;
+    for round in 0..1_000 {
+        if r.is_finished() {
+            break;
+        }
+        if r.awaiting_promotion() {
+            t += 1;
+            r.apply(&Event::Command(Command::Promote), t, "alice")
+                .expect("promote while awaiting promotion");
+        }
+        t += 1;
+        let out = r.apply(&Event::IssueActions, t, "coord").expect("issue");
+        issued.extend(out.issued().iter().cloned().map(|a| (round, a)));
+        for a in r.in_flight().to_vec() {
+            let result = match a.kind {
+                ActionKind::Preflight => answers[&a.node].clone(),
+                _ => ActionResult::Done,
+            };
+            t += 1;
+            r.apply(&Event::Result { seq: a.seq, result }, t, "coord")
+                .expect("result");
+        }
+    }
+    issued
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// `plan` (the dry run) says exactly what the rollout then does with the same preflight
+    /// answers: refused iff the rollout is refused (same words), each node's first step is
+    /// the planned action, skipped nodes are left alone, and the planned batches are the
+    /// groups the rollout switches together, canary first.
+    #[test]
+    fn the_plan_is_what_the_rollout_does(
+        initial in proptest::collection::vec(node_strategy(), 1..=6),
+        reachable in proptest::collection::vec(prop_oneof![9 => Just(true), 1 => Just(false)], 6),
+        batch_size in 1u32..=3,
+        canary in 0u32..=6,
+        permanent in any::<bool>(),
+    ) {
+        let ids: Vec<NodeId> = (1..=initial.len()).map(|i| n(&format!("n{i}"))).collect();
+        let mut spec = RolloutSpec::new("r1", TARGET, ids.clone(), "alice");
+        spec.min_healthy_time_ms = 0;
+        spec.healthy_deadline_ms = 1_000;
+        spec.batch_size = batch_size;
+        spec.canary = canary.min(initial.len() as u32);
+        spec.permanent = permanent;
+        let answers: BTreeMap<NodeId, ActionResult> = ids
+            .iter()
+            .zip(&initial)
+            .zip(&reachable)
+            .map(|((id, node), ok)| (id.clone(), answer_of(node, *ok)))
+            .collect();
+        let p = orch_rollout::plan(spec.clone(), &answers).expect("a valid spec");
+        let mut r = Rollout::new(spec.clone()).unwrap();
+        let issued = run_all_done(&mut r, &answers);
+
+        let refused = issued.iter().all(|(_, a)| a.kind == ActionKind::Preflight)
+            && r.phase() == Phase::Aborted;
+        prop_assert_eq!(p.refusal.is_some(), refused, "{:?} / {:?}", p, r.phase());
+        if refused {
+            prop_assert_eq!(p.refusal.as_deref(), r.error());
+            prop_assert!(p.batches.is_empty());
+            prop_assert!(p.nodes.iter().any(|pn| pn.action == NodeAction::Refused));
+            return Ok(());
+        }
+        prop_assert_eq!(r.phase(), Phase::Succeeded);
+        for pn in &p.nodes {
+            prop_assert_eq!(pn.to, TARGET);
+            let first = issued
+                .iter()
+                .find(|(_, a)| a.node == pn.id && a.kind != ActionKind::Preflight)
+                .map(|(_, a)| a.kind.name());
+            let expect = match pn.action {
+                NodeAction::Stage => Some("stage"),
+                NodeAction::Install => Some("install"),
+                NodeAction::SwitchBack => Some("downgrade"),
+                NodeAction::Adopt => Some("health_gate"),
+                NodeAction::Skip => None,
+                NodeAction::Refused => {
+                    prop_assert!(false, "a refused node in an accepted plan: {:?}", p);
+                    None
+                }
+            };
+            prop_assert_eq!(first, expect, "{:?}", pn);
+            prop_assert_eq!(pn.from, r.node(&pn.id).unwrap().from_version);
+        }
+        // The batches: every non-skipped node once, in spec order, at most batch_size each,
+        // the canary ones first; and the rollout switches (or adopts) them in those groups.
+        let in_batches: Vec<&NodeId> = p.batches.iter().flat_map(|b| &b.nodes).collect();
+        let moving: Vec<&NodeId> = p
+            .nodes
+            .iter()
+            .filter(|pn| pn.action != NodeAction::Skip)
+            .map(|pn| &pn.id)
+            .collect();
+        prop_assert_eq!(&in_batches, &moving);
+        let canary_nodes: usize = p.batches.iter().filter(|b| b.canary).map(|b| b.nodes.len()).sum();
+        prop_assert_eq!(canary_nodes, (spec.canary as usize).min(moving.len()));
+        prop_assert!(p.batches.windows(2).all(|w| w[0].canary || !w[1].canary));
+        let round_of = |id: &NodeId| {
+            issued
+                .iter()
+                .find(|(_, a)| {
+                    &a.node == id
+                        && matches!(
+                            a.kind,
+                            ActionKind::Install { .. }
+                                | ActionKind::Downgrade { .. }
+                                | ActionKind::HealthGate { .. }
+                        )
+                })
+                .map(|(round, _)| *round)
+        };
+        let mut last = None;
+        for b in &p.batches {
+            prop_assert!(!b.nodes.is_empty() && b.nodes.len() <= batch_size as usize);
+            let rounds: HashSet<Option<usize>> = b.nodes.iter().map(round_of).collect();
+            prop_assert_eq!(rounds.len(), 1, "one batch switches together: {:?}", b);
+            let round = rounds.into_iter().next().flatten();
+            prop_assert!(round.is_some() && round > last, "batches in order: {:?}", p.batches);
+            last = round;
+        }
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! This module holds the state, applying an event and the queries; the rest is split by what
 //! it decides: [`plan`] (which actions the state calls for), [`result`] (issuing actions and
-//! taking their results), [`preflight`] (planning each node from its answer), [`advance`] (phase
+//! taking their results), [`preflight`] (planning each node from its answer), [`preview`] (a
+//! rollout's plan before it exists, for dry runs), [`advance`] (phase
 //! transitions), [`rollback`], [`command`] (operator commands) and [`messages`] (the audit
 //! sentences that summarize many nodes).
 
@@ -11,8 +12,11 @@ mod command;
 mod messages;
 mod plan;
 mod preflight;
+mod preview;
 mod result;
 mod rollback;
+
+pub use preview::{NodeAction, Plan, PlannedBatch, PlannedNode, plan};
 
 use orch_types::rollout::{
     AuditEvent, NodeProgress, NodeStep, OnFailure, Phase, RolloutSpec, RolloutStatus, SpecError,
