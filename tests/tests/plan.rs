@@ -279,3 +279,44 @@ fn a_second_rollout_is_refused_before_its_package_is_uploaded() {
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     c.cli_ok(&["abort", "r000001"]);
 }
+
+/// `orchestrator node prune --keep N` by hand, on the local store and through the agent: the
+/// releases beyond the newest N go, never the permanent one; `--keep 0` is refused.
+#[test]
+fn node_prune_keeps_the_newest_releases_locally_and_through_the_agent() {
+    let c = Cluster::start(ClusterOpts::state_only(1, 1));
+    let node = c.node("n1");
+    let agent = node.agent();
+    for v in ["4.2.1", "4.2.2", "4.2.3", "4.2.4"] {
+        let pkg = c.package(v, false).display().to_string();
+        agent.node_ok(&["upgrade", "--package", &pkg]);
+    }
+    let versions = |c: &Cluster| orch_tests::local_ok(&c.node("n1").root, &["versions"]);
+    assert_eq!(
+        versions(&c),
+        "Installed versions:\n* 4.2.4\tpermanent\n* 4.2.3\told\n* 4.2.2\told\n* 4.2.1\told\n* 4.2.0\told\n"
+    );
+
+    let o = orch_tests::local(&node.root, &["prune", "--keep", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    let out = orch_tests::local_ok(&node.root, &["prune", "--keep", "3"]);
+    println!("{out}");
+    assert!(out.contains("4.2.1") && out.contains("4.2.0"), "{out}");
+    assert!(out.contains("Pruned 2 release(s)"), "{out}");
+    assert_eq!(
+        versions(&c),
+        "Installed versions:\n* 4.2.4\tpermanent\n* 4.2.3\told\n* 4.2.2\told\n"
+    );
+    let again = orch_tests::local_ok(&node.root, &["prune", "--keep", "3"]);
+    assert!(again.starts_with("Nothing to prune"), "{again}");
+
+    let out: Value =
+        serde_json::from_str(agent.node_ok(&["prune", "--keep", "1", "--json"]).trim()).unwrap();
+    assert_eq!(out["removed"], json!(["4.2.3", "4.2.2"]), "{out}");
+    assert_eq!(
+        out["releases"],
+        json!([{"version": "4.2.4", "state": "permanent"}])
+    );
+    assert_eq!(versions(&c), "Installed versions:\n* 4.2.4\tpermanent\n");
+}

@@ -103,6 +103,9 @@ async fn run_async(
                 println!("{}", rebind_message(&info.node_id, &r));
             }
         }
+        NodeCmd::Prune { keep, force } => {
+            crate::prune::remote(&mut c, addr, keep, force.force, json).await?
+        }
         step => print_messages(&step_cmd(&mut c, addr, step).await?, json),
     }
     Ok(())
@@ -209,7 +212,11 @@ async fn step_cmd(c: &mut AgentClient<Channel>, addr: &str, cmd: NodeCmd) -> Res
         NodeCmd::Permanent { version, .. } => c.permanent(vreq(version, force)).await,
         NodeCmd::Downgrade { version, .. } => c.downgrade(vreq(version, force)).await,
         NodeCmd::Uninstall { version, .. } => c.uninstall(vreq(version, force)).await,
-        NodeCmd::Versions | NodeCmd::RootDir | NodeCmd::Health { .. } | NodeCmd::Rebind { .. } => {
+        NodeCmd::Versions
+        | NodeCmd::RootDir
+        | NodeCmd::Health { .. }
+        | NodeCmd::Rebind { .. }
+        | NodeCmd::Prune { .. } => {
             return Ok(Vec::new());
         }
     };
