@@ -128,6 +128,8 @@ struct Scenario {
     max_parallel_staging: u32,
     /// The driver's and the operators' choices, consumed one byte at a time.
     script: Vec<u8>,
+    /// `keep_releases`: prune after success.
+    keep: Option<u32>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -141,10 +143,20 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 prop_oneof![Just(OnFailure::Rollback), Just(OnFailure::Pause)],
                 1u32..=3,
                 proptest::collection::vec(any::<u8>(), 0..400),
+                proptest::option::of(0u32..=3),
             )
         })
         .prop_map(
-            |(initial, batch_size, canary, permanent, on_failure, max_parallel_staging, script)| {
+            |(
+                initial,
+                batch_size,
+                canary,
+                permanent,
+                on_failure,
+                max_parallel_staging,
+                script,
+                keep,
+            )| {
                 Scenario {
                     initial,
                     batch_size,
@@ -153,6 +165,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     on_failure,
                     max_parallel_staging,
                     script,
+                    keep,
                 }
             },
         )
@@ -224,6 +237,7 @@ impl Sim {
         spec.permanent = sc.permanent;
         spec.on_failure = sc.on_failure;
         spec.max_parallel_staging = sc.max_parallel_staging;
+        spec.keep_releases = sc.keep;
         spec.min_healthy_time_ms = 0;
         spec.healthy_deadline_ms = 1;
         let world: HashMap<NodeId, Node> = nodes.iter().cloned().zip(sc.initial.clone()).collect();
@@ -526,6 +540,14 @@ impl Sim {
             }
             (ActionKind::HealthGate { .. }, Some(_)) => failed("probe failing"),
             (ActionKind::HealthGate { .. }, None) => ActionResult::Done,
+            (ActionKind::Prune { .. }, Some(_)) => failed("agent unreachable"),
+            (ActionKind::Prune { keep, protect }, None) => match w.prune(*keep, protect) {
+                Ok(removed) => ActionResult::Pruned {
+                    removed,
+                    failed: Vec::new(),
+                },
+                Err(e) => failed(&e.0),
+            },
             (kind, None) => match w.perform(kind) {
                 Ok(_) => ActionResult::Done,
                 Err(e) => ActionResult::Refused { error: e.0 },
@@ -702,6 +724,62 @@ impl Sim {
         Ok(())
     }
 
+    /// After a successful rollout with `keep_releases`: every node it upgraded was pruned (or
+    /// said why not), skipped ones were left alone; a pruned node keeps its current and permanent releases, the target and what it
+    /// ran before, and otherwise only its newest `keep` releases.
+    fn check_pruned(&self, keep: u32) -> Result<(), TestCaseError> {
+        let said = |id: &NodeId, what: &str| {
+            self.r
+                .events()
+                .iter()
+                .any(|e| e.message.starts_with(&format!("{id}: {what}")))
+        };
+        for p in self.r.nodes() {
+            let pruned = said(&p.id, "pruned ") || said(&p.id, "nothing to prune");
+            if p.step == NodeStep::Skipped {
+                // Left alone entirely.
+                prop_assert!(!pruned && !said(&p.id, "pruning failed"));
+                continue;
+            }
+            prop_assert!(
+                pruned || said(&p.id, "pruning failed"),
+                "{} was never pruned",
+                p.id
+            );
+            if !pruned {
+                continue;
+            }
+            let w = &self.world[&p.id];
+            let start = &self.initial[&p.id];
+            let mut newest: Vec<Version> = w.entries().iter().map(|e| e.version).collect();
+            newest.sort_by(|a, b| b.cmp(a));
+            for e in w.entries() {
+                let rank = newest.iter().position(|v| *v == e.version).unwrap();
+                let protected = e.version == TARGET
+                    || Some(e.version) == start.permanent()
+                    || Some(e.version) == start.current()
+                    || matches!(e.state, ReleaseState::Current | ReleaseState::Permanent);
+                prop_assert!(
+                    protected || rank < keep as usize,
+                    "{} keeps {} beyond the newest {}: {:?}",
+                    p.id,
+                    e.version,
+                    keep,
+                    w.entries()
+                );
+            }
+            for v in [Some(TARGET), start.permanent(), start.current()]
+                .into_iter()
+                .flatten()
+            {
+                if start.state(v).is_some() || v == TARGET {
+                    prop_assert!(w.state(v).is_some(), "{} lost {}", p.id, v);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_end(&self) -> Result<(), TestCaseError> {
         let touched = self.touched();
         prop_assert_eq!(&self.r.touched(), &touched);
@@ -725,6 +803,9 @@ impl Sim {
                         p.step,
                         NodeStep::Committed | NodeStep::Upgraded | NodeStep::Skipped
                     ));
+                }
+                if let Some(keep) = self.spec.keep_releases {
+                    self.check_pruned(keep)?;
                 }
                 // The last word is true of every node.
                 let claims_permanent = last
@@ -958,6 +1039,10 @@ fn every_start_state_and_outcome_ends_where_the_machine_says() {
                         on_failure,
                         max_parallel_staging: 8,
                         script: Vec::new(),
+                        // Pruning after success (keeping only the newest release beyond what
+                        // is protected) with one failure policy, none with the other: every
+                        // start state is pruned without doubling the runs.
+                        keep: (on_failure == OnFailure::Pause).then_some(1),
                     };
                     let mut clean = Sim::new(&sc);
                     clean.finish().unwrap();
