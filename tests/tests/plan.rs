@@ -320,3 +320,86 @@ fn node_prune_keeps_the_newest_releases_locally_and_through_the_agent() {
     );
     assert_eq!(versions(&c), "Installed versions:\n* 4.2.4\tpermanent\n");
 }
+
+/// `--keep-releases N` (default 3): after each successful rollout every upgraded node keeps
+/// its newest N releases; the permanent one and the one a rollback would return to always
+/// stay. Four rollouts in a row leave exactly three; one with `--keep-releases 1` leaves the
+/// new permanent release and the previous one.
+#[test]
+fn keep_releases_prunes_after_each_rollout_never_current_or_permanent() {
+    let c = Cluster::start(ClusterOpts::state_only(1, 2));
+    let roll = |v: &str, extra: &[&str]| {
+        let pkg = c.package(v, false).display().to_string();
+        let mut args = vec![
+            "rollout",
+            v,
+            "--package",
+            &pkg,
+            "--min-healthy-time",
+            "0ms",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let fin = c.cli_json(&args);
+        assert_eq!(fin["phase"], "succeeded", "{fin}");
+        fin
+    };
+    let versions = |id: &str| orch_tests::local_ok(&c.node(id).root, &["versions"]);
+    for v in ["4.2.1", "4.2.2", "4.2.3"] {
+        roll(v, &[]);
+    }
+    let fin = roll("4.2.4", &[]);
+    for n in ["n1", "n2"] {
+        assert_eq!(
+            versions(n),
+            "Installed versions:\n* 4.2.4\tpermanent\n* 4.2.3\told\n* 4.2.2\told\n",
+            "{n}"
+        );
+        assert_eq!(
+            c.node(n).audit_count("uninstall 4.2.0"),
+            1,
+            "{}",
+            c.node(n).audit()
+        );
+        assert_eq!(
+            c.node(n).audit_count("uninstall 4.2.1"),
+            1,
+            "{}",
+            c.node(n).audit()
+        );
+    }
+    let st = c.status_json(fin["id"].as_str().unwrap());
+    let events = event_messages(&st);
+    for n in ["n1", "n2"] {
+        let line = format!("{n}: pruned 4.2.1 (keeping the newest 3 releases)");
+        assert!(events.contains(&line), "{line:?} in {events:#?}");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("pruning on every upgraded node")),
+        "{events:#?}"
+    );
+
+    // Keeping one: 4.2.4 stays all the same, as what a rollback of this rollout returns to.
+    let fin = roll("4.2.5", &["--keep-releases", "1"]);
+    for n in ["n1", "n2"] {
+        assert_eq!(
+            versions(n),
+            "Installed versions:\n* 4.2.5\tpermanent\n* 4.2.4\told\n",
+            "{n}"
+        );
+    }
+    let st = c.status_json(fin["id"].as_str().unwrap());
+    assert!(
+        event_messages(&st)
+            .contains(&"n1: pruned 4.2.3, 4.2.2 (keeping the newest release)".to_string()),
+        "{st}"
+    );
+    // 0 keeps everything.
+    roll("4.2.6", &["--keep-releases", "0"]);
+    assert_eq!(
+        versions("n1"),
+        "Installed versions:\n* 4.2.6\tpermanent\n* 4.2.5\told\n* 4.2.4\told\n"
+    );
+}

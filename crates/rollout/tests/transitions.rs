@@ -2347,7 +2347,9 @@ fn committed_with_keep(count: usize, keep: Option<u32>) -> H {
 fn after_committing_every_node_is_pruned_and_failures_do_not_fail_the_rollout() {
     let mut h = committed_with_keep(3, Some(2));
     assert_eq!(h.phase(), Phase::Pruning);
-    assert!(h.has_event("run 4.2.1 permanently; pruning the releases beyond the newest 2"));
+    assert!(h.has_event(
+        "run 4.2.1 permanently; pruning on every upgraded node (keeping the newest 2 releases)"
+    ));
     let prunes = h.issue();
     assert_eq!(
         kinds(&prunes),

@@ -169,6 +169,12 @@ pub struct RolloutArgs {
     /// deadline (0: only the deadline decides; an unreachable agent never counts) [default: 3].
     #[arg(long, value_name = "N")]
     pub failure_threshold: Option<u32>,
+    /// After the rollout succeeds, uninstall on every node it upgraded the releases beyond the
+    /// newest N (never the current or permanent one, nor the one a rollback would return to),
+    /// recorded in its events; a failure to prune is reported, not a failure of the rollout.
+    /// 0: keep every release.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub keep_releases: u32,
     /// Print the rollout id (with --json: its status) and return at once.
     #[arg(long, conflicts_with = "dry_run")]
     pub detach: bool,

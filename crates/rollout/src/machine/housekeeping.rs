@@ -7,6 +7,15 @@
 
 use super::*;
 
+/// `keeping the newest 3 releases`, `keeping the newest release`.
+pub(super) fn keeping(keep: u32) -> String {
+    match keep {
+        0 => "keeping only the current and permanent releases".to_string(),
+        1 => "keeping the newest release".to_string(),
+        n => format!("keeping the newest {n} releases"),
+    }
+}
+
 impl Rollout {
     /// Prune actions for nodes not pruned yet, at most `max_parallel_staging` in flight.
     pub(super) fn plan_prune(&self) -> Vec<(usize, ActionKind)> {
@@ -52,8 +61,9 @@ impl Rollout {
             Some(keep) if self.targets().iter().any(|&i| !self.nodes[i].pruned) => {
                 self.phase = Phase::Pruning;
                 let msg = format!(
-                    "{}; pruning the releases beyond the newest {keep} on every node",
-                    self.success_message()
+                    "{}; pruning on every upgraded node ({})",
+                    self.success_message(),
+                    keeping(keep)
                 );
                 self.record(cx, msg);
             }
@@ -87,13 +97,10 @@ impl Rollout {
         node.pruned = true;
         let id = node.id().clone();
         let mut msg = if removed.is_empty() {
-            format!("{id}: nothing to prune (keeping the newest {keep} releases)")
+            format!("{id}: nothing to prune ({})", keeping(keep))
         } else {
             let list: Vec<String> = removed.iter().map(|v| v.to_string()).collect();
-            format!(
-                "{id}: pruned {} (keeping the newest {keep} releases)",
-                list.join(", ")
-            )
+            format!("{id}: pruned {} ({})", list.join(", "), keeping(keep))
         };
         if !failed.is_empty() {
             let why: Vec<String> = failed.iter().take(16).map(|f| clip(f)).collect();

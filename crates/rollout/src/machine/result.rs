@@ -195,7 +195,7 @@ impl Rollout {
             }
             ActionKind::Prune { keep, .. } => {
                 node.pruned = true;
-                format!("{id}: nothing to prune (keeping the newest {keep} releases)")
+                format!("{id}: nothing to prune ({})", housekeeping::keeping(*keep))
             }
         };
         self.record(cx, msg);
