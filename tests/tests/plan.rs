@@ -403,3 +403,34 @@ fn keep_releases_prunes_after_each_rollout_never_current_or_permanent() {
         "Installed versions:\n* 4.2.6\tpermanent\n* 4.2.5\told\n* 4.2.4\told\n"
     );
 }
+
+/// Regression: StartRollout runs preflight before recording, and used to turn the request's
+/// preflight timeout into a deadline before the spec was validated: an absurd timeout
+/// panicked the coordinator (found by hostile_grpc). It is refused as invalid now, nothing
+/// recorded, the coordinator alive.
+#[test]
+fn an_invalid_spec_is_refused_before_preflight_turns_it_into_deadlines() {
+    let mut c = Cluster::start(ClusterOpts::state_only(1, 1));
+    let addr = c.addrs()[0].clone();
+    let refused = orch_tests::rt().block_on(async {
+        let mut client = orch_client::Client::new(vec![addr], orch_tls::Security::Insecure);
+        client
+            .start_rollout(orch_client::control::StartRolloutRequest {
+                version: V1.into(),
+                preflight_timeout_ms: Some(u64::MAX),
+                ..Default::default()
+            })
+            .await
+    });
+    let err = refused
+        .expect_err("an absurd preflight timeout is refused")
+        .to_string();
+    assert!(err.contains("preflight"), "{err}");
+    assert!(c.coord(1).is_running(), "{}", c.coord(1).log());
+    assert!(
+        !c.coord(1).log().contains("panicked"),
+        "{}",
+        c.coord(1).log()
+    );
+    assert_eq!(c.cli_json(&["rollouts", "--json"]), json!([]));
+}

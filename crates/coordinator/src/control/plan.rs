@@ -97,6 +97,9 @@ impl ControlService {
 
     /// The plan of a rollout of `spec`: preflight run for real, planned by the rollout machine.
     pub(super) async fn plan_of(&self, spec: &RolloutSpec) -> Result<Plan, Status> {
+        // Before any agent is asked: the preflight timeout becomes a deadline, and only a
+        // valid spec bounds it.
+        spec.validate().map_err(|e| bad(e.to_string()))?;
         let answers = self.preflight_answers(spec).await;
         orch_rollout::plan(spec.clone(), &answers).map_err(|e| bad(e.to_string()))
     }
