@@ -664,6 +664,9 @@ mod fake {
         ) -> Res<pb::RolloutStatus> {
             no()
         }
+        async fn plan_rollout(&self, _: Request<pb::PlanRolloutRequest>) -> Res<pb::RolloutPlan> {
+            no()
+        }
         async fn get_rollout(&self, _: Request<pb::RolloutRef>) -> Res<pb::RolloutStatus> {
             no()
         }

@@ -192,14 +192,15 @@ fn dead_nodes_are_named_by_preflight_and_can_be_forgotten() {
     let t = Instant::now();
     let o = c.cli(&quick(V1, &p1, &["--preflight-timeout", "2s"]));
     println!("preflight refused after {:?}", t.elapsed());
-    assert!(!o.status.success());
-    let st = c.status_json("r000001");
-    assert_eq!(st["phase"], "aborted", "{st}");
-    let err = st["error"].as_str().unwrap_or_default();
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    // Refused before anything was uploaded or recorded (issue #12): no rollout in history.
+    let err = stderr(&o);
     assert!(
         err.contains("n2") && err.contains("n3") && !err.contains("n1:"),
         "every unreachable node is named: {err}"
     );
+    assert!(err.contains("nothing was uploaded or recorded"), "{err}");
+    assert_eq!(c.cli_json(&["rollouts", "--json"]), serde_json::json!([]));
 
     // The decommissioned nodes are forgotten; the rollout then runs on the one left.
     let o = c.cli(&["nodes", "forget", "n3"]);
@@ -390,15 +391,15 @@ fn a_rebuilt_cluster_is_refused_by_its_old_agents_until_they_are_rebound() {
     assert!(!new_id.is_empty() && new_id != old_id);
     let t = Instant::now();
     let o = c.cli(&quick(V2, &p2, &[]));
-    assert!(!o.status.success(), "{}", stdout(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     println!("refused after {:?}", t.elapsed());
-    let st = c.status_json("r000001");
-    assert_eq!(st["phase"], "aborted", "{st}");
-    let err = st["error"].as_str().unwrap_or_default();
+    // Refused before anything was recorded (issue #12): the new cluster has no rollout.
+    let err = stderr(&o);
     assert!(
         err.contains(&old_id) && err.contains(&new_id) && err.contains("node rebind"),
-        "names both clusters and the remedy: {st}"
+        "names both clusters and the remedy: {err}"
     );
+    assert_eq!(c.cli_json(&["rollouts", "--json"]), serde_json::json!([]));
     for n in ["n1", "n2"] {
         let out = c
             .node(n)

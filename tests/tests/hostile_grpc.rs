@@ -1518,6 +1518,8 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         },
         preflight_timeout_ms: rng.bool().then(|| extreme_u64(rng)),
         failure_threshold: rng.bool().then(|| extreme_u32(rng)),
+        // Not drawn from `rng`: the stream (and so every seeded case) stays as it was.
+        keep_releases: None,
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),

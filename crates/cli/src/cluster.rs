@@ -147,8 +147,41 @@ pub fn rollout(a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
     c.patience = a.cluster.timeout.unwrap_or(ONE_SHOT_TIMEOUT);
     let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        let package_sha256 = match &a.package {
-            Some(path) => upload(&mut c, path, a.version).await?,
+        // A bad package is refused here, before anything is sent.
+        let checked = match &a.package {
+            Some(path) => Some(check_package(path, a.version)?),
+            None => None,
+        };
+        let req = pb::PlanRolloutRequest {
+            start: Some(start_request(&a, String::new())),
+            package: checked.as_ref().map(|(_, h)| h.clone()),
+            // Ask first: a rollout that would be refused (another one runs, a node unknown,
+            // preflight refuses) is refused before any byte of the package is uploaded.
+            // Without a package there is no upload to spare: StartRollout runs preflight
+            // itself before recording anything.
+            skip_preflight: !a.dry_run && checked.is_none(),
+        };
+        if a.dry_run {
+            let plan = spin("planning (preflight)", spinning, c.plan_rollout(req)).await?;
+            let paint = Paint {
+                on: use_color(g.color),
+            };
+            return crate::plan::show(&plan, g.json, paint);
+        }
+        let plan = spin("checking the rollout", spinning, c.plan_rollout(req)).await?;
+        if !plan.refusal.is_empty() {
+            return Err(Exit::new(
+                1,
+                "refused",
+                format!(
+                    "rollout of {} refused by preflight, nothing was uploaded or recorded: {}",
+                    plan.version, plan.refusal
+                ),
+            )
+            .into());
+        }
+        let package_sha256 = match &checked {
+            Some((path, header)) => upload(&mut c, path, header.clone()).await?,
             None => String::new(),
         };
         let req = start_request(&a, package_sha256);
@@ -183,28 +216,15 @@ pub fn rollout(a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
     })
 }
 
-/// Checks the package here (a bad one is refused before anything is uploaded), uploads it with
-/// its signature, and returns its digest.
-async fn upload(
-    c: &mut Client,
+/// Checks the package here (a bad one is refused before anything is sent) and describes it,
+/// signature included, as the coordinators are told about it.
+fn check_package(
     path: &std::path::Path,
     version: orch_types::Version,
-) -> Result<String> {
+) -> Result<(std::path::PathBuf, pb::UploadHeader)> {
     let info = package::verify(path, None, Some(version), &Limits::default())?;
     // FILE.sig travels with the package; coordinators and agents with trusted keys check it.
     let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
-    eprintln!(
-        "Uploading {} {} ({} bytes, sha256 {}, {})",
-        info.name,
-        info.version,
-        info.size,
-        info.sha256,
-        if signature.is_empty() {
-            "unsigned"
-        } else {
-            "with its signature"
-        }
-    );
     let header = pb::UploadHeader {
         name: info.name.clone(),
         version: info.version.to_string(),
@@ -212,9 +232,31 @@ async fn upload(
         size: info.size,
         signature,
     };
+    Ok((path.to_path_buf(), header))
+}
+
+/// Uploads the checked package with its signature and returns its digest.
+async fn upload(
+    c: &mut Client,
+    path: &std::path::Path,
+    header: pb::UploadHeader,
+) -> Result<String> {
+    eprintln!(
+        "Uploading {} {} ({} bytes, sha256 {}, {})",
+        header.name,
+        header.version,
+        header.size,
+        header.sha256,
+        if header.signature.is_empty() {
+            "unsigned"
+        } else {
+            "with its signature"
+        }
+    );
+    let sha256 = header.sha256.clone();
     let reply = c.upload(path, header).await?;
     eprintln!("Stored on coordinators {:?}", reply.holders);
-    Ok(info.sha256)
+    Ok(sha256)
 }
 
 /// The `StartRollout` request for the command's flags.
@@ -233,6 +275,7 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
         request_id: orch_client::request_id(),
         preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
         failure_threshold: a.failure_threshold,
+        keep_releases: (a.keep_releases > 0).then_some(a.keep_releases),
     }
 }
 

@@ -14,6 +14,8 @@ mod live;
 mod node;
 mod output;
 mod package_cmd;
+mod plan;
+mod prune;
 mod remote;
 mod spinner;
 mod tls;

@@ -91,6 +91,7 @@ pub fn run(args: NodeArgs, g: &GlobalOpts) -> Result<()> {
         NodeCmd::Permanent { version, .. } => store.make_permanent(version)?,
         NodeCmd::Downgrade { version, .. } => store.downgrade(version)?,
         NodeCmd::Uninstall { version, .. } => store.uninstall(version)?,
+        NodeCmd::Prune { keep, .. } => return crate::prune::local(&store, keep, g.json),
     };
     print_messages(&outcome.messages, &outcome.notes, g.json);
     Ok(())

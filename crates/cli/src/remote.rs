@@ -103,6 +103,9 @@ async fn run_async(
                 println!("{}", rebind_message(&info.node_id, &r));
             }
         }
+        NodeCmd::Prune { keep, force } => {
+            crate::prune::remote(&mut c, addr, keep, force.force, json).await?
+        }
         step => {
             let (messages, notes) = step_cmd(&mut c, addr, step).await?;
             print_messages(&messages, &notes, json)
@@ -217,7 +220,11 @@ async fn step_cmd(
         NodeCmd::Permanent { version, .. } => c.permanent(vreq(version, force)).await,
         NodeCmd::Downgrade { version, .. } => c.downgrade(vreq(version, force)).await,
         NodeCmd::Uninstall { version, .. } => c.uninstall(vreq(version, force)).await,
-        NodeCmd::Versions | NodeCmd::RootDir | NodeCmd::Health { .. } | NodeCmd::Rebind { .. } => {
+        NodeCmd::Versions
+        | NodeCmd::RootDir
+        | NodeCmd::Health { .. }
+        | NodeCmd::Rebind { .. }
+        | NodeCmd::Prune { .. } => {
             return Ok((Vec::new(), Vec::new()));
         }
     };

@@ -404,6 +404,16 @@ impl Client {
         .await
     }
 
+    /// A rollout's plan without creating it: preflight run by the coordinators, nothing
+    /// recorded (see `PlanRollout` in control.proto).
+    pub async fn plan_rollout(&mut self, req: pb::PlanRolloutRequest) -> Result<pb::RolloutPlan> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.plan_rollout(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
     pub async fn rollout(&mut self, id: &str) -> Result<pb::RolloutStatus> {
         let id = id.to_string();
         self.call(|mut c| {

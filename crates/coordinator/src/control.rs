@@ -3,8 +3,9 @@
 //! (a follower answers NotLeader with the leader's address, and clients retry there).
 //!
 //! The service's methods are here; `read` decides whether a read may be answered and finds
-//! rollouts, `status` renders them, `start` builds a rollout's spec from a request, `register`
-//! takes agent registrations.
+//! rollouts, `status` renders them, `start` builds a rollout's spec from a request, `plan` runs
+//! preflight without recording anything (dry runs, and refusing a rollout before it is
+//! recorded), `register` takes agent registrations.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use orch_types::{NodeId, Version};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+mod plan;
 mod read;
 mod register;
 mod start;
@@ -214,6 +216,8 @@ impl Control for ControlService {
         let requested_by = self.caller(&req, WRITE, &req.get_ref().requested_by)?;
         let r = req.into_inner();
         let spec = self.rollout_spec(&r, requested_by).await?;
+        // Refused rollouts are never recorded: `rollouts` holds only real ones.
+        self.refuse_before_recording(&spec, &r.request_id).await?;
         let create = Command::CreateRollout {
             spec,
             at_ms: now_ms(),
@@ -222,6 +226,38 @@ impl Control for ControlService {
             SmResponse::Created { id } => Ok(Response::new(self.find(&id)?)),
             other => Err(Status::internal(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    async fn plan_rollout(&self, req: Request<pb::PlanRolloutRequest>) -> Res<pb::RolloutPlan> {
+        let start = req.get_ref().start.clone().unwrap_or_default();
+        let requested_by = self.caller(&req, WRITE, &start.requested_by)?;
+        // As fresh as a read: a plan must see the rollout that was just started.
+        let at = self.read_gate(&req).await?;
+        let r = req.into_inner();
+        let mut spec = self.rollout_spec(&start, requested_by).await?;
+        self.precheck(&spec)?;
+        let signed = match &r.package {
+            Some(h) if start.package_sha256.is_empty() => {
+                spec.package = Some(self.unstored_package(h, spec.version)?);
+                !h.signature.is_empty()
+            }
+            Some(_) => {
+                return Err(bad(
+                    "give the package either uploaded (start.package_sha256) or described (package), not both",
+                ));
+            }
+            None => spec
+                .package
+                .as_ref()
+                .is_some_and(|p| matches!(self.shared.blobs.signature(&p.sha256), Ok(Some(_)))),
+        };
+        spec.validate().map_err(|e| bad(e.to_string()))?;
+        let plan = if r.skip_preflight {
+            None
+        } else {
+            Some(self.plan_of(&spec).await?)
+        };
+        Ok(at.answer(plan::plan_reply(&spec, plan, signed)))
     }
 
     async fn get_rollout(&self, req: Request<pb::RolloutRef>) -> Res<pb::RolloutStatus> {

@@ -126,6 +126,7 @@ pub fn kind_of(kind: &orch_rollout::ActionKind) -> &'static str {
         K::Commit { .. } => "commit",
         K::Downgrade { .. } => "downgrade",
         K::HealthGate { .. } => "health_gate",
+        K::Prune { .. } => "prune",
     }
 }
 

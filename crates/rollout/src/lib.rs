@@ -72,6 +72,15 @@
 //! `Err(Rejected)` always leaves the state untouched, so replaying a log that contains rejected
 //! entries ([`Rollout::replay`]) gives the same state.
 //!
+//! # Plans
+//!
+//! [`plan`]`(spec, answers)` runs a new rollout through its preflight on the given answers and
+//! reads back what it would do: every node's action (stage, install, adopt, switch back, skip,
+//! or refused, with preflight's own sentence), the upgrade batches with the canary, and the
+//! refusal, if any. It is the machine's own planning, so a dry run shows exactly what a real
+//! rollout given the same answers does, and a coordinator can refuse a rollout before
+//! recording it.
+//!
 //! # Replay
 //!
 //! A rollout records its own inputs: every event that changed it, with the time, the caller
@@ -118,6 +127,14 @@
 //!   staging). With `permanent: false` (`--no-permanent`) there is no committing: `succeeded`
 //!   right after upgrading. The final event says how every node runs the target: made
 //!   permanent, switched back to it, or already running it (skipped).
+//! - **pruning** (only with `keep_releases: Some(N)`, `--keep-releases`): once every target is
+//!   committed (or, with `--no-permanent`, upgraded), every node the rollout upgraded gets a
+//!   `Prune` (bounded like staging): the driver uninstalls the releases beyond the newest N
+//!   that [`prune_candidates`] picks, never the current or permanent one nor the ones in
+//!   `protect` (the target, and what the node ran and booted before: where a rollback would
+//!   take it). Each answer is an audit event (`n1: pruned 4.1.9 (keeping the newest 3
+//!   releases)`); a failure is reported and never fails the rollout. Then `succeeded`. Skipped
+//!   nodes are not pruned, and a rollout that skipped every node has nothing to prune.
 //! - **failure** of a stage, install, health gate or commit applies `spec.on_failure`:
 //!   - `rollback`: enter **rolling_back**. Every *touched* node (a step that changes what it
 //!     runs or boots was attempted on it and not refused, including the one that failed, even if
@@ -167,8 +184,13 @@
 
 mod machine;
 mod protocol;
+mod prune;
 
-pub use machine::{DISK_HEADROOM_FACTOR, MAX_TEXT_CHARS, Rollout, replay};
+pub use machine::{
+    DISK_HEADROOM_FACTOR, MAX_TEXT_CHARS, NodeAction, Plan, PlannedBatch, PlannedNode, Rollout,
+    plan, replay,
+};
 pub use protocol::{
     Action, ActionKind, ActionResult, Command, Event, Input, LogEntry, Outcome, Rejected,
 };
+pub use prune::prune_candidates;

@@ -59,6 +59,12 @@ pub enum ActionKind {
     /// release while another one runs. Rollback: back to the node's permanent release from
     /// before the rollout. Always followed by a health gate (possibly after another undo step).
     Downgrade { to: Version },
+    /// Housekeeping after a successful rollout (`keep_releases`): uninstall the node's
+    /// releases beyond the newest `keep`, never the current or permanent one nor one in
+    /// `protect` (the target and what the node ran before: a rollback's destinations). The
+    /// driver lists the node's releases, picks them with [`crate::prune_candidates`] and
+    /// uninstalls each (fenced); answered with [`ActionResult::Pruned`] (or `Failed`).
+    Prune { keep: u32, protect: Vec<Version> },
 }
 
 impl ActionKind {
@@ -71,6 +77,7 @@ impl ActionKind {
             ActionKind::HealthGate { .. } => "health_gate",
             ActionKind::Commit { .. } => "commit",
             ActionKind::Downgrade { .. } => "downgrade",
+            ActionKind::Prune { .. } => "prune",
         }
     }
 
@@ -93,6 +100,7 @@ impl fmt::Display for ActionKind {
             ActionKind::HealthGate { expect, .. } => write!(f, "health gate on {expect}"),
             ActionKind::Commit { version } => write!(f, "make {version} permanent"),
             ActionKind::Downgrade { to } => write!(f, "downgrade to {to}"),
+            ActionKind::Prune { keep, .. } => write!(f, "prune to the newest {keep} releases"),
         }
     }
 }
@@ -121,6 +129,13 @@ pub enum ActionResult {
     /// a refused install, commit or downgrade does not make its node *touched*, so a rollback
     /// leaves that node alone.
     Refused { error: String },
+    /// A prune's answer (only valid for [`ActionKind::Prune`]): the releases uninstalled, and
+    /// `VERSION: why` for each one that could not be.
+    Pruned {
+        removed: Vec<Version>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failed: Vec<String>,
+    },
 }
 
 /// An operator command.

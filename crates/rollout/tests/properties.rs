@@ -10,12 +10,14 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use common::node::{Node, Shape};
 use common::{n, v};
 use orch_release::rules::Op;
-use orch_rollout::{Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rollout};
+use orch_rollout::{
+    Action, ActionKind, ActionResult, Command, Event, LogEntry, NodeAction, Outcome, Rollout,
+};
 use orch_types::rollout::{NodeStep, OnFailure, Phase, RolloutSpec};
 use orch_types::{NodeId, ReleaseState, Version};
 use proptest::prelude::*;
@@ -126,6 +128,8 @@ struct Scenario {
     max_parallel_staging: u32,
     /// The driver's and the operators' choices, consumed one byte at a time.
     script: Vec<u8>,
+    /// `keep_releases`: prune after success.
+    keep: Option<u32>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -139,10 +143,20 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 prop_oneof![Just(OnFailure::Rollback), Just(OnFailure::Pause)],
                 1u32..=3,
                 proptest::collection::vec(any::<u8>(), 0..400),
+                proptest::option::of(0u32..=3),
             )
         })
         .prop_map(
-            |(initial, batch_size, canary, permanent, on_failure, max_parallel_staging, script)| {
+            |(
+                initial,
+                batch_size,
+                canary,
+                permanent,
+                on_failure,
+                max_parallel_staging,
+                script,
+                keep,
+            )| {
                 Scenario {
                     initial,
                     batch_size,
@@ -151,6 +165,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     on_failure,
                     max_parallel_staging,
                     script,
+                    keep,
                 }
             },
         )
@@ -222,6 +237,7 @@ impl Sim {
         spec.permanent = sc.permanent;
         spec.on_failure = sc.on_failure;
         spec.max_parallel_staging = sc.max_parallel_staging;
+        spec.keep_releases = sc.keep;
         spec.min_healthy_time_ms = 0;
         spec.healthy_deadline_ms = 1;
         let world: HashMap<NodeId, Node> = nodes.iter().cloned().zip(sc.initial.clone()).collect();
@@ -524,6 +540,14 @@ impl Sim {
             }
             (ActionKind::HealthGate { .. }, Some(_)) => failed("probe failing"),
             (ActionKind::HealthGate { .. }, None) => ActionResult::Done,
+            (ActionKind::Prune { .. }, Some(_)) => failed("agent unreachable"),
+            (ActionKind::Prune { keep, protect }, None) => match w.prune(*keep, protect) {
+                Ok(removed) => ActionResult::Pruned {
+                    removed,
+                    failed: Vec::new(),
+                },
+                Err(e) => failed(&e.0),
+            },
             (kind, None) => match w.perform(kind) {
                 Ok(_) => ActionResult::Done,
                 Err(e) => ActionResult::Refused { error: e.0 },
@@ -700,6 +724,62 @@ impl Sim {
         Ok(())
     }
 
+    /// After a successful rollout with `keep_releases`: every node it upgraded was pruned (or
+    /// said why not), skipped ones were left alone; a pruned node keeps its current and permanent releases, the target and what it
+    /// ran before, and otherwise only its newest `keep` releases.
+    fn check_pruned(&self, keep: u32) -> Result<(), TestCaseError> {
+        let said = |id: &NodeId, what: &str| {
+            self.r
+                .events()
+                .iter()
+                .any(|e| e.message.starts_with(&format!("{id}: {what}")))
+        };
+        for p in self.r.nodes() {
+            let pruned = said(&p.id, "pruned ") || said(&p.id, "nothing to prune");
+            if p.step == NodeStep::Skipped {
+                // Left alone entirely.
+                prop_assert!(!pruned && !said(&p.id, "pruning failed"));
+                continue;
+            }
+            prop_assert!(
+                pruned || said(&p.id, "pruning failed"),
+                "{} was never pruned",
+                p.id
+            );
+            if !pruned {
+                continue;
+            }
+            let w = &self.world[&p.id];
+            let start = &self.initial[&p.id];
+            let mut newest: Vec<Version> = w.entries().iter().map(|e| e.version).collect();
+            newest.sort_by(|a, b| b.cmp(a));
+            for e in w.entries() {
+                let rank = newest.iter().position(|v| *v == e.version).unwrap();
+                let protected = e.version == TARGET
+                    || Some(e.version) == start.permanent()
+                    || Some(e.version) == start.current()
+                    || matches!(e.state, ReleaseState::Current | ReleaseState::Permanent);
+                prop_assert!(
+                    protected || rank < keep as usize,
+                    "{} keeps {} beyond the newest {}: {:?}",
+                    p.id,
+                    e.version,
+                    keep,
+                    w.entries()
+                );
+            }
+            for v in [Some(TARGET), start.permanent(), start.current()]
+                .into_iter()
+                .flatten()
+            {
+                if start.state(v).is_some() || v == TARGET {
+                    prop_assert!(w.state(v).is_some(), "{} lost {}", p.id, v);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_end(&self) -> Result<(), TestCaseError> {
         let touched = self.touched();
         prop_assert_eq!(&self.r.touched(), &touched);
@@ -723,6 +803,9 @@ impl Sim {
                         p.step,
                         NodeStep::Committed | NodeStep::Upgraded | NodeStep::Skipped
                     ));
+                }
+                if let Some(keep) = self.spec.keep_releases {
+                    self.check_pruned(keep)?;
                 }
                 // The last word is true of every node.
                 let claims_permanent = last
@@ -956,6 +1039,10 @@ fn every_start_state_and_outcome_ends_where_the_machine_says() {
                         on_failure,
                         max_parallel_staging: 8,
                         script: Vec::new(),
+                        // Pruning after success (keeping only the newest release beyond what
+                        // is protected) with one failure policy, none with the other: every
+                        // start state is pruned without doubling the runs.
+                        keep: (on_failure == OnFailure::Pause).then_some(1),
                     };
                     let mut clean = Sim::new(&sc);
                     clean.finish().unwrap();
@@ -986,4 +1073,149 @@ fn every_start_state_and_outcome_ends_where_the_machine_says() {
     }
     assert!(runs > 1_000, "{runs}");
     assert_eq!(endings.len(), 4, "{endings:?}");
+}
+
+/// A node's preflight answer in the plan test: its releases, or unreachable.
+fn answer_of(node: &Node, reachable: bool) -> ActionResult {
+    if !reachable {
+        return ActionResult::Failed {
+            error: "agent unreachable: connection refused".into(),
+        };
+    }
+    ActionResult::Preflight {
+        running: node.running().expect("something runs"),
+        free_disk: 1 << 40,
+        releases: node.entries(),
+    }
+}
+
+/// The machine driven to its end with every step succeeding (promoting when asked): the
+/// actions in issue order, each with the number of the `IssueActions` round that issued it.
+fn run_all_done(r: &mut Rollout, answers: &BTreeMap<NodeId, ActionResult>) -> Vec<(usize, Action)> {
+    let mut issued = Vec::new();
+    let mut t = 0;
+    for round in 0..1_000 {
+        if r.is_finished() {
+            break;
+        }
+        if r.awaiting_promotion() {
+            t += 1;
+            r.apply(&Event::Command(Command::Promote), t, "alice")
+                .expect("promote while awaiting promotion");
+        }
+        t += 1;
+        let out = r.apply(&Event::IssueActions, t, "coord").expect("issue");
+        issued.extend(out.issued().iter().cloned().map(|a| (round, a)));
+        for a in r.in_flight().to_vec() {
+            let result = match a.kind {
+                ActionKind::Preflight => answers[&a.node].clone(),
+                _ => ActionResult::Done,
+            };
+            t += 1;
+            r.apply(&Event::Result { seq: a.seq, result }, t, "coord")
+                .expect("result");
+        }
+    }
+    issued
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// `plan` (the dry run) says exactly what the rollout then does with the same preflight
+    /// answers: refused iff the rollout is refused (same words), each node's first step is
+    /// the planned action, skipped nodes are left alone, and the planned batches are the
+    /// groups the rollout switches together, canary first.
+    #[test]
+    fn the_plan_is_what_the_rollout_does(
+        initial in proptest::collection::vec(node_strategy(), 1..=6),
+        reachable in proptest::collection::vec(prop_oneof![9 => Just(true), 1 => Just(false)], 6),
+        batch_size in 1u32..=3,
+        canary in 0u32..=6,
+        permanent in any::<bool>(),
+    ) {
+        let ids: Vec<NodeId> = (1..=initial.len()).map(|i| n(&format!("n{i}"))).collect();
+        let mut spec = RolloutSpec::new("r1", TARGET, ids.clone(), "alice");
+        spec.min_healthy_time_ms = 0;
+        spec.healthy_deadline_ms = 1_000;
+        spec.batch_size = batch_size;
+        spec.canary = canary.min(initial.len() as u32);
+        spec.permanent = permanent;
+        let answers: BTreeMap<NodeId, ActionResult> = ids
+            .iter()
+            .zip(&initial)
+            .zip(&reachable)
+            .map(|((id, node), ok)| (id.clone(), answer_of(node, *ok)))
+            .collect();
+        let p = orch_rollout::plan(spec.clone(), &answers).expect("a valid spec");
+        let mut r = Rollout::new(spec.clone()).unwrap();
+        let issued = run_all_done(&mut r, &answers);
+
+        let refused = issued.iter().all(|(_, a)| a.kind == ActionKind::Preflight)
+            && r.phase() == Phase::Aborted;
+        prop_assert_eq!(p.refusal.is_some(), refused, "{:?} / {:?}", p, r.phase());
+        if refused {
+            prop_assert_eq!(p.refusal.as_deref(), r.error());
+            prop_assert!(p.batches.is_empty());
+            prop_assert!(p.nodes.iter().any(|pn| pn.action == NodeAction::Refused));
+            return Ok(());
+        }
+        prop_assert_eq!(r.phase(), Phase::Succeeded);
+        for pn in &p.nodes {
+            prop_assert_eq!(pn.to, TARGET);
+            let first = issued
+                .iter()
+                .find(|(_, a)| a.node == pn.id && a.kind != ActionKind::Preflight)
+                .map(|(_, a)| a.kind.name());
+            let expect = match pn.action {
+                NodeAction::Stage => Some("stage"),
+                NodeAction::Install => Some("install"),
+                NodeAction::SwitchBack => Some("downgrade"),
+                NodeAction::Adopt => Some("health_gate"),
+                NodeAction::Skip => None,
+                NodeAction::Refused => {
+                    prop_assert!(false, "a refused node in an accepted plan: {:?}", p);
+                    None
+                }
+            };
+            prop_assert_eq!(first, expect, "{:?}", pn);
+            prop_assert_eq!(pn.from, r.node(&pn.id).unwrap().from_version);
+        }
+        // The batches: every non-skipped node once, in spec order, at most batch_size each,
+        // the canary ones first; and the rollout switches (or adopts) them in those groups.
+        let in_batches: Vec<&NodeId> = p.batches.iter().flat_map(|b| &b.nodes).collect();
+        let moving: Vec<&NodeId> = p
+            .nodes
+            .iter()
+            .filter(|pn| pn.action != NodeAction::Skip)
+            .map(|pn| &pn.id)
+            .collect();
+        prop_assert_eq!(&in_batches, &moving);
+        let canary_nodes: usize = p.batches.iter().filter(|b| b.canary).map(|b| b.nodes.len()).sum();
+        prop_assert_eq!(canary_nodes, (spec.canary as usize).min(moving.len()));
+        prop_assert!(p.batches.windows(2).all(|w| w[0].canary || !w[1].canary));
+        let round_of = |id: &NodeId| {
+            issued
+                .iter()
+                .find(|(_, a)| {
+                    &a.node == id
+                        && matches!(
+                            a.kind,
+                            ActionKind::Install { .. }
+                                | ActionKind::Downgrade { .. }
+                                | ActionKind::HealthGate { .. }
+                        )
+                })
+                .map(|(round, _)| *round)
+        };
+        let mut last = None;
+        for b in &p.batches {
+            prop_assert!(!b.nodes.is_empty() && b.nodes.len() <= batch_size as usize);
+            let rounds: HashSet<Option<usize>> = b.nodes.iter().map(round_of).collect();
+            prop_assert_eq!(rounds.len(), 1, "one batch switches together: {:?}", b);
+            let round = rounds.into_iter().next().flatten();
+            prop_assert!(round.is_some() && round > last, "batches in order: {:?}", p.batches);
+            last = round;
+        }
+    }
 }

@@ -2353,3 +2353,110 @@ fn a_node_entered_its_step_at_the_entry_that_moved_it() {
     let replayed = Rollout::replay(h.r.spec().clone(), &h.log).unwrap();
     assert_eq!(replayed.status(), h.r.status());
 }
+
+// ----- pruning (keep_releases) -----
+
+/// Drives a rollout of `count` nodes from 4.2.0 to committing's end, every step succeeding.
+fn committed_with_keep(count: usize, keep: Option<u32>) -> H {
+    let mut s = spec(count);
+    s.keep_releases = keep;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    while !matches!(h.phase(), Phase::Pruning | Phase::Succeeded) {
+        let issued = h.issue();
+        assert!(!issued.is_empty() || !h.r.in_flight().is_empty(), "stalled");
+        for a in issued {
+            h.done(a.seq);
+        }
+    }
+    h
+}
+
+#[test]
+fn after_committing_every_node_is_pruned_and_failures_do_not_fail_the_rollout() {
+    let mut h = committed_with_keep(3, Some(2));
+    assert_eq!(h.phase(), Phase::Pruning);
+    assert!(h.has_event(
+        "run 4.2.1 permanently; pruning on every upgraded node (keeping the newest 2 releases)"
+    ));
+    let prunes = h.issue();
+    assert_eq!(
+        kinds(&prunes),
+        [k("n1", "prune"), k("n2", "prune"), k("n3", "prune")]
+    );
+    for a in &prunes {
+        assert_eq!(
+            a.kind,
+            ActionKind::Prune {
+                keep: 2,
+                // What a rollback would go back to, and the target, are never pruned.
+                protect: vec![v(FROM), v(TARGET)],
+            }
+        );
+    }
+    // A prune is answered with what it removed; nothing else is.
+    h.done(prunes[0].seq);
+    assert!(h.has_event("n1: nothing to prune (keeping the newest 2 releases)"));
+    h.result(
+        prunes[1].seq,
+        ActionResult::Pruned {
+            removed: vec![v("4.1.9"), v("4.1.8")],
+            failed: vec!["4.1.7: refused: busy".into()],
+        },
+    );
+    assert!(h.has_event("n2: pruned 4.1.9, 4.1.8 (keeping the newest 2 releases); could not uninstall 4.1.7: refused: busy"));
+    assert_eq!(h.phase(), Phase::Pruning);
+    h.fail(prunes[2].seq, "agent unreachable");
+    assert!(h.has_event(
+        "n3: pruning failed: failed: agent unreachable; the rollout succeeded regardless"
+    ));
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert_eq!(h.r.error(), None);
+    assert!(h.steps().iter().all(|s| *s == NodeStep::Committed));
+    assert_eq!(
+        h.messages().last().unwrap(),
+        "all 3 nodes run 4.2.1 permanently"
+    );
+    h.check();
+}
+
+#[test]
+fn without_keep_releases_there_is_no_pruning_and_a_pruned_answer_elsewhere_is_rejected() {
+    let h = committed_with_keep(2, None);
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert!(!h.has_event("prune"));
+
+    let mut s = spec(1);
+    s.keep_releases = Some(3);
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    let install = h.issue();
+    let out = h.apply(Event::Result {
+        seq: install[0].seq,
+        result: ActionResult::Pruned {
+            removed: Vec::new(),
+            failed: Vec::new(),
+        },
+    });
+    assert!(
+        matches!(out, Err(Rejected::MismatchedResult { .. })),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_pause_during_pruning_holds_it_and_a_rollback_keeps_what_it_needs() {
+    let mut h = committed_with_keep(2, Some(1));
+    h.cmd(Command::Pause).unwrap();
+    assert!(h.issue().is_empty());
+    h.cmd(Command::Resume).unwrap();
+    let prunes = h.issue();
+    assert_eq!(prunes.len(), 2);
+    // An operator rolls back while the prunes run: they are cancelled (they change nothing
+    // a rollback needs: its destinations are protected) and the nodes go back to 4.2.0.
+    h.cmd(Command::Rollback).unwrap();
+    assert_eq!(h.phase(), Phase::RollingBack);
+    assert!(h.r.in_flight().is_empty());
+    let undo = h.issue();
+    assert_eq!(kinds(&undo), [k("n2", "downgrade")]);
+}

@@ -210,6 +210,11 @@ pub struct RolloutSpec {
     /// How long preflight may take per node; absent in older JSON, hence the default.
     #[serde(default = "default_preflight_timeout_ms")]
     pub preflight_timeout_ms: u64,
+    /// After a successful rollout, uninstall on every node of the rollout the releases beyond
+    /// the newest N (never the current or permanent one, nor one this rollout would roll back
+    /// to): `rollout --keep-releases N`. `None`: no pruning (and in older JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_releases: Option<u32>,
 }
 
 impl RolloutSpec {
@@ -236,6 +241,7 @@ impl RolloutSpec {
             max_parallel_staging: DEFAULT_MAX_PARALLEL_STAGING,
             failure_threshold: DEFAULT_FAILURE_THRESHOLD,
             preflight_timeout_ms: DEFAULT_PREFLIGHT_TIMEOUT_MS,
+            keep_releases: None,
         }
     }
 
@@ -333,6 +339,9 @@ pub enum Phase {
     Upgrading,
     /// Making the new release permanent on every upgraded node.
     Committing,
+    /// Committed; uninstalling the releases beyond the newest N on every node
+    /// (`--keep-releases`). A failure to prune is reported, never fails the rollout.
+    Pruning,
     Succeeded,
     /// Waiting for an operator (after `pause`, or after a failure with `--on-failure pause`).
     Paused,
@@ -352,6 +361,7 @@ names!(Phase, Phase, {
     Staging => "staging",
     Upgrading => "upgrading",
     Committing => "committing",
+    Pruning => "pruning",
     Succeeded => "succeeded",
     Paused => "paused",
     RollingBack => "rolling_back",

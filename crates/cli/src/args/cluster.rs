@@ -13,6 +13,7 @@ pub const ROLLOUT_EXAMPLES: &str = "Examples:
   orchestrator rollout 4.2.1 --nodes n1,n2,n3 --batch-size 2 --min-healthy-time 30s
   orchestrator rollout 4.2.1 --canary 1 --exit-on-pause --timeout 30m --json
   orchestrator rollout 4.2.1 --detach
+  orchestrator rollout 4.2.1 --package emqx-4.2.1.zip --dry-run
 
 While it waits, the command shows a live view on a terminal (one line per event otherwise) and
 ends with the rollout: exit 0 succeeded, 1 failed, rolled back or aborted, 3 rollback failed,
@@ -168,9 +169,21 @@ pub struct RolloutArgs {
     /// deadline (0: only the deadline decides; an unreachable agent never counts) [default: 3].
     #[arg(long, value_name = "N")]
     pub failure_threshold: Option<u32>,
+    /// After the rollout succeeds, uninstall on every node it upgraded the releases beyond the
+    /// newest N (never the current or permanent one, nor the one a rollback would return to),
+    /// recorded in its events; a failure to prune is reported, not a failure of the rollout.
+    /// 0: keep every release.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub keep_releases: u32,
     /// Print the rollout id (with --json: its status) and return at once.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     pub detach: bool,
+    /// Run preflight for real and print the plan (node order, batches, canary, each node's
+    /// from -> to or why it is skipped, any refusal) without starting anything: the package is
+    /// checked here and described to the coordinators, not uploaded; agents are only read.
+    /// Exit 0 when the rollout would run, 1 when it would be refused.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Exit 4 when the rollout pauses or waits for `orchestrator promote` (a canary).
     #[arg(long)]
     pub exit_on_pause: bool,

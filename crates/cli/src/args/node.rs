@@ -103,6 +103,19 @@ pub enum NodeCmd {
         #[command(flatten)]
         force: ForceArg,
     },
+    /// Uninstall the releases beyond the newest N (never the current or the permanent one, which
+    /// count among the N), printing what was removed.
+    #[command(
+        after_long_help = "Examples:\n  orchestrator node prune --keep 3\n  orchestrator node --agent 10.0.0.21:7100 --node-id n1 prune --keep 2"
+    )]
+    Prune {
+        /// How many releases to keep, newest first (at least 1: the current and permanent
+        /// releases always stay, and the previous one is what a downgrade returns to).
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        keep: u32,
+        #[command(flatten)]
+        force: ForceArg,
+    },
     /// Print the root directory, unquoted (also spelled root_dir, as in EMQX's guide).
     #[command(
         alias = "root_dir",
@@ -140,7 +153,8 @@ impl NodeCmd {
             NodeCmd::Install(a) | NodeCmd::Upgrade(a) => a.target.force.force,
             NodeCmd::Permanent { force, .. }
             | NodeCmd::Downgrade { force, .. }
-            | NodeCmd::Uninstall { force, .. } => force.force,
+            | NodeCmd::Uninstall { force, .. }
+            | NodeCmd::Prune { force, .. } => force.force,
             NodeCmd::Versions | NodeCmd::RootDir | NodeCmd::Health { .. } => false,
             NodeCmd::Rebind { .. } => false,
         }

@@ -1,5 +1,5 @@
 //! Performing one action on its node's agent: the step calls (preflight, stage, install,
-//! commit, downgrade) and the package push. Health gates are in [`super::health`].
+//! commit, downgrade, prune) and the package push. Health gates are in [`super::health`].
 
 use std::future::Future;
 use std::time::Duration;
@@ -72,6 +72,7 @@ pub async fn perform(cx: &ActionCtx<'_>, action: &Action) -> Performed {
             };
             Ok((health_gate(cx, node, &c, gate).await, None))
         }
+        ActionKind::Prune { keep, protect } => prune(cx, node, &c, *keep, protect).await,
     }
 }
 
@@ -244,6 +245,58 @@ async fn stage(
     };
     let send = |mut c: Client, r| async move { c.unpack(r).await };
     step(cx, node, c, unpack, req, send).await
+}
+
+/// Housekeeping after a successful rollout: lists the node's releases, then uninstalls
+/// (fenced, one state write each) every one `prune_candidates` picks. One that cannot be
+/// removed is named in the answer and the others still go; only a node that cannot even be
+/// listed fails the action.
+async fn prune(
+    cx: &ActionCtx<'_>,
+    node: &NodeId,
+    c: &Client,
+    keep: u32,
+    protect: &[Version],
+) -> Performed {
+    let why = "a state write";
+    let d = Deadline::after(COMMIT_BUDGET);
+    let listed = retrying(node, "prune", why, &d, || {
+        let mut c = c.clone();
+        let r = d.request(pb::VersionsRequest {});
+        async move { c.versions(r).await }
+    })
+    .await;
+    let v = match listed {
+        Ok(v) => v.into_inner(),
+        Err(CallError::Stale(s)) => return Err(CallError::Stale(s)),
+        Err(CallError::Step(error) | CallError::Refused(error)) => {
+            return Ok((ActionResult::Failed { error }, None));
+        }
+    };
+    answered(cx, node);
+    let mut reported = Reported::new(&v.versions, v.boot_id, v.state_rev);
+    let (mut removed, mut failed) = (Vec::new(), Vec::new());
+    for version in orch_rollout::prune_candidates(&reported.versions, keep as usize, protect) {
+        let d = Deadline::after(COMMIT_BUDGET);
+        let req = vreq(version, cx.fence(&d));
+        let call = retrying(node, "uninstall", why, &d, || {
+            let mut c = c.clone();
+            let r = d.request(req.clone());
+            async move { c.uninstall(r).await }
+        });
+        match call.await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                reported = Reported::new(&reply.versions, reply.boot_id, reply.state_rev);
+                removed.push(version);
+            }
+            Err(CallError::Stale(s)) => return Err(CallError::Stale(s)),
+            Err(CallError::Step(e) | CallError::Refused(e)) => {
+                failed.push(format!("{version}: {e}"))
+            }
+        }
+    }
+    Ok((ActionResult::Pruned { removed, failed }, Some(reported)))
 }
 
 fn vreq(v: Version, fence: Option<pb::Fence>) -> pb::VersionRequest {

@@ -90,6 +90,7 @@ impl ControlService {
         if let Some(n) = r.failure_threshold {
             spec.failure_threshold = n;
         }
+        spec.keep_releases = r.keep_releases;
         if !r.on_failure.is_empty() {
             spec.on_failure = r
                 .on_failure

@@ -191,27 +191,8 @@ impl ClusterState {
     // ----- rollouts -----
 
     fn create_rollout(&mut self, spec: &RolloutSpec, at_ms: u64) -> Response {
-        if let Some(r) = self.active_rollout() {
-            return Response::Rejected(format!(
-                "rollout {} ({} on {} node(s)) is {}; one rollout at a time: wait for it, or abort it",
-                r.id(),
-                r.spec().version,
-                r.spec().nodes.len(),
-                r.phase()
-            ));
-        }
-        for n in &spec.nodes {
-            if !self.nodes.contains_key(n) {
-                return Response::Rejected(format!("node {n} is not registered"));
-            }
-        }
-        if let Some(p) = &spec.package
-            && !self.packages.contains_key(&p.sha256)
-        {
-            return Response::Rejected(format!(
-                "package {}-{} (sha256 {}) is not stored on the coordinators",
-                p.name, p.version, p.sha256
-            ));
+        if let Some(why) = self.refuse_rollout(spec) {
+            return Response::Rejected(why);
         }
         let id = RolloutId(self.rollout_seq + 1);
         let mut spec = spec.clone();

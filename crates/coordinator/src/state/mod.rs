@@ -267,6 +267,31 @@ impl ClusterState {
         self.active().map(|(_, r)| r)
     }
 
+    /// Why a rollout of `spec` cannot be created now (another one runs, a node is not
+    /// registered, the package is not stored), or `None`. Applying `CreateRollout` checks it,
+    /// and so does the leader before it runs preflight and proposes the entry.
+    pub fn refuse_rollout(&self, spec: &RolloutSpec) -> Option<String> {
+        if let Some(r) = self.active_rollout() {
+            return Some(format!(
+                "rollout {} ({} on {} node(s)) is {}; one rollout at a time: wait for it, or abort it",
+                r.id(),
+                r.spec().version,
+                r.spec().nodes.len(),
+                r.phase()
+            ));
+        }
+        if let Some(n) = spec.nodes.iter().find(|n| !self.nodes.contains_key(*n)) {
+            return Some(format!("node {n} is not registered"));
+        }
+        match &spec.package {
+            Some(p) if !self.packages.contains_key(&p.sha256) => Some(format!(
+                "package {}-{} (sha256 {}) is not stored on the coordinators",
+                p.name, p.version, p.sha256
+            )),
+            _ => None,
+        }
+    }
+
     /// The rollout that is not finished, with its id.
     pub fn active(&self) -> Option<(RolloutId, &Rollout)> {
         self.rollouts

@@ -30,6 +30,7 @@ impl Rollout {
             Phase::Upgrading => self.upgrading_ended(cx),
             Phase::Committing => self.committing_ended(cx),
             Phase::RollingBack => self.rolling_back_ended(cx),
+            Phase::Pruning => self.pruning_ended(cx),
             _ => false,
         }
     }
@@ -159,13 +160,12 @@ impl Rollout {
             };
             self.record(cx, msg);
         } else {
-            let msg = self.success_message();
-            self.terminate(Phase::Succeeded, msg, cx);
+            self.committed(cx);
         }
         true
     }
 
-    /// Committing: once every target is committed, succeeds.
+    /// Committing: once every target is committed, prunes or succeeds.
     fn committing_ended(&mut self, cx: &mut Ctx<'_>) -> bool {
         let targets = self.targets();
         if !targets
@@ -174,8 +174,7 @@ impl Rollout {
         {
             return false;
         }
-        let msg = self.success_message();
-        self.terminate(Phase::Succeeded, msg, cx);
+        self.committed(cx);
         true
     }
 

@@ -2,17 +2,22 @@
 //!
 //! This module holds the state, applying an event and the queries; the rest is split by what
 //! it decides: [`plan`] (which actions the state calls for), [`result`] (issuing actions and
-//! taking their results), [`preflight`] (planning each node from its answer), [`advance`] (phase
-//! transitions), [`rollback`], [`command`] (operator commands) and [`messages`] (the audit
+//! taking their results), [`preflight`] (planning each node from its answer), [`preview`] (a
+//! rollout's plan before it exists, for dry runs), [`advance`] (phase
+//! transitions), [`housekeeping`] (pruning old releases after success), [`rollback`], [`command`] (operator commands) and [`messages`] (the audit
 //! sentences that summarize many nodes).
 
 mod advance;
 mod command;
+mod housekeeping;
 mod messages;
 mod plan;
 mod preflight;
+mod preview;
 mod result;
 mod rollback;
+
+pub use preview::{NodeAction, Plan, PlannedBatch, PlannedNode, plan};
 
 use orch_types::rollout::{
     AuditEvent, NodeProgress, NodeStep, OnFailure, Phase, RolloutSpec, RolloutStatus, SpecError,
@@ -129,6 +134,9 @@ struct NodeState {
     /// The last failure was the agent's refusal: the node is as it was before that step.
     #[serde(default)]
     refused: bool,
+    /// Its prune (`keep_releases`) was answered, whatever the answer.
+    #[serde(default)]
+    pruned: bool,
 }
 
 impl NodeState {
@@ -262,6 +270,7 @@ impl Rollout {
                 commit_seq: None,
                 undone: 0,
                 refused: false,
+                pruned: false,
             })
             .collect();
         Ok(Rollout {

@@ -82,6 +82,7 @@ impl Rollout {
                 self.plan_bounded(NodeStep::Upgraded, ActionKind::Commit { version: target })
             }
             Phase::RollingBack => self.plan_rollback(),
+            Phase::Pruning => self.plan_prune(),
             _ => Vec::new(),
         }
     }

@@ -66,6 +66,7 @@ impl Rollout {
                     node.touch_seq.get_or_insert(seq);
                     node.commit_seq.get_or_insert(seq);
                 }
+                ActionKind::Prune { .. } => {}
             }
             let action = Action {
                 seq,
@@ -110,6 +111,9 @@ impl Rollout {
             (kind, ActionResult::Preflight { .. }) if *kind != ActionKind::Preflight => {
                 Some("only a preflight is answered with a running version")
             }
+            (kind, ActionResult::Pruned { .. }) if !matches!(kind, ActionKind::Prune { .. }) => {
+                Some("only a prune is answered with the releases it removed")
+            }
             _ => None,
         };
         if let Some(detail) = mismatch {
@@ -141,6 +145,7 @@ impl Rollout {
                 self.action_failed(i, &action, &clip(error), false, cx)
             }
             ActionResult::Refused { error } => self.action_refused(i, &action, &clip(error), cx),
+            ActionResult::Pruned { removed, failed } => self.prune_answered(i, removed, failed, cx),
         }
         self.advance(cx);
         Ok(Outcome::Applied {
@@ -188,6 +193,10 @@ impl Rollout {
                 node.progress.step = NodeStep::Committed;
                 format!("{id}: {version} is permanent")
             }
+            ActionKind::Prune { keep, .. } => {
+                node.pruned = true;
+                format!("{id}: nothing to prune ({})", housekeeping::keeping(*keep))
+            }
         };
         self.record(cx, msg);
     }
@@ -229,6 +238,9 @@ impl Rollout {
         } else {
             "failed"
         };
+        if let ActionKind::Prune { .. } = action.kind {
+            return self.prune_failed(i, &format!("{failed}: {error}"), cx);
+        }
         let undoing = self.nodes[i].step() == NodeStep::RollingBack;
         if !undoing {
             self.nodes[i].refused = refused;
@@ -300,6 +312,8 @@ impl Rollout {
                     cx,
                 );
             }
+            // Answered above.
+            ActionKind::Prune { .. } => {}
         }
     }
 

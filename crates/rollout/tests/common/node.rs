@@ -90,7 +90,10 @@ impl Node {
     /// machine only installs what is already on the node's disk.
     pub fn op_for(kind: &ActionKind) -> Option<(Op, Option<&'static str>)> {
         match kind {
-            ActionKind::Preflight | ActionKind::HealthGate { .. } => None,
+            // A prune is several uninstalls the driver picks: see [`Node::prune`].
+            ActionKind::Preflight | ActionKind::HealthGate { .. } | ActionKind::Prune { .. } => {
+                None
+            }
             ActionKind::Stage { version } => Some((Op::Unpack(*version), Some(PACKAGE))),
             ActionKind::Install { version } => Some((
                 Op::Install {
@@ -110,6 +113,17 @@ impl Node {
             Some((op, package)) => self.op(op, package),
             None => Ok(false),
         }
+    }
+
+    /// A prune as the driver performs it: the releases `prune_candidates` picks, each
+    /// uninstalled by the node layer's rules (which refuse the current and permanent ones).
+    /// Returns what went, or the first refusal.
+    pub fn prune(&mut self, keep: u32, protect: &[Version]) -> Result<Vec<Version>, Refused> {
+        let gone = orch_rollout::prune_candidates(&self.entries(), keep as usize, protect);
+        for v in &gone {
+            self.op(Op::Uninstall(*v), None)?;
+        }
+        Ok(gone)
     }
 
     /// What performing `kind` would do, leaving the node as it is.
