@@ -70,6 +70,25 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     parse(&raw)
 }
 
+/// `(status, body)` of `METHOD http://ADDR/PATH` with a JSON `body` (HTTP/1.1, one request per
+/// connection); status 0 when nothing listens there.
+pub fn http_json(method: &str, addr: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let Ok(mut tcp) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let body = body.unwrap_or("");
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut raw = Vec::new();
+    let _ = tcp.read_to_end(&mut raw);
+    parse(&raw)
+}
+
 fn parse(raw: &[u8]) -> (u16, String) {
     let text = String::from_utf8_lossy(raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

@@ -12,6 +12,8 @@ pub struct StepOutcome {
     /// False when the result already held.
     pub changed: bool,
     pub messages: Vec<String>,
+    /// The step switched the running release (ran the activation), for the agent's metrics.
+    pub switched: bool,
 }
 
 /// The node-layer steps. Every step is idempotent: repeating one whose result holds succeeds
@@ -70,6 +72,7 @@ impl NativeDriver {
 fn outcome(o: orch_release::Outcome) -> StepOutcome {
     StepOutcome {
         changed: o.changed,
+        switched: o.activation.is_some(),
         messages: o.messages,
     }
 }

@@ -106,10 +106,12 @@ impl EmqxDriver {
     fn step(&self, op: Op, args: &[&str]) -> Result<StepOutcome> {
         let table = self.table()?;
         // The script finds the package itself; the rules only need to know one could exist.
+        let switches = matches!(op, Op::Install { .. } | Op::Downgrade(_));
         match rules::plan(&table, op, Some("emqx")).map_err(|r| Error::Refused(r.0))? {
             Plan::Already(msg) => Ok(StepOutcome {
                 changed: false,
                 messages: vec![msg],
+                switched: false,
             }),
             Plan::Apply(change) => {
                 let out = self.emqx(args)?;
@@ -125,6 +127,7 @@ impl EmqxDriver {
                 Ok(StepOutcome {
                     changed: true,
                     messages,
+                    switched: switches,
                 })
             }
         }

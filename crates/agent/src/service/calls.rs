@@ -61,9 +61,16 @@ impl AgentService {
         // this request waited (for the lock, or in a frozen agent's socket) is refused.
         let (outcome, versions, (boot_id, state_rev)) = tokio::task::spawn_blocking(move || {
             let mut fences = guard;
-            let r = shared
-                .admit(&mut fences, &call)
-                .and_then(|()| f(shared.driver.as_ref()));
+            let r = shared.admit(&mut fences, &call).and_then(|()| {
+                let started = std::time::Instant::now();
+                let r = f(shared.driver.as_ref());
+                let kind = call.what.split_whitespace().next().unwrap_or("unknown");
+                let switched = r.as_ref().is_ok_and(|o| o.switched);
+                shared
+                    .metrics
+                    .observe_step(kind, started.elapsed().as_secs_f64(), switched);
+                r
+            });
             shared.record(
                 &call,
                 &match &r {
