@@ -84,8 +84,31 @@ pub fn http_json(method: &str, addr: &str, path: &str, body: Option<&str>) -> (u
         body.len()
     )
     .expect("send");
+    // Some servers (chromedriver) keep the connection open whatever the request says: read
+    // the headers, then exactly Content-Length bytes.
     let mut raw = Vec::new();
-    let _ = tcp.read_to_end(&mut raw);
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        if let Some(end) = head_end {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            if length.is_some_and(|n| raw.len() >= end + n) {
+                break;
+            }
+            if length.is_none() {
+                let _ = tcp.read_to_end(&mut raw);
+                break;
+            }
+        }
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
     parse(&raw)
 }
 

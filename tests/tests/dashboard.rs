@@ -225,13 +225,15 @@ fn the_dashboard_follows_a_rollout_and_a_rollback_live() {
         "3s",
         "--detach",
     ]);
+    // Nodes are committed together at the end: in progress, one has passed its gate
+    // (`upgraded`) while the next is in it.
     b.until(
-        "the rollout in progress, a node done and one in its gate",
+        "the rollout in progress, a node upgraded and one in its gate",
         |b| {
             let steps = b.rows("rollout-nodes");
             b.text("#rollout-title").contains("r000001")
-                && steps.iter().any(|r| r.contains("committed"))
-                && steps.iter().any(|r| r.contains("verifying"))
+                && steps.iter().any(|r| r.contains("| upgraded |"))
+                && steps.iter().any(|r| r.contains("| verifying |"))
         },
     );
     if std::env::var_os("ORCH_WRITE_SCREENSHOT").is_some_and(|v| v == "1") {
