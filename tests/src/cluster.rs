@@ -176,6 +176,39 @@ impl CoordProc {
         }
     }
 
+    /// Stops it as systemd would: SIGTERM, then waits (bounded) until it has exited, so its
+    /// data directory is closed (SIGKILL if it does not stop within 30 s).
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child, not reaped yet (we hold the Child).
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "coordinator {} did not stop on SIGTERM within 30 s",
+                    self.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Uses `dir` as its `--data-dir` from the next start on (a restored copy).
+    pub fn set_data_dir(&mut self, dir: &Path) {
+        let at = self
+            .args
+            .iter()
+            .position(|a| a == "--data-dir")
+            .expect("a --data-dir argument");
+        self.args[at + 1] = dir.display().to_string();
+        self.data_dir = dir.to_path_buf();
+    }
+
     /// Starts it again: the same binary, arguments and data directory.
     pub fn restart(&mut self) {
         self.kill9();

@@ -70,6 +70,48 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     parse(&raw)
 }
 
+/// `(status, body)` of `METHOD http://ADDR/PATH` with a JSON `body` (HTTP/1.1, one request per
+/// connection); status 0 when nothing listens there.
+pub fn http_json(method: &str, addr: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let Ok(mut tcp) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let body = body.unwrap_or("");
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    // Some servers (chromedriver) keep the connection open whatever the request says: read
+    // the headers, then exactly Content-Length bytes.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        if let Some(end) = head_end {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            if length.is_some_and(|n| raw.len() >= end + n) {
+                break;
+            }
+            if length.is_none() {
+                let _ = tcp.read_to_end(&mut raw);
+                break;
+            }
+        }
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    parse(&raw)
+}
+
 fn parse(raw: &[u8]) -> (u16, String) {
     let text = String::from_utf8_lossy(raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

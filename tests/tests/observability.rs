@@ -1,7 +1,8 @@
-//! The coordinators' HTTP endpoint on a real mTLS cluster: who may read and act, the JSON API
-//! and dashboard assets, and Prometheus metrics scraped by a real Prometheus server (Debian's
-//! `prometheus`, skipped loudly when missing) during a rollout, checked with PromQL and
-//! `promtool check metrics`.
+//! The daemons' HTTP endpoints on a real mTLS cluster: who may read and act, the JSON API
+//! and dashboard assets, and Prometheus metrics of coordinators and agents scraped by a real
+//! Prometheus server (Debian's `prometheus`, skipped loudly when missing) during a rollout,
+//! checked with PromQL and `promtool check metrics`; and gRPC reflection (v1 and v1alpha)
+//! listing what each daemon serves.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -36,6 +37,24 @@ fn http_addrs(c: &Cluster) -> Vec<String> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Each agent's HTTP address, from the line it logs when its endpoint is up (it is up before
+/// the agent answers gRPC, which the harness waited for).
+fn agent_http_addrs(c: &Cluster) -> Vec<String> {
+    c.nodes
+        .iter()
+        .map(|n| {
+            let log = std::fs::read_to_string(&n.agent().log_path).unwrap_or_default();
+            let line = log
+                .lines()
+                .find(|l| l.contains("agent metrics listening"))
+                .unwrap_or_else(|| panic!("agent {} serves no metrics:\n{log}", n.id));
+            let at = line.find("://").expect("a URL") + 3;
+            let rest = &line[at..];
+            rest[..rest.find('/').expect("a path")].to_string()
+        })
+        .collect()
 }
 
 struct Party {
@@ -192,20 +211,25 @@ fn prometheus_or_skip() -> bool {
 }
 
 impl Prometheus {
-    fn start(targets: &[String], who: &Party) -> Prometheus {
+    /// `jobs`: (job name, targets) pairs, all scraped over HTTPS as `who`.
+    fn start(jobs: &[(&str, &[String])], who: &Party) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let port = orch_tests::free_port();
-        let list = targets
-            .iter()
-            .map(|t| format!("\"{t}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: orchestrator-coordinators\n    scheme: https\n    tls_config:\n      ca_file: {ca}\n      cert_file: {cert}\n      key_file: {key}\n    static_configs:\n      - targets: [{list}]\n",
-            ca = who.ca.display(),
-            cert = who.dir.join("cert.pem").display(),
-            key = who.dir.join("key.pem").display(),
-        );
+        let mut config =
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n".to_string();
+        for (job, targets) in jobs {
+            let list = targets
+                .iter()
+                .map(|t| format!("\"{t}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            config.push_str(&format!(
+                "  - job_name: {job}\n    scheme: https\n    tls_config:\n      ca_file: {ca}\n      cert_file: {cert}\n      key_file: {key}\n    static_configs:\n      - targets: [{list}]\n",
+                ca = who.ca.display(),
+                cert = who.dir.join("cert.pem").display(),
+                key = who.dir.join("key.pem").display(),
+            ));
+        }
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
@@ -263,15 +287,22 @@ fn prometheus_scrapes_the_cluster_and_sees_the_rollout() {
     let c = Cluster::start(
         ClusterOpts::demo(3, 2)
             .mtls()
-            .coordinator_args(&["--http-listen", "127.0.0.1:0"]),
+            .coordinator_args(&["--http-listen", "127.0.0.1:0"])
+            .agent_args(1, &["--http-listen", "127.0.0.1:0"])
+            .agent_args(2, &["--http-listen", "127.0.0.1:0"]),
     );
     let addrs = http_addrs(&c);
+    let agents = agent_http_addrs(&c);
     let viewer = party(&c, &format!("viewer-{VIEWER}"));
 
-    // The exposition format is valid.
+    // The exposition format is valid, on both kinds of daemon.
     let (code, body) = get(&addrs[0], "/metrics", &viewer);
     assert_eq!(code, 200);
     promtool_check(&body);
+    let (code, agent_body) = get(&agents[0], "/metrics", &viewer);
+    assert_eq!(code, 200, "{agent_body}");
+    promtool_check(&agent_body);
+    let body = format!("{body}\n{agent_body}");
 
     // The shipped alert rules are valid and name metrics that exist.
     let rules =
@@ -294,10 +325,28 @@ fn prometheus_scrapes_the_cluster_and_sees_the_rollout() {
         );
     }
 
-    let prom = Prometheus::start(&addrs, &viewer);
-    prom.wait_for("count(up == 1)", "all three coordinators scraped", |v| {
-        v == 3.0
-    });
+    let prom = Prometheus::start(
+        &[
+            ("orchestrator-coordinators", &addrs),
+            ("orchestrator-agents", &agents),
+        ],
+        &viewer,
+    );
+    prom.wait_for(
+        r#"count(up{job="orchestrator-coordinators"} == 1)"#,
+        "all three coordinators scraped",
+        |v| v == 3.0,
+    );
+    prom.wait_for(
+        r#"count(up{job="orchestrator-agents"} == 1)"#,
+        "both agents scraped",
+        |v| v == 2.0,
+    );
+    prom.wait_for(
+        r#"count(orchestrator_agent_release_info{version="4.2.0",permanent="true"})"#,
+        "both agents run 4.2.0 before the rollout",
+        |v| v == 2.0,
+    );
     prom.wait_for(
         "sum(orchestrator_raft_is_leader)",
         "exactly one leader",
@@ -333,6 +382,82 @@ fn prometheus_scrapes_the_cluster_and_sees_the_rollout() {
         "the package upload counted",
         |v| v > 0.0,
     );
+    // The agents' side of the same rollout.
+    prom.wait_for(
+        r#"sum(orchestrator_agent_steps_total{kind="install",result="changed"})"#,
+        "both agents counted their install",
+        |v| v == 2.0,
+    );
+    prom.wait_for(
+        r#"sum(orchestrator_agent_steps_total{kind="push",result="changed"})"#,
+        "both agents counted the package push",
+        |v| v >= 2.0,
+    );
+    prom.wait_for(
+        r#"sum(orchestrator_agent_step_duration_seconds_count{kind="install"})"#,
+        "install durations observed",
+        |v| v == 2.0,
+    );
+    prom.wait_for(
+        "sum(orchestrator_agent_activation_duration_seconds_count)",
+        "the demo service's activation hook timed on both nodes",
+        |v| v >= 2.0,
+    );
+    prom.wait_for(
+        r#"sum(orchestrator_agent_health_probes_total{result="healthy"})"#,
+        "the health gate's probes counted",
+        |v| v >= 2.0,
+    );
+    prom.wait_for(
+        r#"count(orchestrator_agent_release_info{version="4.2.1"})"#,
+        "both agents report 4.2.1 running",
+        |v| v == 2.0,
+    );
+    prom.wait_for(
+        "sum(orchestrator_agent_fence_refusals_total)",
+        "no fence refusal in a healthy rollout",
+        |v| v == 0.0,
+    );
+}
+
+#[test]
+fn the_agent_endpoint_serves_metrics_to_viewers_or_anyone_when_public() {
+    let c = Cluster::start(
+        ClusterOpts::state_only(1, 2)
+            .mtls()
+            .agent_args(1, &["--http-listen", "127.0.0.1:0"])
+            .agent_args(
+                2,
+                &["--http-listen", "127.0.0.1:0", "--http-public-metrics"],
+            ),
+    );
+    let agents = agent_http_addrs(&c);
+    let viewer = party(&c, &format!("viewer-{VIEWER}"));
+    let other_agent = party(&c, "agent-n2");
+    let (private, public) = (&agents[0], &agents[1]);
+
+    let (code, body) = https("GET", private, "/metrics", &viewer.ca, None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("--role viewer"), "{body}");
+    let (code, body) = get(private, "/metrics", &other_agent);
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = get(private, "/metrics", &viewer);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(r#"orchestrator_agent_release_info{version="4.2.0",permanent="true"} 1"#),
+        "{body}"
+    );
+    let (code, body) = get(private, "/healthz", &viewer);
+    assert_eq!((code, json(&body)["node"].clone()), (200, "n1".into()));
+
+    for path in ["/metrics", "/healthz"] {
+        let (code, body) = https("GET", public, path, &viewer.ca, None);
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+    let (code, body) = https("GET", public, "/api/v1/nodes", &viewer.ca, None);
+    assert_eq!(code, 401, "only /metrics and /healthz are public: {body}");
+    let (code, body) = get(public, "/nope", &viewer);
+    assert_eq!(code, 404, "{body}");
 }
 
 fn promtool_check(metrics: &str) {
@@ -360,4 +485,108 @@ fn promtool_check(metrics: &str) {
         o.status.success() && out.trim().is_empty(),
         "promtool check metrics:\n{out}\n{metrics}"
     );
+}
+
+/// The services a reflection endpoint lists, asked over `version` ("v1" or "v1alpha").
+async fn reflected(channel: tonic::transport::Channel, version: &str) -> Vec<String> {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::{v1, v1alpha};
+    if version == "v1" {
+        use v1::server_reflection_request::MessageRequest;
+        use v1::server_reflection_response::MessageResponse;
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
+        let mut replies = client
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .expect("v1 reflection call")
+            .into_inner();
+        match replies
+            .next()
+            .await
+            .expect("a reply")
+            .expect("v1 reply")
+            .message_response
+        {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("v1 reflection answered {other:?}"),
+        }
+    } else {
+        use v1alpha::server_reflection_request::MessageRequest;
+        use v1alpha::server_reflection_response::MessageResponse;
+        let req = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+        let mut replies = client
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .expect("v1alpha reflection call")
+            .into_inner();
+        match replies
+            .next()
+            .await
+            .expect("a reply")
+            .expect("v1alpha reply")
+            .message_response
+        {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("v1alpha reflection answered {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn grpc_reflection_lists_what_each_daemon_serves_in_v1_and_v1alpha() {
+    use orch_tls::Role;
+    let c = Cluster::start(ClusterOpts::state_only(1, 1).mtls());
+    let certs = c.certs.as_ref().expect("mTLS cluster");
+    let viewer = certs.security(Role::Viewer, VIEWER);
+    let reflection = [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let mut coordinator: Vec<String> = [
+        "orchestrator.control.v1.Control",
+        "orchestrator.raft.v1.RaftPeer",
+        "orchestrator.raft.v1.Blobs",
+    ]
+    .into_iter()
+    .chain(reflection)
+    .map(String::from)
+    .collect();
+    coordinator.sort();
+    let mut agent: Vec<String> = ["orchestrator.agent.v1.Agent"]
+        .into_iter()
+        .chain(reflection)
+        .map(String::from)
+        .collect();
+    agent.sort();
+    let rt = orch_tests::rt();
+    rt.block_on(async {
+        let coord_domain = orch_tls::party_domain(Role::Coordinator, "1");
+        let agent_domain = orch_tls::party_domain(Role::Agent, "n1");
+        for version in ["v1", "v1alpha"] {
+            let ch = orch_tests::channel_as(&c.coords[0].addr, &viewer, &coord_domain).await;
+            assert_eq!(
+                sorted(reflected(ch, version).await),
+                coordinator,
+                "{version}"
+            );
+            let ch = orch_tests::channel_as(&c.nodes[0].agent().addr, &viewer, &agent_domain).await;
+            assert_eq!(sorted(reflected(ch, version).await), agent, "{version}");
+        }
+    });
 }

@@ -15,6 +15,9 @@ pub struct StepOutcome {
     pub messages: Vec<String>,
     /// For stderr: anything else (a state-only switch).
     pub notes: Vec<String>,
+    /// How long the activation ran, when the step ran one (a hook, or the EMQX script that
+    /// switched), for the agent's metrics.
+    pub activation: Option<std::time::Duration>,
 }
 
 /// The node-layer steps. Every step is idempotent: repeating one whose result holds succeeds
@@ -73,6 +76,7 @@ impl NativeDriver {
 fn outcome(o: orch_release::Outcome) -> StepOutcome {
     StepOutcome {
         changed: o.changed,
+        activation: o.hook_duration,
         messages: o.messages,
         notes: o.notes,
     }

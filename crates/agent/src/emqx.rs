@@ -106,14 +106,18 @@ impl EmqxDriver {
     fn step(&self, op: Op, args: &[&str]) -> Result<StepOutcome> {
         let table = self.table()?;
         // The script finds the package itself; the rules only need to know one could exist.
+        let switches = matches!(op, Op::Install { .. } | Op::Downgrade(_));
         match rules::plan(&table, op, Some("emqx")).map_err(|r| Error::Refused(r.0))? {
             Plan::Already(msg) => Ok(StepOutcome {
                 changed: false,
                 messages: vec![msg],
                 notes: vec![],
+                activation: None,
             }),
             Plan::Apply(change) => {
+                let started = std::time::Instant::now();
                 let out = self.emqx(args)?;
+                let activation = switches.then(|| started.elapsed());
                 let mut messages: Vec<String> = out
                     .lines()
                     .map(str::trim)
@@ -127,6 +131,7 @@ impl EmqxDriver {
                     changed: true,
                     messages,
                     notes: vec![],
+                    activation,
                 })
             }
         }

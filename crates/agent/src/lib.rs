@@ -5,6 +5,8 @@
 //! URL, command, or the store's own view. Reads never change the node: the store is reconciled
 //! with a restarted service at start and when the service's process changes (`reconcile`).
 //!
+//! With `--http-listen` it also serves Prometheus metrics and `/healthz` (`http`, `metrics`).
+//!
 //! `serve(config, listener, shutdown)` is the whole daemon, so tests run agents in-process.
 
 pub mod audit;
@@ -13,6 +15,8 @@ pub mod emqx;
 pub mod error;
 pub mod fence;
 pub mod health;
+mod http;
+pub mod metrics;
 pub mod push;
 pub mod reconcile;
 mod register;
@@ -72,6 +76,10 @@ pub struct AgentConfig {
     /// `signing.pub` files: when any is given, only packages signed by one of them are accepted
     /// (on push and on unpack/install), so a compromised coordinator cannot push its own code.
     pub trusted_keys: Vec<PathBuf>,
+    /// `--http-listen`: serve `/metrics` and `/healthz` here too.
+    pub http_listen: Option<SocketAddr>,
+    /// `--http-public-metrics`: those two without a client certificate.
+    pub http_public_metrics: bool,
 }
 
 impl AgentConfig {
@@ -97,6 +105,8 @@ impl AgentConfig {
             max_package_bytes: 4 << 30,
             shutdown_grace: Duration::from_secs(90),
             trusted_keys: Vec::new(),
+            http_listen: None,
+            http_public_metrics: false,
         }
     }
 }
@@ -130,6 +140,8 @@ pub struct AgentFileConfig {
     #[serde(default)]
     pub trusted_key: Vec<PathBuf>,
     pub insecure_allow_remote: Option<bool>,
+    pub http_listen: Option<String>,
+    pub http_public_metrics: Option<bool>,
 }
 
 impl AgentFileConfig {
@@ -173,6 +185,7 @@ pub async fn serve(
         allow_remote: config.insecure_allow_remote,
         limits: &config.limits,
         descriptors: orch_proto::FILE_DESCRIPTOR_SET,
+        services: &[orch_proto::agent::agent_server::SERVICE_NAME],
         insecure_risk: "act on this node",
     })?;
     let trusted = load_trusted_keys(&config.trusted_keys)?;
@@ -187,6 +200,19 @@ pub async fn serve(
             .then(|| tokio::spawn(reconcile::watch(shared.clone(), seen))),
     );
     let _registration = AbortOnDrop(start_registration(&config, local, &shared));
+    let _http = AbortOnDrop(match config.http_listen {
+        Some(addr) => Some(
+            http::start(
+                addr,
+                &config.security,
+                config.insecure_allow_remote,
+                config.http_public_metrics,
+                shared.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    });
     tracing::info!(node = %config.node_id, addr = ?local, "agent listening");
     // systemd's Type=notify: the store is open and the listener bound (no-op without
     // NOTIFY_SOCKET).
@@ -267,6 +293,7 @@ fn open_node(
         audit: audit::AuditLog::open(&agent_dir, config.node_id.as_str()),
         activate_timeout: config.activate_timeout,
         changed: Arc::new(tokio::sync::Notify::new()),
+        metrics: Arc::new(metrics::Metrics::new()),
     });
     Ok((shared, agent_lock))
 }

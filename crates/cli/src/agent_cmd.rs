@@ -23,12 +23,6 @@ pub fn run(a: AgentArgs) -> Result<()> {
 }
 
 fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
-    if a.serve.http_listen.is_some() || a.serve.http_public_metrics {
-        // Refused rather than ignored until the agent's endpoint lands (#13).
-        anyhow::bail!(
-            "--http-listen and --http-public-metrics are served by coordinators only for now"
-        );
-    }
     let security = crate::tls::daemon_security(&a.serve.tls, crate::file_tls!(f))?;
     let node_id: orch_types::NodeId = a
         .node_id
@@ -91,6 +85,13 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
         },
         other => bail!("unknown --driver {other:?}: use native or emqx"),
     };
+    if let Some(h) = a.serve.http_listen.clone().or(f.http_listen.clone()) {
+        cfg.http_listen = Some(
+            h.parse()
+                .map_err(|_| anyhow!("--http-listen {h:?} is not HOST:PORT"))?,
+        );
+    }
+    cfg.http_public_metrics = a.serve.http_public_metrics || f.http_public_metrics.unwrap_or(false);
     cfg.trusted_keys = if a.serve.trusted_keys.is_empty() {
         f.trusted_key
     } else {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use orch_tls::{InitOptions, IssueOptions, Role, Security, Validity};
 
 use serde_json::json;
@@ -144,21 +144,46 @@ pub fn certs(cmd: CertsCmd, g: &GlobalOpts) -> Result<()> {
             sans,
             out,
             days,
+            p12,
+            p12_password,
         } => {
             let role: Role = role.parse()?;
+            // Checked before the certificate is made, so a missing password leaves no folder.
+            let password = match (p12, p12_password) {
+                (false, _) => None,
+                (true, Some(p)) if !p.is_empty() => Some(p),
+                (true, _) => bail!(
+                    "--p12 needs a password for the bundle: set ORCH_P12_PASSWORD (or pass --p12-password)"
+                ),
+            };
             let opts = IssueOptions {
                 sans,
                 validity: validity(days)?,
                 out,
             };
             let made = orch_tls::issue_with(&dir, role, &name, &opts)?;
+            let bundle = match &password {
+                Some(p) => Some(orch_tls::write_pkcs12(&made, p).with_context(|| {
+                    format!(
+                        "the certificate is in {}, but its PKCS#12 bundle could not be written",
+                        made.display()
+                    )
+                })?),
+                None => None,
+            };
             if g.json {
                 println!(
                     "{}",
-                    json!({"role": role.to_string(), "name": name, "dir": made})
+                    json!({"role": role.to_string(), "name": name, "dir": made, "p12": bundle})
                 );
             } else {
                 println!("Issued {role} {name}: {}", made.display());
+                if let Some(b) = &bundle {
+                    println!(
+                        "PKCS#12 bundle for a browser: {} (import it as a personal certificate, and trust ca.pem)",
+                        b.display()
+                    );
+                }
             }
         }
     }

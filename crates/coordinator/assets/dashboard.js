@@ -50,7 +50,9 @@ function renderNodes(nodes) {
   fill(document.querySelector("#nodes tbody"), nodes.map(n => row([
     td(n.id), td(n.address),
     td((n.versions || []).map(v => v.version + " " + v.state).join(", ")),
-    td(n.healthy ? "yes" : "no", n.healthy ? "yes" : "no"),
+    // The API lists nodes without probing them (health_detail "not probed"): say so rather
+    // than show every node as unhealthy. A rollout's node rows show each gate's verdict.
+    n.health_detail === "not probed" ? td("not probed", "muted") : td(n.healthy ? "yes" : "no", n.healthy ? "yes" : "no"),
     td(Object.entries(n.labels || {}).map(([k, v]) => k + "=" + v).join(", ")),
   ])));
 }

@@ -42,6 +42,13 @@ pub use config::{CoordinatorConfig, CoordinatorFileConfig, parse_peer};
 pub use error::{ConfigError, Error, Result};
 pub use shared::Shared;
 
+/// The gRPC services a coordinator serves, as reflection lists them.
+pub const SERVICES: [&str; 3] = [
+    orch_proto::control::control_server::SERVICE_NAME,
+    orch_proto::raft::raft_peer_server::SERVICE_NAME,
+    orch_proto::raft::blobs_server::SERVICE_NAME,
+];
+
 /// Binds `config.listen` and serves until `shutdown` resolves.
 pub async fn run(
     config: CoordinatorConfig,
@@ -79,13 +86,6 @@ pub async fn serve(
         gates: agents::GateBoard::default(),
     });
     let jobs = Jobs::start(&shared, &config);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(orch_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Server {
-            context: "reflection",
-            source: Box::new(e),
-        })?;
     let http = match config.http_listen {
         Some(addr) => Some(start_http(&config, addr, shared.clone(), jobs.stop.clone()).await?),
         None => None,
@@ -101,9 +101,16 @@ pub async fn serve(
             .max_encoding_message_size(blobs::MAX_MESSAGE_BYTES),
         security.mode().interceptor(&[Role::Coordinator]),
     );
-    let result = server
-        .add_service(reflection)
-        .add_service(raft.peer_service())
+    let router = orch_tls::with_reflection(
+        server.add_service(raft.peer_service()),
+        orch_proto::FILE_DESCRIPTOR_SET,
+        &SERVICES,
+    )
+    .map_err(|e| Error::Server {
+        context: "reflection",
+        source: Box::new(e),
+    })?;
+    let result = router
         .add_service(blobs_svc)
         .add_service(
             ControlServer::new(control::ControlService {

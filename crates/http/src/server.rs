@@ -141,7 +141,7 @@ async fn handle(req: Request, caller: Caller, routes: &dyn Routes, public: bool)
 
 fn refusal(caller: &Caller) -> Response {
     let how = "a client certificate with the viewer role or above is needed: \
-               `orchestrator certs issue --role viewer NAME --p12` makes one a browser can import";
+               `orchestrator certs issue DIR --role viewer --name NAME --p12` makes one a browser can import";
     match caller {
         Caller::Authenticated(id) => error(
             StatusCode::FORBIDDEN,

@@ -83,6 +83,8 @@ pub struct Outcome {
     pub changed: bool,
     /// Present when the operation switched the running release.
     pub activation: Option<Activation>,
+    /// How long the activation hook ran, when one ran (the agent's metrics).
+    pub hook_duration: Option<std::time::Duration>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -204,6 +206,7 @@ impl Store {
                     notes: vec![],
                     changed: true,
                     activation: None,
+                    hook_duration: None,
                 });
             }
             Ok(Outcome {
@@ -211,6 +214,7 @@ impl Store {
                 notes: vec![],
                 changed: false,
                 activation: None,
+                hook_duration: None,
             })
         })
     }
@@ -375,6 +379,7 @@ impl Store {
                         notes: vec![],
                         changed: false,
                         activation: None,
+                        hook_duration: None,
                     });
                 }
                 Plan::Apply(change) => change,
@@ -395,8 +400,10 @@ impl Store {
                 *table = unpacked;
             }
             let mut activation = None;
+            let mut hook_duration = None;
             if let Some(sw) = change.switch {
                 let dir = self.releases.join(sw.to.to_string());
+                let started = std::time::Instant::now();
                 activation = Some(match hook_for(self.cfg.activate_cmd.as_deref(), &dir) {
                     Some((prog, args)) => run_hook(
                         &prog,
@@ -409,6 +416,9 @@ impl Store {
                     )?,
                     None => Activation::StateOnly,
                 });
+                if matches!(activation, Some(Activation::Hook(_))) {
+                    hook_duration = Some(started.elapsed());
+                }
             }
             if let Some(v) = change.delete {
                 let dir = self.releases.join(v.to_string());
@@ -435,6 +445,7 @@ impl Store {
                 notes,
                 changed: true,
                 activation,
+                hook_duration,
             })
         })
     }

@@ -22,6 +22,8 @@ pub struct Daemon<'a> {
     pub limits: &'a ServerLimits,
     /// The encoded file descriptor set served by gRPC reflection.
     pub descriptors: &'static [u8],
+    /// The gRPC services this daemon serves (full names): reflection lists only these.
+    pub services: &'a [&'a str],
     /// What anyone who reaches a plain-text daemon can do, for the `--insecure` warning
     /// ("act on this node", "run rollouts").
     pub insecure_risk: &'a str,
@@ -41,10 +43,33 @@ impl Security {
                 d.insecure_risk
             );
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(d.descriptors)
-            .build_v1()
-            .map_err(Error::Reflection)?;
-        Ok(self.server(d.limits)?.add_service(reflection))
+        let router = self.server(d.limits)?.add_routes(Default::default());
+        with_reflection(router, d.descriptors, d.services)
     }
+}
+
+/// The reflection services' own names, listed beside the daemon's.
+pub const REFLECTION_SERVICES: [&str; 2] = [
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Adds gRPC server reflection in both versions, v1 (current grpcurl) and v1alpha (older
+/// clients), listing only `services` (and reflection itself): the descriptor set holds every
+/// service of the project, most of which this process does not serve.
+pub fn with_reflection(
+    router: Router,
+    descriptors: &'static [u8],
+    services: &[&str],
+) -> Result<Router> {
+    let builder = || {
+        services.iter().chain(REFLECTION_SERVICES.iter()).fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(descriptors),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    let v1 = builder().build_v1().map_err(Error::Reflection)?;
+    let v1alpha = builder().build_v1alpha().map_err(Error::Reflection)?;
+    Ok(router.add_service(v1).add_service(v1alpha))
 }

@@ -119,6 +119,7 @@ mod certs;
 mod daemon;
 mod https;
 mod load;
+mod p12;
 mod security;
 
 use std::fmt;
@@ -133,8 +134,9 @@ pub use certs::{
     DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS, InitOptions, IssueOptions, Validity, init, init_with,
     issue, issue_with,
 };
-pub use daemon::Daemon;
+pub use daemon::{Daemon, REFLECTION_SERVICES, with_reflection};
 pub use load::{TlsFiles, TlsMaterial, client_config, default_tls_dir, server_config, tls_uri};
+pub use p12::{p12_file_name, pkcs12, write_pkcs12};
 pub use security::{Security, ServerLimits, connect_error, error_chain, incoming, is_tls_failure};
 
 /// The URI prefix of the subject alternative name that records a party's role and name.

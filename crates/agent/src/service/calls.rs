@@ -85,9 +85,16 @@ impl AgentService {
         let (outcome, versions, (boot_id, state_rev)) = tokio::task::spawn_blocking(move || {
             let _in_step = span.enter();
             let mut fences = guard;
-            let r = shared
-                .admit(&mut fences, &call)
-                .and_then(|()| f(shared.driver.as_ref()));
+            let r = shared.admit(&mut fences, &call).and_then(|()| {
+                let started = std::time::Instant::now();
+                let r = f(shared.driver.as_ref());
+                let kind = call.what.split_whitespace().next().unwrap_or("unknown");
+                let activation = r.as_ref().ok().and_then(|o| o.activation);
+                shared
+                    .metrics
+                    .observe_step(kind, started.elapsed().as_secs_f64(), activation);
+                r
+            });
             shared.record(
                 &call,
                 &match &r {

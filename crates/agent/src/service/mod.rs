@@ -256,7 +256,11 @@ impl Agent for AgentService {
             Some(parse_version(&r.expect_version)?)
         };
         let running = self.blocking(|d| d.running()).await?;
+        let started = std::time::Instant::now();
         let h = health::check(&self.shared.health, expect, running, None).await;
+        self.shared
+            .metrics
+            .observe_probe(h.healthy, started.elapsed().as_secs_f64());
         Ok(Response::new(pb::HealthReply {
             healthy: h.healthy,
             reported_version: h.reported.unwrap_or_default(),

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub activate_timeout: Duration,
     /// Wakes the registration loop when the node changed outside a step.
     pub changed: Arc<tokio::sync::Notify>,
+    /// What `/metrics` serves (recorded here, in the service layer, as calls finish).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -78,7 +80,9 @@ impl Shared {
         Ok(())
     }
 
+    /// Audits `call` and counts it in the metrics: every mutating call passes here once.
     pub(crate) fn record(&self, call: &Call, result: &str) {
+        self.metrics.record_call(&call.what, result);
         self.audit.record(
             &call.caller,
             &audit::fence_field(call.fence.as_ref()),

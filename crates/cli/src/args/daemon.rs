@@ -85,7 +85,7 @@ pub enum CertsCmd {
     },
     /// Issue one more party certificate, signed by DIR/ca, into DIR/<role>-<name>/ (or --out).
     #[command(
-        after_long_help = "Example:\n  orchestrator certs issue certs --role agent --name n4 --san 10.0.0.24"
+        after_long_help = "Examples:\n  orchestrator certs issue certs --role agent --name n4 --san 10.0.0.24\n  ORCH_P12_PASSWORD=... orchestrator certs issue certs --role viewer --name alice --p12"
     )]
     Issue {
         /// The directory made by `certs init` (holding ca/).
@@ -105,6 +105,19 @@ pub enum CertsCmd {
         /// Validity of the certificate, in days.
         #[arg(long, value_name = "DAYS", default_value_t = orch_tls::DEFAULT_CERT_DAYS)]
         days: u32,
+        /// Also write <role>-<name>.p12 in the new folder: certificate, key and CA as one
+        /// PKCS#12 bundle a browser imports (for the dashboard under mutual TLS).
+        #[arg(long)]
+        p12: bool,
+        /// The bundle's password (needed with --p12; prefer the environment variable, which
+        /// other users cannot see in the process list).
+        #[arg(
+            long,
+            value_name = "PASSWORD",
+            env = "ORCH_P12_PASSWORD",
+            hide_env_values = true
+        )]
+        p12_password: Option<String>,
     },
 }
 
