@@ -1421,7 +1421,11 @@ async fn coord_state(w: &mut Wire, blobs: &Path) -> CoordState {
     let nodes = w
         .unary(
             C_LIST_NODES,
-            cpb::ListNodesRequest { probe: false }.encode_to_vec(),
+            cpb::ListNodesRequest {
+                probe: false,
+                ..Default::default()
+            }
+            .encode_to_vec(),
         )
         .await
         .expect("a valid ListNodes works");
@@ -1633,7 +1637,11 @@ async fn coord_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         for (path, body) in [
             (
                 C_LIST_NODES,
-                cpb::ListNodesRequest { probe: rng.bool() }.encode_to_vec(),
+                cpb::ListNodesRequest {
+                    probe: rng.bool(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
             ),
             (
                 C_LIST_ROLLOUTS,
@@ -1686,7 +1694,11 @@ async fn coord_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         ),
         (
             C_LIST_NODES,
-            cpb::ListNodesRequest { probe: true }.encode_to_vec(),
+            cpb::ListNodesRequest {
+                probe: true,
+                ..Default::default()
+            }
+            .encode_to_vec(),
         ),
         (C_CLUSTER, cpb::ClusterStatusRequest {}.encode_to_vec()),
         // No address: a mutation that changes the id still lacks a valid address (a

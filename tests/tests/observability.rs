@@ -106,6 +106,24 @@ fn the_http_api_serves_viewers_and_operators_and_refuses_the_rest() {
             .filter_map(|n| n["id"].as_str())
             .collect();
         assert_eq!(ids, ["n1", "n2"], "{body}");
+        // Each node's health comes from a (shared, at most 5 s old) probe of its agent.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let (_, body) = get(addr, "/api/v1/nodes", &viewer);
+            let nodes = json(&body);
+            let details: Vec<&str> = nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|n| n["health_detail"].as_str())
+                .collect();
+            if details.len() == 2 && details.iter().all(|d| *d != "being probed") {
+                assert!(details.iter().all(|d| *d != "not probed"), "{body}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never probed: {body}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         let (code, body) = get(addr, "/api/v1/cluster", &viewer);
         assert_eq!(code, 200);
         assert_eq!(

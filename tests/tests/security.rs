@@ -142,7 +142,10 @@ fn env() -> Env {
                 .await
                 .ok()?;
             let nodes = ControlClient::new(ch)
-                .list_nodes(ct::ListNodesRequest { probe: true })
+                .list_nodes(ct::ListNodesRequest {
+                    probe: true,
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner()
@@ -292,7 +295,10 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                     .map(drop),
                 "WatchRollout" => c.watch_rollout(unknown()).await.map(drop),
                 "ListNodes" => c
-                    .list_nodes(ct::ListNodesRequest { probe: false })
+                    .list_nodes(ct::ListNodesRequest {
+                        probe: false,
+                        ..Default::default()
+                    })
                     .await
                     .map(drop),
                 "ClusterStatus" => c
@@ -491,7 +497,10 @@ fn every_rpc_refuses_missing_foreign_and_expired_certificates_and_wrong_roles() 
             .unwrap();
         let mut c = ControlClient::new(ch);
         let nodes = c
-            .list_nodes(ct::ListNodesRequest { probe: false })
+            .list_nodes(ct::ListNodesRequest {
+                probe: false,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -535,7 +544,10 @@ fn an_agent_certificate_for_n2_cannot_register_n1() {
             .await
             .unwrap();
         ControlClient::new(ch)
-            .list_nodes(ct::ListNodesRequest { probe: false })
+            .list_nodes(ct::ListNodesRequest {
+                probe: false,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()

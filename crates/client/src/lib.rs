@@ -469,9 +469,12 @@ impl Client {
 
     pub async fn nodes(&mut self, probe: bool) -> Result<Vec<pb::NodeEntry>> {
         self.call(|mut c| async move {
-            c.list_nodes(pb::ListNodesRequest { probe })
-                .await
-                .map(|r| r.into_inner().nodes)
+            c.list_nodes(pb::ListNodesRequest {
+                probe,
+                probe_max_age_ms: 0,
+            })
+            .await
+            .map(|r| r.into_inner().nodes)
         })
         .await
     }

@@ -46,13 +46,20 @@ function renderCluster(c) {
   ])));
 }
 
+function healthCell(n) {
+  const cell = n.health_detail === "being probed" ? td("probing", "muted")
+    : td(n.healthy ? "yes" : "no", n.healthy ? "yes" : "no");
+  if (n.health_detail) cell.title = n.health_detail;
+  return cell;
+}
+
 function renderNodes(nodes) {
   fill(document.querySelector("#nodes tbody"), nodes.map(n => row([
     td(n.id), td(n.address),
     td((n.versions || []).map(v => v.version + " " + v.state).join(", ")),
-    // The API lists nodes without probing them (health_detail "not probed"): say so rather
-    // than show every node as unhealthy. A rollout's node rows show each gate's verdict.
-    n.health_detail === "not probed" ? td("not probed", "muted") : td(n.healthy ? "yes" : "no", n.healthy ? "yes" : "no"),
+    // The API probes each node at most every 5 s; a node whose first probe has not answered
+    // yet is "probing", not unhealthy. The probe's detail is the cell's tooltip.
+    healthCell(n),
     td(Object.entries(n.labels || {}).map(([k, v]) => k + "=" + v).join(", ")),
   ])));
 }

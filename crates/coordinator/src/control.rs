@@ -416,10 +416,16 @@ impl Control for ControlService {
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesReply> {
         self.check(&req, READ)?;
         let at = self.read_gate(&req).await?;
-        let probe = req.into_inner().probe;
+        let r = req.into_inner();
+        let (probe, max_age) = (r.probe, Duration::from_millis(r.probe_max_age_ms));
         let nodes = self
             .shared
             .read(|s| s.nodes.values().cloned().collect::<Vec<_>>());
+        if probe {
+            self.shared
+                .probes
+                .retain(|id| nodes.iter().any(|n| n.id.as_str() == id));
+        }
         let mut out = Vec::with_capacity(nodes.len());
         let probes = futures::future::join_all(nodes.iter().map(|n| {
             let shared = self.shared.clone();
@@ -429,7 +435,7 @@ impl Control for ControlService {
                 if !probe {
                     return (false, "not probed".to_string());
                 }
-                shared.probe_node(&node, &addr).await
+                shared.probe_node_within(&node, &addr, max_age).await
             }
         }))
         .await;

@@ -27,6 +27,8 @@ const DASHBOARD_CSS: &str = include_str!("../assets/dashboard.css");
 /// How often the event stream looks for changes when the Raft state has not moved (node
 /// liveness and member contact change without log entries).
 const EVENTS_TICK: Duration = Duration::from_secs(1);
+/// The dashboard's node health: a probe at most this old is shown instead of probing again.
+const NODE_PROBE_MAX_AGE_MS: u64 = 5_000;
 
 pub struct CoordinatorRoutes {
     pub shared: Arc<Shared>,
@@ -149,7 +151,13 @@ async fn cluster(svc: &ControlService, caller: &Caller) -> ApiResult {
 
 async fn nodes(svc: &ControlService, caller: &Caller) -> ApiResult {
     let r = svc
-        .list_nodes(request(pb::ListNodesRequest::default(), caller))
+        .list_nodes(request(
+            pb::ListNodesRequest {
+                probe: true,
+                probe_max_age_ms: NODE_PROBE_MAX_AGE_MS,
+            },
+            caller,
+        ))
         .await?;
     Ok(Value::Array(
         r.get_ref().nodes.iter().map(node_json).collect(),

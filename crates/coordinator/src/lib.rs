@@ -84,6 +84,7 @@ pub async fn serve(
         history: history::History::new(history_path),
         metrics: Arc::new(metrics::Metrics::new()),
         gates: agents::GateBoard::default(),
+        probes: Default::default(),
     });
     let jobs = Jobs::start(&shared, &config);
     let http = match config.http_listen {

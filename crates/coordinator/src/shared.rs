@@ -18,6 +18,9 @@ use crate::{control, history};
 const REACHABLE_WITHIN: Duration = Duration::from_secs(3);
 
 /// What the services and the driver share.
+/// How long a read that accepts cached probes waits for a new one.
+pub const CACHED_PROBE_WAIT: Duration = Duration::from_millis(500);
+
 pub struct Shared {
     /// How this coordinator dials peers and agents, and checks its callers.
     pub security: Security,
@@ -31,6 +34,50 @@ pub struct Shared {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// How long the nodes in this leader's health gates have been healthy (volatile).
     pub gates: crate::agents::GateBoard,
+    /// The last health probe of each node (volatile), reused by reads that accept an age.
+    pub probes: ProbeCache,
+}
+
+/// The last health probe of each node, and when it answered.
+#[derive(Default)]
+pub struct ProbeCache {
+    last: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, bool, String)>>,
+    /// Nodes with a probe running for a cached read, so looks every second start one at most.
+    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl ProbeCache {
+    /// The last answer and its age.
+    fn last(&self, node: &str) -> Option<(Duration, bool, String)> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, healthy, detail) = last.get(node)?;
+        Some((at.elapsed(), *healthy, detail.clone()))
+    }
+
+    /// Marks a probe of `node` as running; false when one already is.
+    fn start(&self, node: &str) -> bool {
+        let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        f.insert(node.to_string())
+    }
+
+    fn done(&self, node: &str) {
+        let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(node);
+    }
+
+    fn put(&self, node: &str, healthy: bool, detail: &str) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.insert(
+            node.to_string(),
+            (std::time::Instant::now(), healthy, detail.to_string()),
+        );
+    }
+
+    /// Forgets nodes no longer registered (bounded by the node table).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.retain(|n, _| keep(n));
+    }
 }
 
 impl Shared {
@@ -128,7 +175,49 @@ impl Shared {
     }
 
     /// Probes an agent's health for `nodes --json`.
+    /// The last probe's answer when it is at most `max_age` old; otherwise a new probe's,
+    /// waiting for it at most [`CACHED_PROBE_WAIT`]: a node that does not answer quickly keeps
+    /// being probed in the background and meanwhile shows its last answer (or that it is being
+    /// probed), so a view refreshed every second never stalls on a dead node.
+    pub async fn probe_node_within(
+        self: &std::sync::Arc<Self>,
+        node: &str,
+        addr: &str,
+        max_age: Duration,
+    ) -> (bool, String) {
+        let last = self.probes.last(node);
+        let shown = |last: Option<(Duration, bool, String)>| {
+            last.map_or((false, "being probed".to_string()), |(_, h, d)| (h, d))
+        };
+        if let Some((age, healthy, detail)) = &last
+            && *age <= max_age
+        {
+            return (*healthy, detail.clone());
+        }
+        if !self.probes.start(node) {
+            return shown(last);
+        }
+        let me = self.clone();
+        let (n, a) = (node.to_string(), addr.to_string());
+        // Bounded by probe_node's own 3 s timeout.
+        let probe = tokio::spawn(async move {
+            let r = me.probe_node(&n, &a).await;
+            me.probes.done(&n);
+            r
+        });
+        match tokio::time::timeout(CACHED_PROBE_WAIT, probe).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) | Err(_) => shown(last),
+        }
+    }
+
     pub async fn probe_node(&self, node: &str, addr: &str) -> (bool, String) {
+        let (healthy, detail) = self.probe_node_uncached(node, addr).await;
+        self.probes.put(node, healthy, &detail);
+        (healthy, detail)
+    }
+
+    async fn probe_node_uncached(&self, node: &str, addr: &str) -> (bool, String) {
         let mut c = match self.agents.client(node, addr) {
             Ok(c) => c,
             Err(e) => return (false, orch_types::error_chain(&e)),
