@@ -5,7 +5,8 @@
 //! by the runner as an operator would), `--no-permanent` now and then, and a schedule of faults
 //! with their start times and durations. The runner starts the rollout, plays the schedule,
 //! heals everything, drives the rollout to a terminal phase (promoting a canary, rolling back a
-//! paused failure) and checks the invariants:
+//! paused failure, and sending `rollback` again, up to 3 times, to a rollout that ended
+//! `rollback_failed`) and checks the invariants:
 //!
 //! 1. the rollout reaches a terminal phase within a deadline after healing;
 //! 2. every node's versions agree with that phase: `succeeded` all on the target (permanent
@@ -14,7 +15,8 @@
 //! 3. every node's release store is valid: `node versions` reads it, one permanent release, at
 //!    most one current, and every listed release's directory exists;
 //! 4. no agent accepted a fence older than one it had accepted before (its audit log: the
-//!    fences of `ok` lines, in order, by `(term, rollout number, step)`);
+//!    fences of `ok` lines, in order, by `(term, rollout number, step)`; pushes aside: they
+//!    are audited when their last byte arrived, not when they were admitted);
 //! 5. the coordinators agree: each one's own replicated copy of the rollout (a stale read of
 //!    that coordinator alone) becomes identical to the leader's, which can only happen when
 //!    they applied the same committed entries for it;
@@ -684,6 +686,8 @@ pub struct RunReport {
     pub violations: Vec<String>,
     /// Every node runs this version after the run (`None`: they differ, or it is unknown).
     pub all_on: Option<String>,
+    /// `rollback` commands sent again after `rollback_failed`.
+    pub rollback_retries: u32,
     pub took: Duration,
 }
 
@@ -802,6 +806,7 @@ pub fn run_one(b: &mut dyn Backend, seed: u64, from: &str, to: &str) -> RunRepor
         faults: Vec::new(),
         violations: Vec::new(),
         all_on: None,
+        rollback_retries: 0,
         took: Duration::ZERO,
     };
     let pkg = b.package(to, plan.broken);
@@ -819,7 +824,14 @@ pub fn run_one(b: &mut dyn Backend, seed: u64, from: &str, to: &str) -> RunRepor
         }
     }
     report.faults = play(b, &plan, Instant::now());
-    let (st, ended) = settle(b, &report.rollout);
+    let (mut st, mut ended) = settle(b, &report.rollout);
+    // Everything is healed: a node that could not be rolled back can be now (`rollback` again,
+    // as the operator of a `rollback_failed` rollout would).
+    while ended && st["phase"] == "rollback_failed" && report.rollback_retries < 3 {
+        report.rollback_retries += 1;
+        let _ = b.cli(&["rollback", &report.rollout, "--json"]);
+        (st, ended) = settle(b, &report.rollout);
+    }
     report.phase = st["phase"].as_str().unwrap_or_default().to_string();
     if !ended {
         report.violations.push(format!(
@@ -940,8 +952,9 @@ fn check_store(b: &dyn Backend, i: usize, vers: &Value, v: &mut Vec<String>) {
 pub fn accepted_fence(line: &str) -> Option<(u64, u64, u64)> {
     let mut fields = line.split(" | ");
     let head = fields.next()?;
-    let _step = fields.next()?;
-    if !fields.next()?.starts_with("ok") {
+    // A push is admitted in fence order but runs beside other steps (it only adds a file) and
+    // is audited when its last byte arrived: its line's place says nothing about admission.
+    if fields.next()?.starts_with("push ") || !fields.next()?.starts_with("ok") {
         return None;
     }
     let field = |k: &str| {
@@ -1033,6 +1046,8 @@ pub struct Totals {
     /// Seeds of the runs with violations.
     pub failed_seeds: Vec<u64>,
     pub fresh_clusters: u64,
+    /// Runs that ended `rollback_failed` and were rolled back by `rollback` again.
+    pub rollback_retries: u64,
     pub took: Duration,
 }
 
@@ -1044,7 +1059,11 @@ impl fmt::Display for Totals {
             "runs: {}; violations: {} (seeds {:?}); clusters started: {}; time: {:.0?}",
             self.runs, self.violations, self.failed_seeds, self.fresh_clusters, self.took
         )?;
-        writeln!(f, "phases: {:?}", self.by_phase)?;
+        writeln!(
+            f,
+            "phases: {:?}; rollbacks retried after rollback_failed: {}",
+            self.by_phase, self.rollback_retries
+        )?;
         write!(f, "faults injected: {faults} {:?}", self.faults)
     }
 }
@@ -1052,12 +1071,21 @@ impl fmt::Display for Totals {
 /// Runs `seeds` one after another on `b`, one cluster reused while it can be; prints each run
 /// (its seed first, so a failure can be replayed with `ORCH_CHAOS_SEED`).
 pub fn soak(b: &mut dyn Backend, seeds: &[u64]) -> Totals {
+    soak_within(b, seeds, None)
+}
+
+/// [`soak`], starting no new run once `budget` has passed.
+pub fn soak_within(b: &mut dyn Backend, seeds: &[u64], budget: Option<Duration>) -> Totals {
     let t = Instant::now();
     let mut totals = Totals::default();
     let mut on: Option<(u64, u64, u64)> = None;
     let mut next = FIRST_VERSION;
     let mut runs_here = 0;
     for (i, &seed) in seeds.iter().enumerate() {
+        if budget.is_some_and(|d| t.elapsed() >= d) {
+            println!("chaos[{}]: time budget spent after {i} runs", b.name());
+            break;
+        }
         if on.is_none() || runs_here >= RUNS_PER_CLUSTER {
             b.fresh();
             totals.fresh_clusters += 1;
@@ -1079,6 +1107,7 @@ pub fn soak(b: &mut dyn Backend, seeds: &[u64]) -> Totals {
         let r = run_one(b, seed, &version_string(from), &version_string(to));
         runs_here += 1;
         totals.runs += 1;
+        totals.rollback_retries += u64::from(r.rollback_retries);
         *totals.by_phase.entry(r.phase.clone()).or_default() += 1;
         for k in &r.faults {
             *totals.faults.entry(k.name()).or_default() += 1;

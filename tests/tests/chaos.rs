@@ -73,8 +73,15 @@ fn plans_are_reproducible_and_fence_regressions_are_caught() {
     let older_term = ok.replace("term=2", "term=1").replace("step=14", "step=99");
     let refused = older_term.replace("| ok changed", "| refused stale-fence: older");
     assert_eq!(chaos::accepted_fence(ok), Some((2, 7, 14)));
+    // A push is audited when its last byte arrived, after steps admitted later: not counted.
+    let push = older_term.replace("install 4.2.1 permanent=false", "push app-4.2.1.zip");
+    assert_eq!(chaos::accepted_fence(&push), None);
     let mut v = Vec::new();
-    chaos::check_fences("n1", &[ok, ok, &later, &refused, &later].join("\n"), &mut v);
+    chaos::check_fences(
+        "n1",
+        &[ok, ok, &later, &refused, &push, &later].join("\n"),
+        &mut v,
+    );
     assert!(v.is_empty(), "{v:?}");
     chaos::check_fences("n1", &[ok, &later, &older_term].join("\n"), &mut v);
     assert_eq!(v.len(), 1, "{v:?}");

@@ -2,8 +2,12 @@
 //! after each run (see `orch_tests::chaos`).
 //!
 //! ```text
-//! cargo run -p orch-tests --release --bin chaos -- --backend process|containers --runs N [--seed S]
+//! cargo run -p orch-tests --release --bin chaos -- --backend process|containers --runs N [--seed S] [--minutes M]
 //! ```
+//!
+//! `--minutes M` starts no new run after M minutes (the totals count the runs done), so a soak
+//! can fill a time budget and still end cleanly: every process and container it started is
+//! removed when it ends.
 //!
 //! Prints every run (its seed first; `ORCH_CHAOS_SEED=S` replays one) and the totals: runs,
 //! phases, faults injected by kind, violations, time. Exit 1 when any run broke an invariant.
@@ -14,12 +18,13 @@ use std::process::ExitCode;
 use orch_tests::chaos::{self, Backend, ContainerBackend, ProcessBackend};
 use orch_tests::containers::docker_or_skip;
 
-const USAGE: &str = "usage: chaos --backend process|containers --runs N [--seed S]";
+const USAGE: &str = "usage: chaos --backend process|containers --runs N [--seed S] [--minutes M]";
 
 fn main() -> ExitCode {
     let mut backend = String::from("process");
     let mut runs: u64 = 10;
     let mut seed: u64 = fastrand::u64(..);
+    let mut minutes: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let value = args.next();
@@ -30,6 +35,7 @@ fn main() -> ExitCode {
             }
             ("--runs", Some(v)) => v.parse().map(|n| runs = n).is_ok(),
             ("--seed", Some(v)) => v.parse().map(|n| seed = n).is_ok(),
+            ("--minutes", Some(v)) => v.parse().map(|n| minutes = Some(n)).is_ok(),
             _ => false,
         };
         if !parsed {
@@ -52,7 +58,8 @@ fn main() -> ExitCode {
     };
     println!("chaos soak on {backend}: {runs} runs from base seed {seed}");
     let seeds = chaos::seeds(seed, runs);
-    let totals = chaos::soak(b.as_mut(), &seeds);
+    let budget = minutes.map(|m| std::time::Duration::from_secs(m * 60));
+    let totals = chaos::soak_within(b.as_mut(), &seeds, budget);
     println!("TOTALS ({backend}, base seed {seed})\n{totals}");
     if totals.violations == 0 {
         ExitCode::SUCCESS
