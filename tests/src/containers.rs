@@ -69,10 +69,15 @@ pub fn image_tag() -> &'static str {
     })
 }
 
-/// Builds [`image_tag`] from this checkout's debug build, once per process.
+/// Builds [`image_tag`] from this checkout's debug build, once per process; with
+/// `ORCH_TEST_IMAGE_BUILT=1` the image is used as it is (a long soak built it first and may
+/// outlive this checkout's build).
 pub fn image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        if std::env::var_os("ORCH_TEST_IMAGE_BUILT").is_some_and(|v| v == "1") {
+            return;
+        }
         // The workspace root is this crate's parent (the target dir may be elsewhere:
         // CARGO_TARGET_DIR); build.sh finds the binaries through CARGO_TARGET_DIR too.
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
