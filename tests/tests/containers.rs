@@ -383,3 +383,96 @@ fn a_coordinator_restored_from_an_old_backup_catches_up_quietly() {
         },
     );
 }
+
+/// An agent cut from the network during its health gate: its gate fails by the deadline, the
+/// rollout rolls back the others, and it cannot undo the cut node, so it ends
+/// `rollback_failed` naming exactly that node (the others back on 4.2.0, the untouched one
+/// never changed). Once the node is back on the network, `orchestrator rollback` again brings
+/// it back to 4.2.0 and the rollout ends `rolled_back`.
+#[test]
+fn an_agent_partitioned_in_its_health_gate_is_named_then_rolled_back_by_a_retry() {
+    if !docker_or_skip(
+        "an_agent_partitioned_in_its_health_gate_is_named_then_rolled_back_by_a_retry",
+    ) {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 3));
+    let waiting = bed.spawn_cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "4s",
+        "--healthy-deadline",
+        "15s",
+    ]);
+    bed.wait_for(Duration::from_secs(120), "n2 in its health gate", |b| {
+        Bed::step(&b.status_json(""), "n2") == "verifying"
+    });
+    bed.disconnect("n2", "nodes");
+    let o = waiting.wait(Duration::from_secs(300));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "exit 3: rollback failed\n{}",
+        stdout(&o)
+    );
+    let st = bed.status_json("r000001");
+    assert_eq!(st["phase"], "rollback_failed", "{st}");
+    assert_eq!(Bed::step(&st, "n1"), "rolled_back", "{st}");
+    assert_eq!(Bed::step(&st, "n2"), "rollback_failed", "{st}");
+    let err = st["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("rollback failed on n2 (") && !err.contains("n1 (") && !err.contains("n3 ("),
+        "the error names n2 alone: {err}"
+    );
+    for n in ["n1", "n3"] {
+        let v = bed.versions(n);
+        assert!(
+            v.contains("4.2.0\tpermanent") && !v.contains("current"),
+            "{n}: {v}"
+        );
+    }
+    // n2 still runs 4.2.1 (installed, not permanent): nothing could reach it.
+    let v = bed.versions("n2");
+    assert!(
+        v.contains("4.2.1\tcurrent") && v.contains("4.2.0\tpermanent"),
+        "n2: {v}"
+    );
+
+    bed.connect("n2", "nodes");
+    let o = bed.cli(&["rollback", "r000001", "--json"]);
+    assert!(
+        o.status.success(),
+        "rollback again: {}{}",
+        stdout(&o),
+        orch_tests::stderr(&o)
+    );
+    bed.wait_for(
+        Duration::from_secs(180),
+        "the retried rollback to end",
+        |b| {
+            matches!(
+                b.status_json("r000001")["phase"].as_str(),
+                Some("rolled_back" | "rollback_failed")
+            )
+        },
+    );
+    let st = bed.status_json("r000001");
+    assert_eq!(st["phase"], "rolled_back", "{st}\n{}", bed.all_logs());
+    assert_eq!(Bed::step(&st, "n2"), "rolled_back", "{st}");
+    assert!(
+        events(&st)
+            .iter()
+            .any(|(_, m)| m.contains("rollback retried by") && m.contains("n2")),
+        "{st}"
+    );
+    for n in ["n1", "n2", "n3"] {
+        let v = bed.versions(n);
+        assert!(
+            v.contains("4.2.0\tpermanent") && !v.contains("current"),
+            "{n}: {v}"
+        );
+    }
+}
