@@ -233,6 +233,9 @@ impl Bed {
             "run".into(),
             "-d".into(),
             "--init".into(),
+            // Slow-link tests shape a coordinator's links with `tc`.
+            "--cap-add".into(),
+            "NET_ADMIN".into(),
             "--name".into(),
             full.clone(),
             "--network".into(),

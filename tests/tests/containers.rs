@@ -476,3 +476,111 @@ fn an_agent_partitioned_in_its_health_gate_is_named_then_rolled_back_by_a_retry(
         );
     }
 }
+
+/// Makes `iface` of `short`'s container a slow link: `tc netem` delay and loss when the
+/// kernel has netem, else a `tbf` bandwidth limit (`rate`). Returns what it set up, or why it
+/// could not (no `tc` in the image, or neither qdisc in the kernel).
+fn slow_link(bed: &Bed, short: &str, iface: &str, rate: &str) -> Result<String, String> {
+    let netem = format!("tc qdisc add dev {iface} root netem delay 80ms 20ms loss 2%");
+    let o = bed.sh(short, &netem);
+    if o.status.success() {
+        return Ok(format!("netem delay 80ms±20ms, loss 2% on {short}/{iface}"));
+    }
+    let why = format!("{}{}", stdout(&o), orch_tests::stderr(&o));
+    let tbf = format!("tc qdisc add dev {iface} root tbf rate {rate} burst 32kbit latency 400ms");
+    let o = bed.sh(short, &tbf);
+    if o.status.success() {
+        return Ok(format!(
+            "tbf rate {rate} on {short}/{iface} (netem unavailable: {})",
+            why.trim()
+        ));
+    }
+    Err(format!(
+        "netem: {}; tbf: {}{}",
+        why.trim(),
+        stdout(&o),
+        orch_tests::stderr(&o)
+    ))
+}
+
+/// Slow links (`tc` in the containers' network namespaces, NET_ADMIN): the coordinators'
+/// links to the nodes and one agent's own link are slowed (netem delay and loss where the
+/// kernel has it, else a bandwidth limit). The rollout still succeeds, every node on 4.2.1
+/// permanent, each installed once. Skipped loudly when `tc` cannot shape here.
+#[test]
+fn a_rollout_over_slow_links_succeeds() {
+    if !docker_or_skip("a_rollout_over_slow_links_succeeds") {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 3));
+    let mut shaped = Vec::new();
+    // A coordinator's second interface is its link to the nodes (the raft network came first).
+    let links = [
+        ("c1", "eth1"),
+        ("c2", "eth1"),
+        ("c3", "eth1"),
+        ("n2", "eth0"),
+    ];
+    for (short, iface) in links {
+        let rate = if short == "n2" { "512kbit" } else { "4mbit" };
+        match slow_link(&bed, short, iface, rate) {
+            Ok(what) => shaped.push(what),
+            Err(why) => {
+                eprintln!(
+                    "!!!!!!!! SKIPPED container test a_rollout_over_slow_links_succeeds: tc cannot shape links here ({why}) !!!!!!!!"
+                );
+                return;
+            }
+        }
+    }
+    println!("slow links: {}", shaped.join("; "));
+    let o = bed.cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "2s",
+        "--healthy-deadline",
+        "90s",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}{}\n{}",
+        stdout(&o),
+        orch_tests::stderr(&o),
+        bed.all_logs()
+    );
+    // The shaping really held packets back (a bandwidth limit counts `overlimits`): the
+    // package crossed a slow link.
+    if shaped.iter().all(|s| s.starts_with("tbf")) {
+        let held: u64 = ["c1", "c2", "c3"]
+            .iter()
+            .map(|c| {
+                let o = bed.sh(c, "tc -s qdisc show dev eth1");
+                stdout(&o)
+                    .split("overlimits ")
+                    .nth(1)
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum();
+        assert!(held > 0, "no packet was ever held back by the shaper");
+        println!("packets held back by the coordinators' shapers: {held}");
+    }
+    let st = bed.status_json("r000001");
+    assert_eq!(st["phase"], "succeeded", "{st}");
+    for n in 1..=3 {
+        let count = events(&st)
+            .iter()
+            .filter(|(_, m)| m.starts_with(&format!("n{n}: installed 4.2.1")))
+            .count();
+        assert_eq!(count, 1, "n{n} installed once\n{st}");
+        let v = bed.versions(&format!("n{n}"));
+        assert!(
+            v.contains("4.2.1\tpermanent") && !v.contains("current"),
+            "n{n}: {v}"
+        );
+    }
+}
