@@ -975,13 +975,13 @@ pub fn check_fences(id: &str, audit: &str, v: &mut Vec<String>) {
         let Some(key) = accepted_fence(line) else {
             continue;
         };
-        if let Some((h, hl)) = highest {
-            if key < h {
-                v.push(format!(
-                    "{id} accepted an older fence {key:?} after {h:?}:\n  {hl}\n  {line}"
-                ));
-                return;
-            }
+        if let Some((h, hl)) = highest
+            && key < h
+        {
+            v.push(format!(
+                "{id} accepted an older fence {key:?} after {h:?}:\n  {hl}\n  {line}"
+            ));
+            return;
         }
         if highest.is_none_or(|(h, _)| key > h) {
             highest = Some((key, line));
