@@ -312,8 +312,9 @@ pub trait Backend {
     fn cli(&self, args: &[&str]) -> Output;
     /// `orchestrator ARGS` against coordinator `id` alone.
     fn cli_via(&self, id: u64, args: &[&str]) -> Output;
-    /// Starts a fault on `who` (`c1`, `n2`).
-    fn inject(&mut self, kind: FaultKind, who: &str);
+    /// Starts a fault on `who` (`c1`, `n2`); false when the fault could not be injected (the
+    /// engine refused, say), which is then not counted.
+    fn inject(&mut self, kind: FaultKind, who: &str) -> bool;
     /// Ends it.
     fn heal(&mut self, f: &Injected);
     /// `versions --json` of node `i`'s own store, read locally (`None`: unreadable).
@@ -333,6 +334,25 @@ fn json_of(o: &Output) -> Option<Value> {
         return None;
     }
     serde_json::from_str(stdout(o).trim()).ok()
+}
+
+/// `docker ARGS`; whether it succeeded (the engine can refuse under load: "unable to freeze").
+fn try_docker(args: &[&str]) -> bool {
+    let o = crate::containers::docker(args);
+    if !o.status.success() {
+        println!("  docker {args:?} failed: {}", stderr(&o).trim());
+    }
+    o.status.success()
+}
+
+/// `docker ARGS` until it succeeds (3 tries): healing must not be skipped by a hiccup.
+fn retry_docker(args: &[&str]) {
+    for _ in 0..3 {
+        if try_docker(args) {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// The leader id as the coordinators report it (0: none answers or none leads).
@@ -438,7 +458,7 @@ impl Backend for ProcessBackend {
         )
     }
 
-    fn inject(&mut self, kind: FaultKind, who: &str) {
+    fn inject(&mut self, kind: FaultKind, who: &str) -> bool {
         let c = self.c_mut();
         match kind {
             FaultKind::KillCoordinator => c.coord(coord_id(who)).kill9(),
@@ -455,6 +475,7 @@ impl Backend for ProcessBackend {
             }
             other => panic!("the process back end cannot inject {}", other.name()),
         }
+        true
     }
 
     fn heal(&mut self, f: &Injected) {
@@ -606,32 +627,48 @@ impl Backend for ContainerBackend {
         self.b().cli_within(&a, Duration::from_secs(60))
     }
 
-    fn inject(&mut self, kind: FaultKind, who: &str) {
-        let b = self.b();
+    fn inject(&mut self, kind: FaultKind, who: &str) -> bool {
+        let c = self.b().container(who);
+        let net = |which: &str| format!("{}-{which}", self.b().name);
         match kind {
-            FaultKind::KillCoordinator | FaultKind::KillAgent => b.kill(who),
-            FaultKind::HangCoordinator | FaultKind::HangAgent => b.pause(who),
-            FaultKind::CutLeaderFromPeers => b.disconnect(who, "raft"),
-            FaultKind::PartitionCoordinator => {
-                b.disconnect(who, "raft");
-                b.disconnect(who, "nodes");
+            FaultKind::KillCoordinator | FaultKind::KillAgent => try_docker(&["kill", &c]),
+            FaultKind::HangCoordinator | FaultKind::HangAgent => try_docker(&["pause", &c]),
+            FaultKind::CutLeaderFromPeers => {
+                try_docker(&["network", "disconnect", &net("raft"), &c])
             }
-            FaultKind::PartitionAgent => b.disconnect(who, "nodes"),
+            FaultKind::PartitionCoordinator => {
+                // Both or nothing: a half-cut coordinator is another fault.
+                try_docker(&["network", "disconnect", &net("raft"), &c])
+                    && (try_docker(&["network", "disconnect", &net("nodes"), &c])
+                        || !try_docker(&[
+                            "network",
+                            "connect",
+                            "--alias",
+                            &format!("{who}-raft"),
+                            &net("raft"),
+                            &c,
+                        ]))
+            }
+            FaultKind::PartitionAgent => try_docker(&["network", "disconnect", &net("nodes"), &c]),
         }
     }
 
     fn heal(&mut self, f: &Injected) {
-        let b = self.b();
-        let who = f.who.as_str();
+        let c = self.b().container(&f.who);
+        let net = |which: &str| format!("{}-{which}", self.b().name);
+        let raft_alias = format!("{}-raft", f.who);
+        let connect = |which: &str, alias: &str| {
+            retry_docker(&["network", "connect", "--alias", alias, &net(which), &c]);
+        };
         match f.kind {
-            FaultKind::KillCoordinator | FaultKind::KillAgent => b.start_again(who),
-            FaultKind::HangCoordinator | FaultKind::HangAgent => b.unpause(who),
-            FaultKind::CutLeaderFromPeers => b.connect(who, "raft"),
+            FaultKind::KillCoordinator | FaultKind::KillAgent => retry_docker(&["start", &c]),
+            FaultKind::HangCoordinator | FaultKind::HangAgent => retry_docker(&["unpause", &c]),
+            FaultKind::CutLeaderFromPeers => connect("raft", &raft_alias),
             FaultKind::PartitionCoordinator => {
-                b.connect(who, "raft");
-                b.connect(who, "nodes");
+                connect("raft", &raft_alias);
+                connect("nodes", &f.who);
             }
-            FaultKind::PartitionAgent => b.connect(who, "nodes"),
+            FaultKind::PartitionAgent => connect("nodes", &f.who),
         }
     }
 
@@ -757,7 +794,13 @@ fn play(b: &mut dyn Backend, plan: &Plan, t0: Instant) -> Vec<FaultKind> {
         if live.values().any(|x| x.who == who) {
             continue;
         }
-        b.inject(f.kind, &who);
+        if !b.inject(f.kind, &who) {
+            println!(
+                "  (could not inject {} on {who}: not counted)",
+                f.kind.name()
+            );
+            continue;
+        }
         done.push(f.kind);
         live.insert(i, Injected { kind: f.kind, who });
     }
