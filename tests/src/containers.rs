@@ -25,8 +25,9 @@ use serde_json::Value;
 
 use crate::{run_bounded, stderr, stdout};
 
-/// The image tests use (built once per test process).
-pub const IMAGE: &str = "orchestrator:test";
+/// The image tag tests use unless `ORCH_TEST_IMAGE` names another (built once per test
+/// process): two checkouts testing at once on one engine must not overwrite each other's image.
+pub const DEFAULT_IMAGE: &str = "orchestrator:test";
 /// How long one `docker` command may take.
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a CLI command may take (a waiting `rollout` included).
@@ -57,10 +58,26 @@ pub fn docker_or_skip(test: &str) -> bool {
     ok
 }
 
-/// Builds [`IMAGE`] from this checkout's debug build, once per process.
+/// The image tag: `ORCH_TEST_IMAGE`, else [`DEFAULT_IMAGE`].
+pub fn image_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        std::env::var("ORCH_TEST_IMAGE")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string())
+    })
+}
+
+/// Builds [`image_tag`] from this checkout's debug build, once per process; with
+/// `ORCH_TEST_IMAGE_BUILT=1` the image is used as it is (a long soak built it first and may
+/// outlive this checkout's build).
 pub fn image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        if std::env::var_os("ORCH_TEST_IMAGE_BUILT").is_some_and(|v| v == "1") {
+            return;
+        }
         // The workspace root is this crate's parent (the target dir may be elsewhere:
         // CARGO_TARGET_DIR); build.sh finds the binaries through CARGO_TARGET_DIR too.
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -70,7 +87,7 @@ pub fn image() -> &'static str {
         let mut cmd = Command::new(root.join("deploy/image/build.sh"));
         let target = crate::target_dir();
         cmd.env("PROFILE", "dev")
-            .env("TAG", IMAGE)
+            .env("TAG", image_tag())
             .env("CARGO_TARGET_DIR", target.parent().unwrap_or(&target))
             .current_dir(&root);
         let o = run_bounded(cmd, Duration::from_secs(1200));
@@ -81,7 +98,7 @@ pub fn image() -> &'static str {
             stderr(&o)
         );
     });
-    IMAGE
+    image_tag()
 }
 
 /// Runs `docker ARGS`, bounded; returns its output whatever the exit status.
@@ -216,6 +233,9 @@ impl Bed {
             "run".into(),
             "-d".into(),
             "--init".into(),
+            // Slow-link tests shape a coordinator's links with `tc`.
+            "--cap-add".into(),
+            "NET_ADMIN".into(),
             "--name".into(),
             full.clone(),
             "--network".into(),
@@ -228,7 +248,7 @@ impl Bed {
             format!("{}-certs:/certs:ro", self.name),
             "-v".into(),
             format!("{data}:/data"),
-            IMAGE.into(),
+            image_tag().into(),
             "coordinator".into(),
             "--id".into(),
             i.to_string(),
@@ -296,7 +316,7 @@ impl Bed {
             }
         }
         args.extend([
-            IMAGE.to_string(),
+            image_tag().to_string(),
             "/usr/local/share/orchestrator/node.sh".into(),
             "--node-id".into(),
             short.to_string(),
@@ -345,7 +365,7 @@ impl Bed {
             &format!("{}-pkgs:/pkgs:ro", self.name),
             "--entrypoint",
             "/bin/sh",
-            IMAGE,
+            image_tag(),
             "-c",
             "read forever",
         ]);

@@ -8,6 +8,7 @@
 //! another crate's binary); build them first with `cargo build --bins` (`cargo test
 //! --workspace` does it too, because crates/cli has integration tests).
 
+pub mod chaos;
 pub mod cluster;
 pub mod containers;
 pub mod http;

@@ -383,3 +383,229 @@ fn a_coordinator_restored_from_an_old_backup_catches_up_quietly() {
         },
     );
 }
+
+/// An agent cut from the network during its health gate: its gate fails by the deadline, the
+/// rollout rolls back the others, and it cannot undo the cut node, so it ends
+/// `rollback_failed` naming exactly that node (the others back on 4.2.0, the untouched one
+/// never changed). Once the node is back on the network, `orchestrator rollback` again brings
+/// it back to 4.2.0 and the rollout ends `rolled_back`.
+#[test]
+fn an_agent_partitioned_in_its_health_gate_is_named_then_rolled_back_by_a_retry() {
+    if !docker_or_skip(
+        "an_agent_partitioned_in_its_health_gate_is_named_then_rolled_back_by_a_retry",
+    ) {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 3));
+    let waiting = bed.spawn_cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "4s",
+        "--healthy-deadline",
+        "15s",
+    ]);
+    bed.wait_for(Duration::from_secs(120), "n2 in its health gate", |b| {
+        Bed::step(&b.status_json(""), "n2") == "verifying"
+    });
+    bed.disconnect("n2", "nodes");
+    let o = waiting.wait(Duration::from_secs(300));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "exit 3: rollback failed\n{}",
+        stdout(&o)
+    );
+    let st = bed.status_json("r000001");
+    assert_eq!(st["phase"], "rollback_failed", "{st}");
+    assert_eq!(Bed::step(&st, "n1"), "rolled_back", "{st}");
+    assert_eq!(Bed::step(&st, "n2"), "rollback_failed", "{st}");
+    let err = st["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("rollback failed on n2 (") && !err.contains("n1 (") && !err.contains("n3 ("),
+        "the error names n2 alone: {err}"
+    );
+    for n in ["n1", "n3"] {
+        let v = bed.versions(n);
+        assert!(
+            v.contains("4.2.0\tpermanent") && !v.contains("current"),
+            "{n}: {v}"
+        );
+    }
+    // n2 still runs 4.2.1 (installed, not permanent): nothing could reach it.
+    let v = bed.versions("n2");
+    assert!(
+        v.contains("4.2.1\tcurrent") && v.contains("4.2.0\tpermanent"),
+        "n2: {v}"
+    );
+
+    bed.connect("n2", "nodes");
+    let o = bed.cli(&["rollback", "r000001", "--json"]);
+    assert!(
+        o.status.success(),
+        "rollback again: {}{}",
+        stdout(&o),
+        orch_tests::stderr(&o)
+    );
+    bed.wait_for(
+        Duration::from_secs(180),
+        "the retried rollback to end",
+        |b| {
+            matches!(
+                b.status_json("r000001")["phase"].as_str(),
+                Some("rolled_back" | "rollback_failed")
+            )
+        },
+    );
+    let st = bed.status_json("r000001");
+    assert_eq!(st["phase"], "rolled_back", "{st}\n{}", bed.all_logs());
+    assert_eq!(Bed::step(&st, "n2"), "rolled_back", "{st}");
+    assert!(
+        events(&st)
+            .iter()
+            .any(|(_, m)| m.contains("rollback retried by") && m.contains("n2")),
+        "{st}"
+    );
+    for n in ["n1", "n2", "n3"] {
+        let v = bed.versions(n);
+        assert!(
+            v.contains("4.2.0\tpermanent") && !v.contains("current"),
+            "{n}: {v}"
+        );
+    }
+}
+
+/// Makes `iface` of `short`'s container a slow link: `tc netem` delay and loss when the
+/// kernel has netem, else a `tbf` bandwidth limit (`rate`). Returns what it set up, or why it
+/// could not (no `tc` in the image, or neither qdisc in the kernel).
+fn slow_link(bed: &Bed, short: &str, iface: &str, rate: &str) -> Result<String, String> {
+    let netem = format!("tc qdisc add dev {iface} root netem delay 80ms 20ms loss 2%");
+    let o = bed.sh(short, &netem);
+    if o.status.success() {
+        return Ok(format!("netem delay 80ms±20ms, loss 2% on {short}/{iface}"));
+    }
+    let why = format!("{}{}", stdout(&o), orch_tests::stderr(&o));
+    let tbf = format!("tc qdisc add dev {iface} root tbf rate {rate} burst 32kbit latency 400ms");
+    let o = bed.sh(short, &tbf);
+    if o.status.success() {
+        return Ok(format!(
+            "tbf rate {rate} on {short}/{iface} (netem unavailable: {})",
+            why.trim()
+        ));
+    }
+    Err(format!(
+        "netem: {}; tbf: {}{}",
+        why.trim(),
+        stdout(&o),
+        orch_tests::stderr(&o)
+    ))
+}
+
+/// Slow links (`tc` in the containers' network namespaces, NET_ADMIN): the coordinators'
+/// links to the nodes and one agent's own link are slowed (netem delay and loss where the
+/// kernel has it, else a bandwidth limit). The rollout succeeds, every node on 4.2.1
+/// permanent, each installed once; or (an open issue, docs/resilience.md) staging fails
+/// cleanly: `aborted`, nothing installed anywhere. Skipped loudly when `tc` cannot shape here.
+#[test]
+fn a_rollout_over_slow_links_succeeds() {
+    if !docker_or_skip("a_rollout_over_slow_links_succeeds") {
+        return;
+    }
+    let bed = Bed::start(BedOpts::new(3, 3));
+    let mut shaped = Vec::new();
+    // A coordinator's second interface is its link to the nodes (the raft network came first).
+    let links = [
+        ("c1", "eth1"),
+        ("c2", "eth1"),
+        ("c3", "eth1"),
+        ("n2", "eth0"),
+    ];
+    for (short, iface) in links {
+        let rate = if short == "n2" { "512kbit" } else { "4mbit" };
+        match slow_link(&bed, short, iface, rate) {
+            Ok(what) => shaped.push(what),
+            Err(why) => {
+                eprintln!(
+                    "!!!!!!!! SKIPPED container test a_rollout_over_slow_links_succeeds: tc cannot shape links here ({why}) !!!!!!!!"
+                );
+                return;
+            }
+        }
+    }
+    println!("slow links: {}", shaped.join("; "));
+    let o = bed.cli(&[
+        "rollout",
+        "4.2.1",
+        "--package",
+        PKG1,
+        "--min-healthy-time",
+        "2s",
+        "--healthy-deadline",
+        "90s",
+    ]);
+    // The shaping really held packets back (a bandwidth limit counts `overlimits`): the
+    // package crossed a slow link.
+    if shaped.iter().all(|s| s.starts_with("tbf")) {
+        let held: u64 = ["c1", "c2", "c3"]
+            .iter()
+            .map(|c| {
+                let o = bed.sh(c, "tc -s qdisc show dev eth1");
+                stdout(&o)
+                    .split("overlimits ")
+                    .nth(1)
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum();
+        assert!(held > 0, "no packet was ever held back by the shaper");
+        println!("packets held back by the coordinators' shapers: {held}");
+    }
+    let st = bed.status_json("r000001");
+    if st["phase"] == "aborted" {
+        // Open (docs/resilience.md): on a saturated link the step's liveness pings can time
+        // out behind the push, and staging fails as "agent unreachable" before the push's
+        // budget. It must fail cleanly: in staging, nothing installed anywhere.
+        let err = st["error"].as_str().unwrap_or_default();
+        assert!(err.contains("staging 4.2.1 failed"), "{st}");
+        assert!(
+            events(&st)
+                .iter()
+                .any(|(_, m)| m.contains("nothing to roll back")),
+            "{st}"
+        );
+        assert!(!o.status.success());
+        for n in 1..=3 {
+            let v = bed.versions(&format!("n{n}"));
+            assert!(
+                v.contains("4.2.0\tpermanent") && !v.contains("4.2.1\tcurrent"),
+                "n{n}: {v}"
+            );
+        }
+        println!("!!!!!!!! the slow links failed staging (cleanly): {err} !!!!!!!!");
+        return;
+    }
+    assert!(
+        o.status.success(),
+        "{}{}\n{}",
+        stdout(&o),
+        orch_tests::stderr(&o),
+        bed.all_logs()
+    );
+    let st = bed.status_json("r000001");
+    assert_eq!(st["phase"], "succeeded", "{st}");
+    for n in 1..=3 {
+        let count = events(&st)
+            .iter()
+            .filter(|(_, m)| m.starts_with(&format!("n{n}: installed 4.2.1")))
+            .count();
+        assert_eq!(count, 1, "n{n} installed once\n{st}");
+        let v = bed.versions(&format!("n{n}"));
+        assert!(
+            v.contains("4.2.1\tpermanent") && !v.contains("current"),
+            "n{n}: {v}"
+        );
+    }
+}

@@ -145,7 +145,9 @@
 //!     cancelled; an install, downgrade or commit in flight is waited for before its node is
 //!     undone. A failed undo step or gate marks that node `rollback_failed` and the rollback
 //!     goes on with the others; the end is `rolled_back`, or `rollback_failed` with an error
-//!     naming the nodes that need a person. If no node was touched (a staging failure, or a
+//!     naming the nodes that need a person. `rollback` on a `rollback_failed` rollout (the
+//!     only command a finished rollout takes) retries exactly the failed undo step or gate of
+//!     each such node whose previous version is known, and ends again. If no node was touched (a staging failure, or a
 //!     refused install), there is nothing to undo: `aborted`.
 //!   - `pause`: enter **paused**; in-flight actions still complete and are recorded. `resume`
 //!     retries exactly the failed step of each failed node (a failed health gate is re-run, not

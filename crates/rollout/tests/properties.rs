@@ -208,6 +208,8 @@ struct Sim {
     changes: HashMap<NodeId, Vec<(u64, Answer)>>,
     /// Per node: the undo steps issued during rollback.
     undos: HashMap<NodeId, Vec<ActionKind>>,
+    /// Nodes an undo step failed on (it may have changed the node; `rollback` again retries it).
+    undo_failed: HashSet<NodeId>,
     /// Nodes in the order their rollback started.
     rollback_visits: Vec<NodeId>,
     answered: Vec<(u64, ActionResult)>,
@@ -252,6 +254,7 @@ impl Sim {
             last_seq: 0,
             changes: HashMap::new(),
             undos: HashMap::new(),
+            undo_failed: HashSet::new(),
             rollback_visits: Vec::new(),
             answered: Vec::new(),
             promoted: false,
@@ -292,9 +295,11 @@ impl Sim {
 
     /// A forward change on the node failed without saying whether it changed anything.
     fn uncertain(&self, node: &NodeId) -> bool {
-        self.changes
-            .get(node)
-            .is_some_and(|c| c.iter().any(|(_, a)| *a == Answer::Failed))
+        self.undo_failed.contains(node)
+            || self
+                .changes
+                .get(node)
+                .is_some_and(|c| c.iter().any(|(_, a)| *a == Answer::Failed))
     }
 
     /// Applies an event and checks the invariants that hold after every single event.
@@ -570,6 +575,25 @@ impl Sim {
         let result = self.perform(&a, fail);
         if matches!(result, ActionResult::Refused { .. }) {
             self.refusals += 1;
+        }
+        // A failed undo step may be issued again by `rollback` after `rollback_failed`.
+        let undo = matches!(
+            a.kind,
+            ActionKind::Install { .. } | ActionKind::Downgrade { .. }
+        ) && self
+            .r
+            .node(&a.node)
+            .is_some_and(|p| p.step == NodeStep::RollingBack);
+        if undo
+            && matches!(
+                result,
+                ActionResult::Failed { .. } | ActionResult::Refused { .. }
+            )
+        {
+            self.undo_failed.insert(a.node.clone());
+            if let Some(u) = self.undos.get_mut(&a.node) {
+                u.retain(|k| *k != a.kind);
+            }
         }
         if let Some(c) = self.changes.get_mut(&a.node)
             && let Some(entry) = c.iter_mut().find(|(s, _)| *s == a.seq)

@@ -774,6 +774,69 @@ fn downgrade_failure_continues_and_ends_rollback_failed_naming_the_node() {
     h.check();
 }
 
+/// `rollback` again after `rollback_failed` (someone fixed the node): only the failed node's
+/// undo step is issued again; when it succeeds the rollout ends `rolled_back`, its error the
+/// original cause. A second failure ends `rollback_failed` again, and a retry is possible
+/// again.
+#[test]
+fn rollback_failed_is_retried_by_rollback_again() {
+    let mut h = H::new(spec(2));
+    h.run_to_upgrading();
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.done(g[0].seq);
+    let a = h.issue();
+    h.done(a[0].seq);
+    let g = h.issue();
+    h.fail(g[0].seq, "probe timeout");
+    let d2 = h.issue();
+    assert_eq!(kinds(&d2), [k("n2", "downgrade")]);
+    h.fail(d2[0].seq, "agent unreachable");
+    let d1 = h.issue();
+    assert_eq!(kinds(&d1), [k("n1", "downgrade")]);
+    h.done(d1[0].seq);
+    let g1 = h.issue();
+    h.done(g1[0].seq);
+    assert_eq!(h.phase(), Phase::RollbackFailed);
+    assert!(h.issue().is_empty());
+
+    for attempt in 0..2 {
+        h.cmd(Command::Rollback).unwrap();
+        assert_eq!(h.phase(), Phase::RollingBack);
+        assert_eq!(h.step("n1"), NodeStep::RolledBack);
+        assert!(h.has_event("rollback retried by alice: rolling back n2 again"));
+        let err = h.r.error().unwrap();
+        assert!(!err.contains("rollback failed on"), "{err}");
+        assert!(err.contains("probe timeout"), "{err}");
+        let d = h.issue();
+        assert_eq!(kinds(&d), [k("n2", "downgrade")], "only n2 again");
+        if attempt == 0 {
+            h.fail(d[0].seq, "still unreachable");
+            assert_eq!(h.phase(), Phase::RollbackFailed);
+            assert!(
+                h.r.error().unwrap().contains(
+                    "rollback failed on n2 (downgrade to 4.2.0 failed: still unreachable)"
+                )
+            );
+            continue;
+        }
+        h.done(d[0].seq);
+        let g = h.issue();
+        assert_eq!(kinds(&g), [k("n2", "health_gate")]);
+        h.done(g[0].seq);
+    }
+    assert_eq!(h.phase(), Phase::RolledBack);
+    assert_eq!(h.steps(), [NodeStep::RolledBack, NodeStep::RolledBack]);
+    assert!(h.r.error().unwrap().contains("probe timeout"));
+    // Ended for good now.
+    assert!(matches!(
+        h.cmd(Command::Rollback),
+        Err(Rejected::Ended { .. })
+    ));
+    h.check();
+}
+
 #[test]
 fn rollback_health_gate_failure_is_a_rollback_failure() {
     let mut s = spec(2);
@@ -1359,6 +1422,10 @@ fn commands_on_terminal_phases_are_rejected() {
             Command::Rollback,
             Command::Promote,
         ] {
+            if c == Command::Rollback && phase == Phase::RollbackFailed {
+                // Retried instead (rollback_failed_is_retried_by_rollback_again).
+                continue;
+            }
             let err = h.cmd(c).unwrap_err();
             assert_eq!(
                 err,

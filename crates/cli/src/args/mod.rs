@@ -105,7 +105,8 @@ pub enum Command {
     /// Stop a rollout now, leaving nodes as they are.
     #[command(after_long_help = "Example:\n  orchestrator abort r000003")]
     Abort(RolloutRefArgs),
-    /// Downgrade every node the rollout touched, in reverse order.
+    /// Downgrade every node the rollout touched, in reverse order (on a rollout that ended
+    /// rollback_failed: retry the nodes it names).
     #[command(after_long_help = "Example:\n  orchestrator rollback r000003")]
     Rollback(RolloutRefArgs),
     /// Continue a canary rollout past its canary nodes.

@@ -209,6 +209,17 @@ impl ClusterState {
     }
 
     fn apply_rollout_event(&mut self, id: RolloutId, entry: &LogEntry, term: u64) -> Response {
+        // Retrying the rollback of a rollout that ended `rollback_failed` makes it run again:
+        // only while no newer rollout exists (one rollout at a time, never an older one over
+        // a newer one's nodes).
+        if let orch_rollout::Event::Command(orch_rollout::Command::Rollback) = entry.event
+            && self.rollouts.get(&id).is_some_and(|r| r.is_finished())
+            && let Some(newer) = self.rollouts.keys().next_back().filter(|n| **n > id)
+        {
+            return Response::Rejected(format!(
+                "cannot roll back {id} again: rollout {newer} came after it; roll the nodes back with a new rollout to their previous version instead"
+            ));
+        }
         let Some(r) = self.rollouts.get_mut(&id) else {
             return Response::Rejected(format!("no rollout {id}"));
         };

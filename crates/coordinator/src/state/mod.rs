@@ -398,6 +398,72 @@ mod tests {
         assert_eq!(s.rollouts[&RolloutId(1)].in_flight().len(), 1);
     }
 
+    /// Drives rollout r000001 (one node) to `rollback_failed`: its health gate and then its
+    /// downgrade fail.
+    fn rollback_failed_cluster() -> ClusterState {
+        let mut s = cluster();
+        for _ in 0..20 {
+            if s.rollouts[&RolloutId(1)].is_finished() {
+                break;
+            }
+            s.apply(&rollout_cmd(Event::IssueActions));
+            for a in s.rollouts[&RolloutId(1)].in_flight().to_vec() {
+                let result = match a.kind {
+                    orch_rollout::ActionKind::Preflight => ActionResult::Preflight {
+                        running: "4.2.0".parse().unwrap(),
+                        free_disk: u64::MAX,
+                        releases: Vec::new(),
+                    },
+                    orch_rollout::ActionKind::HealthGate { .. }
+                    | orch_rollout::ActionKind::Downgrade { .. } => ActionResult::Failed {
+                        error: "unreachable".into(),
+                    },
+                    _ => ActionResult::Done,
+                };
+                s.apply(&rollout_cmd(Event::Result { seq: a.seq, result }));
+            }
+        }
+        assert_eq!(
+            s.rollouts[&RolloutId(1)].phase(),
+            orch_types::rollout::Phase::RollbackFailed
+        );
+        s
+    }
+
+    #[test]
+    fn rollback_again_retries_a_rollback_failed_rollout_unless_a_newer_one_exists() {
+        let retry = rollout_cmd(Event::Command(orch_rollout::Command::Rollback));
+        let mut s = rollback_failed_cluster();
+        assert!(
+            matches!(
+                s.apply(&retry),
+                Response::Rollout {
+                    phase: orch_types::rollout::Phase::RollingBack,
+                    ..
+                }
+            ),
+            "retried"
+        );
+        let mut s = rollback_failed_cluster();
+        let n1: NodeId = "n1".parse().unwrap();
+        let spec = RolloutSpec::new("r000002", "4.2.2".parse().unwrap(), vec![n1], "test");
+        assert!(matches!(
+            s.apply(&Command::CreateRollout { spec, at_ms: 0 }),
+            Response::Created { .. }
+        ));
+        match s.apply(&retry) {
+            Response::Rejected(why) => assert!(
+                why.contains("cannot roll back r000001 again: rollout r000002 came after it"),
+                "{why}"
+            ),
+            other => panic!("not refused: {other:?}"),
+        }
+        assert_eq!(
+            s.rollouts[&RolloutId(1)].phase(),
+            orch_types::rollout::Phase::RollbackFailed
+        );
+    }
+
     #[test]
     fn a_conditional_result_lands_only_on_exactly_that_action() {
         let mut s = cluster();

@@ -10,6 +10,14 @@ impl Rollout {
         command: Command,
         cx: &mut Ctx<'_>,
     ) -> Result<Outcome, Rejected> {
+        let by = cx.by.to_string();
+        if command == Command::Rollback && self.retry_rollback(&by, cx) {
+            return Ok(Outcome::Applied {
+                phase: self.phase(),
+                issued: Vec::new(),
+                cancelled: std::mem::take(&mut cx.cancelled),
+            });
+        }
         if self.phase.is_terminal() {
             return Err(Rejected::Ended {
                 command,
@@ -17,7 +25,6 @@ impl Rollout {
                 phase: self.phase,
             });
         }
-        let by = cx.by.to_string();
         match command {
             Command::Pause => self.pause(&by, cx)?,
             Command::Resume => self.resume(&by, cx)?,
@@ -114,6 +121,50 @@ impl Rollout {
             self.advance(cx);
         }
         Ok(())
+    }
+
+    /// `rollback` of a rollout that ended `rollback_failed`: the nodes that need a person get
+    /// their failed undo step (or health gate) again, once someone fixed what stopped it (an
+    /// agent back on the network, a release restored). Nodes whose previous version is unknown
+    /// stay failed. `false` (nothing changed) when there is nothing to retry.
+    fn retry_rollback(&mut self, by: &str, cx: &mut Ctx<'_>) -> bool {
+        if self.phase != Phase::RollbackFailed {
+            return false;
+        }
+        let retry: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].step() == NodeStep::RollbackFailed && self.undo_program(i).1.is_some()
+            })
+            .collect();
+        if retry.is_empty() {
+            return false;
+        }
+        for &i in &retry {
+            // `undone` and `downgraded` stay: the step that failed is the one issued again.
+            let n = &mut self.nodes[i];
+            n.progress.step = NodeStep::RollingBack;
+            n.progress.error = None;
+        }
+        // The cause stays; the verdict of the failed attempt goes (a new end writes its own).
+        if let Some(e) = &mut self.error
+            && let Some(at) = e.find("rollback failed on ")
+        {
+            e.truncate(at);
+            let kept = e.trim_end_matches([';', ' ']).len();
+            e.truncate(kept);
+        }
+        if self.error.as_deref() == Some("") {
+            self.error = None;
+        }
+        self.phase = Phase::RollingBack;
+        let ids: Vec<&NodeId> = retry.iter().map(|&i| self.nodes[i].id()).collect();
+        let msg = format!(
+            "rollback retried by {by}: rolling back {} again",
+            join_ids(ids)
+        );
+        self.record(cx, msg);
+        self.advance(cx);
+        true
     }
 
     fn promote(&mut self, by: &str, cx: &mut Ctx<'_>) -> Result<(), Rejected> {
