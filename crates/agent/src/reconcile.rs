@@ -1,6 +1,9 @@
 //! Repairing the store after the managed service restarted on its own (a node reboot, a
 //! crash and restart by its supervisor): a restarted service runs its *permanent* release, so a
-//! release still recorded as `current` is not running any more and becomes `unpacked`.
+//! release still recorded as `current` is not running any more and becomes `unpacked`. And
+//! after the agent itself died mid-switch: the activation hook (its own process group) finished
+//! the switch but the agent never recorded it, so the service runs a release recorded as
+//! `unpacked` or `old`; the switch is recorded then (`orch_release::rules::reconcile_reported`).
 //!
 //! Reads never do this (a single probe that happens to see the permanent version must not
 //! change the node). The agent reconciles:

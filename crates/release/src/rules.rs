@@ -173,6 +173,53 @@ impl Releases {
     }
 }
 
+/// What the table becomes when the service reports that it runs `reported`, with the line that
+/// says why; `None` when the table already says so, or when nothing can be concluded.
+/// - It runs the permanent release while another is current: the node was restarted and booted
+///   the permanent one, so the former current release is `unpacked`.
+/// - It runs a release recorded as `unpacked` or `old`: a switch to it ran (the activation hook
+///   finished) but the agent stopped before recording it, so it is recorded now as the install
+///   (or downgrade) that happened, without running the hook again. Otherwise a rollback's
+///   downgrade to the recorded current release would answer "already current" while the
+///   service keeps running the other one.
+pub fn reconcile_reported(table: &Releases, reported: Version) -> Option<(Releases, String)> {
+    let running = table.running()?;
+    if table.permanent() == Some(reported)
+        && let Some(cur) = table.current()
+    {
+        let mut next = table.clone();
+        next.restarted();
+        return Some((
+            next,
+            format!(
+                "The service runs the permanent release {reported}: it was restarted, so {cur} is now unpacked"
+            ),
+        ));
+    }
+    if running == reported {
+        return None;
+    }
+    let op = match table.state(&reported)? {
+        ReleaseState::Unpacked => Op::Install {
+            version: reported,
+            permanent: false,
+        },
+        ReleaseState::Old => Op::Downgrade(reported),
+        ReleaseState::Current | ReleaseState::Permanent => return None,
+    };
+    match plan(table, op, None) {
+        Ok(Plan::Apply(c)) if c.unpack.is_none() && c.delete.is_none() && c.switch.is_some() => {
+            Some((
+                c.next,
+                format!(
+                    "The service runs {reported}, not the recorded {running}: a switch to it finished but was not recorded (the agent stopped), so {reported} is now current"
+                ),
+            ))
+        }
+        _ => None,
+    }
+}
+
 fn patch_check(running: Option<Version>, to: Version, verb: &str) -> Result<(), Refusal> {
     match running {
         Some(from) if !from.is_patch_hop(&to) => Err(Refusal(format!(

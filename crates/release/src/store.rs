@@ -192,17 +192,11 @@ impl Store {
     /// the permanent release): the former current release becomes `unpacked`.
     pub fn reconcile_running(&self, reported: Version) -> Result<Outcome> {
         self.with_lock("reconcile", |table| {
-            if table.permanent() == Some(reported)
-                && let Some(cur) = table.current()
-            {
-                let mut next = table.clone();
-                next.restarted();
+            if let Some((next, why)) = rules::reconcile_reported(table, reported) {
                 self.save(&next)?;
                 *table = next;
                 return Ok(Outcome {
-                    messages: vec![format!(
-                        "The service runs the permanent release {reported}: it was restarted, so {cur} is now unpacked"
-                    )],
+                    messages: vec![why],
                     notes: vec![],
                     changed: true,
                     activation: None,

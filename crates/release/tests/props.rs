@@ -119,10 +119,11 @@ fn run_case(pkgs: &Packages, cmds: &[Cmd]) -> Result<(), TestCaseError> {
         let outside = |i: usize| Some(pkgs.zips[i].display().to_string());
         if let Cmd::Reported(i) = c {
             let r = store.reconcile_running(ver(*i)).unwrap();
-            let restarted = model.permanent() == Some(ver(*i)) && model.current().is_some();
-            prop_assert_eq!(r.changed, restarted, "{}", ctx);
-            if restarted {
-                model.restarted();
+            let expected = orch_release::rules::reconcile_reported(&model, ver(*i));
+            prop_assert_eq!(r.changed, expected.is_some(), "{}", ctx);
+            if let Some((next, why)) = expected {
+                prop_assert_eq!(&r.messages, &vec![why], "{}", ctx);
+                model = next;
             }
             check_disk(&store, &model)?;
             continue;

@@ -845,3 +845,36 @@ fn relative_root_dir_gives_the_hook_usable_paths() {
         "the hook must get absolute paths (it runs in ROOT)"
     );
 }
+
+/// Regression (found by the chaos runs): an agent killed after the activation hook switched the
+/// service but before the switch was recorded restarts with the new release `unpacked` while the
+/// service runs it. Reconciling records the switch, so a rollback's downgrade really switches
+/// back instead of answering "already current".
+#[test]
+fn reconcile_running_records_a_switch_that_finished_unrecorded() {
+    let fx = Fx::new();
+    fx.pkg("4.2.0", &Spec::default());
+    fx.pkg("4.2.1", &Spec::default());
+    let store = open(&fx.root);
+    store.install(&lookup("4.2.0"), true).unwrap();
+    store.unpack(&lookup("4.2.1")).unwrap();
+    let o = store.reconcile_running(v("4.2.1")).unwrap();
+    assert!(o.changed, "{o:?}");
+    assert!(
+        msgs(&o).contains("a switch to it finished but was not recorded"),
+        "{o:?}"
+    );
+    assert_eq!(o.activation, None, "the hook already ran: {o:?}");
+    assert_eq!(
+        listing(&open(&fx.root)),
+        "Installed versions:\n* 4.2.1\tcurrent\n* 4.2.0\tpermanent\n"
+    );
+    assert!(!store.reconcile_running(v("4.2.1")).unwrap().changed);
+    // The rollback's downgrade now switches the service back.
+    let o = store.downgrade(v("4.2.0")).unwrap();
+    assert!(o.changed && o.activation.is_some(), "{o:?}");
+    assert_eq!(store.running().unwrap(), Some(v("4.2.0")));
+    // An unknown version says nothing certain: nothing changes.
+    assert!(!store.reconcile_running(v("4.2.9")).unwrap().changed);
+    assert_consistent(&store);
+}
