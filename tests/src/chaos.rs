@@ -1044,7 +1044,7 @@ fn check_agreement(b: &dyn Backend, id: &str, st: &Value, v: &mut Vec<String>) {
         let mut first: Option<Value> = None;
         for c in 1..=b.coordinators() as u64 {
             let o = b.cli_via(c, &["status", id, "--json", "--stale", "--timeout", "3s"]);
-            match (json_of(&o), &first) {
+            match (json_of(&o).map(replicated), &first) {
                 (Some(mine), None) if mine["phase"] == st["phase"] => first = Some(mine),
                 (Some(mine), Some(f)) if mine == *f => {}
                 (Some(mine), _) => differ.push(format!(
@@ -1065,6 +1065,20 @@ fn check_agreement(b: &dyn Backend, id: &str, st: &Value, v: &mut Vec<String>) {
         st["phase"],
         differ.join("; ")
     ));
+}
+
+/// A status without what is not replicated: `stale` (the CLI marks a follower's answer) and
+/// each node's `healthy_since_ms` (the leader's volatile health-gate progress).
+fn replicated(mut status: Value) -> Value {
+    if let Some(o) = status.as_object_mut() {
+        o.remove("stale");
+    }
+    if let Some(nodes) = status["nodes"].as_array_mut() {
+        for n in nodes.iter_mut().filter_map(Value::as_object_mut) {
+            n.remove("healthy_since_ms");
+        }
+    }
+    status
 }
 
 /// Invariant 6: the rollout's package is held by a majority of the coordinators.

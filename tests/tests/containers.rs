@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use orch_tests::containers::{Bed, BedOpts, docker_or_skip};
-use orch_tests::stdout;
+use orch_tests::{stderr, stdout};
 use serde_json::Value;
 
 const PKG1: &str = "/pkgs/ok/demo-service-4.2.1.zip";
@@ -294,14 +294,16 @@ fn a_full_disk_refuses_the_rollout_with_nothing_installed() {
         "30s",
     ]);
     assert!(!o.status.success(), "{}", stdout(&o));
-    let st = bed.status_json("r000001");
-    assert_eq!(st["phase"], "aborted", "{st}");
-    let err = st["error"].as_str().unwrap_or_default();
+    // Preflight refuses before anything is recorded or uploaded: the error says why, and the
+    // history holds no rollout.
+    let err = stderr(&o);
     assert!(
         err.contains("disk") || err.contains("space"),
         "the refusal says why: {err}"
     );
     println!("refused: {err}");
+    let rollouts = bed.cli_json(&["rollouts", "--all", "--json"]);
+    assert_eq!(rollouts, serde_json::json!([]), "nothing recorded");
     for n in ["n1", "n2", "n3"] {
         let v = bed.versions(n);
         assert!(
