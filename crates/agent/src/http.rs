@@ -21,12 +21,7 @@ struct AgentRoutes {
 impl Routes for AgentRoutes {
     fn route(&self, req: Request, _caller: Caller) -> ResponseFuture {
         let shared = self.shared.clone();
-        let accept = req
-            .headers()
-            .get(hyper::header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let accept = orch_http::accept(&req);
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         Box::pin(async move {
             match (&method, path.as_str()) {

@@ -44,12 +44,7 @@ impl Routes for CoordinatorRoutes {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or_default().to_string();
-        let accept = req
-            .headers()
-            .get(hyper::header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let accept = orch_http::accept(&req);
         let shared = self.shared.clone();
         let metrics = self.metrics.clone();
         let data_dir = self.data_dir.clone();

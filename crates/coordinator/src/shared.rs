@@ -201,9 +201,16 @@ impl Shared {
         let (n, a) = (node.to_string(), addr.to_string());
         // Bounded by probe_node's own 3 s timeout.
         let probe = tokio::spawn(async move {
-            let r = me.probe_node(&n, &a).await;
-            me.probes.done(&n);
-            r
+            // Cleared however the probe ends (a panic included), or the node would never be
+            // probed again.
+            struct Done<'a>(&'a ProbeCache, &'a str);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.done(self.1);
+                }
+            }
+            let _done = Done(&me.probes, &n);
+            me.probe_node(&n, &a).await
         });
         match tokio::time::timeout(CACHED_PROBE_WAIT, probe).await {
             Ok(Ok(r)) => r,

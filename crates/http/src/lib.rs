@@ -23,6 +23,16 @@ pub use server::{HttpConfig, serve};
 /// A request as the routes see it: its body is never read by this crate.
 pub type Request = hyper::Request<hyper::body::Incoming>;
 
+/// The request's `Accept` header, empty when absent or not text: the format `/metrics` answers
+/// in depends on it ([`metrics`]).
+pub fn accept(req: &Request) -> String {
+    req.headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// A boxed response future, so that routes can be async without a macro crate.
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
 
