@@ -727,6 +727,9 @@ pub struct RunReport {
     /// `rollback` commands sent again after `rollback_failed`.
     pub rollback_retries: u32,
     pub took: Duration,
+    /// Agents killed (a container: restarted, so its node booted its permanent release), with
+    /// the wall-clock ms just before the kill.
+    pub agent_kills: Vec<(String, u64)>,
 }
 
 /// `4.2.N`.
@@ -762,7 +765,7 @@ fn start_rollout(b: &mut dyn Backend, plan: &Plan, to: &str, pkg: &str) -> Resul
 
 /// Plays the schedule from `t0`; returns the faults injected. Every fault is healed before it
 /// returns.
-fn play(b: &mut dyn Backend, plan: &Plan, t0: Instant) -> Vec<FaultKind> {
+fn play(b: &mut dyn Backend, plan: &Plan, t0: Instant, report: &mut RunReport) {
     // (when, start?, index into plan.faults)
     let mut agenda: Vec<(Duration, bool, usize)> = Vec::new();
     for (i, f) in plan.faults.iter().enumerate() {
@@ -795,6 +798,7 @@ fn play(b: &mut dyn Backend, plan: &Plan, t0: Instant) -> Vec<FaultKind> {
         if live.values().any(|x| x.who == who) {
             continue;
         }
+        let at_ms = wall_ms();
         if !b.inject(f.kind, &who) {
             println!(
                 "  (could not inject {} on {who}: not counted)",
@@ -803,12 +807,34 @@ fn play(b: &mut dyn Backend, plan: &Plan, t0: Instant) -> Vec<FaultKind> {
             continue;
         }
         done.push(f.kind);
+        if f.kind == FaultKind::KillAgent {
+            report.agent_kills.push((who.clone(), at_ms));
+        }
         live.insert(i, Injected { kind: f.kind, who });
     }
     for inj in live.values() {
         b.heal(inj);
     }
-    done
+    report.faults = done;
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// With `--no-permanent`, when node `id` last confirmed the target before the rollout ended
+/// (its final check's event), in the coordinators' wall-clock ms.
+fn final_check_ms(st: &Value, id: &str, to: &str) -> Option<u64> {
+    let needle = format!("{id}: still runs {to}, healthy");
+    st["events"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|e| e["message"].as_str() == Some(needle.as_str()))
+        .and_then(|e| e["at_ms"].as_u64())
 }
 
 /// Polls the rollout until it ends; promotes a waiting canary and rolls back a paused one, as
@@ -852,6 +878,7 @@ pub fn run_one(b: &mut dyn Backend, seed: u64, from: &str, to: &str) -> RunRepor
         all_on: None,
         rollback_retries: 0,
         took: Duration::ZERO,
+        agent_kills: Vec::new(),
     };
     let pkg = b.package(to, plan.broken);
     // What each node runs and holds permanent before: a node the rollout never touched, or a
@@ -867,7 +894,7 @@ pub fn run_one(b: &mut dyn Backend, seed: u64, from: &str, to: &str) -> RunRepor
             return report;
         }
     }
-    report.faults = play(b, &plan, Instant::now());
+    play(b, &plan, Instant::now(), &mut report);
     let (mut st, mut ended) = settle(b, &report.rollout);
     // Everything is healed: a node that could not be rolled back can be now (`rollback` again,
     // as the operator of a `rollback_failed` rollout would).
@@ -953,9 +980,23 @@ fn check_invariants(
             .and_then(|x| x.as_ref())
             .map(|(_, p)| p.as_str());
         let back = run == from && (perm == from || Some(perm.as_str()) == perm_before);
+        // A `--no-permanent` success promises the target ran on each node at its final check;
+        // a node whose agent was killed (its container restarted) after that boots its
+        // permanent release, as the operator was told.
+        let rebooted_after_check = final_check_ms(st, &id, to).is_some_and(|checked| {
+            report
+                .agent_kills
+                .iter()
+                // The time is taken just before `docker kill`, which takes a moment: a
+                // check answered in that moment still counts as before the kill.
+                .any(|(who, at)| *who == id && at + 1_000 >= checked)
+        });
         let ok = match phase {
             "succeeded" if plan.permanent => run == to && perm == to,
-            "succeeded" => run == to && Some(perm.as_str()) == perm_before,
+            "succeeded" => {
+                Some(perm.as_str()) == perm_before
+                    && (run == to || (rebooted_after_check && run == perm))
+            }
             "rolled_back" | "aborted" => back,
             "rollback_failed" => named != back,
             _ => false,

@@ -1524,6 +1524,7 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         failure_threshold: rng.bool().then(|| extreme_u32(rng)),
         // Not drawn from `rng`: the stream (and so every seeded case) stays as it was.
         keep_releases: None,
+        bake_ms: None,
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),

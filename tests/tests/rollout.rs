@@ -754,6 +754,12 @@ fn no_permanent_leaves_the_new_release_current_and_the_old_one_permanent() {
         assert_eq!(json_step(&st, n), "upgraded", "{st}");
         assert_eq!(count_events(&st, &format!("{n}: make 4.2.1 permanent")), 0);
         assert_eq!(c.node(n).audit_count(" permanent "), 0);
+        // Without a commit, a final check confirms every node still runs the target.
+        assert_eq!(
+            count_events(&st, &format!("{n}: still runs 4.2.1, healthy")),
+            1,
+            "{st}"
+        );
     }
     let nodes = c.nodes_json();
     assert_nodes(

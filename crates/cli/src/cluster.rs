@@ -276,6 +276,7 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
         preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
         failure_threshold: a.failure_threshold,
         keep_releases: (a.keep_releases > 0).then_some(a.keep_releases),
+        bake_ms: a.bake.map(|d| d.as_millis() as u64),
     }
 }
 

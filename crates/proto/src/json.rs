@@ -29,6 +29,7 @@ pub fn status_json(s: &pb::RolloutStatus) -> Value {
         "gate": {
             "min_healthy_ms": s.min_healthy_ms,
             "healthy_deadline_ms": s.healthy_deadline_ms,
+            "bake_ms": s.bake_ms,
         },
         "nodes": s.nodes.iter().map(|n| json!({
             "id": n.id,

@@ -123,9 +123,18 @@
 //!   their own batch(es) (chunked by `batch_size`; no batch straddles the boundary); when they
 //!   are healthy the phase stays `upgrading` with [`Rollout::awaiting_promotion`] set, until
 //!   `promote`. If the canary covers every node, the wait comes before committing.
+//! - **baking** (with `bake_ms > 0`, `--bake`, or with `permanent: false`): every non-skipped
+//!   node gets a second `HealthGate` at once, expecting the target. With a bake it must stay
+//!   healthy for `bake_ms` and one probe answered unhealthy fails it (failure threshold 1);
+//!   the deadline is the bake plus `healthy_deadline_ms`. Without a bake (`--no-permanent`
+//!   alone) it is a final check, one healthy probe with the spec's failure threshold: a
+//!   rollout that does not commit would otherwise end `succeeded` with a node that restarted
+//!   after its gate back on its permanent release (a rebooted node boots it). A failure here
+//!   is a node failure like any other (`on_failure`): the target is still only `current`, so
+//!   a rollback is the usual one.
 //! - **committing**: `Commit` every upgraded node whose target is not permanent yet (bounded like
 //!   staging). With `permanent: false` (`--no-permanent`) there is no committing: `succeeded`
-//!   right after upgrading. The final event says how every node runs the target: made
+//!   right after the final check. The final event says how every node runs the target: made
 //!   permanent, switched back to it, or already running it (skipped).
 //! - **pruning** (only with `keep_releases: Some(N)`, `--keep-releases`): once every target is
 //!   committed (or, with `--no-permanent`, upgraded), every node the rollout upgraded gets a

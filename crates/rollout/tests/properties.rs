@@ -130,6 +130,8 @@ struct Scenario {
     script: Vec<u8>,
     /// `keep_releases`: prune after success.
     keep: Option<u32>,
+    /// `bake_ms > 0` (`--bake`).
+    bake: bool,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -144,6 +146,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 1u32..=3,
                 proptest::collection::vec(any::<u8>(), 0..400),
                 proptest::option::of(0u32..=3),
+                any::<bool>(),
             )
         })
         .prop_map(
@@ -156,6 +159,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 max_parallel_staging,
                 script,
                 keep,
+                bake,
             )| {
                 Scenario {
                     initial,
@@ -166,6 +170,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     max_parallel_staging,
                     script,
                     keep,
+                    bake,
                 }
             },
         )
@@ -219,6 +224,8 @@ struct Sim {
     retried: usize,
     /// Refusals the simulated agents answered (injected; the rules never refuse a plan).
     refusals: usize,
+    /// Nodes whose bake (or final check) gate passed.
+    baked: HashSet<NodeId>,
     /// For [`Sim::finish`]: fail the answer with this index, this way (see [`Sim::perform`]).
     fail_at: Option<(usize, u8)>,
     answers: usize,
@@ -240,6 +247,7 @@ impl Sim {
         spec.on_failure = sc.on_failure;
         spec.max_parallel_staging = sc.max_parallel_staging;
         spec.keep_releases = sc.keep;
+        spec.bake_ms = if sc.bake { 5 } else { 0 };
         spec.min_healthy_time_ms = 0;
         spec.healthy_deadline_ms = 1;
         let world: HashMap<NodeId, Node> = nodes.iter().cloned().zip(sc.initial.clone()).collect();
@@ -261,6 +269,7 @@ impl Sim {
             targets_at_upgrade: None,
             retried: 0,
             refusals: 0,
+            baked: HashSet::new(),
             fail_at: None,
             answers: 0,
             fail_in_rollback: None,
@@ -472,17 +481,56 @@ impl Sim {
             ActionKind::HealthGate { expect, .. } if undo => {
                 prop_assert_ne!(*expect, TARGET);
             }
-            ActionKind::HealthGate { expect, .. } => {
+            // The bake (or final check): only once every target is upgraded, on all of them.
+            ActionKind::HealthGate {
+                expect,
+                min_healthy_time_ms,
+                failure_threshold,
+                ..
+            } if self.r.working_phase() == Phase::Baking => {
+                prop_assert_eq!(*expect, TARGET);
+                prop_assert!(self.spec.bake_ms > 0 || !self.spec.permanent);
+                prop_assert_eq!(*min_healthy_time_ms, self.spec.bake_ms);
+                let threshold = if self.spec.bake_ms > 0 {
+                    1
+                } else {
+                    self.spec.failure_threshold
+                };
+                prop_assert_eq!(*failure_threshold, threshold);
+                for p in self.r.nodes() {
+                    prop_assert!(
+                        matches!(
+                            p.step,
+                            NodeStep::Upgraded | NodeStep::Committed | NodeStep::Skipped
+                        ) || (p.id == a.node && p.step == NodeStep::Installed),
+                        "bake gate on {} while {} is {}",
+                        a.node,
+                        p.id,
+                        p.step
+                    );
+                }
+            }
+            ActionKind::HealthGate {
+                expect,
+                failure_threshold,
+                ..
+            } => {
                 prop_assert_eq!(*expect, TARGET);
                 prop_assert_eq!(step, NodeStep::Verifying);
+                prop_assert_eq!(*failure_threshold, self.spec.failure_threshold);
             }
             _ => {}
         }
-        if let ActionKind::HealthGate {
-            failure_threshold, ..
-        } = &a.kind
-        {
-            prop_assert_eq!(*failure_threshold, self.spec.failure_threshold);
+        // Nothing is made permanent before every target passed its bake.
+        if matches!(a.kind, ActionKind::Commit { .. }) && self.spec.bake_ms > 0 {
+            for p in self.r.nodes() {
+                prop_assert!(
+                    p.step == NodeStep::Skipped || self.baked.contains(&p.id),
+                    "{} committed before {} baked",
+                    a.node,
+                    p.id
+                );
+            }
         }
         Ok(())
     }
@@ -573,6 +621,13 @@ impl Sim {
 
     fn answer(&mut self, a: Action, fail: Option<u8>) -> Result<(), TestCaseError> {
         let result = self.perform(&a, fail);
+        if self.r.working_phase() == Phase::Baking
+            && matches!(a.kind, ActionKind::HealthGate { .. })
+            && result == ActionResult::Done
+            && self.r.in_flight().iter().any(|x| x.seq == a.seq)
+        {
+            self.baked.insert(a.node.clone());
+        }
         if matches!(result, ActionResult::Refused { .. }) {
             self.refusals += 1;
         }
@@ -812,6 +867,13 @@ impl Sim {
         match self.r.phase() {
             Phase::Succeeded => {
                 for p in self.r.nodes() {
+                    // A rollout that bakes, or does not commit, ended only after every target
+                    // passed its bake or final check.
+                    if (self.spec.bake_ms > 0 || !self.spec.permanent)
+                        && p.step != NodeStep::Skipped
+                    {
+                        prop_assert!(self.baked.contains(&p.id), "{} ended unbaked", p.id);
+                    }
                     let w = &self.world[&p.id];
                     let start = &self.initial[&p.id];
                     prop_assert_eq!(w.running(), Some(TARGET), "{} not on target", p.id);
@@ -1067,6 +1129,9 @@ fn every_start_state_and_outcome_ends_where_the_machine_says() {
                         // is protected) with one failure policy, none with the other: every
                         // start state is pruned without doubling the runs.
                         keep: (on_failure == OnFailure::Pause).then_some(1),
+                        // Likewise a bake with one policy: every start state bakes (and a
+                        // failure in the bake is among the failure points tried below).
+                        bake: on_failure == OnFailure::Rollback,
                     };
                     let mut clean = Sim::new(&sc);
                     clean.finish().unwrap();

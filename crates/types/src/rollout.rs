@@ -69,6 +69,9 @@ pub const MAX_PREFLIGHT_TIMEOUT_MS: u64 = 600_000;
 /// Largest accepted failure threshold. A count this high never fires before any sensible
 /// deadline, so a bigger one is almost surely a duration typed as a count (`30000`).
 pub const MAX_FAILURE_THRESHOLD: u32 = 10_000;
+/// Longest bake (`--bake`): a week. Longer is almost surely a unit mistake, and the gate's
+/// deadline (bake plus the healthy deadline) must stay far from overflow.
+pub const MAX_BAKE_MS: u64 = 7 * 24 * 3_600_000;
 
 /// Why a [`RolloutSpec`] was refused. Each message names the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +117,8 @@ pub enum SpecError {
         "preflight timeout {0} ms is out of range: it must be between 1 ms and {MAX_PREFLIGHT_TIMEOUT_MS} ms"
     )]
     PreflightTimeout(u64),
+    #[error("bake time {0} ms is too long: at most {MAX_BAKE_MS} ms (a week)")]
+    BakeTooLong(u64),
 }
 
 /// The package a rollout installs, as recorded in the Raft log: never the bytes, which live in
@@ -215,6 +220,12 @@ pub struct RolloutSpec {
     /// to): `rollout --keep-releases N`. `None`: no pruning (and in older JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_releases: Option<u32>,
+    /// `rollout --bake DUR`: once every node is upgraded and healthy, keep probing all of them
+    /// for this long before making the release permanent; a failure in that window fails the
+    /// rollout (by `on_failure`) while the release is still only `current` everywhere. 0: no
+    /// bake (and in older JSON).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bake_ms: u64,
 }
 
 impl RolloutSpec {
@@ -242,7 +253,13 @@ impl RolloutSpec {
             failure_threshold: DEFAULT_FAILURE_THRESHOLD,
             preflight_timeout_ms: DEFAULT_PREFLIGHT_TIMEOUT_MS,
             keep_releases: None,
+            bake_ms: 0,
         }
+    }
+
+    /// The bake gate's deadline, from its start: the bake, then as long as any gate may take.
+    pub fn bake_deadline_ms(&self) -> u64 {
+        self.bake_ms.saturating_add(self.healthy_deadline_ms)
     }
 
     /// Checks everything that can be checked without talking to a node. A spec that passes can
@@ -284,6 +301,9 @@ impl RolloutSpec {
         }
         if self.failure_threshold > MAX_FAILURE_THRESHOLD {
             return Err(SpecError::FailureThresholdTooLarge(self.failure_threshold));
+        }
+        if self.bake_ms > MAX_BAKE_MS {
+            return Err(SpecError::BakeTooLong(self.bake_ms));
         }
         if self.preflight_timeout_ms == 0 || self.preflight_timeout_ms > MAX_PREFLIGHT_TIMEOUT_MS {
             return Err(SpecError::PreflightTimeout(self.preflight_timeout_ms));
@@ -337,6 +357,11 @@ pub enum Phase {
     Staging,
     /// Installing (hot, not permanent) and health-gating, batch by batch.
     Upgrading,
+    /// Every node upgraded and healthy; probing all of them again before ending: for the
+    /// bake time (`--bake`) before the commit, or (with `--no-permanent`, which has no commit
+    /// to notice a node that restarted onto its permanent release) once, to confirm every node
+    /// still runs the target.
+    Baking,
     /// Making the new release permanent on every upgraded node.
     Committing,
     /// Committed; uninstalling the releases beyond the newest N on every node
@@ -360,6 +385,7 @@ names!(Phase, Phase, {
     Preflight => "preflight",
     Staging => "staging",
     Upgrading => "upgrading",
+    Baking => "baking",
     Committing => "committing",
     Pruning => "pruning",
     Succeeded => "succeeded",

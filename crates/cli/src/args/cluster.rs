@@ -175,6 +175,11 @@ pub struct RolloutArgs {
     /// 0: keep every release.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub keep_releases: u32,
+    /// Once every node is upgraded and healthy, keep probing all of them for DUR before making
+    /// the release permanent; any unhealthy answer in that window fails the rollout (rolled
+    /// back, or paused with --on-failure pause) while the release is still only current.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub bake: Option<Duration>,
     /// Print the rollout id (with --json: its status) and return at once.
     #[arg(long, conflicts_with = "dry_run")]
     pub detach: bool,

@@ -116,7 +116,11 @@ impl AgentPool {
                     })?
                     .connect_timeout(Duration::from_secs(2))
                     .http2_keep_alive_interval(Duration::from_secs(5))
-                    .keep_alive_timeout(Duration::from_secs(5))
+                    // A keep-alive PING waits behind whatever the connection is sending: on a
+                    // slow link, behind a push's bytes. 5 s closed healthy connections in the
+                    // middle of a push at 512 kbit/s ("http2 error"). A dead agent is still
+                    // noticed by its call's deadline and reported by the liveness pings.
+                    .keep_alive_timeout(Duration::from_secs(20))
                     .connect_lazy();
                 map.insert(key, c.clone());
                 c

@@ -91,6 +91,7 @@ impl ControlService {
             spec.failure_threshold = n;
         }
         spec.keep_releases = r.keep_releases;
+        spec.bake_ms = r.bake_ms.unwrap_or(0);
         if !r.on_failure.is_empty() {
             spec.on_failure = r
                 .on_failure

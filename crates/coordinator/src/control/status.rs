@@ -3,7 +3,7 @@
 
 use orch_proto::control as pb;
 use orch_rollout::{Input, Rollout};
-use orch_types::rollout::RolloutSpec;
+use orch_types::rollout::{Phase, RolloutSpec};
 
 use crate::agents::GateBoard;
 use crate::history::HistoryRecord;
@@ -41,8 +41,9 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
             .and_then(|id| s.created_at.get(&id).copied())
             .unwrap_or(0),
         requested_by: r.spec().requested_by.clone(),
-        min_healthy_ms: r.spec().min_healthy_time_ms,
-        healthy_deadline_ms: r.spec().healthy_deadline_ms,
+        min_healthy_ms: gate_of(r).0,
+        healthy_deadline_ms: gate_of(r).1,
+        bake_ms: r.spec().bake_ms,
         ..replay_data(r.spec(), r.inputs(), with_events)
     }
 }
@@ -112,7 +113,19 @@ pub fn status_of_archived(h: &HistoryRecord, with_events: bool) -> pb::RolloutSt
         requested_by: h.spec.requested_by.clone(),
         min_healthy_ms: h.spec.min_healthy_time_ms,
         healthy_deadline_ms: h.spec.healthy_deadline_ms,
+        bake_ms: h.spec.bake_ms,
         ..replay_data(&h.spec, &h.inputs, with_events)
+    }
+}
+
+/// The gate the rollout's nodes are in now: `(min healthy, deadline)` in ms, the bake gate's
+/// while it bakes, so that a countdown shows the bake.
+fn gate_of(r: &Rollout) -> (u64, u64) {
+    let spec = r.spec();
+    if r.working_phase() == Phase::Baking {
+        (spec.bake_ms, spec.bake_deadline_ms())
+    } else {
+        (spec.min_healthy_time_ms, spec.healthy_deadline_ms)
     }
 }
 

@@ -28,6 +28,7 @@ impl Rollout {
             Phase::Preflight => self.preflight_ended(cx),
             Phase::Staging => self.staging_ended(cx),
             Phase::Upgrading => self.upgrading_ended(cx),
+            Phase::Baking => self.baking_ended(cx),
             Phase::Committing => self.committing_ended(cx),
             Phase::RollingBack => self.rolling_back_ended(cx),
             Phase::Pruning => self.pruning_ended(cx),
@@ -139,6 +140,42 @@ impl Rollout {
         if !targets.iter().all(|&i| self.upgraded(i)) {
             return false;
         }
+        if self.bakes() {
+            let n = targets.len();
+            let bake = self.spec.bake_ms;
+            self.phase = Phase::Baking;
+            let msg = if bake > 0 {
+                format!(
+                    "all {n} node{} upgraded and healthy; baking {target} for {}: every node must stay healthy before it is made permanent",
+                    plural(n),
+                    ms(bake)
+                )
+            } else {
+                format!(
+                    "all {n} node{} upgraded and healthy; checking that every node still runs {target} (not permanent: a node that restarted meanwhile boots its previous release)",
+                    plural(n)
+                )
+            };
+            self.record(cx, msg);
+            return true;
+        }
+        self.after_upgrade(cx);
+        true
+    }
+
+    /// Baking: once every target passed its bake gate, commits or succeeds.
+    fn baking_ended(&mut self, cx: &mut Ctx<'_>) -> bool {
+        if !self.targets().iter().all(|&i| self.nodes[i].baked) {
+            return false;
+        }
+        self.after_upgrade(cx);
+        true
+    }
+
+    /// Every target upgraded (and baked): the commit, or the end.
+    fn after_upgrade(&mut self, cx: &mut Ctx<'_>) {
+        let target = self.spec.version;
+        let targets = self.targets();
         let n = targets.len();
         let to_commit = targets
             .iter()
@@ -162,7 +199,6 @@ impl Rollout {
         } else {
             self.committed(cx);
         }
-        true
     }
 
     /// Committing: once every target is committed, prunes or succeeds.

@@ -137,6 +137,9 @@ struct NodeState {
     /// Its prune (`keep_releases`) was answered, whatever the answer.
     #[serde(default)]
     pruned: bool,
+    /// It passed its bake (or final check) gate in [`Phase::Baking`].
+    #[serde(default)]
+    baked: bool,
 }
 
 impl NodeState {
@@ -253,6 +256,34 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
+/// A duration in the audit trail's words: `900ms`, `45s`, `5m`, `1h30m`, `2m30.5s`.
+fn ms(ms: u64) -> String {
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let (h, m, s, frac) = (
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1_000 % 60,
+        ms % 1_000,
+    );
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 || frac > 0 {
+        out.push_str(&format!("{s}"));
+        if frac > 0 {
+            out.push_str(format!(".{frac:03}").trim_end_matches('0'));
+        }
+        out.push('s');
+    }
+    out
+}
+
 impl Rollout {
     /// A new rollout in phase `pending`. Refuses a spec that does not validate.
     pub fn new(spec: RolloutSpec) -> Result<Rollout, SpecError> {
@@ -271,6 +302,7 @@ impl Rollout {
                 undone: 0,
                 refused: false,
                 pruned: false,
+                baked: false,
             })
             .collect();
         Ok(Rollout {

@@ -78,6 +78,7 @@ impl Rollout {
                 self.plan_bounded(NodeStep::PreflightOk, ActionKind::Stage { version: target })
             }
             Phase::Upgrading => self.plan_upgrade(),
+            Phase::Baking => self.plan_bake(),
             Phase::Committing => {
                 self.plan_bounded(NodeStep::Upgraded, ActionKind::Commit { version: target })
             }
@@ -195,6 +196,46 @@ impl Rollout {
         match program.get(usize::from(n.undone)) {
             Some(step) if !n.downgraded => vec![(i, step.clone())],
             _ => vec![(i, self.gate(back_to))],
+        }
+    }
+
+    /// Every target not baked yet gets the bake gate at once: the bake watches the whole
+    /// cluster together, which is the point of it.
+    pub(super) fn plan_bake(&self) -> Vec<(usize, ActionKind)> {
+        self.targets()
+            .into_iter()
+            .filter(|&i| !self.nodes[i].baked && !self.busy(i))
+            .filter(|&i| {
+                matches!(
+                    self.nodes[i].step(),
+                    NodeStep::Installed | NodeStep::Upgraded | NodeStep::Committed
+                )
+            })
+            .map(|i| (i, self.bake_gate()))
+            .collect()
+    }
+
+    /// Whether the rollout probes every node again once all are upgraded: a bake was asked
+    /// for, or the rollout does not commit (nothing else would notice a node that restarted
+    /// onto its permanent release after its gate).
+    pub(super) fn bakes(&self) -> bool {
+        self.spec.bake_ms > 0 || !self.spec.permanent
+    }
+
+    /// The bake gate: healthy on the target for the whole bake, and any probe answered
+    /// unhealthy fails it at once ("any failure in that window"). The final check of a
+    /// rollout without bake is one healthy probe, with the spec's failure threshold.
+    pub(super) fn bake_gate(&self) -> ActionKind {
+        let bake = self.spec.bake_ms;
+        ActionKind::HealthGate {
+            min_healthy_time_ms: bake,
+            healthy_deadline_ms: self.spec.bake_deadline_ms(),
+            expect: self.spec.version,
+            failure_threshold: if bake > 0 {
+                1
+            } else {
+                self.spec.failure_threshold
+            },
         }
     }
 

@@ -56,8 +56,9 @@ impl Rollout {
                     node.touch_seq.get_or_insert(seq);
                 }
                 ActionKind::HealthGate { .. } => {
-                    // A rollback gate leaves the node `rolling_back`.
-                    if node.progress.step == NodeStep::Installed {
+                    // A rollback gate leaves the node `rolling_back`; a bake gate leaves the node
+                    // as it is (all of them bake at once: none of them is switching).
+                    if node.progress.step == NodeStep::Installed && self.phase != Phase::Baking {
                         node.progress.step = NodeStep::Verifying;
                     }
                 }
@@ -176,6 +177,23 @@ impl Rollout {
                 node.progress.step = NodeStep::Installed;
                 format!("{id}: switched back to {to} with a downgrade ({to} is permanent)")
             }
+            ActionKind::HealthGate { expect, .. } if self.phase == Phase::Baking => {
+                node.baked = true;
+                node.progress.step = if node.route == Route::SwitchBack {
+                    NodeStep::Committed
+                } else {
+                    NodeStep::Upgraded
+                };
+                let bake = self.spec.bake_ms;
+                if bake > 0 {
+                    format!(
+                        "{id}: stayed healthy on {expect} for the bake ({})",
+                        ms(bake)
+                    )
+                } else {
+                    format!("{id}: still runs {expect}, healthy")
+                }
+            }
             ActionKind::HealthGate { expect, .. } => {
                 if node.downgraded && node.progress.step == NodeStep::RollingBack {
                     node.progress.step = NodeStep::RolledBack;
@@ -284,6 +302,18 @@ impl Rollout {
                         format!("health gate on {expect} after {after} {failed}: {error}"),
                         cx,
                     );
+                } else if self.phase == Phase::Baking {
+                    let what = if self.spec.bake_ms > 0 {
+                        format!("bake on {expect} ({})", ms(self.spec.bake_ms))
+                    } else {
+                        format!("final check that it still runs {expect}")
+                    };
+                    self.node_failed(
+                        i,
+                        Retry::HealthGate,
+                        format!("{what} {failed}: {error}"),
+                        cx,
+                    );
                 } else {
                     self.node_failed(
                         i,
@@ -346,7 +376,7 @@ impl Rollout {
         self.record(cx, cause.clone());
         if !matches!(
             self.phase,
-            Phase::Staging | Phase::Upgrading | Phase::Committing
+            Phase::Staging | Phase::Upgrading | Phase::Baking | Phase::Committing
         ) {
             // Rolling back already (an install or commit that was in flight failed): the node
             // is downgraded like every touched node; nothing else to decide.
