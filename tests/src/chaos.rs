@@ -828,12 +828,16 @@ fn wall_ms() -> u64 {
 /// With `--no-permanent`, when node `id` last confirmed the target before the rollout ended
 /// (its final check's event), in the coordinators' wall-clock ms.
 fn final_check_ms(st: &Value, id: &str, to: &str) -> Option<u64> {
-    let needle = format!("{id}: still runs {to}, healthy");
+    event_ms(st, &format!("{id}: still runs {to}, healthy"))
+}
+
+/// When the rollout's last event with exactly this message was recorded.
+fn event_ms(st: &Value, needle: &str) -> Option<u64> {
     st["events"]
         .as_array()?
         .iter()
         .rev()
-        .find(|e| e["message"].as_str() == Some(needle.as_str()))
+        .find(|e| e["message"].as_str() == Some(needle))
         .and_then(|e| e["at_ms"].as_u64())
 }
 
@@ -979,7 +983,25 @@ fn check_invariants(
             .get(i - 1)
             .and_then(|x| x.as_ref())
             .map(|(_, p)| p.as_str());
-        let back = run == from && (perm == from || Some(perm.as_str()) == perm_before);
+        // A node that ran a release without it being permanent (a `--no-permanent` success
+        // before) and whose container restarted during this run boots its permanent release.
+        // If the rollout never touched it (nothing undone: no `rolled_back` step), that is
+        // where it stays, which is the truth the operator was told.
+        let step = st["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["id"] == id.as_str()))
+            .and_then(|n| n["step"].as_str())
+            .unwrap_or_default();
+        // Likewise a node restarted after its rollback put it back.
+        let back_at = event_ms(st, &format!("{id}: rolled back to {from} and healthy"));
+        let rebooted_untouched = report.agent_kills.iter().any(|(who, at)| {
+            *who == id
+                && (!matches!(step, "rolled_back" | "rollback_failed")
+                    || back_at.is_some_and(|t| at + 1_000 >= t))
+        }) && Some(run.as_str()) == perm_before
+            && perm == run;
+        let back =
+            (run == from && (perm == from || Some(perm.as_str()) == perm_before)) || rebooted_untouched;
         // A `--no-permanent` success promises the target ran on each node at its final check;
         // a node whose agent was killed (its container restarted) after that boots its
         // permanent release, as the operator was told.
