@@ -140,7 +140,13 @@ fn wait_mode(g: &GlobalOpts, every_json: bool, gate: Option<Gate>, skip: usize) 
     }
 }
 
-pub fn rollout(a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
+/// `rollout --keep-releases` when neither the flag nor a policy file sets it.
+const DEFAULT_KEEP_RELEASES: u32 = 3;
+
+pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
+    if let Some(path) = a.policy.clone() {
+        crate::policy::Policy::read(&path)?.apply_to(&mut a)?;
+    }
     let mut c = waiting_client(&a.cluster)?;
     // Starting is one-shot: refused at once when nothing listens, bounded while leaderless.
     fail_fast(c.addrs())?;
@@ -266,16 +272,16 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
         package_sha256,
         nodes: a.nodes.clone(),
         batch_size: a.batch_size.unwrap_or(0),
-        canary: a.canary,
+        canary: a.canary.unwrap_or(0),
         no_permanent: a.no_permanent,
         min_healthy_time_ms: a.min_healthy_time.map(|d| d.as_millis() as u64),
         healthy_deadline_ms: a.healthy_deadline.map(|d| d.as_millis() as u64),
-        on_failure: a.on_failure.clone(),
+        on_failure: a.on_failure.clone().unwrap_or_else(|| "rollback".to_string()),
         requested_by: operator(),
         request_id: orch_client::request_id(),
         preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
         failure_threshold: a.failure_threshold,
-        keep_releases: (a.keep_releases > 0).then_some(a.keep_releases),
+        keep_releases: Some(a.keep_releases.unwrap_or(DEFAULT_KEEP_RELEASES)).filter(|&n| n > 0),
         bake_ms: a.bake.map(|d| d.as_millis() as u64),
     }
 }

@@ -15,6 +15,7 @@ mod node;
 mod output;
 mod package_cmd;
 mod plan;
+mod policy;
 mod prune;
 mod remote;
 mod spinner;

@@ -255,6 +255,40 @@ pub fn step_shown(s: &pb::RolloutStatus, n: &pb::NodeProgress) -> String {
     out
 }
 
+/// The policy a rollout runs with, in one line, from its spec (`None` in listings, which carry
+/// no spec, and for a spec this CLI cannot read).
+pub fn policy_line(spec_json: &str) -> Option<String> {
+    let spec: serde_json::Value = serde_json::from_str(spec_json).ok()?;
+    let num = |k: &str| spec.get(k).and_then(serde_json::Value::as_u64);
+    let dur = |k: &str| num(k).map(|ms| human_duration(Duration::from_millis(ms)));
+    let mut parts = vec![format!("batch {}", num("batch_size")?)];
+    if let Some(c) = num("canary").filter(|&c| c > 0) {
+        parts.push(format!("canary {c}"));
+    }
+    if let Some(f) = spec.get("on_failure").and_then(|v| v.as_str()) {
+        parts.push(format!("on failure {f}"));
+    }
+    if spec.get("permanent").and_then(|v| v.as_bool()) == Some(false) {
+        parts.push("not permanent".to_string());
+    }
+    if let Some(d) = dur("min_healthy_time_ms") {
+        parts.push(format!("min healthy {d}"));
+    }
+    if let Some(d) = dur("healthy_deadline_ms") {
+        parts.push(format!("healthy deadline {d}"));
+    }
+    if let Some(n) = num("failure_threshold") {
+        parts.push(format!("failure threshold {n}"));
+    }
+    if let Some(d) = dur("bake_ms") {
+        parts.push(format!("bake {d}"));
+    }
+    if let Some(n) = num("keep_releases") {
+        parts.push(format!("keep {n} releases"));
+    }
+    Some(parts.join(", "))
+}
+
 /// The plain-text status of one rollout; `events`: how many of the last events to show (`None`:
 /// all of them), saying how many were left out.
 pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
@@ -265,6 +299,9 @@ pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
     println!("{head}");
     if !s.requested_by.is_empty() {
         println!("requested by {}", s.requested_by);
+    }
+    if let Some(p) = policy_line(&s.spec_json) {
+        println!("policy: {p}");
     }
     if !s.error.is_empty() {
         println!("error: {}", s.error);

@@ -147,9 +147,9 @@ pub struct RolloutArgs {
     /// Nodes upgraded at a time (at least 1) [default: 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: Option<u32>,
-    /// Upgrade the first N nodes, then wait for `orchestrator promote` (0: no canary).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub canary: u32,
+    /// Upgrade the first N nodes, then wait for `orchestrator promote` (0: no canary) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub canary: Option<u32>,
     /// Leave the new release current but not permanent.
     #[arg(long)]
     pub no_permanent: bool,
@@ -159,9 +159,9 @@ pub struct RolloutArgs {
     /// How long a node may take to become healthy [default: 5m].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub healthy_deadline: Option<Duration>,
-    /// What a failed node does to the rollout: rollback or pause.
-    #[arg(long, value_name = "WHAT", default_value = "rollback")]
-    pub on_failure: String,
+    /// What a failed node does to the rollout: rollback or pause [default: rollback].
+    #[arg(long, value_name = "WHAT")]
+    pub on_failure: Option<String>,
     /// How long preflight may take per node before it counts as unreachable [default: 5s].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub preflight_timeout: Option<Duration>,
@@ -172,14 +172,19 @@ pub struct RolloutArgs {
     /// After the rollout succeeds, uninstall on every node it upgraded the releases beyond the
     /// newest N (never the current or permanent one, nor the one a rollback would return to),
     /// recorded in its events; a failure to prune is reported, not a failure of the rollout.
-    /// 0: keep every release.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub keep_releases: u32,
+    /// 0: keep every release [default: 3].
+    #[arg(long, value_name = "N")]
+    pub keep_releases: Option<u32>,
     /// Once every node is upgraded and healthy, keep probing all of them for DUR before making
     /// the release permanent; any unhealthy answer in that window fails the rollout (rolled
     /// back, or paused with --on-failure pause) while the release is still only current.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub bake: Option<Duration>,
+    /// Take the rollout options from this TOML file (keys are these flags' long names:
+    /// `batch-size = 2`, `bake = "10m"`, `permanent = false`, ...); a flag given here
+    /// overrides the file's value.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     /// Print the rollout id (with --json: its status) and return at once.
     #[arg(long, conflicts_with = "dry_run")]
     pub detach: bool,
