@@ -1524,6 +1524,10 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         failure_threshold: rng.bool().then(|| extreme_u32(rng)),
         // Not drawn from `rng`: the stream (and so every seeded case) stays as it was.
         keep_releases: None,
+        wave_by: String::new(),
+        batch_percent: 0,
+        selector: Default::default(),
+        max_unavailable: String::new(),
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),

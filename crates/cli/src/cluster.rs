@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use orch_client::{Client, control as pb};
 use orch_release::{Limits, package};
-use orch_types::rollout::{DEFAULT_HEALTHY_DEADLINE_MS, DEFAULT_MIN_HEALTHY_TIME_MS};
+use orch_types::rollout::{DEFAULT_HEALTHY_DEADLINE_MS, DEFAULT_MIN_HEALTHY_TIME_MS, NodeCount};
 use serde_json::json;
 
 use crate::args::{
@@ -265,7 +265,10 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
         version: a.version.to_string(),
         package_sha256,
         nodes: a.nodes.clone(),
-        batch_size: a.batch_size.unwrap_or(0),
+        batch_size: match a.batch_size {
+            Some(NodeCount::Count(n)) => n,
+            _ => 0,
+        },
         canary: a.canary,
         no_permanent: a.no_permanent,
         min_healthy_time_ms: a.min_healthy_time.map(|d| d.as_millis() as u64),
@@ -276,6 +279,16 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
         preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
         failure_threshold: a.failure_threshold,
         keep_releases: (a.keep_releases > 0).then_some(a.keep_releases),
+        wave_by: a.wave_by.clone().unwrap_or_default(),
+        batch_percent: match a.batch_size {
+            Some(NodeCount::Percent(p)) => p,
+            _ => 0,
+        },
+        selector: a.selector.clone().unwrap_or_default().into_iter().collect(),
+        max_unavailable: a
+            .max_unavailable
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
     }
 }
 

@@ -177,7 +177,7 @@ pub fn releases(n: &pb::NodeEntry) -> String {
     v.join(", ")
 }
 
-pub use orch_proto::json::{cluster_json, node_json, opt_str, status_json};
+pub use orch_proto::json::{cluster_json, node_json, opt_str, policy_json, status_json};
 
 /// A release store's versions: the EMQX-style listing, or JSON `[{"version", "state"}]`.
 pub fn print_versions(entries: &[orch_types::VersionEntry], json: bool) -> anyhow::Result<()> {
@@ -257,6 +257,28 @@ pub fn step_shown(s: &pb::RolloutStatus, n: &pb::NodeProgress) -> String {
 
 /// The plain-text status of one rollout; `events`: how many of the last events to show (`None`:
 /// all of them), saying how many were left out.
+/// The policy in one line when it says more than a plain batch size, e.g. `policy: waves by
+/// zone (a, b, c), batches of 50%, at most 1 unavailable`.
+fn policy_line(p: &pb::RolloutPolicy) -> Option<String> {
+    let mut parts = Vec::new();
+    if !p.wave_by.is_empty() {
+        let values: Vec<&str> = p.waves.iter().map(|w| w.label_value.as_str()).collect();
+        parts.push(format!("waves by {} ({})", p.wave_by, values.join(", ")));
+    }
+    if p.batch.ends_with('%') || !parts.is_empty() {
+        parts.push(format!("batches of {}", p.batch));
+    }
+    if !p.selector.is_empty() {
+        let mut pairs: Vec<String> = p.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.sort();
+        parts.push(format!("selector {}", pairs.join(",")));
+    }
+    if !p.max_unavailable.is_empty() {
+        parts.push(format!("at most {} unavailable", p.max_unavailable));
+    }
+    (!parts.is_empty()).then(|| format!("policy: {}", parts.join(", ")))
+}
+
 pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
     let mut head = format!("Rollout {} to {}: {}", s.id, s.version, s.phase);
     if s.awaiting_promotion {
@@ -268,6 +290,9 @@ pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
     }
     if !s.error.is_empty() {
         println!("error: {}", s.error);
+    }
+    if let Some(line) = s.policy.as_ref().and_then(policy_line) {
+        println!("{line}");
     }
     let w = s.nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
     let steps: Vec<String> = s.nodes.iter().map(|n| step_shown(s, n)).collect();
