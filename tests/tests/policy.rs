@@ -5,7 +5,6 @@
 //!
 //! Build the binaries first: `cargo build --bins`.
 
-
 use orch_tests::cluster::*;
 use orch_tests::{stderr, stdout};
 use serde_json::Value;
@@ -39,26 +38,31 @@ fn at(st: &Value, node: &str, what: &str) -> usize {
         .unwrap_or_else(|| panic!("no event {needle:?} in {st}"))
 }
 
-#[test]
-fn wave_by_zone_upgrades_zone_by_zone_in_half_zone_batches() {
-    let c = three_zones(false);
-    let pkg = c.package(V1, false).display().to_string();
-
-    // The dry run shows the waves and the batches inside them.
-    let plan = c.cli_json(&[
+/// `rollout V1 --package PKG --wave-by zone --batch-size 50% --max-unavailable 1 EXTRA...`.
+fn zoned<'a>(pkg: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
         "rollout",
         V1,
         "--package",
-        &pkg,
+        pkg,
         "--wave-by",
         "zone",
         "--batch-size",
         "50%",
         "--max-unavailable",
         "1",
-        "--dry-run",
-        "--json",
-    ]);
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+#[test]
+fn wave_by_zone_upgrades_zone_by_zone_in_half_zone_batches() {
+    let c = three_zones(false);
+    let pkg = c.package(V1, false).display().to_string();
+
+    // The dry run shows the waves and the batches inside them.
+    let plan = c.cli_json(&zoned(&pkg, &["--dry-run", "--json"]));
     assert_eq!(plan["acceptable"], true, "{plan}");
     let batches: Vec<(String, Vec<String>)> = plan["batches"]
         .as_array()
@@ -86,23 +90,21 @@ fn wave_by_zone_upgrades_zone_by_zone_in_half_zone_batches() {
     assert_eq!(plan["policy"]["wave_by"], "zone", "{plan}");
     assert_eq!(plan["policy"]["batch"], "50%", "{plan}");
     assert_eq!(plan["policy"]["max_unavailable_nodes"], 1, "{plan}");
+    let table = c.cli_ok(&zoned(&pkg, &["--dry-run"]));
+    for line in [
+        "batch size 50%, canary 0",
+        "waves by zone: a (2), then b (2), then c (2)",
+        "at most 1 node(s) unavailable at once (1; none unhealthy now)",
+        "batch 1: wave zone=a: n2",
+        "batch 6: wave zone=c: n6",
+    ] {
+        assert!(table.contains(line), "{line:?} not in {table}");
+    }
 
-    let o = c.cli(&[
-        "rollout",
-        V1,
-        "--package",
+    let o = c.cli(&zoned(
         &pkg,
-        "--wave-by",
-        "zone",
-        "--batch-size",
-        "50%",
-        "--max-unavailable",
-        "1",
-        "--min-healthy-time",
-        "200ms",
-        "--healthy-deadline",
-        "20s",
-    ]);
+        &["--min-healthy-time", "200ms", "--healthy-deadline", "20s"],
+    ));
     assert!(
         o.status.success(),
         "rollout failed ({}): {}\n{}\n{}",
@@ -113,6 +115,11 @@ fn wave_by_zone_upgrades_zone_by_zone_in_half_zone_batches() {
     );
     let st = c.status_json("");
     assert_eq!(st["phase"], "succeeded", "{st}");
+    let human = c.cli_ok(&["status"]);
+    assert!(
+        human.contains("policy: waves by zone (a, b, c), batches of 50%, at most 1 unavailable"),
+        "{human}"
+    );
 
     // The policy as status shows it.
     let p = &st["policy"];

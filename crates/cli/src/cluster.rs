@@ -284,11 +284,12 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
             Some(NodeCount::Percent(p)) => p,
             _ => 0,
         },
-        selector: a.selector.clone().unwrap_or_default().into_iter().collect(),
-        max_unavailable: a
-            .max_unavailable
-            .map(|m| m.to_string())
+        selector: a
+            .selector
+            .clone()
+            .map(|s| s.0.into_iter().collect())
             .unwrap_or_default(),
+        max_unavailable: a.max_unavailable.map(|m| m.to_string()).unwrap_or_default(),
     }
 }
 

@@ -158,41 +158,43 @@ fn policy_strategy(count: usize) -> impl Strategy<Value = Policy> {
         proptest::collection::vec(0..count, 0..=2),
         0usize..=1,
     )
-        .prop_map(move |(waves, batch_percent, max_unavailable, unhealthy, outside)| {
-            // Cut the random sizes to partition exactly `count` nodes.
-            let mut sizes = Vec::new();
-            let mut left = count;
-            for w in waves.unwrap_or_default() {
-                if left == 0 {
-                    break;
+        .prop_map(
+            move |(waves, batch_percent, max_unavailable, unhealthy, outside)| {
+                // Cut the random sizes to partition exactly `count` nodes.
+                let mut sizes = Vec::new();
+                let mut left = count;
+                for w in waves.unwrap_or_default() {
+                    if left == 0 {
+                        break;
+                    }
+                    let w = w.min(left);
+                    sizes.push(w);
+                    left -= w;
                 }
-                let w = w.min(left);
-                sizes.push(w);
-                left -= w;
-            }
-            if !sizes.is_empty() && left > 0 {
-                sizes.push(left);
-            }
-            let mut unhealthy: Vec<usize> = unhealthy;
-            unhealthy.sort_unstable();
-            unhealthy.dedup();
-            let mut outside = outside;
-            if let Some(max) = max_unavailable {
-                // Strictly fewer than the bound: the spec refuses the rest.
-                unhealthy.truncate(max as usize - 1);
-                outside = outside.min(max as usize - 1 - unhealthy.len());
-            } else {
-                unhealthy.clear();
-                outside = 0;
-            }
-            Policy {
-                waves: sizes,
-                batch_percent,
-                max_unavailable,
-                unhealthy,
-                unhealthy_outside: outside,
-            }
-        })
+                if !sizes.is_empty() && left > 0 {
+                    sizes.push(left);
+                }
+                let mut unhealthy: Vec<usize> = unhealthy;
+                unhealthy.sort_unstable();
+                unhealthy.dedup();
+                let mut outside = outside;
+                if let Some(max) = max_unavailable {
+                    // Strictly fewer than the bound: the spec refuses the rest.
+                    unhealthy.truncate(max as usize - 1);
+                    outside = outside.min(max as usize - 1 - unhealthy.len());
+                } else {
+                    unhealthy.clear();
+                    outside = 0;
+                }
+                Policy {
+                    waves: sizes,
+                    batch_percent,
+                    max_unavailable,
+                    unhealthy,
+                    unhealthy_outside: outside,
+                }
+            },
+        )
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -327,7 +329,8 @@ impl Sim {
         spec.batch_percent = p.batch_percent;
         spec.max_unavailable = p.max_unavailable.map(NodeCount::Count);
         spec.unhealthy_at_start = p.unhealthy.iter().map(|&i| nodes[i].clone()).collect();
-        spec.unhealthy_at_start.extend((0..p.unhealthy_outside).map(|k| n(&format!("out{k}"))));
+        spec.unhealthy_at_start
+            .extend((0..p.unhealthy_outside).map(|k| n(&format!("out{k}"))));
         let world: HashMap<NodeId, Node> = nodes.iter().cloned().zip(sc.initial.clone()).collect();
         Sim {
             r: Rollout::new(spec.clone()).unwrap(),
@@ -643,8 +646,7 @@ impl Sim {
                 | NodeStep::RollbackFailed => true,
                 NodeStep::Failed if self.gate_failed.contains(&p.id) => true,
                 _ => {
-                    self.touch_seq(&p.id).is_some()
-                        || self.spec.unhealthy_at_start.contains(&p.id)
+                    self.touch_seq(&p.id).is_some() || self.spec.unhealthy_at_start.contains(&p.id)
                 }
             })
             .count();

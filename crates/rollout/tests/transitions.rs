@@ -362,9 +362,17 @@ fn max_unavailable_counts_mid_step_and_already_unhealthy_nodes() {
     assert_eq!(h.r.unavailable_count(), 3);
     h.done(a[1].seq);
     let g = h.issue();
-    assert_eq!(kinds(&g), [k("n4", "health_gate")], "n2 and n3 wait for room");
+    assert_eq!(
+        kinds(&g),
+        [k("n4", "health_gate")],
+        "n2 and n3 wait for room"
+    );
     h.done(g[0].seq);
-    assert_eq!(h.r.unavailable_count(), 2, "n4 is healthy on the target now");
+    assert_eq!(
+        h.r.unavailable_count(),
+        2,
+        "n4 is healthy on the target now"
+    );
     assert_eq!(kinds(&h.issue()), [k("n2", "install")]);
     h.run_ok();
     assert_eq!(h.phase(), Phase::Succeeded);

@@ -884,7 +884,20 @@ mod tests {
         assert_eq!("3".parse::<NodeCount>(), Ok(NodeCount::Count(3)));
         assert_eq!("25%".parse::<NodeCount>(), Ok(NodeCount::Percent(25)));
         assert_eq!("100%".parse::<NodeCount>(), Ok(NodeCount::Percent(100)));
-        for bad in ["0", "0%", "150%", "101%", "abc", "", "%", "-1", "+2", "2 ", "1.5%", "9999999999"] {
+        for bad in [
+            "0",
+            "0%",
+            "150%",
+            "101%",
+            "abc",
+            "",
+            "%",
+            "-1",
+            "+2",
+            "2 ",
+            "1.5%",
+            "9999999999",
+        ] {
             let e = bad.parse::<NodeCount>().unwrap_err();
             assert!(e.to_string().contains("invalid node count"), "{bad}: {e}");
         }
@@ -926,7 +939,10 @@ mod tests {
         };
         check(&|b| b.waves[1].nodes.clear(), SpecError::WavesMismatch);
         check(&|b| b.waves.swap(0, 1), SpecError::WavesMismatch);
-        check(&|b| b.waves.push(wave("c", &["n4"])), SpecError::WavesMismatch);
+        check(
+            &|b| b.waves.push(wave("c", &["n4"])),
+            SpecError::WavesMismatch,
+        );
         check(
             &|b| {
                 b.waves[0].nodes.pop();
@@ -935,7 +951,10 @@ mod tests {
         );
         check(&|b| b.wave_by = None, SpecError::WavesWithoutLabel);
         check(&|b| b.batch_percent = Some(0), SpecError::BatchPercent(0));
-        check(&|b| b.batch_percent = Some(101), SpecError::BatchPercent(101));
+        check(
+            &|b| b.batch_percent = Some(101),
+            SpecError::BatchPercent(101),
+        );
         check(
             &|b| b.max_unavailable = Some(NodeCount::Percent(0)),
             SpecError::MaxUnavailable(NodeCount::Percent(0)),
@@ -953,8 +972,18 @@ mod tests {
 
         // A spec recorded before policies: one wave, batches of batch_size, no bound.
         let mut old: serde_json::Value = serde_json::to_value(spec()).unwrap();
-        for k in ["wave_by", "waves", "batch_percent", "selector", "max_unavailable", "unhealthy_at_start"] {
-            assert!(old.as_object_mut().unwrap().remove(k).is_none(), "{k} is skipped when unset");
+        for k in [
+            "wave_by",
+            "waves",
+            "batch_percent",
+            "selector",
+            "max_unavailable",
+            "unhealthy_at_start",
+        ] {
+            assert!(
+                old.as_object_mut().unwrap().remove(k).is_none(),
+                "{k} is skipped when unset"
+            );
         }
         old["batch_size"] = serde_json::json!(2);
         let back: RolloutSpec = serde_json::from_value(old).unwrap();

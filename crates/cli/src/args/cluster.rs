@@ -143,8 +143,7 @@ fn parse_node_count(s: &str) -> Result<NodeCount, String> {
 
 /// A label name (`--wave-by`): not empty, no `=` or `,`, no control characters.
 fn parse_label_key(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 128 || s.contains(['=', ',']) || s.chars().any(char::is_control)
-    {
+    if s.is_empty() || s.len() > 128 || s.contains(['=', ',']) || s.chars().any(char::is_control) {
         return Err(format!(
             "{s:?} is not a label name: use the K of an agent's --label K=V"
         ));
@@ -152,8 +151,12 @@ fn parse_label_key(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `--selector K=V,...`: the label pairs, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector(pub Vec<(String, String)>);
+
 /// `K=V,K=V` (`--selector`): every pair with a key, each key once.
-fn parse_selector(s: &str) -> Result<Vec<(String, String)>, String> {
+fn parse_selector(s: &str) -> Result<Selector, String> {
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in s.split(',') {
         let Some((k, v)) = pair.split_once('=') else {
@@ -165,7 +168,7 @@ fn parse_selector(s: &str) -> Result<Vec<(String, String)>, String> {
         }
         out.push((k, v.trim().to_string()));
     }
-    Ok(out)
+    Ok(Selector(out))
 }
 
 #[derive(Args, Debug)]
@@ -189,7 +192,7 @@ pub struct RolloutArgs {
     pub wave_by: Option<String>,
     /// Only the nodes with all these labels (with --nodes: every named node must match).
     #[arg(long, value_name = "K=V,...", value_parser = parse_selector)]
-    pub selector: Option<Vec<(String, String)>>,
+    pub selector: Option<Selector>,
     /// At most this many nodes unhealthy or mid-upgrade at once, across waves, counting the
     /// nodes already unhealthy when the rollout starts: a number, or a percentage of the
     /// rollout's nodes (rounded down, at least 1).

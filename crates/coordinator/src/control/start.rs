@@ -52,8 +52,8 @@ impl ControlService {
             }
             // Nodes not registered have no labels; the state's own check names them later.
             let labels = |n: &NodeId| s.nodes.get(n).map(|rec| &rec.labels);
-            let nodes = select(nodes, explicit, &selector, labels)
-                .map_err(Status::failed_precondition)?;
+            let nodes =
+                select(nodes, explicit, &selector, labels).map_err(Status::failed_precondition)?;
             let (nodes, waves) = match &wave_by {
                 Some(label) => {
                     group_waves(&nodes, label, labels).map_err(Status::failed_precondition)?
@@ -177,9 +177,8 @@ fn select<'a>(
     if selector.is_empty() {
         return Ok(nodes);
     }
-    let matches = |n: &NodeId| {
-        labels(n).is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)))
-    };
+    let matches =
+        |n: &NodeId| labels(n).is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)));
     if explicit {
         let misfits: Vec<&str> = nodes
             .iter()
@@ -283,21 +282,30 @@ mod tests {
     fn a_selector_keeps_the_nodes_with_all_its_labels() {
         let reg = registry();
         let all: Vec<NodeId> = reg.keys().cloned().collect();
-        let chosen = select(all.clone(), false, &sel(&[("role", "web"), ("zone", "a")]), |n| {
-            reg.get(n)
-        })
+        let chosen = select(
+            all.clone(),
+            false,
+            &sel(&[("role", "web"), ("zone", "a")]),
+            |n| reg.get(n),
+        )
         .unwrap();
         assert_eq!(chosen, vec![id("n2"), id("n4")]);
         let none = select(all, false, &sel(&[("zone", "x")]), |n| reg.get(n)).unwrap_err();
-        assert!(none.contains("no registered node matches --selector zone=x"), "{none}");
+        assert!(
+            none.contains("no registered node matches --selector zone=x"),
+            "{none}"
+        );
     }
 
     #[test]
     fn named_nodes_that_miss_the_selector_are_refused_by_name() {
         let reg = registry();
-        let ok = select(vec![id("n4"), id("n2")], true, &sel(&[("zone", "a")]), |n| {
-            reg.get(n)
-        })
+        let ok = select(
+            vec![id("n4"), id("n2")],
+            true,
+            &sel(&[("zone", "a")]),
+            |n| reg.get(n),
+        )
         .unwrap();
         assert_eq!(ok, vec![id("n4"), id("n2")], "the named order is kept");
         let e = select(
@@ -307,7 +315,10 @@ mod tests {
             |n| reg.get(n),
         )
         .unwrap_err();
-        assert!(e.contains("n3, n5 named in --nodes do not match --selector zone=a"), "{e}");
+        assert!(
+            e.contains("n3, n5 named in --nodes do not match --selector zone=a"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -330,7 +341,10 @@ mod tests {
         let mut reg = registry();
         let nodes: Vec<NodeId> = reg.keys().cloned().collect();
         let e = group_waves(&nodes, "rack", |n| reg.get(n)).unwrap_err();
-        assert!(e.contains("no node of the rollout has the label \"rack\""), "{e}");
+        assert!(
+            e.contains("no node of the rollout has the label \"rack\""),
+            "{e}"
+        );
         reg.get_mut(&id("n3")).unwrap().remove("zone");
         let e = group_waves(&nodes, "zone", |n| reg.get(n)).unwrap_err();
         assert!(e.contains("node(s) n3 have no label \"zone\""), "{e}");

@@ -44,7 +44,7 @@ impl Rollout {
     /// The spec validated that the waves list its nodes in order.
     pub(super) fn wave_ranges(&self) -> Vec<std::ops::Range<usize>> {
         if self.spec.waves.is_empty() {
-            return vec![0..self.nodes.len()];
+            return std::iter::once(0..self.nodes.len()).collect();
         }
         let mut start = 0;
         self.spec
@@ -94,7 +94,10 @@ impl Rollout {
             .iter()
             .filter(|n| self.index_of(n).is_none())
             .count();
-        outside + (0..self.nodes.len()).filter(|&i| self.unavailable(i)).count()
+        outside
+            + (0..self.nodes.len())
+                .filter(|&i| self.unavailable(i))
+                .count()
     }
 
     /// The batch rule and waves in words, for the audit trail: `2 at a time`, or `50% of each
