@@ -1000,8 +1000,8 @@ fn check_invariants(
                     || back_at.is_some_and(|t| at + 1_000 >= t))
         }) && Some(run.as_str()) == perm_before
             && perm == run;
-        let back =
-            (run == from && (perm == from || Some(perm.as_str()) == perm_before)) || rebooted_untouched;
+        let back = (run == from && (perm == from || Some(perm.as_str()) == perm_before))
+            || rebooted_untouched;
         // A `--no-permanent` success promises the target ran on each node at its final check;
         // a node whose agent was killed (its container restarted) after that boots its
         // permanent release, as the operator was told.

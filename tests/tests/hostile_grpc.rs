@@ -1525,6 +1525,10 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         // Not drawn from `rng`: the stream (and so every seeded case) stays as it was.
         keep_releases: None,
         bake_ms: None,
+        wave_by: String::new(),
+        batch_percent: 0,
+        selector: Default::default(),
+        max_unavailable: String::new(),
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),

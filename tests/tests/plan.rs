@@ -106,7 +106,7 @@ fn dry_run_plans_with_a_real_preflight_and_touches_nothing() {
     assert_eq!(plan["package"]["signed"], false, "{plan}");
     assert_eq!(
         plan["batches"],
-        json!([{"canary": true, "nodes": ["n1"]}, {"canary": false, "nodes": ["n2", "n3"]}])
+        json!([{"canary": true, "nodes": ["n1"], "wave": null}, {"canary": false, "nodes": ["n2", "n3"], "wave": null}])
     );
     for n in ["n1", "n2", "n3"] {
         let np = node_plan(&plan, n);

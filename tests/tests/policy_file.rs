@@ -99,10 +99,23 @@ fn a_policy_file_gives_the_rollout_its_flags_would() {
     let o = c.cli(&["rollout", "4.2.4", "--policy", f, "--detach"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains("batch-sise") && err.contains("policy.toml"), "{err}");
+    assert!(
+        err.contains("batch-sise") && err.contains("policy.toml"),
+        "{err}"
+    );
     let missing = dir.path().join("nope.toml");
     let o = c.cli(&["rollout", "4.2.4", "--policy", missing.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("cannot read the policy file"), "{}", stderr(&o));
-    assert_eq!(c.cli_json(&["rollouts", "--all", "--json"]).as_array().unwrap().len(), 3);
+    assert!(
+        stderr(&o).contains("cannot read the policy file"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        c.cli_json(&["rollouts", "--all", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 }

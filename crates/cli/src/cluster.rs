@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use orch_client::{Client, control as pb};
 use orch_release::{Limits, package};
-use orch_types::rollout::{DEFAULT_HEALTHY_DEADLINE_MS, DEFAULT_MIN_HEALTHY_TIME_MS};
+use orch_types::rollout::{DEFAULT_HEALTHY_DEADLINE_MS, DEFAULT_MIN_HEALTHY_TIME_MS, NodeCount};
 use serde_json::json;
 
 use crate::args::{
@@ -271,18 +271,35 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
         version: a.version.to_string(),
         package_sha256,
         nodes: a.nodes.clone(),
-        batch_size: a.batch_size.unwrap_or(0),
+        batch_size: match a.batch_size {
+            Some(NodeCount::Count(n)) => n,
+            _ => 0,
+        },
         canary: a.canary.unwrap_or(0),
         no_permanent: a.no_permanent,
         min_healthy_time_ms: a.min_healthy_time.map(|d| d.as_millis() as u64),
         healthy_deadline_ms: a.healthy_deadline.map(|d| d.as_millis() as u64),
-        on_failure: a.on_failure.clone().unwrap_or_else(|| "rollback".to_string()),
+        on_failure: a
+            .on_failure
+            .clone()
+            .unwrap_or_else(|| "rollback".to_string()),
         requested_by: operator(),
         request_id: orch_client::request_id(),
         preflight_timeout_ms: a.preflight_timeout.map(|d| d.as_millis() as u64),
         failure_threshold: a.failure_threshold,
         keep_releases: Some(a.keep_releases.unwrap_or(DEFAULT_KEEP_RELEASES)).filter(|&n| n > 0),
         bake_ms: a.bake.map(|d| d.as_millis() as u64),
+        wave_by: a.wave_by.clone().unwrap_or_default(),
+        batch_percent: match a.batch_size {
+            Some(NodeCount::Percent(p)) => p,
+            _ => 0,
+        },
+        selector: a
+            .selector
+            .clone()
+            .map(|s| s.0.into_iter().collect())
+            .unwrap_or_default(),
+        max_unavailable: a.max_unavailable.map(|m| m.to_string()).unwrap_or_default(),
     }
 }
 

@@ -177,7 +177,7 @@ pub fn releases(n: &pb::NodeEntry) -> String {
     v.join(", ")
 }
 
-pub use orch_proto::json::{cluster_json, node_json, opt_str, status_json};
+pub use orch_proto::json::{cluster_json, node_json, opt_str, policy_json, status_json};
 
 /// A release store's versions: the EMQX-style listing, or JSON `[{"version", "state"}]`.
 pub fn print_versions(entries: &[orch_types::VersionEntry], json: bool) -> anyhow::Result<()> {
@@ -255,13 +255,39 @@ pub fn step_shown(s: &pb::RolloutStatus, n: &pb::NodeProgress) -> String {
     out
 }
 
-/// The policy a rollout runs with, in one line, from its spec (`None` in listings, which carry
-/// no spec, and for a spec this CLI cannot read).
-pub fn policy_line(spec_json: &str) -> Option<String> {
-    let spec: serde_json::Value = serde_json::from_str(spec_json).ok()?;
+/// The policy a rollout runs with, in one line: how it moves through the nodes (waves, batch
+/// rule, selector, bound on unavailable nodes), then the rest of its spec (canary, failure
+/// policy, gates, bake, pruning), e.g. `policy: waves by zone (a, b, c), batches of 50%, at
+/// most 1 unavailable, on failure rollback, min healthy 10.0s, ...`. `None` without a spec
+/// (listings carry none).
+fn policy_line(s: &pb::RolloutStatus) -> Option<String> {
+    let spec: serde_json::Value = serde_json::from_str(&s.spec_json).ok()?;
     let num = |k: &str| spec.get(k).and_then(serde_json::Value::as_u64);
     let dur = |k: &str| num(k).map(|ms| human_duration(Duration::from_millis(ms)));
-    let mut parts = vec![format!("batch {}", num("batch_size")?)];
+    let mut parts = Vec::new();
+    match &s.policy {
+        Some(p) => {
+            if !p.wave_by.is_empty() {
+                let values: Vec<&str> = p.waves.iter().map(|w| w.label_value.as_str()).collect();
+                parts.push(format!("waves by {} ({})", p.wave_by, values.join(", ")));
+            }
+            if p.batch.ends_with('%') || !parts.is_empty() {
+                parts.push(format!("batches of {}", p.batch));
+            } else {
+                parts.push(format!("batch {}", p.batch));
+            }
+            if !p.selector.is_empty() {
+                let mut pairs: Vec<String> =
+                    p.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                pairs.sort();
+                parts.push(format!("selector {}", pairs.join(",")));
+            }
+            if !p.max_unavailable.is_empty() {
+                parts.push(format!("at most {} unavailable", p.max_unavailable));
+            }
+        }
+        None => parts.push(format!("batch {}", num("batch_size")?)),
+    }
     if let Some(c) = num("canary").filter(|&c| c > 0) {
         parts.push(format!("canary {c}"));
     }
@@ -286,7 +312,7 @@ pub fn policy_line(spec_json: &str) -> Option<String> {
     if let Some(n) = num("keep_releases") {
         parts.push(format!("keep {n} releases"));
     }
-    Some(parts.join(", "))
+    Some(format!("policy: {}", parts.join(", ")))
 }
 
 /// The plain-text status of one rollout; `events`: how many of the last events to show (`None`:
@@ -300,8 +326,8 @@ pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
     if !s.requested_by.is_empty() {
         println!("requested by {}", s.requested_by);
     }
-    if let Some(p) = policy_line(&s.spec_json) {
-        println!("policy: {p}");
+    if let Some(line) = policy_line(s) {
+        println!("{line}");
     }
     if !s.error.is_empty() {
         println!("error: {}", s.error);

@@ -23,6 +23,7 @@ pub fn plan_json(p: &pb::RolloutPlan) -> Value {
             "signed": p.package_signed,
         })),
         "batch_size": p.batch_size,
+        "policy": crate::output::policy_json(p.policy.as_ref()),
         "canary": p.canary,
         "permanent": p.permanent,
         "on_failure": p.on_failure,
@@ -36,6 +37,7 @@ pub fn plan_json(p: &pb::RolloutPlan) -> Value {
         "batches": p.batches.iter().map(|b| json!({
             "canary": b.canary,
             "nodes": b.nodes,
+            "wave": opt(&b.wave),
         })).collect::<Vec<_>>(),
     })
 }
@@ -50,6 +52,34 @@ fn action_words(action: &str) -> &str {
         "skip" => "skip",
         "refused" => "REFUSED",
         other => other,
+    }
+}
+
+/// The policy lines of the table: waves, selector, max unavailable (each only when given).
+fn print_policy(x: &pb::RolloutPolicy) {
+    if !x.wave_by.is_empty() {
+        let waves: Vec<String> = x
+            .waves
+            .iter()
+            .map(|w| format!("{} ({})", w.label_value, w.nodes.len()))
+            .collect();
+        println!("waves by {}: {}", x.wave_by, waves.join(", then "));
+    }
+    if !x.selector.is_empty() {
+        let mut pairs: Vec<String> = x.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.sort();
+        println!("selector {}", pairs.join(","));
+    }
+    if !x.max_unavailable.is_empty() {
+        let unhealthy = if x.unhealthy_at_start.is_empty() {
+            "none unhealthy now".to_string()
+        } else {
+            format!("unhealthy now: {}", x.unhealthy_at_start.join(", "))
+        };
+        println!(
+            "at most {} node(s) unavailable at once ({}; {unhealthy})",
+            x.max_unavailable_nodes, x.max_unavailable
+        );
     }
 }
 
@@ -75,9 +105,12 @@ fn print_table(p: &pb::RolloutPlan, paint: Paint) {
         paint.bold("Plan for rollout of"),
         p.version
     );
+    let batch = p
+        .policy
+        .as_ref()
+        .map_or_else(|| p.batch_size.to_string(), |x| x.batch.clone());
     println!(
-        "batch size {}, canary {}, {}, on failure {}",
-        p.batch_size,
+        "batch size {batch}, canary {}, {}, on failure {}",
         p.canary,
         if p.permanent {
             "made permanent at the end"
@@ -86,6 +119,9 @@ fn print_table(p: &pb::RolloutPlan, paint: Paint) {
         },
         p.on_failure
     );
+    if let Some(x) = &p.policy {
+        print_policy(x);
+    }
     println!();
     let width = p.nodes.iter().map(|n| n.id.len()).max().unwrap_or(4).max(4);
     println!(
@@ -114,7 +150,11 @@ fn print_table(p: &pb::RolloutPlan, paint: Paint) {
         println!("Upgrade order:");
         for (i, b) in p.batches.iter().enumerate() {
             let canary = if b.canary { " (canary)" } else { "" };
-            println!("  batch {}: {}{canary}", i + 1, b.nodes.join(", "));
+            let wave = match p.policy.as_ref().map(|x| x.wave_by.as_str()) {
+                Some(label) if !b.wave.is_empty() => format!("wave {label}={}: ", b.wave),
+                _ => String::new(),
+            };
+            println!("  batch {}: {wave}{}{canary}", i + 1, b.nodes.join(", "));
         }
         if p.batches.iter().any(|b| b.canary) {
             println!("  then wait for `orchestrator promote` before the rest");

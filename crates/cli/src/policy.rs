@@ -9,7 +9,33 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use serde::Deserialize;
 
-use crate::args::{RolloutArgs, parse_duration};
+use crate::args::{RolloutArgs, parse_duration, parse_label_key, parse_node_count, parse_selector};
+
+/// `2` or `"25%"`: a number of nodes as TOML writes it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Count {
+    Nodes(u32),
+    Text(String),
+}
+
+impl Count {
+    fn parse(self, key: &str) -> Result<orch_types::rollout::NodeCount> {
+        let text = match self {
+            Count::Nodes(n) => n.to_string(),
+            Count::Text(t) => t,
+        };
+        parse_node_count(&text).map_err(|e| anyhow!("{key}: {e}"))
+    }
+}
+
+/// `{ zone = "a", role = "web" }` or `"zone=a,role=web"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Labels {
+    Table(std::collections::BTreeMap<String, String>),
+    Text(String),
+}
 
 /// What a policy file may set: every rollout option, none of the per-invocation ones
 /// (`--package`, `--detach`, `--dry-run`, `--json`, the coordinators).
@@ -19,7 +45,12 @@ pub struct Policy {
     #[serde(alias = "nodes")]
     pub nodes: Option<Vec<String>>,
     #[serde(alias = "batch_size")]
-    pub batch_size: Option<u32>,
+    pub batch_size: Option<Count>,
+    #[serde(alias = "wave_by")]
+    pub wave_by: Option<String>,
+    pub selector: Option<Labels>,
+    #[serde(alias = "max_unavailable")]
+    pub max_unavailable: Option<Count>,
     pub canary: Option<u32>,
     /// `permanent = false` is `--no-permanent`.
     pub permanent: Option<bool>,
@@ -65,11 +96,33 @@ impl Policy {
         {
             a.nodes = n;
         }
-        if let Some(b) = self.batch_size {
-            if b == 0 {
-                return Err(anyhow!("batch-size: must be at least 1"));
-            }
-            a.batch_size.get_or_insert(b);
+        if a.batch_size.is_none()
+            && let Some(b) = self.batch_size
+        {
+            a.batch_size = Some(b.parse("batch-size")?);
+        }
+        if a.max_unavailable.is_none()
+            && let Some(m) = self.max_unavailable
+        {
+            a.max_unavailable = Some(m.parse("max-unavailable")?);
+        }
+        if a.wave_by.is_none()
+            && let Some(w) = self.wave_by
+        {
+            a.wave_by = Some(parse_label_key(&w).map_err(|e| anyhow!("wave-by: {e}"))?);
+        }
+        if a.selector.is_none()
+            && let Some(s) = self.selector
+        {
+            let text = match s {
+                Labels::Text(t) => t,
+                Labels::Table(t) => t
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            };
+            a.selector = Some(parse_selector(&text).map_err(|e| anyhow!("selector: {e}"))?);
         }
         if let Some(c) = self.canary {
             a.canary.get_or_insert(c);
@@ -106,17 +159,39 @@ mod tests {
              failure-threshold = 5\nkeep-releases = 0\nbake = \"10m\"\n",
         )
         .unwrap();
-        assert_eq!(p.batch_size, Some(2));
+        assert!(matches!(p.batch_size, Some(Count::Nodes(2))));
         assert_eq!(p.min_healthy_time.as_deref(), Some("10s"));
         assert_eq!(p.keep_releases, Some(0));
         assert_eq!(p.permanent, Some(false));
     }
 
     #[test]
+    fn waves_selector_and_bounds_take_numbers_percentages_and_tables() {
+        let p = Policy::parse(
+            "wave-by = \"zone\"\nbatch-size = \"50%\"\nmax-unavailable = 1\n\
+             selector = { role = \"web\", tier = \"edge\" }\n",
+        )
+        .unwrap();
+        assert!(matches!(&p.batch_size, Some(Count::Text(t)) if t == "50%"));
+        assert!(matches!(p.max_unavailable, Some(Count::Nodes(1))));
+        assert!(matches!(&p.selector, Some(Labels::Table(t)) if t.len() == 2));
+        let p = Policy::parse("selector = \"role=web\"\nbatch-size = \"150%\"\n").unwrap();
+        let e = p
+            .batch_size
+            .unwrap()
+            .parse("batch-size")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("batch-size: "), "{e}");
+    }
+
+    #[test]
     fn a_typo_is_refused_with_the_key() {
         let e = Policy::parse("batch-sise = 2\n").unwrap_err().to_string();
         assert!(e.contains("batch-sise"), "{e}");
-        let e = Policy::parse("batch-size = \"two\"\n").unwrap_err().to_string();
+        let e = Policy::parse("batch-size = \"two\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("batch-size") || e.contains("integer"), "{e}");
     }
 }

@@ -31,6 +31,7 @@ pub fn status_json(s: &pb::RolloutStatus) -> Value {
             "healthy_deadline_ms": s.healthy_deadline_ms,
             "bake_ms": s.bake_ms,
         },
+        "policy": policy_json(s.policy.as_ref()),
         "nodes": s.nodes.iter().map(|n| json!({
             "id": n.id,
             "from_version": opt_str(&n.from_version),
@@ -46,6 +47,23 @@ pub fn status_json(s: &pb::RolloutStatus) -> Value {
         // For replay (null in listings): orch_rollout::replay(spec, inputs) gives this status.
         "spec": raw_json(&s.spec_json),
         "inputs": raw_json(&s.inputs_json),
+    })
+}
+
+/// A rollout's policy as JSON (see docs/cli-json.md): `null` from a coordinator that does not
+/// send one.
+pub fn policy_json(p: Option<&pb::RolloutPolicy>) -> Value {
+    let Some(p) = p else {
+        return Value::Null;
+    };
+    json!({
+        "wave_by": opt_str(&p.wave_by),
+        "waves": p.waves.iter().map(|w| json!({"label_value": w.label_value, "nodes": w.nodes})).collect::<Vec<_>>(),
+        "batch": p.batch,
+        "selector": p.selector.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "max_unavailable": opt_str(&p.max_unavailable),
+        "max_unavailable_nodes": if p.max_unavailable_nodes == 0 { Value::Null } else { json!(p.max_unavailable_nodes) },
+        "unhealthy_at_start": p.unhealthy_at_start,
     })
 }
 

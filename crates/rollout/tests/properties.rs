@@ -18,7 +18,7 @@ use orch_release::rules::Op;
 use orch_rollout::{
     Action, ActionKind, ActionResult, Command, Event, LogEntry, NodeAction, Outcome, Rollout,
 };
-use orch_types::rollout::{NodeStep, OnFailure, Phase, RolloutSpec};
+use orch_types::rollout::{NodeCount, NodeStep, OnFailure, Phase, RolloutSpec, Wave};
 use orch_types::{NodeId, ReleaseState, Version};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -132,6 +132,71 @@ struct Scenario {
     keep: Option<u32>,
     /// `bake_ms > 0` (`--bake`).
     bake: bool,
+    /// Waves, batch percentage, max-unavailable (`--wave-by` and friends).
+    policy: Policy,
+}
+
+/// The policy options of a scenario; the default is none of them.
+#[derive(Debug, Clone, Default)]
+struct Policy {
+    /// Consecutive wave sizes (their sum is the node count); empty: no waves.
+    waves: Vec<usize>,
+    /// `--batch-size P%` (overrides the scenario's batch size).
+    batch_percent: Option<u32>,
+    /// `--max-unavailable N`.
+    max_unavailable: Option<u32>,
+    /// Nodes of the rollout (indexes) unhealthy at the start, and how many outside it.
+    unhealthy: Vec<usize>,
+    unhealthy_outside: usize,
+}
+
+/// Random policies for `count` nodes: waves of random sizes, a percentage or not, a bound
+/// with fewer unhealthy nodes than it allows (more is refused by the spec).
+fn policy_strategy(count: usize) -> impl Strategy<Value = Policy> {
+    (
+        proptest::option::of(proptest::collection::vec(1usize..=3, 1..=count)),
+        proptest::option::of(prop_oneof![Just(1u32), Just(34), Just(50), Just(100)]),
+        proptest::option::of(1u32..=3),
+        proptest::collection::vec(0..count, 0..=2),
+        0usize..=1,
+    )
+        .prop_map(
+            move |(waves, batch_percent, max_unavailable, unhealthy, outside)| {
+                // Cut the random sizes to partition exactly `count` nodes.
+                let mut sizes = Vec::new();
+                let mut left = count;
+                for w in waves.unwrap_or_default() {
+                    if left == 0 {
+                        break;
+                    }
+                    let w = w.min(left);
+                    sizes.push(w);
+                    left -= w;
+                }
+                if !sizes.is_empty() && left > 0 {
+                    sizes.push(left);
+                }
+                let mut unhealthy: Vec<usize> = unhealthy;
+                unhealthy.sort_unstable();
+                unhealthy.dedup();
+                let mut outside = outside;
+                if let Some(max) = max_unavailable {
+                    // Strictly fewer than the bound: the spec refuses the rest.
+                    unhealthy.truncate(max as usize - 1);
+                    outside = outside.min(max as usize - 1 - unhealthy.len());
+                } else {
+                    unhealthy.clear();
+                    outside = 0;
+                }
+                Policy {
+                    waves: sizes,
+                    batch_percent,
+                    max_unavailable,
+                    unhealthy,
+                    unhealthy_outside: outside,
+                }
+            },
+        )
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -147,6 +212,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 proptest::collection::vec(any::<u8>(), 0..400),
                 proptest::option::of(0u32..=3),
                 any::<bool>(),
+                policy_strategy(count),
             )
         })
         .prop_map(
@@ -160,6 +226,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 script,
                 keep,
                 bake,
+                policy,
             )| {
                 Scenario {
                     initial,
@@ -171,6 +238,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     script,
                     keep,
                     bake,
+                    policy,
                 }
             },
         )
@@ -233,6 +301,8 @@ struct Sim {
     /// gates), this way.
     fail_in_rollback: Option<(usize, u8)>,
     rollback_answers: usize,
+    /// Nodes whose last forward health gate failed (for the max-unavailable count).
+    gate_failed: HashSet<NodeId>,
 }
 
 impl Sim {
@@ -250,6 +320,25 @@ impl Sim {
         spec.bake_ms = if sc.bake { 5 } else { 0 };
         spec.min_healthy_time_ms = 0;
         spec.healthy_deadline_ms = 1;
+        let p = &sc.policy;
+        if !p.waves.is_empty() {
+            spec.wave_by = Some("zone".into());
+            let mut rest = nodes.iter();
+            spec.waves = p
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(k, &size)| Wave {
+                    label_value: format!("z{k}"),
+                    nodes: rest.by_ref().take(size).cloned().collect(),
+                })
+                .collect();
+        }
+        spec.batch_percent = p.batch_percent;
+        spec.max_unavailable = p.max_unavailable.map(NodeCount::Count);
+        spec.unhealthy_at_start = p.unhealthy.iter().map(|&i| nodes[i].clone()).collect();
+        spec.unhealthy_at_start
+            .extend((0..p.unhealthy_outside).map(|k| n(&format!("out{k}"))));
         let world: HashMap<NodeId, Node> = nodes.iter().cloned().zip(sc.initial.clone()).collect();
         Sim {
             r: Rollout::new(spec.clone()).unwrap(),
@@ -274,6 +363,7 @@ impl Sim {
             answers: 0,
             fail_in_rollback: None,
             rollback_answers: 0,
+            gate_failed: HashSet::new(),
         }
     }
 
@@ -381,6 +471,30 @@ impl Sim {
         }))
     }
 
+    /// A node of a wave switches or is gated only once every node of the earlier waves runs
+    /// the target and passed its gate (or was skipped).
+    fn check_earlier_waves_done(&self, node: &NodeId) -> Result<(), TestCaseError> {
+        let w = self.wave_of(node);
+        for earlier in 0..w {
+            for id in self.wave_nodes(earlier) {
+                let step = self.r.node(&id).unwrap().step;
+                prop_assert!(
+                    matches!(
+                        step,
+                        NodeStep::Upgraded | NodeStep::Committed | NodeStep::Skipped
+                    ),
+                    "{} of wave {} started while {} of wave {} is {}",
+                    node,
+                    w,
+                    id,
+                    earlier,
+                    step
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn observe_issue(&mut self, a: &Action) -> Result<(), TestCaseError> {
         prop_assert!(
             a.seq > self.last_seq,
@@ -453,6 +567,9 @@ impl Sim {
                     "forward step after the rollback started"
                 );
                 let is_switch = !matches!(a.kind, ActionKind::Commit { .. });
+                if is_switch {
+                    self.check_earlier_waves_done(&a.node)?;
+                }
                 let changes = self.changes.entry(a.node.clone()).or_default();
                 if is_switch {
                     // Another switch is only legitimate after a failed one (resume).
@@ -518,6 +635,7 @@ impl Sim {
                 prop_assert_eq!(*expect, TARGET);
                 prop_assert_eq!(step, NodeStep::Verifying);
                 prop_assert_eq!(*failure_threshold, self.spec.failure_threshold);
+                self.check_earlier_waves_done(&a.node)?;
             }
             _ => {}
         }
@@ -533,6 +651,54 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// The wave of a node (0 without waves).
+    fn wave_of(&self, id: &NodeId) -> usize {
+        self.spec
+            .waves
+            .iter()
+            .position(|w| w.nodes.contains(id))
+            .unwrap_or(0)
+    }
+
+    /// The nodes of wave `w` (every node without waves).
+    fn wave_nodes(&self, w: usize) -> Vec<NodeId> {
+        match self.spec.waves.get(w) {
+            Some(wave) => wave.nodes.clone(),
+            None => self.spec.nodes.clone(),
+        }
+    }
+
+    /// Nodes unavailable now, as the driver saw it: unhealthy at the start and not upgraded
+    /// since (outside the rollout: throughout), mid-switch or mid-gate, a failed gate, or a
+    /// switch that may have changed the node without a passed gate since.
+    fn unavailable_now(&self) -> usize {
+        let outside = self
+            .spec
+            .unhealthy_at_start
+            .iter()
+            .filter(|id| !self.spec.nodes.contains(id))
+            .count();
+        let inside = self
+            .r
+            .nodes()
+            .filter(|p| match p.step {
+                NodeStep::Upgraded
+                | NodeStep::Committing
+                | NodeStep::Committed
+                | NodeStep::RolledBack => false,
+                NodeStep::Installing
+                | NodeStep::Verifying
+                | NodeStep::RollingBack
+                | NodeStep::RollbackFailed => true,
+                NodeStep::Failed if self.gate_failed.contains(&p.id) => true,
+                _ => {
+                    self.touch_seq(&p.id).is_some() || self.spec.unhealthy_at_start.contains(&p.id)
+                }
+            })
+            .count();
+        outside + inside
     }
 
     fn check_state(&self) -> Result<(), TestCaseError> {
@@ -552,10 +718,38 @@ impl Sim {
             matches!(step_of(a), NodeStep::Installing | NodeStep::Verifying)
                 && !matches!(a.kind, ActionKind::Commit { .. })
         });
-        prop_assert!(
-            upgrading <= self.spec.batch_size as usize,
-            "more than batch_size switching/verifying"
-        );
+        // Everything switching or verifying is in one wave, at most that wave's batch size.
+        let waves: HashSet<usize> = inflight
+            .iter()
+            .filter(|a| {
+                matches!(step_of(a), NodeStep::Installing | NodeStep::Verifying)
+                    && !matches!(a.kind, ActionKind::Commit { .. })
+            })
+            .map(|a| self.wave_of(&a.node))
+            .collect();
+        prop_assert!(waves.len() <= 1, "switching in several waves: {:?}", waves);
+        if let Some(&w) = waves.iter().next() {
+            let size = self.spec.batch_size_in(self.wave_nodes(w).len());
+            prop_assert!(
+                upgrading <= size,
+                "{} switching/verifying, batch size {}",
+                upgrading,
+                size
+            );
+        }
+        // Max unavailable, counted here from what the driver saw, holds throughout the upgrade.
+        if let Some(max) = self.spec.max_unavailable_nodes()
+            && self.r.working_phase() == Phase::Upgrading
+        {
+            let down = self.unavailable_now();
+            prop_assert!(
+                down <= max,
+                "{} nodes unavailable, at most {} allowed: {}",
+                down,
+                max,
+                self.r.summary()
+            );
+        }
         let par = self.spec.max_parallel_staging as usize;
         let staging = count(&|a| matches!(a.kind, ActionKind::Stage { .. }));
         prop_assert!(staging <= par, "{} stages in flight", staging);
@@ -648,6 +842,15 @@ impl Sim {
             self.undo_failed.insert(a.node.clone());
             if let Some(u) = self.undos.get_mut(&a.node) {
                 u.retain(|k| *k != a.kind);
+            }
+        }
+        if let ActionKind::HealthGate { expect, .. } = a.kind
+            && expect == TARGET
+        {
+            if matches!(result, ActionResult::Done) {
+                self.gate_failed.remove(&a.node);
+            } else {
+                self.gate_failed.insert(a.node.clone());
             }
         }
         if let Some(c) = self.changes.get_mut(&a.node)
@@ -988,6 +1191,7 @@ fn the_simulation_reaches_every_terminal_phase_and_start_state() {
     let mut seen = HashSet::new();
     let mut starts = HashSet::new();
     let (mut retries, mut promotions, mut skips, mut refusals, mut undo_installs) = (0, 0, 0, 0, 0);
+    let (mut waved, mut bounded) = (0, 0);
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     for _ in 0..600 {
         let sc = scenario().new_tree(&mut runner).unwrap().current();
@@ -997,6 +1201,10 @@ fn the_simulation_reaches_every_terminal_phase_and_start_state() {
         sim.finish().unwrap();
         sim.check_end().unwrap();
         seen.insert(sim.r.phase());
+        if sim.r.phase() == Phase::Succeeded {
+            waved += usize::from(sc.policy.waves.len() > 1);
+            bounded += usize::from(!sc.policy.unhealthy.is_empty());
+        }
         retries += sim.retried;
         refusals += sim.refusals;
         promotions += usize::from(sim.promoted);
@@ -1012,6 +1220,11 @@ fn the_simulation_reaches_every_terminal_phase_and_start_state() {
             .filter(|k| matches!(k, ActionKind::Install { .. }))
             .count();
     }
+    assert!(waved > 0, "no rollout in several waves ever succeeded");
+    assert!(
+        bounded > 0,
+        "no rollout bounded by max-unavailable with unhealthy nodes ever succeeded"
+    );
     assert!(retries > 0, "no switch was ever retried");
     assert!(promotions > 0, "no canary was ever promoted");
     assert!(skips > 0, "no node was ever skipped");
@@ -1132,6 +1345,7 @@ fn every_start_state_and_outcome_ends_where_the_machine_says() {
                         // Likewise a bake with one policy: every start state bakes (and a
                         // failure in the bake is among the failure points tried below).
                         bake: on_failure == OnFailure::Rollback,
+                        policy: Policy::default(),
                     };
                     let mut clean = Sim::new(&sc);
                     clean.finish().unwrap();
@@ -1222,6 +1436,7 @@ proptest! {
         batch_size in 1u32..=3,
         canary in 0u32..=6,
         permanent in any::<bool>(),
+        policy in policy_strategy(6),
     ) {
         let ids: Vec<NodeId> = (1..=initial.len()).map(|i| n(&format!("n{i}"))).collect();
         let mut spec = RolloutSpec::new("r1", TARGET, ids.clone(), "alice");
@@ -1230,6 +1445,26 @@ proptest! {
         spec.batch_size = batch_size;
         spec.canary = canary.min(initial.len() as u32);
         spec.permanent = permanent;
+        // Waves cut to this rollout's node count (the strategy made them for 6 nodes).
+        let mut rest = ids.iter();
+        spec.waves = policy
+            .waves
+            .iter()
+            .enumerate()
+            .map(|(k, &size)| Wave {
+                label_value: format!("z{k}"),
+                nodes: rest.by_ref().take(size).cloned().collect(),
+            })
+            .filter(|w| !w.nodes.is_empty())
+            .collect();
+        if let Some(last) = spec.waves.last_mut() {
+            last.nodes.extend(rest.cloned());
+        }
+        if !spec.waves.is_empty() {
+            spec.wave_by = Some("zone".into());
+        }
+        spec.batch_percent = policy.batch_percent;
+        let wave_of = |id: &NodeId| spec.waves.iter().position(|w| w.nodes.contains(id));
         let answers: BTreeMap<NodeId, ActionResult> = ids
             .iter()
             .zip(&initial)
@@ -1299,7 +1534,16 @@ proptest! {
         };
         let mut last = None;
         for b in &p.batches {
-            prop_assert!(!b.nodes.is_empty() && b.nodes.len() <= batch_size as usize);
+            // One wave per batch, named, at most the wave's batch size.
+            let waves: HashSet<Option<usize>> = b.nodes.iter().map(wave_of).collect();
+            prop_assert_eq!(waves.len(), 1, "a batch straddles waves: {:?}", b);
+            let wave = waves.into_iter().next().flatten();
+            let wave_len = wave.map_or(ids.len(), |w| spec.waves[w].nodes.len());
+            prop_assert_eq!(
+                b.wave.as_deref(),
+                wave.map(|w| spec.waves[w].label_value.as_str())
+            );
+            prop_assert!(!b.nodes.is_empty() && b.nodes.len() <= spec.batch_size_in(wave_len));
             let rounds: HashSet<Option<usize>> = b.nodes.iter().map(round_of).collect();
             prop_assert_eq!(rounds.len(), 1, "one batch switches together: {:?}", b);
             let round = rounds.into_iter().next().flatten();

@@ -8,7 +8,7 @@ use orch_rollout::{
     Action, ActionKind, ActionResult, Command, Event, LogEntry, Outcome, Rejected, Rollout,
 };
 use orch_types::Version;
-use orch_types::rollout::{NodeStep, OnFailure, PackageRef, Phase, SpecError};
+use orch_types::rollout::{NodeCount, NodeStep, OnFailure, PackageRef, Phase, SpecError, Wave};
 
 fn seqs(actions: &[Action]) -> Vec<u64> {
     actions.iter().map(|a| a.seq).collect()
@@ -296,6 +296,94 @@ fn version_answer_for_a_non_preflight_is_rejected() {
         "result for action 2 (stage on n1) does not fit it: only a preflight is answered with a running version"
     );
     h.check();
+}
+
+// ----- waves, percentage batches, max unavailable -----
+
+fn waves(s: &mut orch_types::rollout::RolloutSpec, groups: &[(&str, &[&str])]) {
+    s.wave_by = Some("zone".into());
+    s.waves = groups
+        .iter()
+        .map(|(value, ids)| Wave {
+            label_value: value.to_string(),
+            nodes: ids.iter().map(|i| n(i)).collect(),
+        })
+        .collect();
+}
+
+#[test]
+fn waves_go_one_after_another_in_percentage_batches() {
+    // Wave a: 4 nodes at 50% = 2 at a time; wave b: 1 node (50% of 1 rounds up to 1).
+    let mut s = spec(5);
+    waves(&mut s, &[("a", &["n1", "n2", "n3", "n4"]), ("b", &["n5"])]);
+    s.batch_percent = Some(50);
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    assert!(h.has_event(
+        "all 5 nodes staged; upgrading 50% of each wave at a time, wave by wave (zone: a, b)"
+    ));
+    let a = h.issue();
+    assert_eq!(kinds(&a), [k("n1", "install"), k("n2", "install")]);
+    h.done(a[0].seq);
+    h.done(a[1].seq);
+    let g = h.issue();
+    assert_eq!(kinds(&g), [k("n1", "health_gate"), k("n2", "health_gate")]);
+    h.done(g[0].seq);
+    assert!(h.issue().is_empty(), "n2 of the batch is not healthy yet");
+    h.done(g[1].seq);
+    let b = h.issue();
+    assert_eq!(kinds(&b), [k("n3", "install"), k("n4", "install")]);
+    h.done(b[0].seq);
+    h.done(b[1].seq);
+    let g = h.issue();
+    h.done(g[0].seq);
+    assert!(h.issue().is_empty(), "wave b waits for all of wave a");
+    h.done(g[1].seq);
+    assert_eq!(kinds(&h.issue()), [k("n5", "install")]);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+}
+
+#[test]
+fn max_unavailable_counts_mid_step_and_already_unhealthy_nodes() {
+    // One batch of all 4, but at most 3 unavailable, and n4 (in the rollout) and x9 (not in
+    // it) are unhealthy from the start: room for one healthy node (n1) besides n4 itself,
+    // which is already counted. n2 starts once n4 is healthy on the target.
+    let mut s = spec(4);
+    s.batch_size = 4;
+    s.max_unavailable = Some(NodeCount::Count(3));
+    s.unhealthy_at_start = vec![n("n4"), n("x9")];
+    let mut h = H::new(s.clone());
+    h.run_to_upgrading();
+    assert_eq!(h.r.unavailable_count(), 2);
+    let a = h.issue();
+    assert_eq!(kinds(&a), [k("n1", "install"), k("n4", "install")]);
+    assert_eq!(h.r.unavailable_count(), 3);
+    h.done(a[1].seq);
+    let g = h.issue();
+    assert_eq!(
+        kinds(&g),
+        [k("n4", "health_gate")],
+        "n2 and n3 wait for room"
+    );
+    h.done(g[0].seq);
+    assert_eq!(
+        h.r.unavailable_count(),
+        2,
+        "n4 is healthy on the target now"
+    );
+    assert_eq!(kinds(&h.issue()), [k("n2", "install")]);
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    h.check();
+
+    // As many unhealthy as allowed: no node could ever start, so the spec is refused.
+    s.max_unavailable = Some(NodeCount::Percent(50));
+    assert!(matches!(
+        orch_rollout::Rollout::new(s),
+        Err(SpecError::NoRoomUnavailable { allowed: 2, .. })
+    ));
 }
 
 // ----- staging -----

@@ -36,6 +36,10 @@ pub enum ParseError {
     Phase(String),
     #[error("invalid node step {0:?}")]
     NodeStep(String),
+    #[error(
+        "invalid node count {0:?}: expected a number of nodes (at least 1) or a percentage from 1% to 100% (for example 2 or 25%)"
+    )]
+    NodeCount(String),
 }
 
 impl ParseError {

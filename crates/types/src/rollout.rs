@@ -7,7 +7,7 @@
 //! use serde's default (externally tagged) representation and snake_case names, which works with
 //! self-describing formats (JSON) and with compact ones (bincode-like) alike.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -119,6 +119,102 @@ pub enum SpecError {
     PreflightTimeout(u64),
     #[error("bake time {0} ms is too long: at most {MAX_BAKE_MS} ms (a week)")]
     BakeTooLong(u64),
+    #[error(
+        "the waves do not list the rollout's nodes: every node must be in exactly one non-empty wave, waves in the rollout's node order"
+    )]
+    WavesMismatch,
+    #[error("waves need the label they are grouped by (wave_by)")]
+    WavesWithoutLabel,
+    #[error("batch percentage {0}% is out of range: it must be between 1% and 100%")]
+    BatchPercent(u32),
+    #[error("max unavailable {0} is out of range: use at least 1 node, or 1% to 100%")]
+    MaxUnavailable(NodeCount),
+    #[error(
+        "max unavailable {limit} allows {allowed} node(s) down at once, but {} node(s) are unhealthy already ({}): no node could be upgraded; repair them or raise --max-unavailable",
+        unhealthy.len(),
+        unhealthy.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+    )]
+    NoRoomUnavailable {
+        limit: NodeCount,
+        allowed: usize,
+        unhealthy: Vec<NodeId>,
+    },
+}
+
+/// A number of nodes, given as a count or as a percentage of a group (`2`, `25%`): the
+/// `--batch-size` and `--max-unavailable` flags. Serialized as `{"count": 2}` or
+/// `{"percent": 25}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeCount {
+    Count(u32),
+    Percent(u32),
+}
+
+impl NodeCount {
+    /// Valid: a count of at least 1, a percentage from 1 to 100.
+    pub fn is_valid(self) -> bool {
+        match self {
+            NodeCount::Count(n) => n >= 1,
+            NodeCount::Percent(p) => (1..=100).contains(&p),
+        }
+    }
+
+    /// Of a group of `n` nodes, rounded up, at least 1 (a batch size).
+    pub fn of_rounded_up(self, n: usize) -> usize {
+        match self {
+            NodeCount::Count(c) => c as usize,
+            NodeCount::Percent(p) => (n * p as usize).div_ceil(100),
+        }
+        .max(1)
+    }
+
+    /// Of a group of `n` nodes, rounded down, at least 1 (a bound on unavailable nodes: a
+    /// percentage never allows more than it says, and 1 keeps a rollout able to move).
+    pub fn of_rounded_down(self, n: usize) -> usize {
+        match self {
+            NodeCount::Count(c) => c as usize,
+            NodeCount::Percent(p) => n * p as usize / 100,
+        }
+        .max(1)
+    }
+}
+
+impl fmt::Display for NodeCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeCount::Count(n) => write!(f, "{n}"),
+            NodeCount::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl FromStr for NodeCount {
+    type Err = crate::ParseError;
+
+    /// `N` (at least 1) or `P%` (1 to 100).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || crate::ParseError::NodeCount(crate::ParseError::shown(s));
+        let digits = |t: &str| {
+            if t.is_empty() || t.len() > 9 || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(err());
+            }
+            t.parse::<u32>().map_err(|_| err())
+        };
+        let c = match s.strip_suffix('%') {
+            Some(p) => NodeCount::Percent(digits(p)?),
+            None => NodeCount::Count(digits(s)?),
+        };
+        if c.is_valid() { Ok(c) } else { Err(err()) }
+    }
+}
+
+/// One wave of a rollout (`--wave-by LABEL`): the nodes whose label has this value, in the
+/// rollout's order. Waves are upgraded one after another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    pub label_value: String,
+    pub nodes: Vec<NodeId>,
 }
 
 /// The package a rollout installs, as recorded in the Raft log: never the bytes, which live in
@@ -226,6 +322,31 @@ pub struct RolloutSpec {
     /// bake (and in older JSON).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub bake_ms: u64,
+    // The policy fields below were resolved by the coordinator when the rollout started (labels,
+    // health), so the machine and every replay of it see the same facts. Absent in older JSON:
+    // one wave, batches of `batch_size`, any selector already applied, no bound on unavailability.
+    /// The label nodes were grouped into waves by (`--wave-by`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_by: Option<String>,
+    /// The waves, in upgrade order; their nodes, concatenated, are `nodes`. Empty: one wave.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Wave>,
+    /// `--batch-size P%`: each wave's batches hold P% of the wave's nodes (rounded up, at
+    /// least 1); `batch_size` is then not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_percent: Option<u32>,
+    /// `--selector`: the labels every node of the rollout has (already applied to `nodes`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    /// `--max-unavailable`: at most this many nodes (a percentage: of the rollout's nodes,
+    /// rounded down, at least 1) unhealthy or mid-step at once, counting `unhealthy_at_start`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<NodeCount>,
+    /// Registered nodes (in the rollout or not) whose health probe failed when the rollout
+    /// started: they count as unavailable until the rollout upgrades them and they pass their
+    /// gate. Only probed with `max_unavailable`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unhealthy_at_start: Vec<NodeId>,
 }
 
 impl RolloutSpec {
@@ -254,12 +375,76 @@ impl RolloutSpec {
             preflight_timeout_ms: DEFAULT_PREFLIGHT_TIMEOUT_MS,
             keep_releases: None,
             bake_ms: 0,
+            wave_by: None,
+            waves: Vec::new(),
+            batch_percent: None,
+            selector: BTreeMap::new(),
+            max_unavailable: None,
+            unhealthy_at_start: Vec::new(),
         }
     }
 
     /// The bake gate's deadline, from its start: the bake, then as long as any gate may take.
     pub fn bake_deadline_ms(&self) -> u64 {
         self.bake_ms.saturating_add(self.healthy_deadline_ms)
+    }
+
+    /// The bound on unavailable nodes, resolved against the rollout's node count.
+    pub fn max_unavailable_nodes(&self) -> Option<usize> {
+        self.max_unavailable
+            .map(|m| m.of_rounded_down(self.nodes.len()))
+    }
+
+    /// The batch size inside a wave of `wave_len` nodes.
+    pub fn batch_size_in(&self, wave_len: usize) -> usize {
+        match self.batch_percent {
+            Some(p) => NodeCount::Percent(p).of_rounded_up(wave_len),
+            None => (self.batch_size as usize).max(1),
+        }
+    }
+
+    /// The batch rule as an operator gives it: `2` or `50%`.
+    pub fn batch_rule(&self) -> String {
+        match self.batch_percent {
+            Some(p) => format!("{p}%"),
+            None => self.batch_size.to_string(),
+        }
+    }
+
+    /// Checks the policy fields (see [`RolloutSpec::validate`]).
+    fn validate_policy(&self) -> Result<(), SpecError> {
+        if !self.waves.is_empty() {
+            if self.wave_by.is_none() {
+                return Err(SpecError::WavesWithoutLabel);
+            }
+            let mut listed = self.waves.iter().flat_map(|w| w.nodes.iter());
+            if self.waves.iter().any(|w| w.nodes.is_empty())
+                || !self.nodes.iter().all(|n| listed.next() == Some(n))
+                || listed.next().is_some()
+            {
+                return Err(SpecError::WavesMismatch);
+            }
+        }
+        if let Some(p) = self.batch_percent
+            && !(1..=100).contains(&p)
+        {
+            return Err(SpecError::BatchPercent(p));
+        }
+        if let Some(m) = self.max_unavailable {
+            if !m.is_valid() {
+                return Err(SpecError::MaxUnavailable(m));
+            }
+            // With as many nodes down as allowed already, no healthy node could ever start.
+            let allowed = m.of_rounded_down(self.nodes.len());
+            if self.unhealthy_at_start.len() >= allowed {
+                return Err(SpecError::NoRoomUnavailable {
+                    limit: m,
+                    allowed,
+                    unhealthy: self.unhealthy_at_start.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Checks everything that can be checked without talking to a node. A spec that passes can
@@ -308,6 +493,7 @@ impl RolloutSpec {
         if self.preflight_timeout_ms == 0 || self.preflight_timeout_ms > MAX_PREFLIGHT_TIMEOUT_MS {
             return Err(SpecError::PreflightTimeout(self.preflight_timeout_ms));
         }
+        self.validate_policy()?;
         if let Some(p) = &self.package {
             if crate::validate_package_name(&p.name).is_err() {
                 return Err(SpecError::InvalidPackageName(
@@ -717,6 +903,120 @@ mod tests {
             msg.contains("30000") && msg.contains("use 0 to disable"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn node_counts_parse_counts_and_percentages_only() {
+        assert_eq!("3".parse::<NodeCount>(), Ok(NodeCount::Count(3)));
+        assert_eq!("25%".parse::<NodeCount>(), Ok(NodeCount::Percent(25)));
+        assert_eq!("100%".parse::<NodeCount>(), Ok(NodeCount::Percent(100)));
+        for bad in [
+            "0",
+            "0%",
+            "150%",
+            "101%",
+            "abc",
+            "",
+            "%",
+            "-1",
+            "+2",
+            "2 ",
+            "1.5%",
+            "9999999999",
+        ] {
+            let e = bad.parse::<NodeCount>().unwrap_err();
+            assert!(e.to_string().contains("invalid node count"), "{bad}: {e}");
+        }
+        for c in [NodeCount::Count(7), NodeCount::Percent(34)] {
+            assert_eq!(c.to_string().parse::<NodeCount>(), Ok(c));
+        }
+        // Batches round up, bounds round down; both at least 1.
+        assert_eq!(NodeCount::Percent(25).of_rounded_up(5), 2);
+        assert_eq!(NodeCount::Percent(50).of_rounded_up(2), 1);
+        assert_eq!(NodeCount::Percent(1).of_rounded_up(3), 1);
+        assert_eq!(NodeCount::Percent(25).of_rounded_down(5), 1);
+        assert_eq!(NodeCount::Percent(50).of_rounded_down(9), 4);
+        assert_eq!(NodeCount::Percent(10).of_rounded_down(3), 1);
+        assert_eq!(NodeCount::Count(2).of_rounded_up(9), 2);
+    }
+
+    #[test]
+    fn policy_fields_validate_and_default_to_what_older_specs_meant() {
+        let wave = |v: &str, ids: &[&str]| Wave {
+            label_value: v.into(),
+            nodes: ids.iter().map(|i| n(i)).collect(),
+        };
+        let mut s = spec();
+        s.wave_by = Some("zone".into());
+        s.waves = vec![wave("a", &["n1", "n2"]), wave("b", &["n3"])];
+        s.batch_percent = Some(50);
+        s.max_unavailable = Some(NodeCount::Count(2));
+        s.unhealthy_at_start = vec![n("n9")];
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.batch_size_in(2), 1);
+        assert_eq!(s.batch_rule(), "50%");
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<RolloutSpec>(&json).unwrap(), s);
+
+        let check = |f: &dyn Fn(&mut RolloutSpec), want: SpecError| {
+            let mut bad = s.clone();
+            f(&mut bad);
+            assert_eq!(bad.validate(), Err(want));
+        };
+        check(&|b| b.waves[1].nodes.clear(), SpecError::WavesMismatch);
+        check(&|b| b.waves.swap(0, 1), SpecError::WavesMismatch);
+        check(
+            &|b| b.waves.push(wave("c", &["n4"])),
+            SpecError::WavesMismatch,
+        );
+        check(
+            &|b| {
+                b.waves[0].nodes.pop();
+            },
+            SpecError::WavesMismatch,
+        );
+        check(&|b| b.wave_by = None, SpecError::WavesWithoutLabel);
+        check(&|b| b.batch_percent = Some(0), SpecError::BatchPercent(0));
+        check(
+            &|b| b.batch_percent = Some(101),
+            SpecError::BatchPercent(101),
+        );
+        check(
+            &|b| b.max_unavailable = Some(NodeCount::Percent(0)),
+            SpecError::MaxUnavailable(NodeCount::Percent(0)),
+        );
+        let full = SpecError::NoRoomUnavailable {
+            limit: NodeCount::Count(2),
+            allowed: 2,
+            unhealthy: vec![n("n9"), n("n2")],
+        };
+        assert_eq!(
+            full.to_string(),
+            "max unavailable 2 allows 2 node(s) down at once, but 2 node(s) are unhealthy already (n9, n2): no node could be upgraded; repair them or raise --max-unavailable"
+        );
+        check(&|b| b.unhealthy_at_start.push(n("n2")), full);
+
+        // A spec recorded before policies: one wave, batches of batch_size, no bound.
+        let mut old: serde_json::Value = serde_json::to_value(spec()).unwrap();
+        for k in [
+            "wave_by",
+            "waves",
+            "batch_percent",
+            "selector",
+            "max_unavailable",
+            "unhealthy_at_start",
+        ] {
+            assert!(
+                old.as_object_mut().unwrap().remove(k).is_none(),
+                "{k} is skipped when unset"
+            );
+        }
+        old["batch_size"] = serde_json::json!(2);
+        let back: RolloutSpec = serde_json::from_value(old).unwrap();
+        assert!(back.waves.is_empty() && back.wave_by.is_none() && back.selector.is_empty());
+        assert_eq!(back.batch_size_in(3), 2);
+        assert_eq!(back.batch_rule(), "2");
+        assert_eq!(back.max_unavailable_nodes(), None);
     }
 
     #[test]

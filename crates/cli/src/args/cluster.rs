@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use orch_types::Version;
+use orch_types::rollout::NodeCount;
 
 use super::{TlsArgs, parse_duration};
 
@@ -14,6 +15,8 @@ pub const ROLLOUT_EXAMPLES: &str = "Examples:
   orchestrator rollout 4.2.1 --canary 1 --exit-on-pause --timeout 30m --json
   orchestrator rollout 4.2.1 --detach
   orchestrator rollout 4.2.1 --package emqx-4.2.1.zip --dry-run
+  orchestrator rollout 4.2.1 --wave-by zone --batch-size 50% --max-unavailable 1
+  orchestrator rollout 4.2.1 --selector role=web,zone=a --batch-size 25%
 
 While it waits, the command shows a live view on a terminal (one line per event otherwise) and
 ends with the rollout: exit 0 succeeded, 1 failed, rolled back or aborted, 3 rollback failed,
@@ -133,6 +136,41 @@ fn parse_events(s: &str) -> Result<EventCount, String> {
         .map_err(|_| format!("{s:?} is not a number of events (or `all`)"))
 }
 
+/// `N` or `P%` (`--batch-size`, `--max-unavailable`).
+pub(crate) fn parse_node_count(s: &str) -> Result<NodeCount, String> {
+    s.parse().map_err(|e: orch_types::ParseError| e.to_string())
+}
+
+/// A label name (`--wave-by`): not empty, no `=` or `,`, no control characters.
+pub(crate) fn parse_label_key(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 128 || s.contains(['=', ',']) || s.chars().any(char::is_control) {
+        return Err(format!(
+            "{s:?} is not a label name: use the K of an agent's --label K=V"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// `--selector K=V,...`: the label pairs, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector(pub Vec<(String, String)>);
+
+/// `K=V,K=V` (`--selector`): every pair with a key, each key once.
+pub(crate) fn parse_selector(s: &str) -> Result<Selector, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for pair in s.split(',') {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(format!("{pair:?} is not K=V (for example zone=a,role=web)"));
+        };
+        let k = parse_label_key(k.trim())?;
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(format!("label {k:?} is given twice"));
+        }
+        out.push((k, v.trim().to_string()));
+    }
+    Ok(Selector(out))
+}
+
 #[derive(Args, Debug)]
 pub struct RolloutArgs {
     /// The version to roll out (x.y.z).
@@ -144,9 +182,22 @@ pub struct RolloutArgs {
     /// Target nodes in order [default: every registered node, by id].
     #[arg(long, value_name = "ID,ID,...", value_delimiter = ',')]
     pub nodes: Vec<String>,
-    /// Nodes upgraded at a time (at least 1) [default: 1].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch_size: Option<u32>,
+    /// Nodes upgraded at a time (at least 1), or a percentage of each wave's nodes (`25%`,
+    /// rounded up, at least 1 node) [default: 1].
+    #[arg(long, value_name = "N|P%", value_parser = parse_node_count)]
+    pub batch_size: Option<NodeCount>,
+    /// Group the nodes into waves by this label's value (`zone`): waves go one after another,
+    /// in the order of the values, each wave upgraded and healthy before the next starts.
+    #[arg(long, value_name = "LABEL", value_parser = parse_label_key)]
+    pub wave_by: Option<String>,
+    /// Only the nodes with all these labels (with --nodes: every named node must match).
+    #[arg(long, value_name = "K=V,...", value_parser = parse_selector)]
+    pub selector: Option<Selector>,
+    /// At most this many nodes unhealthy or mid-upgrade at once, across waves, counting the
+    /// nodes already unhealthy when the rollout starts: a number, or a percentage of the
+    /// rollout's nodes (rounded down, at least 1).
+    #[arg(long, value_name = "N|P%", value_parser = parse_node_count)]
+    pub max_unavailable: Option<NodeCount>,
     /// Upgrade the first N nodes, then wait for `orchestrator promote` (0: no canary) [default: 0].
     #[arg(long, value_name = "N")]
     pub canary: Option<u32>,

@@ -188,6 +188,7 @@ pub(super) fn plan_reply(spec: &RolloutSpec, plan: Option<Plan>, signed: bool) -
                 .map(|b| pb::PlannedBatch {
                     canary: b.canary,
                     nodes: b.nodes.iter().map(|n| n.to_string()).collect(),
+                    wave: b.wave.clone().unwrap_or_default(),
                 })
                 .collect(),
             p.refusal.clone().unwrap_or_default(),
@@ -208,5 +209,6 @@ pub(super) fn plan_reply(spec: &RolloutSpec, plan: Option<Plan>, signed: bool) -
         permanent: spec.permanent,
         on_failure: spec.on_failure.to_string(),
         preflight_run: plan.is_some(),
+        policy: Some(super::status::policy_of(spec)),
     }
 }

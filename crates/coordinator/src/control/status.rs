@@ -44,6 +44,7 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
         min_healthy_ms: gate_of(r).0,
         healthy_deadline_ms: gate_of(r).1,
         bake_ms: r.spec().bake_ms,
+        policy: Some(policy_of(r.spec())),
         ..replay_data(r.spec(), r.inputs(), with_events)
     }
 }
@@ -74,6 +75,37 @@ fn replay_data(spec: &RolloutSpec, inputs: &[Input], with_events: bool) -> pb::R
         spec_json: serde_json::to_string(spec).unwrap_or_default(),
         inputs_json: serde_json::to_string(inputs).unwrap_or_default(),
         ..Default::default()
+    }
+}
+
+/// How a rollout moves through its nodes (waves, batch rule, selector, max unavailable), as
+/// its spec records it.
+pub fn policy_of(spec: &RolloutSpec) -> pb::RolloutPolicy {
+    pb::RolloutPolicy {
+        wave_by: spec.wave_by.clone().unwrap_or_default(),
+        waves: spec
+            .waves
+            .iter()
+            .map(|w| pb::RolloutWave {
+                label_value: w.label_value.clone(),
+                nodes: w.nodes.iter().map(|n| n.to_string()).collect(),
+            })
+            .collect(),
+        batch: spec.batch_rule(),
+        selector: spec.selector.clone().into_iter().collect(),
+        max_unavailable: spec
+            .max_unavailable
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
+        // Bounded by the node count, which fits in u32 wherever a rollout fits in memory.
+        max_unavailable_nodes: spec
+            .max_unavailable_nodes()
+            .map_or(0, |m| u32::try_from(m).unwrap_or(u32::MAX)),
+        unhealthy_at_start: spec
+            .unhealthy_at_start
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
     }
 }
 
@@ -114,6 +146,7 @@ pub fn status_of_archived(h: &HistoryRecord, with_events: bool) -> pb::RolloutSt
         min_healthy_ms: h.spec.min_healthy_time_ms,
         healthy_deadline_ms: h.spec.healthy_deadline_ms,
         bake_ms: h.spec.bake_ms,
+        policy: Some(policy_of(&h.spec)),
         ..replay_data(&h.spec, &h.inputs, with_events)
     }
 }

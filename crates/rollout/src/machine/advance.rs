@@ -110,10 +110,7 @@ impl Rollout {
                 n - staged
             )
         };
-        let msg = format!(
-            "{ready}; upgrading {} at a time{canary}",
-            self.spec.batch_size
-        );
+        let msg = format!("{ready}; upgrading {}{canary}", self.batch_words());
         self.record(cx, msg);
         true
     }

@@ -20,17 +20,107 @@ impl Rollout {
     }
 
     /// The upgrade batches, in order, each flagged with whether it comes after the canary. The
-    /// canary part is chunked separately so that no batch straddles the promotion point, and
-    /// every batch respects `batch_size`.
+    /// canary part is chunked separately so that no batch straddles the promotion point, no
+    /// batch straddles two waves, and every batch respects its wave's batch size.
     pub(super) fn batches(&self) -> Vec<(bool, Vec<usize>)> {
-        let targets = self.targets();
-        let size = (self.spec.batch_size as usize).max(1);
-        let canary = (self.spec.canary as usize).min(targets.len());
-        let (head, tail) = targets.split_at(canary);
-        let mut out: Vec<(bool, Vec<usize>)> =
-            head.chunks(size).map(|c| (false, c.to_vec())).collect();
-        out.extend(tail.chunks(size).map(|c| (true, c.to_vec())));
+        let canary = self.spec.canary as usize;
+        let mut seen = 0;
+        let mut out: Vec<(bool, Vec<usize>)> = Vec::new();
+        for wave in self.wave_ranges() {
+            let size = self.spec.batch_size_in(wave.len());
+            let targets: Vec<usize> = wave
+                .filter(|&i| self.nodes[i].step() != NodeStep::Skipped)
+                .collect();
+            let head = canary.saturating_sub(seen).min(targets.len());
+            seen += targets.len();
+            let (head, tail) = targets.split_at(head);
+            out.extend(head.chunks(size).map(|c| (false, c.to_vec())));
+            out.extend(tail.chunks(size).map(|c| (true, c.to_vec())));
+        }
         out
+    }
+
+    /// The waves as ranges of node indexes, in order (one wave of every node without waves).
+    /// The spec validated that the waves list its nodes in order.
+    pub(super) fn wave_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        if self.spec.waves.is_empty() {
+            return std::iter::once(0..self.nodes.len()).collect();
+        }
+        let mut start = 0;
+        self.spec
+            .waves
+            .iter()
+            .map(|w| {
+                let r = start..start + w.nodes.len();
+                start = r.end;
+                r
+            })
+            .collect()
+    }
+
+    /// The wave node `i` belongs to (0 without waves).
+    pub(super) fn wave_of(&self, i: usize) -> usize {
+        self.wave_ranges()
+            .iter()
+            .position(|r| r.contains(&i))
+            .unwrap_or(0)
+    }
+
+    /// Node `i` counts against `max_unavailable`: switching, verifying, failed its gate or
+    /// being put back; or touched (a switch may have changed it) and not healthy on the target
+    /// since; or unhealthy when the rollout started and not upgraded (and healthy) since.
+    pub(super) fn unavailable(&self, i: usize) -> bool {
+        let n = &self.nodes[i];
+        match n.step() {
+            NodeStep::Upgraded
+            | NodeStep::Committing
+            | NodeStep::Committed
+            | NodeStep::RolledBack => false,
+            NodeStep::Installing
+            | NodeStep::Verifying
+            | NodeStep::RollingBack
+            | NodeStep::RollbackFailed => true,
+            NodeStep::Failed if n.retry == Some(Retry::HealthGate) => true,
+            _ => n.touch_seq.is_some() || self.spec.unhealthy_at_start.contains(n.id()),
+        }
+    }
+
+    /// How many nodes count against `max_unavailable` now, the rollout's own and the
+    /// registered nodes outside it that were unhealthy when it started.
+    pub fn unavailable_count(&self) -> usize {
+        let outside = self
+            .spec
+            .unhealthy_at_start
+            .iter()
+            .filter(|n| self.index_of(n).is_none())
+            .count();
+        outside
+            + (0..self.nodes.len())
+                .filter(|&i| self.unavailable(i))
+                .count()
+    }
+
+    /// The batch rule and waves in words, for the audit trail: `2 at a time`, or `50% of each
+    /// wave at a time, wave by wave (zone: a, b, c)`.
+    pub(super) fn batch_words(&self) -> String {
+        let mut s = match self.spec.batch_percent {
+            Some(p) if self.spec.waves.is_empty() => format!("{p}% of the nodes at a time"),
+            Some(p) => format!("{p}% of each wave at a time"),
+            None => format!("{} at a time", self.spec.batch_size),
+        };
+        if let Some(label) = &self.spec.wave_by {
+            let values: Vec<&str> = self
+                .spec
+                .waves
+                .iter()
+                .map(|w| w.label_value.as_str())
+                .collect();
+            s.push_str(&format!(", wave by wave ({label}: {})", values.join(", ")));
+        }
+        if let Some(m) = self.spec.max_unavailable {
+            s.push_str(&format!(", at most {m} unavailable"));
+        }
+        s
     }
 
     /// Touched nodes, most recently touched first.
@@ -103,16 +193,35 @@ impl Rollout {
             return Vec::new();
         }
         let target = self.spec.version;
+        // Starting a switch on a node that does not count as unavailable yet takes one unit of
+        // the bound; a node already counted (unhealthy from the start, or mid-step) takes none.
+        let mut room = self
+            .spec
+            .max_unavailable_nodes()
+            .map(|max| max.saturating_sub(self.unavailable_count()));
         batch
             .iter()
             .filter(|&&i| !self.busy(i))
-            .filter_map(|&i| match self.nodes[i].step() {
-                NodeStep::Staged if self.nodes[i].route == Route::SwitchBack => {
-                    Some((i, ActionKind::Downgrade { to: target }))
+            .filter_map(|&i| {
+                let kind = match self.nodes[i].step() {
+                    NodeStep::Staged if self.nodes[i].route == Route::SwitchBack => {
+                        ActionKind::Downgrade { to: target }
+                    }
+                    NodeStep::Staged => ActionKind::Install { version: target },
+                    NodeStep::Installed => self.gate(target),
+                    _ => return None,
+                };
+                // A switch, or the gate of a node that already ran the target (adopted), takes
+                // one unit of the bound; a node already counted takes none.
+                if let Some(room) = room.as_mut()
+                    && !self.unavailable(i)
+                {
+                    if *room == 0 {
+                        return None;
+                    }
+                    *room -= 1;
                 }
-                NodeStep::Staged => Some((i, ActionKind::Install { version: target })),
-                NodeStep::Installed => Some((i, self.gate(target))),
-                _ => None,
+                Some((i, kind))
             })
             .collect()
     }

@@ -57,6 +57,9 @@ pub struct PlannedBatch {
     /// Part of the canary: the rollout waits for `promote` after the last canary batch.
     pub canary: bool,
     pub nodes: Vec<NodeId>,
+    /// The value of the `wave_by` label its nodes share (`None` without waves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<String>,
 }
 
 /// What a rollout of a spec would do, given every node's preflight answer.
@@ -158,6 +161,12 @@ impl Rollout {
                 .map(|(after_canary, b)| PlannedBatch {
                     canary: self.spec.canary > 0 && !after_canary,
                     nodes: b.iter().map(|&i| self.nodes[i].id().clone()).collect(),
+                    wave: b.first().and_then(|&i| {
+                        self.spec
+                            .waves
+                            .get(self.wave_of(i))
+                            .map(|w| w.label_value.clone())
+                    }),
                 })
                 .collect()
         };
