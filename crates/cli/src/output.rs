@@ -276,6 +276,9 @@ fn policy_line(p: &pb::RolloutPolicy) -> Option<String> {
     if !p.max_unavailable.is_empty() {
         parts.push(format!("at most {} unavailable", p.max_unavailable));
     }
+    if p.promote_each_wave {
+        parts.push("promote after each wave".to_string());
+    }
     (!parts.is_empty()).then(|| format!("policy: {}", parts.join(", ")))
 }
 

@@ -122,6 +122,7 @@ impl ControlService {
         spec.batch_percent = (r.batch_percent > 0).then_some(r.batch_percent);
         spec.selector = selector;
         spec.max_unavailable = max_unavailable;
+        spec.promote_each_wave = r.promote_each_wave;
         if max_unavailable.is_some() {
             spec.unhealthy_at_start = self.unhealthy_nodes().await;
         }
