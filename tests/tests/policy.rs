@@ -272,6 +272,11 @@ fn promote_each_wave_stops_between_zones_until_promoted() {
             assert_eq!(json_step(&st, n), step, "zone {zone}: {st}");
         }
     }
+    let human = c.cli_ok(&["status"]);
+    assert!(
+        human.contains("(wave done: waiting for `orchestrator promote`)"),
+        "{human}"
+    );
     c.cli_ok(&["promote"]);
     let o = c.cli(&["status", "--watch", "--exit-on-pause"]);
     assert_eq!(

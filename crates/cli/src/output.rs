@@ -282,10 +282,26 @@ fn policy_line(p: &pb::RolloutPolicy) -> Option<String> {
     (!parts.is_empty()).then(|| format!("policy: {}", parts.join(", ")))
 }
 
+/// What a rollout waiting for `promote` waits after: its canary, or (with
+/// `--promote-each-wave`) a wave, as its latest event about the wait says.
+pub fn awaiting_words(s: &pb::RolloutStatus) -> &'static str {
+    let wave = s
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.message.contains("waiting for promote"))
+        .is_some_and(|e| e.message.contains("before wave"));
+    if wave {
+        " (wave done: waiting for `orchestrator promote`)"
+    } else {
+        " (canary done: waiting for `orchestrator promote`)"
+    }
+}
+
 pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
     let mut head = format!("Rollout {} to {}: {}", s.id, s.version, s.phase);
     if s.awaiting_promotion {
-        head.push_str(" (canary done: waiting for `orchestrator promote`)");
+        head.push_str(awaiting_words(s));
     }
     println!("{head}");
     if !s.requested_by.is_empty() {
