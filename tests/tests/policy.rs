@@ -213,6 +213,10 @@ fn bad_policies_are_refused_with_the_reason() {
         &["--wave-by", "rack"],
         "no node of the rollout has the label \"rack\"",
     );
+    refused(
+        &["--nodes", "n1,n99", "--wave-by", "zone"],
+        "node n99 is not registered",
+    );
     // n7 has no zone.
     refused(&["--wave-by", "zone"], "node(s) n7 have no label \"zone\"");
     refused(
