@@ -1529,6 +1529,7 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         batch_percent: 0,
         selector: Default::default(),
         max_unavailable: String::new(),
+        promote_each_wave: false,
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),

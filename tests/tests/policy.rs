@@ -213,6 +213,10 @@ fn bad_policies_are_refused_with_the_reason() {
         &["--wave-by", "rack"],
         "no node of the rollout has the label \"rack\"",
     );
+    refused(
+        &["--nodes", "n1,n99", "--wave-by", "zone"],
+        "node n99 is not registered",
+    );
     // n7 has no zone.
     refused(&["--wave-by", "zone"], "node(s) n7 have no label \"zone\"");
     refused(
@@ -248,4 +252,58 @@ fn bad_policies_are_refused_with_the_reason() {
     // Nothing was recorded by any refusal.
     let list = c.cli_json(&["rollouts", "--all", "--json"]);
     assert_eq!(list, serde_json::json!([]), "{list}");
+}
+
+#[test]
+fn promote_each_wave_stops_between_zones_until_promoted() {
+    let c = three_zones(false);
+    let pkg = c.package(V1, false).display().to_string();
+    let mut args = zoned(&pkg, &["--promote-each-wave", "--exit-on-pause"]);
+    args.extend(["--min-healthy-time", "200ms", "--healthy-deadline", "20s"]);
+    let o = c.cli(&args);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "expected a stop after zone a: {}\n{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    for (zone, step) in [("a", "upgraded"), ("b", "staged"), ("c", "staged")] {
+        let st = c.status_json("");
+        assert_eq!(st["awaiting_promotion"], true, "{st}");
+        assert_eq!(st["policy"]["promote_each_wave"], true, "{st}");
+        for n in zone_nodes(zone) {
+            assert_eq!(json_step(&st, n), step, "zone {zone}: {st}");
+        }
+    }
+    let human = c.cli_ok(&["status"]);
+    assert!(
+        human.contains("(wave done: waiting for `orchestrator promote`)"),
+        "{human}"
+    );
+    c.cli_ok(&["promote"]);
+    let o = c.cli(&["status", "--watch", "--exit-on-pause"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "a stop after zone b: {}",
+        stderr(&o)
+    );
+    let st = c.status_json("");
+    for n in zone_nodes("b") {
+        assert_eq!(json_step(&st, n), "upgraded", "{st}");
+    }
+    for n in zone_nodes("c") {
+        assert_eq!(json_step(&st, n), "staged", "{st}");
+    }
+    assert!(
+        count_events(&st, "waiting for promote before wave zone=c") == 1,
+        "{st}"
+    );
+    c.cli_ok(&["promote"]);
+    // No stop after the last zone: it commits.
+    let o = c.cli(&["status", "--watch", "--exit-on-pause"]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let st = c.status_json("");
+    assert_eq!(st["phase"], "succeeded", "{st}");
 }

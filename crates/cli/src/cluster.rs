@@ -300,6 +300,7 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
             .map(|s| s.0.into_iter().collect())
             .unwrap_or_default(),
         max_unavailable: a.max_unavailable.map(|m| m.to_string()).unwrap_or_default(),
+        promote_each_wave: a.promote_each_wave,
     }
 }
 

@@ -252,7 +252,7 @@ fn header(s: &pb::RolloutStatus, now: u64, p: Paint) -> String {
     let elapsed = Duration::from_millis(end.saturating_sub(start));
     let mut phase = p.phase(&s.phase);
     if s.awaiting_promotion {
-        phase.push_str(" (canary done: waiting for `orchestrator promote`)");
+        phase.push_str(crate::output::awaiting_words(s));
     }
     let mut line = format!(
         "{} {}  {}  {phase}",

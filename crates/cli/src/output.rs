@@ -285,6 +285,9 @@ fn policy_line(s: &pb::RolloutStatus) -> Option<String> {
             if !p.max_unavailable.is_empty() {
                 parts.push(format!("at most {} unavailable", p.max_unavailable));
             }
+            if p.promote_each_wave {
+                parts.push("promote after each wave".to_string());
+            }
         }
         None => parts.push(format!("batch {}", num("batch_size")?)),
     }
@@ -315,12 +318,28 @@ fn policy_line(s: &pb::RolloutStatus) -> Option<String> {
     Some(format!("policy: {}", parts.join(", ")))
 }
 
+/// What a rollout waiting for `promote` waits after: its canary, or (with
+/// `--promote-each-wave`) a wave, as its latest event about the wait says.
+pub fn awaiting_words(s: &pb::RolloutStatus) -> &'static str {
+    let wave = s
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.message.contains("waiting for promote"))
+        .is_some_and(|e| e.message.contains("before wave"));
+    if wave {
+        " (wave done: waiting for `orchestrator promote`)"
+    } else {
+        " (canary done: waiting for `orchestrator promote`)"
+    }
+}
+
 /// The plain-text status of one rollout; `events`: how many of the last events to show (`None`:
 /// all of them), saying how many were left out.
 pub fn print_status(s: &pb::RolloutStatus, events: Option<usize>) {
     let mut head = format!("Rollout {} to {}: {}", s.id, s.version, s.phase);
     if s.awaiting_promotion {
-        head.push_str(" (canary done: waiting for `orchestrator promote`)");
+        head.push_str(awaiting_words(s));
     }
     println!("{head}");
     if !s.requested_by.is_empty() {

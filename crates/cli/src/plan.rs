@@ -64,6 +64,9 @@ fn print_policy(x: &pb::RolloutPolicy) {
             .map(|w| format!("{} ({})", w.label_value, w.nodes.len()))
             .collect();
         println!("waves by {}: {}", x.wave_by, waves.join(", then "));
+        if x.promote_each_wave {
+            println!("  waiting for `orchestrator promote` after each wave but the last");
+        }
     }
     if !x.selector.is_empty() {
         let mut pairs: Vec<String> = x.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();

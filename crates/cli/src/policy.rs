@@ -51,6 +51,8 @@ pub struct Policy {
     pub selector: Option<Labels>,
     #[serde(alias = "max_unavailable")]
     pub max_unavailable: Option<Count>,
+    #[serde(alias = "promote_each_wave")]
+    pub promote_each_wave: Option<bool>,
     pub canary: Option<u32>,
     /// `permanent = false` is `--no-permanent`.
     pub permanent: Option<bool>,
@@ -127,6 +129,9 @@ impl Policy {
         if let Some(c) = self.canary {
             a.canary.get_or_insert(c);
         }
+        if self.promote_each_wave == Some(true) {
+            a.promote_each_wave = true;
+        }
         if self.permanent == Some(false) {
             a.no_permanent = true;
         }
@@ -190,6 +195,9 @@ mod tests {
         let e = Policy::parse("batch-sise = 2\n").unwrap_err().to_string();
         assert!(e.contains("batch-sise"), "{e}");
         let e = Policy::parse("canary = \"two\"\n").unwrap_err().to_string();
-        assert!(e.contains("canary = \"two\"") && e.contains("expected u32"), "{e}");
+        assert!(
+            e.contains("canary = \"two\"") && e.contains("expected u32"),
+            "{e}"
+        );
     }
 }

@@ -148,6 +148,8 @@ struct Policy {
     /// Nodes of the rollout (indexes) unhealthy at the start, and how many outside it.
     unhealthy: Vec<usize>,
     unhealthy_outside: usize,
+    /// `--promote-each-wave` (only with waves).
+    promote_each_wave: bool,
 }
 
 /// Random policies for `count` nodes: waves of random sizes, a percentage or not, a bound
@@ -159,9 +161,10 @@ fn policy_strategy(count: usize) -> impl Strategy<Value = Policy> {
         proptest::option::of(1u32..=3),
         proptest::collection::vec(0..count, 0..=2),
         0usize..=1,
+        any::<bool>(),
     )
         .prop_map(
-            move |(waves, batch_percent, max_unavailable, unhealthy, outside)| {
+            move |(waves, batch_percent, max_unavailable, unhealthy, outside, promote)| {
                 // Cut the random sizes to partition exactly `count` nodes.
                 let mut sizes = Vec::new();
                 let mut left = count;
@@ -189,6 +192,7 @@ fn policy_strategy(count: usize) -> impl Strategy<Value = Policy> {
                     outside = 0;
                 }
                 Policy {
+                    promote_each_wave: promote && !sizes.is_empty(),
                     waves: sizes,
                     batch_percent,
                     max_unavailable,
@@ -303,6 +307,9 @@ struct Sim {
     rollback_answers: usize,
     /// Nodes whose last forward health gate failed (for the max-unavailable count).
     gate_failed: HashSet<NodeId>,
+    /// With promote_each_wave: the highest wave a `promote` was applied in front of (every
+    /// earlier wave upgraded and healthy at that moment).
+    promoted_wave: usize,
 }
 
 impl Sim {
@@ -335,6 +342,7 @@ impl Sim {
                 .collect();
         }
         spec.batch_percent = p.batch_percent;
+        spec.promote_each_wave = p.promote_each_wave;
         spec.max_unavailable = p.max_unavailable.map(NodeCount::Count);
         spec.unhealthy_at_start = p.unhealthy.iter().map(|&i| nodes[i].clone()).collect();
         spec.unhealthy_at_start
@@ -364,6 +372,7 @@ impl Sim {
             fail_in_rollback: None,
             rollback_answers: 0,
             gate_failed: HashSet::new(),
+            promoted_wave: 0,
         }
     }
 
@@ -449,7 +458,22 @@ impl Sim {
                 self.observe_issue(a)?;
             }
             if let Event::Command(Command::Promote) = event {
-                self.promoted = true;
+                // Only the canary's promotion releases the canary (a wave's may come first).
+                let msg = self.r.events().last().map(|e| e.message.clone());
+                if msg.is_some_and(|m| m.starts_with("canary promoted")) {
+                    self.promoted = true;
+                }
+                let ready = (0..self.spec.waves.len())
+                    .find(|&w| {
+                        self.wave_nodes(w).iter().any(|id| {
+                            !matches!(
+                                before.node(id).unwrap().step,
+                                NodeStep::Upgraded | NodeStep::Committed | NodeStep::Skipped
+                            )
+                        })
+                    })
+                    .unwrap_or(0);
+                self.promoted_wave = self.promoted_wave.max(ready);
             }
         }
         if let (Event::Result { seq, result }, Ok(Outcome::Applied { .. })) = (&event, &out) {
@@ -475,6 +499,14 @@ impl Sim {
     /// the target and passed its gate (or was skipped).
     fn check_earlier_waves_done(&self, node: &NodeId) -> Result<(), TestCaseError> {
         let w = self.wave_of(node);
+        if self.spec.promote_each_wave {
+            prop_assert!(
+                w <= self.promoted_wave,
+                "{} of wave {} started without a promote in front of its wave",
+                node,
+                w
+            );
+        }
         for earlier in 0..w {
             for id in self.wave_nodes(earlier) {
                 let step = self.r.node(&id).unwrap().step;
@@ -1191,7 +1223,7 @@ fn the_simulation_reaches_every_terminal_phase_and_start_state() {
     let mut seen = HashSet::new();
     let mut starts = HashSet::new();
     let (mut retries, mut promotions, mut skips, mut refusals, mut undo_installs) = (0, 0, 0, 0, 0);
-    let (mut waved, mut bounded) = (0, 0);
+    let (mut waved, mut bounded, mut wave_promoted) = (0, 0, 0);
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     for _ in 0..600 {
         let sc = scenario().new_tree(&mut runner).unwrap().current();
@@ -1204,6 +1236,7 @@ fn the_simulation_reaches_every_terminal_phase_and_start_state() {
         if sim.r.phase() == Phase::Succeeded {
             waved += usize::from(sc.policy.waves.len() > 1);
             bounded += usize::from(!sc.policy.unhealthy.is_empty());
+            wave_promoted += usize::from(sim.promoted_wave > 0);
         }
         retries += sim.retried;
         refusals += sim.refusals;
@@ -1224,6 +1257,10 @@ fn the_simulation_reaches_every_terminal_phase_and_start_state() {
     assert!(
         bounded > 0,
         "no rollout bounded by max-unavailable with unhealthy nodes ever succeeded"
+    );
+    assert!(
+        wave_promoted > 0,
+        "no rollout promoted between waves ever succeeded"
     );
     assert!(retries > 0, "no switch was ever retried");
     assert!(promotions > 0, "no canary was ever promoted");

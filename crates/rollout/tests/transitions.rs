@@ -346,6 +346,42 @@ fn waves_go_one_after_another_in_percentage_batches() {
 }
 
 #[test]
+fn promote_each_wave_waits_between_waves_but_not_after_the_last() {
+    let mut s = spec(3);
+    waves(&mut s, &[("a", &["n1"]), ("b", &["n2"]), ("c", &["n3"])]);
+    s.promote_each_wave = true;
+    let mut h = H::new(s);
+    h.run_to_upgrading();
+    assert_eq!(
+        kinds(&h.run_ok()),
+        [k("n1", "install"), k("n1", "health_gate")]
+    );
+    assert!(h.r.awaiting_promotion());
+    assert!(h.has_event(
+        "wave zone=a upgraded and healthy on 4.2.1; waiting for promote before wave zone=b"
+    ));
+    match h.apply(Event::IssueActions).unwrap() {
+        Outcome::Ignored { reason } => assert_eq!(
+            reason,
+            "nothing to issue: waiting for promote before wave zone=b"
+        ),
+        other => panic!("issued while waiting: {other:?}"),
+    }
+    h.cmd(Command::Promote).unwrap();
+    assert!(h.has_event("wave zone=b promoted by alice: starting it"));
+    assert_eq!(
+        kinds(&h.run_ok()),
+        [k("n2", "install"), k("n2", "health_gate")]
+    );
+    h.cmd(Command::Promote).unwrap();
+    // After the last wave: straight to committing.
+    h.run_ok();
+    assert_eq!(h.phase(), Phase::Succeeded);
+    assert!(!h.has_event("before wave zone=d"));
+    h.check();
+}
+
+#[test]
 fn max_unavailable_counts_mid_step_and_already_unhealthy_nodes() {
     // One batch of all 4, but at most 3 unavailable, and n4 (in the rollout) and x9 (not in
     // it) are unhealthy from the start: room for one healthy node (n1) besides n4 itself,

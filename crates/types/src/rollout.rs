@@ -125,6 +125,8 @@ pub enum SpecError {
     WavesMismatch,
     #[error("waves need the label they are grouped by (wave_by)")]
     WavesWithoutLabel,
+    #[error("promoting each wave needs waves: add --wave-by LABEL")]
+    PromoteWithoutWaves,
     #[error("batch percentage {0}% is out of range: it must be between 1% and 100%")]
     BatchPercent(u32),
     #[error("max unavailable {0} is out of range: use at least 1 node, or 1% to 100%")]
@@ -347,6 +349,10 @@ pub struct RolloutSpec {
     /// gate. Only probed with `max_unavailable`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unhealthy_at_start: Vec<NodeId>,
+    /// `--promote-each-wave`: once a wave is upgraded and healthy, wait for `promote` before
+    /// the next one (not after the last: it commits).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub promote_each_wave: bool,
 }
 
 impl RolloutSpec {
@@ -381,6 +387,7 @@ impl RolloutSpec {
             selector: BTreeMap::new(),
             max_unavailable: None,
             unhealthy_at_start: Vec::new(),
+            promote_each_wave: false,
         }
     }
 
@@ -413,6 +420,9 @@ impl RolloutSpec {
 
     /// Checks the policy fields (see [`RolloutSpec::validate`]).
     fn validate_policy(&self) -> Result<(), SpecError> {
+        if self.promote_each_wave && self.waves.is_empty() {
+            return Err(SpecError::PromoteWithoutWaves);
+        }
         if !self.waves.is_empty() {
             if self.wave_by.is_none() {
                 return Err(SpecError::WavesWithoutLabel);
@@ -976,6 +986,13 @@ mod tests {
             SpecError::WavesMismatch,
         );
         check(&|b| b.wave_by = None, SpecError::WavesWithoutLabel);
+        check(
+            &|b| {
+                b.waves.clear();
+                b.promote_each_wave = true;
+            },
+            SpecError::PromoteWithoutWaves,
+        );
         check(&|b| b.batch_percent = Some(0), SpecError::BatchPercent(0));
         check(
             &|b| b.batch_percent = Some(101),
@@ -999,6 +1016,7 @@ mod tests {
         // A spec recorded before policies: one wave, batches of batch_size, no bound.
         let mut old: serde_json::Value = serde_json::to_value(spec()).unwrap();
         for k in [
+            "promote_each_wave",
             "wave_by",
             "waves",
             "batch_percent",

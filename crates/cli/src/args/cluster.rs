@@ -198,6 +198,10 @@ pub struct RolloutArgs {
     /// rollout's nodes (rounded down, at least 1).
     #[arg(long, value_name = "N|P%", value_parser = parse_node_count)]
     pub max_unavailable: Option<NodeCount>,
+    /// After each wave but the last, wait for `orchestrator promote` before the next one
+    /// (with --exit-on-pause: exit 4 there).
+    #[arg(long, requires = "wave_by")]
+    pub promote_each_wave: bool,
     /// Upgrade the first N nodes, then wait for `orchestrator promote` (0: no canary) [default: 0].
     #[arg(long, value_name = "N")]
     pub canary: Option<u32>,

@@ -50,7 +50,14 @@ impl ControlService {
                     "no nodes are registered: start agents with --coordinator ADDR",
                 ));
             }
-            // Nodes not registered have no labels; the state's own check names them later.
+            // A node that is not registered has no labels: say so rather than that it lacks one.
+            if (wave_by.is_some() || !selector.is_empty())
+                && let Some(n) = nodes.iter().find(|n| !s.nodes.contains_key(*n))
+            {
+                return Err(Status::failed_precondition(format!(
+                    "node {n} is not registered"
+                )));
+            }
             let labels = |n: &NodeId| s.nodes.get(n).map(|rec| &rec.labels);
             let nodes =
                 select(nodes, explicit, &selector, labels).map_err(Status::failed_precondition)?;
@@ -123,6 +130,7 @@ impl ControlService {
         spec.batch_percent = (r.batch_percent > 0).then_some(r.batch_percent);
         spec.selector = selector;
         spec.max_unavailable = max_unavailable;
+        spec.promote_each_wave = r.promote_each_wave;
         if max_unavailable.is_some() {
             spec.unhealthy_at_start = self.unhealthy_nodes().await;
         }

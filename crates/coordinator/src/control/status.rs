@@ -106,6 +106,7 @@ pub fn policy_of(spec: &RolloutSpec) -> pb::RolloutPolicy {
             .iter()
             .map(|n| n.to_string())
             .collect(),
+        promote_each_wave: spec.promote_each_wave,
     }
 }
 

@@ -120,6 +120,9 @@ impl Rollout {
     fn upgrading_ended(&mut self, cx: &mut Ctx<'_>) -> bool {
         let target = self.spec.version;
         let targets = self.targets();
+        if let Some(k) = self.wave_gate() {
+            return self.await_wave(k, cx);
+        }
         if self.canary_pending() {
             let canary = (self.spec.canary as usize).min(targets.len());
             let head = &targets[..canary];

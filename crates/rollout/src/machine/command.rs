@@ -172,6 +172,14 @@ impl Rollout {
             return Err(Rejected::NotAwaitingPromotion);
         }
         self.awaiting_promotion = false;
+        if let Some(k) = self.wave_gate() {
+            // A wave's promotion; the canary's (if any) comes when its nodes are done.
+            self.waves_promoted = k;
+            let msg = format!("wave {} promoted by {by}: starting it", self.wave_name(k));
+            self.record(cx, msg);
+            self.advance(cx);
+            return Ok(());
+        }
         self.promoted = true;
         let rest = self
             .targets()

@@ -171,6 +171,10 @@ pub struct Rollout {
     in_flight: Vec<Action>,
     awaiting_promotion: bool,
     promoted: bool,
+    /// With `promote_each_wave`: the waves `promote` has let start (wave `k` starts once this
+    /// is at least `k`); 0 in rollouts before waves.
+    #[serde(default)]
+    waves_promoted: usize,
     /// Why the rollout is not progressing normally or did not succeed (first cause first).
     error: Option<String>,
     /// The newest term of a driver that recorded an entry for this rollout. A result
@@ -315,6 +319,7 @@ impl Rollout {
             in_flight: Vec::new(),
             awaiting_promotion: false,
             promoted: false,
+            waves_promoted: 0,
             error: None,
             driver_term: 0,
             inputs: Vec::new(),
@@ -430,6 +435,7 @@ impl Rollout {
             in_flight: self.in_flight.clone(),
             awaiting_promotion: self.awaiting_promotion,
             promoted: self.promoted,
+            waves_promoted: self.waves_promoted,
             error: self.error.clone(),
             driver_term: self.driver_term,
             inputs: Vec::new(),

@@ -58,6 +58,45 @@ impl Rollout {
             .collect()
     }
 
+    /// With `promote_each_wave`: the wave that waits for `promote` before it starts, once every
+    /// earlier wave is upgraded and healthy; `None` when nothing waits (the last wave done,
+    /// or its successor promoted already).
+    pub(super) fn wave_gate(&self) -> Option<usize> {
+        if !self.spec.promote_each_wave {
+            return None;
+        }
+        let next = self.wave_ranges().iter().position(|r| {
+            r.clone()
+                .any(|i| self.nodes[i].step() != NodeStep::Skipped && !self.upgraded(i))
+        })?;
+        (next > self.waves_promoted).then_some(next)
+    }
+
+    /// Waits for `promote` before wave `k` (with `promote_each_wave`); `true` when it starts
+    /// waiting now.
+    pub(super) fn await_wave(&mut self, k: usize, cx: &mut Ctx<'_>) -> bool {
+        if self.awaiting_promotion {
+            return false;
+        }
+        self.awaiting_promotion = true;
+        let msg = format!(
+            "wave {} upgraded and healthy on {}; waiting for promote before wave {}",
+            self.wave_name(k - 1),
+            self.spec.version,
+            self.wave_name(k)
+        );
+        self.record(cx, msg);
+        true
+    }
+
+    /// The label value of wave `k`, for the audit trail.
+    pub(super) fn wave_name(&self, k: usize) -> String {
+        match (&self.spec.wave_by, self.spec.waves.get(k)) {
+            (Some(label), Some(w)) => format!("{label}={}", w.label_value),
+            _ => format!("{}", k + 1),
+        }
+    }
+
     /// The wave node `i` belongs to (0 without waves).
     pub(super) fn wave_of(&self, i: usize) -> usize {
         self.wave_ranges()
@@ -179,7 +218,7 @@ impl Rollout {
     }
 
     pub(super) fn plan_upgrade(&self) -> Vec<(usize, ActionKind)> {
-        if self.awaiting_promotion {
+        if self.awaiting_promotion || self.wave_gate().is_some() {
             return Vec::new();
         }
         let batches = self.batches();
@@ -362,6 +401,11 @@ impl Rollout {
             format!("nothing to issue: rollout has ended ({})", self.phase)
         } else if self.paused {
             "nothing to issue: rollout is paused".to_string()
+        } else if let Some(k) = self.wave_gate() {
+            format!(
+                "nothing to issue: waiting for promote before wave {}",
+                self.wave_name(k)
+            )
         } else if self.awaiting_promotion {
             "nothing to issue: waiting for canary promotion".to_string()
         } else {
