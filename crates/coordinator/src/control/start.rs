@@ -67,28 +67,7 @@ impl ControlService {
                 }
                 None => (nodes, Vec::new()),
             };
-            let package = if r.package_sha256.is_empty() {
-                None
-            } else {
-                let p = s.packages.get(&r.package_sha256).ok_or_else(|| {
-                    Status::failed_precondition(format!(
-                        "package {} is not stored on the coordinators: upload it first",
-                        shown(&r.package_sha256)
-                    ))
-                })?;
-                if p.version != version {
-                    return Err(bad(format!(
-                        "the package holds version {}, not {version}",
-                        p.version
-                    )));
-                }
-                Some(PackageRef {
-                    name: p.name.clone(),
-                    version: p.version,
-                    sha256: p.sha256.clone(),
-                    size: p.size,
-                })
-            };
+            let package = stored_package(s, r, version)?;
             Ok((nodes, waves, package))
         })?;
         // A package stored before keys were configured (or copied without its signature) is
@@ -106,25 +85,7 @@ impl ControlService {
         }
         let mut spec = RolloutSpec::new("r000000", version, nodes, requested_by);
         spec.package = package;
-        if r.batch_size > 0 {
-            spec.batch_size = r.batch_size;
-        }
-        spec.canary = r.canary;
-        spec.permanent = !r.no_permanent;
-        if let Some(t) = r.min_healthy_time_ms {
-            spec.min_healthy_time_ms = t;
-        }
-        if let Some(t) = r.healthy_deadline_ms {
-            spec.healthy_deadline_ms = t;
-        }
-        if let Some(t) = r.preflight_timeout_ms {
-            spec.preflight_timeout_ms = t;
-        }
-        if let Some(n) = r.failure_threshold {
-            spec.failure_threshold = n;
-        }
-        spec.keep_releases = r.keep_releases;
-        spec.bake_ms = r.bake_ms.unwrap_or(0);
+        apply_options(&mut spec, r)?;
         spec.wave_by = wave_by;
         spec.waves = waves;
         spec.batch_percent = (r.batch_percent > 0).then_some(r.batch_percent);
@@ -134,14 +95,68 @@ impl ControlService {
         if max_unavailable.is_some() {
             spec.unhealthy_at_start = self.unhealthy_nodes().await;
         }
-        if !r.on_failure.is_empty() {
-            spec.on_failure = r
-                .on_failure
-                .parse::<OnFailure>()
-                .map_err(|e| bad(e.to_string()))?;
-        }
         Ok(spec)
     }
+}
+
+/// The package `r` names, as the state stores it (`None`: the agents hold it already).
+fn stored_package(
+    s: &crate::state::ClusterState,
+    r: &pb::StartRolloutRequest,
+    version: Version,
+) -> Result<Option<PackageRef>, Status> {
+    if r.package_sha256.is_empty() {
+        return Ok(None);
+    }
+    let p = s.packages.get(&r.package_sha256).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "package {} is not stored on the coordinators: upload it first",
+            shown(&r.package_sha256)
+        ))
+    })?;
+    if p.version != version {
+        return Err(bad(format!(
+            "the package holds version {}, not {version}",
+            p.version
+        )));
+    }
+    Ok(Some(PackageRef {
+        name: p.name.clone(),
+        version: p.version,
+        sha256: p.sha256.clone(),
+        size: p.size,
+    }))
+}
+
+/// The request's plain options (batch, canary, gates, failure policy, pruning, bake) onto
+/// `spec`, which holds the defaults for those not given.
+fn apply_options(spec: &mut RolloutSpec, r: &pb::StartRolloutRequest) -> Result<(), Status> {
+    if r.batch_size > 0 {
+        spec.batch_size = r.batch_size;
+    }
+    spec.canary = r.canary;
+    spec.permanent = !r.no_permanent;
+    if let Some(t) = r.min_healthy_time_ms {
+        spec.min_healthy_time_ms = t;
+    }
+    if let Some(t) = r.healthy_deadline_ms {
+        spec.healthy_deadline_ms = t;
+    }
+    if let Some(t) = r.preflight_timeout_ms {
+        spec.preflight_timeout_ms = t;
+    }
+    if let Some(n) = r.failure_threshold {
+        spec.failure_threshold = n;
+    }
+    spec.keep_releases = r.keep_releases;
+    spec.bake_ms = r.bake_ms.unwrap_or(0);
+    if !r.on_failure.is_empty() {
+        spec.on_failure = r
+            .on_failure
+            .parse::<OnFailure>()
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(())
 }
 
 impl ControlService {

@@ -291,37 +291,7 @@ impl Rollout {
                 );
             }
             ActionKind::HealthGate { expect, .. } => {
-                let n = &self.nodes[i];
-                if n.downgraded && n.step() == NodeStep::RollingBack {
-                    let after = match self.undo_program(i).0.last() {
-                        Some(ActionKind::Install { .. }) => "installing it again",
-                        _ => "downgrade",
-                    };
-                    self.rollback_failed(
-                        i,
-                        format!("health gate on {expect} after {after} {failed}: {error}"),
-                        cx,
-                    );
-                } else if self.phase == Phase::Baking {
-                    let what = if self.spec.bake_ms > 0 {
-                        format!("bake on {expect} ({})", ms(self.spec.bake_ms))
-                    } else {
-                        format!("final check that it still runs {expect}")
-                    };
-                    self.node_failed(
-                        i,
-                        Retry::HealthGate,
-                        format!("{what} {failed}: {error}"),
-                        cx,
-                    );
-                } else {
-                    self.node_failed(
-                        i,
-                        Retry::HealthGate,
-                        format!("health gate on {expect} {failed}: {error}"),
-                        cx,
-                    );
-                }
+                self.gate_failed(i, *expect, failed, error, cx)
             }
             ActionKind::Commit { version } => {
                 self.node_failed(
@@ -344,6 +314,49 @@ impl Rollout {
             }
             // Answered above.
             ActionKind::Prune { .. } => {}
+        }
+    }
+
+    /// A health gate failed on node `i`: its rollback gate (the rollback fails there), its
+    /// bake or final check, or its upgrade gate (a node failure by `on_failure`).
+    fn gate_failed(
+        &mut self,
+        i: usize,
+        expect: Version,
+        failed: &str,
+        error: &str,
+        cx: &mut Ctx<'_>,
+    ) {
+        let n = &self.nodes[i];
+        if n.downgraded && n.step() == NodeStep::RollingBack {
+            let after = match self.undo_program(i).0.last() {
+                Some(ActionKind::Install { .. }) => "installing it again",
+                _ => "downgrade",
+            };
+            self.rollback_failed(
+                i,
+                format!("health gate on {expect} after {after} {failed}: {error}"),
+                cx,
+            );
+        } else if self.phase == Phase::Baking {
+            let what = if self.spec.bake_ms > 0 {
+                format!("bake on {expect} ({})", ms(self.spec.bake_ms))
+            } else {
+                format!("final check that it still runs {expect}")
+            };
+            self.node_failed(
+                i,
+                Retry::HealthGate,
+                format!("{what} {failed}: {error}"),
+                cx,
+            );
+        } else {
+            self.node_failed(
+                i,
+                Retry::HealthGate,
+                format!("health gate on {expect} {failed}: {error}"),
+                cx,
+            );
         }
     }
 
