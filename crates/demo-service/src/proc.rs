@@ -23,15 +23,33 @@ pub fn is_alive(pid: i32) -> bool {
     exists && !is_zombie(pid)
 }
 
+/// Whether every thread of `pid` has exited. A multi-threaded process's group leader shows `Z` as
+/// soon as its own thread exits, while other threads may still be unwinding and holding the
+/// process's files (its listening sockets among them); only when every task is `Z`/`X` are they
+/// closed. Without /proc/PID/task (not Linux-like) the leader's state decides.
 fn is_zombie(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        // No /proc entry: the process is gone (or /proc is unavailable and kill(0) decided).
-        return false;
-    };
+    let tasks: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if tasks.is_empty() {
+        return task_is_dead(&format!("/proc/{pid}/stat")).unwrap_or(false);
+    }
+    // A task that vanished between listing and reading has exited.
+    tasks
+        .iter()
+        .all(|t| task_is_dead(&format!("/proc/{pid}/task/{t}/stat")).unwrap_or(true))
+}
+
+/// The state in a `stat` file is `Z` (zombie) or `X` (dead); None when it cannot be read.
+fn task_is_dead(stat_path: &str) -> Option<bool> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
     // The state follows the parenthesised command name, which may itself contain ") ".
     stat.rsplit_once(") ")
         .and_then(|(_, rest)| rest.chars().next())
-        .is_some_and(|state| state == 'Z' || state == 'X')
+        .map(|state| state == 'Z' || state == 'X')
 }
 
 /// The process's argv, if readable.
