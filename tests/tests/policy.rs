@@ -307,3 +307,72 @@ fn promote_each_wave_stops_between_zones_until_promoted() {
     let st = c.status_json("");
     assert_eq!(st["phase"], "succeeded", "{st}");
 }
+
+#[test]
+fn a_wave_pause_holds_every_upgraded_node_healthy_between_zones() {
+    let c = three_zones(false);
+    let pkg = c.package(V1, false).display().to_string();
+    // Without waves there is nothing to pause between: refused before anything is recorded.
+    let o = c.cli(&["rollout", V1, "--package", &pkg, "--wave-pause", "1s"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("a wave pause needs waves: add --wave-by LABEL"),
+        "{}",
+        stderr(&o)
+    );
+    let mut args = zoned(&pkg, &["--wave-pause", "1s"]);
+    args.extend(["--min-healthy-time", "200ms", "--healthy-deadline", "20s"]);
+    let o = c.cli(&args);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let st = c.status_json("");
+    assert_eq!(st["phase"], "succeeded", "{st}");
+    assert_eq!(st["policy"]["wave_pause_ms"], 1_000, "{st}");
+    let human = c.cli_ok(&["status"]);
+    assert!(human.contains("wave pause 1s"), "{human}");
+    // Before zone b, both nodes of zone a stay healthy through the pause; before zone c, the
+    // four nodes of a and b do. Only then is the next zone's first node installed.
+    for (before, held, later) in [("b", &["a"][..], "b"), ("c", &["a", "b"][..], "c")] {
+        let over = event_index(
+            &st,
+            &format!("every upgraded node stayed healthy for 1s; starting wave zone={before}"),
+        )
+        .unwrap_or_else(|| panic!("no pause before zone {before}: {st}"));
+        let first_installed = zone_nodes(later)
+            .iter()
+            .map(|n| at(&st, n, &format!("installed {V1}")))
+            .min()
+            .unwrap();
+        assert!(
+            over < first_installed,
+            "zone {later} before its pause: {st}"
+        );
+        let held: Vec<&str> = held
+            .iter()
+            .flat_map(|z| zone_nodes(z).iter().copied())
+            .collect();
+        let n = held.len();
+        let started = event_index(
+            &st,
+            &format!("wave pause 1s before wave zone={before}: the {n} nodes upgraded so far must stay healthy"),
+        )
+        .unwrap_or_else(|| panic!("no pause announced before zone {before}: {st}"));
+        for node in held {
+            let passed = event_messages(&st)
+                .iter()
+                .enumerate()
+                .filter(|(i, m)| {
+                    *i > started
+                        && *i < over
+                        && **m
+                            == format!("{node}: stayed healthy on {V1} through the wave pause (1s)")
+                })
+                .count();
+            assert_eq!(
+                passed, 1,
+                "{node} through the pause before zone {before}: {st}"
+            );
+        }
+    }
+    // None after the last zone: the commit follows.
+    assert_eq!(count_events(&st, "wave pause 1s before"), 2, "{st}");
+}

@@ -44,7 +44,8 @@ fn a_policy_file_gives_the_rollout_its_flags_would() {
          failure-threshold = 4\n\
          on-failure = \"pause\"\n\
          keep-releases = 0\n\
-         bake = \"1s\"\n",
+         bake = \"1s\"\n\
+         watch-after-commit = \"1s\"\n",
     )
     .unwrap();
     let f = file.to_str().unwrap();
@@ -69,18 +70,24 @@ fn a_policy_file_gives_the_rollout_its_flags_would() {
             "0",
             "--bake",
             "1s",
+            "--watch-after-commit",
+            "1s",
             "--detach",
             "--json",
         ],
     );
     assert_eq!(policy_of(&from_file), policy_of(&from_flags));
     assert_eq!(from_file["spec"]["bake_ms"], 1_000, "{from_file:#}");
+    assert_eq!(
+        from_file["spec"]["watch_after_commit_ms"], 1_000,
+        "{from_file:#}"
+    );
     assert_eq!(from_file["spec"]["batch_size"], 2);
     // `status` shows the policy it runs with.
     let text = c.cli_ok(&["status", from_file["id"].as_str().unwrap()]);
     assert!(
         text.contains(
-            "policy: batch 2, on failure pause, min healthy 200ms, healthy deadline 30.0s, failure threshold 4, bake 1.0s"
+            "policy: batch 2, on failure pause, min healthy 200ms, healthy deadline 30.0s, failure threshold 4, bake 1.0s, watch after commit 1.0s"
         ),
         "{text}"
     );

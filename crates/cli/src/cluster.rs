@@ -301,6 +301,8 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
             .unwrap_or_default(),
         max_unavailable: a.max_unavailable.map(|m| m.to_string()).unwrap_or_default(),
         promote_each_wave: a.promote_each_wave,
+        wave_pause_ms: a.wave_pause.map(|d| d.as_millis() as u64),
+        watch_after_commit_ms: a.watch_after_commit.map(|d| d.as_millis() as u64),
     }
 }
 

@@ -285,6 +285,10 @@ fn policy_line(s: &pb::RolloutStatus) -> Option<String> {
             if !p.max_unavailable.is_empty() {
                 parts.push(format!("at most {} unavailable", p.max_unavailable));
             }
+            if p.wave_pause_ms > 0 {
+                let d = human_duration(Duration::from_millis(p.wave_pause_ms));
+                parts.push(format!("wave pause {d}"));
+            }
             if p.promote_each_wave {
                 parts.push("promote after each wave".to_string());
             }
@@ -311,6 +315,9 @@ fn policy_line(s: &pb::RolloutStatus) -> Option<String> {
     }
     if let Some(d) = dur("bake_ms") {
         parts.push(format!("bake {d}"));
+    }
+    if let Some(d) = dur("watch_after_commit_ms") {
+        parts.push(format!("watch after commit {d}"));
     }
     if let Some(n) = num("keep_releases") {
         parts.push(format!("keep {n} releases"));

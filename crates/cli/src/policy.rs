@@ -69,6 +69,10 @@ pub struct Policy {
     #[serde(alias = "keep_releases")]
     pub keep_releases: Option<u32>,
     pub bake: Option<String>,
+    #[serde(alias = "wave_pause")]
+    pub wave_pause: Option<String>,
+    #[serde(alias = "watch_after_commit")]
+    pub watch_after_commit: Option<String>,
 }
 
 impl Policy {
@@ -148,6 +152,10 @@ impl Policy {
         a.keep_releases = a.keep_releases.or(self.keep_releases);
         let t = dur("bake", self.bake)?;
         a.bake = a.bake.or(t);
+        let t = dur("wave-pause", self.wave_pause)?;
+        a.wave_pause = a.wave_pause.or(t);
+        let t = dur("watch-after-commit", self.watch_after_commit)?;
+        a.watch_after_commit = a.watch_after_commit.or(t);
         Ok(())
     }
 }
@@ -161,9 +169,12 @@ mod tests {
         let p = Policy::parse(
             "nodes = [\"n1\", \"n2\"]\nbatch-size = 2\ncanary = 1\npermanent = false\n\
              min_healthy_time = \"10s\"\nhealthy-deadline = \"5m\"\non-failure = \"pause\"\n\
-             failure-threshold = 5\nkeep-releases = 0\nbake = \"10m\"\n",
+             failure-threshold = 5\nkeep-releases = 0\nbake = \"10m\"\n\
+             wave-pause = \"30s\"\nwatch_after_commit = \"5m\"\n",
         )
         .unwrap();
+        assert_eq!(p.wave_pause.as_deref(), Some("30s"));
+        assert_eq!(p.watch_after_commit.as_deref(), Some("5m"));
         assert!(matches!(p.batch_size, Some(Count::Nodes(2))));
         assert_eq!(p.min_healthy_time.as_deref(), Some("10s"));
         assert_eq!(p.keep_releases, Some(0));

@@ -65,6 +65,8 @@ pub fn policy_json(p: Option<&pb::RolloutPolicy>) -> Value {
         "max_unavailable_nodes": if p.max_unavailable_nodes == 0 { Value::Null } else { json!(p.max_unavailable_nodes) },
         "unhealthy_at_start": p.unhealthy_at_start,
         "promote_each_wave": p.promote_each_wave,
+        "wave_pause_ms": p.wave_pause_ms,
+        "watch_after_commit_ms": p.watch_after_commit_ms,
     })
 }
 

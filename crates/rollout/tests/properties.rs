@@ -132,6 +132,8 @@ struct Scenario {
     keep: Option<u32>,
     /// `bake_ms > 0` (`--bake`).
     bake: bool,
+    /// `watch_after_commit_ms > 0` (`--watch-after-commit`; only when permanent).
+    watch: bool,
     /// Waves, batch percentage, max-unavailable (`--wave-by` and friends).
     policy: Policy,
 }
@@ -150,6 +152,8 @@ struct Policy {
     unhealthy_outside: usize,
     /// `--promote-each-wave` (only with waves).
     promote_each_wave: bool,
+    /// `--wave-pause` (only with waves).
+    wave_pause: bool,
 }
 
 /// Random policies for `count` nodes: waves of random sizes, a percentage or not, a bound
@@ -162,9 +166,10 @@ fn policy_strategy(count: usize) -> impl Strategy<Value = Policy> {
         proptest::collection::vec(0..count, 0..=2),
         0usize..=1,
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            move |(waves, batch_percent, max_unavailable, unhealthy, outside, promote)| {
+            move |(waves, batch_percent, max_unavailable, unhealthy, outside, promote, pause)| {
                 // Cut the random sizes to partition exactly `count` nodes.
                 let mut sizes = Vec::new();
                 let mut left = count;
@@ -193,6 +198,7 @@ fn policy_strategy(count: usize) -> impl Strategy<Value = Policy> {
                 }
                 Policy {
                     promote_each_wave: promote && !sizes.is_empty(),
+                    wave_pause: pause && !sizes.is_empty(),
                     waves: sizes,
                     batch_percent,
                     max_unavailable,
@@ -216,6 +222,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 proptest::collection::vec(any::<u8>(), 0..400),
                 proptest::option::of(0u32..=3),
                 any::<bool>(),
+                any::<bool>(),
                 policy_strategy(count),
             )
         })
@@ -230,6 +237,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 script,
                 keep,
                 bake,
+                watch,
                 policy,
             )| {
                 Scenario {
@@ -242,6 +250,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     script,
                     keep,
                     bake,
+                    watch: watch && permanent,
                     policy,
                 }
             },
@@ -310,6 +319,12 @@ struct Sim {
     /// With promote_each_wave: the highest wave a `promote` was applied in front of (every
     /// earlier wave upgraded and healthy at that moment).
     promoted_wave: usize,
+    /// With a wave pause: the pause gates in flight (seq -> the wave the pause is before) and,
+    /// per node, the latest wave whose pause it passed.
+    holds: HashMap<u64, usize>,
+    held: HashMap<NodeId, usize>,
+    /// Nodes whose watch-after-commit gate passed.
+    watched: HashSet<NodeId>,
 }
 
 impl Sim {
@@ -325,6 +340,7 @@ impl Sim {
         spec.max_parallel_staging = sc.max_parallel_staging;
         spec.keep_releases = sc.keep;
         spec.bake_ms = if sc.bake { 5 } else { 0 };
+        spec.watch_after_commit_ms = if sc.watch { 7 } else { 0 };
         spec.min_healthy_time_ms = 0;
         spec.healthy_deadline_ms = 1;
         let p = &sc.policy;
@@ -343,6 +359,7 @@ impl Sim {
         }
         spec.batch_percent = p.batch_percent;
         spec.promote_each_wave = p.promote_each_wave;
+        spec.wave_pause_ms = if p.wave_pause { 3 } else { 0 };
         spec.max_unavailable = p.max_unavailable.map(NodeCount::Count);
         spec.unhealthy_at_start = p.unhealthy.iter().map(|&i| nodes[i].clone()).collect();
         spec.unhealthy_at_start
@@ -373,6 +390,9 @@ impl Sim {
             rollback_answers: 0,
             gate_failed: HashSet::new(),
             promoted_wave: 0,
+            holds: HashMap::new(),
+            held: HashMap::new(),
+            watched: HashSet::new(),
         }
     }
 
@@ -510,6 +530,18 @@ impl Sim {
         for earlier in 0..w {
             for id in self.wave_nodes(earlier) {
                 let step = self.r.node(&id).unwrap().step;
+                if self.spec.wave_pause_ms > 0 && step != NodeStep::Skipped {
+                    let held = self.held.get(&id).copied().unwrap_or(0);
+                    prop_assert!(
+                        held >= w,
+                        "{} of wave {} started before {} of wave {} stayed healthy through the pause before it (held through {})",
+                        node,
+                        w,
+                        id,
+                        earlier,
+                        held
+                    );
+                }
                 prop_assert!(
                     matches!(
                         step,
@@ -629,6 +661,51 @@ impl Sim {
             // Rollback gates expect the release the node is back on, never the target.
             ActionKind::HealthGate { expect, .. } if undo => {
                 prop_assert_ne!(*expect, TARGET);
+            }
+            // The watch after the commit: only once every target is committed, on all of them.
+            ActionKind::HealthGate {
+                expect,
+                min_healthy_time_ms,
+                failure_threshold,
+                ..
+            } if self.r.working_phase() == Phase::Watching => {
+                prop_assert_eq!(*expect, TARGET);
+                prop_assert!(self.spec.watch_after_commit_ms > 0 && self.spec.permanent);
+                prop_assert_eq!(*min_healthy_time_ms, self.spec.watch_after_commit_ms);
+                prop_assert_eq!(*failure_threshold, 1);
+                for p in self.r.nodes() {
+                    prop_assert!(
+                        matches!(p.step, NodeStep::Committed | NodeStep::Skipped)
+                            || (p.id == a.node && p.step == NodeStep::Installed),
+                        "watch gate on {} while {} is {}",
+                        a.node,
+                        p.id,
+                        p.step
+                    );
+                }
+            }
+            // A wave pause: on a node already upgraded, before the next wave starts.
+            ActionKind::HealthGate {
+                expect,
+                min_healthy_time_ms,
+                failure_threshold,
+                ..
+            } if self.r.working_phase() == Phase::Upgrading
+                && matches!(step, NodeStep::Upgraded | NodeStep::Committed) =>
+            {
+                prop_assert_eq!(*expect, TARGET);
+                prop_assert!(self.spec.wave_pause_ms > 0, "a second gate without a pause");
+                prop_assert_eq!(*min_healthy_time_ms, self.spec.wave_pause_ms);
+                prop_assert_eq!(*failure_threshold, 1);
+                let k = self.r.holding_wave();
+                prop_assert!(
+                    k.is_some_and(|k| k > self.wave_of(&a.node)),
+                    "pause gate on {} of wave {} while holding {:?}",
+                    a.node,
+                    self.wave_of(&a.node),
+                    k
+                );
+                self.holds.insert(a.seq, k.unwrap_or(0));
             }
             // The bake (or final check): only once every target is upgraded, on all of them.
             ActionKind::HealthGate {
@@ -853,6 +930,21 @@ impl Sim {
             && self.r.in_flight().iter().any(|x| x.seq == a.seq)
         {
             self.baked.insert(a.node.clone());
+        }
+        let in_flight = self.r.in_flight().iter().any(|x| x.seq == a.seq);
+        if let Some(k) = self.holds.remove(&a.seq)
+            && result == ActionResult::Done
+            && in_flight
+        {
+            let held = self.held.entry(a.node.clone()).or_default();
+            *held = (*held).max(k);
+        }
+        if self.r.working_phase() == Phase::Watching
+            && matches!(a.kind, ActionKind::HealthGate { .. })
+            && result == ActionResult::Done
+            && in_flight
+        {
+            self.watched.insert(a.node.clone());
         }
         if matches!(result, ActionResult::Refused { .. }) {
             self.refusals += 1;
@@ -1108,6 +1200,9 @@ impl Sim {
                         && p.step != NodeStep::Skipped
                     {
                         prop_assert!(self.baked.contains(&p.id), "{} ended unbaked", p.id);
+                    }
+                    if self.spec.watch_after_commit_ms > 0 && p.step != NodeStep::Skipped {
+                        prop_assert!(self.watched.contains(&p.id), "{} ended unwatched", p.id);
                     }
                     let w = &self.world[&p.id];
                     let start = &self.initial[&p.id];
@@ -1382,6 +1477,9 @@ fn every_start_state_and_outcome_ends_where_the_machine_says() {
                         // Likewise a bake with one policy: every start state bakes (and a
                         // failure in the bake is among the failure points tried below).
                         bake: on_failure == OnFailure::Rollback,
+                        // And a watch after the commit with the other: a failure there is
+                        // tried at every point too.
+                        watch: permanent && on_failure == OnFailure::Pause,
                         policy: Policy::default(),
                     };
                     let mut clean = Sim::new(&sc);

@@ -127,6 +127,16 @@ pub enum SpecError {
     WavesWithoutLabel,
     #[error("promoting each wave needs waves: add --wave-by LABEL")]
     PromoteWithoutWaves,
+    #[error("a wave pause needs waves: add --wave-by LABEL (or drop --wave-pause)")]
+    WavePauseWithoutWaves,
+    #[error("wave pause {0} ms is too long: at most {MAX_BAKE_MS} ms (a week)")]
+    WavePauseTooLong(u64),
+    #[error(
+        "watching after the commit needs a commit: --no-permanent makes nothing permanent (use --bake to watch before the end instead)"
+    )]
+    WatchWithoutCommit,
+    #[error("watch after commit {0} ms is too long: at most {MAX_BAKE_MS} ms (a week)")]
+    WatchTooLong(u64),
     #[error("batch percentage {0}% is out of range: it must be between 1% and 100%")]
     BatchPercent(u32),
     #[error("max unavailable {0} is out of range: use at least 1 node, or 1% to 100%")]
@@ -353,6 +363,16 @@ pub struct RolloutSpec {
     /// the next one (not after the last: it commits).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub promote_each_wave: bool,
+    /// `--wave-pause DUR`: once a wave is upgraded and healthy, every node upgraded so far must
+    /// stay healthy this long (probed, one unhealthy answer fails it) before the next wave
+    /// starts. 0: no pause (and in older JSON).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wave_pause_ms: u64,
+    /// `--watch-after-commit DUR`: after the commit, keep probing every upgraded node this long;
+    /// a failure rolls the committed rollout back (a downgrade to the previous release, which
+    /// is `old` on every node). 0: no watch (and in older JSON).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub watch_after_commit_ms: u64,
 }
 
 impl RolloutSpec {
@@ -388,12 +408,20 @@ impl RolloutSpec {
             max_unavailable: None,
             unhealthy_at_start: Vec::new(),
             promote_each_wave: false,
+            wave_pause_ms: 0,
+            watch_after_commit_ms: 0,
         }
     }
 
     /// The bake gate's deadline, from its start: the bake, then as long as any gate may take.
     pub fn bake_deadline_ms(&self) -> u64 {
         self.bake_ms.saturating_add(self.healthy_deadline_ms)
+    }
+
+    /// A watch of `watch_ms` (wave pause, watch after commit): its gate's deadline, as for
+    /// the bake.
+    pub fn watch_deadline_ms(&self, watch_ms: u64) -> u64 {
+        watch_ms.saturating_add(self.healthy_deadline_ms)
     }
 
     /// The bound on unavailable nodes, resolved against the rollout's node count.
@@ -422,6 +450,18 @@ impl RolloutSpec {
     fn validate_policy(&self) -> Result<(), SpecError> {
         if self.promote_each_wave && self.waves.is_empty() {
             return Err(SpecError::PromoteWithoutWaves);
+        }
+        if self.wave_pause_ms > 0 && self.waves.is_empty() {
+            return Err(SpecError::WavePauseWithoutWaves);
+        }
+        if self.wave_pause_ms > MAX_BAKE_MS {
+            return Err(SpecError::WavePauseTooLong(self.wave_pause_ms));
+        }
+        if self.watch_after_commit_ms > 0 && !self.permanent {
+            return Err(SpecError::WatchWithoutCommit);
+        }
+        if self.watch_after_commit_ms > MAX_BAKE_MS {
+            return Err(SpecError::WatchTooLong(self.watch_after_commit_ms));
         }
         if !self.waves.is_empty() {
             if self.wave_by.is_none() {
@@ -560,6 +600,9 @@ pub enum Phase {
     Baking,
     /// Making the new release permanent on every upgraded node.
     Committing,
+    /// Committed; probing every upgraded node for the watch after the commit
+    /// (`--watch-after-commit`). A failure rolls the committed rollout back.
+    Watching,
     /// Committed; uninstalling the releases beyond the newest N on every node
     /// (`--keep-releases`). A failure to prune is reported, never fails the rollout.
     Pruning,
@@ -583,6 +626,7 @@ names!(Phase, Phase, {
     Upgrading => "upgrading",
     Baking => "baking",
     Committing => "committing",
+    Watching => "watching",
     Pruning => "pruning",
     Succeeded => "succeeded",
     Paused => "paused",

@@ -235,6 +235,14 @@ pub struct RolloutArgs {
     /// back, or paused with --on-failure pause) while the release is still only current.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub bake: Option<Duration>,
+    /// With --wave-by: once a wave is upgraded and healthy, hold DUR before the next wave, every
+    /// node upgraded so far still probed (one unhealthy answer fails the rollout).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub wave_pause: Option<Duration>,
+    /// After the commit, keep probing every upgraded node for DUR; a failure rolls the
+    /// committed rollout back (every node downgraded to its previous release).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub watch_after_commit: Option<Duration>,
     /// Take the rollout options from this TOML file (keys are these flags' long names:
     /// `batch-size = 2`, `bake = "10m"`, `permanent = false`, ...); a flag given here
     /// overrides the file's value.

@@ -150,6 +150,8 @@ fn apply_options(spec: &mut RolloutSpec, r: &pb::StartRolloutRequest) -> Result<
     }
     spec.keep_releases = r.keep_releases;
     spec.bake_ms = r.bake_ms.unwrap_or(0);
+    spec.wave_pause_ms = r.wave_pause_ms.unwrap_or(0);
+    spec.watch_after_commit_ms = r.watch_after_commit_ms.unwrap_or(0);
     if !r.on_failure.is_empty() {
         spec.on_failure = r
             .on_failure

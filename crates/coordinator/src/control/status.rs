@@ -107,6 +107,8 @@ pub fn policy_of(spec: &RolloutSpec) -> pb::RolloutPolicy {
             .map(|n| n.to_string())
             .collect(),
         promote_each_wave: spec.promote_each_wave,
+        wave_pause_ms: spec.wave_pause_ms,
+        watch_after_commit_ms: spec.watch_after_commit_ms,
     }
 }
 
@@ -153,11 +155,16 @@ pub fn status_of_archived(h: &HistoryRecord, with_events: bool) -> pb::RolloutSt
 }
 
 /// The gate the rollout's nodes are in now: `(min healthy, deadline)` in ms, the bake gate's
-/// while it bakes, so that a countdown shows the bake.
+/// while it bakes (the wave pause's, the watch's), so that a countdown shows the bake.
 fn gate_of(r: &Rollout) -> (u64, u64) {
     let spec = r.spec();
+    let watch = |ms: u64| (ms, spec.watch_deadline_ms(ms));
     if r.working_phase() == Phase::Baking {
         (spec.bake_ms, spec.bake_deadline_ms())
+    } else if r.working_phase() == Phase::Watching {
+        watch(spec.watch_after_commit_ms)
+    } else if r.holding_wave().is_some() {
+        watch(spec.wave_pause_ms)
     } else {
         (spec.min_healthy_time_ms, spec.healthy_deadline_ms)
     }

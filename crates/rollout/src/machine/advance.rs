@@ -30,6 +30,7 @@ impl Rollout {
             Phase::Upgrading => self.upgrading_ended(cx),
             Phase::Baking => self.baking_ended(cx),
             Phase::Committing => self.committing_ended(cx),
+            Phase::Watching => self.watching_ended(cx),
             Phase::RollingBack => self.rolling_back_ended(cx),
             Phase::Pruning => self.pruning_ended(cx),
             _ => false,
@@ -120,6 +121,9 @@ impl Rollout {
     fn upgrading_ended(&mut self, cx: &mut Ctx<'_>) -> bool {
         let target = self.spec.version;
         let targets = self.targets();
+        if let Some(k) = self.wave_hold() {
+            return self.hold_wave(k, cx);
+        }
         if let Some(k) = self.wave_gate() {
             return self.await_wave(k, cx);
         }
@@ -160,6 +164,48 @@ impl Rollout {
             return true;
         }
         self.after_upgrade(cx);
+        true
+    }
+
+    /// The pause before wave `k`: announced once, over when every node upgraded before it
+    /// stayed healthy through it; `true` when either happens now.
+    fn hold_wave(&mut self, k: usize, cx: &mut Ctx<'_>) -> bool {
+        let pause = ms(self.spec.wave_pause_ms);
+        let (done, next) = (self.wave_name(k - 1), self.wave_name(k));
+        let target = self.spec.version;
+        if self.waves_holding < k {
+            self.waves_holding = k;
+            let n = self.held_by(k).len();
+            let msg = format!(
+                "wave {done} upgraded and healthy on {target}; wave pause {pause} before wave {next}: the {n} node{} upgraded so far must stay healthy",
+                plural(n)
+            );
+            self.record(cx, msg);
+            return true;
+        }
+        if !self.held_by(k).iter().all(|&i| self.nodes[i].held >= k) {
+            return false;
+        }
+        self.waves_held = k;
+        let msg = if self.wave_gate() == Some(k) {
+            format!(
+                "wave pause before wave {next} over: every upgraded node stayed healthy for {pause}"
+            )
+        } else {
+            format!(
+                "wave pause over: every upgraded node stayed healthy for {pause}; starting wave {next}"
+            )
+        };
+        self.record(cx, msg);
+        true
+    }
+
+    /// Watching after the commit: once every target passed its watch, prunes or succeeds.
+    fn watching_ended(&mut self, cx: &mut Ctx<'_>) -> bool {
+        if !self.targets().iter().all(|&i| self.nodes[i].watched) {
+            return false;
+        }
+        self.committed(cx);
         true
     }
 

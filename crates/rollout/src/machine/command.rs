@@ -66,7 +66,7 @@ impl Rollout {
         let mut retried = Vec::new();
         if matches!(
             self.phase,
-            Phase::Staging | Phase::Upgrading | Phase::Baking | Phase::Committing
+            Phase::Staging | Phase::Upgrading | Phase::Baking | Phase::Committing | Phase::Watching
         ) {
             for n in &mut self.nodes {
                 if n.progress.step == NodeStep::Failed

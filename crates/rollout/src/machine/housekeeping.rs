@@ -57,6 +57,17 @@ impl Rollout {
 
     /// Everything upgraded (and committed): prune when asked to, else succeed.
     pub(super) fn committed(&mut self, cx: &mut Ctx<'_>) {
+        let watch = self.spec.watch_after_commit_ms;
+        if watch > 0 && self.targets().iter().any(|&i| !self.nodes[i].watched) {
+            self.phase = Phase::Watching;
+            let msg = format!(
+                "{}; watching every upgraded node for {} after the commit: a failure rolls every node back to its previous release",
+                self.success_message(),
+                ms(watch)
+            );
+            self.record(cx, msg);
+            return;
+        }
         match self.spec.keep_releases {
             Some(keep) if self.targets().iter().any(|&i| !self.nodes[i].pruned) => {
                 self.phase = Phase::Pruning;

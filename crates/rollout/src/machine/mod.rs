@@ -140,6 +140,13 @@ struct NodeState {
     /// It passed its bake (or final check) gate in [`Phase::Baking`].
     #[serde(default)]
     baked: bool,
+    /// It passed its watch-after-commit gate in [`Phase::Watching`].
+    #[serde(default)]
+    watched: bool,
+    /// With `wave_pause_ms`: the wave pauses it stayed healthy through (the pause before wave
+    /// `k` is passed when this is at least `k`).
+    #[serde(default)]
+    held: usize,
 }
 
 impl NodeState {
@@ -175,6 +182,13 @@ pub struct Rollout {
     /// is at least `k`); 0 in rollouts before waves.
     #[serde(default)]
     waves_promoted: usize,
+    /// With `wave_pause_ms`: the wave pauses announced (the one before wave `k` once this is at
+    /// least `k`) and the ones over (every node upgraded before wave `k` stayed healthy
+    /// through it).
+    #[serde(default)]
+    waves_holding: usize,
+    #[serde(default)]
+    waves_held: usize,
     /// Why the rollout is not progressing normally or did not succeed (first cause first).
     error: Option<String>,
     /// The newest term of a driver that recorded an entry for this rollout. A result
@@ -307,6 +321,8 @@ impl Rollout {
                 refused: false,
                 pruned: false,
                 baked: false,
+                watched: false,
+                held: 0,
             })
             .collect();
         Ok(Rollout {
@@ -320,6 +336,8 @@ impl Rollout {
             awaiting_promotion: false,
             promoted: false,
             waves_promoted: 0,
+            waves_holding: 0,
+            waves_held: 0,
             error: None,
             driver_term: 0,
             inputs: Vec::new(),
@@ -436,6 +454,8 @@ impl Rollout {
             awaiting_promotion: self.awaiting_promotion,
             promoted: self.promoted,
             waves_promoted: self.waves_promoted,
+            waves_holding: self.waves_holding,
+            waves_held: self.waves_held,
             error: self.error.clone(),
             driver_term: self.driver_term,
             inputs: Vec::new(),
@@ -468,6 +488,14 @@ impl Rollout {
 
     pub fn is_finished(&self) -> bool {
         self.phase.is_terminal()
+    }
+
+    /// With `--wave-pause`: the wave that waits for the pause before it (every node upgraded
+    /// so far must stay healthy for the pause first); `None` when no pause holds now.
+    pub fn holding_wave(&self) -> Option<usize> {
+        (self.phase == Phase::Upgrading)
+            .then(|| self.wave_hold())
+            .flatten()
     }
 
     /// True when the canary nodes are upgraded and healthy and the rollout waits for `promote`.

@@ -72,6 +72,39 @@ impl Rollout {
         (next > self.waves_promoted).then_some(next)
     }
 
+    /// With `wave_pause_ms`: the wave `k` whose pause (before it starts) is not over yet, once
+    /// every earlier wave is upgraded and healthy; `None` when no pause holds (the last wave
+    /// done, or the pause before the next one over).
+    pub(super) fn wave_hold(&self) -> Option<usize> {
+        if self.spec.wave_pause_ms == 0 {
+            return None;
+        }
+        let next = self.wave_ranges().iter().position(|r| {
+            r.clone()
+                .any(|i| self.nodes[i].step() != NodeStep::Skipped && !self.upgraded(i))
+        })?;
+        (next > 0 && self.waves_held < next).then_some(next)
+    }
+
+    /// The targets the pause before wave `k` watches: every one of the earlier waves.
+    pub(super) fn held_by(&self, k: usize) -> Vec<usize> {
+        let end = self.wave_ranges().get(k).map_or(0, |r| r.start);
+        (0..end)
+            .filter(|&i| self.nodes[i].step() != NodeStep::Skipped)
+            .collect()
+    }
+
+    /// The pause before wave `k`: a gate for the whole pause on every node upgraded so far that
+    /// has not stayed healthy through it yet, all at once (the pause watches them together).
+    pub(super) fn plan_hold(&self, k: usize) -> Vec<(usize, ActionKind)> {
+        let pause = self.spec.wave_pause_ms;
+        self.held_by(k)
+            .into_iter()
+            .filter(|&i| self.upgraded(i) && self.nodes[i].held < k && !self.busy(i))
+            .map(|i| (i, self.watch_gate(pause)))
+            .collect()
+    }
+
     /// Waits for `promote` before wave `k` (with `promote_each_wave`); `true` when it starts
     /// waiting now.
     pub(super) fn await_wave(&mut self, k: usize, cx: &mut Ctx<'_>) -> bool {
@@ -211,6 +244,7 @@ impl Rollout {
             Phase::Committing => {
                 self.plan_bounded(NodeStep::Upgraded, ActionKind::Commit { version: target })
             }
+            Phase::Watching => self.plan_watch(),
             Phase::RollingBack => self.plan_rollback(),
             Phase::Pruning => self.plan_prune(),
             _ => Vec::new(),
@@ -218,7 +252,13 @@ impl Rollout {
     }
 
     pub(super) fn plan_upgrade(&self) -> Vec<(usize, ActionKind)> {
-        if self.awaiting_promotion || self.wave_gate().is_some() {
+        if self.awaiting_promotion {
+            return Vec::new();
+        }
+        if let Some(k) = self.wave_hold() {
+            return self.plan_hold(k);
+        }
+        if self.wave_gate().is_some() {
             return Vec::new();
         }
         let batches = self.batches();
@@ -361,6 +401,34 @@ impl Rollout {
             })
             .map(|i| (i, self.bake_gate()))
             .collect()
+    }
+
+    /// After the commit (`watch_after_commit_ms`): every target not watched yet gets the watch
+    /// gate at once (a node that failed it and is retried after `resume` is `installed`).
+    pub(super) fn plan_watch(&self) -> Vec<(usize, ActionKind)> {
+        let watch = self.spec.watch_after_commit_ms;
+        self.targets()
+            .into_iter()
+            .filter(|&i| !self.nodes[i].watched && !self.busy(i))
+            .filter(|&i| {
+                matches!(
+                    self.nodes[i].step(),
+                    NodeStep::Installed | NodeStep::Upgraded | NodeStep::Committed
+                )
+            })
+            .map(|i| (i, self.watch_gate(watch)))
+            .collect()
+    }
+
+    /// A gate that watches a node for `watch_ms` (wave pause, watch after commit): healthy on
+    /// the target all along, one probe answered unhealthy fails it, as for the bake.
+    pub(super) fn watch_gate(&self, watch_ms: u64) -> ActionKind {
+        ActionKind::HealthGate {
+            min_healthy_time_ms: watch_ms,
+            healthy_deadline_ms: self.spec.watch_deadline_ms(watch_ms),
+            expect: self.spec.version,
+            failure_threshold: 1,
+        }
     }
 
     /// Whether the rollout probes every node again once all are upgraded: a bake was asked

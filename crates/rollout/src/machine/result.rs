@@ -56,9 +56,11 @@ impl Rollout {
                     node.touch_seq.get_or_insert(seq);
                 }
                 ActionKind::HealthGate { .. } => {
-                    // A rollback gate leaves the node `rolling_back`; a bake gate leaves the node
-                    // as it is (all of them bake at once: none of them is switching).
-                    if node.progress.step == NodeStep::Installed && self.phase != Phase::Baking {
+                    // A rollback gate leaves the node `rolling_back`; a bake or watch gate leaves
+                    // the node as it is (all of them are watched at once: none is switching).
+                    if node.progress.step == NodeStep::Installed
+                        && !matches!(self.phase, Phase::Baking | Phase::Watching)
+                    {
                         node.progress.step = NodeStep::Verifying;
                     }
                 }
@@ -160,6 +162,7 @@ impl Rollout {
         if self.nodes[i].step() == NodeStep::RollingBack && action.kind.changes_node() {
             return self.undo_step_done(i, action, cx);
         }
+        let hold = self.is_hold_gate(i).then(|| self.wave_hold()).flatten();
         let node = &mut self.nodes[i];
         let id = node.id().clone();
         let msg = match &action.kind {
@@ -193,6 +196,17 @@ impl Rollout {
                 } else {
                     format!("{id}: still runs {expect}, healthy")
                 }
+            }
+            ActionKind::HealthGate { expect, .. } if self.phase == Phase::Watching => {
+                node.watched = true;
+                node.progress.step = NodeStep::Committed;
+                let watch = ms(self.spec.watch_after_commit_ms);
+                format!("{id}: stayed healthy on {expect} for the watch after the commit ({watch})")
+            }
+            ActionKind::HealthGate { expect, .. } if hold.is_some() => {
+                node.held = node.held.max(hold.unwrap_or(0));
+                let pause = ms(self.spec.wave_pause_ms);
+                format!("{id}: stayed healthy on {expect} through the wave pause ({pause})")
             }
             ActionKind::HealthGate { expect, .. } => {
                 if node.downgraded && node.progress.step == NodeStep::RollingBack {
@@ -338,6 +352,22 @@ impl Rollout {
                 format!("health gate on {expect} after {after} {failed}: {error}"),
                 cx,
             );
+        } else if self.phase == Phase::Watching {
+            let watch = ms(self.spec.watch_after_commit_ms);
+            self.node_failed(
+                i,
+                Retry::HealthGate,
+                format!("watch after the commit on {expect} ({watch}) {failed}: {error}"),
+                cx,
+            );
+        } else if self.is_hold_gate(i) {
+            let pause = ms(self.spec.wave_pause_ms);
+            self.node_failed(
+                i,
+                Retry::HealthGate,
+                format!("wave pause on {expect} ({pause}) {failed}: {error}"),
+                cx,
+            );
         } else if self.phase == Phase::Baking {
             let what = if self.spec.bake_ms > 0 {
                 format!("bake on {expect} ({})", ms(self.spec.bake_ms))
@@ -358,6 +388,12 @@ impl Rollout {
                 cx,
             );
         }
+    }
+
+    /// A gate on node `i` in `upgrading` is its wave-pause gate when the node had passed its
+    /// own gate already (an upgrade gate runs on a node that is `verifying`).
+    fn is_hold_gate(&self, i: usize) -> bool {
+        self.phase == Phase::Upgrading && self.spec.wave_pause_ms > 0 && self.upgraded(i)
     }
 
     /// The agent refused the step: nothing changed, so a step that would have touched the node
@@ -389,7 +425,7 @@ impl Rollout {
         self.record(cx, cause.clone());
         if !matches!(
             self.phase,
-            Phase::Staging | Phase::Upgrading | Phase::Baking | Phase::Committing
+            Phase::Staging | Phase::Upgrading | Phase::Baking | Phase::Committing | Phase::Watching
         ) {
             // Rolling back already (an install or commit that was in flight failed): the node
             // is downgraded like every touched node; nothing else to decide.

@@ -56,10 +56,18 @@ impl Rollout {
                 );
             }
         }
+        let committed = if self.phase == Phase::Watching {
+            format!(
+                " ({} was committed: this rolls back a committed rollout)",
+                self.spec.version
+            )
+        } else {
+            String::new()
+        };
         self.phase = Phase::RollingBack;
         let ids: Vec<&NodeId> = order.iter().map(|&j| self.nodes[j].id()).collect();
         let mut msg = format!(
-            "{cause}; rolling back {} touched node{} one at a time, most recently touched first: {}",
+            "{cause}; rolling back {} touched node{}{committed} one at a time, most recently touched first: {}",
             ids.len(),
             plural(ids.len()),
             join_ids(ids)
