@@ -27,8 +27,9 @@ pub enum Activation {
     StateOnly,
 }
 
-/// Why a hook did not switch the release. A leaf rendered inside [`Error::Activation`]'s
-/// sentence (which the advice follows), so it prints its I/O error itself and has no `source()`.
+/// Why a hook failed. A leaf rendered inside the sentence of [`Error::Activation`] (or of a
+/// drain hook's variant), which the advice follows, so it prints its I/O error itself and has
+/// no `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     #[error("cannot prepare its output file {}: {error}", path.display())]
