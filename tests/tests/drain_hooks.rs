@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use orch_tests::cluster::*;
+use orch_tests::{stderr, stdout};
 
 const V0: &str = "4.2.0";
 const V1: &str = "4.2.1";
@@ -117,6 +118,7 @@ fn drain_hooks_run_in_order_around_each_switch() {
         .iter()
         .flat_map(|n| switch(n, V0, V1))
         .collect();
+    println!("hooks log:\n{}", lines(&log).join("\n"));
     assert_eq!(lines(&log), want, "{st:#}");
     for n in ["n1", "n2", "n3"] {
         let node = c.node(n);
@@ -153,6 +155,10 @@ fn a_failing_pre_step_hook_fails_the_node_before_anything_changes() {
     assert_eq!(lines(&log), want, "{st:#}");
 
     let err = st["error"].as_str().unwrap_or_default();
+    println!(
+        "hooks log:\n{}\nrollout error: {err}",
+        lines(&log).join("\n")
+    );
     for part in [
         "n2",
         "pre-step hook for 4.2.0 -> 4.2.1 failed",
