@@ -16,13 +16,14 @@ const V0: &str = "4.2.0";
 const V1: &str = "4.2.1";
 
 /// `hook.sh KIND NODE FROM TO`: appends `KIND NODE FROM TO $ORCH_FROM_VERSION $ORCH_TO_VERSION`
-/// to `log`; `pre-fail` then says why and exits 1 (a load balancer that will not drain).
+/// to `log`; `pre-fail` / `post-fail` then say why and exit 1 (a load balancer that will not
+/// drain, or not take the node back).
 fn write_hook(dir: &Path, log: &Path) -> PathBuf {
     let script = dir.join("hook.sh");
     let body = format!(
         "#!/bin/sh\n\
          echo \"$1 $2 $3 $4 $ORCH_FROM_VERSION $ORCH_TO_VERSION\" >> '{}'\n\
-         if [ \"$1\" = pre-fail ]; then echo \"load balancer refused to drain $2\"; exit 1; fi\n",
+         case \"$1\" in *-fail) echo \"load balancer refused $1 of $2\"; exit 1;; esac\n",
         log.display()
     );
     fs::write(&script, body).unwrap();
@@ -31,9 +32,9 @@ fn write_hook(dir: &Path, log: &Path) -> PathBuf {
 }
 
 /// A state-only cluster of 3 nodes whose agents run `hook.sh` as their pre-step, activation
-/// and post-step commands (`pre` is `pre-fail` on `failing`); returns it, the hooks' dir (kept
-/// as long as the test holds it) and the log's path.
-fn cluster(failing: Option<usize>) -> (Cluster, tempfile::TempDir, PathBuf) {
+/// and post-step commands (`pre` or `post` is `pre-fail` / `post-fail` on node `failing.1`);
+/// returns it, the hooks' dir (kept as long as the test holds it) and the log's path.
+fn cluster(failing: Option<(&str, usize)>) -> (Cluster, tempfile::TempDir, PathBuf) {
     let hooks = tempfile::Builder::new()
         .prefix("orch-drain-")
         .tempdir()
@@ -43,11 +44,11 @@ fn cluster(failing: Option<usize>) -> (Cluster, tempfile::TempDir, PathBuf) {
     let s = script.display();
     let mut opts = ClusterOpts::state_only(1, 3);
     for i in 1..=3 {
-        let pre = if failing == Some(i) {
-            "pre-fail"
-        } else {
-            "pre"
+        let kind = |k: &str| match failing {
+            Some((f, n)) if f == k && n == i => format!("{k}-fail"),
+            _ => k.to_string(),
         };
+        let (pre, post) = (kind("pre"), kind("post"));
         opts = opts.agent_args(
             i,
             &[
@@ -56,7 +57,7 @@ fn cluster(failing: Option<usize>) -> (Cluster, tempfile::TempDir, PathBuf) {
                 "--activate-cmd",
                 &format!("{s} activate n{i}"),
                 "--post-step-cmd",
-                &format!("{s} post n{i}"),
+                &format!("{s} {post} n{i}"),
             ],
         );
     }
@@ -144,7 +145,7 @@ fn drain_hooks_run_in_order_around_each_switch() {
 
 #[test]
 fn a_failing_pre_step_hook_fails_the_node_before_anything_changes() {
-    let (c, _hooks, log) = cluster(Some(2));
+    let (c, _hooks, log) = cluster(Some(("pre", 2)));
     let st = rollout(&c);
     // n1 was upgraded, then n2's drain failed; n1 is rolled back (a switch: drained too) and
     // n2, whose switch was never attempted, is left alone.
@@ -163,7 +164,7 @@ fn a_failing_pre_step_hook_fails_the_node_before_anything_changes() {
         "n2",
         "pre-step hook for 4.2.0 -> 4.2.1 failed",
         "exit code 1",
-        "load balancer refused to drain n2",
+        "load balancer refused pre-fail of n2",
         "the switch was not attempted",
     ] {
         assert!(
@@ -185,4 +186,35 @@ fn a_failing_pre_step_hook_fails_the_node_before_anything_changes() {
     assert_eq!(n2.audit_count("| failed pre-switch: "), 1, "{}", n2.audit());
     assert!(!n2.root.join("drained.json").exists());
     assert_eq!(c.node("n3").audit_count(" install "), 0);
+}
+
+#[test]
+fn a_failing_post_step_hook_fails_the_gate_and_says_the_node_is_not_back() {
+    let (c, _hooks, log) = cluster(Some(("post", 1)));
+    let st = rollout(&c);
+    // n1's gate failed on its post-step hook; the rollback switches it back (drained again)
+    // and its undo gate's post-step hook fails again: a person must put it back.
+    assert_eq!(st["phase"], "rollback_failed", "{st:#}");
+    let want: Vec<String> = [
+        format!("pre n1 {V0} {V1} {V0} {V1}"),
+        format!("activate n1 {V0} {V1} {V0} {V1}"),
+        format!("post-fail n1 {V0} {V1} {V0} {V1}"),
+        format!("pre n1 {V1} {V0} {V1} {V0}"),
+        format!("activate n1 {V1} {V0} {V1} {V0}"),
+        format!("post-fail n1 {V1} {V0} {V1} {V0}"),
+    ]
+    .into();
+    println!("hooks log:\n{}", lines(&log).join("\n"));
+    assert_eq!(lines(&log), want, "{st:#}");
+    let events = event_messages(&st).join("\n");
+    assert!(
+        events
+            .contains("post-step hook after the health gate on 4.2.1 (switched from 4.2.0) failed")
+            && events.contains("load balancer refused post-fail of n1")
+            && events.contains("not put back in service"),
+        "{events}"
+    );
+    // Still recorded as drained: the next passed gate runs the hook again.
+    assert!(c.node("n1").root.join("drained.json").exists());
+    assert_eq!(c.node("n2").audit_count(" install "), 0);
 }
