@@ -52,6 +52,7 @@ const RPCS: &[(Svc, &str, &[Role])] = {
         (Svc::Agent, "Permanent", AGENT_WRITE),
         (Svc::Agent, "Downgrade", AGENT_WRITE),
         (Svc::Agent, "Uninstall", AGENT_WRITE),
+        (Svc::Agent, "AfterGate", AGENT_WRITE),
         // Fenced by the rollout that ends: coordinators only.
         (Svc::Agent, "Release", &[Coordinator]),
         // Moving a node between coordinator clusters is a person's decision.
@@ -265,6 +266,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                 "Permanent" => c.permanent(vreq()).await.map(drop),
                 "Downgrade" => c.downgrade(vreq()).await.map(drop),
                 "Uninstall" => c.uninstall(vreq()).await.map(drop),
+                "AfterGate" => c.after_gate(vreq()).await.map(drop),
                 // No fence: refused as a bad request, nothing released.
                 "Release" => c
                     .release(ag::ReleaseRequest { fence: None })

@@ -9,7 +9,8 @@
 //! Fields: RFC 3339 UTC time; the caller (`<role>/<name>` from its certificate,
 //! `unauthenticated` under `--insecure`, `unidentified` for a certificate without a valid
 //! role, `agent/<node>` for the agent's own steps); the fence or `unfenced`; ` | `, the step;
-//! ` | `, the result (`ok changed`, `ok unchanged`, `ok <word>`, `refused <kind>: <message>`,
+//! ` | `, the result (`ok changed`, `ok unchanged`, `ok <word>`, followed by the hooks it ran
+//! when one was a drain hook, e.g. `ok changed hooks=pre-switch,activate`; `refused <kind>: <message>`,
 //! `failed <kind>: <message>`, the message cut at 200 characters).
 //!
 //! Values from the wire are escaped (every character but printable ASCII, and `\` and `|`,
@@ -130,6 +131,19 @@ pub fn ok(changed: bool) -> String {
         "ok unchanged"
     }
     .to_string()
+}
+
+/// `ok changed` / `ok unchanged`, then, when a drain hook ran, every hook the step ran in order
+/// (`hooks=pre-switch,activate`). Steps without drain hooks keep the plain form.
+pub fn ok_with_hooks(changed: bool, hooks: &[&str]) -> String {
+    if !hooks
+        .iter()
+        .any(|h| matches!(*h, "pre-switch" | "post-switch"))
+    {
+        ok(changed)
+    } else {
+        format!("{} hooks={}", ok(changed), hooks.join(","))
+    }
 }
 
 /// `refused <kind>: ...` or `failed <kind>: ...`.
@@ -265,6 +279,16 @@ mod tests {
 
     fn operator() -> Caller {
         Caller::Cert(Identity::new(Role::Operator, "alice").unwrap())
+    }
+
+    #[test]
+    fn drain_hooks_are_named_in_the_result() {
+        assert_eq!(ok_with_hooks(true, &["activate"]), "ok changed");
+        assert_eq!(
+            ok_with_hooks(true, &["pre-switch", "activate"]),
+            "ok changed hooks=pre-switch,activate"
+        );
+        assert_eq!(ok_with_hooks(false, &[]), "ok unchanged");
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct StepOutcome {
     /// How long the activation ran, when the step ran one (a hook, or the EMQX script that
     /// switched), for the agent's metrics.
     pub activation: Option<std::time::Duration>,
+    /// The hooks the step ran, in order (`pre-switch`, `activate`, `post-switch`): the audit
+    /// line names them.
+    pub hooks: Vec<&'static str>,
 }
 
 /// The node-layer steps. Every step is idempotent: repeating one whose result holds succeeds
@@ -34,6 +37,21 @@ pub trait Driver: Send + Sync + 'static {
     /// The service reported running `reported`; a driver that keeps its own state repairs it
     /// (a restarted node runs its permanent release). Returns a note when something changed.
     fn reconcile_running(&self, reported: Version) -> Result<Option<String>>;
+
+    /// The node passed its health gate on `v`: put it back in service if a switch drained it
+    /// (the post-step hook). Drivers without drain hooks have nothing to do.
+    fn after_gate(&self, v: Version) -> Result<StepOutcome> {
+        Ok(StepOutcome {
+            changed: false,
+            messages: vec![],
+            notes: vec![format!(
+                "the {} driver runs no drain hooks: nothing to do after the gate on {v}",
+                self.name()
+            )],
+            activation: None,
+            hooks: vec![],
+        })
+    }
 
     /// True when the driver itself checks package signatures and the `sha256` it is given on
     /// unpack (the native store does, bound to the bytes it extracts); otherwise the agent
@@ -79,6 +97,7 @@ fn outcome(o: orch_release::Outcome) -> StepOutcome {
         activation: o.hook_duration,
         messages: o.messages,
         notes: o.notes,
+        hooks: o.hooks,
     }
 }
 
@@ -115,6 +134,10 @@ impl Driver for NativeDriver {
 
     fn checks_signatures(&self) -> bool {
         true
+    }
+
+    fn after_gate(&self, v: Version) -> Result<StepOutcome> {
+        Ok(outcome(self.store.after_gate(v)?))
     }
 
     fn reconcile_running(&self, reported: Version) -> Result<Option<String>> {

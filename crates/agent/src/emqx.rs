@@ -113,6 +113,7 @@ impl EmqxDriver {
                 messages: vec![msg],
                 notes: vec![],
                 activation: None,
+                hooks: vec![],
             }),
             Plan::Apply(change) => {
                 let started = std::time::Instant::now();
@@ -132,6 +133,7 @@ impl EmqxDriver {
                     messages,
                     notes: vec![],
                     activation,
+                    hooks: vec![],
                 })
             }
         }

@@ -144,6 +144,8 @@ impl Error {
             Error::Store(S::Signature { .. }) => "signature",
             Error::Store(S::PackageNotFound { .. }) => "not-found",
             Error::Store(S::Activation { .. }) => "activation",
+            Error::Store(S::PreSwitch { .. }) => "pre-switch",
+            Error::Store(S::PostSwitch { .. }) => "post-switch",
             Error::Store(S::Locked { .. }) => "busy",
             Error::StaleFence { .. } => "stale-fence",
             Error::OtherCluster { .. } => "other-cluster",
@@ -166,7 +168,10 @@ impl Error {
     /// to a refusal decided by a rule before anything changed. The audit log says `failed`
     /// for these and `refused` for the rest.
     pub fn is_failure(&self) -> bool {
-        matches!(self.kind(), "activation" | "internal")
+        matches!(
+            self.kind(),
+            "activation" | "internal" | "pre-switch" | "post-switch"
+        )
     }
 
     /// The message with every cause, once each: what callers and the audit log see.
@@ -192,7 +197,8 @@ impl Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match e.kind() {
-            "refused" | "other-cluster" | "held" => Code::FailedPrecondition,
+            // The node could not be drained: its switch was not attempted.
+            "refused" | "other-cluster" | "held" | "pre-switch" => Code::FailedPrecondition,
             "bad-package" | "bad-request" => Code::InvalidArgument,
             // Not the caller's syntax but its authority: this node will not run unsigned code.
             "signature" | "forbidden" => Code::PermissionDenied,

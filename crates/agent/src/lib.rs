@@ -63,6 +63,10 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub health: HealthConfig,
     pub activate_cmd: Option<Vec<String>>,
+    /// `--pre-step-cmd` / `--post-step-cmd`: drain hooks around every switch (override the
+    /// release's own `hooks/pre-switch` / `hooks/post-switch`).
+    pub pre_step_cmd: Option<Vec<String>>,
+    pub post_step_cmd: Option<Vec<String>>,
     pub activate_timeout: Duration,
     pub driver: DriverKind,
     /// Mutual TLS (the default) or the explicitly requested plain text.
@@ -97,6 +101,8 @@ impl AgentConfig {
                 timeout: Duration::from_secs(2),
             },
             activate_cmd: None,
+            pre_step_cmd: None,
+            post_step_cmd: None,
             activate_timeout: Duration::from_secs(60),
             driver: DriverKind::Native,
             security,
@@ -127,6 +133,8 @@ pub struct AgentFileConfig {
     pub health_cmd: Option<String>,
     pub health_timeout: Option<String>,
     pub activate_cmd: Option<String>,
+    pub pre_step_cmd: Option<String>,
+    pub post_step_cmd: Option<String>,
     pub activate_timeout: Option<String>,
     pub driver: Option<String>,
     pub emqx_bin: Option<PathBuf>,
@@ -254,6 +262,8 @@ fn open_node(
     let mut store_cfg = StoreConfig::new(&config.root_dir);
     store_cfg.trusted_keys = trusted.clone();
     store_cfg.activate_cmd = config.activate_cmd.clone();
+    store_cfg.pre_switch_cmd = config.pre_step_cmd.clone();
+    store_cfg.post_switch_cmd = config.post_step_cmd.clone();
     store_cfg.activate_timeout = config.activate_timeout;
     let store = Store::open(store_cfg)?;
     let releases_dir = store.releases_dir().to_path_buf();

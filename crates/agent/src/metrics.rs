@@ -79,7 +79,7 @@ impl Metrics {
         };
         r.register(
             "steps",
-            "Calls that change the node (unpack, install, permanent, downgrade, uninstall, push, release, rebind), by kind and result: changed, unchanged, refused or failed",
+            "Calls that change the node (unpack, install, permanent, downgrade, uninstall, after-gate, push, release, rebind), by kind and result: changed, unchanged, refused or failed",
             m.steps.clone(),
         );
         r.register_with_unit(
@@ -159,7 +159,8 @@ impl Metrics {
     pub fn record_call(&self, what: &str, verdict: &str) {
         let kind = what.split_whitespace().next().unwrap_or("unknown");
         let (result, error_kind) = match verdict.split_once(' ') {
-            Some(("ok", "changed")) => ("changed", None),
+            // `ok changed hooks=...` names the hooks the step ran.
+            Some(("ok", rest)) if rest.split(' ').next() == Some("changed") => ("changed", None),
             Some(("ok", _)) => ("unchanged", None),
             Some(("refused", rest)) => ("refused", rest.split(':').next()),
             Some(("failed", rest)) => ("failed", rest.split(':').next()),

@@ -70,6 +70,12 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
     if let Some(cmd) = a.activate_cmd.or(f.activate_cmd) {
         cfg.activate_cmd = Some(split("--activate-cmd", &cmd)?);
     }
+    if let Some(cmd) = a.pre_step_cmd.or(f.pre_step_cmd) {
+        cfg.pre_step_cmd = Some(split("--pre-step-cmd", &cmd)?);
+    }
+    if let Some(cmd) = a.post_step_cmd.or(f.post_step_cmd) {
+        cfg.post_step_cmd = Some(split("--post-step-cmd", &cmd)?);
+    }
     if let Some(t) = a.activate_timeout {
         cfg.activate_timeout = t;
     } else if let Some(t) = f.activate_timeout {
@@ -85,6 +91,14 @@ fn merge(a: AgentArgs, f: AgentFileConfig) -> Result<AgentConfig> {
         },
         other => bail!("unknown --driver {other:?}: use native or emqx"),
     };
+    // The EMQX script switches releases itself: there is no switch to drain around.
+    if cfg.driver != DriverKind::Native
+        && (cfg.pre_step_cmd.is_some() || cfg.post_step_cmd.is_some())
+    {
+        bail!(
+            "--pre-step-cmd and --post-step-cmd need --driver native (the emqx driver runs no drain hooks); drop them or the driver"
+        );
+    }
     if let Some(h) = a.serve.http_listen.clone().or(f.http_listen.clone()) {
         cfg.http_listen = Some(
             h.parse()

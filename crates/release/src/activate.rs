@@ -1,4 +1,5 @@
-//! Activation: running the command that switches the live service to another release.
+//! Activation: running the command that switches the live service to another release, and the
+//! drain hooks around it (the same arguments, environment, timeout and output tail).
 //!
 //! The hook's output goes to a temp file rather than a pipe: a hook that starts a daemon which
 //! inherits the descriptor would otherwise keep the pipe open and hang the store forever.
@@ -26,8 +27,9 @@ pub enum Activation {
     StateOnly,
 }
 
-/// Why a hook did not switch the release. A leaf rendered inside [`Error::Activation`]'s
-/// sentence (which the advice follows), so it prints its I/O error itself and has no `source()`.
+/// Why a hook failed. A leaf rendered inside the sentence of [`Error::Activation`] (or of a
+/// drain hook's variant), which the advice follows, so it prints its I/O error itself and has
+/// no `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     #[error("cannot prepare its output file {}: {error}", path.display())]
@@ -61,35 +63,80 @@ pub enum HookError {
     },
 }
 
-/// The command to run for a switch to `to`: the configured one, else the release's own hook.
+/// Which of a switch's hooks: the file a release ships it as (`hooks/<name>`) and how its
+/// failure is reported. The drain hooks run around the activation: `pre-switch` right before
+/// it (take the node out of the load balancer), `post-switch` once the node passed its health
+/// gate on the new release (put it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookKind {
+    Activate,
+    PreSwitch,
+    PostSwitch,
+}
+
+impl HookKind {
+    /// The hook's file name under the release's `hooks/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            HookKind::Activate => "activate",
+            HookKind::PreSwitch => "pre-switch",
+            HookKind::PostSwitch => "post-switch",
+        }
+    }
+
+    fn error(self, from: String, to: Version, reason: HookError) -> Error {
+        let reason = Box::new(reason);
+        match self {
+            HookKind::Activate => Error::Activation { from, to, reason },
+            HookKind::PreSwitch => Error::PreSwitch { from, to, reason },
+            HookKind::PostSwitch => Error::PostSwitch { from, to, reason },
+        }
+    }
+}
+
+/// The command to run for a switch to the release in `release_dir`: the configured one, else
+/// the release's own `hooks/<kind>`.
 pub(crate) fn hook_for(
     configured: Option<&[String]>,
     release_dir: &Path,
+    kind: HookKind,
 ) -> Option<(PathBuf, Vec<String>)> {
     if let Some(cmd) = configured
         && let Some((prog, args)) = cmd.split_first()
     {
         return Some((PathBuf::from(prog), args.to_vec()));
     }
-    let hook = release_dir.join("hooks").join("activate");
+    let hook = release_dir.join("hooks").join(kind.file_name());
     hook.is_file().then(|| (hook, Vec::new()))
 }
 
 const TAIL_BYTES: u64 = 2048;
 
+/// The switch a hook runs for: every hook of it gets the same arguments and environment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Switch<'a> {
+    pub root: &'a Path,
+    /// The release switched to (`ORCH_RELEASE_DIR`).
+    pub release_dir: &'a Path,
+    pub from: Option<Version>,
+    pub to: Version,
+    pub timeout: Duration,
+}
+
 /// Runs the hook with `FROM TO`, cwd `root` and the documented environment; kills its process
-/// group on timeout. Succeeds only on exit 0.
+/// group on timeout. Succeeds only on exit 0; a failure is `kind`'s error variant.
 pub(crate) fn run_hook(
+    kind: HookKind,
     prog: &Path,
     args: &[String],
-    root: &Path,
-    release_dir: &Path,
-    from: Option<Version>,
-    to: Version,
-    timeout: Duration,
+    sw: &Switch<'_>,
 ) -> Result<Activation> {
-    let from_s = from.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
-    let log_path = root
+    let from_s = sw
+        .from
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "none".into());
+    let log_path = sw
+        .root
         .join("releases")
         .join(format!(".activate-{}.log", unique_suffix()));
     let log = File::options()
@@ -101,18 +148,14 @@ pub(crate) fn run_hook(
     let hook = Hook {
         prog,
         args,
-        root,
-        release_dir,
+        root: sw.root,
+        release_dir: sw.release_dir,
         from: &from_s,
-        to,
+        to: sw.to,
     };
-    let result = hook.run(timeout, &log, &log_path);
+    let result = hook.run(sw.timeout, &log, &log_path);
     let _ = fs::remove_file(&log_path);
-    result.map_err(|reason| Error::Activation {
-        from: from_s.clone(),
-        to,
-        reason: Box::new(reason),
-    })
+    result.map_err(|reason| kind.error(from_s.clone(), sw.to, reason))
 }
 
 /// One hook invocation: `prog ARGS.. FROM TO` in `root`, with the documented environment.

@@ -43,6 +43,28 @@ pub enum Error {
         reason: Box<HookError>,
     },
 
+    /// The pre-step (drain) hook failed or timed out before a switch: the switch was not
+    /// attempted.
+    #[error(
+        "pre-step hook for {from} -> {to} failed: {reason}; the switch was not attempted and release states are unchanged (the node still runs {from}): fix the hook or what it drains, then retry"
+    )]
+    PreSwitch {
+        from: String,
+        to: Version,
+        reason: Box<HookError>,
+    },
+
+    /// The post-step hook failed after the node passed its health gate: the node runs `to`
+    /// but was not put back in service. Its drain stays recorded, so a retry runs it again.
+    #[error(
+        "post-step hook after the health gate on {to} (switched from {from}) failed: {reason}; the node runs {to} but was not put back in service: fix the hook and retry it, or put the node back by hand"
+    )]
+    PostSwitch {
+        from: String,
+        to: Version,
+        reason: Box<HookError>,
+    },
+
     #[error(
         "the release store {root} is locked by another process ({holder}); waited {waited_ms} ms. Retry when it finishes"
     )]

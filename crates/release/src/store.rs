@@ -5,7 +5,8 @@
 //! leaves a state that `reconcile` turns into either the old or the new one:
 //! unpack = extract to `.unpack-*`, syncfs, rename to `<v>/`, fsync dir, then write state;
 //! uninstall = rename `<v>/` to `.trash-*`, fsync dir, write state, then delete the trash;
-//! switch = run the hook, then write state. Reads take no lock: state.json is replaced
+//! switch = run the pre-step hook and record the drain (`drained.json`), run the activation
+//! hook, then write state. Reads take no lock: state.json is replaced
 //! atomically and the in-memory reconcile gives the same view a writer would persist.
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use orch_types::{Version, VersionEntry, parse_package_file_name};
 use serde::{Deserialize, Serialize};
 
-use crate::activate::{Activation, hook_for, run_hook};
+use crate::activate::{Activation, HookKind, Switch, hook_for, run_hook};
 use orch_package::error::IoContext;
 
 use crate::error::{Error, Result};
@@ -27,6 +28,9 @@ use orch_package::signing::TrustedKeys;
 pub use orch_package::signing::check_signature;
 
 const STATE_FILE: &str = "state.json";
+/// `ROOT/drained.json`: a pre-step hook drained the node for a switch and the post-step hook
+/// has not put it back yet (see [`Store::after_gate`]).
+pub const DRAINED_FILE: &str = "drained.json";
 const LOCK_FILE: &str = ".lock";
 const STATE_FORMAT: u32 = 1;
 /// Prefixes of our own temporary entries in `releases/`, removed under the lock.
@@ -38,6 +42,11 @@ pub struct StoreConfig {
     pub root: PathBuf,
     /// Overrides the release's own `hooks/activate` (already shell-split).
     pub activate_cmd: Option<Vec<String>>,
+    /// Drain hooks (already shell-split): override the release's own `hooks/pre-switch` and
+    /// `hooks/post-switch`. They run with the activation hook's arguments, environment and
+    /// timeout.
+    pub pre_switch_cmd: Option<Vec<String>>,
+    pub post_switch_cmd: Option<Vec<String>>,
     pub activate_timeout: Duration,
     pub limits: Limits,
     /// How long a writer waits for another one to finish.
@@ -52,6 +61,8 @@ impl StoreConfig {
         StoreConfig {
             root: root.into(),
             activate_cmd: None,
+            pre_switch_cmd: None,
+            post_switch_cmd: None,
             activate_timeout: Duration::from_secs(60),
             limits: Limits::default(),
             lock_timeout: Duration::from_secs(10),
@@ -85,6 +96,16 @@ pub struct Outcome {
     pub activation: Option<Activation>,
     /// How long the activation hook ran, when one ran (the agent's metrics).
     pub hook_duration: Option<std::time::Duration>,
+    /// The hooks that ran, in order (`pre-switch`, `activate`, `post-switch`), for the audit.
+    pub hooks: Vec<&'static str>,
+}
+
+/// What `drained.json` records: the switch the node was drained for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Drained {
+    #[serde(default)]
+    from: Option<Version>,
+    to: Version,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -201,6 +222,7 @@ impl Store {
                     changed: true,
                     activation: None,
                     hook_duration: None,
+                    hooks: vec![],
                 });
             }
             Ok(Outcome {
@@ -209,11 +231,117 @@ impl Store {
                 changed: false,
                 activation: None,
                 hook_duration: None,
+                hooks: vec![],
             })
         })
     }
 
+    /// The node passed its health gate on `v`: if a switch drained it (`drained.json`), runs
+    /// the post-step hook (configured, else `releases/<v>/hooks/post-switch`) and forgets the
+    /// drain. Without a recorded drain it does nothing, so a repeated call, and the gates that
+    /// follow no switch (bake, final check), are no-ops. A failing hook keeps the record: a
+    /// retry runs it again.
+    pub fn after_gate(&self, v: Version) -> Result<Outcome> {
+        self.with_lock(&format!("after-gate {v}"), |_| {
+            let Some(drained) = self.read_drained()? else {
+                return Ok(Outcome {
+                    messages: vec![],
+                    notes: vec![format!(
+                        "no drain recorded: nothing to run after the health gate on {v}"
+                    )],
+                    changed: false,
+                    activation: None,
+                    hook_duration: None,
+                    hooks: vec![],
+                });
+            };
+            let dir = self.releases.join(v.to_string());
+            let mut hooks = Vec::new();
+            let cmd = self.cfg.post_switch_cmd.as_deref();
+            if let Some((prog, args)) = hook_for(cmd, &dir, HookKind::PostSwitch) {
+                let switch = self.switch(&dir, drained.from, v);
+                run_hook(HookKind::PostSwitch, &prog, &args, &switch)?;
+                hooks.push(HookKind::PostSwitch.file_name());
+            }
+            let path = self.cfg.root.join(DRAINED_FILE);
+            fs::remove_file(&path).ctx("remove", &path)?;
+            fsync_dir(&self.cfg.root)?;
+            Ok(Outcome {
+                messages: vec![],
+                notes: vec![format!(
+                    "post-step after the health gate on {v}: the node is back in service"
+                )],
+                changed: true,
+                activation: None,
+                hook_duration: None,
+                hooks,
+            })
+        })
+    }
+
+    /// Whether a drain is recorded (`drained.json`): a pre-step hook ran for a switch and the
+    /// post-step hook has not run since.
+    pub fn is_drained(&self) -> Result<bool> {
+        Ok(self.read_drained()?.is_some())
+    }
+
     // ---- internals ----
+
+    fn switch<'a>(&'a self, dir: &'a Path, from: Option<Version>, to: Version) -> Switch<'a> {
+        Switch {
+            root: &self.cfg.root,
+            release_dir: dir,
+            from,
+            to,
+            timeout: self.cfg.activate_timeout,
+        }
+    }
+
+    /// Before a switch: runs the pre-step hook, if any (a failure stops the switch before it is
+    /// attempted), and records the drain when there is a pre- or post-step hook, so that the
+    /// post-step hook runs after the gate even across an agent restart. True when a hook ran.
+    fn drain(&self, sw: &Switch<'_>) -> Result<bool> {
+        let pre = hook_for(
+            self.cfg.pre_switch_cmd.as_deref(),
+            sw.release_dir,
+            HookKind::PreSwitch,
+        );
+        let post = hook_for(
+            self.cfg.post_switch_cmd.as_deref(),
+            sw.release_dir,
+            HookKind::PostSwitch,
+        );
+        if let Some((prog, args)) = &pre {
+            run_hook(HookKind::PreSwitch, prog, args, sw)?;
+        }
+        if pre.is_some() || post.is_some() {
+            let marker = Drained {
+                from: sw.from,
+                to: sw.to,
+            };
+            let bytes = serde_json::to_vec(&marker)
+                .map_err(|e| self.undecodable("cannot encode the drain record".into(), e))?;
+            write_atomic(&self.cfg.root.join(DRAINED_FILE), &bytes)?;
+        }
+        Ok(pre.is_some())
+    }
+
+    fn read_drained(&self) -> Result<Option<Drained>> {
+        let path = self.cfg.root.join(DRAINED_FILE);
+        match fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                self.undecodable(
+                    format!(
+                        "{} is unreadable; remove it once the node is back in service",
+                        path.display()
+                    ),
+                    e,
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).ctx("read", &path).map_err(Error::from),
+        }
+    }
 
     fn corrupt(&self, reason: impl ToString) -> Error {
         Error::Corrupt {
@@ -374,6 +502,7 @@ impl Store {
                         changed: false,
                         activation: None,
                         hook_duration: None,
+                        hooks: vec![],
                     });
                 }
                 Plan::Apply(change) => change,
@@ -395,23 +524,22 @@ impl Store {
             }
             let mut activation = None;
             let mut hook_duration = None;
+            let mut hooks = Vec::new();
             if let Some(sw) = change.switch {
                 let dir = self.releases.join(sw.to.to_string());
+                let switch = self.switch(&dir, sw.from, sw.to);
+                if self.drain(&switch)? {
+                    hooks.push(HookKind::PreSwitch.file_name());
+                }
                 let started = std::time::Instant::now();
-                activation = Some(match hook_for(self.cfg.activate_cmd.as_deref(), &dir) {
-                    Some((prog, args)) => run_hook(
-                        &prog,
-                        &args,
-                        &self.cfg.root,
-                        &dir,
-                        sw.from,
-                        sw.to,
-                        self.cfg.activate_timeout,
-                    )?,
+                let cmd = self.cfg.activate_cmd.as_deref();
+                activation = Some(match hook_for(cmd, &dir, HookKind::Activate) {
+                    Some((prog, args)) => run_hook(HookKind::Activate, &prog, &args, &switch)?,
                     None => Activation::StateOnly,
                 });
                 if matches!(activation, Some(Activation::Hook(_))) {
                     hook_duration = Some(started.elapsed());
+                    hooks.push(HookKind::Activate.file_name());
                 }
             }
             if let Some(v) = change.delete {
@@ -440,6 +568,7 @@ impl Store {
                 changed: true,
                 activation,
                 hook_duration,
+                hooks,
             })
         })
     }

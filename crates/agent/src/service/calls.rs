@@ -98,7 +98,7 @@ impl AgentService {
             shared.record(
                 &call,
                 &match &r {
-                    Ok(o) => audit::ok(o.changed),
+                    Ok(o) => audit::ok_with_hooks(o.changed, &o.hooks),
                     Err(e) => audit::error(e),
                 },
             );

@@ -174,6 +174,17 @@ impl Agent for AgentService {
             .await
     }
 
+    async fn after_gate(
+        &self,
+        req: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::StepReply>, Status> {
+        let caller = self.shared.caller(&req, MUTATE);
+        self.version_step(caller, "after-gate", req.into_inner(), |d, v| {
+            d.after_gate(v)
+        })
+        .await
+    }
+
     async fn release(
         &self,
         req: Request<pb::ReleaseRequest>,

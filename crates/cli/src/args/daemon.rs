@@ -259,6 +259,14 @@ pub struct AgentArgs {
     /// Command that switches the service (overrides releases' hooks/activate).
     #[arg(long, value_name = "CMD")]
     pub activate_cmd: Option<String>,
+    /// Drain hook run before every switch, with the activation's arguments and environment
+    /// (overrides releases' hooks/pre-switch); failing stops the switch before it starts.
+    #[arg(long, value_name = "CMD")]
+    pub pre_step_cmd: Option<String>,
+    /// Hook run once the node passed its health gate after a switch (overrides releases'
+    /// hooks/post-switch): puts the node back in service.
+    #[arg(long, value_name = "CMD")]
+    pub post_step_cmd: Option<String>,
     /// How long activation may take before it is killed and the step fails [default: 60s].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub activate_timeout: Option<Duration>,

@@ -216,6 +216,8 @@ const NOTHING_CHANGED: &[&str] = &[
     "held",
     "other-cluster",
     "forbidden",
+    // The pre-step (drain) hook failed: the switch was not attempted.
+    "pre-switch",
 ];
 
 fn classify(node: &NodeId, what: &str, d: &Deadline, why: &str, s: tonic::Status) -> CallError {

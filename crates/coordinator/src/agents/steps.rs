@@ -1,5 +1,6 @@
 //! Performing one action on its node's agent: the step calls (preflight, stage, install,
-//! commit, downgrade, prune) and the package push. Health gates are in [`super::health`].
+//! commit, downgrade, prune), the package push, and the call after a passed health gate that
+//! puts a drained node back in service. Health gates are in [`super::health`].
 
 use std::future::Future;
 use std::time::Duration;
@@ -70,7 +71,10 @@ pub async fn perform(cx: &ActionCtx<'_>, action: &Action) -> Performed {
                 deadline: Duration::from_millis(*healthy_deadline_ms),
                 failure_threshold: *failure_threshold,
             };
-            Ok((health_gate(cx, node, &c, gate).await, None))
+            match health_gate(cx, node, &c, gate).await {
+                ActionResult::Done => after_gate(cx, node, &c, *expect).await,
+                failed => Ok((failed, None)),
+            }
         }
         ActionKind::Prune { keep, protect } => prune(cx, node, &c, *keep, protect).await,
     }
@@ -141,6 +145,35 @@ fn step_reply(
             Ok((ActionResult::Refused { error: e }, None))
         }
         Err(s) => Err(s),
+    }
+}
+
+/// After a passed health gate: tells the agent, which runs the post-step (drain) hook if a
+/// switch drained the node (a no-op otherwise, so bake and repeated gates are harmless). A
+/// failing hook fails the gate: the node is healthy but not back in service, and an operator
+/// must know. An agent that does not know the call (an older one) runs no drain hooks.
+async fn after_gate(cx: &ActionCtx<'_>, node: &NodeId, c: &Client, version: Version) -> Performed {
+    let d = Deadline::after(cx.budgets.switch());
+    let req = vreq(version, cx.fence(&d));
+    let why = "the agent's activation timeout plus a margin";
+    let call = retrying(node, "post-step hook", why, &d, || {
+        let mut c = c.clone();
+        let r = d.request(req.clone());
+        async move {
+            match c.after_gate(r).await {
+                Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+                r => r.map(Some),
+            }
+        }
+    });
+    match watched(cx, node, c, call).await {
+        Ok(Some(reply)) => step_reply(cx, node, Ok(reply)),
+        Ok(None) => Ok((ActionResult::Done, None)),
+        Err(CallError::Stale(s)) => Err(CallError::Stale(s)),
+        // Even a refusal (a deadline that passed) leaves the node drained: the gate failed.
+        Err(CallError::Step(error) | CallError::Refused(error)) => {
+            Ok((ActionResult::Failed { error }, None))
+        }
     }
 }
 
