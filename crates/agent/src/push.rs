@@ -101,7 +101,14 @@ impl Upload {
     pub fn start(releases: &Path, header: Header) -> Result<Option<Upload>> {
         let dest = releases.join(header.file_name());
         if dest.exists() {
-            let (existing, _) = sha256_file(&dest)?;
+            // Verified when it arrived and unchanged since: no need to hash it again.
+            let known = std::fs::File::open(&dest)
+                .ok()
+                .and_then(|f| orch_package::verified::recorded(&dest, &f));
+            let existing = match known {
+                Some(d) => d,
+                None => sha256_file(&dest)?.0,
+            };
             if existing == header.sha256 {
                 // The same bytes, perhaps newly signed (a rotation): keep the pushed signature.
                 if let Some(sig) = &header.signature

@@ -63,7 +63,8 @@ impl IncomingFile {
         self.file.write_all(data).ctx("write", &self.tmp)
     }
 
-    /// Checks size and digest, fsyncs, renames into place and fsyncs the directory.
+    /// Checks size and digest, fsyncs, renames into place and fsyncs the directory; records
+    /// the verified digest ([`crate::verified`]) so that unpacking does not hash it again.
     pub fn finish(mut self) -> Result<PathBuf> {
         if self.written != self.size {
             return Err(self.refuse(format!(
@@ -82,6 +83,9 @@ impl IncomingFile {
         fs::rename(&self.tmp, &self.dest).ctx("rename into place", &self.dest)?;
         let dir = self.dest.parent().unwrap_or(Path::new("."));
         fsync_dir(dir)?;
+        // After the rename (which changes the file's change time). Only an optimisation: a
+        // file without evidence is hashed again where it is used.
+        let _ = crate::verified::record(&self.dest, &self.file, &digest);
         Ok(self.dest.clone())
     }
 }

@@ -7,6 +7,7 @@
 //! - [`signing`]: detached Ed25519 signatures (`<file>.sig`) and the keys that vouch for packages;
 //! - [`incoming`]: a file arriving over the network, checked against its announced size and
 //!   digest before it becomes visible;
+//! - [`verified`]: evidence that a file's digest was checked already, so it is hashed once;
 //! - [`fsutil`]: durable file-system primitives (atomic replace, directory fsync).
 //!
 //! Synchronous and blocking on purpose: async callers run it through `spawn_blocking`.
@@ -17,6 +18,7 @@ pub mod fsutil;
 pub mod incoming;
 pub mod manifest;
 pub mod signing;
+pub mod verified;
 
 pub use error::{Error, Result};
 pub use incoming::IncomingFile;

@@ -7,6 +7,12 @@
 //! the previous run's writeback, and extracted trees are only deleted at the end (~5 GB of
 //! free space needed). Tools that are missing are skipped with a message.
 //!
+//! Two rows are an agent's whole staging of the package (issue #15, "one verification pass"):
+//! receiving it (written in 64 KiB chunks through `IncomingFile`, hashed as it arrives) then
+//! `Store::unpack`: once as it is now (the digest verified on arrival is recorded and extraction
+//! does not hash again), once as before (the evidence removed, so extraction hashes the file a
+//! second time). Their CPU is the CPU one staged node costs.
+//!
 //! Extra rows split the store's time: SHA-256 only, `package::verify` (digest + inflate + CRC,
 //! nothing written), `package::extract` (the same plus writing files, no sync), and bsdtar
 //! followed by `sync -f` (what the store's durability costs a tool that does not sync).
@@ -59,8 +65,41 @@ fn main() {
     let _ = fs::remove_dir_all(&runs);
     fs::create_dir_all(&runs).unwrap();
 
-    type Tool = (&'static str, Box<dyn Fn(&Path, &Path)>);
+    type Run = Box<dyn Fn(&Path, &Path)>;
+    type Tool = (&'static str, Run);
+    let bytes = std::sync::Arc::new(fs::read(&pkg).unwrap());
+    let digest = info.sha256.clone();
+    let staging = |hash_twice: bool| -> Run {
+        let (bytes, digest) = (bytes.clone(), digest.clone());
+        Box::new(move |_pkg: &Path, dest: &Path| {
+            let store = Store::open(StoreConfig::new(dest)).unwrap();
+            let zip = dest.join("releases").join("bench-1.0.0.zip");
+            let mut incoming =
+                orch_package::IncomingFile::create(&zip, &digest, bytes.len() as u64).unwrap();
+            for chunk in bytes.chunks(64 << 10) {
+                incoming.write(chunk).unwrap();
+            }
+            incoming.finish().unwrap();
+            if hash_twice {
+                orch_package::verified::forget(&zip);
+            }
+            store
+                .unpack(&PackageSource::File {
+                    path: zip,
+                    sha256: Some(digest.clone()),
+                })
+                .unwrap();
+        })
+    };
     let mut tools: Vec<Tool> = vec![
+        (
+            "staging: receive (hashed on arrival) + Store::unpack, verified once",
+            staging(false),
+        ),
+        (
+            "staging before: receive + Store::unpack hashing it again",
+            staging(true),
+        ),
         (
             "Store::unpack (digest + extract + syncfs + rename + state)",
             Box::new(|pkg: &Path, dest: &Path| {

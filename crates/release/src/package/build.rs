@@ -170,7 +170,12 @@ mod tests {
         let mut z = zip::ZipArchive::new(File::open(&first).unwrap()).unwrap();
         for i in 0..z.len() {
             let e = z.by_index(i).unwrap();
-            assert_eq!(e.last_modified(), Some(zip::DateTime::default()), "{:?}", e.name());
+            assert_eq!(
+                e.last_modified(),
+                Some(zip::DateTime::default()),
+                "{:?}",
+                e.name()
+            );
         }
     }
 }

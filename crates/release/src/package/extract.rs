@@ -1,5 +1,7 @@
 //! Extraction: entries inflated on several threads while the digest is computed on another,
-//! all reading the same open file, into a fresh directory the caller renames into place.
+//! all reading the same open file, into a fresh directory the caller renames into place. A file
+//! whose digest was verified as it arrived (and has not changed since: see
+//! [`orch_package::verified`]) is not hashed again.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, Write};
@@ -113,25 +115,32 @@ fn extract_entry(
     Ok(n)
 }
 
-/// The digest of the package file, computed on its own thread while entries are extracted.
-struct Hasher {
-    thread: std::thread::JoinHandle<io::Result<String>>,
+/// The digest of the package file: computed on its own thread while entries are extracted, or
+/// known already (this very file was verified when it arrived: [`orch_package::verified`]).
+enum Hasher {
+    Thread(std::thread::JoinHandle<io::Result<String>>),
+    Known(String),
 }
 
 impl Hasher {
-    fn spawn(file: Arc<File>, size: u64) -> Hasher {
-        Hasher {
-            thread: std::thread::spawn(move || sha256_at(&file, size)),
+    fn spawn(zip: &Path, file: Arc<File>, size: u64) -> Hasher {
+        if let Some(d) = orch_package::verified::recorded(zip, &file) {
+            return Hasher::Known(d);
         }
+        Hasher::Thread(std::thread::spawn(move || sha256_at(&file, size)))
     }
 
-    /// Waits for the digest and checks it against `expected`; returns it.
+    /// Waits for the digest and checks it against `expected`; returns it. (A local file given
+    /// by an operator is hashed here, in the same pass as its extraction; nothing is recorded
+    /// beside it, which may not even be writable.)
     fn check(self, zip: &Path, expected: Option<&str>) -> Result<String> {
-        let actual = self
-            .thread
-            .join()
-            .map_err(|_| Error::refused("the digest thread panicked"))?
-            .ctx("read", zip)?;
+        let actual = match self {
+            Hasher::Known(d) => d,
+            Hasher::Thread(t) => t
+                .join()
+                .map_err(|_| Error::refused("the digest thread panicked"))?
+                .ctx("read", zip)?,
+        };
         check_digest(zip, expected, &actual)?;
         Ok(actual)
     }
@@ -153,9 +162,9 @@ pub fn extract(
     let expected = expected_digest(zip, expected_sha256)?;
     let file = Arc::new(File::open(zip).ctx("open package", zip)?);
     let size = file.metadata().ctx("stat", zip)?.len();
-    let hasher = Hasher::spawn(file.clone(), size);
+    let hasher = Hasher::spawn(zip, file.clone(), size);
     let reader = PosReader {
-        file,
+        file: file.clone(),
         pos: 0,
         len: size,
     };
