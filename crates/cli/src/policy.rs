@@ -69,6 +69,18 @@ pub struct Policy {
     #[serde(alias = "keep_releases")]
     pub keep_releases: Option<u32>,
     pub bake: Option<String>,
+    #[serde(alias = "gate_prometheus")]
+    pub gate_prometheus: Option<String>,
+    /// `gate = ["QUERY", ...]` (or one query as a string): `--gate`.
+    pub gate: Option<Queries>,
+}
+
+/// `["q1", "q2"]` or `"q1"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Queries {
+    Many(Vec<String>),
+    One(String),
 }
 
 impl Policy {
@@ -148,6 +160,15 @@ impl Policy {
         a.keep_releases = a.keep_releases.or(self.keep_releases);
         let t = dur("bake", self.bake)?;
         a.bake = a.bake.or(t);
+        a.gate_prometheus = a.gate_prometheus.take().or(self.gate_prometheus);
+        // The queries go together: any --gate on the command line replaces the file's list.
+        if a.gates.is_empty() {
+            a.gates = match self.gate {
+                Some(Queries::Many(q)) => q,
+                Some(Queries::One(q)) => vec![q],
+                None => Vec::new(),
+            };
+        }
         Ok(())
     }
 }
@@ -188,6 +209,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("batch-size: "), "{e}");
+    }
+
+    #[test]
+    fn metric_gates_take_a_list_or_one_query() {
+        let p = Policy::parse(
+            "gate-prometheus = \"http://127.0.0.1:9090\"\n\
+             gate = [\"sum(up{node=\\\"$node\\\"}) > 0\", \"vector(1)\"]\n",
+        )
+        .unwrap();
+        assert_eq!(p.gate_prometheus.as_deref(), Some("http://127.0.0.1:9090"));
+        assert!(
+            matches!(&p.gate, Some(Queries::Many(q)) if q.len() == 2 && q[0] == "sum(up{node=\"$node\"}) > 0")
+        );
+        let p =
+            Policy::parse("gate_prometheus = \"http://p:9090\"\ngate = \"vector(1)\"\n").unwrap();
+        assert!(matches!(&p.gate, Some(Queries::One(q)) if q == "vector(1)"));
     }
 
     #[test]

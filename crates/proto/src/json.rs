@@ -65,6 +65,8 @@ pub fn policy_json(p: Option<&pb::RolloutPolicy>) -> Value {
         "max_unavailable_nodes": if p.max_unavailable_nodes == 0 { Value::Null } else { json!(p.max_unavailable_nodes) },
         "unhealthy_at_start": p.unhealthy_at_start,
         "promote_each_wave": p.promote_each_wave,
+        "gate_prometheus": opt_str(&p.gate_prometheus),
+        "gates": p.gates,
     })
 }
 

@@ -26,6 +26,7 @@ use crate::driver::now_ms;
 use crate::state::Unresponsive;
 
 mod health;
+pub mod metric_gate;
 mod steps;
 
 pub use health::GateBoard;
@@ -279,6 +280,8 @@ pub struct ActionCtx<'a> {
     pub metrics: &'a crate::metrics::Metrics,
     /// Where health gates publish how long their node has been healthy.
     pub gates: &'a GateBoard,
+    /// The rollout's metric gates, which its health gates evaluate too (none: only the agent).
+    pub metric_gates: Option<Arc<orch_types::rollout::MetricGates>>,
 }
 
 impl ActionCtx<'_> {

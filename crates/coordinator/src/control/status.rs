@@ -107,6 +107,16 @@ pub fn policy_of(spec: &RolloutSpec) -> pb::RolloutPolicy {
             .map(|n| n.to_string())
             .collect(),
         promote_each_wave: spec.promote_each_wave,
+        gate_prometheus: spec
+            .metric_gates
+            .as_ref()
+            .map(|g| g.prometheus.clone())
+            .unwrap_or_default(),
+        gates: spec
+            .metric_gates
+            .as_ref()
+            .map(|g| g.queries.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! and records the result.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use orch_proto::agent as pb;
@@ -141,6 +142,10 @@ pub(super) async fn perform_and_record(
         );
         return record(&cx, rollout, &action, ActionResult::Failed { error }).await;
     }
+    let metric_gates = cx.shared.read(|s| {
+        let spec = s.rollouts.get(&rollout).map(|r| r.spec());
+        spec.and_then(|s| s.metric_gates.clone()).map(Arc::new)
+    });
     let actx = ActionCtx {
         pool: &cx.shared.agents,
         blobs: &cx.shared.blobs,
@@ -157,6 +162,7 @@ pub(super) async fn perform_and_record(
         liveness: Some(liveness_reporter(&cx)),
         metrics: &cx.shared.metrics,
         gates: &cx.shared.gates,
+        metric_gates,
     };
     let started = std::time::Instant::now();
     let performed = perform_or_take_early(&cx, &actx, rollout, &action).await;
