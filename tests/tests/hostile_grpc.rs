@@ -1530,6 +1530,8 @@ fn broken_start(rng: &mut fastrand::Rng) -> cpb::StartRolloutRequest {
         selector: Default::default(),
         max_unavailable: String::new(),
         promote_each_wave: false,
+        gate_prometheus: String::new(),
+        gates: Vec::new(),
     };
     match rng.u8(..6) {
         0 => r.version = invalid_version(rng),

@@ -452,9 +452,10 @@ pub struct RolloutSpec {
     /// the next one (not after the last: it commits).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub promote_each_wave: bool,
-    /// `--gate-prometheus URL --gate QUERY ...`: PromQL checks of every health gate.
+    /// `--gate-prometheus URL --gate QUERY ...`: PromQL checks of every health gate. Boxed:
+    /// rarely set, and the spec travels inline in the Raft command enum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metric_gates: Option<MetricGates>,
+    pub metric_gates: Option<Box<MetricGates>>,
 }
 
 impl RolloutSpec {
@@ -852,6 +853,58 @@ mod tests {
     #[test]
     fn default_spec_is_valid() {
         assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn metric_gates_need_an_http_url_and_bounded_queries() {
+        let check = |url: &str, queries: &[&str]| {
+            let mut s = spec();
+            s.metric_gates = Some(Box::new(MetricGates {
+                prometheus: url.into(),
+                queries: queries.iter().map(|q| q.to_string()).collect(),
+            }));
+            s.validate()
+        };
+        assert_eq!(check("http://127.0.0.1:9090", &["vector(1)"]), Ok(()));
+        assert_eq!(check("http://prom/prefix", &["up"]), Ok(()));
+        for bad in [
+            "https://p:9090",
+            "127.0.0.1:9090",
+            "http://",
+            "http://a b",
+            "http://p?x=1",
+        ] {
+            assert!(
+                matches!(check(bad, &["up"]), Err(SpecError::PrometheusUrl(_))),
+                "{bad}"
+            );
+        }
+        let e = check("https://p:9090", &["up"]).unwrap_err().to_string();
+        assert!(e.contains("https is not supported yet"), "{e}");
+        assert_eq!(
+            check("http://p", &[]),
+            Err(SpecError::PrometheusWithoutGates)
+        );
+        assert_eq!(
+            check("http://p", &["up", " "]),
+            Err(SpecError::EmptyGate(2))
+        );
+        let many = vec!["up"; MAX_METRIC_GATES + 1];
+        assert_eq!(
+            check("http://p", &many),
+            Err(SpecError::TooManyGates(MAX_METRIC_GATES + 1))
+        );
+        let long = "x".repeat(MAX_METRIC_GATE_LEN + 1);
+        assert_eq!(
+            check("http://p", &[&long]),
+            Err(SpecError::GateTooLong {
+                index: 1,
+                len: MAX_METRIC_GATE_LEN + 1
+            })
+        );
+        // Older JSON without the field reads as no gates.
+        let json = serde_json::to_string(&spec()).unwrap();
+        assert!(!json.contains("metric_gates"), "{json}");
     }
 
     #[test]

@@ -164,15 +164,15 @@ fn apply_options(spec: &mut RolloutSpec, r: &pb::StartRolloutRequest) -> Result<
 
 /// The request's metric gates: both the Prometheus URL and at least one query, or neither
 /// (the spec's validation checks the URL and the queries themselves).
-fn metric_gates(r: &pb::StartRolloutRequest) -> Result<Option<MetricGates>, Status> {
+fn metric_gates(r: &pb::StartRolloutRequest) -> Result<Option<Box<MetricGates>>, Status> {
     match (r.gate_prometheus.is_empty(), r.gates.is_empty()) {
         (true, true) => Ok(None),
         (true, false) => Err(bad(SpecError::GatesWithoutPrometheus.to_string())),
         (false, true) => Err(bad(SpecError::PrometheusWithoutGates.to_string())),
-        (false, false) => Ok(Some(MetricGates {
+        (false, false) => Ok(Some(Box::new(MetricGates {
             prometheus: r.gate_prometheus.trim_end_matches('/').to_string(),
             queries: r.gates.clone(),
-        })),
+        }))),
     }
 }
 

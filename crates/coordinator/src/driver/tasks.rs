@@ -144,7 +144,7 @@ pub(super) async fn perform_and_record(
     }
     let metric_gates = cx.shared.read(|s| {
         let spec = s.rollouts.get(&rollout).map(|r| r.spec());
-        spec.and_then(|s| s.metric_gates.clone()).map(Arc::new)
+        spec.and_then(|s| s.metric_gates.clone()).map(Arc::from)
     });
     let actx = ActionCtx {
         pool: &cx.shared.agents,
