@@ -232,7 +232,8 @@ const PROBE_INTERVAL_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// The probe must pass continuously for `min_healthy` and report `expect`, within `deadline`;
 /// `failure_threshold` probes in a row answered "unhealthy" fail it at once. A probe the agent
 /// does not answer counts for neither (only the deadline governs an unreachable agent) and
-/// tells the liveness watch.
+/// tells the liveness watch. On the rollout's target, a probe the agent answered healthy must
+/// also pass the metric gates ([`MetricCheck`]); a failing one counts as answered unhealthy.
 pub(super) async fn health_gate(
     cx: &ActionCtx<'_>,
     node: &NodeId,
@@ -250,7 +251,8 @@ pub(super) async fn health_gate(
     let mut unanswered_since: Option<u64> = None;
     let mut failed_in_a_row = 0u32;
     let mut last = String::from("no probe answered yet");
-    let mut metrics = MetricCheck::new(cx.metric_gates.as_deref());
+    let target = cx.metric_gates.as_deref().filter(|t| t.target == expect);
+    let mut metrics = MetricCheck::new(target.map(|t| &t.gates));
     loop {
         let sent = now_ms();
         let mut req = tonic::Request::new(pb::HealthRequest {

@@ -14,7 +14,9 @@ use tracing::Instrument;
 use super::early::{lock, start_gate_early};
 use super::record::{liveness_reporter, record, record_with};
 use super::{ActiveView, PREFLIGHT_TIMEOUT, TaskCx, leads_in};
-use crate::agents::{ActionCtx, Budgets, CallError, Performed, UNKNOWN_ACTIVATE_TIMEOUT, perform};
+use crate::agents::{
+    ActionCtx, Budgets, CallError, Performed, TargetGates, UNKNOWN_ACTIVATE_TIMEOUT, perform,
+};
 use crate::state::Command;
 
 /// The action tasks of the rollout being driven, by seq (seqs start again with each rollout).
@@ -143,8 +145,11 @@ pub(super) async fn perform_and_record(
         return record(&cx, rollout, &action, ActionResult::Failed { error }).await;
     }
     let metric_gates = cx.shared.read(|s| {
-        let spec = s.rollouts.get(&rollout).map(|r| r.spec());
-        spec.and_then(|s| s.metric_gates.clone()).map(Arc::from)
+        let spec = s.rollouts.get(&rollout)?.spec();
+        Some(Arc::new(TargetGates {
+            target: spec.version,
+            gates: (**spec.metric_gates.as_ref()?).clone(),
+        }))
     });
     let actx = ActionCtx {
         pool: &cx.shared.agents,
