@@ -227,6 +227,31 @@ mod tests {
         assert!(matches!(&p.gate, Some(Queries::One(q)) if q == "vector(1)"));
     }
 
+    fn rollout_args(argv: &[&str]) -> RolloutArgs {
+        use clap::Parser;
+        let cli = crate::args::Cli::try_parse_from(
+            ["orchestrator", "rollout", "4.2.1"].iter().chain(argv),
+        )
+        .unwrap();
+        match cli.command {
+            crate::args::Command::Rollout(a) => a,
+            other => panic!("not a rollout: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gate_flags_override_the_files_server_and_whole_query_list() {
+        let file = "gate-prometheus = \"http://file:9090\"\ngate = [\"a\", \"b\"]\n";
+        let mut a = rollout_args(&[]);
+        Policy::parse(file).unwrap().apply_to(&mut a).unwrap();
+        assert_eq!(a.gate_prometheus.as_deref(), Some("http://file:9090"));
+        assert_eq!(a.gates, ["a", "b"]);
+        let mut a = rollout_args(&["--gate", "c", "--gate-prometheus", "http://flag:9090"]);
+        Policy::parse(file).unwrap().apply_to(&mut a).unwrap();
+        assert_eq!(a.gate_prometheus.as_deref(), Some("http://flag:9090"));
+        assert_eq!(a.gates, ["c"]);
+    }
+
     #[test]
     fn a_typo_is_refused_with_the_key() {
         let e = Policy::parse("batch-sise = 2\n").unwrap_err().to_string();
