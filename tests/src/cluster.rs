@@ -510,25 +510,7 @@ impl Cluster {
     pub fn package(&self, version: &str, broken: bool) -> PathBuf {
         let out = self.pkgs.join(if broken { "broken" } else { "ok" });
         if self.demo {
-            let zip = out.join(format!("demo-service-{version}.zip"));
-            if !zip.is_file() {
-                let mut cmd = orch_cmd(&["demo", "package", version, "--out"]);
-                cmd.arg(&out);
-                if broken {
-                    cmd.arg("--broken");
-                }
-                if let Some(bin) = &self.demo_bin {
-                    cmd.env("ORCH_DEMO_SERVICE_BIN", bin);
-                }
-                let o = run_bounded(cmd, CLI_TIMEOUT);
-                assert!(
-                    o.status.success() && zip.is_file(),
-                    "demo package {version} failed: {} {}",
-                    stdout(&o),
-                    stderr(&o)
-                );
-            }
-            zip
+            self.demo_package(&out, version, if broken { &["--broken"] } else { &[] })
         } else {
             assert!(!broken, "state-only packages cannot be broken");
             let zip = out.join(format!("app-{version}.zip"));
@@ -543,6 +525,34 @@ impl Cluster {
             }
             zip
         }
+    }
+
+    /// `DIR/pkgs/errors-P/demo-service-VERSION.zip`: a demo-service release whose `/` answers
+    /// 500 for `percent`% of its requests while its health check passes (demo clusters only).
+    pub fn package_with_errors(&self, version: &str, percent: u32) -> PathBuf {
+        assert!(self.demo, "only demo-service packages can fail requests");
+        let out = self.pkgs.join(format!("errors-{percent}"));
+        self.demo_package(&out, version, &["--error-percent", &percent.to_string()])
+    }
+
+    /// `orchestrator demo package VERSION --out OUT EXTRA...`, unless built already.
+    fn demo_package(&self, out: &Path, version: &str, extra: &[&str]) -> PathBuf {
+        let zip = out.join(format!("demo-service-{version}.zip"));
+        if !zip.is_file() {
+            let mut cmd = orch_cmd(&["demo", "package", version, "--out"]);
+            cmd.arg(out).args(extra);
+            if let Some(bin) = &self.demo_bin {
+                cmd.env("ORCH_DEMO_SERVICE_BIN", bin);
+            }
+            let o = run_bounded(cmd, CLI_TIMEOUT);
+            assert!(
+                o.status.success() && zip.is_file(),
+                "demo package {version} {extra:?} failed: {} {}",
+                stdout(&o),
+                stderr(&o)
+            );
+        }
+        zip
     }
 
     /// Every coordinator address (also the dead ones: the CLI must cope).

@@ -147,6 +147,7 @@ pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
     if let Some(path) = a.policy.clone() {
         crate::policy::Policy::read(&path)?.apply_to(&mut a)?;
     }
+    check_metric_gates(&a)?;
     let mut c = waiting_client(&a.cluster)?;
     // Starting is one-shot: refused at once when nothing listens, bounded while leaderless.
     fail_fast(c.addrs())?;
@@ -265,6 +266,20 @@ async fn upload(
     Ok(sha256)
 }
 
+/// Metric gates need both a Prometheus server and a query (from the flags or the policy
+/// file); the coordinators check the URL and the queries themselves.
+fn check_metric_gates(a: &RolloutArgs) -> Result<()> {
+    match (&a.gate_prometheus, a.gates.is_empty()) {
+        (None, false) => anyhow::bail!(
+            "--gate needs --gate-prometheus URL: the Prometheus server (http://HOST:PORT) to evaluate the queries against"
+        ),
+        (Some(url), true) => anyhow::bail!(
+            "--gate-prometheus {url} is given without any --gate 'QUERY': add a query, or drop it"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// The `StartRollout` request for the command's flags.
 fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutRequest {
     pb::StartRolloutRequest {
@@ -303,6 +318,8 @@ fn start_request(a: &RolloutArgs, package_sha256: String) -> pb::StartRolloutReq
         promote_each_wave: a.promote_each_wave,
         wave_pause_ms: a.wave_pause.map(|d| d.as_millis() as u64),
         watch_after_commit_ms: a.watch_after_commit.map(|d| d.as_millis() as u64),
+        gate_prometheus: a.gate_prometheus.clone().unwrap_or_default(),
+        gates: a.gates.clone(),
     }
 }
 

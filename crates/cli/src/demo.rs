@@ -16,10 +16,15 @@ pub fn run(args: DemoArgs, g: &GlobalOpts) -> Result<()> {
         version,
         out,
         broken,
+        error_percent,
     }) = args.cmd
     {
         let bin = orch_demo::service_binary(&exe, &out)?;
-        let zip = orch_demo::build_package(&out, version, broken, &bin)?;
+        let faults = orch_demo::ReleaseFaults {
+            broken,
+            error_percent,
+        };
+        let zip = orch_demo::build_package_with(&out, version, faults, &bin)?;
         if g.json {
             println!("{}", serde_json::json!({ "package": zip }));
         } else {

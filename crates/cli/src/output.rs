@@ -292,6 +292,9 @@ fn policy_line(s: &pb::RolloutStatus) -> Option<String> {
             if p.promote_each_wave {
                 parts.push("promote after each wave".to_string());
             }
+            if !p.gates.is_empty() {
+                parts.push(metric_gates_words(&p.gate_prometheus, &p.gates));
+            }
         }
         None => parts.push(format!("batch {}", num("batch_size")?)),
     }
@@ -323,6 +326,12 @@ fn policy_line(s: &pb::RolloutStatus) -> Option<String> {
         parts.push(format!("keep {n} releases"));
     }
     Some(format!("policy: {}", parts.join(", ")))
+}
+
+/// `metric gates (Prometheus URL): `Q1`; `Q2``, as `status` and the plan show them.
+pub fn metric_gates_words(prometheus: &str, gates: &[String]) -> String {
+    let queries: Vec<String> = gates.iter().map(|q| format!("`{q}`")).collect();
+    format!("metric gates ({prometheus}): {}", queries.join("; "))
 }
 
 /// What a rollout waiting for `promote` waits after: its canary, or (with

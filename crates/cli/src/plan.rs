@@ -55,7 +55,8 @@ fn action_words(action: &str) -> &str {
     }
 }
 
-/// The policy lines of the table: waves, selector, max unavailable (each only when given).
+/// The policy lines of the table: waves, metric gates, selector, max unavailable (each only
+/// when given).
 fn print_policy(x: &pb::RolloutPolicy) {
     if !x.wave_by.is_empty() {
         let waves: Vec<String> = x
@@ -67,6 +68,12 @@ fn print_policy(x: &pb::RolloutPolicy) {
         if x.promote_each_wave {
             println!("  waiting for `orchestrator promote` after each wave but the last");
         }
+    }
+    if !x.gates.is_empty() {
+        println!(
+            "{}",
+            crate::output::metric_gates_words(&x.gate_prometheus, &x.gates)
+        );
     }
     if !x.selector.is_empty() {
         let mut pairs: Vec<String> = x.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -73,6 +73,18 @@ pub struct Policy {
     pub wave_pause: Option<String>,
     #[serde(alias = "watch_after_commit")]
     pub watch_after_commit: Option<String>,
+    #[serde(alias = "gate_prometheus")]
+    pub gate_prometheus: Option<String>,
+    /// `gate = ["QUERY", ...]` (or one query as a string): `--gate`.
+    pub gate: Option<Queries>,
+}
+
+/// `["q1", "q2"]` or `"q1"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Queries {
+    Many(Vec<String>),
+    One(String),
 }
 
 impl Policy {
@@ -156,6 +168,15 @@ impl Policy {
         a.wave_pause = a.wave_pause.or(t);
         let t = dur("watch-after-commit", self.watch_after_commit)?;
         a.watch_after_commit = a.watch_after_commit.or(t);
+        a.gate_prometheus = a.gate_prometheus.take().or(self.gate_prometheus);
+        // The queries go together: any --gate on the command line replaces the file's list.
+        if a.gates.is_empty() {
+            a.gates = match self.gate {
+                Some(Queries::Many(q)) => q,
+                Some(Queries::One(q)) => vec![q],
+                None => Vec::new(),
+            };
+        }
         Ok(())
     }
 }
@@ -199,6 +220,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("batch-size: "), "{e}");
+    }
+
+    #[test]
+    fn metric_gates_take_a_list_or_one_query() {
+        let p = Policy::parse(
+            "gate-prometheus = \"http://127.0.0.1:9090\"\n\
+             gate = [\"sum(up{node=\\\"$node\\\"}) > 0\", \"vector(1)\"]\n",
+        )
+        .unwrap();
+        assert_eq!(p.gate_prometheus.as_deref(), Some("http://127.0.0.1:9090"));
+        assert!(
+            matches!(&p.gate, Some(Queries::Many(q)) if q.len() == 2 && q[0] == "sum(up{node=\"$node\"}) > 0")
+        );
+        let p =
+            Policy::parse("gate_prometheus = \"http://p:9090\"\ngate = \"vector(1)\"\n").unwrap();
+        assert!(matches!(&p.gate, Some(Queries::One(q)) if q == "vector(1)"));
+    }
+
+    fn rollout_args(argv: &[&str]) -> RolloutArgs {
+        use clap::Parser;
+        let cli = crate::args::Cli::try_parse_from(
+            ["orchestrator", "rollout", "4.2.1"].iter().chain(argv),
+        )
+        .unwrap();
+        match cli.command {
+            crate::args::Command::Rollout(a) => a,
+            other => panic!("not a rollout: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gate_flags_override_the_files_server_and_whole_query_list() {
+        let file = "gate-prometheus = \"http://file:9090\"\ngate = [\"a\", \"b\"]\n";
+        let mut a = rollout_args(&[]);
+        Policy::parse(file).unwrap().apply_to(&mut a).unwrap();
+        assert_eq!(a.gate_prometheus.as_deref(), Some("http://file:9090"));
+        assert_eq!(a.gates, ["a", "b"]);
+        let mut a = rollout_args(&["--gate", "c", "--gate-prometheus", "http://flag:9090"]);
+        Policy::parse(file).unwrap().apply_to(&mut a).unwrap();
+        assert_eq!(a.gate_prometheus.as_deref(), Some("http://flag:9090"));
+        assert_eq!(a.gates, ["c"]);
     }
 
     #[test]

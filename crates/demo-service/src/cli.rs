@@ -44,6 +44,10 @@ pub enum Command {
         /// Fail /health with 503 on purpose (also when the release's release.toml says `broken = true`).
         #[arg(long)]
         broken: bool,
+        /// Answer `/` with 500 for this share of requests, 0-100 (also when the release's
+        /// release.toml says `error_percent = N`); /health stays 200.
+        #[arg(long, value_name = "PERCENT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+        error_percent: u32,
         /// How long a draining process waits for its keep-alive connections.
         #[arg(long, value_name = "MS", default_value_t = server::DEFAULT_DRAIN_TIMEOUT.as_millis() as u64)]
         drain_timeout_ms: u64,
@@ -157,6 +161,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             inherit_fd,
             ready_fd,
             broken,
+            error_percent,
             drain_timeout_ms,
             ready_timeout_ms,
         } => {
@@ -167,6 +172,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 inherit_fd,
                 ready_fd,
                 broken,
+                error_percent,
                 drain_timeout: Duration::from_millis(drain_timeout_ms),
                 ready_timeout: Duration::from_millis(ready_timeout_ms),
             };

@@ -109,22 +109,52 @@ pub fn configured_listen(paths: &Paths) -> Result<SocketAddr, Error> {
 struct Manifest {
     #[serde(default)]
     broken: bool,
+    #[serde(default)]
+    error_percent: u32,
 }
 
-/// Whether release V was built broken. A release without a manifest (a binary run outside a
-/// release directory, as in tests) is not broken; an unreadable manifest is an error, so a typo
-/// does not silently produce a healthy service.
+/// The faults a release was built with, on purpose (`orchestrator demo package --broken`,
+/// `--error-percent N`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReleaseFaults {
+    /// `/health` answers 503.
+    pub broken: bool,
+    /// `/` answers 500 for this share of its requests (0-100; every 10th for 10), while
+    /// `/health` stays 200: only metrics show it.
+    pub error_percent: u32,
+}
+
+/// Whether release V was built broken (see [`release_faults`]).
 pub fn release_is_broken(paths: &Paths, version: &str) -> Result<bool, Error> {
+    Ok(release_faults(paths, version)?.broken)
+}
+
+/// The faults release V was built with. A release without a manifest (a binary run outside a
+/// release directory, as in tests) has none; an unreadable manifest (or an error percentage
+/// above 100) is an error, so a typo does not silently produce a healthy service.
+pub fn release_faults(paths: &Paths, version: &str) -> Result<ReleaseFaults, Error> {
     let path = paths.release_manifest(version);
     match fs::read_to_string(&path) {
         Ok(text) => {
             let m: Manifest = toml::from_str(&text).map_err(|e| Error::Config {
-                path,
+                path: path.clone(),
                 message: format!("invalid release manifest: {}", e.message()),
             })?;
-            Ok(m.broken)
+            if m.error_percent > 100 {
+                return Err(Error::Config {
+                    path,
+                    message: format!(
+                        "error_percent = {} is not a percentage (0 to 100)",
+                        m.error_percent
+                    ),
+                });
+            }
+            Ok(ReleaseFaults {
+                broken: m.broken,
+                error_percent: m.error_percent,
+            })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ReleaseFaults::default()),
         Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
     }
 }
@@ -157,6 +187,30 @@ pub fn write_release_dir(
     broken: bool,
     service_binary: &Path,
 ) -> Result<(), Error> {
+    let faults = ReleaseFaults {
+        broken,
+        error_percent: 0,
+    };
+    write_release_dir_with(dir, version, faults, service_binary)
+}
+
+/// [`write_release_dir`] with any [`ReleaseFaults`]: `error_percent = N` in the manifest when
+/// not 0.
+pub fn write_release_dir_with(
+    dir: &Path,
+    version: &str,
+    faults: ReleaseFaults,
+    service_binary: &Path,
+) -> Result<(), Error> {
+    if faults.error_percent > 100 {
+        return Err(Error::Config {
+            path: dir.join("release.toml"),
+            message: format!(
+                "error_percent = {} is not a percentage (0 to 100)",
+                faults.error_percent
+            ),
+        });
+    }
     let version = crate::parse_version(version)?.to_string();
     let bin_dir = dir.join("bin");
     let hooks_dir = dir.join("hooks");
@@ -165,8 +219,11 @@ pub fn write_release_dir(
     }
 
     let mut manifest = format!("name = \"{PACKAGE_NAME}\"\nversion = \"{version}\"\n");
-    if broken {
+    if faults.broken {
         manifest.push_str("broken = true\n");
+    }
+    if faults.error_percent > 0 {
+        manifest.push_str(&format!("error_percent = {}\n", faults.error_percent));
     }
     write_file(&dir.join("release.toml"), manifest.as_bytes(), 0o644)?;
 
@@ -293,6 +350,23 @@ mod tests {
         assert!(release_is_broken(&paths, "1.0.1").unwrap());
         fs::write(paths.release_manifest("1.0.0"), "broken = maybe").unwrap();
         assert!(release_is_broken(&paths, "1.0.0").is_err());
+    }
+
+    #[test]
+    fn an_error_percentage_is_written_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let bin = dir.path().join("bin-src");
+        fs::write(&bin, "#!/bin/sh\n").unwrap();
+        let faults = ReleaseFaults {
+            broken: false,
+            error_percent: 10,
+        };
+        write_release_dir_with(&paths.release_dir("1.0.1"), "1.0.1", faults, &bin).unwrap();
+        assert_eq!(release_faults(&paths, "1.0.1").unwrap(), faults);
+        fs::write(paths.release_manifest("1.0.1"), "error_percent = 150\n").unwrap();
+        let e = release_faults(&paths, "1.0.1").unwrap_err().to_string();
+        assert!(e.contains("error_percent = 150"), "{e}");
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! # Responsibility
 //!
-//! `demo-service serve` answers `GET /health` with `{"version":"X.Y.Z","pid":N}` and `GET /` with
-//! a line naming its version and pid. Its release's `hooks/activate` (run by the release store on
+//! `demo-service serve` answers `GET /health` with `{"version":"X.Y.Z","pid":N}`, `GET /` with
+//! a line naming its version and pid, and `GET /metrics` with its responses by status code in
+//! Prometheus' text format (`http_requests_total{code="200",version="X.Y.Z"} N`, scrapes not
+//! counted; each process counts its own, from 0). Its release's `hooks/activate` (run by the release store on
 //! install, upgrade and downgrade) calls `demo-service activate`, which switches the running
 //! service to another release **without refusing or resetting a single connection**. The same
 //! crate lays out release directories for the package builder ([`write_release_dir`]) and carries
@@ -49,6 +51,10 @@
 //! version**. Its activation succeeds on purpose: the hook's job is the switch, judging health is
 //! the coordinator's health gate. So `activate` accepts any status from `/health` as long as the
 //! body reports version V.
+//!
+//! A release with `error_percent = N` in its `release.toml` (or `serve --error-percent N`)
+//! answers `/` with 500 for N% of its requests (every 10th for 10, by request number), while
+//! its `/health` says OK: only its metrics show the fault (what a metric gate must catch).
 //!
 //! SIGTERM (or SIGINT) makes a server stop accepting, drain the same way, remove its pid file and
 //! control socket (only if they are still its own) and exit; `demo-service stop` sends it. Its

@@ -25,7 +25,8 @@ use orch_client::control as pb;
 use orch_types::Version;
 
 pub use cluster::DemoCluster;
-pub use packages::{build_package, service_binary};
+pub use orch_demo_service::layout::ReleaseFaults;
+pub use packages::{build_package, build_package_with, service_binary};
 pub use scenario::{DemoOutcome, RolloutSummary};
 
 /// The version every demo node starts on.

@@ -4,6 +4,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use orch_demo_service::layout::ReleaseFaults;
 use orch_release::package;
 use orch_types::Version;
 
@@ -38,14 +39,28 @@ pub fn build_package(
     broken: bool,
     service_binary: &Path,
 ) -> Result<PathBuf, DemoError> {
+    let faults = ReleaseFaults {
+        broken,
+        error_percent: 0,
+    };
+    build_package_with(out, v, faults, service_binary)
+}
+
+/// [`build_package`] of a release with any faults (e.g. one whose `/` fails a share of its
+/// requests while its health check passes).
+pub fn build_package_with(
+    out: &Path,
+    v: Version,
+    faults: ReleaseFaults,
+    service_binary: &Path,
+) -> Result<PathBuf, DemoError> {
     let src = out.join(format!(".demo-src-{v}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&src);
-    orch_demo_service::write_release_dir(&src, &v.to_string(), broken, service_binary).map_err(
-        |source| DemoError::DemoService {
+    orch_demo_service::layout::write_release_dir_with(&src, &v.to_string(), faults, service_binary)
+        .map_err(|source| DemoError::DemoService {
             context: format!("lay out the demo-service {v} release in {}", src.display()),
             source: Box::new(source),
-        },
-    )?;
+        })?;
     let built = package::build(&src, "demo-service", v, out);
     // The source directory was only the zip's input.
     let _ = fs::remove_dir_all(&src);

@@ -67,6 +67,8 @@ pub fn policy_json(p: Option<&pb::RolloutPolicy>) -> Value {
         "promote_each_wave": p.promote_each_wave,
         "wave_pause_ms": p.wave_pause_ms,
         "watch_after_commit_ms": p.watch_after_commit_ms,
+        "gate_prometheus": opt_str(&p.gate_prometheus),
+        "gates": p.gates,
     })
 }
 

@@ -72,6 +72,13 @@ pub const MAX_FAILURE_THRESHOLD: u32 = 10_000;
 /// Longest bake (`--bake`): a week. Longer is almost surely a unit mistake, and the gate's
 /// deadline (bake plus the healthy deadline) must stay far from overflow.
 pub const MAX_BAKE_MS: u64 = 7 * 24 * 3_600_000;
+/// Most metric gates (`--gate`) a rollout may have: each is evaluated about once a second per
+/// node being gated, so many would load the Prometheus server for little gain.
+pub const MAX_METRIC_GATES: usize = 16;
+/// Longest metric gate query (bytes): it travels in every probe's URL.
+pub const MAX_METRIC_GATE_LEN: usize = 2_048;
+/// Longest Prometheus URL (bytes).
+pub const MAX_PROMETHEUS_URL_LEN: usize = 512;
 
 /// Why a [`RolloutSpec`] was refused. Each message names the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -137,6 +144,22 @@ pub enum SpecError {
     WatchWithoutCommit,
     #[error("watch after commit {0} ms is too long: at most {MAX_BAKE_MS} ms (a week)")]
     WatchTooLong(u64),
+    #[error(
+        "--gate-prometheus {0:?} is not a usable Prometheus URL: give http://HOST:PORT (optionally with a path prefix; https is not supported yet)"
+    )]
+    PrometheusUrl(String),
+    #[error("metric gates need a Prometheus server to ask: add --gate-prometheus http://HOST:PORT")]
+    GatesWithoutPrometheus,
+    #[error(
+        "--gate-prometheus is given without any --gate 'QUERY': add at least one query, or drop it"
+    )]
+    PrometheusWithoutGates,
+    #[error("{0} metric gates are too many: at most {MAX_METRIC_GATES}")]
+    TooManyGates(usize),
+    #[error("metric gate {0} is empty: give a PromQL expression")]
+    EmptyGate(usize),
+    #[error("metric gate {index} is {len} bytes long: at most {MAX_METRIC_GATE_LEN}")]
+    GateTooLong { index: usize, len: usize },
     #[error("batch percentage {0}% is out of range: it must be between 1% and 100%")]
     BatchPercent(u32),
     #[error("max unavailable {0} is out of range: use at least 1 node, or 1% to 100%")]
@@ -227,6 +250,82 @@ impl FromStr for NodeCount {
 pub struct Wave {
     pub label_value: String,
     pub nodes: Vec<NodeId>,
+}
+
+/// `--gate-prometheus URL --gate QUERY ...`: PromQL expressions every health gate (bake
+/// included) also evaluates on a node its agent calls healthy; `$node` and `$version` in a
+/// query stand for the node's id and the version the gate expects. A query passes when it
+/// returns a vector with at least one sample or a scalar other than 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricGates {
+    /// `http://HOST:PORT[/prefix]`: the queries go to `URL/api/v1/query`.
+    pub prometheus: String,
+    pub queries: Vec<String>,
+}
+
+impl MetricGates {
+    /// `query` with the variables `$node` and `$version` replaced; any other `$name` (a longer
+    /// one such as `$node_count` too) is left as it is.
+    pub fn substituted(query: &str, node: &NodeId, version: &Version) -> String {
+        let mut out = String::with_capacity(query.len() + 16);
+        let mut rest = query;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            let len = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            match &after[..len] {
+                "node" => out.push_str(node.as_str()),
+                "version" => out.push_str(&version.to_string()),
+                other => {
+                    out.push('$');
+                    out.push_str(other);
+                }
+            }
+            rest = &after[len..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// Checks the URL (http only) and the queries' number and sizes.
+    pub fn check(&self) -> Result<(), SpecError> {
+        let url_ok = self.prometheus.len() <= MAX_PROMETHEUS_URL_LEN
+            && self
+                .prometheus
+                .strip_prefix("http://")
+                .and_then(|rest| rest.split('/').next())
+                .is_some_and(|host| {
+                    !host.is_empty()
+                        && !host.contains('@')
+                        && host.bytes().all(|b| b.is_ascii_graphic())
+                })
+            && !self.prometheus.contains(['?', '#']);
+        if !url_ok {
+            return Err(SpecError::PrometheusUrl(
+                self.prometheus.chars().take(100).collect(),
+            ));
+        }
+        if self.queries.is_empty() {
+            return Err(SpecError::PrometheusWithoutGates);
+        }
+        if self.queries.len() > MAX_METRIC_GATES {
+            return Err(SpecError::TooManyGates(self.queries.len()));
+        }
+        for (i, q) in self.queries.iter().enumerate() {
+            if q.trim().is_empty() {
+                return Err(SpecError::EmptyGate(i + 1));
+            }
+            if q.len() > MAX_METRIC_GATE_LEN {
+                return Err(SpecError::GateTooLong {
+                    index: i + 1,
+                    len: q.len(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The package a rollout installs, as recorded in the Raft log: never the bytes, which live in
@@ -373,6 +472,10 @@ pub struct RolloutSpec {
     /// is `old` on every node). 0: no watch (and in older JSON).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub watch_after_commit_ms: u64,
+    /// `--gate-prometheus URL --gate QUERY ...`: PromQL checks of every health gate. Boxed:
+    /// rarely set, and the spec travels inline in the Raft command enum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric_gates: Option<Box<MetricGates>>,
 }
 
 impl RolloutSpec {
@@ -410,6 +513,7 @@ impl RolloutSpec {
             promote_each_wave: false,
             wave_pause_ms: 0,
             watch_after_commit_ms: 0,
+            metric_gates: None,
         }
     }
 
@@ -493,6 +597,9 @@ impl RolloutSpec {
                     unhealthy: self.unhealthy_at_start.clone(),
                 });
             }
+        }
+        if let Some(g) = &self.metric_gates {
+            g.check()?;
         }
         Ok(())
     }
@@ -790,6 +897,58 @@ mod tests {
     #[test]
     fn default_spec_is_valid() {
         assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn metric_gates_need_an_http_url_and_bounded_queries() {
+        let check = |url: &str, queries: &[&str]| {
+            let mut s = spec();
+            s.metric_gates = Some(Box::new(MetricGates {
+                prometheus: url.into(),
+                queries: queries.iter().map(|q| q.to_string()).collect(),
+            }));
+            s.validate()
+        };
+        assert_eq!(check("http://127.0.0.1:9090", &["vector(1)"]), Ok(()));
+        assert_eq!(check("http://prom/prefix", &["up"]), Ok(()));
+        for bad in [
+            "https://p:9090",
+            "127.0.0.1:9090",
+            "http://",
+            "http://a b",
+            "http://p?x=1",
+        ] {
+            assert!(
+                matches!(check(bad, &["up"]), Err(SpecError::PrometheusUrl(_))),
+                "{bad}"
+            );
+        }
+        let e = check("https://p:9090", &["up"]).unwrap_err().to_string();
+        assert!(e.contains("https is not supported yet"), "{e}");
+        assert_eq!(
+            check("http://p", &[]),
+            Err(SpecError::PrometheusWithoutGates)
+        );
+        assert_eq!(
+            check("http://p", &["up", " "]),
+            Err(SpecError::EmptyGate(2))
+        );
+        let many = vec!["up"; MAX_METRIC_GATES + 1];
+        assert_eq!(
+            check("http://p", &many),
+            Err(SpecError::TooManyGates(MAX_METRIC_GATES + 1))
+        );
+        let long = "x".repeat(MAX_METRIC_GATE_LEN + 1);
+        assert_eq!(
+            check("http://p", &[&long]),
+            Err(SpecError::GateTooLong {
+                index: 1,
+                len: MAX_METRIC_GATE_LEN + 1
+            })
+        );
+        // Older JSON without the field reads as no gates.
+        let json = serde_json::to_string(&spec()).unwrap();
+        assert!(!json.contains("metric_gates"), "{json}");
     }
 
     #[test]

@@ -243,6 +243,18 @@ pub struct RolloutArgs {
     /// committed rollout back (every node downgraded to its previous release).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub watch_after_commit: Option<Duration>,
+    /// The Prometheus server (http://HOST:PORT; https is not supported yet) that the metric
+    /// gates (--gate) are evaluated against.
+    #[arg(long, value_name = "URL")]
+    pub gate_prometheus: Option<String>,
+    /// A metric gate (repeatable, at most 16): a PromQL query that every health gate (the bake
+    /// included) evaluates about once a second while the node's agent says healthy; `$node`
+    /// and `$version` are replaced by the node's id and the version it should run. Passing:
+    /// a vector with at least one sample, or a scalar other than 0 (write comparisons as
+    /// filters, `... < 0.01`, not with `bool`). Nothing, a scalar 0 or an error is an unhealthy
+    /// probe.
+    #[arg(long = "gate", value_name = "QUERY")]
+    pub gates: Vec<String>,
     /// Take the rollout options from this TOML file (keys are these flags' long names:
     /// `batch-size = 2`, `bake = "10m"`, `permanent = false`, ...); a flag given here
     /// overrides the file's value.

@@ -221,6 +221,10 @@ pub enum DemoCmd {
         /// A release whose service starts but fails its health check.
         #[arg(long)]
         broken: bool,
+        /// A release whose `/` answers 500 for this share of requests (0-100, every 10th for
+        /// 10) while its health check passes: only its metrics (`/metrics`) show it.
+        #[arg(long, value_name = "PERCENT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+        error_percent: u32,
     },
 }
 

@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use orch_proto::agent::{self as pb, agent_client::AgentClient};
 use orch_rollout::ActionResult;
+use orch_types::rollout::MetricGates;
 use orch_types::{NodeId, Version};
 use tonic::transport::Channel;
 
+use super::metric_gate;
 use super::{
     ActionCtx, PING_AFTER, PING_EVERY, PING_TIMEOUT, PROBE_INTERVAL, PROBE_TIMEOUT, answered,
     kind_of,
@@ -163,6 +165,65 @@ pub(super) struct Gate {
     pub failure_threshold: u32,
 }
 
+/// Tells the liveness watch whether the agent answered this probe: `unanswered` is what was
+/// seen when it did not; `since` is when the agent stopped answering (kept across probes).
+fn report_liveness(
+    cx: &ActionCtx<'_>,
+    node: &NodeId,
+    since: &mut Option<u64>,
+    sent: u64,
+    unanswered: Option<String>,
+) {
+    match unanswered {
+        None => {
+            if since.take().is_some() {
+                answered(cx, node);
+            }
+        }
+        Some(detail) => {
+            let since_ms = *since.get_or_insert(sent);
+            if let Some(l) = &cx.liveness {
+                l(node, Some(Unresponsive { since_ms, detail }));
+            }
+        }
+    }
+}
+
+/// A gate's metric gates: evaluated on a probe the agent answered healthy, at most once per
+/// [`METRIC_GATE_EVERY`] while they pass (fast probes reuse the last pass), on every such
+/// probe after a failure (which comes a second apart anyway).
+struct MetricCheck<'a> {
+    gates: Option<&'a MetricGates>,
+    passed_at: Option<Instant>,
+}
+
+/// How often passing metric gates are evaluated again.
+const METRIC_GATE_EVERY: Duration = Duration::from_secs(1);
+
+impl<'a> MetricCheck<'a> {
+    fn new(gates: Option<&'a MetricGates>) -> Self {
+        MetricCheck {
+            gates,
+            passed_at: None,
+        }
+    }
+
+    /// `None` when every gate passes (or there are none), else what failed.
+    async fn failing(&mut self, node: &NodeId, version: &Version) -> Option<String> {
+        let gates = self.gates?;
+        if self
+            .passed_at
+            .is_some_and(|t| t.elapsed() < METRIC_GATE_EVERY)
+        {
+            return None;
+        }
+        let started = Instant::now();
+        let failed = metric_gate::failing(gates, node, version).await;
+        self.passed_at = failed.is_none().then_some(started);
+        failed
+    }
+}
+
 /// After a probe answered "unhealthy", the next one waits this long, so that a failure
 /// threshold counts about one failed probe a second (a service briefly busy right after its
 /// hot switch is not failed by a burst of fast probes).
@@ -171,7 +232,8 @@ const PROBE_INTERVAL_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// The probe must pass continuously for `min_healthy` and report `expect`, within `deadline`;
 /// `failure_threshold` probes in a row answered "unhealthy" fail it at once. A probe the agent
 /// does not answer counts for neither (only the deadline governs an unreachable agent) and
-/// tells the liveness watch.
+/// tells the liveness watch. On the rollout's target, a probe the agent answered healthy must
+/// also pass the metric gates ([`MetricCheck`]); a failing one counts as answered unhealthy.
 pub(super) async fn health_gate(
     cx: &ActionCtx<'_>,
     node: &NodeId,
@@ -189,6 +251,8 @@ pub(super) async fn health_gate(
     let mut unanswered_since: Option<u64> = None;
     let mut failed_in_a_row = 0u32;
     let mut last = String::from("no probe answered yet");
+    let target = cx.metric_gates.as_deref().filter(|t| t.target == expect);
+    let mut metrics = MetricCheck::new(target.map(|t| &t.gates));
     loop {
         let sent = now_ms();
         let mut req = tonic::Request::new(pb::HealthRequest {
@@ -200,16 +264,21 @@ pub(super) async fn health_gate(
         let unanswered = match probe {
             Ok(Ok(r)) => {
                 let r = r.into_inner();
-                if r.healthy {
+                // A failed metric gate counts like the agent answering unhealthy.
+                let failing = match r.healthy {
+                    true => metrics.failing(node, &expect).await,
+                    false => Some(format!("{} check: {}", r.check, r.detail)),
+                };
+                if let Some(why) = failing {
+                    healthy.reset();
+                    failed_in_a_row += 1;
+                    last = why;
+                } else {
                     failed_in_a_row = 0;
                     if healthy.seen() >= min_healthy {
                         answered(cx, node);
                         return ActionResult::Done;
                     }
-                } else {
-                    healthy.reset();
-                    failed_in_a_row += 1;
-                    last = format!("{} check: {}", r.check, r.detail);
                 }
                 None
             }
@@ -221,27 +290,11 @@ pub(super) async fn health_gate(
             Ok(Err(s)) => Some(format!("agent unreachable: {}", s.message())),
             Err(_) => Some("health probe timed out".to_string()),
         };
-        match unanswered {
-            None => {
-                if unanswered_since.take().is_some() {
-                    answered(cx, node);
-                }
-            }
-            Some(detail) => {
-                healthy.reset();
-                let since_ms = *unanswered_since.get_or_insert(sent);
-                if let Some(l) = &cx.liveness {
-                    l(
-                        node,
-                        Some(Unresponsive {
-                            since_ms,
-                            detail: detail.clone(),
-                        }),
-                    );
-                }
-                last = detail;
-            }
+        if let Some(detail) = &unanswered {
+            healthy.reset();
+            last = detail.clone();
         }
+        report_liveness(cx, node, &mut unanswered_since, sent, unanswered);
         if failure_threshold > 0 && failed_in_a_row >= failure_threshold {
             return ActionResult::Failed {
                 error: format!(

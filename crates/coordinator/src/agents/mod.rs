@@ -26,6 +26,7 @@ use crate::driver::now_ms;
 use crate::state::Unresponsive;
 
 mod health;
+pub mod metric_gate;
 mod steps;
 
 pub use health::GateBoard;
@@ -281,6 +282,17 @@ pub struct ActionCtx<'a> {
     pub metrics: &'a crate::metrics::Metrics,
     /// Where health gates publish how long their node has been healthy.
     pub gates: &'a GateBoard,
+    /// The rollout's metric gates, which its health gates evaluate too (none: only the agent).
+    pub metric_gates: Option<Arc<TargetGates>>,
+}
+
+/// A rollout's metric gates and its target version: only gates on the target evaluate them.
+/// A rollback's gates (on the previous release) do not: the window of a query still holds the
+/// failed release's errors for a while, and must not hold up the way back.
+#[derive(Debug)]
+pub struct TargetGates {
+    pub target: orch_types::Version,
+    pub gates: orch_types::rollout::MetricGates,
 }
 
 impl ActionCtx<'_> {

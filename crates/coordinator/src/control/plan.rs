@@ -74,6 +74,7 @@ impl ControlService {
                         activate,
                     },
                     liveness: None,
+                    metric_gates: None,
                     metrics: &self.shared.metrics,
                     gates: &self.shared.gates,
                 };

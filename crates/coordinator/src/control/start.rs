@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use orch_proto::control as pb;
-use orch_types::rollout::{NodeCount, OnFailure, PackageRef, RolloutSpec, Wave};
+use orch_types::rollout::{
+    MetricGates, NodeCount, OnFailure, PackageRef, RolloutSpec, SpecError, Wave,
+};
 use orch_types::{NodeId, Version};
 use tonic::Status;
 
@@ -152,6 +154,7 @@ fn apply_options(spec: &mut RolloutSpec, r: &pb::StartRolloutRequest) -> Result<
     spec.bake_ms = r.bake_ms.unwrap_or(0);
     spec.wave_pause_ms = r.wave_pause_ms.unwrap_or(0);
     spec.watch_after_commit_ms = r.watch_after_commit_ms.unwrap_or(0);
+    spec.metric_gates = metric_gates(r)?;
     if !r.on_failure.is_empty() {
         spec.on_failure = r
             .on_failure
@@ -159,6 +162,20 @@ fn apply_options(spec: &mut RolloutSpec, r: &pb::StartRolloutRequest) -> Result<
             .map_err(|e| bad(e.to_string()))?;
     }
     Ok(())
+}
+
+/// The request's metric gates: both the Prometheus URL and at least one query, or neither
+/// (the spec's validation checks the URL and the queries themselves).
+fn metric_gates(r: &pb::StartRolloutRequest) -> Result<Option<Box<MetricGates>>, Status> {
+    match (r.gate_prometheus.is_empty(), r.gates.is_empty()) {
+        (true, true) => Ok(None),
+        (true, false) => Err(bad(SpecError::GatesWithoutPrometheus.to_string())),
+        (false, true) => Err(bad(SpecError::PrometheusWithoutGates.to_string())),
+        (false, false) => Ok(Some(Box::new(MetricGates {
+            prometheus: r.gate_prometheus.trim_end_matches('/').to_string(),
+            queries: r.gates.clone(),
+        }))),
+    }
 }
 
 impl ControlService {

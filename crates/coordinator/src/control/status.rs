@@ -109,6 +109,16 @@ pub fn policy_of(spec: &RolloutSpec) -> pb::RolloutPolicy {
         promote_each_wave: spec.promote_each_wave,
         wave_pause_ms: spec.wave_pause_ms,
         watch_after_commit_ms: spec.watch_after_commit_ms,
+        gate_prometheus: spec
+            .metric_gates
+            .as_ref()
+            .map(|g| g.prometheus.clone())
+            .unwrap_or_default(),
+        gates: spec
+            .metric_gates
+            .as_ref()
+            .map(|g| g.queries.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -81,6 +81,7 @@ pub(super) async fn start_gate_early(
     let fence = actx.fence.clone();
     let budgets = actx.budgets;
     let liveness = actx.liveness.clone();
+    let metric_gates = actx.metric_gates.clone();
     let g = gate.clone();
     let mut handle = cx.scope.spawn(async move {
         let actx = ActionCtx {
@@ -93,6 +94,7 @@ pub(super) async fn start_gate_early(
             liveness,
             metrics: &shared.metrics,
             gates: &shared.gates,
+            metric_gates,
         };
         perform(&actx, &g).await
     });

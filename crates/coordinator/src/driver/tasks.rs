@@ -2,6 +2,7 @@
 //! and records the result.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use orch_proto::agent as pb;
@@ -13,7 +14,9 @@ use tracing::Instrument;
 use super::early::{lock, start_gate_early};
 use super::record::{liveness_reporter, record, record_with};
 use super::{ActiveView, PREFLIGHT_TIMEOUT, TaskCx, leads_in};
-use crate::agents::{ActionCtx, Budgets, CallError, Performed, UNKNOWN_ACTIVATE_TIMEOUT, perform};
+use crate::agents::{
+    ActionCtx, Budgets, CallError, Performed, TargetGates, UNKNOWN_ACTIVATE_TIMEOUT, perform,
+};
 use crate::state::Command;
 
 /// The action tasks of the rollout being driven, by seq (seqs start again with each rollout).
@@ -141,6 +144,13 @@ pub(super) async fn perform_and_record(
         );
         return record(&cx, rollout, &action, ActionResult::Failed { error }).await;
     }
+    let metric_gates = cx.shared.read(|s| {
+        let spec = s.rollouts.get(&rollout)?.spec();
+        Some(Arc::new(TargetGates {
+            target: spec.version,
+            gates: (**spec.metric_gates.as_ref()?).clone(),
+        }))
+    });
     let actx = ActionCtx {
         pool: &cx.shared.agents,
         blobs: &cx.shared.blobs,
@@ -157,6 +167,7 @@ pub(super) async fn perform_and_record(
         liveness: Some(liveness_reporter(&cx)),
         metrics: &cx.shared.metrics,
         gates: &cx.shared.gates,
+        metric_gates,
     };
     let started = std::time::Instant::now();
     let performed = perform_or_take_early(&cx, &actx, rollout, &action).await;

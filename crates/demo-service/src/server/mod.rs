@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -48,6 +48,9 @@ pub struct ServeOptions {
     pub ready_fd: Option<RawFd>,
     /// Fail `/health` on purpose (also enabled by `broken = true` in the release's manifest).
     pub broken: bool,
+    /// Answer `/` with 500 for this share of requests (0-100; also `error_percent = N` in the
+    /// release's manifest), while `/health` stays 200.
+    pub error_percent: u32,
     pub drain_timeout: Duration,
     pub ready_timeout: Duration,
 }
@@ -61,6 +64,7 @@ impl ServeOptions {
             inherit_fd: None,
             ready_fd: None,
             broken: false,
+            error_percent: 0,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             ready_timeout: DEFAULT_READY_TIMEOUT,
         }
@@ -71,6 +75,13 @@ struct State {
     version: String,
     pid: u32,
     broken: bool,
+    /// `/` answers 500 for this share of its requests.
+    error_percent: u32,
+    /// Requests to `/` so far: which of them fail is decided by their number, so exactly
+    /// `error_percent` of them do, evenly spread.
+    root_requests: AtomicU64,
+    /// Responses by status code (`/metrics` itself not counted), for `/metrics`.
+    responses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
     listen: SocketAddr,
     paths: Paths,
     drain_timeout: Duration,
@@ -114,7 +125,12 @@ enum StopReason {
 pub async fn serve(opts: ServeOptions) -> Result<(), Error> {
     let version = parse_version(&opts.version)?.to_string();
     let paths = Paths::new(&opts.root);
-    let broken = opts.broken || layout::release_is_broken(&paths, &version)?;
+    let faults = layout::release_faults(&paths, &version)?;
+    let broken = opts.broken || faults.broken;
+    let error_percent = match opts.error_percent {
+        0 => faults.error_percent,
+        p => p.min(100),
+    };
     let pid = std::process::id();
     let (listener, ready) = take_or_bind(&opts, &paths)?;
     let listen = listener
@@ -130,6 +146,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), Error> {
         version: version.clone(),
         pid,
         broken,
+        error_percent,
+        root_requests: AtomicU64::new(0),
+        responses: std::sync::Mutex::default(),
         listen,
         paths: paths.clone(),
         drain_timeout: opts.drain_timeout,
@@ -143,6 +162,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), Error> {
         pid,
         %listen,
         broken,
+        error_percent,
         inherited = opts.inherit_fd.is_some(),
         "demo-service serving"
     );

@@ -1,4 +1,4 @@
-//! Answering HTTP: `/health` and `/`, with `Connection: close` once draining.
+//! Answering HTTP: `/health`, `/` and `/metrics`, with `Connection: close` once draining.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -40,20 +40,27 @@ pub(super) fn spawn_connection(stream: TcpStream, state: &Arc<State>) {
 fn respond(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
     let text = "text/plain; charset=utf-8";
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
-    let (status, content_type, body) = match req.uri().path() {
+    let path = req.uri().path();
+    let (status, content_type, body) = match path {
         "/health" if readable => health(state),
-        "/" if readable => (
+        "/" if readable => root(state),
+        "/metrics" if readable => (
             StatusCode::OK,
-            text,
-            format!("demo-service {} (pid {})\n", state.version, state.pid),
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(state),
         ),
-        "/" | "/health" => (
+        "/" | "/health" | "/metrics" => (
             StatusCode::METHOD_NOT_ALLOWED,
             text,
             "method not allowed\n".into(),
         ),
         _ => (StatusCode::NOT_FOUND, text, "not found\n".into()),
     };
+    // The scrapes themselves would only dilute what the metrics say about the service.
+    if path != "/metrics" {
+        let mut counts = state.responses.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.entry(status.as_u16()).or_default() += 1;
+    }
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -65,6 +72,54 @@ fn respond(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// `/`: a line naming the version and pid, or, for the requests an `error_percent` release
+/// fails on purpose, a 500.
+fn root(state: &State) -> (StatusCode, &'static str, String) {
+    let text = "text/plain; charset=utf-8";
+    let n = state.root_requests.fetch_add(1, Ordering::Relaxed) + 1;
+    if fails(n, state.error_percent) {
+        let body = format!(
+            "demo-service {} (pid {}): injected error (error_percent = {} in its release.toml)\n",
+            state.version, state.pid, state.error_percent
+        );
+        return (StatusCode::INTERNAL_SERVER_ERROR, text, body);
+    }
+    (
+        StatusCode::OK,
+        text,
+        format!("demo-service {} (pid {})\n", state.version, state.pid),
+    )
+}
+
+/// Whether request number `n` (from 1) is one of the `percent` in 100 that fail: the n-th
+/// request fails when it completes another whole failure's share (every 10th for 10%).
+fn fails(n: u64, percent: u32) -> bool {
+    let p = u64::from(percent.min(100));
+    n * p / 100 > (n - 1) * p / 100
+}
+
+/// `/metrics` in Prometheus' text format: responses by status code, labelled with the version
+/// (so a query can look at one release). Each process counts its own, from 0: `rate()` and
+/// `increase()` take a restart (a handover) in their stride.
+fn metrics(state: &State) -> String {
+    let counts = state
+        .responses
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut out = String::from(
+        "# HELP http_requests_total HTTP requests answered, by status code.\n\
+         # TYPE http_requests_total counter\n",
+    );
+    for (code, n) in counts {
+        out.push_str(&format!(
+            "http_requests_total{{code=\"{code}\",version=\"{}\"}} {n}\n",
+            state.version
+        ));
+    }
+    out
 }
 
 fn health(state: &State) -> (StatusCode, &'static str, String) {
@@ -88,5 +143,25 @@ fn health(state: &State) -> (StatusCode, &'static str, String) {
             state.pid
         );
         (StatusCode::OK, json, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fails;
+
+    #[test]
+    fn an_error_percentage_fails_exactly_that_share_evenly() {
+        let failing = |p| (1..=100).filter(|&n| fails(n, p)).collect::<Vec<u64>>();
+        assert_eq!(failing(10), [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+        assert!(failing(0).is_empty());
+        assert_eq!(failing(100).len(), 100);
+        assert_eq!(
+            failing(25),
+            [
+                4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 80, 84,
+                88, 92, 96, 100
+            ]
+        );
     }
 }
