@@ -481,6 +481,8 @@ pub fn header_for(
     fence: Option<pb::Fence>,
 ) -> pb::PackageHeader {
     pb::PackageHeader {
+        chunks: Vec::new(),
+        sent: Vec::new(),
         name: name.into(),
         version: version.into(),
         sha256: sha256_hex(data),

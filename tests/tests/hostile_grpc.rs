@@ -944,6 +944,8 @@ async fn agent_push_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         };
         let data = random_bytes(rng, len);
         let honest = apb::PackageHeader {
+            chunks: Vec::new(),
+            sent: Vec::new(),
             signature: Default::default(),
             name: "hostile".into(),
             version: format!("9.9.{}", rng.u32(..1000)),
@@ -1020,6 +1022,8 @@ async fn agent_push_abandoned(root: &Path, addr: &str) {
     let data = vec![7u8; 100_000];
     let first = apb::PackageChunk {
         header: Some(apb::PackageHeader {
+            chunks: Vec::new(),
+            sent: Vec::new(),
             signature: Default::default(),
             name: "abandoned".into(),
             version: "1.0.0".into(),
@@ -1081,6 +1085,8 @@ async fn agent_huge(w: &mut Wire) {
                 vec![
                     apb::PackageChunk {
                         header: Some(apb::PackageHeader {
+                            chunks: Vec::new(),
+                            sent: Vec::new(),
                             signature: Default::default(),
                             name: "x".repeat(size),
                             version: "1.0.0".into(),
@@ -1102,6 +1108,8 @@ async fn agent_huge(w: &mut Wire) {
                 vec![
                     apb::PackageChunk {
                         header: Some(apb::PackageHeader {
+                            chunks: Vec::new(),
+                            sent: Vec::new(),
                             signature: Default::default(),
                             name: "big".into(),
                             version: "1.0.0".into(),
@@ -1165,6 +1173,8 @@ fn agent_survives_hostile_input() {
                 vec![
                     apb::PackageChunk {
                         header: Some(apb::PackageHeader {
+                            chunks: Vec::new(),
+                            sent: Vec::new(),
                             signature: Default::default(),
                             name: "junk".into(),
                             version: "1.0.0".into(),
@@ -1189,6 +1199,15 @@ fn agent_survives_hostile_input() {
         expected.insert(
             "releases/junk-1.0.0.zip.sha256".into(),
             format!("file {} {}", sidecar.len(), sha256_hex(sidecar.as_bytes())),
+        );
+        // The record that these bytes were verified as they arrived: the digest, then the
+        // file's identity (device, inode, size, times), which only the disk knows.
+        let evidence = agent.root.join("releases/junk-1.0.0.zip.verified");
+        let text = fs::read_to_string(&evidence).unwrap_or_default();
+        assert!(text.starts_with(&format!("{digest} ")), "{text:?}");
+        expected.insert(
+            "releases/junk-1.0.0.zip.verified".into(),
+            format!("file {} {}", text.len(), sha256_hex(text.as_bytes())),
         );
         base.disk = expected;
         let r = w
@@ -1280,6 +1299,8 @@ fn agent_audit_log_cannot_be_forged_through_wire_values() {
                     vec![
                         apb::PackageChunk {
                             header: Some(apb::PackageHeader {
+                                chunks: Vec::new(),
+                                sent: Vec::new(),
                                 name: forged.into(),
                                 version: "1.0.0".into(),
                                 sha256: "0".repeat(64),

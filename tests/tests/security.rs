@@ -45,6 +45,8 @@ const RPCS: &[(Svc, &str, &[Role])] = {
     &[
         (Svc::Agent, "NodeInfo", AGENT_READ),
         (Svc::Agent, "Versions", AGENT_READ),
+        // A read: which chunks of a package the node lacks.
+        (Svc::Agent, "MissingChunks", AGENT_READ),
         (Svc::Agent, "Health", AGENT_READ),
         (Svc::Agent, "PushPackage", AGENT_WRITE),
         (Svc::Agent, "Unpack", AGENT_WRITE),
@@ -232,6 +234,15 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
             match rpc {
                 "NodeInfo" => c.node_info(ag::NodeInfoRequest {}).await.map(drop),
                 "Versions" => c.versions(ag::VersionsRequest {}).await.map(drop),
+                // An invalid version: refused as a bad request once admitted.
+                "MissingChunks" => c
+                    .missing_chunks(ag::MissingChunksRequest {
+                        name: "app".into(),
+                        version: bad_version(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
                 "Health" => c
                     .health(ag::HealthRequest {
                         expect_version: String::new(),

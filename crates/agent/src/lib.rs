@@ -10,6 +10,7 @@
 //! `serve(config, listener, shutdown)` is the whole daemon, so tests run agents in-process.
 
 pub mod audit;
+pub mod delta;
 pub mod driver;
 pub mod emqx;
 pub mod error;

@@ -88,6 +88,18 @@ impl Header {
     }
 }
 
+/// Whether `path` holds a package with this digest (from its verification record when it has
+/// one, else hashed). Blocking.
+pub fn holds(path: &Path, sha256: &str) -> bool {
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    match orch_package::verified::recorded(path, &f) {
+        Some(d) => d == sha256,
+        None => sha256_file(path).is_ok_and(|(d, _)| d == sha256),
+    }
+}
+
 /// An upload in progress: an [`IncomingFile`] plus the sidecar digest written on success.
 pub struct Upload {
     header: Header,
@@ -123,7 +135,7 @@ impl Upload {
                 header.file_name()
             )));
         }
-        let file = IncomingFile::create(&dest, &header.sha256, header.size)?;
+        let file = IncomingFile::create(&dest, &header.sha256, header.size)?.record_verified();
         Ok(Some(Upload { header, dest, file }))
     }
 
@@ -188,14 +200,25 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn spawn(upload: Upload) -> Writer {
+    /// With an assembly (a delta push), the stream's bytes fill the chunks it sends and the
+    /// others are copied from the packages here.
+    pub fn spawn(upload: Upload, assembly: Option<crate::delta::Assembly>) -> Writer {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(WRITE_QUEUE);
         let task = tokio::task::spawn_blocking(move || {
             let mut upload = upload;
+            let mut assembly = assembly;
             loop {
                 match rx.blocking_recv() {
-                    Some(Chunk::Data(d)) => upload.write(&d)?,
-                    Some(Chunk::Finish) => return upload.finish(),
+                    Some(Chunk::Data(d)) => match assembly.as_mut() {
+                        Some(a) => a.feed(&mut upload, &d)?,
+                        None => upload.write(&d)?,
+                    },
+                    Some(Chunk::Finish) => {
+                        if let Some(a) = assembly.as_mut() {
+                            a.finish(&mut upload)?;
+                        }
+                        return upload.finish();
+                    }
                     // The request went away: `upload` is dropped, removing its temp file.
                     None => return Err(Error::Abandoned),
                 }

@@ -312,6 +312,8 @@ pub async fn push(
 ) -> Result<pb::PushReply, tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PackageChunk>(4);
     let header = pb::PackageHeader {
+        chunks: Vec::new(),
+        sent: Vec::new(),
         name: name.to_string(),
         version: version.to_string(),
         sha256: sha256.to_string(),

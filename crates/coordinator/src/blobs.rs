@@ -348,6 +348,7 @@ impl BlobStore {
                     out.deleted += 1;
                     out.bytes += meta.len();
                     let _ = std::fs::remove_file(signing::sig_path(&path));
+                    orch_package::chunks::forget(&path);
                 }
                 Err(e) => tracing::warn!(file = %path.display(), "package GC: cannot delete: {e}"),
             }

@@ -20,6 +20,8 @@ pub struct IncomingFile {
     sha256: String,
     size: u64,
     written: u64,
+    /// Record the verified digest beside the file ([`IncomingFile::record_verified`]).
+    record: bool,
 }
 
 impl IncomingFile {
@@ -44,7 +46,16 @@ impl IncomingFile {
             sha256: sha256.to_string(),
             size,
             written: 0,
+            record: false,
         })
+    }
+
+    /// Once in place, record the digest it was verified with beside it
+    /// ([`crate::verified`]), so that whoever unpacks it does not hash it again. For files
+    /// kept where their reader looks for the record (an agent's `releases/`).
+    pub fn record_verified(mut self) -> IncomingFile {
+        self.record = true;
+        self
     }
 
     fn refuse(&self, reason: String) -> Error {
@@ -63,8 +74,8 @@ impl IncomingFile {
         self.file.write_all(data).ctx("write", &self.tmp)
     }
 
-    /// Checks size and digest, fsyncs, renames into place and fsyncs the directory; records
-    /// the verified digest ([`crate::verified`]) so that unpacking does not hash it again.
+    /// Checks size and digest, fsyncs, renames into place and fsyncs the directory; with
+    /// [`IncomingFile::record_verified`], records the digest beside it.
     pub fn finish(mut self) -> Result<PathBuf> {
         if self.written != self.size {
             return Err(self.refuse(format!(
@@ -85,7 +96,9 @@ impl IncomingFile {
         fsync_dir(dir)?;
         // After the rename (which changes the file's change time). Only an optimisation: a
         // file without evidence is hashed again where it is used.
-        let _ = crate::verified::record(&self.dest, &self.file, &digest);
+        if self.record {
+            let _ = crate::verified::record(&self.dest, &self.file, &digest);
+        }
         Ok(self.dest.clone())
     }
 }

@@ -3,6 +3,7 @@
 //! release store or its states; the coordinator links this crate and not the store.
 //!
 //! - [`manifest`]: the `release.toml` at a package's root and the `<name>-<x.y.z>.zip` file name;
+//! - [`chunks`]: content-defined chunks of package files, so staging sends only missing bytes;
 //! - [`digest`]: SHA-256 digests of package files and their `<file>.sha256` sidecars;
 //! - [`signing`]: detached Ed25519 signatures (`<file>.sig`) and the keys that vouch for packages;
 //! - [`incoming`]: a file arriving over the network, checked against its announced size and
@@ -12,6 +13,7 @@
 //!
 //! Synchronous and blocking on purpose: async callers run it through `spawn_blocking`.
 
+pub mod chunks;
 pub mod digest;
 pub mod error;
 pub mod fsutil;

@@ -25,7 +25,7 @@ pub fn sidecar_path(file: &Path) -> PathBuf {
 }
 
 /// The identity of an open file, as the sidecar stores it.
-fn identity(file: &File) -> Option<String> {
+pub(crate) fn identity(file: &File) -> Option<String> {
     let m = file.metadata().ok()?;
     Some(format!(
         "{} {} {} {}.{:09} {}.{:09}",

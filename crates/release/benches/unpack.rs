@@ -75,7 +75,9 @@ fn main() {
             let store = Store::open(StoreConfig::new(dest)).unwrap();
             let zip = dest.join("releases").join("bench-1.0.0.zip");
             let mut incoming =
-                orch_package::IncomingFile::create(&zip, &digest, bytes.len() as u64).unwrap();
+                orch_package::IncomingFile::create(&zip, &digest, bytes.len() as u64)
+                    .unwrap()
+                    .record_verified();
             for chunk in bytes.chunks(64 << 10) {
                 incoming.write(chunk).unwrap();
             }

@@ -27,7 +27,9 @@ fn receive(work: &std::path::Path, dir: &std::path::Path) -> (std::path::PathBuf
     let (digest, _) = package::sha256_file(&built).unwrap();
     fs::create_dir_all(dir).unwrap();
     let dest = dir.join("emqx-1.0.0.zip");
-    let mut incoming = IncomingFile::create(&dest, &digest, bytes.len() as u64).unwrap();
+    let mut incoming = IncomingFile::create(&dest, &digest, bytes.len() as u64)
+        .unwrap()
+        .record_verified();
     for chunk in bytes.chunks(4096) {
         incoming.write(chunk).unwrap();
     }

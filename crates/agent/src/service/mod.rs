@@ -104,6 +104,35 @@ impl Agent for AgentService {
         self.push(req).await
     }
 
+    async fn missing_chunks(
+        &self,
+        req: Request<pb::MissingChunksRequest>,
+    ) -> Result<Response<pb::MissingChunksReply>, Status> {
+        self.shared.auth.require(&req, READ)?;
+        let r = req.into_inner();
+        let max = self.shared.max_package_bytes;
+        let header =
+            crate::push::Header::validate(&r.name, &r.version, &r.sha256, r.size, vec![], max)?;
+        let list = crate::delta::checked_list(&r.chunks, r.size)?;
+        let releases = self.shared.root.join("releases");
+        let reply = tokio::task::spawn_blocking(move || {
+            let file_name = header.file_name();
+            if crate::push::holds(&releases.join(&file_name), &header.sha256) {
+                return pb::MissingChunksReply {
+                    missing: vec![],
+                    already: true,
+                };
+            }
+            pb::MissingChunksReply {
+                missing: crate::delta::missing(&releases, &file_name, &list),
+                already: false,
+            }
+        })
+        .await
+        .map_err(joined)?;
+        Ok(Response::new(reply))
+    }
+
     async fn unpack(
         &self,
         req: Request<pb::UnpackRequest>,

@@ -41,6 +41,8 @@ impl AgentService {
         call.what = format!("push {}-{}.zip", wire(&h.name), wire(&h.version));
         call.fence = h.fence;
         call.force = h.force;
+        let delta = (!h.chunks.is_empty()).then(|| (h.chunks.clone(), h.sent.clone()));
+        let h_size = h.size;
         let mut header = self.parsed(
             &call,
             Header::validate(
@@ -83,7 +85,22 @@ impl AgentService {
                 message: format!("Package {file_name} is already on this node"),
             }));
         };
-        let writer = Writer::spawn(upload);
+        let assembly = match delta {
+            None => None,
+            Some((chunks, sent)) => {
+                let list = self.parsed(&call, crate::delta::checked_list(&chunks, h_size))?;
+                let (releases, name) = (self.shared.root.join("releases"), file_name.clone());
+                let planned = tokio::task::spawn_blocking(move || {
+                    crate::delta::Assembly::plan(&releases, &name, &list, &sent)
+                })
+                .await
+                .map_err(joined)
+                .and_then(|r| r);
+                Some(self.parsed(&call, planned)?)
+            }
+        };
+        let sent_bytes = assembly.as_ref().map(|a| a.sent_bytes());
+        let writer = Writer::spawn(upload, assembly);
         let mut writing = writer.write(first.data).await;
         while writing {
             match stream.next().await {
@@ -101,11 +118,17 @@ impl AgentService {
         // Also the error that stopped the writer early (more data than announced, a disk error).
         let finished = self.parsed(&call, writer.finish().await)?;
         self.shared.record(&call, &audit::ok(true));
-        tracing::info!(node = %self.shared.node_id, file = %finished.display(), "package received");
+        let message = match sent_bytes {
+            Some(n) => format!(
+                "Received package {file_name}: {n} of its {h_size} bytes sent, the rest copied from packages already here"
+            ),
+            None => format!("Received package {file_name}"),
+        };
+        tracing::info!(node = %self.shared.node_id, file = %finished.display(), "{message}");
         Ok(Response::new(pb::PushReply {
             path,
             already: false,
-            message: format!("Received package {file_name}"),
+            message,
         }))
     }
 }

@@ -27,6 +27,7 @@ use crate::state::Unresponsive;
 
 mod health;
 pub mod metric_gate;
+mod push;
 mod steps;
 
 pub use health::GateBoard;

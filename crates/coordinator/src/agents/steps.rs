@@ -12,7 +12,6 @@ use tonic::transport::Channel;
 
 use super::health::{Gate, health_gate, watched};
 use super::{ActionCtx, Budgets, COMMIT_BUDGET, CallError, Deadline, Reported, answered, retrying};
-use crate::blobs::{BlobStore, CHUNK};
 
 pub type Performed = Result<(ActionResult, Option<Reported>), CallError>;
 
@@ -245,12 +244,12 @@ async fn stage(
         let call = retrying(node, "push", why, &d, || {
             let mut c = c.clone();
             let fence = fence.clone();
-            async move { push(&mut c, cx.blobs, p, fence, &d).await }
+            async move { super::push::push(&mut c, cx.blobs, p, fence, &d).await }
         });
         match watched(cx, node, c, call).await {
-            Ok(reply) => {
+            Ok((reply, sent)) => {
                 if !reply.already {
-                    cx.metrics.package_pushed.inc_by(p.size);
+                    cx.metrics.package_pushed.inc_by(sent);
                 }
             }
             Err(CallError::Step(e)) => {
@@ -338,65 +337,4 @@ fn vreq(v: Version, fence: Option<pb::Fence>) -> pb::VersionRequest {
         fence,
         force: false,
     }
-}
-
-/// Streams the package from the content store to the agent. The agent may answer before the
-/// stream ends (it already holds the package): the reader then stops.
-async fn push(
-    c: &mut AgentClient<Channel>,
-    blobs: &BlobStore,
-    p: &orch_types::rollout::PackageRef,
-    fence: Option<pb::Fence>,
-    d: &Deadline,
-) -> Result<pb::PushReply, tonic::Status> {
-    use tokio::io::AsyncReadExt;
-    let path = blobs.path(&p.sha256)?;
-    let mut f = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| tonic::Status::not_found(format!("package bytes missing here: {e}")))?;
-    // The signature travels with the bytes: agents with trusted keys check it themselves.
-    let signature = blobs
-        .signature(&p.sha256)
-        .map_err(|e| tonic::Status::internal(e.to_string()))?
-        .unwrap_or_default();
-    let header = pb::PackageHeader {
-        name: p.name.clone(),
-        version: p.version.to_string(),
-        sha256: p.sha256.clone(),
-        size: p.size,
-        fence,
-        signature,
-        force: false,
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let reader = tokio::spawn(async move {
-        let mut header = Some(header);
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            let n = match f.read(&mut buf).await {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            if n == 0 && header.is_none() {
-                return;
-            }
-            buf.truncate(n);
-            if tx
-                .send(pb::PackageChunk {
-                    header: header.take(),
-                    data: buf,
-                })
-                .await
-                .is_err()
-                || n == 0
-            {
-                return;
-            }
-        }
-    });
-    let r = c
-        .push_package(d.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
-        .await;
-    reader.abort();
-    Ok(r?.into_inner())
 }

@@ -1,0 +1,387 @@
+//! Delta pushes: a package arrives as the chunks this node lacks, the rest copied from the
+//! packages it already holds (`ROOT/releases/*.zip`, cut into content-defined chunks by
+//! [`orch_package::chunks`]). The reassembled file goes through the same [`IncomingFile`] as a
+//! full push: hashed as it is written, checked against the header's size and sha256, signature
+//! checked before a byte is written. A chunk list that lies, or a local package that changed,
+//! therefore ends in a refused push, never in a wrong file.
+//!
+//! [`IncomingFile`]: orch_package::IncomingFile
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use orch_package::chunks::{self, MAX_CHUNK};
+use orch_proto::agent as pb;
+use orch_types::parse_package_file_name;
+
+use crate::error::{Error, Result};
+use crate::push::Upload;
+
+/// Where this node holds a chunk: a package file, offset and length.
+type Located = (PathBuf, u64, u32);
+
+/// Every chunk of every package in `releases` but `except` (the file being pushed), by digest.
+/// Blocking: a package without a valid chunk cache is read once and cut.
+pub fn local_chunks(releases: &Path, except: &str) -> HashMap<[u8; 32], Located> {
+    let mut out = HashMap::new();
+    let Ok(rd) = std::fs::read_dir(releases) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == except || parse_package_file_name(&name).is_none() || !e.path().is_file() {
+            continue;
+        }
+        // A package that cannot be read is simply not a source.
+        let Ok(list) = chunks::of_file(&e.path()) else {
+            continue;
+        };
+        for c in list {
+            out.entry(c.sha256)
+                .or_insert_with(|| (e.path(), c.offset, c.len));
+        }
+    }
+    out
+}
+
+/// The header's chunk list, checked: every size within bounds, 32-byte digests, the sizes adding
+/// up to the package's size.
+pub fn checked_list(chunks: &[pb::ChunkRef], size: u64) -> Result<Vec<(u32, [u8; 32])>> {
+    let bad = |why: String| Error::BadRequest(format!("push refused: the chunk list {why}"));
+    if chunks.len() as u64 > size / 1024 + 1 {
+        return Err(bad(format!(
+            "has {} entries for {size} bytes",
+            chunks.len()
+        )));
+    }
+    let mut total = 0u64;
+    let mut out = Vec::with_capacity(chunks.len());
+    for (i, c) in chunks.iter().enumerate() {
+        let digest: [u8; 32] = c.sha256.as_slice().try_into().map_err(|_| {
+            bad(format!(
+                "names chunk {i} by {} bytes, not 32",
+                c.sha256.len()
+            ))
+        })?;
+        if c.size == 0 || c.size as usize > MAX_CHUNK {
+            return Err(bad(format!("gives chunk {i} {} bytes", c.size)));
+        }
+        total += u64::from(c.size);
+        out.push((c.size, digest));
+    }
+    if total != size {
+        return Err(bad(format!("adds up to {total} bytes, not {size}")));
+    }
+    Ok(out)
+}
+
+/// `MissingChunks`: the indexes of the chunks no package here holds.
+pub fn missing(releases: &Path, file_name: &str, list: &[(u32, [u8; 32])]) -> Vec<u32> {
+    let local = local_chunks(releases, file_name);
+    (0..list.len() as u32)
+        .filter(|&i| !local.contains_key(&list[i as usize].1))
+        .collect()
+}
+
+/// One piece of the file being assembled.
+#[derive(Debug)]
+enum Piece {
+    /// This many bytes from the stream.
+    Sent(u64),
+    /// Copied from a package here.
+    Local(Located),
+}
+
+/// What a delta push writes, in order: the sent chunks from the stream, the others from the
+/// packages here. Refuses when a chunk that is not sent is nowhere here (it was when the sender
+/// asked, but a package went away since): the sender then pushes the whole file.
+pub struct Assembly {
+    pieces: Vec<Piece>,
+    next: usize,
+    files: HashMap<PathBuf, File>,
+}
+
+impl Assembly {
+    pub fn plan(
+        releases: &Path,
+        file_name: &str,
+        list: &[(u32, [u8; 32])],
+        sent: &[u32],
+    ) -> Result<Assembly> {
+        if sent.windows(2).any(|w| w[0] >= w[1]) || sent.iter().any(|&i| i as usize >= list.len()) {
+            return Err(Error::BadRequest(
+                "push refused: the sent chunk indexes are not ascending indexes of the list".into(),
+            ));
+        }
+        let local = if sent.len() < list.len() {
+            local_chunks(releases, file_name)
+        } else {
+            HashMap::new()
+        };
+        let mut pieces = Vec::with_capacity(list.len());
+        let mut sent = sent.iter().peekable();
+        for (i, (size, digest)) in list.iter().enumerate() {
+            if sent.peek().is_some_and(|&&s| s as usize == i) {
+                sent.next();
+                pieces.push(Piece::Sent(u64::from(*size)));
+                continue;
+            }
+            let at = local.get(digest).ok_or_else(|| {
+                Error::Refused(format!(
+                    "push refused: chunk {i} is not on this node (any more); push the whole package"
+                ))
+            })?;
+            pieces.push(Piece::Local(at.clone()));
+        }
+        Ok(Assembly {
+            pieces,
+            next: 0,
+            files: HashMap::new(),
+        })
+    }
+
+    /// How many bytes the stream carries.
+    pub fn sent_bytes(&self) -> u64 {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Sent(n) => *n,
+                Piece::Local(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Writes the local pieces that come next, up to the next sent one.
+    fn copy_locals(&mut self, upload: &mut Upload) -> Result<()> {
+        while let Some(Piece::Local((path, offset, len))) = self.pieces.get(self.next) {
+            if !self.files.contains_key(path) {
+                let f = File::open(path).map_err(|e| {
+                    Error::Refused(format!(
+                        "push refused: cannot read {} for its chunks ({e}); push the whole package",
+                        path.display()
+                    ))
+                })?;
+                self.files.insert(path.clone(), f);
+            }
+            let mut buf = vec![0u8; *len as usize];
+            if let Some(f) = self.files.get(path) {
+                f.read_exact_at(&mut buf, *offset).map_err(|e| {
+                    Error::Refused(format!(
+                        "push refused: cannot read a chunk of {} ({e}); push the whole package",
+                        path.display()
+                    ))
+                })?;
+            }
+            upload.write(&buf)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Feeds bytes from the stream: they fill the sent pieces in order, local pieces in between
+    /// are copied.
+    pub fn feed(&mut self, upload: &mut Upload, mut data: &[u8]) -> Result<()> {
+        loop {
+            self.copy_locals(upload)?;
+            if data.is_empty() {
+                return Ok(());
+            }
+            let Some(Piece::Sent(left)) = self.pieces.get_mut(self.next) else {
+                return Err(Error::BadRequest(
+                    "push refused: more bytes than the chunks to send; discarded".into(),
+                ));
+            };
+            let take = (*left).min(data.len() as u64) as usize;
+            upload.write(&data[..take])?;
+            *left -= take as u64;
+            data = &data[take..];
+            if *left == 0 {
+                self.next += 1;
+            }
+        }
+    }
+
+    /// The stream ended: the trailing local pieces; a sent piece still waiting for bytes is a
+    /// truncated stream (the upload's size check then refuses it).
+    pub fn finish(&mut self, upload: &mut Upload) -> Result<()> {
+        self.copy_locals(upload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::push::Header;
+
+    /// Incompressible bytes (xorshift), the same for the same seed.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    }
+
+    fn sha256_hex(b: &[u8]) -> String {
+        orch_package::digest::sha256_reader(&mut &b[..], Path::new("bytes"))
+            .unwrap()
+            .0
+    }
+
+    /// `releases/` holding app-1.0.0.zip (2 MiB of noise), and app-1.0.1's bytes: the same
+    /// with 100 bytes changed in the middle.
+    fn setup() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let releases = tmp.path().join("releases");
+        std::fs::create_dir_all(&releases).unwrap();
+        let old = noise(2 << 20, 1);
+        std::fs::write(releases.join("app-1.0.0.zip"), &old).unwrap();
+        let mut new = old.clone();
+        new[1 << 20..(1 << 20) + 100].copy_from_slice(&noise(100, 2));
+        (tmp, releases, new)
+    }
+
+    fn list_of(bytes: &[u8]) -> Vec<(u32, [u8; 32])> {
+        chunks::chunk_reader(bytes, Path::new("new"))
+            .unwrap()
+            .iter()
+            .map(|c| (c.len, c.sha256))
+            .collect()
+    }
+
+    fn upload(releases: &Path, bytes: &[u8]) -> Upload {
+        let h = Header::validate(
+            "app",
+            "1.0.1",
+            &sha256_hex(bytes),
+            bytes.len() as u64,
+            vec![],
+            1 << 30,
+        )
+        .unwrap();
+        Upload::start(releases, h).unwrap().unwrap()
+    }
+
+    /// Feeds the bytes of the `sent` chunks of `bytes`, in 1000-byte pieces.
+    fn feed_sent(
+        a: &mut Assembly,
+        u: &mut Upload,
+        bytes: &[u8],
+        list: &[(u32, [u8; 32])],
+        sent: &[u32],
+    ) {
+        let mut starts = Vec::new();
+        let mut at = 0usize;
+        for (len, _) in list {
+            starts.push(at);
+            at += *len as usize;
+        }
+        let mut stream = Vec::new();
+        for &i in sent {
+            let s = starts[i as usize];
+            stream.extend_from_slice(&bytes[s..s + list[i as usize].0 as usize]);
+        }
+        for piece in stream.chunks(1000) {
+            a.feed(u, piece).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_patched_package_is_rebuilt_from_the_chunks_sent_and_the_ones_here() {
+        let (_tmp, releases, new) = setup();
+        let list = list_of(&new);
+        let missing = missing(&releases, "app-1.0.1.zip", &list);
+        assert!(
+            !missing.is_empty() && missing.len() <= 2,
+            "{missing:?} of {}",
+            list.len()
+        );
+        let mut a = Assembly::plan(&releases, "app-1.0.1.zip", &list, &missing).unwrap();
+        assert!(a.sent_bytes() < new.len() as u64 / 4);
+        let mut u = upload(&releases, &new);
+        feed_sent(&mut a, &mut u, &new, &list, &missing);
+        a.finish(&mut u).unwrap();
+        let path = u.finish().unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), new);
+    }
+
+    #[test]
+    fn a_lying_chunk_list_or_a_short_stream_lands_nothing() {
+        let (_tmp, releases, new) = setup();
+        // The list says the changed chunk is one the node holds (the old one's digest): the
+        // assembled file is the old bytes, whose sha256 is not the announced one.
+        let mut lying = list_of(&new);
+        let old_list = list_of(&std::fs::read(releases.join("app-1.0.0.zip")).unwrap());
+        let known: std::collections::HashSet<_> = old_list.iter().map(|c| c.1).collect();
+        let changed = lying.iter().position(|c| !known.contains(&c.1)).unwrap();
+        lying[changed] = old_list[changed];
+        let mut a = Assembly::plan(&releases, "app-1.0.1.zip", &lying, &[]).unwrap();
+        let mut u = upload(&releases, &new);
+        // The sizes may not even add up to the announced size any more.
+        let r = a.finish(&mut u).map(|()| u.finish());
+        assert!(!matches!(r, Ok(Ok(_))), "a lying list was accepted");
+        assert!(!releases.join("app-1.0.1.zip").exists());
+
+        // An honest list, but the stream stops short.
+        let list = list_of(&new);
+        let sent: Vec<u32> = (0..list.len() as u32).collect();
+        let mut a = Assembly::plan(&releases, "app-1.0.1.zip", &list, &sent).unwrap();
+        let mut u = upload(&releases, &new);
+        a.feed(&mut u, &new[..new.len() / 2]).unwrap();
+        a.finish(&mut u).unwrap();
+        let e = u.finish().unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        assert!(!releases.join("app-1.0.1.zip").exists());
+    }
+
+    #[test]
+    fn bad_lists_are_refused_before_anything_is_written() {
+        let ok = pb::ChunkRef {
+            size: 10,
+            sha256: vec![0; 32],
+        };
+        assert!(checked_list(std::slice::from_ref(&ok), 10).is_ok());
+        let short = pb::ChunkRef {
+            sha256: vec![0; 31],
+            ..ok.clone()
+        };
+        for (list, size) in [
+            (vec![ok.clone()], 11),
+            (vec![short], 10),
+            (
+                vec![pb::ChunkRef {
+                    size: 0,
+                    ..ok.clone()
+                }],
+                0,
+            ),
+            (
+                vec![pb::ChunkRef {
+                    size: (MAX_CHUNK + 2) as u32,
+                    ..ok.clone()
+                }],
+                (MAX_CHUNK + 2) as u64,
+            ),
+        ] {
+            assert!(checked_list(&list, size).is_err(), "{list:?}");
+        }
+        let (_tmp, releases, new) = setup();
+        let list = list_of(&new);
+        // Not ascending, or out of range.
+        for sent in [vec![1, 0], vec![list.len() as u32]] {
+            assert!(Assembly::plan(&releases, "app-1.0.1.zip", &list, &sent).is_err());
+        }
+        // A chunk the node does not hold, not sent: refused, telling the sender what to do.
+        let e = Assembly::plan(&releases, "app-1.0.1.zip", &list, &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("push the whole package"), "{e}");
+    }
+}
