@@ -55,7 +55,10 @@ fn main() {
         FILES.div_ceil(step),
         changed_bytes as f64 / 1e6
     );
-    println!("machine: {} CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "machine: {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     let t = Instant::now();
     let chunks = orch_package::chunks::chunk_reader(&new_bytes[..], &new).unwrap();
@@ -92,7 +95,10 @@ fn main() {
     let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
     println!("\n| staging the patch on the node | bytes sent | best of 3 |");
     println!("|---|---:|---:|");
-    println!("| whole push (receive, hash, fsync, rename) | {size} | {:.2?} |", best(&whole));
+    println!(
+        "| whole push (receive, hash, fsync, rename) | {size} | {:.2?} |",
+        best(&whole)
+    );
     println!(
         "| delta push (chunks sent + copied from 1.0.0, hash, fsync, rename) | {sent} | {:.2?} |",
         best(&assembled)
@@ -110,7 +116,15 @@ fn receive(
     missing: &[u32],
 ) -> Duration {
     let t = Instant::now();
-    let h = Header::validate("bench", "1.0.1", digest, bytes.len() as u64, vec![], 1 << 40).unwrap();
+    let h = Header::validate(
+        "bench",
+        "1.0.1",
+        digest,
+        bytes.len() as u64,
+        vec![],
+        1 << 40,
+    )
+    .unwrap();
     let mut upload = Upload::start(dir, h).unwrap().unwrap();
     match as_delta {
         false => {
@@ -137,7 +151,10 @@ fn receive(
 }
 
 fn env_or(key: &str, default: u64) -> u64 {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// File sizes adding up to about `total` bytes of text: mostly small, some large.

@@ -24,20 +24,7 @@ impl AgentService {
         };
         self.check(&call, allowed)?;
         let mut stream = req.into_inner();
-        let first = match stream.next().await {
-            Some(Ok(c)) => c,
-            Some(Err(s)) => return Err(self.denied(&call, s)),
-            None => {
-                let e = Error::BadRequest("push refused: empty stream".into());
-                return Err(self.refused(&call, e));
-            }
-        };
-        let h = self.parsed(
-            &call,
-            first.header.ok_or_else(|| {
-                Error::BadRequest("push refused: the first chunk must carry the header".into())
-            }),
-        )?;
+        let (h, first_data) = self.first_chunk(&call, &mut stream).await?;
         call.what = format!("push {}-{}.zip", wire(&h.name), wire(&h.version));
         call.fence = h.fence;
         call.force = h.force;
@@ -87,21 +74,11 @@ impl AgentService {
         };
         let assembly = match delta {
             None => None,
-            Some((chunks, sent)) => {
-                let list = self.parsed(&call, crate::delta::checked_list(&chunks, h_size))?;
-                let (releases, name) = (self.shared.root.join("releases"), file_name.clone());
-                let planned = tokio::task::spawn_blocking(move || {
-                    crate::delta::Assembly::plan(&releases, &name, &list, &sent)
-                })
-                .await
-                .map_err(joined)
-                .and_then(|r| r);
-                Some(self.parsed(&call, planned)?)
-            }
+            Some(d) => Some(self.assembly(&call, d, h_size, &file_name).await?),
         };
         let sent_bytes = assembly.as_ref().map(|a| a.sent_bytes());
         let writer = Writer::spawn(upload, assembly);
-        let mut writing = writer.write(first.data).await;
+        let mut writing = writer.write(first_data).await;
         while writing {
             match stream.next().await {
                 None => break,
@@ -118,17 +95,65 @@ impl AgentService {
         // Also the error that stopped the writer early (more data than announced, a disk error).
         let finished = self.parsed(&call, writer.finish().await)?;
         self.shared.record(&call, &audit::ok(true));
-        let message = match sent_bytes {
-            Some(n) => format!(
-                "Received package {file_name}: {n} of its {h_size} bytes sent, the rest copied from packages already here"
-            ),
-            None => format!("Received package {file_name}"),
-        };
+        let message = received(&file_name, sent_bytes, h_size);
         tracing::info!(node = %self.shared.node_id, file = %finished.display(), "{message}");
         Ok(Response::new(pb::PushReply {
             path,
             already: false,
             message,
         }))
+    }
+
+    /// The stream's first message: its header, and the data it carries.
+    async fn first_chunk(
+        &self,
+        call: &Call,
+        stream: &mut Streaming<pb::PackageChunk>,
+    ) -> Result<(pb::PackageHeader, Vec<u8>), Status> {
+        let first = match stream.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(s)) => return Err(self.denied(call, s)),
+            None => {
+                let e = Error::BadRequest("push refused: empty stream".into());
+                return Err(self.refused(call, e));
+            }
+        };
+        let h = self.parsed(
+            call,
+            first.header.ok_or_else(|| {
+                Error::BadRequest("push refused: the first chunk must carry the header".into())
+            }),
+        )?;
+        Ok((h, first.data))
+    }
+
+    /// A delta push's assembly: the header's chunk list checked, every chunk not sent found in
+    /// the packages here.
+    async fn assembly(
+        &self,
+        call: &Call,
+        (chunks, sent): (Vec<pb::ChunkRef>, Vec<u32>),
+        size: u64,
+        file_name: &str,
+    ) -> Result<crate::delta::Assembly, Status> {
+        let list = self.parsed(call, crate::delta::checked_list(&chunks, size))?;
+        let (releases, name) = (self.shared.root.join("releases"), file_name.to_string());
+        let planned = tokio::task::spawn_blocking(move || {
+            crate::delta::Assembly::plan(&releases, &name, &list, &sent)
+        })
+        .await
+        .map_err(joined)
+        .and_then(|r| r);
+        self.parsed(call, planned)
+    }
+}
+
+/// What a finished push says (a delta push: how much of it was sent).
+fn received(file_name: &str, sent: Option<u64>, size: u64) -> String {
+    match sent {
+        Some(n) => format!(
+            "Received package {file_name}: {n} of its {size} bytes sent, the rest copied from packages already here"
+        ),
+        None => format!("Received package {file_name}"),
     }
 }
