@@ -32,7 +32,7 @@ mod steps;
 
 pub use health::GateBoard;
 
-pub use steps::{Performed, perform};
+pub use steps::{Performed, finish_gate, perform, probe_gate};
 
 /// How long a connection failure (agent restarting, port not open yet) is retried before the
 /// step is reported failed; never beyond the step's own deadline.

@@ -70,16 +70,56 @@ pub async fn perform(cx: &ActionCtx<'_>, action: &Action) -> Performed {
                 deadline: Duration::from_millis(*healthy_deadline_ms),
                 failure_threshold: *failure_threshold,
             };
-            match health_gate(cx, node, &c, gate).await {
-                ActionResult::Done => after_gate(cx, node, &c, *expect).await,
-                failed => Ok((failed, None)),
-            }
+            let probed = health_gate(cx, node, &c, gate).await;
+            finish_gate(cx, action, Ok((probed, None))).await
         }
         ActionKind::Prune { keep, protect } => prune(cx, node, &c, *keep, protect).await,
     }
 }
 
 type Client = AgentClient<Channel>;
+
+/// A health gate's probing alone: reads, changes nothing, so it may run before the gate is
+/// recorded as issued (the driver's early probes). [`finish_gate`] completes it once the gate
+/// is issued. `None` for an action that is not a health gate.
+pub async fn probe_gate(cx: &ActionCtx<'_>, action: &Action) -> Option<Performed> {
+    let ActionKind::HealthGate {
+        min_healthy_time_ms,
+        healthy_deadline_ms,
+        expect,
+        failure_threshold,
+    } = &action.kind
+    else {
+        return None;
+    };
+    let node = &action.node;
+    let c = match cx.pool.client(node.as_str(), cx.address) {
+        Ok(c) => c,
+        Err(e) => return Some(Err(CallError::Step(orch_types::error_chain(&e)))),
+    };
+    let gate = Gate {
+        expect: *expect,
+        min_healthy: Duration::from_millis(*min_healthy_time_ms),
+        deadline: Duration::from_millis(*healthy_deadline_ms),
+        failure_threshold: *failure_threshold,
+    };
+    Some(Ok((health_gate(cx, node, &c, gate).await, None)))
+}
+
+/// Completes a passed health gate, which must be issued by now: the agent's post-step (drain)
+/// hook ([`after_gate`]). Anything else is returned as it is.
+pub async fn finish_gate(cx: &ActionCtx<'_>, action: &Action, probed: Performed) -> Performed {
+    let (ActionKind::HealthGate { expect, .. }, Ok((ActionResult::Done, _))) =
+        (&action.kind, &probed)
+    else {
+        return probed;
+    };
+    let node = &action.node;
+    match cx.pool.client(node.as_str(), cx.address) {
+        Ok(c) => after_gate(cx, node, &c, *expect).await,
+        Err(e) => Err(CallError::Step(orch_types::error_chain(&e))),
+    }
+}
 
 /// What a step call is, for its deadline and for the error when the agent does not answer.
 struct Step {

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::TaskCx;
 use crate::Shared;
-use crate::agents::{ActionCtx, Performed, perform};
+use crate::agents::{ActionCtx, Performed, finish_gate, probe_gate};
 
 /// How long an install's result waits for its health gate's early probe before being recorded
 /// on its own: a gate decided within this window (min-healthy-time 0, a service healthy at once)
@@ -23,7 +23,8 @@ const COMBINE_WINDOW: Duration = Duration::from_millis(50);
 /// A health gate's probing, started as soon as the install (or downgrade) it follows succeeded,
 /// while that result is being committed. Probing reads and changes nothing, so it may start
 /// before the gate is recorded as issued; its outcome is used only if the committed log then
-/// issues exactly this gate (same seq, node and expectations), and recorded like any result.
+/// issues exactly this gate (same seq, node and expectations), and only then is the gate
+/// finished (the agent's post-step hook, which changes the node) and recorded like any result.
 /// This takes the probe off the critical path: one commit per node instead of commit + probe.
 pub(super) struct EarlyGate {
     pub action: Action,
@@ -96,11 +97,32 @@ pub(super) async fn start_gate_early(
             gates: &shared.gates,
             metric_gates,
         };
-        perform(&actx, &g).await
+        // A predicted gate is always a health gate.
+        probe_gate(&actx, &g).await.unwrap_or_else(|| {
+            Err(crate::agents::CallError::Step(
+                "an early probe of an action that is not a health gate".into(),
+            ))
+        })
     });
     match tokio::time::timeout(COMBINE_WINDOW, &mut handle).await {
-        // Decided at once (e.g. min-healthy-time 0): both results go in one entry.
-        Ok(Ok(Some(Ok((gate_result, _))))) => Some((gate, gate_result)),
+        // Decided at once (e.g. min-healthy-time 0): both results go in one entry, unless the
+        // rollout was paused meanwhile (then nothing may happen on the node before `resume`:
+        // the gate is performed once issued). The post-step hook runs first: it is part of
+        // the gate's result.
+        Ok(Ok(Some(Ok(probed)))) => {
+            let paused = cx.shared.read(|s| {
+                s.rollouts.get(&rollout).is_none_or(|r| {
+                    r.phase() == orch_types::rollout::Phase::Paused || r.is_finished()
+                })
+            });
+            if paused {
+                return None;
+            }
+            match finish_gate(actx, &gate, Ok(probed)).await {
+                Ok((gate_result, _)) => Some((gate, gate_result)),
+                Err(_) => None,
+            }
+        }
         // The probe itself failed to run: the gate is performed normally once issued.
         Ok(_) => None,
         Err(_) => {

@@ -198,7 +198,8 @@ async fn perform_or_take_early(
         Some(h) => {
             tracing::info!(%action, rollout = %rollout, "performing (probing since the install)");
             match h.await {
-                Ok(Some(p)) => p,
+                // Issued now: the gate may finish (the post-step hook).
+                Ok(Some(p)) => crate::agents::finish_gate(actx, action, p).await,
                 _ => perform(actx, action).await,
             }
         }
