@@ -129,7 +129,11 @@ mod tests {
             id: "r000001".into(),
             version: "4.2.1".into(),
             phase: "staging".into(),
-            nodes: vec![node("n1", "staging"), node("n2", "staging"), node("n3", "pending")],
+            nodes: vec![
+                node("n1", "staging"),
+                node("n2", "staging"),
+                node("n3", "pending"),
+            ],
             events: vec![event("created")],
             spec_json: r#"{"id":"r000001"}"#.into(),
             inputs_json: r#"[{"a":1}]"#.into(),
