@@ -249,9 +249,9 @@ fn bench_sizes(quick: bool) -> Vec<usize> {
         Ok(v) => v
             .split(',')
             .map(|n| {
-                n.trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("ORCH_BENCH_SIZES={v:?}: give node counts, e.g. 100,1000"))
+                n.trim().parse().unwrap_or_else(|_| {
+                    panic!("ORCH_BENCH_SIZES={v:?}: give node counts, e.g. 100,1000")
+                })
             })
             .collect(),
         Err(_) if quick => vec![10],
