@@ -20,6 +20,7 @@
 //!   coordinators): time from the kill to the next recorded rollout step, and to a new leader.
 //!
 //! `ORCH_BENCH_QUICK=1` runs a smaller version (for checking the benchmark itself).
+//! `ORCH_BENCH_SIZES=100,1000` sets the rollout sizes of the per-node section (default 10,100).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -114,10 +115,10 @@ fn main() {
     }
     println!();
 
-    let sizes: &[usize] = if quick { &[10] } else { &[10, 100] };
+    let sizes = bench_sizes(quick);
     let mut runs = Vec::new();
     for coords in [1usize, 3] {
-        for &n in sizes {
+        for &n in &sizes {
             eprintln!("running: {coords} coordinator(s), {n} nodes");
             runs.push(run_config(
                 &rt,
@@ -239,6 +240,23 @@ fn main() {
         ms(percentile(&fo.writes_end, 0.99)),
         fo.rollouts
     );
+}
+
+/// The rollout sizes of the per-node section: `ORCH_BENCH_SIZES` (comma-separated), else
+/// 10 and 100 (10 for a quick run).
+fn bench_sizes(quick: bool) -> Vec<usize> {
+    match std::env::var("ORCH_BENCH_SIZES") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| {
+                n.trim().parse().unwrap_or_else(|_| {
+                    panic!("ORCH_BENCH_SIZES={v:?}: give node counts, e.g. 100,1000")
+                })
+            })
+            .collect(),
+        Err(_) if quick => vec![10],
+        Err(_) => vec![10, 100],
+    }
 }
 
 fn ms(d: Duration) -> f64 {

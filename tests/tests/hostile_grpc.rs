@@ -1611,11 +1611,25 @@ async fn coord_typed_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         assert_refused(&format!("case {i}: StartRollout"), &r);
         let id = any_str(rng);
         let r = w
-            .unary(C_GET, cpb::RolloutRef { id: id.clone() }.encode_to_vec())
+            .unary(
+                C_GET,
+                cpb::RolloutRef {
+                    id: id.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
             .await;
         assert_refused(&format!("case {i}: GetRollout {id:?}"), &r);
         let r = w
-            .server_stream_first(C_WATCH, cpb::RolloutRef { id: id.clone() }.encode_to_vec())
+            .server_stream_first(
+                C_WATCH,
+                cpb::RolloutRef {
+                    id: id.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            )
             .await;
         assert_refused(&format!("case {i}: WatchRollout {id:?}"), &r);
         let cmd = if rng.bool() {
@@ -1694,6 +1708,7 @@ async fn coord_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             C_GET,
             cpb::RolloutRef {
                 id: "r000001".into(),
+                ..Default::default()
             }
             .encode_to_vec(),
         ),
@@ -1701,6 +1716,7 @@ async fn coord_raw_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
             C_WATCH,
             cpb::RolloutRef {
                 id: "r000001".into(),
+                ..Default::default()
             }
             .encode_to_vec(),
         ),
@@ -1881,7 +1897,14 @@ async fn coord_huge(w: &mut Wire) {
     // Refusals that quote a 20 KB field stay readable (a bounded quote, not a giant header).
     let big = "a".repeat(20_000);
     for (path, body) in [
-        (C_GET, cpb::RolloutRef { id: big.clone() }.encode_to_vec()),
+        (
+            C_GET,
+            cpb::RolloutRef {
+                id: big.clone(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
         (
             C_COMMAND,
             cpb::RolloutCommandRequest {

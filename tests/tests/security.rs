@@ -297,6 +297,7 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
             let mut c = ControlClient::new(ch);
             let unknown = || ct::RolloutRef {
                 id: "r999999".into(),
+                ..Default::default()
             };
             match rpc {
                 "GetRollout" => c.get_rollout(unknown()).await.map(drop),

@@ -417,7 +417,10 @@ impl Client {
     pub async fn rollout(&mut self, id: &str) -> Result<pb::RolloutStatus> {
         let id = id.to_string();
         self.call(|mut c| {
-            let req = pb::RolloutRef { id: id.clone() };
+            let req = pb::RolloutRef {
+                id: id.clone(),
+                ..Default::default()
+            };
             async move { c.get_rollout(req).await.map(|r| r.into_inner()) }
         })
         .await
@@ -539,7 +542,9 @@ impl Client {
     }
 
     /// Calls `on_status` with the rollout's status now and at every change, until it reaches a
-    /// terminal phase; re-subscribes (through any coordinator) when a stream breaks.
+    /// terminal phase; re-subscribes (through any coordinator) when a stream breaks. The stream
+    /// carries deltas after its first status (its cost stays flat however large the rollout);
+    /// they are merged here, so `on_status` always sees the full status.
     pub async fn follow(
         &mut self,
         id: &str,
@@ -551,13 +556,19 @@ impl Client {
             let id_s = id.to_string();
             let mut stream = self
                 .call(|mut c| {
-                    let req = pb::RolloutRef { id: id_s.clone() };
+                    let req = pb::RolloutRef {
+                        id: id_s.clone(),
+                        incremental: true,
+                    };
                     async move { c.watch_rollout(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
+            // A new stream starts with a full status, which replaces what an earlier one built.
+            let mut st = pb::RolloutStatus::default();
             loop {
                 match stream.next().await {
-                    Some(Ok(st)) => {
+                    Some(Ok(update)) => {
+                        st.merge_watch_update(update);
                         on_status(&st);
                         if is_terminal(&st.phase) {
                             return Ok(st);

@@ -5,14 +5,12 @@
 //! The service's methods are here; `read` decides whether a read may be answered and finds
 //! rollouts, `status` renders them, `start` builds a rollout's spec from a request, `plan` runs
 //! preflight without recording anything (dry runs, and refusing a rollout before it is
-//! recorded), `register` takes agent registrations.
+//! recorded), `register` takes agent registrations, `watch` streams a rollout's changes.
 
 use std::collections::BTreeSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
 use orch_proto::control::{self as pb, control_server::Control};
 use orch_rollout::{Event, LogEntry};
 use orch_tls::Role;
@@ -25,6 +23,7 @@ mod read;
 mod register;
 mod start;
 mod status;
+mod watch;
 
 pub use status::{status_of, status_of_archived};
 
@@ -317,64 +316,10 @@ impl Control for ControlService {
         Ok(at.answer(pb::ListRolloutsReply { rollouts }))
     }
 
-    type WatchRolloutStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
+    type WatchRolloutStream = watch::WatchStream;
 
     async fn watch_rollout(&self, req: Request<pb::RolloutRef>) -> Res<Self::WatchRolloutStream> {
-        self.check(&req, READ)?;
-        let at = self.read_gate(&req).await?;
-        let wanted = req.into_inner().id;
-        let first = match self.find(&wanted) {
-            Ok(st) => st,
-            // Archived (it finished long ago): its final status is all there is to watch.
-            Err(e) => match self.archived_status(&wanted).await? {
-                Some(st) => return Ok(at.answer(Box::pin(tokio_stream::once(Ok(st))))),
-                None => return Err(e),
-            },
-        };
-        let id = first.id.clone();
-        let me = self.clone();
-        let mut applied = self.shared.raft.applied();
-        // A health gate's progress changes no replicated state, yet the view counts it.
-        let mut gates = self.shared.gates.changes();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut last = first;
-            if tx.send(Ok(last.clone())).await.is_err() {
-                return;
-            }
-            loop {
-                // Archived meanwhile (it had finished): its last status, then the end.
-                if me.shared.read(|s| s.find_rollout(&id).is_none()) {
-                    if let Ok(Some(st)) = me.archived_status(&id).await
-                        && st != last
-                    {
-                        let _ = tx.send(Ok(st)).await;
-                    }
-                    return;
-                }
-                let done = me
-                    .shared
-                    .read(|s| s.find_rollout(&id).map(|r| r.is_finished()).unwrap_or(true));
-                if done && last.phase == me.find(&id).map(|s| s.phase).unwrap_or_default() {
-                    return;
-                }
-                tokio::select! {
-                    r = applied.changed() => if r.is_err() { return },
-                    r = gates.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = tx.closed() => return,
-                }
-                if let Ok(now) = me.find(&id)
-                    && now != last
-                {
-                    last = now;
-                    if tx.send(Ok(last.clone())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(at.answer(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        self.watch(req).await
     }
 
     async fn rollout_command(

@@ -171,7 +171,13 @@ async fn rollouts(svc: &ControlService, caller: &Caller, all: bool) -> ApiResult
 async fn rollout(svc: &ControlService, caller: &Caller, id: &str) -> ApiResult {
     let id = if id == "latest" { "" } else { id };
     let r = svc
-        .get_rollout(request(pb::RolloutRef { id: id.to_string() }, caller))
+        .get_rollout(request(
+            pb::RolloutRef {
+                id: id.to_string(),
+                ..Default::default()
+            },
+            caller,
+        ))
         .await?;
     Ok(status_json(r.get_ref()))
 }

@@ -2,6 +2,7 @@
 //! and domain types (prost types stay out of core logic).
 
 pub mod json;
+mod watch;
 
 pub mod agent {
     tonic::include_proto!("orchestrator.agent.v1");

@@ -12,28 +12,31 @@ use crate::state::ClusterState;
 /// A rollout's status for the control API; `with_events: false` (listings) copies nothing of
 /// its audit trail, which is most of its size.
 pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::RolloutStatus {
+    let replay = replay_data(r.spec(), r.inputs(), with_events);
+    pb::RolloutStatus {
+        nodes: r.nodes().map(|n| node_of(s, n)).collect(),
+        events: if with_events {
+            r.events().iter().map(audit_event).collect()
+        } else {
+            Vec::new()
+        },
+        policy: Some(policy_of(r.spec())),
+        spec_json: replay.spec_json,
+        inputs_json: replay.inputs_json,
+        ..head_of(s, r)
+    }
+}
+
+/// A rollout's scalars (no nodes, events, policy or replay data): what an incremental watch
+/// sends in full with every delta.
+pub(super) fn head_of(s: &ClusterState, r: &Rollout) -> pb::RolloutStatus {
+    let (min_healthy_ms, healthy_deadline_ms) = gate_of(r);
     pb::RolloutStatus {
         id: r.id().to_string(),
         version: r.spec().version.to_string(),
         phase: r.phase().to_string(),
         awaiting_promotion: r.awaiting_promotion(),
         error: r.error().unwrap_or_default().to_string(),
-        nodes: r
-            .nodes()
-            .map(|n| {
-                let mut p = node_progress(n);
-                if let Some(u) = s.nodes.get(&n.id).and_then(|rec| rec.unresponsive.as_ref()) {
-                    p.unresponsive_since_ms = u.since_ms;
-                    p.unresponsive_detail = u.detail.clone();
-                }
-                p
-            })
-            .collect(),
-        events: if with_events {
-            r.events().iter().map(audit_event).collect()
-        } else {
-            Vec::new()
-        },
         created_at_ms: r
             .id()
             .parse()
@@ -41,12 +44,29 @@ pub fn status_of(s: &ClusterState, r: &Rollout, with_events: bool) -> pb::Rollou
             .and_then(|id| s.created_at.get(&id).copied())
             .unwrap_or(0),
         requested_by: r.spec().requested_by.clone(),
-        min_healthy_ms: gate_of(r).0,
-        healthy_deadline_ms: gate_of(r).1,
+        min_healthy_ms,
+        healthy_deadline_ms,
         bake_ms: r.spec().bake_ms,
-        policy: Some(policy_of(r.spec())),
-        ..replay_data(r.spec(), r.inputs(), with_events)
+        ..Default::default()
     }
+}
+
+/// One node's entry, with what the registry knows of its agent (unresponsive); the gate fields
+/// are left to [`with_gates`].
+pub(super) fn node_of(s: &ClusterState, n: &orch_types::rollout::NodeProgress) -> pb::NodeProgress {
+    let mut p = node_progress(n);
+    if let Some(u) = unresponsive(s, &n.id) {
+        p.unresponsive_since_ms = u.since_ms;
+        p.unresponsive_detail = u.detail.clone();
+    }
+    p
+}
+
+pub(super) fn unresponsive<'a>(
+    s: &'a ClusterState,
+    id: &orch_types::NodeId,
+) -> Option<&'a crate::state::Unresponsive> {
+    s.nodes.get(id).and_then(|rec| rec.unresponsive.as_ref())
 }
 
 /// Adds what this coordinator's own health gates know (only the leader runs them): whether it
@@ -66,7 +86,11 @@ pub fn with_gates(mut st: pb::RolloutStatus, board: &GateBoard) -> pb::RolloutSt
 
 /// A status holding only what replays the rollout, as JSON (`spec_json`, `inputs_json`); the
 /// rest default. Nothing without events (listings).
-fn replay_data(spec: &RolloutSpec, inputs: &[Input], with_events: bool) -> pb::RolloutStatus {
+pub(super) fn replay_data(
+    spec: &RolloutSpec,
+    inputs: &[Input],
+    with_events: bool,
+) -> pb::RolloutStatus {
     if !with_events {
         return pb::RolloutStatus::default();
     }
@@ -133,7 +157,7 @@ fn node_progress(n: &orch_types::rollout::NodeProgress) -> pb::NodeProgress {
     }
 }
 
-fn audit_event(e: &orch_types::rollout::AuditEvent) -> pb::AuditEvent {
+pub(super) fn audit_event(e: &orch_types::rollout::AuditEvent) -> pb::AuditEvent {
     pb::AuditEvent {
         at_ms: e.at_ms,
         by: e.by.clone(),
