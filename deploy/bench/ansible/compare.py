@@ -14,8 +14,8 @@ each node a root directory with the demo service running release 4.2.1:
 Each tool upgrades its own fleet, so neither has to understand the other's bookkeeping (the
 store's state.json against the playbook's directories) and both always start a step from the
 same versions, the same files and the same running services. Then, R rounds (3 by default):
-a full package (the demo release plus ~20 MB of fresh incompressible filler, version 5.R.0)
-rolled out by both, then its patch (the same files with one small file changed, 5.R.1) rolled
+a full package (the demo release plus ~20 MB of fresh incompressible filler, version 4.2.R0)
+rolled out by both, then its patch (the same files with one small file changed, 4.2.R1) rolled
 out by both. The order alternates every round (orchestrator first in odd rounds, Ansible first
 in even ones) so that load on the machine falls on both alike. Each step is timed from the
 command's start to its exit; after it, every node's /health must report the new version.
@@ -202,8 +202,15 @@ def build_packages(a) -> list:
     for d in (pkgs, src):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    # The demo release directory: what `orchestrator demo package` zips.
-    run([str(a.bin), "demo", "package", BASE_VERSION, "--out", str(src)], "build the demo package")
+    # The demo release directory: what `orchestrator demo package` zips, around a stripped copy
+    # of the demo-service binary beside the orchestrator (a release build keeps debug info).
+    env = dict(os.environ)
+    service = a.bin.parent / "demo-service"
+    if service.is_file() and shutil.which("strip"):
+        env["ORCH_DEMO_SERVICE_BIN"] = str(src / "demo-service")
+        run(["strip", "-o", env["ORCH_DEMO_SERVICE_BIN"], str(service)], "strip demo-service")
+    run([str(a.bin), "demo", "package", BASE_VERSION, "--out", str(src)], "build the demo package",
+        env=env)
     template = src / "template"
     extract(src / f"{PACKAGE_NAME}-{BASE_VERSION}.zip", template)
     out = []
@@ -214,7 +221,8 @@ def build_packages(a) -> list:
         filler.mkdir()
         for i in range(a.filler_mb):
             (filler / f"blob-{i:03}.bin").write_bytes(os.urandom(1 << 20))
-        for kind, version, note in (("full", f"5.{r}.0", "full"), ("patch", f"5.{r}.1", "patched")):
+        # Hot upgrades stay within major.minor: 4.2.R0, then its patch 4.2.R1.
+        for kind, version, note in (("full", f"4.2.{r}0", "full"), ("patch", f"4.2.{r}1", "patched")):
             (d / "release.toml").write_text(f'name = "{PACKAGE_NAME}"\nversion = "{version}"\n')
             (d / "notes.txt").write_text(f"round {r}: {note} release {version}\n")
             run([str(a.bin), "package", "build", str(d), "--name", PACKAGE_NAME,
