@@ -157,13 +157,15 @@ def run(cmd, what, **kw):
     return r.stdout
 
 
-def timed(cmd, logf, env=None):
-    """Runs cmd in its own process group with output appended to logf; returns (exit, seconds).
-    On an interrupt the whole group is killed (ansible-playbook forks workers)."""
+def timed(cmd, logf, env=None, stdout=None):
+    """Runs cmd in its own process group with output appended to logf (stdout to `stdout` when
+    given); returns (exit, seconds). On an interrupt the whole group is killed (ansible-playbook
+    forks workers)."""
     logf.write(f"\n$ {' '.join(map(str, cmd))}\n")
     logf.flush()
     start = time.monotonic()
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout or logf,
+                         stderr=subprocess.STDOUT if stdout is None else logf,
                          env=env, start_new_session=True)
     try:
         rc = p.wait()
@@ -387,15 +389,53 @@ def tail(path: Path, n=20) -> str:
 # The comparison
 
 
-def orchestrator_step(a, demo: Demo, fleet: Fleet, version, pkg, logf) -> float:
+def orchestrator_step(a, demo: Demo, fleet: Fleet, version, pkg, logf):
+    """(seconds, phases): the rollout's wall time, and where it went (see `phases`)."""
     cmd = [str(a.bin), "rollout", version, "--package", str(pkg), "--min-healthy-time", "0s",
-           "--insecure", "--coordinator", demo.coordinators()]
-    rc, took = timed(cmd, logf)
+           "--insecure", "--coordinator", demo.coordinators(), "--json"]
+    out = Path(logf.name).parent / f"rollout-{version}.json"
+    started_ms = time.time() * 1000
+    with open(out, "w") as status_file:
+        rc, took = timed(cmd, logf, stdout=status_file)
     if rc != 0:
         raise Fail(f"orchestrator rollout {version} on {len(fleet.roots)} nodes exited {rc}: "
-                   f"see {logf.name}\n{tail(Path(logf.name))}")
+                   f"see {logf.name} and {out}\n{tail(Path(logf.name))}")
     check_fleet(fleet, version)
-    return took
+    try:
+        status = json.loads(out.read_text())
+    except ValueError:
+        status = {}
+    return took, phases(status, started_ms, started_ms + took * 1000)
+
+
+# Where a rollout's time goes, from the events of its final status (`rollout --json`): each
+# phase ends at the first event whose message contains the marker.
+PHASE_MARKERS = [("preflight", "preflight passed"), ("staging", "nodes staged"),
+                 ("upgrade", "upgraded and healthy"), ("finish", None)]
+
+
+def phases(status: dict, started_ms: float, ended_ms: float) -> dict:
+    """Seconds spent: upload (command start to the rollout's creation: reading, uploading and
+    storing the package on every coordinator), preflight, staging (push + unpack on every node),
+    upgrade (switch + health gate, node by node), finish (make permanent, prune) and exit (last
+    event to the command's exit). Empty when the status cannot be read."""
+    events = status.get("events") or []
+    created = status.get("created_at_ms")
+    if not events or not created:
+        return {}
+    out = {"upload": created - started_ms}
+    prev = created
+    for name, marker in PHASE_MARKERS:
+        if marker is None:
+            at = max(e["at_ms"] for e in events)
+        else:
+            at = next((e["at_ms"] for e in events if marker in e.get("message", "")), None)
+            if at is None:
+                return {}
+        out[name] = at - prev
+        prev = at
+    out["exit"] = ended_ms - prev
+    return {k: round(v / 1000, 3) for k, v in out.items()}
 
 
 def ansible_step(a, playbook: Path, inv: Path, fleet: Fleet, version, pkg, logf) -> float:
@@ -436,7 +476,7 @@ def run_size(a, n: int, packages, playbook: Path, results: list):
             took = {}
             for tool in order:
                 if tool == "orchestrator":
-                    took[tool] = orchestrator_step(a, demo, orch_fleet, version, pkg, olog)
+                    took[tool], split = orchestrator_step(a, demo, orch_fleet, version, pkg, olog)
                 else:
                     took[tool] = ansible_step(a, playbook, inv, ans_fleet, version, pkg, alog)
             history.append(version)
@@ -444,9 +484,12 @@ def run_size(a, n: int, packages, playbook: Path, results: list):
             ratio = took["ansible"] / took["orchestrator"]
             results.append({"nodes": n, "round": r, "kind": kind, "version": version,
                             "first": order[0], "orchestrator_s": round(took["orchestrator"], 3),
-                            "ansible_s": round(took["ansible"], 3), "ratio": round(ratio, 2)})
+                            "ansible_s": round(took["ansible"], 3), "ratio": round(ratio, 2),
+                            "orchestrator_phases_s": split})
             log(f"N={n:>2} round {r} {kind:<5} {version:<7} orchestrator {took['orchestrator']:7.2f} s"
                 f"   ansible {took['ansible']:7.2f} s   ratio {ratio:6.1f}x   ({order[0]} first)")
+            if split:
+                log("        orchestrator: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
         olog.close()
         alog.close()
     finally:
@@ -475,6 +518,17 @@ def summarize(results) -> str:
                 f"| {n} | {kind} | {len(rows)} | {statistics.median(r['orchestrator_s'] for r in rows):.2f} "
                 f"| {statistics.median(r['ansible_s'] for r in rows):.2f} | {min(ratios):.1f}x "
                 f"| {statistics.median(ratios):.1f}x | {max(ratios):.1f}x |")
+    lines += ["", "Where the orchestrator's time went (median seconds per phase):", "",
+              "| N | package | upload | preflight | staging | upgrade | finish | exit |",
+              "|---|---|---|---|---|---|---|---|"]
+    names = ["upload", "preflight", "staging", "upgrade", "finish", "exit"]
+    for n in sorted({r["nodes"] for r in results}):
+        for kind in ("full", "patch"):
+            rows = [r["orchestrator_phases_s"] for r in results
+                    if r["nodes"] == n and r["kind"] == kind and r["orchestrator_phases_s"]]
+            if rows:
+                cells = " | ".join(f"{statistics.median(p[k] for p in rows):.2f}" for k in names)
+                lines.append(f"| {n} | {kind} | {cells} |")
     return "\n".join(lines)
 
 
