@@ -545,7 +545,7 @@ def machine() -> dict:
                             capture_output=True, text=True).stdout.strip()
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "nproc": len(os.sched_getaffinity(0)), "cpu": model, "kernel": platform.release(),
-            "loadavg": os.getloadavg(), "commit": commit or "unknown"}
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "commit": commit or "unknown"}
 
 
 def main():
@@ -572,7 +572,7 @@ def main():
         for n in a.sizes:
             run_size(a, n, packages, playbook, results)
         table = summarize(results)
-        info["loadavg_end"] = os.getloadavg()
+        info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         log("\nRatio = ansible wall time / orchestrator wall time, per round:\n")
         log(table)
         (a.work / "results.json").write_text(json.dumps(
