@@ -327,7 +327,7 @@ class Demo:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                log(f"orchestrator demo did not stop within 30 s: killing its process group")
+                log("orchestrator demo did not stop within 30 s: killing its process group")
         kill_group(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.logf.close()
@@ -454,6 +454,7 @@ def ansible_step(a, playbook: Path, inv: Path, fleet: Fleet, version, pkg, logf)
 
 
 def run_size(a, n: int, packages, playbook: Path, results: list):
+    """Both fleets of n nodes, every package rolled out by both tools; stops them on every exit."""
     d = a.work / f"n{n}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -468,31 +469,23 @@ def run_size(a, n: int, packages, playbook: Path, results: list):
         ans_fleet = start_ansible_fleet(a, n, d / "ansible", base_zip, cleanup)
         check_fleet(ans_fleet, BASE_VERSION)
         inv = d / "ansible" / "inventory.yml"
-        olog = open(d / "orchestrator-rollouts.log", "w")
-        alog = open(d / "ansible-playbook.log", "w")
-        history = [BASE_VERSION]
-        for r, kind, version, pkg in packages:
-            order = ["orchestrator", "ansible"] if r % 2 == 1 else ["ansible", "orchestrator"]
-            took = {}
-            for tool in order:
-                if tool == "orchestrator":
-                    took[tool], split = orchestrator_step(a, demo, orch_fleet, version, pkg, olog)
-                else:
-                    took[tool] = ansible_step(a, playbook, inv, ans_fleet, version, pkg, alog)
-            history.append(version)
-            prune(ans_fleet, set(history[-3:]))
-            ratio = took["ansible"] / took["orchestrator"]
-            results.append({"nodes": n, "round": r, "kind": kind, "version": version,
-                            "first": order[0], "orchestrator_s": round(took["orchestrator"], 3),
-                            "ansible_s": round(took["ansible"], 3), "ratio": round(ratio, 2),
-                            "orchestrator_phases_s": split})
-            log(f"N={n:>2} round {r} {kind:<5} {version:<7} orchestrator {took['orchestrator']:7.2f} s"
-                f"   ansible {took['ansible']:7.2f} s   ratio {ratio:6.1f}x   ({order[0]} first)")
-            if split:
-                log("        orchestrator: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
-        olog.close()
-        alog.close()
+        with open(d / "orchestrator-rollouts.log", "w") as olog, \
+                open(d / "ansible-playbook.log", "w") as alog:
+            history = [BASE_VERSION]
+            for r, kind, version, pkg in packages:
+                order = ["orchestrator", "ansible"] if r % 2 == 1 else ["ansible", "orchestrator"]
+                took = {}
+                for tool in order:
+                    if tool == "orchestrator":
+                        took[tool], split = orchestrator_step(a, demo, orch_fleet, version, pkg, olog)
+                    else:
+                        took[tool] = ansible_step(a, playbook, inv, ans_fleet, version, pkg, alog)
+                history.append(version)
+                prune(ans_fleet, set(history[-3:]))
+                record(results, n, r, kind, version, order[0], took, split)
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the cleanup short.
+        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         for stop in reversed(cleanup):
             try:
                 stop()
@@ -501,8 +494,22 @@ def run_size(a, n: int, packages, playbook: Path, results: list):
         if not a.keep_nodes:
             for sub in ("orchestrator", "ansible"):
                 for e in (d / sub).glob("*"):
-                    if e.is_dir() and (e.name.startswith(("node", "coordinator"))):
+                    if e.is_dir() and e.name.startswith(("node", "coordinator")):
                         shutil.rmtree(e, ignore_errors=True)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def record(results, n, r, kind, version, first, took, split):
+    ratio = took["ansible"] / took["orchestrator"]
+    results.append({"nodes": n, "round": r, "kind": kind, "version": version, "first": first,
+                    "orchestrator_s": round(took["orchestrator"], 3),
+                    "ansible_s": round(took["ansible"], 3), "ratio": round(ratio, 2),
+                    "orchestrator_phases_s": split})
+    log(f"N={n:>2} round {r} {kind:<5} {version:<7} orchestrator {took['orchestrator']:7.2f} s"
+        f"   ansible {took['ansible']:7.2f} s   ratio {ratio:6.1f}x   ({first} first)")
+    if split:
+        log("        orchestrator: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
 
 
 def summarize(results) -> str:
