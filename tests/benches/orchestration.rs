@@ -21,7 +21,8 @@
 //!
 //! `ORCH_BENCH_QUICK=1` runs a smaller version (for checking the benchmark itself).
 //! `ORCH_BENCH_SIZES=10,100` sets the rollout sizes of the per-node section (default 10, 100 and
-//! 1,000: the 1,000-node rollouts take a few minutes).
+//! 1,000: the 1,000-node rollouts take a few minutes; `none`: skip that section).
+//! `ORCH_BENCH_FAILOVERS=N` sets the failover trials (default 10, the median of 10).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -197,7 +198,10 @@ fn main() {
     }
     println!();
 
-    let trials = if quick { 1 } else { 5 };
+    let trials = std::env::var("ORCH_BENCH_FAILOVERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 1 } else { 10 });
     eprintln!("running: failover, {trials} trial(s)");
     let fo = failover(
         &rt,
@@ -247,6 +251,8 @@ fn main() {
 /// 10, 100 and 1,000 (10 for a quick run).
 fn bench_sizes(quick: bool) -> Vec<usize> {
     match std::env::var("ORCH_BENCH_SIZES") {
+        // Only the failover section.
+        Ok(v) if v == "none" => Vec::new(),
         Ok(v) => v
             .split(',')
             .map(|n| {
