@@ -508,7 +508,7 @@ impl Store {
                 Plan::Apply(change) => change,
             };
             if let (Some(v), Some(p)) = (change.unpack, &pkg) {
-                self.unpack_dir(v, p)?;
+                self.unpack_dir(v, p, table.running())?;
                 // Recorded before any switch: if activation fails, the release stays unpacked
                 // and a retry need not extract it again.
                 let mut unpacked = table.clone();
@@ -583,8 +583,14 @@ impl Store {
             .to_string()
     }
 
-    /// Extracts into a temp dir, flushes it, and renames it to `releases/<v>`.
-    fn unpack_dir(&self, v: Version, p: &ResolvedPackage) -> Result<PackageInfo> {
+    /// Extracts into a temp dir, flushes it, and renames it to `releases/<v>`. Files it shares
+    /// with the running release (whose package is still here) are hard-linked from it.
+    fn unpack_dir(
+        &self,
+        v: Version,
+        p: &ResolvedPackage,
+        running: Option<Version>,
+    ) -> Result<PackageInfo> {
         let final_dir = self.releases.join(v.to_string());
         if final_dir.exists() {
             return Err(self.corrupt(format!(
@@ -602,12 +608,17 @@ impl Store {
         let tmp = self
             .releases
             .join(format!(".unpack-{v}-{}", unique_suffix()));
-        let info = package::extract(
+        let reuse = running.filter(|r| *r != v).and_then(|r| {
+            let zip = find_package_in(&self.releases, r).ok()?;
+            package::Reuse::of(&zip, &self.releases.join(r.to_string()))
+        });
+        let info = package::extract_reusing(
             &p.path,
             &tmp,
             verified.as_deref().or(p.sha256.as_deref()),
             Some(v),
             &self.cfg.limits,
+            reuse.as_ref(),
         )?;
         let done = (|| {
             syncfs(&tmp)?;

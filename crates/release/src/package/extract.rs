@@ -74,6 +74,67 @@ struct FileEntry {
     name: String,
     mode: u32,
     declared: u64,
+    /// The entry's CRC-32 and raw Unix mode, as the archive declares them (for [`Reuse`]).
+    crc32: u32,
+    unix_mode: Option<u32>,
+}
+
+/// Files of an installed release that a new release may share instead of inflating its own
+/// copy: a patch release repeats most of its predecessor's files byte for byte. An entry whose
+/// name, size, CRC-32 and mode equal the installed release's package entry, and whose file
+/// on disk still has that size and CRC-32, is hard-linked from the installed release. A link
+/// is a second name for the same bytes: uninstalling either release removes only its own name,
+/// so the other keeps its files. (Releases are not written to once unpacked; a release that
+/// rewrote its own files in place would change the other's too, which is why the bytes on disk
+/// are checked, not only the package's word.)
+#[derive(Debug, Default)]
+pub struct Reuse {
+    /// The installed release's directory.
+    pub dir: PathBuf,
+    /// Its package's entries: name -> (size, CRC-32, raw Unix mode).
+    pub entries: std::collections::HashMap<String, (u64, u32, Option<u32>)>,
+}
+
+impl Reuse {
+    /// The entries of the package `zip` (its central directory only), for the release unpacked
+    /// in `dir`. `None` when the package cannot be read.
+    pub fn of(zip: &Path, dir: &Path) -> Option<Reuse> {
+        let mut archive = zip::ZipArchive::new(File::open(zip).ok()?).ok()?;
+        let mut entries = std::collections::HashMap::new();
+        for i in 0..archive.len() {
+            let f = archive.by_index_raw(i).ok()?;
+            let name = f.name().ok()?.into_owned();
+            entries.insert(name, (f.size(), f.crc32(), f.unix_mode()));
+        }
+        Some(Reuse {
+            dir: dir.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// The installed file to link for `e`, if it holds exactly the entry's bytes.
+    fn source(&self, e: &FileEntry) -> Option<PathBuf> {
+        let &(size, crc, mode) = self.entries.get(&e.name)?;
+        if size != e.declared || crc != e.crc32 || mode != e.unix_mode {
+            return None;
+        }
+        let path = self.dir.join(&e.rel);
+        let meta = fs::symlink_metadata(&path).ok()?;
+        if !meta.is_file() || meta.len() != size {
+            return None;
+        }
+        let mut f = File::open(&path).ok()?;
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = f.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        (h.finalize() == crc).then_some(path)
+    }
 }
 
 fn extract_entry(
@@ -81,7 +142,13 @@ fn extract_entry(
     archive: &mut zip::ZipArchive<PosReader>,
     dest: &Path,
     e: &FileEntry,
+    reuse: Option<&Reuse>,
 ) -> Result<u64> {
+    if let Some(src) = reuse.and_then(|r| r.source(e))
+        && fs::hard_link(&src, dest.join(&e.rel)).is_ok()
+    {
+        return Ok(e.declared);
+    }
     let mut f = archive
         .by_index(e.index)
         .map_err(|err| bad(zip, format!("entry {:?} is unreadable ({err})", e.name)))?;
@@ -159,6 +226,20 @@ pub fn extract(
     expected_version: Option<Version>,
     limits: &Limits,
 ) -> Result<PackageInfo> {
+    extract_reusing(zip, dest, expected_sha256, expected_version, limits, None)
+}
+
+/// [`extract`], hard-linking the files it shares with an installed release ([`Reuse`]) instead
+/// of inflating them. The package's digest is checked as always; the manifest, the limits and
+/// every other entry are handled as by [`extract`].
+pub fn extract_reusing(
+    zip: &Path,
+    dest: &Path,
+    expected_sha256: Option<&str>,
+    expected_version: Option<Version>,
+    limits: &Limits,
+    reuse: Option<&Reuse>,
+) -> Result<PackageInfo> {
     let expected = expected_digest(zip, expected_sha256)?;
     let file = Arc::new(File::open(zip).ctx("open package", zip)?);
     let size = file.metadata().ctx("stat", zip)?.len();
@@ -179,7 +260,7 @@ pub fn extract(
     fs::create_dir(dest).ctx("create", dest)?;
     let result = (|| {
         let files = make_dirs(zip, &archive, dest)?;
-        let extracted = extract_files(zip, &archive, dest, files);
+        let extracted = extract_files(zip, &archive, dest, files, reuse);
         // The digest first: a mismatch explains a broken entry better than the entry's error.
         let sha256 = hasher.check(zip, expected.as_deref())?;
         let uncompressed_bytes = extracted?;
@@ -235,6 +316,8 @@ fn make_dirs(
                     name,
                     mode,
                     declared: f.size(),
+                    crc32: f.crc32(),
+                    unix_mode: f.unix_mode(),
                 });
             }
         }
@@ -250,6 +333,7 @@ fn extract_files(
     archive: &zip::ZipArchive<PosReader>,
     dest: &Path,
     files: Vec<FileEntry>,
+    reuse: Option<&Reuse>,
 ) -> Result<u64> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -267,7 +351,7 @@ fn extract_files(
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(e) = files.get(k) else { return };
-                    match extract_entry(zip, &mut archive, dest, e) {
+                    match extract_entry(zip, &mut archive, dest, e, reuse) {
                         Ok(n) => {
                             total.fetch_add(n, Ordering::Relaxed);
                         }

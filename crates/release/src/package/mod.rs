@@ -11,7 +11,7 @@ mod check;
 mod extract;
 
 pub use build::build;
-pub use extract::extract;
+pub use extract::{Reuse, extract, extract_reusing};
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
