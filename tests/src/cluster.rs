@@ -1099,3 +1099,19 @@ fn stripped_demo_service(dir: &Path) -> PathBuf {
         .is_ok_and(|s| s.success());
     if stripped { dst } else { src }
 }
+
+/// SIGCONTs a stopped process when dropped (also on panic), so a failing test leaves nothing
+/// frozen.
+pub struct Thaw(pub i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a pid the test stopped; at worst the process is gone (ESRCH).
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The phase of rollout `id` as the coordinators answer now ("" when none answers).
+pub fn rollout_phase(c: &Cluster, id: &str) -> String {
+    c.ctl_status(id).map(|s| s.phase).unwrap_or_default()
+}

@@ -5,20 +5,6 @@ use std::time::Duration;
 
 use orch_tests::cluster::*;
 
-/// SIGCONTs a stopped process when dropped, so a failing test leaves nothing frozen.
-struct Thaw(i32);
-
-impl Drop for Thaw {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with a pid this test stopped; at worst the process is gone (ESRCH).
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
-    }
-}
-
-fn phase(c: &Cluster, id: &str) -> String {
-    c.ctl_status(id).map(|s| s.phase).unwrap_or_default()
-}
-
 #[test]
 fn a_node_that_fails_during_the_bake_rolls_every_node_back() {
     let c = Cluster::start(ClusterOpts::demo(1, 3));
@@ -39,7 +25,7 @@ fn a_node_that_fails_during_the_bake_rolls_every_node_back() {
     ]);
     let id = started["id"].as_str().unwrap().to_string();
     c.wait_for(Duration::from_secs(60), "the bake", |c| {
-        phase(c, &id) == "baking"
+        rollout_phase(c, &id) == "baking"
     });
     // The bake gate is what the status shows while baking.
     let st = c.status_json(&id);
@@ -60,7 +46,7 @@ fn a_node_that_fails_during_the_bake_rolls_every_node_back() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let thaw = Thaw(pid);
     c.wait_for(Duration::from_secs(30), "the bake to fail", |c| {
-        phase(c, &id) != "baking"
+        rollout_phase(c, &id) != "baking"
     });
     drop(thaw);
     let end = c.wait_rollout(Duration::from_secs(90), "the rollback", |s| {

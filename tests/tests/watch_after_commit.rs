@@ -8,20 +8,6 @@ use std::time::Duration;
 
 use orch_tests::cluster::*;
 
-/// SIGCONTs a stopped process when dropped, so a failing test leaves nothing frozen.
-struct Thaw(i32);
-
-impl Drop for Thaw {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with a pid this test stopped; at worst the process is gone (ESRCH).
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
-    }
-}
-
-fn phase(c: &Cluster, id: &str) -> String {
-    c.ctl_status(id).map(|s| s.phase).unwrap_or_default()
-}
-
 #[test]
 fn a_failure_while_watching_after_the_commit_downgrades_every_node() {
     let c = Cluster::start(ClusterOpts::demo(1, 3));
@@ -42,7 +28,7 @@ fn a_failure_while_watching_after_the_commit_downgrades_every_node() {
     ]);
     let id = started["id"].as_str().unwrap().to_string();
     c.wait_for(Duration::from_secs(60), "the watch after the commit", |c| {
-        phase(c, &id) == "watching"
+        rollout_phase(c, &id) == "watching"
     });
     let st = c.status_json(&id);
     // Committed everywhere before the watch; the watch is the gate the status shows.
@@ -63,7 +49,7 @@ fn a_failure_while_watching_after_the_commit_downgrades_every_node() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let thaw = Thaw(pid);
     c.wait_for(Duration::from_secs(30), "the watch to fail", |c| {
-        phase(c, &id) != "watching"
+        rollout_phase(c, &id) != "watching"
     });
     drop(thaw);
     let end = c.wait_rollout(Duration::from_secs(120), "the rollback", |s| {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use orch_rollout::{Action, ActionKind, Command};
+use orch_rollout::Command;
 use orch_types::rollout::{NodeStep, OnFailure, Phase};
 
 /// Upgrades every node (install + gate, all `Done`) and stops when the phase leaves upgrading.
@@ -17,29 +17,6 @@ fn upgrade_all(h: &mut H) {
             h.done(x.seq);
         }
     }
-}
-
-fn gates(actions: &[Action]) -> Vec<(String, u64, u64, u32)> {
-    actions
-        .iter()
-        .map(|a| match &a.kind {
-            ActionKind::HealthGate {
-                min_healthy_time_ms,
-                healthy_deadline_ms,
-                expect,
-                failure_threshold,
-            } => {
-                assert_eq!(expect.to_string(), TARGET);
-                (
-                    a.node.to_string(),
-                    *min_healthy_time_ms,
-                    *healthy_deadline_ms,
-                    *failure_threshold,
-                )
-            }
-            other => panic!("expected a health gate, got {other}"),
-        })
-        .collect()
 }
 
 /// Regression (container chaos seed 12139822500439127983): a `--no-permanent` rollout ended

@@ -20,30 +20,6 @@ fn waves(s: &mut RolloutSpec, groups: &[(&str, &[&str])]) {
         .collect();
 }
 
-/// `(node, min healthy, deadline, failure threshold)` of each action, all health gates.
-fn gates(actions: &[Action]) -> Vec<(String, u64, u64, u32)> {
-    actions
-        .iter()
-        .map(|a| match &a.kind {
-            ActionKind::HealthGate {
-                min_healthy_time_ms,
-                healthy_deadline_ms,
-                expect,
-                failure_threshold,
-            } => {
-                assert_eq!(expect.to_string(), TARGET);
-                (
-                    a.node.to_string(),
-                    *min_healthy_time_ms,
-                    *healthy_deadline_ms,
-                    *failure_threshold,
-                )
-            }
-            other => panic!("expected a health gate, got {other}"),
-        })
-        .collect()
-}
-
 fn gate(node: &str, ms: u64) -> (String, u64, u64, u32) {
     (node.to_string(), ms, ms + 1_000, 1)
 }

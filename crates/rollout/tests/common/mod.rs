@@ -257,3 +257,28 @@ pub fn kinds(actions: &[Action]) -> Vec<(String, &'static str)> {
         .map(|a| (a.node.to_string(), a.kind.name()))
         .collect()
 }
+
+/// `(node, min healthy, deadline, failure threshold)` of each action, all health gates on
+/// [`TARGET`].
+pub fn gates(actions: &[Action]) -> Vec<(String, u64, u64, u32)> {
+    actions
+        .iter()
+        .map(|a| match &a.kind {
+            ActionKind::HealthGate {
+                min_healthy_time_ms,
+                healthy_deadline_ms,
+                expect,
+                failure_threshold,
+            } => {
+                assert_eq!(expect.to_string(), TARGET);
+                (
+                    a.node.to_string(),
+                    *min_healthy_time_ms,
+                    *healthy_deadline_ms,
+                    *failure_threshold,
+                )
+            }
+            other => panic!("expected a health gate, got {other}"),
+        })
+        .collect()
+}
