@@ -91,12 +91,18 @@ impl Header {
 /// Whether `path` holds a package with this digest (from its verification record when it has
 /// one, else hashed). Blocking.
 pub fn holds(path: &Path, sha256: &str) -> bool {
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    match orch_package::verified::recorded(path, &f) {
-        Some(d) => d == sha256,
-        None => sha256_file(path).is_ok_and(|(d, _)| d == sha256),
+    digest_of(path).is_ok_and(|d| d == sha256)
+}
+
+/// The digest of the package at `path`: from its verification record while the file is the
+/// one verified, else hashed. Blocking.
+fn digest_of(path: &Path) -> Result<String> {
+    let known = std::fs::File::open(path)
+        .ok()
+        .and_then(|f| orch_package::verified::recorded(path, &f));
+    match known {
+        Some(d) => Ok(d),
+        None => Ok(sha256_file(path)?.0),
     }
 }
 
@@ -114,13 +120,7 @@ impl Upload {
         let dest = releases.join(header.file_name());
         if dest.exists() {
             // Verified when it arrived and unchanged since: no need to hash it again.
-            let known = std::fs::File::open(&dest)
-                .ok()
-                .and_then(|f| orch_package::verified::recorded(&dest, &f));
-            let existing = match known {
-                Some(d) => d,
-                None => sha256_file(&dest)?.0,
-            };
+            let existing = digest_of(&dest)?;
             if existing == header.sha256 {
                 // The same bytes, perhaps newly signed (a rotation): keep the pushed signature.
                 if let Some(sig) = &header.signature

@@ -58,21 +58,11 @@ pub async fn perform(cx: &ActionCtx<'_>, action: &Action) -> Performed {
             )
             .await
         }
-        ActionKind::HealthGate {
-            min_healthy_time_ms,
-            healthy_deadline_ms,
-            expect,
-            failure_threshold,
-        } => {
-            let gate = Gate {
-                expect: *expect,
-                min_healthy: Duration::from_millis(*min_healthy_time_ms),
-                deadline: Duration::from_millis(*healthy_deadline_ms),
-                failure_threshold: *failure_threshold,
-            };
-            let probed = health_gate(cx, node, &c, gate).await;
-            finish_gate(cx, action, Ok((probed, None))).await
-        }
+        ActionKind::HealthGate { .. } => match probe_gate(cx, action).await {
+            Some(probed) => finish_gate(cx, action, probed).await,
+            // Not reached: the arm matched a health gate.
+            None => Ok((ActionResult::Done, None)),
+        },
         ActionKind::Prune { keep, protect } => prune(cx, node, &c, *keep, protect).await,
     }
 }
