@@ -11,6 +11,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod containers;
+pub mod fleet;
 pub mod http;
 pub mod pty;
 
@@ -483,6 +484,7 @@ pub fn header_for(
     pb::PackageHeader {
         chunks: Vec::new(),
         sent: Vec::new(),
+        peers: Vec::new(),
         name: name.into(),
         version: version.into(),
         sha256: sha256_hex(data),

@@ -946,6 +946,7 @@ async fn agent_push_batch(rng: &mut fastrand::Rng, w: &mut Wire, n: usize) {
         let honest = apb::PackageHeader {
             chunks: Vec::new(),
             sent: Vec::new(),
+            peers: Vec::new(),
             signature: Default::default(),
             name: "hostile".into(),
             version: format!("9.9.{}", rng.u32(..1000)),
@@ -1024,6 +1025,7 @@ async fn agent_push_abandoned(root: &Path, addr: &str) {
         header: Some(apb::PackageHeader {
             chunks: Vec::new(),
             sent: Vec::new(),
+            peers: Vec::new(),
             signature: Default::default(),
             name: "abandoned".into(),
             version: "1.0.0".into(),
@@ -1087,6 +1089,7 @@ async fn agent_huge(w: &mut Wire) {
                         header: Some(apb::PackageHeader {
                             chunks: Vec::new(),
                             sent: Vec::new(),
+                            peers: Vec::new(),
                             signature: Default::default(),
                             name: "x".repeat(size),
                             version: "1.0.0".into(),
@@ -1110,6 +1113,7 @@ async fn agent_huge(w: &mut Wire) {
                         header: Some(apb::PackageHeader {
                             chunks: Vec::new(),
                             sent: Vec::new(),
+                            peers: Vec::new(),
                             signature: Default::default(),
                             name: "big".into(),
                             version: "1.0.0".into(),
@@ -1175,6 +1179,7 @@ fn agent_survives_hostile_input() {
                         header: Some(apb::PackageHeader {
                             chunks: Vec::new(),
                             sent: Vec::new(),
+                            peers: Vec::new(),
                             signature: Default::default(),
                             name: "junk".into(),
                             version: "1.0.0".into(),
@@ -1301,6 +1306,7 @@ fn agent_audit_log_cannot_be_forged_through_wire_values() {
                             header: Some(apb::PackageHeader {
                                 chunks: Vec::new(),
                                 sent: Vec::new(),
+                                peers: Vec::new(),
                                 name: forged.into(),
                                 version: "1.0.0".into(),
                                 sha256: "0".repeat(64),

@@ -47,6 +47,8 @@ const RPCS: &[(Svc, &str, &[Role])] = {
         (Svc::Agent, "Versions", AGENT_READ),
         // A read: which chunks of a package the node lacks.
         (Svc::Agent, "MissingChunks", AGENT_READ),
+        // Peer relay: other agents (and coordinators) read chunks of staged packages.
+        (Svc::Agent, "FetchChunks", &[Agent, Coordinator]),
         (Svc::Agent, "Health", AGENT_READ),
         (Svc::Agent, "PushPackage", AGENT_WRITE),
         (Svc::Agent, "Unpack", AGENT_WRITE),
@@ -237,6 +239,15 @@ async fn call(ch: Channel, svc: Svc, rpc: &str) -> Result<(), Status> {
                 // An invalid version: refused as a bad request once admitted.
                 "MissingChunks" => c
                     .missing_chunks(ag::MissingChunksRequest {
+                        name: "app".into(),
+                        version: bad_version(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                // An invalid version: refused as a bad request once admitted.
+                "FetchChunks" => c
+                    .fetch_chunks(ag::FetchChunksRequest {
                         name: "app".into(),
                         version: bad_version(),
                         ..Default::default()

@@ -120,6 +120,30 @@ impl Assembly {
         } else {
             HashMap::new()
         };
+        Assembly::from_local(&local, list, sent)
+    }
+
+    /// A relayed push: every chunk no package here holds is fetched from peers and fed in
+    /// order as if the stream sent it. Returns the assembly and those indexes.
+    pub fn plan_relay(
+        releases: &Path,
+        file_name: &str,
+        list: &[(u32, [u8; 32])],
+    ) -> Result<(Assembly, Vec<u32>)> {
+        let local = local_chunks(releases, file_name);
+        let remote: Vec<u32> = (0..list.len() as u32)
+            .filter(|&i| !local.contains_key(&list[i as usize].1))
+            .collect();
+        let a = Assembly::from_local(&local, list, &remote)?;
+        Ok((a, remote))
+    }
+
+    /// `sent` (checked ascending and in range) come from the stream, the rest from `local`.
+    fn from_local(
+        local: &HashMap<[u8; 32], Located>,
+        list: &[(u32, [u8; 32])],
+        sent: &[u32],
+    ) -> Result<Assembly> {
         let mut pieces = Vec::with_capacity(list.len());
         let mut sent = sent.iter().peekable();
         for (i, (size, digest)) in list.iter().enumerate() {

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod push;
 pub mod reconcile;
 mod register;
+pub mod relay;
 mod service;
 
 use std::collections::BTreeMap;
@@ -305,6 +306,7 @@ fn open_node(
         activate_timeout: config.activate_timeout,
         changed: Arc::new(tokio::sync::Notify::new()),
         metrics: Arc::new(metrics::Metrics::new()),
+        peers: relay::Peers::new(config.security.clone()),
     });
     Ok((shared, agent_lock))
 }

@@ -56,6 +56,12 @@ pub struct Metrics {
     probe_duration: Histogram,
     fence_refusals: Family<Reason, Counter>,
     release: Family<Release, Gauge>,
+    relay: Family<Direction, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Direction {
+    direction: String,
 }
 
 fn step_histogram() -> Histogram {
@@ -75,6 +81,7 @@ impl Metrics {
             probe_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             fence_refusals: Family::default(),
             release: Family::default(),
+            relay: Family::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -115,6 +122,18 @@ impl Metrics {
             "The release this node runs (its version, and whether it is the permanent one); absent when none",
             m.release.clone(),
         );
+        r.register(
+            "relay_bytes",
+            "Package bytes moved by peer relay: fetched from other agents while staging, or served to them",
+            m.relay.clone(),
+        );
+        for direction in ["fetched", "served"] {
+            m.relay
+                .get_or_create(&Direction {
+                    direction: direction.into(),
+                })
+                .inc_by(0);
+        }
         for reason in FENCE_REFUSALS {
             m.fence_refusals
                 .get_or_create(&Reason {
@@ -147,6 +166,15 @@ impl Metrics {
                 .inc_by(0);
         }
         Metrics { registry: r, ..m }
+    }
+
+    /// Peer relay bytes, `direction` "fetched" or "served".
+    pub fn relayed(&self, direction: &str, bytes: u64) {
+        self.relay
+            .get_or_create(&Direction {
+                direction: direction.into(),
+            })
+            .inc_by(bytes);
     }
 
     pub fn registry(&self) -> &Registry {

@@ -54,6 +54,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         );
     }
     cfg.http_public_metrics = a.serve.http_public_metrics || f.http_public_metrics.unwrap_or(false);
+    cfg.peer_relay = !a.no_peer_relay && f.peer_relay.unwrap_or(true);
     if let Some(g) = a.gc_grace {
         cfg.gc_grace = g;
     }

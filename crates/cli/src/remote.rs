@@ -314,6 +314,7 @@ pub async fn push(
     let header = pb::PackageHeader {
         chunks: Vec::new(),
         sent: Vec::new(),
+        peers: Vec::new(),
         name: name.to_string(),
         version: version.to_string(),
         sha256: sha256.to_string(),

@@ -39,6 +39,9 @@ pub struct CoordinatorConfig {
     pub http_listen: Option<SocketAddr>,
     /// `--http-public-metrics`: `/metrics` and `/healthz` without a client certificate.
     pub http_public_metrics: bool,
+    /// Peer relay (on unless `--no-peer-relay`): nodes staging a package fetch its chunks from
+    /// nodes that already hold it. Off where agents cannot reach each other.
+    pub peer_relay: bool,
 }
 
 impl CoordinatorConfig {
@@ -59,6 +62,7 @@ impl CoordinatorConfig {
             gc_grace: retention::DEFAULT_GC_GRACE,
             http_listen: None,
             http_public_metrics: false,
+            peer_relay: true,
         }
     }
 
@@ -95,6 +99,8 @@ pub struct CoordinatorFileConfig {
     pub retain_rollouts: Option<usize>,
     pub http_listen: Option<String>,
     pub http_public_metrics: Option<bool>,
+    /// `peer-relay = false` is `--no-peer-relay`.
+    pub peer_relay: Option<bool>,
 }
 
 impl CoordinatorFileConfig {

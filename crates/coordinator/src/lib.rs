@@ -80,7 +80,7 @@ pub async fn serve(
         security: security.clone(),
         raft: raft.clone(),
         blobs: blobs.clone(),
-        agents: AgentPool::new(security.clone()),
+        agents: AgentPool::new(security.clone()).with_relay(config.peer_relay),
         history: history::History::new(history_path),
         metrics: Arc::new(metrics::Metrics::new()),
         gates: agents::GateBoard::default(),

@@ -24,6 +24,10 @@ pub(crate) use shared::{Call, Shared};
 /// (`orchestrator node --agent`); reading it is also open to viewers.
 const MUTATE: &[Role] = &[Role::Coordinator, Role::Operator];
 const READ: &[Role] = &[Role::Coordinator, Role::Operator, Role::Viewer];
+/// Peer relay: other agents fetch chunks of staged packages (coordinators may too).
+const RELAY: &[Role] = &[Role::Agent, Role::Coordinator];
+/// Chunks read ahead of a slow fetcher: bounded, so a peer that stops reading costs no memory.
+const RELAY_QUEUE: usize = 4;
 
 #[derive(Clone)]
 pub struct AgentService {
@@ -131,6 +135,50 @@ impl Agent for AgentService {
         .await
         .map_err(joined)?;
         Ok(Response::new(reply))
+    }
+
+    type FetchChunksStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ChunkData, Status>>;
+
+    async fn fetch_chunks(
+        &self,
+        req: Request<pb::FetchChunksRequest>,
+    ) -> Result<Response<Self::FetchChunksStream>, Status> {
+        self.shared.auth.require(&req, RELAY)?;
+        let r = req.into_inner();
+        let max = self.shared.max_package_bytes;
+        let header = crate::push::Header::validate(&r.name, &r.version, &r.sha256, 0, vec![], max)?;
+        let releases = self.shared.root.join("releases");
+        let indexes = r.indexes;
+        let (tx, rx) = tokio::sync::mpsc::channel(RELAY_QUEUE);
+        let source = {
+            let indexes = indexes.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::relay::Source::open(&releases, &header.file_name(), &header.sha256, &indexes)
+            })
+            .await
+            .map_err(joined)??
+        };
+        let metrics = self.shared.metrics.clone();
+        // Reads run on the blocking pool, one chunk ahead of the sender at most RELAY_QUEUE.
+        tokio::task::spawn_blocking(move || {
+            for index in indexes {
+                let msg = source
+                    .read(index)
+                    .map(|data| pb::ChunkData { index, data })
+                    .map_err(Status::from);
+                let failed = msg.is_err();
+                if let Ok(m) = &msg {
+                    metrics.relayed("served", m.data.len() as u64);
+                }
+                // The fetcher went away: stop reading.
+                if tx.blocking_send(msg).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn unpack(

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub changed: Arc<tokio::sync::Notify>,
     /// What `/metrics` serves (recorded here, in the service layer, as calls finish).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Channels to other agents, for peer relay.
+    pub peers: crate::relay::Peers,
 }
 
 impl Shared {

@@ -24,12 +24,17 @@ impl AgentService {
         };
         self.check(&call, allowed)?;
         let mut stream = req.into_inner();
-        let (h, first_data) = self.first_chunk(&call, &mut stream).await?;
+        let (mut h, first_data) = self.first_chunk(&call, &mut stream).await?;
         call.what = format!("push {}-{}.zip", wire(&h.name), wire(&h.version));
-        call.fence = h.fence;
+        let deadline_unix_ms = h.fence.as_ref().map_or(0, |f| f.deadline_unix_ms);
+        call.fence = h.fence.take();
         call.force = h.force;
         let delta = (!h.chunks.is_empty()).then(|| (h.chunks.clone(), h.sent.clone()));
         let h_size = h.size;
+        let peers = std::mem::take(&mut h.peers);
+        if !peers.is_empty() {
+            self.parsed(&call, relay_header(&h, &peers, &self.shared.node_id))?;
+        }
         let mut header = self.parsed(
             &call,
             Header::validate(
@@ -72,6 +77,20 @@ impl AgentService {
                 message: format!("Package {file_name} is already on this node"),
             }));
         };
+        if !peers.is_empty() {
+            let (chunks, _) = delta.unwrap_or_default();
+            let relayed = Relayed {
+                peers: &peers,
+                chunks,
+                size: h_size,
+                file_name: &file_name,
+                name: &h.name,
+                version: &h.version,
+                sha256: &h.sha256,
+                deadline_unix_ms,
+            };
+            return self.relayed(&call, upload, relayed).await;
+        }
         let assembly = match delta {
             None => None,
             Some(d) => Some(self.assembly(&call, d, h_size, &file_name).await?),
@@ -145,6 +164,85 @@ impl AgentService {
         .map_err(joined)
         .and_then(|r| r);
         self.parsed(call, planned)
+    }
+}
+
+/// A relayed push's header: a chunk list to fetch by, nothing sent, good peers.
+fn relay_header(h: &pb::PackageHeader, peers: &[pb::Peer], me: &str) -> crate::error::Result<()> {
+    if h.chunks.is_empty() || !h.sent.is_empty() {
+        return Err(Error::BadRequest(
+            "push refused: a relayed push carries the chunk list and sends no chunk itself".into(),
+        ));
+    }
+    crate::relay::checked_peers(peers, me)
+}
+
+/// What a relayed push needs once admitted.
+struct Relayed<'a> {
+    peers: &'a [pb::Peer],
+    chunks: Vec<pb::ChunkRef>,
+    size: u64,
+    file_name: &'a str,
+    name: &'a str,
+    version: &'a str,
+    sha256: &'a str,
+    deadline_unix_ms: u64,
+}
+
+impl AgentService {
+    /// A relayed push, admitted: the chunks not here are fetched from the peers, checked one by
+    /// one, and written in order between those copied from the packages here; then the whole
+    /// file is checked as for any push. The sender's stream carries nothing more.
+    async fn relayed(
+        &self,
+        call: &Call,
+        upload: Upload,
+        r: Relayed<'_>,
+    ) -> Result<Response<pb::PushReply>, Status> {
+        let list = self.parsed(call, crate::delta::checked_list(&r.chunks, r.size))?;
+        let (releases, name) = (self.shared.root.join("releases"), r.file_name.to_string());
+        let list2 = list.clone();
+        let planned = tokio::task::spawn_blocking(move || {
+            crate::delta::Assembly::plan_relay(&releases, &name, &list2)
+        })
+        .await
+        .map_err(joined)
+        .and_then(|r| r);
+        let (assembly, remote) = self.parsed(call, planned)?;
+        let writer = Writer::spawn(upload, Some(assembly));
+        let plan = crate::relay::Plan {
+            peers: r.peers,
+            name: r.name,
+            version: r.version,
+            sha256: r.sha256,
+            list: &list,
+            wanted: &remote,
+            deadline_unix_ms: r.deadline_unix_ms,
+        };
+        let fetched = crate::relay::fetch(&self.shared.peers, &plan, |d| writer.write(d)).await;
+        let fetched = match fetched {
+            Ok(n) => n,
+            Err(e) => {
+                writer.abort().await;
+                return Err(self.refused(call, e));
+            }
+        };
+        self.shared.metrics.relayed("fetched", fetched);
+        let finished = self.parsed(call, writer.finish().await)?;
+        self.shared.record(call, &audit::ok(true));
+        let from: Vec<&str> = r.peers.iter().map(|p| p.node_id.as_str()).collect();
+        let message = format!(
+            "Received package {}: {fetched} of its {} bytes relayed from peers ({}), the rest copied from packages already here",
+            r.file_name,
+            r.size,
+            from.join(", ")
+        );
+        tracing::info!(node = %self.shared.node_id, file = %finished.display(), "{message}");
+        Ok(Response::new(pb::PushReply {
+            path: format!("releases/{}", r.file_name),
+            already: false,
+            message,
+        }))
     }
 }
 

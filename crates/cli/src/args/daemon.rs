@@ -179,6 +179,11 @@ pub struct CoordinatorArgs {
     /// (tests shorten it).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, hide = true)]
     pub gc_grace: Option<Duration>,
+    /// Push every package to every node from the leader, instead of letting nodes that are
+    /// staging fetch its chunks from nodes that already hold it (peer relay, the default).
+    /// For networks where agents cannot reach each other's gRPC port.
+    #[arg(long)]
+    pub no_peer_relay: bool,
 }
 
 #[derive(Args, Debug)]

@@ -65,6 +65,8 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 pub struct AgentPool {
     security: Security,
     channels: Mutex<HashMap<(String, String), Channel>>,
+    /// Who holds which package, for peer relay (`None`: relay off, every push direct).
+    seeds: Option<push::Seeds>,
 }
 
 /// A node's registered address that cannot be dialed.
@@ -95,7 +97,14 @@ impl AgentPool {
         AgentPool {
             security,
             channels: Mutex::new(HashMap::new()),
+            seeds: Some(push::Seeds::default()),
         }
+    }
+
+    /// Peer relay on (the default) or off (`--no-peer-relay`).
+    pub fn with_relay(mut self, on: bool) -> AgentPool {
+        self.seeds = on.then(push::Seeds::default);
+        self
     }
 
     /// A client for node `node` at `addr`. Under mTLS the agent must present the certificate

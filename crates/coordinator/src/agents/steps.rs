@@ -274,7 +274,13 @@ async fn stage(
         let call = retrying(node, "push", why, &d, || {
             let mut c = c.clone();
             let fence = fence.clone();
-            async move { super::push::push(&mut c, cx.blobs, p, fence, &d).await }
+            let t = super::push::Target {
+                node: node.as_str(),
+                address: cx.address,
+            };
+            async move {
+                super::push::push(&mut c, cx.blobs, cx.pool.seeds.as_ref(), &t, p, fence, &d).await
+            }
         });
         match watched(cx, node, c, call).await {
             Ok((reply, sent)) => {
