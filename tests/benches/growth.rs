@@ -23,10 +23,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use orch_agent::AgentConfig;
 use orch_client::{Client, control as pb};
-use orch_release::{PackageSource, Store, StoreConfig};
 use orch_tests::cluster::{CoordProc, spawn_coordinators_with};
+use orch_tests::fleet::Fleet;
 use tokio::runtime::Runtime;
 
 const V0: &str = "4.2.0";
@@ -120,7 +119,7 @@ fn main() {
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     wait_leader(&rt, &addrs);
     let ids: Vec<String> = (1..=NODES).map(|i| format!("n{i:02}")).collect();
-    let agents = start_agents(&rt, agent_work.path(), &ids, &addrs, &pkg0);
+    let agents = Fleet::start(&rt, agent_work.path(), &ids, &addrs, Some(&pkg0));
     wait_registered(&rt, &addrs, NODES);
 
     println!(
@@ -130,7 +129,7 @@ fn main() {
     let started = Instant::now();
     for i in 1..=total {
         let (v, pkg) = if i % 2 == 1 { (V1, &pkg1) } else { (V0, &pkg0) };
-        let sha = upload(&rt, &addrs, pkg, v);
+        let sha = orch_tests::fleet::upload(&rt, &mut client(&addrs), pkg);
         let fin = rt.block_on(async {
             let mut c = client(&addrs);
             let mut req = pb::StartRolloutRequest {
@@ -304,28 +303,6 @@ fn build_package(work: &Path, out: &Path, v: &str) -> PathBuf {
         .0
 }
 
-fn upload(rt: &Runtime, addrs: &[String], pkg: &Path, v: &str) -> String {
-    let info = orch_release::package::verify(
-        pkg,
-        None,
-        Some(v.parse().unwrap()),
-        &orch_release::Limits::default(),
-    )
-    .unwrap();
-    rt.block_on(client(addrs).upload(
-        pkg,
-        pb::UploadHeader {
-            name: info.name.clone(),
-            version: info.version.to_string(),
-            sha256: info.sha256.clone(),
-            size: info.size,
-            signature: Vec::new(),
-        },
-    ))
-    .unwrap();
-    info.sha256
-}
-
 /// Waits until a leader is elected and every coordinator is a member.
 fn wait_leader(rt: &Runtime, addrs: &[String]) -> u64 {
     let start = Instant::now();
@@ -355,72 +332,5 @@ fn wait_registered(rt: &Runtime, addrs: &[String], n: usize) {
             "agents did not register"
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// In-process agents (as in the orchestration benchmark)
-
-struct Agents {
-    stop: tokio::sync::watch::Sender<bool>,
-    handles: Vec<tokio::task::JoinHandle<()>>,
-}
-
-fn start_agents(
-    rt: &Runtime,
-    dir: &Path,
-    ids: &[String],
-    coordinators: &[String],
-    pkg0: &Path,
-) -> Agents {
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let mut handles = Vec::new();
-    for id in ids {
-        let root = dir.join(id);
-        fs::create_dir_all(&root).unwrap();
-        let store = Store::open(StoreConfig::new(&root)).unwrap();
-        store
-            .install(
-                &PackageSource::File {
-                    path: pkg0.to_path_buf(),
-                    sha256: None,
-                },
-                true,
-            )
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let local = listener.local_addr().unwrap();
-        let mut cfg = AgentConfig::new(
-            id.parse().unwrap(),
-            root,
-            local,
-            orch_tls::Security::Insecure,
-        );
-        cfg.coordinators = coordinators.to_vec();
-        cfg.shutdown_grace = Duration::from_secs(2);
-        let mut rx = rx.clone();
-        let id = id.clone();
-        handles.push(rt.spawn(async move {
-            let shutdown = async move {
-                let _ = rx.changed().await;
-            };
-            if let Err(e) = orch_agent::serve(cfg, listener, shutdown).await {
-                eprintln!("agent {id}: {e}");
-            }
-        }));
-    }
-    Agents { stop, handles }
-}
-
-impl Agents {
-    fn stop(self, rt: &Runtime) {
-        let _ = self.stop.send(true);
-        rt.block_on(async {
-            for h in self.handles {
-                let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
-            }
-        });
     }
 }

@@ -115,12 +115,12 @@ fn run(
         .prefix("orch-relay-nodes-")
         .tempdir_in(agents_dir)
         .unwrap();
-    let fleet = Fleet::start(rt, roots.path(), n, &addrs, Some(pkg0));
+    let fleet = Fleet::start(rt, roots.path(), &Fleet::ids(n), &addrs, Some(pkg0));
     let mut client = Client::new(addrs.clone(), orch_tls::Security::Insecure);
     wait("all agents registered", || {
         rt.block_on(client.nodes(false)).is_ok_and(|v| v.len() >= n)
     });
-    let sha = upload(rt, &mut client, pkg1);
+    let sha = orch_tests::fleet::upload(rt, &mut client, pkg1);
     let before = pushed(&http);
     let start = Instant::now();
     let st = rt
@@ -204,23 +204,6 @@ fn wait_http(http: &str, body: &mut String) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn upload(rt: &Runtime, client: &mut Client, pkg: &Path) -> String {
-    let info =
-        orch_release::package::verify(pkg, None, None, &orch_release::Limits::default()).unwrap();
-    rt.block_on(client.upload(
-        pkg,
-        pb::UploadHeader {
-            name: info.name.clone(),
-            version: info.version.to_string(),
-            sha256: info.sha256.clone(),
-            size: info.size,
-            signature: Vec::new(),
-        },
-    ))
-    .unwrap();
-    info.sha256
 }
 
 /// A state-only release `app` `v` with `mb` MiB of random files.

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use orch_agent::AgentConfig;
+use orch_client::{Client, control as pb};
 use orch_release::{PackageSource, Store, StoreConfig};
 use tokio::runtime::Runtime;
 
@@ -40,12 +41,17 @@ pub fn node_root(root: &Path, installed: Option<&Path>) {
 }
 
 impl Fleet {
-    /// Starts `n` agents (`n1`..) under `dir/<id>`, plain text, registering with
-    /// `coordinators`, each with `installed` installed first.
+    /// `n1`, `n2`, ... `n<n>`.
+    pub fn ids(n: usize) -> Vec<String> {
+        (1..=n).map(|i| format!("n{i}")).collect()
+    }
+
+    /// Starts an agent per id under `dir/<id>`, plain text, registering with `coordinators`,
+    /// each with `installed` installed first.
     pub fn start(
         rt: &Runtime,
         dir: &Path,
-        n: usize,
+        ids: &[String],
         coordinators: &[String],
         installed: Option<&Path>,
     ) -> Fleet {
@@ -56,9 +62,8 @@ impl Fleet {
             ids: Vec::new(),
             addrs: Vec::new(),
         };
-        for i in 1..=n {
-            let id = format!("n{i}");
-            let root = dir.join(&id);
+        for id in ids {
+            let root = dir.join(id);
             node_root(&root, installed);
             let listener = rt
                 .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -82,7 +87,7 @@ impl Fleet {
                     eprintln!("agent {name}: {e}");
                 }
             }));
-            fleet.ids.push(id);
+            fleet.ids.push(id.clone());
             fleet.addrs.push(local.to_string());
         }
         fleet
@@ -97,4 +102,22 @@ impl Fleet {
             }
         });
     }
+}
+
+/// Uploads the package file `pkg` through `client`; returns its sha256.
+pub fn upload(rt: &Runtime, client: &mut Client, pkg: &Path) -> String {
+    let info =
+        orch_release::package::verify(pkg, None, None, &orch_release::Limits::default()).unwrap();
+    rt.block_on(client.upload(
+        pkg,
+        pb::UploadHeader {
+            name: info.name.clone(),
+            version: info.version.to_string(),
+            sha256: info.sha256.clone(),
+            size: info.size,
+            signature: Vec::new(),
+        },
+    ))
+    .unwrap();
+    info.sha256
 }
