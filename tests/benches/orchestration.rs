@@ -16,6 +16,8 @@
 //! - **Where the time of one upgraded node goes**, from the rollout's own event timestamps.
 //! - **Raft write latency**: sequential `RegisterNode` writes that change the registry (a
 //!   control RPC to the leader, committed through Raft and applied) — median and p99.
+//! - **Coordinator memory**: each coordinator's `VmHWM` and `VmRSS` (`/proc/PID/status`) after
+//!   each rollout, the leader first.
 //! - **Failover**: a rollout with the leader SIGKILLed in the middle of upgrading (3
 //!   coordinators): time from the kill to the next recorded rollout step, and to a new leader.
 //!
