@@ -16,6 +16,8 @@
 //! - **Where the time of one upgraded node goes**, from the rollout's own event timestamps.
 //! - **Raft write latency**: sequential `RegisterNode` writes that change the registry (a
 //!   control RPC to the leader, committed through Raft and applied) — median and p99.
+//! - **Coordinator memory**: each coordinator's `VmHWM` and `VmRSS` (`/proc/PID/status`) after
+//!   each rollout, the leader first.
 //! - **Failover**: a rollout with the leader SIGKILLed in the middle of upgrading (3
 //!   coordinators): time from the kill to the next recorded rollout step, and to a new leader.
 //!
@@ -193,6 +195,26 @@ fn main() {
                 w.len(),
                 ms(percentile(w, 0.5)),
                 ms(percentile(w, 0.99))
+            );
+        }
+    }
+    println!();
+    println!(
+        "## Coordinator memory after the rollout (/proc/PID/status; target at 1,000 nodes: <= 100 MB)\n"
+    );
+    println!(
+        "| coordinators | nodes | coordinator | VmHWM (MB) | VmRSS (MB) |\n|---|---|---|---|---|"
+    );
+    for r in &runs {
+        for m in &r.memory {
+            println!(
+                "| {} | {} | {} ({}) | {:.1} | {:.1} |",
+                r.coords,
+                r.nodes,
+                m.id,
+                m.role,
+                m.hwm_kib as f64 / 1024.0,
+                m.rss_kib as f64 / 1024.0
             );
         }
     }
@@ -473,6 +495,43 @@ struct Run {
     /// Raft writes before the rollout and after it (the state then holds its events).
     writes_before: Vec<Duration>,
     writes_after: Vec<Duration>,
+    /// Each coordinator's memory after the rollout, the leader first.
+    memory: Vec<Memory>,
+}
+
+/// A coordinator process's memory as `/proc/PID/status` gives it.
+struct Memory {
+    role: &'static str,
+    id: u64,
+    /// Peak resident set (VmHWM), KiB.
+    hwm_kib: u64,
+    /// Resident set now (VmRSS), KiB.
+    rss_kib: u64,
+}
+
+/// `VmHWM` and `VmRSS` of every running coordinator, the leader (`leader`) first.
+fn memory_of(procs: &[CoordProc], leader: u64) -> Vec<Memory> {
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut out: Vec<Memory> = procs
+        .iter()
+        .filter_map(|p| {
+            let status = fs::read_to_string(format!("/proc/{}/status", p.pid()?)).ok()?;
+            Some(Memory {
+                role: if p.id == leader { "leader" } else { "follower" },
+                id: p.id,
+                hwm_kib: field(&status, "VmHWM:"),
+                rss_kib: field(&status, "VmRSS:"),
+            })
+        })
+        .collect();
+    out.sort_by_key(|m| (m.role != "leader", m.id));
+    out
 }
 
 /// Sequential writes that change the registry (a node `writer` whose labels change each
@@ -675,6 +734,7 @@ fn run_config(
     let nf = n as f64;
 
     let writes_after = measure_writes(rt, &addrs, if quick { 50 } else { 300 });
+    let memory = memory_of(&procs, wait_leader(rt, &addrs));
 
     agents.stop(rt);
     drop(procs);
@@ -695,6 +755,7 @@ fn run_config(
         },
         writes_before,
         writes_after,
+        memory,
     }
 }
 

@@ -66,7 +66,13 @@ fn answer(kind: &ActionKind, b: u8) -> ActionResult {
 /// Runs a script against a fresh rollout; every byte picks the next event.
 fn run(spec: RolloutSpec, script: &[u8]) -> Rollout {
     let mut r = Rollout::new(spec).unwrap();
-    let mut term = 1u64;
+    drive(&mut r, script);
+    r
+}
+
+/// Applies a script to `r` (see [`run`]).
+fn drive(r: &mut Rollout, script: &[u8]) {
+    let mut term = 1u64 + r.driver_term();
     let mut t = 0u64;
     let mut bytes = script.iter().copied();
     while let Some(b) = bytes.next() {
@@ -113,7 +119,6 @@ fn run(spec: RolloutSpec, script: &[u8]) -> Rollout {
         };
         let _ = r.apply_in_term(&event, t, by, in_term);
     }
-    r
 }
 
 proptest! {
@@ -139,6 +144,28 @@ proptest! {
         prop_assert_eq!(from_json.status(), r.status());
         // Only inputs that changed something are kept: never more than were applied.
         prop_assert!(r.inputs().len() <= script.len());
+    }
+
+    /// A rollout read back from JSON (a snapshot, a restart: what it keeps only in memory,
+    /// such as where each node is, starts empty) goes on exactly as the original does.
+    #[test]
+    fn a_rollout_read_back_from_json_continues_the_same(
+        nodes in 1usize..6,
+        batch in 1u32..3,
+        canary in 0u32..3,
+        before in proptest::collection::vec(any::<u8>(), 0..200),
+        after in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let mut r = run(spec(nodes, batch, canary, OnFailure::Rollback), &before);
+        let json = serde_json::to_string(&r).unwrap();
+        let mut back: Rollout = serde_json::from_str(&json).unwrap();
+        prop_assert_eq!(&back, &r);
+        prop_assert_eq!(back.next_actions(), r.next_actions());
+        drive(&mut r, &after);
+        drive(&mut back, &after);
+        prop_assert_eq!(&back, &r);
+        prop_assert_eq!(back.status(), r.status());
+        prop_assert_eq!(back.next_actions(), r.next_actions());
     }
 }
 

@@ -4,6 +4,7 @@
 //! built) and taking the events and inputs beyond the counts sent. Clients that ask
 //! `incremental` get those deltas; others get full statuses, as before deltas existed.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -14,12 +15,22 @@ use orch_types::NodeId;
 use orch_types::rollout::NodeProgress;
 use tonic::{Request, Response, Status};
 
-use super::status::{audit_event, head_of, node_of, policy_of, unresponsive};
+use super::status::{audit_event, head_of, node_of, policy_of};
 use super::{ControlService, READ};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, Unresponsive};
 
 /// Where this coordinator's health gates stand for a node: `GateBoard::healthy_since`.
 pub(crate) type Gates<'a> = &'a dyn Fn(&NodeId) -> Option<u64>;
+
+/// This coordinator's health gates as a watch reads them: per node ([`Gates`]), and the gate
+/// board's change counter read before (`GateBoard::changes`; `None`: unknown). While the
+/// counter stays the same, every node's gate is where the last delta saw it, and a delta need
+/// not ask for each node again (a lock and a lookup per node, on every applied entry).
+#[derive(Clone, Copy)]
+pub(crate) struct Board<'a> {
+    pub gates: Gates<'a>,
+    pub rev: Option<u64>,
+}
 
 pub(super) type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
 
@@ -32,6 +43,8 @@ pub(crate) struct WatchCursor {
     inputs: usize,
     /// Per node, in the rollout's order: what its last sent entry was built from.
     nodes: Vec<SentNode>,
+    /// The gate board's change counter when `nodes` last read every node's gate.
+    board_rev: Option<u64>,
 }
 
 #[derive(PartialEq)]
@@ -47,10 +60,10 @@ impl WatchCursor {
     pub(crate) fn start(
         s: &ClusterState,
         r: &Rollout,
-        gates: Gates<'_>,
+        board: Board<'_>,
     ) -> (WatchCursor, pb::RolloutStatus) {
         let mut cursor = WatchCursor::default();
-        let mut st = cursor.delta(s, r, gates);
+        let mut st = cursor.delta(s, r, board);
         st.incremental = false;
         // Neither type can fail to serialize (plain data, string keys).
         st.spec_json = serde_json::to_string(r.spec()).unwrap_or_default();
@@ -66,7 +79,7 @@ impl WatchCursor {
         &mut self,
         s: &ClusterState,
         r: &Rollout,
-        gates: Gates<'_>,
+        board: Board<'_>,
     ) -> Option<pb::RolloutStatus> {
         // A trail shorter than what was sent is not the rollout this cursor followed: start over
         // with a full status.
@@ -74,12 +87,12 @@ impl WatchCursor {
             || r.inputs().len() < self.inputs
             || r.nodes().len() != self.nodes.len()
         {
-            let (cursor, st) = WatchCursor::start(s, r, gates);
+            let (cursor, st) = WatchCursor::start(s, r, board);
             *self = cursor;
             return Some(st);
         }
         let before = std::mem::take(&mut self.head);
-        let delta = self.delta(s, r, gates);
+        let delta = self.delta(s, r, board);
         let changed = self.head != before
             || !delta.nodes.is_empty()
             || !delta.events.is_empty()
@@ -89,11 +102,30 @@ impl WatchCursor {
 
     /// The scalars, the nodes whose entry changed and the events and inputs appended since
     /// what the cursor holds; the cursor then holds them.
-    fn delta(&mut self, s: &ClusterState, r: &Rollout, gates: Gates<'_>) -> pb::RolloutStatus {
+    ///
+    /// Called on every applied entry: what it does per node is a few comparisons (no lookup of
+    /// the registry or the gate board per node), so that it costs little however many nodes
+    /// the rollout has.
+    fn delta(&mut self, s: &ClusterState, r: &Rollout, board: Board<'_>) -> pb::RolloutStatus {
         let mut nodes = Vec::new();
+        // Nodes whose agent does not answer: usually none; one pass over the registry.
+        let down_now: HashMap<&NodeId, &Unresponsive> = s
+            .nodes
+            .values()
+            .filter_map(|n| Some((&n.id, n.unresponsive.as_ref()?)))
+            .collect();
+        let board_same = board.rev.is_some() && board.rev == self.board_rev;
+        self.board_rev = board.rev;
         for (i, n) in r.nodes().enumerate() {
-            let down = unresponsive(s, &n.id);
-            let gate = gates(&n.id);
+            let down = if down_now.is_empty() {
+                None
+            } else {
+                down_now.get(&n.id).copied()
+            };
+            let gate = match self.nodes.get(i) {
+                Some(sent) if board_same => sent.gate,
+                _ => (board.gates)(&n.id),
+            };
             if let Some(sent) = self.nodes.get(i)
                 && sent.progress == *n
                 && sent.gate == gate
@@ -168,11 +200,16 @@ impl ControlService {
             incremental,
         } = req.into_inner();
         let (cursor, first) = loop {
-            let gates = |n: &NodeId| self.shared.gates.healthy_since(n);
-            if let Some(opened) = self
-                .shared
-                .read(|s| find_in(s, &wanted).map(|r| WatchCursor::start(s, r, &gates)))
-            {
+            let opened = {
+                let gates = |n: &NodeId| self.shared.gates.healthy_since(n);
+                let board = Board {
+                    gates: &gates,
+                    rev: Some(*self.shared.gates.changes().borrow()),
+                };
+                self.shared
+                    .read(|s| find_in(s, &wanted).map(|r| WatchCursor::start(s, r, board)))
+            };
+            if let Some(opened) = opened {
                 break opened;
             }
             match self.find(&wanted) {
@@ -234,11 +271,17 @@ impl ControlService {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 _ = tx.closed() => return,
             }
-            let gates = |n: &NodeId| self.shared.gates.healthy_since(n);
-            let Some(delta) = self
-                .shared
-                .read(|s| s.find_rollout(&id).and_then(|r| cursor.next(s, r, &gates)))
-            else {
+            let delta = {
+                let since = |n: &NodeId| self.shared.gates.healthy_since(n);
+                // Read before the gates themselves: a change after it is seen next time.
+                let board = Board {
+                    gates: &since,
+                    rev: Some(*gates.borrow_and_update()),
+                };
+                self.shared
+                    .read(|s| s.find_rollout(&id).and_then(|r| cursor.next(s, r, board)))
+            };
+            let Some(delta) = delta else {
                 continue;
             };
             let sent = incremental.then(|| delta.clone());
@@ -336,7 +379,12 @@ mod tests {
         s.apply(&Command::CreateRollout { spec, at_ms: 1 });
         let mut board: HashMap<NodeId, u64> = HashMap::new();
         let r = s.find_rollout("r000001").unwrap();
-        let (mut cursor, mut merged) = WatchCursor::start(&s, r, &|n| board.get(n).copied());
+        let looked_up = |n: &NodeId| board.get(n).copied();
+        let first = Board {
+            gates: &looked_up,
+            rev: None,
+        };
+        let (mut cursor, mut merged) = WatchCursor::start(&s, r, first);
         assert_eq!(merged, full(&s, &board), "the first status is the full one");
         let (mut t, mut deltas, mut small) = (1, 0, 0);
         while let Some(r) = s.find_rollout("r000001").filter(|r| !r.is_finished()) {
@@ -370,17 +418,18 @@ mod tests {
             }
             let r = s.find_rollout("r000001").unwrap();
             let gates = |n: &NodeId| board.get(n).copied();
-            if let Some(d) = cursor.next(&s, r, &gates) {
+            let gates = Board {
+                gates: &gates,
+                rev: None,
+            };
+            if let Some(d) = cursor.next(&s, r, gates) {
                 assert!(d.incremental && d.spec_json.is_empty() && d.policy.is_none());
                 small += usize::from(d.nodes.len() < ids.len());
                 deltas += 1;
                 merged.merge_watch_update(d);
             }
             assert_eq!(merged, full(&s, &board), "after step {t}");
-            assert!(
-                cursor.next(&s, r, &gates).is_none(),
-                "nothing changed since"
-            );
+            assert!(cursor.next(&s, r, gates).is_none(), "nothing changed since");
         }
         assert_eq!(merged.phase, "rolled_back");
         // Most entries move one node (preflight and staging move all three at once).
@@ -388,5 +437,57 @@ mod tests {
             deltas > 8 && small * 4 > deltas * 3,
             "{deltas} deltas, {small} small"
         );
+    }
+    /// While the gate board's change counter stays the same, a delta takes every node's gate
+    /// from what it sent (no lookup per node); once it moves, it looks again and sends the
+    /// nodes whose gate changed.
+    #[test]
+    fn gates_are_looked_up_again_only_when_the_board_changed() {
+        let mut s = ClusterState::default();
+        for n in ["n1", "n2", "n3"] {
+            register(&mut s, n);
+        }
+        let ids: Vec<NodeId> = ["n1", "n2", "n3"].map(|n| n.parse().unwrap()).into();
+        let spec = RolloutSpec::new("x", "4.2.1".parse().unwrap(), ids.clone(), "operator/a");
+        s.apply(&Command::CreateRollout { spec, at_ms: 1 });
+        let r = s.find_rollout("r000001").unwrap();
+        let calls = std::cell::Cell::new(0);
+        let board: std::cell::RefCell<HashMap<NodeId, u64>> = Default::default();
+        let gates = |n: &NodeId| {
+            calls.set(calls.get() + 1);
+            board.borrow().get(n).copied()
+        };
+        let at = |rev| Board {
+            gates: &gates,
+            rev: Some(rev),
+        };
+        let (mut cursor, _) = WatchCursor::start(&s, r, at(7));
+        assert_eq!(calls.get(), 3, "the first status looks every node up");
+        assert!(cursor.next(&s, r, at(7)).is_none());
+        assert_eq!(calls.get(), 3, "same counter: no lookup");
+        board.borrow_mut().insert(ids[1].clone(), 0);
+        let d = cursor.next(&s, r, at(8)).expect("n2's gate started");
+        assert_eq!(
+            calls.get(),
+            6,
+            "the counter moved: every node looked up again"
+        );
+        assert_eq!(d.nodes.len(), 1);
+        assert_eq!(d.nodes[0].id, "n2");
+        assert!(d.nodes[0].gate_watched);
+        // Without a counter, every delta looks up.
+        assert!(
+            cursor
+                .next(
+                    &s,
+                    r,
+                    Board {
+                        gates: &gates,
+                        rev: None
+                    }
+                )
+                .is_none()
+        );
+        assert_eq!(calls.get(), 9);
     }
 }

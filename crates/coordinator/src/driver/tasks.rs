@@ -1,7 +1,7 @@
 //! The driver's action tasks: one per in-flight action, which performs it on its node's agent
 //! and records the result.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,8 +49,11 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
     let parent = tasks.span.clone().unwrap_or_else(tracing::Span::none);
     let tasks = &mut tasks.slots;
     let in_flight = &r.in_flight;
+    // A set: during preflight every node's action is in flight at once, and a scan of them
+    // per task would cost nodes x nodes on every applied entry.
+    let seqs: HashSet<u64> = in_flight.iter().map(|a| a.seq).collect();
     tasks.retain(|seq, slot| {
-        if !in_flight.iter().any(|a| a.seq == *seq) {
+        if !seqs.contains(seq) {
             if let Slot::Running(h) = slot {
                 h.abort();
             }
@@ -69,7 +72,7 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
     });
     // Early probes whose gate was never issued (the rollout went another way) are dropped.
     lock(&cx.early).retain(|seq, g| {
-        let keep = *seq >= r.next_seq || in_flight.iter().any(|a| a.seq == *seq);
+        let keep = *seq >= r.next_seq || seqs.contains(seq);
         if !keep {
             g.handle.abort();
         }

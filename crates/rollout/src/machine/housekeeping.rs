@@ -28,9 +28,13 @@ impl Rollout {
             .filter(|a| matches!(a.kind, ActionKind::Prune { .. }))
             .count();
         let budget = (self.spec.max_parallel_staging as usize).saturating_sub(running);
+        if budget == 0 {
+            return Vec::new();
+        }
+        let busy = self.busy_nodes();
         self.targets()
             .into_iter()
-            .filter(|&i| !self.nodes[i].pruned && !self.busy(i))
+            .filter(|&i| !self.nodes[i].pruned && !busy[i])
             .take(budget)
             .map(|i| {
                 let protect = self.protected(i);

@@ -24,6 +24,7 @@ use orch_types::rollout::{
 };
 use orch_types::{NodeId, ReleaseState, Version, VersionEntry};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 use crate::protocol::{
     Action, ActionKind, ActionResult, Command, Event, Input, LogEntry, Outcome, Rejected,
@@ -165,7 +166,10 @@ impl NodeState {
 /// identical machine. All changes go through [`Rollout::apply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
-    spec: RolloutSpec,
+    /// Shared: never changes once created, and [`Rollout::next_actions_after`] copies the
+    /// rollout on every install (a spec lists every node).
+    #[serde(with = "shared_spec")]
+    spec: std::sync::Arc<RolloutSpec>,
     /// The working phase; never `Paused` (that is the `paused` flag, so a pause can never lose
     /// the phase it resumes into). Results that arrive while paused move this phase.
     phase: Phase,
@@ -199,6 +203,41 @@ pub struct Rollout {
     /// created before inputs were recorded: those cannot be replayed.
     #[serde(default)]
     inputs: Vec<Input>,
+    /// Derived from `nodes` (never serialized, ignored by `==`): where each node is, so that
+    /// a result or an in-flight action finds its node without a scan of every node.
+    #[serde(skip)]
+    index: NodeIndex,
+}
+
+/// Node id -> position in [`Rollout::nodes`], built on first use. A rollout's nodes never
+/// change after [`Rollout::new`], so it never goes stale; shared (`Arc`) so that copying a
+/// rollout (snapshots, [`Rollout::next_actions_after`]) does not copy it.
+#[derive(Debug, Clone, Default)]
+struct NodeIndex(std::sync::OnceLock<std::sync::Arc<HashMap<NodeId, usize>>>);
+
+impl PartialEq for NodeIndex {
+    /// A cache of `nodes`, which `==` compares already.
+    fn eq(&self, _: &NodeIndex) -> bool {
+        true
+    }
+}
+
+impl Eq for NodeIndex {}
+
+/// Serde for the shared spec: the spec itself, as before it was shared.
+mod shared_spec {
+    use std::sync::Arc;
+
+    use orch_types::rollout::RolloutSpec;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(spec: &Arc<RolloutSpec>, s: S) -> Result<S::Ok, S::Error> {
+        spec.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<RolloutSpec>, D::Error> {
+        RolloutSpec::deserialize(d).map(Arc::new)
+    }
 }
 
 /// Nodes counted by how they ended (or were found) at a successful end or after preflight.
@@ -326,7 +365,7 @@ impl Rollout {
             })
             .collect();
         Ok(Rollout {
-            spec,
+            spec: std::sync::Arc::new(spec),
             phase: Phase::Pending,
             paused: false,
             nodes,
@@ -341,6 +380,7 @@ impl Rollout {
             error: None,
             driver_term: 0,
             inputs: Vec::new(),
+            index: NodeIndex::default(),
         })
     }
 
@@ -459,6 +499,7 @@ impl Rollout {
             error: self.error.clone(),
             driver_term: self.driver_term,
             inputs: Vec::new(),
+            index: self.index.clone(),
         };
         r.apply(event, 0, "").ok()?;
         Some(r.next_actions())
@@ -514,10 +555,7 @@ impl Rollout {
     }
 
     pub fn node(&self, id: &NodeId) -> Option<&NodeProgress> {
-        self.nodes
-            .iter()
-            .find(|n| n.id() == id)
-            .map(|n| &n.progress)
+        self.index_of(id).map(|i| &self.nodes[i].progress)
     }
 
     /// The audit trail, oldest first.
@@ -638,6 +676,28 @@ impl Rollout {
     }
 
     fn index_of(&self, id: &NodeId) -> Option<usize> {
-        self.nodes.iter().position(|n| n.id() == id)
+        let index = self.index.0.get_or_init(|| {
+            let mut by_id = HashMap::with_capacity(self.nodes.len());
+            for (i, n) in self.nodes.iter().enumerate() {
+                // The first one, as a scan would find (a validated spec has no duplicates).
+                by_id.entry(n.id().clone()).or_insert(i);
+            }
+            std::sync::Arc::new(by_id)
+        });
+        index.get(id).copied()
+    }
+
+    /// Per node (by position): whether an action of it is in flight. One pass over the
+    /// in-flight actions, so that planning over every node stays linear in the node count
+    /// (asking [`Rollout::busy`] per node scans the in-flight list for each: all of preflight
+    /// is in flight at once).
+    fn busy_nodes(&self) -> Vec<bool> {
+        let mut busy = vec![false; self.nodes.len()];
+        for a in &self.in_flight {
+            if let Some(i) = self.index_of(&a.node) {
+                busy[i] = true;
+            }
+        }
+        busy
     }
 }

@@ -23,9 +23,33 @@ impl Rollout {
     /// canary part is chunked separately so that no batch straddles the promotion point, no
     /// batch straddles two waves, and every batch respects its wave's batch size.
     pub(super) fn batches(&self) -> Vec<(bool, Vec<usize>)> {
+        let mut out = Vec::new();
+        self.find_batch(|after_canary, b| {
+            out.push((after_canary, b.to_vec()));
+            false
+        });
+        out
+    }
+
+    /// The first batch of [`Rollout::batches`] with a node not upgraded yet, without building
+    /// the others: planning asks on every entry, and batches of one node would otherwise cost
+    /// an allocation per node each time.
+    pub(super) fn current_batch(&self) -> Option<(bool, Vec<usize>)> {
+        let mut found = None;
+        self.find_batch(|after_canary, b| {
+            let pending = b.iter().any(|&i| !self.upgraded(i));
+            if pending {
+                found = Some((after_canary, b.to_vec()));
+            }
+            pending
+        });
+        found
+    }
+
+    /// Calls `stop` on each batch in order (after the canary?, its nodes) until it says `true`.
+    fn find_batch(&self, mut stop: impl FnMut(bool, &[usize]) -> bool) {
         let canary = self.spec.canary as usize;
         let mut seen = 0;
-        let mut out: Vec<(bool, Vec<usize>)> = Vec::new();
         for wave in self.wave_ranges() {
             let size = self.spec.batch_size_in(wave.len());
             let targets: Vec<usize> = wave
@@ -34,10 +58,14 @@ impl Rollout {
             let head = canary.saturating_sub(seen).min(targets.len());
             seen += targets.len();
             let (head, tail) = targets.split_at(head);
-            out.extend(head.chunks(size).map(|c| (false, c.to_vec())));
-            out.extend(tail.chunks(size).map(|c| (true, c.to_vec())));
+            let mut chunks = head
+                .chunks(size)
+                .map(|c| (false, c))
+                .chain(tail.chunks(size).map(|c| (true, c)));
+            if chunks.any(|(after_canary, c)| stop(after_canary, c)) {
+                return;
+            }
         }
-        out
     }
 
     /// The waves as ranges of node indexes, in order (one wave of every node without waves).
@@ -98,9 +126,10 @@ impl Rollout {
     /// has not stayed healthy through it yet, all at once (the pause watches them together).
     pub(super) fn plan_hold(&self, k: usize) -> Vec<(usize, ActionKind)> {
         let pause = self.spec.wave_pause_ms;
+        let busy = self.busy_nodes();
         self.held_by(k)
             .into_iter()
-            .filter(|&i| self.upgraded(i) && self.nodes[i].held < k && !self.busy(i))
+            .filter(|&i| self.upgraded(i) && self.nodes[i].held < k && !busy[i])
             .map(|i| (i, self.watch_gate(pause)))
             .collect()
     }
@@ -219,8 +248,12 @@ impl Rollout {
             .filter(|a| a.kind.name() == kind.name())
             .count();
         let budget = (self.spec.max_parallel_staging as usize).saturating_sub(running);
+        if budget == 0 {
+            return Vec::new();
+        }
+        let busy = self.busy_nodes();
         (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].step() == step && !self.busy(i))
+            .filter(|&i| self.nodes[i].step() == step && !busy[i])
             .take(budget)
             .map(|i| (i, kind.clone()))
             .collect()
@@ -232,10 +265,13 @@ impl Rollout {
         }
         let target = self.spec.version;
         match self.phase {
-            Phase::Pending | Phase::Preflight => (0..self.nodes.len())
-                .filter(|&i| self.nodes[i].step() == NodeStep::Pending && !self.busy(i))
-                .map(|i| (i, ActionKind::Preflight))
-                .collect(),
+            Phase::Pending | Phase::Preflight => {
+                let busy = self.busy_nodes();
+                (0..self.nodes.len())
+                    .filter(|&i| self.nodes[i].step() == NodeStep::Pending && !busy[i])
+                    .map(|i| (i, ActionKind::Preflight))
+                    .collect()
+            }
             Phase::Staging => {
                 self.plan_bounded(NodeStep::PreflightOk, ActionKind::Stage { version: target })
             }
@@ -261,16 +297,13 @@ impl Rollout {
         if self.wave_gate().is_some() {
             return Vec::new();
         }
-        let batches = self.batches();
-        let Some((after_canary, batch)) = batches
-            .iter()
-            .find(|(_, b)| b.iter().any(|&i| !self.upgraded(i)))
-        else {
+        let Some((after_canary, batch)) = self.current_batch() else {
             return Vec::new();
         };
-        if *after_canary && self.canary_pending() {
+        if after_canary && self.canary_pending() {
             return Vec::new();
         }
+        let busy = self.busy_nodes();
         let target = self.spec.version;
         // Starting a switch on a node that does not count as unavailable yet takes one unit of
         // the bound; a node already counted (unhealthy from the start, or mid-step) takes none.
@@ -279,9 +312,9 @@ impl Rollout {
             .max_unavailable_nodes()
             .map(|max| max.saturating_sub(self.unavailable_count()));
         batch
-            .iter()
-            .filter(|&&i| !self.busy(i))
-            .filter_map(|&i| {
+            .into_iter()
+            .filter(|&i| !busy[i])
+            .filter_map(|i| {
                 let kind = match self.nodes[i].step() {
                     NodeStep::Staged if self.nodes[i].route == Route::SwitchBack => {
                         ActionKind::Downgrade { to: target }
@@ -390,9 +423,10 @@ impl Rollout {
     /// Every target not baked yet gets the bake gate at once: the bake watches the whole
     /// cluster together, which is the point of it.
     pub(super) fn plan_bake(&self) -> Vec<(usize, ActionKind)> {
+        let busy = self.busy_nodes();
         self.targets()
             .into_iter()
-            .filter(|&i| !self.nodes[i].baked && !self.busy(i))
+            .filter(|&i| !self.nodes[i].baked && !busy[i])
             .filter(|&i| {
                 matches!(
                     self.nodes[i].step(),
@@ -407,9 +441,10 @@ impl Rollout {
     /// gate at once (a node that failed it and is retried after `resume` is `installed`).
     pub(super) fn plan_watch(&self) -> Vec<(usize, ActionKind)> {
         let watch = self.spec.watch_after_commit_ms;
+        let busy = self.busy_nodes();
         self.targets()
             .into_iter()
-            .filter(|&i| !self.nodes[i].watched && !self.busy(i))
+            .filter(|&i| !self.nodes[i].watched && !busy[i])
             .filter(|&i| {
                 matches!(
                     self.nodes[i].step(),
