@@ -31,10 +31,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use orch_agent::AgentConfig;
 use orch_client::{Client, control as pb};
-use orch_release::{PackageSource, Store, StoreConfig};
 use orch_tests::cluster::{CoordProc, now_ms, spawn_coordinators};
+use orch_tests::fleet::Fleet;
 use orch_tests::proto as apb;
 use tokio::runtime::Runtime;
 
@@ -311,85 +310,6 @@ fn build_package(work: &Path, out: &Path, v: &str) -> PathBuf {
         .0
 }
 
-/// A root with `V0` installed permanently.
-fn node_root(root: &Path, pkg0: &Path) {
-    fs::create_dir_all(root).unwrap();
-    let store = Store::open(StoreConfig::new(root)).unwrap();
-    store
-        .install(
-            &PackageSource::File {
-                path: pkg0.to_path_buf(),
-                sha256: None,
-            },
-            true,
-        )
-        .unwrap();
-}
-
-// ---------------------------------------------------------------------------------------------
-// In-process agents
-
-struct Agents {
-    stop: tokio::sync::watch::Sender<bool>,
-    handles: Vec<tokio::task::JoinHandle<()>>,
-    addrs: Vec<String>,
-}
-
-fn start_agents(
-    rt: &Runtime,
-    dir: &Path,
-    ids: &[String],
-    coordinators: &[String],
-    pkg0: &Path,
-) -> Agents {
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let mut handles = Vec::new();
-    let mut addrs = Vec::new();
-    for id in ids {
-        let root = dir.join(id);
-        node_root(&root, pkg0);
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let local = listener.local_addr().unwrap();
-        let mut cfg = AgentConfig::new(
-            id.parse().unwrap(),
-            root,
-            local,
-            orch_tls::Security::Insecure,
-        );
-        cfg.coordinators = coordinators.to_vec();
-        cfg.shutdown_grace = Duration::from_secs(2);
-        let mut rx = rx.clone();
-        let id = id.clone();
-        handles.push(rt.spawn(async move {
-            let shutdown = async move {
-                let _ = rx.changed().await;
-            };
-            if let Err(e) = orch_agent::serve(cfg, listener, shutdown).await {
-                eprintln!("agent {id}: {e}");
-            }
-        }));
-        addrs.push(local.to_string());
-    }
-    Agents {
-        stop,
-        handles,
-        addrs,
-    }
-}
-
-impl Agents {
-    fn stop(self, rt: &Runtime) {
-        let _ = self.stop.send(true);
-        rt.block_on(async {
-            for h in self.handles {
-                let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
-            }
-        });
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Agent work, measured without coordinators
 
@@ -404,7 +324,7 @@ struct Costs {
 fn calibrate(rt: &Runtime, work: &Path, pkg0: &Path, pkg1: &Path, rounds: usize) -> Costs {
     let dir = work.join("calibration");
     let ids: Vec<String> = (0..rounds).map(|i| format!("cal{i:02}")).collect();
-    let agents = start_agents(rt, &dir, &ids, &[], pkg0);
+    let agents = Fleet::start(rt, &dir, &ids, &[], Some(pkg0));
     let mut sum = [Duration::ZERO; 5];
     rt.block_on(async {
         for (i, addr) in agents.addrs.iter().enumerate() {
@@ -605,28 +525,6 @@ fn wait_registered(rt: &Runtime, addrs: &[String], n: usize) {
     }
 }
 
-fn upload(rt: &Runtime, addrs: &[String], pkg: &Path, v: &str) -> String {
-    let info = orch_release::package::verify(
-        pkg,
-        None,
-        Some(v.parse().unwrap()),
-        &orch_release::Limits::default(),
-    )
-    .unwrap();
-    rt.block_on(client(addrs).upload(
-        pkg,
-        pb::UploadHeader {
-            name: info.name.clone(),
-            version: info.version.to_string(),
-            sha256: info.sha256.clone(),
-            size: info.size,
-            signature: Vec::new(),
-        },
-    ))
-    .unwrap();
-    info.sha256
-}
-
 fn rollout_req(v: &str, sha: &str) -> pb::StartRolloutRequest {
     pb::StartRolloutRequest {
         version: v.into(),
@@ -671,15 +569,15 @@ fn run_config(
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     wait_leader(rt, &addrs);
     let ids: Vec<String> = (1..=n).map(|i| format!("n{i:03}")).collect();
-    let agents = start_agents(
+    let agents = Fleet::start(
         rt,
         &agent_work.join(format!("c{coords}-n{n}")),
         &ids,
         &addrs,
-        pkg0,
+        Some(pkg0),
     );
     wait_registered(rt, &addrs, n);
-    let sha = upload(rt, &addrs, pkg1, V1);
+    let sha = orch_tests::fleet::upload(rt, &mut client(&addrs), pkg1);
     let writes_before = measure_writes(rt, &addrs, if quick { 50 } else { 300 });
 
     let t = Instant::now();
@@ -792,9 +690,9 @@ fn failover(
     let addrs: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     wait_leader(rt, &addrs);
     let ids: Vec<String> = (1..=n).map(|i| format!("n{i:03}")).collect();
-    let agents = start_agents(rt, &agent_work.join("failover"), &ids, &addrs, pkg0);
+    let agents = Fleet::start(rt, &agent_work.join("failover"), &ids, &addrs, Some(pkg0));
     wait_registered(rt, &addrs, n);
-    let sha = upload(rt, &addrs, pkg1, V1);
+    let sha = orch_tests::fleet::upload(rt, &mut client(&addrs), pkg1);
     let writes_start = measure_writes(rt, &addrs, 200);
     // Every node gets 4.2.1 (permanent, 4.2.0 old); trials then go back and forth without a
     // package (both releases are on every node).

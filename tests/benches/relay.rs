@@ -11,7 +11,9 @@
 //! ([`orch_tests::fleet`]): real gRPC agents in this process, each with its own store on tmpfs.
 //! The package is `ORCH_BENCH_MB` MiB (default 16) of fresh random files, so no node holds any
 //! of its chunks. `ORCH_BENCH_SIZES=10,50` sets N; `ORCH_BENCH_QUICK=1` runs N = 5 with a 2 MiB
-//! package (for checking the benchmark itself). Without `--bench` it only says how to run it.
+//! package (for checking the benchmark itself). `ORCH_BENCH_RELAY=on` (or `off`) runs only that
+//! mode. Also printed: the coordinator's resident memory once every agent registered, after the
+//! rollout, and its peak. Without `--bench` it only says how to run it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -67,19 +69,27 @@ fn main() {
         size as f64 / 1e6
     );
     println!(
-        "| nodes | relay | leader egress (MB) | egress / package | rollout wall (s) | staging (s) |"
+        "| nodes | relay | leader egress (MB) | egress / package | rollout wall (s) | staging (s) | coordinator RSS registered / after / peak (MB) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for &n in &sizes {
-        for relay in [false, true] {
+        let modes: &[bool] = match std::env::var("ORCH_BENCH_RELAY").as_deref() {
+            Ok("on") => &[true],
+            Ok("off") => &[false],
+            _ => &[false, true],
+        };
+        for &relay in modes {
             let r = run(&rt, work.path(), agents_dir, n, relay, &pkg0, &pkg1);
             println!(
-                "| {n} | {} | {:.1} | {:.2} | {:.2} | {:.2} |",
+                "| {n} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} |",
                 if relay { "on" } else { "off" },
                 r.egress as f64 / 1e6,
                 r.egress as f64 / size as f64,
                 r.wall.as_secs_f64(),
                 r.staging.as_secs_f64(),
+                r.registered.0,
+                r.after.0,
+                r.after.1,
             );
         }
     }
@@ -89,6 +99,26 @@ struct RunResult {
     egress: u64,
     wall: Duration,
     staging: Duration,
+    /// The coordinator's (VmRSS, VmHWM) in MB once every agent registered, and after the
+    /// rollout.
+    registered: (f64, f64),
+    after: (f64, f64),
+}
+
+/// `VmRSS` and `VmHWM` of a coordinator process, MB.
+fn memory_mb(c: &CoordProc) -> (f64, f64) {
+    let status = c
+        .pid()
+        .and_then(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib * 1024.0 / 1e6)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn run(
@@ -120,6 +150,7 @@ fn run(
     wait("all agents registered", || {
         rt.block_on(client.nodes(false)).is_ok_and(|v| v.len() >= n)
     });
+    let registered = memory_mb(&coords[0]);
     let sha = orch_tests::fleet::upload(rt, &mut client, pkg1);
     let before = pushed(&http);
     let start = Instant::now();
@@ -141,6 +172,7 @@ fn run(
     let wall = start.elapsed();
     assert_eq!(last.phase, "succeeded", "{last:?}");
     let egress = pushed(&http) - before;
+    let after = memory_mb(&coords[0]);
     let at = |needle: &str| {
         last.events
             .iter()
@@ -157,6 +189,8 @@ fn run(
         egress,
         wall,
         staging,
+        registered,
+        after,
     }
 }
 
