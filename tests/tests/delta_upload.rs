@@ -51,6 +51,16 @@ fn a_patch_upload_sends_only_the_chunks_the_coordinators_lack_and_every_one_rebu
             let blob = coord.data_dir.join("blobs").join(&sha);
             assert!(blob.is_file(), "coordinator {} lacks {v}", coord.id);
             assert_eq!(sha256_hex(&blob), sha, "coordinator {}", coord.id);
+            // Its chunk index is the list it was rebuilt from: written by delta transfers.
+            assert!(
+                orch_package::chunks::cache_path(&blob).is_file(),
+                "coordinator {} did not get {v} as a delta",
+                coord.id
+            );
+        }
+        for coord in &c.coords {
+            let log = coord.log();
+            assert!(!log.contains("delta copy failed"), "{log}");
         }
         assert_eq!(
             c.node("n1").health().map(|h| h.0).as_deref(),

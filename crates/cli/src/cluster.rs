@@ -159,8 +159,11 @@ pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
         let chunking = a.package.clone().map(|p| {
             tokio::task::spawn_blocking(move || -> Option<Vec<orch_package::chunks::Chunk>> {
                 let f = std::fs::File::open(&p).ok()?;
-                orch_package::chunks::chunk_reader(std::io::BufReader::with_capacity(1 << 20, f), &p)
-                    .ok()
+                orch_package::chunks::chunk_reader(
+                    std::io::BufReader::with_capacity(1 << 20, f),
+                    &p,
+                )
+                .ok()
             })
         });
         // A bad package is refused here, before anything is sent.

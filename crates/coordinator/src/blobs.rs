@@ -134,7 +134,8 @@ pub fn read_sent(
     mut emit: impl FnMut(Vec<u8>) -> bool,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let f =
+        std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
     for &i in sent {
         let c = chunks.get(i as usize).ok_or_else(|| {
             Error::BadRequest(format!(
@@ -238,7 +239,11 @@ impl BlobStore {
 
     /// The chunks of `list` that no package stored here holds; `None` when the package itself
     /// (`sha256`) is stored.
-    pub async fn missing_chunks(&self, sha256: &str, list: Vec<ChunkId>) -> Result<Option<Vec<u32>>> {
+    pub async fn missing_chunks(
+        &self,
+        sha256: &str,
+        list: Vec<ChunkId>,
+    ) -> Result<Option<Vec<u32>>> {
         self.path(sha256)?;
         let sha = normalize_digest(sha256).unwrap_or_default();
         let store = self.clone();
@@ -602,10 +607,8 @@ impl BlobStore {
             .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a hex SHA-256")))?;
         let store = self.clone();
         let digest = sha.clone();
-        let (chunks, signature) = blocking(move || {
-            Ok((store.chunks_of(&digest)?, store.signature(&digest)?))
-        })
-        .await?;
+        let (chunks, signature) =
+            blocking(move || Ok((store.chunks_of(&digest)?, store.signature(&digest)?))).await?;
         let refs: Vec<BlobChunkRef> = chunks
             .iter()
             .map(|c| BlobChunkRef {
@@ -885,6 +888,102 @@ mod tests {
         let r = store.sweep(&BTreeSet::new(), Duration::ZERO).unwrap();
         assert_eq!(r.deleted, 3);
         assert!(incoming.exists());
+    }
+
+    /// Incompressible bytes, the same for the same seed.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    }
+
+    fn list_of(bytes: &[u8]) -> Vec<ChunkId> {
+        orch_package::chunks::chunk_reader(bytes, Path::new("new"))
+            .unwrap()
+            .iter()
+            .map(|c| (c.len, c.sha256))
+            .collect()
+    }
+
+    /// The bytes of chunks `sent` of `bytes`, one item per chunk.
+    fn sent_bytes(bytes: &[u8], list: &[ChunkId], sent: &[u32]) -> Vec<Vec<u8>> {
+        let cs = delta::as_chunks(list);
+        sent.iter()
+            .map(|&i| {
+                let c = cs[i as usize];
+                bytes[c.offset as usize..(c.offset + u64::from(c.len)) as usize].to_vec()
+            })
+            .collect()
+    }
+
+    fn stream(
+        items: Vec<Vec<u8>>,
+    ) -> impl Stream<Item = std::result::Result<Vec<u8>, String>> + Unpin {
+        futures::stream::iter(items.into_iter().map(Ok))
+    }
+
+    #[test]
+    fn a_delta_is_rebuilt_from_stored_packages_and_a_lie_or_a_gap_stores_nothing() {
+        let rt = rt();
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("blobs"), 1 << 30).unwrap();
+        let old = noise(2 << 20, 1);
+        put(&rt, &store, &old);
+        let mut new = old.clone();
+        new[1 << 20..(1 << 20) + 100].copy_from_slice(&noise(100, 2));
+        let sha = digest(&new);
+        let size = new.len() as u64;
+        let list = list_of(&new);
+        let missing = rt
+            .block_on(store.missing_chunks(&sha, list.clone()))
+            .unwrap()
+            .unwrap();
+        assert!(!missing.is_empty() && missing.len() <= 2, "{missing:?}");
+
+        // A lying list: a sent chunk's bytes are not those its digest names.
+        let mut lied = sent_bytes(&new, &list, &missing);
+        lied[0][0] ^= 1;
+        let delta = Delta {
+            list: list.clone(),
+            sent: missing.clone(),
+        };
+        let e = rt
+            .block_on(store.receive_delta(&sha, size, None, delta.clone(), vec![], stream(lied)))
+            .unwrap_err();
+        assert!(matches!(e, Error::BadRequest(_)), "{e}");
+        assert!(!store.has(&sha));
+
+        // A chunk neither sent nor stored here: refused before anything is written, with the
+        // advice to send the whole package.
+        let gap = Delta {
+            list: list.clone(),
+            sent: vec![],
+        };
+        let e = rt
+            .block_on(store.receive_delta(&sha, size, None, gap, vec![], stream(vec![])))
+            .unwrap_err();
+        assert!(e.to_string().contains("send the whole package"), "{e}");
+        assert!(!store.has(&sha));
+
+        // The honest delta: rebuilt, checked whole, its list kept as its chunk index.
+        let sent = sent_bytes(&new, &list, &missing);
+        assert!(sent.iter().map(Vec::len).sum::<usize>() < new.len() / 4);
+        let already = rt
+            .block_on(store.receive_delta(&sha, size, None, delta, vec![], stream(sent)))
+            .unwrap();
+        assert!(!already);
+        let path = store.path(&sha).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), new);
+        assert!(orch_package::chunks::cache_path(&path).is_file());
+        assert_eq!(store.chunks_of(&sha).unwrap(), delta::as_chunks(&list));
+        // Stored now: nothing is missing.
+        assert_eq!(rt.block_on(store.missing_chunks(&sha, list)).unwrap(), None);
     }
 
     /// The runtime thread is free while a package is written and hashed: other tasks run
