@@ -658,6 +658,18 @@ mod fake {
         ) -> Res<pb::UploadReply> {
             no()
         }
+        async fn missing_package_chunks(
+            &self,
+            _: Request<pb::MissingPackageChunksRequest>,
+        ) -> Res<pb::MissingPackageChunksReply> {
+            no()
+        }
+        async fn upload_package_delta(
+            &self,
+            _: Request<Streaming<pb::UploadDeltaChunk>>,
+        ) -> Res<pb::UploadReply> {
+            no()
+        }
         async fn start_rollout(
             &self,
             _: Request<pb::StartRolloutRequest>,

@@ -154,6 +154,18 @@ pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
     c.patience = a.cluster.timeout.unwrap_or(ONE_SHOT_TIMEOUT);
     let spinning = spinner_on(g);
     runtime()?.block_on(async move {
+        // Cut into chunks (for a delta upload) on another thread while it is checked and the
+        // rollout planned.
+        let chunking = a.package.clone().map(|p| {
+            tokio::task::spawn_blocking(move || -> Option<Vec<orch_package::chunks::Chunk>> {
+                let f = std::fs::File::open(&p).ok()?;
+                orch_package::chunks::chunk_reader(
+                    std::io::BufReader::with_capacity(1 << 20, f),
+                    &p,
+                )
+                .ok()
+            })
+        });
         // A bad package is refused here, before anything is sent.
         let checked = match &a.package {
             Some(path) => Some(check_package(path, a.version)?),
@@ -188,7 +200,13 @@ pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
             .into());
         }
         let package_sha256 = match &checked {
-            Some((path, header)) => upload(&mut c, path, header.clone()).await?,
+            Some((path, header)) => {
+                let chunks = match chunking {
+                    Some(t) => t.await.ok().flatten(),
+                    None => None,
+                };
+                upload(&mut c, path, header.clone(), chunks).await?
+            }
             None => String::new(),
         };
         let req = start_request(&a, package_sha256);
@@ -242,11 +260,14 @@ fn check_package(
     Ok((path.to_path_buf(), header))
 }
 
-/// Uploads the checked package with its signature and returns its digest.
+/// Uploads the checked package with its signature and returns its digest: as the chunks the
+/// coordinators lack when its chunk list is known and the leader takes delta uploads, else
+/// whole.
 async fn upload(
     c: &mut Client,
     path: &std::path::Path,
     header: pb::UploadHeader,
+    chunks: Option<Vec<orch_package::chunks::Chunk>>,
 ) -> Result<String> {
     eprintln!(
         "Uploading {} {} ({} bytes, sha256 {}, {})",
@@ -261,6 +282,30 @@ async fn upload(
         }
     );
     let sha256 = header.sha256.clone();
+    if let Some(chunks) = chunks {
+        let refs = chunks
+            .iter()
+            .map(|c| pb::PackageChunkRef {
+                size: c.len,
+                sha256: c.sha256.to_vec(),
+            })
+            .collect();
+        match c.upload_delta(path, header.clone(), refs).await {
+            Ok((reply, sent)) => {
+                eprintln!(
+                    "Sent {sent} of {} bytes (the coordinators held the rest); stored on coordinators {:?}",
+                    header.size, reply.holders
+                );
+                return Ok(sha256);
+            }
+            // The coordinators answered (an older leader, a chunk gone since it was asked
+            // for): nothing was stored, the whole file goes instead.
+            Err(orch_client::ClientError::Refused(why)) => {
+                eprintln!("Delta upload not possible ({why}); uploading the whole package");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let reply = c.upload(path, header).await?;
     eprintln!("Stored on coordinators {:?}", reply.holders);
     Ok(sha256)

@@ -541,6 +541,48 @@ impl Client {
         .await
     }
 
+    /// Uploads a package as the chunks the leader lacks: `chunks` is the file's chunk list, in
+    /// order (`orch_package::chunks`). Asks the leader which chunks none of its stored packages
+    /// holds, then streams only those; the leader rebuilds the file and checks size, sha256 and
+    /// signature of the whole. Returns the reply and the bytes sent. An error (a leader that
+    /// predates delta uploads, a chunk gone meanwhile) stores nothing: upload the whole file
+    /// then ([`Client::upload`]).
+    pub async fn upload_delta(
+        &mut self,
+        path: &std::path::Path,
+        header: pb::UploadHeader,
+        chunks: Vec<pb::PackageChunkRef>,
+    ) -> Result<(pb::UploadReply, u64)> {
+        let path = path.to_path_buf();
+        self.call(|mut c| {
+            let path = path.clone();
+            let header = header.clone();
+            let chunks = chunks.clone();
+            async move {
+                let ask = pb::MissingPackageChunksRequest {
+                    sha256: header.sha256.clone(),
+                    size: header.size,
+                    chunks: chunks.clone(),
+                };
+                let missing = c.missing_package_chunks(ask).await?.into_inner();
+                let sent = if missing.stored {
+                    Vec::new()
+                } else {
+                    missing.missing
+                };
+                let bytes = sent
+                    .iter()
+                    .filter_map(|&i| chunks.get(i as usize))
+                    .map(|c| u64::from(c.size))
+                    .sum();
+                let stream = delta_chunks(path, header, chunks, sent);
+                let reply = c.upload_package_delta(stream).await?.into_inner();
+                Ok((reply, bytes))
+            }
+        })
+        .await
+    }
+
     /// Calls `on_status` with the rollout's status now and at every change, until it reaches a
     /// terminal phase; re-subscribes (through any coordinator) when a stream breaks. The stream
     /// carries deltas after its first status (its cost stays flat however large the rollout);
@@ -609,6 +651,56 @@ pub fn request_id() -> String {
         h.finish()
     };
     format!("{:016x}{:016x}", half(1), half(2))
+}
+
+/// The stream of a delta upload: the header, list and indexes, then the bytes of the chunks
+/// `sent` read from the file. A read failure ends the stream early, which the leader refuses
+/// as truncated (nothing is stored).
+fn delta_chunks(
+    path: std::path::PathBuf,
+    header: pb::UploadHeader,
+    chunks: Vec<pb::PackageChunkRef>,
+    sent: Vec<u32>,
+) -> tokio_stream::wrappers::ReceiverStream<pb::UploadDeltaChunk> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut at = 0u64;
+        for c in &chunks {
+            offsets.push(at);
+            at += u64::from(c.size);
+        }
+        let first = pb::UploadDeltaChunk {
+            header: Some(header),
+            chunks: chunks.clone(),
+            sent: sent.clone(),
+            data: Vec::new(),
+        };
+        if tx.blocking_send(first).is_err() {
+            return;
+        }
+        let Ok(f) = std::fs::File::open(&path) else {
+            return;
+        };
+        for i in sent {
+            let (Some(c), Some(&offset)) = (chunks.get(i as usize), offsets.get(i as usize)) else {
+                return;
+            };
+            let mut data = vec![0u8; c.size as usize];
+            if f.read_exact_at(&mut data, offset).is_err() {
+                return;
+            }
+            let chunk = pb::UploadDeltaChunk {
+                data,
+                ..Default::default()
+            };
+            if tx.blocking_send(chunk).is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 async fn file_chunks(

@@ -3,19 +3,29 @@
 //! records which coordinators hold which digest. A package's detached signature, when it has
 //! one, is kept beside its bytes as `<sha256>.sig` and travels with them (to other
 //! coordinators and to agents); with trusted keys, unsigned bytes are refused before storing.
+//!
+//! A package whose chunks a coordinator mostly holds already (the release it patches) arrives
+//! as a delta ([`orch_package::delta`]): only the chunks none of the stored packages holds
+//! cross the wire, the rest is copied from those packages, and the rebuilt file is checked
+//! (size, SHA-256, signature) exactly as a whole one. The chunk index of each stored package
+//! is cached beside it (`<sha256>.chunks`). Peers that do not know the delta calls, and any
+//! failure of a delta, get the whole package.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
+use orch_package::chunks::Chunk;
+use orch_package::delta::{self, ChunkId};
 use orch_package::digest::normalize_digest;
 use orch_package::incoming::IncomingFile;
 use orch_package::signing::{self, MAX_SIG_BYTES, TrustedKeys};
 use orch_proto::raft::{
-    BlobChunk, BlobReply, BlobRequest, blobs_client::BlobsClient, blobs_server,
+    BlobChunk, BlobChunkRef, BlobChunksReply, BlobChunksRequest, BlobDeltaChunk, BlobReply,
+    BlobRequest, blobs_client::BlobsClient, blobs_server,
 };
 use orch_tls::{Role, Security, party_domain};
 use tokio::io::AsyncReadExt;
@@ -87,6 +97,62 @@ enum Piece {
 /// How many chunks may wait for the blocking writer (each up to [`CHUNK`] bytes).
 const WRITE_QUEUE: usize = 4;
 
+/// What a delta transfer carries besides its bytes: the package's chunk list (checked by
+/// [`checked_list`]) and the indexes of the chunks sent.
+#[derive(Debug, Clone)]
+pub struct Delta {
+    pub list: Vec<ChunkId>,
+    pub sent: Vec<u32>,
+}
+
+/// A chunk list as received (size and digest bytes of each), checked against the file's size.
+pub fn checked_list<'a>(
+    raw: impl ExactSizeIterator<Item = (u32, &'a [u8])>,
+    size: u64,
+) -> Result<Vec<ChunkId>> {
+    delta::checked_list(raw, size).map_err(delta_error)
+}
+
+/// A failed delta transfer as this crate's error: the sender's fault, or (a chunk gone, a
+/// package unreadable) a refusal after which the sender sends the whole file.
+fn delta_error(e: delta::Error) -> Error {
+    match e {
+        delta::Error::File(e) => Error::Package(e),
+        e @ (delta::Error::Missing { .. } | delta::Error::Local { .. }) => {
+            Error::Refused(e.to_string())
+        }
+        e => Error::BadRequest(e.to_string()),
+    }
+}
+
+/// Reads the chunks `sent` (indexes into `chunks`) of the file at `path`, in order, handing
+/// each to `emit` until it returns false. Blocking.
+pub fn read_sent(
+    path: &Path,
+    chunks: &[Chunk],
+    sent: &[u32],
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f =
+        std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    for &i in sent {
+        let c = chunks.get(i as usize).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "chunk {i} was asked for, the package has {} chunks",
+                chunks.len()
+            ))
+        })?;
+        let mut buf = vec![0u8; c.len as usize];
+        f.read_exact_at(&mut buf, c.offset)
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        if !emit(buf) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 impl BlobStore {
     pub fn open(dir: PathBuf, max_size: u64) -> Result<BlobStore> {
         std::fs::create_dir_all(&dir)
@@ -157,6 +223,44 @@ impl BlobStore {
         self.path(sha256).map(|p| p.is_file()).unwrap_or(false)
     }
 
+    /// Every chunk of the packages stored here but `except`, by digest. Blocking: a package
+    /// without a valid chunk index (`<sha256>.chunks`) is read once and cut.
+    fn local_index(&self, except: &str) -> HashMap<[u8; 32], delta::Located> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return HashMap::new();
+        };
+        let files = rd.flatten().filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let blob = normalize_digest(&name).as_deref() == Some(name.as_str());
+            (blob && name != except).then(|| e.path())
+        });
+        delta::index(files)
+    }
+
+    /// The chunks of `list` that no package stored here holds; `None` when the package itself
+    /// (`sha256`) is stored.
+    pub async fn missing_chunks(
+        &self,
+        sha256: &str,
+        list: Vec<ChunkId>,
+    ) -> Result<Option<Vec<u32>>> {
+        self.path(sha256)?;
+        let sha = normalize_digest(sha256).unwrap_or_default();
+        let store = self.clone();
+        blocking(move || {
+            if store.has(&sha) {
+                return Ok(None);
+            }
+            Ok(Some(delta::missing(&store.local_index(&sha), &list)))
+        })
+        .await
+    }
+
+    /// The chunk list of a stored package (from its cached index when valid). Blocking.
+    fn chunks_of(&self, sha256: &str) -> Result<Vec<Chunk>> {
+        Ok(orch_package::chunks::of_file(&self.path(sha256)?)?)
+    }
+
     /// Receives a stream of data chunks for `sha256`/`size` (and its signature, kept beside
     /// the bytes); `Ok(true)` if the bytes were already here. The caller checks the signature
     /// first ([`BlobStore::check_signature`]).
@@ -168,6 +272,43 @@ impl BlobStore {
         sha256: &str,
         size: u64,
         signature: Option<Vec<u8>>,
+        first: Vec<u8>,
+        rest: S,
+    ) -> Result<bool>
+    where
+        S: Stream<Item = std::result::Result<Vec<u8>, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        self.receive_with(sha256, size, signature, None, first, rest)
+            .await
+    }
+
+    /// [`BlobStore::receive`] of a delta transfer: the stream carries the chunks
+    /// `delta.sent` of `delta.list`, the others are copied from the packages stored here. The
+    /// rebuilt file is checked as a whole one; its list becomes its chunk index.
+    pub async fn receive_delta<S, E>(
+        &self,
+        sha256: &str,
+        size: u64,
+        signature: Option<Vec<u8>>,
+        delta: Delta,
+        first: Vec<u8>,
+        rest: S,
+    ) -> Result<bool>
+    where
+        S: Stream<Item = std::result::Result<Vec<u8>, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        self.receive_with(sha256, size, signature, Some(delta), first, rest)
+            .await
+    }
+
+    async fn receive_with<S, E>(
+        &self,
+        sha256: &str,
+        size: u64,
+        signature: Option<Vec<u8>>,
+        delta: Option<Delta>,
         first: Vec<u8>,
         mut rest: S,
     ) -> Result<bool>
@@ -203,7 +344,7 @@ impl BlobStore {
         let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(WRITE_QUEUE);
         let store = self.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            store.write_blob(&dest, &sha, size, signature.as_deref(), rx)
+            store.write_blob(&dest, &sha, size, signature.as_deref(), delta, rx)
         });
         let mut fed = tx.send(Piece::Data(first)).await.is_ok();
         let mut interrupted = None;
@@ -260,20 +401,37 @@ impl BlobStore {
     }
 
     /// The blocking half of [`BlobStore::receive`]: writes and hashes what arrives on `rx`
-    /// into a temp file, and on [`Piece::End`] checks it and moves it into place.
+    /// (with a delta, interleaved with the chunks held here) into a temp file, and on
+    /// [`Piece::End`] checks it and moves it into place.
     fn write_blob(
         &self,
         dest: &Path,
         sha: &str,
         size: u64,
         signature: Option<&[u8]>,
+        delta: Option<Delta>,
         mut rx: tokio::sync::mpsc::Receiver<Piece>,
     ) -> Result<()> {
         let mut file = IncomingFile::create(dest, sha, size)?;
+        let mut assembly = match &delta {
+            Some(d) => Some(
+                delta::Assembly::plan(&self.local_index(sha), &d.list, &d.sent)
+                    .map_err(delta_error)?,
+            ),
+            None => None,
+        };
         loop {
             match rx.blocking_recv() {
-                Some(Piece::Data(d)) => file.write(&d)?,
-                Some(Piece::End) => break,
+                Some(Piece::Data(d)) => match assembly.as_mut() {
+                    Some(a) => a.feed(&mut file, &d).map_err(delta_error)?,
+                    None => file.write(&d)?,
+                },
+                Some(Piece::End) => {
+                    if let Some(a) = assembly.as_mut() {
+                        a.finish(&mut file).map_err(delta_error)?;
+                    }
+                    break;
+                }
                 // The sender went away without `End`: dropping `file` discards it.
                 None => {
                     return Err(Error::BadRequest(
@@ -293,6 +451,11 @@ impl BlobStore {
         if let Err(e) = file.finish() {
             let _ = std::fs::remove_file(&sig_path);
             return Err(e.into());
+        }
+        // Every chunk was checked (sent ones by their digest, the others copied from chunks
+        // of that digest) and the whole file too: the list is how this file is cut.
+        if let Some(d) = &delta {
+            delta::remember(dest, &d.list);
         }
         Ok(())
     }
@@ -407,7 +570,8 @@ impl BlobStore {
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
-    /// Copies a stored blob to another coordinator.
+    /// Copies a stored blob to another coordinator: as a delta (only the chunks it lacks)
+    /// when it can take one, else whole.
     pub async fn copy_to(
         &self,
         security: &Security,
@@ -415,13 +579,86 @@ impl BlobStore {
         peer_addr: &str,
         sha256: &str,
     ) -> Result<()> {
-        let chunks = self.read_chunks(sha256).await?;
         let mut c = blobs_client(security, peer_id, peer_addr).await?;
+        match self.copy_delta(&mut c, sha256).await {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::info!(
+                peer = peer_addr,
+                package = sha256,
+                "delta copy failed, copying the whole package: {e}"
+            ),
+        }
+        let chunks = self.read_chunks(sha256).await?;
         c.put_blob(chunks.filter_map(|c| c.ok()))
             .await
             .map_err(|e| {
                 Error::Unavailable(format!("copy to coordinator {peer_addr}: {}", e.message()))
             })?;
+        Ok(())
+    }
+
+    /// Asks the peer which chunks of a stored blob it lacks and sends only those.
+    async fn copy_delta(
+        &self,
+        c: &mut BlobsClient<tonic::transport::Channel>,
+        sha256: &str,
+    ) -> Result<()> {
+        let sha = normalize_digest(sha256)
+            .ok_or_else(|| Error::BadRequest(format!("{sha256:?} is not a hex SHA-256")))?;
+        let store = self.clone();
+        let digest = sha.clone();
+        let (chunks, signature) =
+            blocking(move || Ok((store.chunks_of(&digest)?, store.signature(&digest)?))).await?;
+        let refs: Vec<BlobChunkRef> = chunks
+            .iter()
+            .map(|c| BlobChunkRef {
+                size: c.len,
+                sha256: c.sha256.to_vec(),
+            })
+            .collect();
+        let size = chunks.iter().map(|c| u64::from(c.len)).sum();
+        let peer = |e: Status| Error::Unavailable(format!("delta copy: {}", e.message()));
+        let reply = c
+            .missing_chunks(BlobChunksRequest {
+                sha256: sha.clone(),
+                size,
+                chunks: refs.clone(),
+            })
+            .await
+            .map_err(peer)?
+            .into_inner();
+        if reply.already {
+            return Ok(());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let first = BlobDeltaChunk {
+            sha256: sha.clone(),
+            size,
+            signature: signature.unwrap_or_default(),
+            chunks: refs,
+            sent: reply.missing.clone(),
+            data: Vec::new(),
+        };
+        let _ = tx.send(first).await;
+        let path = self.path(&sha)?;
+        let reader = tokio::task::spawn_blocking(move || {
+            read_sent(&path, &chunks, &reply.missing, |data| {
+                tx.blocking_send(BlobDeltaChunk {
+                    data,
+                    ..Default::default()
+                })
+                .is_ok()
+            })
+        });
+        let sent = c
+            .put_blob_delta(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(peer);
+        reader.await.map_err(|e| Error::Task {
+            context: format!("reading package {sha}"),
+            source: e,
+        })??;
+        sent?;
         Ok(())
     }
 
@@ -500,6 +737,56 @@ impl blobs_server::Blobs for BlobsService {
     }
 
     type GetBlobStream = ChunkStream;
+
+    async fn missing_chunks(
+        &self,
+        req: Request<BlobChunksRequest>,
+    ) -> std::result::Result<Response<BlobChunksReply>, Status> {
+        let r = req.into_inner();
+        let list = checked_list(
+            r.chunks.iter().map(|c| (c.size, c.sha256.as_slice())),
+            r.size,
+        )?;
+        let reply = match self.store.missing_chunks(&r.sha256, list).await? {
+            None => BlobChunksReply {
+                missing: vec![],
+                already: true,
+            },
+            Some(missing) => BlobChunksReply {
+                missing,
+                already: false,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn put_blob_delta(
+        &self,
+        req: Request<Streaming<BlobDeltaChunk>>,
+    ) -> std::result::Result<Response<BlobReply>, Status> {
+        let mut s = req.into_inner();
+        let first = s
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty blob stream"))??;
+        let sig = (!first.signature.is_empty()).then_some(first.signature);
+        self.store
+            .check_signature(&first.sha256, sig.as_deref(), &first.sha256)?;
+        let list = checked_list(
+            first.chunks.iter().map(|c| (c.size, c.sha256.as_slice())),
+            first.size,
+        )?;
+        let delta = Delta {
+            list,
+            sent: first.sent,
+        };
+        let rest = s.map(|c| c.map(|c| c.data));
+        let already = self
+            .store
+            .receive_delta(&first.sha256, first.size, sig, delta, first.data, rest)
+            .await?;
+        Ok(Response::new(BlobReply { already }))
+    }
 
     async fn get_blob(
         &self,
@@ -601,6 +888,102 @@ mod tests {
         let r = store.sweep(&BTreeSet::new(), Duration::ZERO).unwrap();
         assert_eq!(r.deleted, 3);
         assert!(incoming.exists());
+    }
+
+    /// Incompressible bytes, the same for the same seed.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    }
+
+    fn list_of(bytes: &[u8]) -> Vec<ChunkId> {
+        orch_package::chunks::chunk_reader(bytes, Path::new("new"))
+            .unwrap()
+            .iter()
+            .map(|c| (c.len, c.sha256))
+            .collect()
+    }
+
+    /// The bytes of chunks `sent` of `bytes`, one item per chunk.
+    fn sent_bytes(bytes: &[u8], list: &[ChunkId], sent: &[u32]) -> Vec<Vec<u8>> {
+        let cs = delta::as_chunks(list);
+        sent.iter()
+            .map(|&i| {
+                let c = cs[i as usize];
+                bytes[c.offset as usize..(c.offset + u64::from(c.len)) as usize].to_vec()
+            })
+            .collect()
+    }
+
+    fn stream(
+        items: Vec<Vec<u8>>,
+    ) -> impl Stream<Item = std::result::Result<Vec<u8>, String>> + Unpin {
+        futures::stream::iter(items.into_iter().map(Ok))
+    }
+
+    #[test]
+    fn a_delta_is_rebuilt_from_stored_packages_and_a_lie_or_a_gap_stores_nothing() {
+        let rt = rt();
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("blobs"), 1 << 30).unwrap();
+        let old = noise(2 << 20, 1);
+        put(&rt, &store, &old);
+        let mut new = old.clone();
+        new[1 << 20..(1 << 20) + 100].copy_from_slice(&noise(100, 2));
+        let sha = digest(&new);
+        let size = new.len() as u64;
+        let list = list_of(&new);
+        let missing = rt
+            .block_on(store.missing_chunks(&sha, list.clone()))
+            .unwrap()
+            .unwrap();
+        assert!(!missing.is_empty() && missing.len() <= 2, "{missing:?}");
+
+        // A lying list: a sent chunk's bytes are not those its digest names.
+        let mut lied = sent_bytes(&new, &list, &missing);
+        lied[0][0] ^= 1;
+        let delta = Delta {
+            list: list.clone(),
+            sent: missing.clone(),
+        };
+        let e = rt
+            .block_on(store.receive_delta(&sha, size, None, delta.clone(), vec![], stream(lied)))
+            .unwrap_err();
+        assert!(matches!(e, Error::BadRequest(_)), "{e}");
+        assert!(!store.has(&sha));
+
+        // A chunk neither sent nor stored here: refused before anything is written, with the
+        // advice to send the whole package.
+        let gap = Delta {
+            list: list.clone(),
+            sent: vec![],
+        };
+        let e = rt
+            .block_on(store.receive_delta(&sha, size, None, gap, vec![], stream(vec![])))
+            .unwrap_err();
+        assert!(e.to_string().contains("send the whole package"), "{e}");
+        assert!(!store.has(&sha));
+
+        // The honest delta: rebuilt, checked whole, its list kept as its chunk index.
+        let sent = sent_bytes(&new, &list, &missing);
+        assert!(sent.iter().map(Vec::len).sum::<usize>() < new.len() / 4);
+        let already = rt
+            .block_on(store.receive_delta(&sha, size, None, delta, vec![], stream(sent)))
+            .unwrap();
+        assert!(!already);
+        let path = store.path(&sha).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), new);
+        assert!(orch_package::chunks::cache_path(&path).is_file());
+        assert_eq!(store.chunks_of(&sha).unwrap(), delta::as_chunks(&list));
+        // Stored now: nothing is missing.
+        assert_eq!(rt.block_on(store.missing_chunks(&sha, list)).unwrap(), None);
     }
 
     /// The runtime thread is free while a package is written and hashed: other tasks run

@@ -150,27 +150,24 @@ fn check_address(addr: &str, what: &str) -> Result<(), Status> {
     }
 }
 
-#[tonic::async_trait]
-impl Control for ControlService {
-    async fn upload_package(
-        &self,
-        req: Request<Streaming<pb::UploadChunk>>,
-    ) -> Res<pb::UploadReply> {
-        self.check(&req, WRITE)?;
-        if !self.shared.raft.is_leader() {
-            return Err(Error::NotLeader {
-                leader: self.shared.raft.leader(),
-            }
-            .into());
+impl ControlService {
+    /// Uploads go to the leader (the client retries there).
+    fn leader_only(&self) -> Result<(), Status> {
+        if self.shared.raft.is_leader() {
+            return Ok(());
         }
-        let mut s = req.into_inner();
-        let first = s
-            .next()
-            .await
-            .ok_or_else(|| bad("upload refused: empty stream"))??;
-        let h = first
-            .header
-            .ok_or_else(|| bad("upload refused: the first chunk must carry the header"))?;
+        Err(Error::NotLeader {
+            leader: self.shared.raft.leader(),
+        }
+        .into())
+    }
+
+    /// An upload's header, checked: its version, digest and signature. With trusted keys,
+    /// unsigned code stops here, before a byte is stored, copied or staged.
+    fn upload_header(
+        &self,
+        h: &pb::UploadHeader,
+    ) -> Result<(Version, String, Option<Vec<u8>>), Status> {
         orch_types::validate_package_name(&h.name).map_err(|e| bad(e.to_string()))?;
         let version: Version = h
             .version
@@ -178,19 +175,23 @@ impl Control for ControlService {
             .map_err(|e: orch_types::ParseError| bad(e.to_string()))?;
         let sha = orch_package::digest::normalize_digest(&h.sha256)
             .ok_or_else(|| bad("upload refused: sha256 is not a hex SHA-256 digest"))?;
-        // Before a byte is stored, copied or staged: with trusted keys, unsigned code stops here.
-        let sig = (!h.signature.is_empty()).then_some(h.signature);
+        let sig = (!h.signature.is_empty()).then(|| h.signature.clone());
         self.shared.blobs.check_signature(
             &format!("{}-{version}.zip", h.name),
             sig.as_deref(),
             &sha,
         )?;
-        let rest = s.map(|c| c.map(|c| c.data));
-        let already = self
-            .shared
-            .blobs
-            .receive(&sha, h.size, sig, first.data, rest)
-            .await?;
+        Ok((version, sha, sig))
+    }
+
+    /// After an upload is stored here: copies it to the other coordinators and records it.
+    async fn uploaded(
+        &self,
+        h: pb::UploadHeader,
+        version: Version,
+        sha: String,
+        already: bool,
+    ) -> Res<pb::UploadReply> {
         if !already {
             self.shared.metrics.package_uploaded.inc_by(h.size);
         }
@@ -209,6 +210,88 @@ impl Control for ControlService {
             holders,
             already,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn upload_package(
+        &self,
+        req: Request<Streaming<pb::UploadChunk>>,
+    ) -> Res<pb::UploadReply> {
+        self.check(&req, WRITE)?;
+        self.leader_only()?;
+        let mut s = req.into_inner();
+        let first = s
+            .next()
+            .await
+            .ok_or_else(|| bad("upload refused: empty stream"))??;
+        let h = first
+            .header
+            .ok_or_else(|| bad("upload refused: the first chunk must carry the header"))?;
+        let (version, sha, sig) = self.upload_header(&h)?;
+        let rest = s.map(|c| c.map(|c| c.data));
+        let already = self
+            .shared
+            .blobs
+            .receive(&sha, h.size, sig, first.data, rest)
+            .await?;
+        self.uploaded(h, version, sha, already).await
+    }
+
+    async fn missing_package_chunks(
+        &self,
+        req: Request<pb::MissingPackageChunksRequest>,
+    ) -> Res<pb::MissingPackageChunksReply> {
+        self.check(&req, WRITE)?;
+        self.leader_only()?;
+        let r = req.into_inner();
+        let list = crate::blobs::checked_list(
+            r.chunks.iter().map(|c| (c.size, c.sha256.as_slice())),
+            r.size,
+        )?;
+        let reply = match self.shared.blobs.missing_chunks(&r.sha256, list).await? {
+            None => pb::MissingPackageChunksReply {
+                missing: vec![],
+                stored: true,
+            },
+            Some(missing) => pb::MissingPackageChunksReply {
+                missing,
+                stored: false,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn upload_package_delta(
+        &self,
+        req: Request<Streaming<pb::UploadDeltaChunk>>,
+    ) -> Res<pb::UploadReply> {
+        self.check(&req, WRITE)?;
+        self.leader_only()?;
+        let mut s = req.into_inner();
+        let first = s
+            .next()
+            .await
+            .ok_or_else(|| bad("upload refused: empty stream"))??;
+        let h = first
+            .header
+            .ok_or_else(|| bad("upload refused: the first chunk must carry the header"))?;
+        let (version, sha, sig) = self.upload_header(&h)?;
+        let delta = crate::blobs::Delta {
+            list: crate::blobs::checked_list(
+                first.chunks.iter().map(|c| (c.size, c.sha256.as_slice())),
+                h.size,
+            )?,
+            sent: first.sent,
+        };
+        let rest = s.map(|c| c.map(|c| c.data));
+        let already = self
+            .shared
+            .blobs
+            .receive_delta(&sha, h.size, sig, delta, first.data, rest)
+            .await?;
+        self.uploaded(h, version, sha, already).await
     }
 
     async fn start_rollout(&self, req: Request<pb::StartRolloutRequest>) -> Res<pb::RolloutStatus> {

@@ -79,6 +79,15 @@ pub fn of_file(path: &Path) -> Result<Vec<Chunk>> {
     Ok(chunks)
 }
 
+/// Caches `chunks` as the chunks of the file at `path`, which must be exactly how that file is
+/// cut (a file just rebuilt from a checked list: [`crate::delta`]). Best effort, as caching.
+pub fn remember(path: &Path, chunks: &[Chunk]) {
+    let Ok(f) = File::open(path) else { return };
+    if let Some(id) = identity(&f) {
+        let _ = write_cache(path, &id, chunks);
+    }
+}
+
 fn write_cache(path: &Path, id: &str, chunks: &[Chunk]) -> Result<()> {
     let mut text = Vec::with_capacity(80 * chunks.len() + 64);
     let _ = writeln!(text, "{id}");

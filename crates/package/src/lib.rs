@@ -4,6 +4,7 @@
 //!
 //! - [`manifest`]: the `release.toml` at a package's root and the `<name>-<x.y.z>.zip` file name;
 //! - [`chunks`]: content-defined chunks of package files, so staging sends only missing bytes;
+//! - [`delta`]: a file sent as the chunks the receiver lacks, rebuilt and checked whole;
 //! - [`digest`]: SHA-256 digests of package files and their `<file>.sha256` sidecars;
 //! - [`signing`]: detached Ed25519 signatures (`<file>.sig`) and the keys that vouch for packages;
 //! - [`incoming`]: a file arriving over the network, checked against its announced size and
@@ -14,6 +15,7 @@
 //! Synchronous and blocking on purpose: async callers run it through `spawn_blocking`.
 
 pub mod chunks;
+pub mod delta;
 pub mod digest;
 pub mod error;
 pub mod fsutil;

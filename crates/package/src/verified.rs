@@ -26,8 +26,13 @@ pub fn sidecar_path(file: &Path) -> PathBuf {
 
 /// The identity of an open file, as the sidecar stores it.
 pub(crate) fn identity(file: &File) -> Option<String> {
-    let m = file.metadata().ok()?;
-    Some(format!(
+    Some(identity_of(&file.metadata().ok()?))
+}
+
+/// The identity of a file from its metadata: device, inode, size, modification and change times
+/// to the nanosecond. Any write, replacement or `touch` changes it (see the module's note).
+pub fn identity_of(m: &std::fs::Metadata) -> String {
+    format!(
         "{} {} {} {}.{:09} {}.{:09}",
         m.dev(),
         m.ino(),
@@ -36,7 +41,7 @@ pub(crate) fn identity(file: &File) -> Option<String> {
         m.mtime_nsec(),
         m.ctime(),
         m.ctime_nsec()
-    ))
+    )
 }
 
 /// Records that `file` (open on `path`, whose bytes were just checked) has digest `sha256`.

@@ -1,6 +1,7 @@
 //! The store's file-system primitives: the durable writes of the package format (with this
 //! crate's error),
-//! one `syncfs` for a whole extracted tree, tree removal, and the store lock.
+//! the flush of an extracted tree (an fsync per file and directory, or one `syncfs` for a large
+//! tree), tree removal, and the store lock.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
@@ -30,6 +31,34 @@ pub(crate) fn syncfs(dir: &Path) -> Result<()> {
     rustix::fs::syncfs(&d)
         .map_err(std::io::Error::from)
         .ctx("syncfs", dir)?;
+    Ok(())
+}
+
+/// Above this many files written plus directories, one `syncfs` is cheaper than an fsync each.
+const FSYNC_EACH_MAX: usize = 256;
+
+/// Makes an extracted tree durable before it is renamed into place: an fsync of every file
+/// written (a linked file's bytes were made durable when its own release was unpacked) and of
+/// every directory (new entries, links included), children first. `syncfs` would flush every
+/// dirty page of the whole file system, other nodes' and services' included, so it is kept for
+/// trees with many files, where one call beats thousands of fsyncs.
+pub(crate) fn flush_extracted(
+    root: &Path,
+    files: &[crate::package::ExtractedFile],
+    dirs: &[PathBuf],
+) -> Result<()> {
+    let written = files.iter().filter(|f| !f.linked).count();
+    if written + dirs.len() > FSYNC_EACH_MAX {
+        return syncfs(root);
+    }
+    for f in files.iter().filter(|f| !f.linked) {
+        File::open(&f.path)
+            .and_then(|h| h.sync_all())
+            .ctx("fsync", &f.path)?;
+    }
+    for d in dirs.iter().rev() {
+        fsync_dir(d)?;
+    }
     Ok(())
 }
 

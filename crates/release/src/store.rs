@@ -3,7 +3,9 @@
 //!
 //! Every mutation runs under the exclusive lock and in this order, so that a crash at any point
 //! leaves a state that `reconcile` turns into either the old or the new one:
-//! unpack = extract to `.unpack-*`, syncfs, rename to `<v>/`, fsync dir, then write state;
+//! unpack = extract to `.unpack-*`, flush it (an fsync of each file written and each directory,
+//! or one syncfs for a large tree), write `<v>.files` (the record of its files, see
+//! [`crate::package::files`]), rename to `<v>/`, fsync dir, then write state;
 //! uninstall = rename `<v>/` to `.trash-*`, fsync dir, write state, then delete the trash;
 //! switch = run the pre-step hook and record the drain (`drained.json`), run the activation
 //! hook, then write state. Reads take no lock: state.json is replaced
@@ -21,7 +23,9 @@ use crate::activate::{Activation, HookKind, Switch, hook_for, run_hook};
 use orch_package::error::IoContext;
 
 use crate::error::{Error, Result};
-use crate::fsutil::{StoreLock, fsync_dir, remove_tree, syncfs, unique_suffix, write_atomic};
+use crate::fsutil::{
+    StoreLock, flush_extracted, fsync_dir, remove_tree, unique_suffix, write_atomic,
+};
 use crate::package::{self, Limits, MANIFEST, PackageInfo};
 use crate::rules::{self, Op, Plan, Releases};
 use orch_package::signing::TrustedKeys;
@@ -430,7 +434,10 @@ impl Store {
             let entry = entry.ctx("read directory", &self.releases)?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if TEMP_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            // Also the temp files of `<v>.files` written atomically (`.<v>.files.tmp-*`).
+            if TEMP_PREFIXES.iter().any(|p| name.starts_with(p))
+                || (name.starts_with('.') && name.contains(".files.tmp-"))
+            {
                 let path = entry.path();
                 if path.is_dir() {
                     remove_tree(&path)?;
@@ -551,6 +558,9 @@ impl Store {
                 fsync_dir(&self.releases)?;
                 self.save(&change.next)?;
                 remove_tree(&trash)?;
+                // Only an optimisation for later unpacks; a leftover never vouches for a file
+                // (identities are checked).
+                let _ = fs::remove_file(package::files::record_path(&dir));
             } else {
                 self.save(&change.next)?;
             }
@@ -583,8 +593,9 @@ impl Store {
             .to_string()
     }
 
-    /// Extracts into a temp dir, flushes it, and renames it to `releases/<v>`. Files it shares
-    /// with the running release (whose package is still here) are hard-linked from it.
+    /// Extracts into a temp dir, flushes it, records its files (`<v>.files`) and renames it to
+    /// `releases/<v>`. Files it shares with the running release (whose package is still here)
+    /// are hard-linked from it.
     fn unpack_dir(
         &self,
         v: Version,
@@ -612,7 +623,7 @@ impl Store {
             let zip = find_package_in(&self.releases, r).ok()?;
             package::Reuse::of(&zip, &self.releases.join(r.to_string()))
         });
-        let info = package::extract_reusing(
+        let ex = package::extract_tree(
             &p.path,
             &tmp,
             verified.as_deref().or(p.sha256.as_deref()),
@@ -621,14 +632,35 @@ impl Store {
             reuse.as_ref(),
         )?;
         let done = (|| {
-            syncfs(&tmp)?;
+            flush_extracted(&tmp, &ex.files, &ex.dirs)?;
+            self.record_files(&final_dir, &ex.files);
             fs::rename(&tmp, &final_dir).ctx("rename into place", &final_dir)?;
             fsync_dir(&self.releases)
         })();
         if done.is_err() {
             let _ = remove_tree(&tmp);
         }
-        done.map(|()| info)
+        done.map(|()| ex.info)
+    }
+
+    /// Writes `<v>.files` for the release about to be renamed to `final_dir`. Best effort: it
+    /// only spares a later patch reading these files back, so a failure is logged, not fatal.
+    fn record_files(&self, final_dir: &Path, files: &[package::ExtractedFile]) {
+        let known: Vec<_> = files
+            .iter()
+            .filter_map(|f| {
+                let identity = f.identity.clone()?;
+                let k = package::files::Known {
+                    crc32: f.crc32,
+                    identity,
+                };
+                Some((f.name.clone(), k))
+            })
+            .collect();
+        let path = package::files::record_path(final_dir);
+        if let Err(e) = write_atomic(&path, package::files::render(&known).as_bytes()) {
+            tracing::warn!(file = %path.display(), "cannot record the release's files (a later patch reads them back instead): {e}");
+        }
     }
 }
 

@@ -123,3 +123,60 @@ fn a_file_changed_on_disk_is_not_shared() {
 fn lookup_v(s: &str) -> PackageSource {
     PackageSource::Lookup(v(s))
 }
+
+/// Writes `<v>.files` again, a clock tick or more later, so that every line of it is trusted
+/// (a line is trusted only when its file's change time is older than the record).
+fn age_record(release: &Path, text: &str) {
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    fs::write(package::files::record_path(release), text).unwrap();
+}
+
+#[test]
+fn the_record_of_files_spares_reading_them_but_never_vouches_for_a_rewritten_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, root) = (tmp.path().join("src"), tmp.path().join("root"));
+    let store = open(&root);
+    source(&src);
+    let first = build(&src, &root.join("releases"), "4.2.0");
+    store.install(&file_src(&first), true).unwrap();
+    let old = root.join("releases/4.2.0");
+    let text = fs::read_to_string(package::files::record_path(&old)).unwrap();
+    let record = package::files::parse(&text).unwrap();
+    assert!(record.contains_key("bin/app") && record.contains_key("lib/d2/f6.txt"));
+    age_record(&old, &text);
+
+    // Rewritten in place (same size) after the record: its identity changed, so its bytes are
+    // read back, and they are not the package's.
+    let tampered = old.join("lib/d2/f6.txt");
+    let len = fs::metadata(&tampered).unwrap().len() as usize;
+    fs::write(&tampered, "x".repeat(len)).unwrap();
+    // A record that names a file with the identity it has now is believed without reading it:
+    // shown by a forged line for another rewritten file (which a read would refuse).
+    let forged = old.join("lib/d3/f7.txt");
+    let len = fs::metadata(&forged).unwrap().len() as usize;
+    fs::write(&forged, "y".repeat(len)).unwrap();
+    let mut lines: Vec<(String, package::files::Known)> = record.into_iter().collect();
+    for (name, k) in &mut lines {
+        if name == "lib/d3/f7.txt" {
+            k.identity = orch_package::verified::identity_of(&fs::metadata(&forged).unwrap());
+        }
+    }
+    age_record(&old, &package::files::render(&lines));
+
+    fs::write(src.join("lib/d1/f5.txt"), "changed").unwrap();
+    let patch = build(&src, &root.join("releases"), "4.2.1");
+    store.unpack(&file_src(&patch)).unwrap();
+    let new = root.join("releases/4.2.1");
+    assert_ne!(ino(&tampered), ino(&new.join("lib/d2/f6.txt")));
+    assert_eq!(
+        fs::read(new.join("lib/d2/f6.txt")).unwrap(),
+        fs::read(src.join("lib/d2/f6.txt")).unwrap()
+    );
+    assert_eq!(ino(&forged), ino(&new.join("lib/d3/f7.txt")), "not read");
+    // Unchanged files are shared; the patch has its own record, and uninstalling drops it.
+    assert_eq!(ino(&old.join("bin/app")), ino(&new.join("bin/app")));
+    assert!(package::files::record_path(&new).exists());
+    store.uninstall(v("4.2.1")).unwrap();
+    assert!(!package::files::record_path(&new).exists());
+    assert_consistent(&store);
+}

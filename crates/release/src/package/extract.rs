@@ -4,7 +4,7 @@
 //! [`orch_package::verified`]) is not hashed again.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, BufWriter, Read, Seek};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,8 +16,10 @@ use orch_types::Version;
 use sha2::{Digest, Sha256};
 
 use super::check::{Kind, classify, open_checked, safe_relative_path};
+use super::files::FileRecord;
 use super::{Limits, MANIFEST, PackageInfo, bad, copy_capped, expected_digest, hex, short_entry};
 use orch_package::error::IoContext;
+use orch_package::verified::identity_of;
 
 use crate::error::{Error, Result};
 
@@ -86,13 +88,40 @@ struct FileEntry {
 /// is a second name for the same bytes: uninstalling either release removes only its own name,
 /// so the other keeps its files. (Releases are not written to once unpacked; a release that
 /// rewrote its own files in place would change the other's too, which is why the bytes on disk
-/// are checked, not only the package's word.)
+/// are checked, not only the package's word.) The bytes on disk are known without reading them
+/// when the installed release's record ([`super::files`]) names the file with this CRC-32 and
+/// its identity is unchanged since it was unpacked; otherwise they are read back.
 #[derive(Debug, Default)]
 pub struct Reuse {
     /// The installed release's directory.
     pub dir: PathBuf,
     /// Its package's entries: name -> (size, CRC-32, raw Unix mode).
     pub entries: std::collections::HashMap<String, (u64, u32, Option<u32>)>,
+    /// Its record of the files it unpacked (empty: every candidate is read back).
+    pub known: FileRecord,
+}
+
+/// A regular file of an extracted release, for the caller's flush and the release's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtractedFile {
+    /// The entry's name in the package.
+    pub name: String,
+    /// Where it is (under the extraction directory).
+    pub path: PathBuf,
+    /// Hard-linked from the installed release (its bytes were durable already), not written.
+    pub linked: bool,
+    pub crc32: u32,
+    /// Its identity once in place ([`orch_package::verified::identity_of`]).
+    pub identity: Option<String>,
+}
+
+/// What [`extract_tree`] made: the package's description, every regular file, every directory.
+#[derive(Debug, Clone)]
+pub struct Extraction {
+    pub info: PackageInfo,
+    pub files: Vec<ExtractedFile>,
+    /// The extraction directory and every directory under it, parents before children.
+    pub dirs: Vec<PathBuf>,
 }
 
 impl Reuse {
@@ -109,6 +138,7 @@ impl Reuse {
         Some(Reuse {
             dir: dir.to_path_buf(),
             entries,
+            known: super::files::read(dir),
         })
     }
 
@@ -122,6 +152,14 @@ impl Reuse {
         let meta = fs::symlink_metadata(&path).ok()?;
         if !meta.is_file() || meta.len() != size {
             return None;
+        }
+        // Unpacked with this CRC and untouched since: no need to read it.
+        if self
+            .known
+            .get(&e.name)
+            .is_some_and(|k| k.crc32 == crc && k.identity == identity_of(&meta))
+        {
+            return Some(path);
         }
         let mut f = File::open(&path).ok()?;
         let mut h = crc32fast::Hasher::new();
@@ -137,22 +175,31 @@ impl Reuse {
     }
 }
 
+/// Extracts (or links) one file; returns it as extracted.
 fn extract_entry(
     zip: &Path,
     archive: &mut zip::ZipArchive<PosReader>,
     dest: &Path,
     e: &FileEntry,
     reuse: Option<&Reuse>,
-) -> Result<u64> {
+) -> Result<ExtractedFile> {
+    let target = dest.join(&e.rel);
+    let done = |linked: bool, meta: Option<fs::Metadata>| ExtractedFile {
+        name: e.name.clone(),
+        path: target.clone(),
+        linked,
+        crc32: e.crc32,
+        identity: meta.as_ref().map(identity_of),
+    };
     if let Some(src) = reuse.and_then(|r| r.source(e))
-        && fs::hard_link(&src, dest.join(&e.rel)).is_ok()
+        && fs::hard_link(&src, &target).is_ok()
     {
-        return Ok(e.declared);
+        // After the link, which changes the file's change time.
+        return Ok(done(true, fs::symlink_metadata(&target).ok()));
     }
     let mut f = archive
         .by_index(e.index)
         .map_err(|err| bad(zip, format!("entry {:?} is unreadable ({err})", e.name)))?;
-    let target = dest.join(&e.rel);
     // create_new: nothing can overwrite an earlier entry.
     let out = OpenOptions::new()
         .write(true)
@@ -178,8 +225,11 @@ fn extract_entry(
     if n != e.declared {
         return Err(short_entry(zip, &e.name, n, e.declared));
     }
-    w.flush().ctx("write", &target)?;
-    Ok(n)
+    let out = w
+        .into_inner()
+        .map_err(|err| err.into_error())
+        .ctx("write", &target)?;
+    Ok(done(false, out.metadata().ok()))
 }
 
 /// The digest of the package file: computed on its own thread while entries are extracted, or
@@ -240,6 +290,19 @@ pub fn extract_reusing(
     limits: &Limits,
     reuse: Option<&Reuse>,
 ) -> Result<PackageInfo> {
+    extract_tree(zip, dest, expected_sha256, expected_version, limits, reuse).map(|x| x.info)
+}
+
+/// [`extract_reusing`], saying what it made: every file (written or linked, with its CRC-32
+/// and identity) and every directory, so the caller can flush exactly those and record them.
+pub fn extract_tree(
+    zip: &Path,
+    dest: &Path,
+    expected_sha256: Option<&str>,
+    expected_version: Option<Version>,
+    limits: &Limits,
+    reuse: Option<&Reuse>,
+) -> Result<Extraction> {
     let expected = expected_digest(zip, expected_sha256)?;
     let file = Arc::new(File::open(zip).ctx("open package", zip)?);
     let size = file.metadata().ctx("stat", zip)?.len();
@@ -259,25 +322,26 @@ pub fn extract_reusing(
     };
     fs::create_dir(dest).ctx("create", dest)?;
     let result = (|| {
-        let files = make_dirs(zip, &archive, dest)?;
+        let (files, dirs) = make_dirs(zip, &archive, dest)?;
         let extracted = extract_files(zip, &archive, dest, files, reuse);
         // The digest first: a mismatch explains a broken entry better than the entry's error.
         let sha256 = hasher.check(zip, expected.as_deref())?;
-        let uncompressed_bytes = extracted?;
+        let (uncompressed_bytes, files) = extracted?;
         let manifest_path = dest.join(MANIFEST);
         let text = fs::read_to_string(&manifest_path)
             .map_err(|e| bad(zip, format!("{MANIFEST} is unreadable ({e})")))?;
         let (name, version) = check_identity(zip, &text, expected_version)?;
         // Entries may carry restrictive dir modes; the store must be able to delete the tree.
         let _ = fs::set_permissions(dest, fs::Permissions::from_mode(0o755));
-        Ok(PackageInfo {
+        let info = PackageInfo {
             name,
             version,
             sha256,
             size,
             entries: archive.len() as u64,
             uncompressed_bytes,
-        })
+        };
+        Ok(Extraction { info, files, dirs })
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(dest);
@@ -287,12 +351,14 @@ pub fn extract_reusing(
 
 /// Creates every directory (including every file's parent), so workers only create files;
 /// returns the files to extract, largest first (so the last worker does not finish long after
-/// the others).
+/// the others), and every directory (`dest` and those under it, parents first).
 fn make_dirs(
     zip: &Path,
     archive: &zip::ZipArchive<PosReader>,
     dest: &Path,
-) -> Result<Vec<FileEntry>> {
+) -> Result<(Vec<FileEntry>, Vec<PathBuf>)> {
+    let mut dirs = std::collections::BTreeSet::new();
+    dirs.insert(PathBuf::new());
     // A clone shares the parsed central directory; reading raw entries needs `&mut`.
     let mut archive = archive.clone();
     let mut files = Vec::new();
@@ -304,7 +370,13 @@ fn make_dirs(
         let rel = safe_relative_path(&name)
             .ok_or_else(|| bad(zip, format!("entry {name:?} escapes the release directory")))?;
         let target = dest.join(&rel);
-        match classify(zip, &f, &name)? {
+        let kind = classify(zip, &f, &name)?;
+        // Every ancestor inside `dest` (create_dir_all makes them all).
+        let own = matches!(kind, Kind::Dir).then_some(rel.as_path());
+        for a in own.into_iter().chain(rel.ancestors().skip(1)) {
+            dirs.insert(a.to_path_buf());
+        }
+        match kind {
             Kind::Dir => fs::create_dir_all(&target).ctx("create", &target)?,
             Kind::File { mode } => {
                 if let Some(parent) = target.parent() {
@@ -323,18 +395,20 @@ fn make_dirs(
         }
     }
     files.sort_by_key(|f| std::cmp::Reverse(f.declared));
-    Ok(files)
+    // Sorted paths put every parent before its children.
+    let dirs = dirs.into_iter().map(|d| dest.join(d)).collect();
+    Ok((files, dirs))
 }
 
-/// Extracts `files` on up to four threads; returns the bytes written, or the first error (after
-/// which every worker stops at its next entry).
+/// Extracts `files` on up to four threads; returns the bytes written and the files, or the
+/// first error (after which every worker stops at its next entry).
 fn extract_files(
     zip: &Path,
     archive: &zip::ZipArchive<PosReader>,
     dest: &Path,
     files: Vec<FileEntry>,
     reuse: Option<&Reuse>,
-) -> Result<u64> {
+) -> Result<(u64, Vec<ExtractedFile>)> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -343,17 +417,19 @@ fn extract_files(
     let next = AtomicUsize::new(0);
     let total = AtomicU64::new(0);
     let failed: Mutex<Option<Error>> = Mutex::new(None);
+    let made = Mutex::new(Vec::with_capacity(files.len()));
     std::thread::scope(|s| {
         for _ in 0..workers {
             let mut archive = archive.clone();
-            let (next, total, failed, files) = (&next, &total, &failed, &files);
+            let (next, total, failed, files, made) = (&next, &total, &failed, &files, &made);
             s.spawn(move || {
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(e) = files.get(k) else { return };
                     match extract_entry(zip, &mut archive, dest, e, reuse) {
-                        Ok(n) => {
-                            total.fetch_add(n, Ordering::Relaxed);
+                        Ok(f) => {
+                            total.fetch_add(e.declared, Ordering::Relaxed);
+                            made.lock().unwrap_or_else(|p| p.into_inner()).push(f);
                         }
                         Err(err) => {
                             let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -369,6 +445,9 @@ fn extract_files(
     });
     match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
-        None => Ok(total.into_inner()),
+        None => Ok((
+            total.into_inner(),
+            made.into_inner().unwrap_or_else(|p| p.into_inner()),
+        )),
     }
 }

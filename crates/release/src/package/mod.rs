@@ -9,9 +9,10 @@
 mod build;
 mod check;
 mod extract;
+pub mod files;
 
 pub use build::build;
-pub use extract::{Reuse, extract, extract_reusing};
+pub use extract::{ExtractedFile, Extraction, Reuse, extract, extract_reusing, extract_tree};
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
