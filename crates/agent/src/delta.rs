@@ -1,126 +1,94 @@
 //! Delta pushes: a package arrives as the chunks this node lacks, the rest copied from the
 //! packages it already holds (`ROOT/releases/*.zip`, cut into content-defined chunks by
-//! [`orch_package::chunks`]). The reassembled file goes through the same [`IncomingFile`] as a
-//! full push: hashed as it is written, checked against the header's size and sha256, signature
-//! checked before a byte is written. A chunk list that lies, or a local package that changed,
-//! therefore ends in a refused push, never in a wrong file.
+//! [`orch_package::chunks`]). The rebuilding itself is [`orch_package::delta`], shared with the
+//! coordinators' delta uploads: every chunk sent is checked against its digest, and the
+//! reassembled file goes through the same [`IncomingFile`] as a full push (size and sha256 of
+//! the whole file; the signature was checked before a byte was written). A chunk list that
+//! lies, or a local package that changed, therefore ends in a refused push, never in a wrong
+//! file. This module adds the node's view: which files are sources, and the agent's errors.
 //!
 //! [`IncomingFile`]: orch_package::IncomingFile
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use orch_package::chunks::{self, MAX_CHUNK};
+use orch_package::delta::{self as shared, Located};
 use orch_proto::agent as pb;
 use orch_types::parse_package_file_name;
 
 use crate::error::{Error, Result};
 use crate::push::Upload;
 
-/// Where this node holds a chunk: a package file, offset and length.
-type Located = (PathBuf, u64, u32);
-
 /// Every chunk of every package in `releases` but `except` (the file being pushed), by digest.
 /// Blocking: a package without a valid chunk cache is read once and cut.
 pub fn local_chunks(releases: &Path, except: &str) -> HashMap<[u8; 32], Located> {
-    let mut out = HashMap::new();
     let Ok(rd) = std::fs::read_dir(releases) else {
-        return out;
+        return HashMap::new();
     };
-    for e in rd.flatten() {
+    let files = rd.flatten().filter_map(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == except || parse_package_file_name(&name).is_none() || !e.path().is_file() {
-            continue;
-        }
-        // A package that cannot be read is simply not a source.
-        let Ok(list) = chunks::of_file(&e.path()) else {
-            continue;
-        };
-        for c in list {
-            out.entry(c.sha256)
-                .or_insert_with(|| (e.path(), c.offset, c.len));
-        }
-    }
-    out
+        let source = name != except && parse_package_file_name(&name).is_some();
+        (source && e.path().is_file()).then(|| e.path())
+    });
+    shared::index(files)
 }
 
 /// The header's chunk list, checked: every size within bounds, 32-byte digests, the sizes adding
 /// up to the package's size.
 pub fn checked_list(chunks: &[pb::ChunkRef], size: u64) -> Result<Vec<(u32, [u8; 32])>> {
-    let bad = |why: String| Error::BadRequest(format!("push refused: the chunk list {why}"));
-    if chunks.len() as u64 > size / 1024 + 1 {
-        return Err(bad(format!(
-            "has {} entries for {size} bytes",
-            chunks.len()
-        )));
-    }
-    let mut total = 0u64;
-    let mut out = Vec::with_capacity(chunks.len());
-    for (i, c) in chunks.iter().enumerate() {
-        let digest: [u8; 32] = c.sha256.as_slice().try_into().map_err(|_| {
-            bad(format!(
-                "names chunk {i} by {} bytes, not 32",
-                c.sha256.len()
-            ))
-        })?;
-        if c.size == 0 || c.size as usize > MAX_CHUNK {
-            return Err(bad(format!("gives chunk {i} {} bytes", c.size)));
-        }
-        total += u64::from(c.size);
-        out.push((c.size, digest));
-    }
-    if total != size {
-        return Err(bad(format!("adds up to {total} bytes, not {size}")));
-    }
-    Ok(out)
+    shared::checked_list(chunks.iter().map(|c| (c.size, c.sha256.as_slice())), size)
+        .map_err(refused)
 }
 
 /// `MissingChunks`: the indexes of the chunks no package here holds.
 pub fn missing(releases: &Path, file_name: &str, list: &[(u32, [u8; 32])]) -> Vec<u32> {
-    let local = local_chunks(releases, file_name);
-    (0..list.len() as u32)
-        .filter(|&i| !local.contains_key(&list[i as usize].1))
-        .collect()
+    shared::missing(&local_chunks(releases, file_name), list)
 }
 
-/// One piece of the file being assembled.
-#[derive(Debug)]
-enum Piece {
-    /// This many bytes from the stream.
-    Sent(u64),
-    /// Copied from a package here.
-    Local(Located),
+/// The agent's error for a refused delta: a chunk that is gone tells the sender to push the
+/// whole package (the words the coordinator looks for); a bad list or chunk is a bad request.
+fn refused(e: shared::Error) -> Error {
+    match e {
+        shared::Error::Missing { index } => Error::Refused(format!(
+            "push refused: chunk {index} is not on this node (any more); push the whole package"
+        )),
+        shared::Error::Local { path, source } => Error::Refused(format!(
+            "push refused: cannot read a chunk of {} ({source}); push the whole package",
+            path.display()
+        )),
+        shared::Error::File(e) => Error::from(e),
+        e @ (shared::Error::BadList(_)
+        | shared::Error::WrongChunk { .. }
+        | shared::Error::TooMuch) => Error::BadRequest(format!("push refused: {e}")),
+    }
 }
 
 /// What a delta push writes, in order: the sent chunks from the stream, the others from the
-/// packages here. Refuses when a chunk that is not sent is nowhere here (it was when the sender
-/// asked, but a package went away since): the sender then pushes the whole file.
+/// packages here; and the list, kept as the package's chunk index once it is in place.
 pub struct Assembly {
-    pieces: Vec<Piece>,
-    next: usize,
-    files: HashMap<PathBuf, File>,
+    inner: shared::Assembly,
+    list: Vec<(u32, [u8; 32])>,
 }
 
 impl Assembly {
+    /// Refuses when a chunk that is not sent is nowhere here (it was when the sender asked,
+    /// but a package went away since): the sender then pushes the whole file.
     pub fn plan(
         releases: &Path,
         file_name: &str,
         list: &[(u32, [u8; 32])],
         sent: &[u32],
     ) -> Result<Assembly> {
-        if sent.windows(2).any(|w| w[0] >= w[1]) || sent.iter().any(|&i| i as usize >= list.len()) {
-            return Err(Error::BadRequest(
-                "push refused: the sent chunk indexes are not ascending indexes of the list".into(),
-            ));
-        }
         let local = if sent.len() < list.len() {
             local_chunks(releases, file_name)
         } else {
             HashMap::new()
         };
-        Assembly::from_local(&local, list, sent)
+        let inner = shared::Assembly::plan(&local, list, sent).map_err(refused)?;
+        Ok(Assembly {
+            inner,
+            list: list.to_vec(),
+        })
     }
 
     /// A relayed push: every chunk no package here holds is fetched from peers and fed in
@@ -131,106 +99,36 @@ impl Assembly {
         list: &[(u32, [u8; 32])],
     ) -> Result<(Assembly, Vec<u32>)> {
         let local = local_chunks(releases, file_name);
-        let remote: Vec<u32> = (0..list.len() as u32)
-            .filter(|&i| !local.contains_key(&list[i as usize].1))
-            .collect();
-        let a = Assembly::from_local(&local, list, &remote)?;
+        let remote = shared::missing(&local, list);
+        let inner = shared::Assembly::plan(&local, list, &remote).map_err(refused)?;
+        let a = Assembly {
+            inner,
+            list: list.to_vec(),
+        };
         Ok((a, remote))
-    }
-
-    /// `sent` (checked ascending and in range) come from the stream, the rest from `local`.
-    fn from_local(
-        local: &HashMap<[u8; 32], Located>,
-        list: &[(u32, [u8; 32])],
-        sent: &[u32],
-    ) -> Result<Assembly> {
-        let mut pieces = Vec::with_capacity(list.len());
-        let mut sent = sent.iter().peekable();
-        for (i, (size, digest)) in list.iter().enumerate() {
-            if sent.peek().is_some_and(|&&s| s as usize == i) {
-                sent.next();
-                pieces.push(Piece::Sent(u64::from(*size)));
-                continue;
-            }
-            let at = local.get(digest).ok_or_else(|| {
-                Error::Refused(format!(
-                    "push refused: chunk {i} is not on this node (any more); push the whole package"
-                ))
-            })?;
-            pieces.push(Piece::Local(at.clone()));
-        }
-        Ok(Assembly {
-            pieces,
-            next: 0,
-            files: HashMap::new(),
-        })
     }
 
     /// How many bytes the stream carries.
     pub fn sent_bytes(&self) -> u64 {
-        self.pieces
-            .iter()
-            .map(|p| match p {
-                Piece::Sent(n) => *n,
-                Piece::Local(_) => 0,
-            })
-            .sum()
+        self.inner.sent_bytes()
     }
 
-    /// Writes the local pieces that come next, up to the next sent one.
-    fn copy_locals(&mut self, upload: &mut Upload) -> Result<()> {
-        while let Some(Piece::Local((path, offset, len))) = self.pieces.get(self.next) {
-            if !self.files.contains_key(path) {
-                let f = File::open(path).map_err(|e| {
-                    Error::Refused(format!(
-                        "push refused: cannot read {} for its chunks ({e}); push the whole package",
-                        path.display()
-                    ))
-                })?;
-                self.files.insert(path.clone(), f);
-            }
-            let mut buf = vec![0u8; *len as usize];
-            if let Some(f) = self.files.get(path) {
-                f.read_exact_at(&mut buf, *offset).map_err(|e| {
-                    Error::Refused(format!(
-                        "push refused: cannot read a chunk of {} ({e}); push the whole package",
-                        path.display()
-                    ))
-                })?;
-            }
-            upload.write(&buf)?;
-            self.next += 1;
-        }
-        Ok(())
-    }
-
-    /// Feeds bytes from the stream: they fill the sent pieces in order, local pieces in between
-    /// are copied.
-    pub fn feed(&mut self, upload: &mut Upload, mut data: &[u8]) -> Result<()> {
-        loop {
-            self.copy_locals(upload)?;
-            if data.is_empty() {
-                return Ok(());
-            }
-            let Some(Piece::Sent(left)) = self.pieces.get_mut(self.next) else {
-                return Err(Error::BadRequest(
-                    "push refused: more bytes than the chunks to send; discarded".into(),
-                ));
-            };
-            let take = (*left).min(data.len() as u64) as usize;
-            upload.write(&data[..take])?;
-            *left -= take as u64;
-            data = &data[take..];
-            if *left == 0 {
-                self.next += 1;
-            }
-        }
+    /// Feeds bytes from the stream: they fill the sent pieces in order (each checked against
+    /// its digest), local pieces in between are copied.
+    pub fn feed(&mut self, upload: &mut Upload, data: &[u8]) -> Result<()> {
+        self.inner.feed(upload.incoming(), data).map_err(refused)
     }
 
     /// The stream ended: the trailing local pieces; a sent piece still waiting for bytes is a
     /// truncated stream (the upload's size check then refuses it).
     pub fn finish(&mut self, upload: &mut Upload) -> Result<()> {
-        self.copy_locals(upload)
+        self.inner.finish(upload.incoming()).map_err(refused)
+    }
+
+    /// The package is in place at `path`, checked whole: its list (every chunk checked) becomes
+    /// its chunk index, so later pushes need not cut it again.
+    pub fn remember(&self, path: &Path) {
+        shared::remember(path, &self.list);
     }
 }
 
@@ -238,6 +136,8 @@ impl Assembly {
 mod tests {
     use super::*;
     use crate::push::Header;
+    use orch_package::chunks::{self, MAX_CHUNK};
+    use std::path::PathBuf;
 
     /// Incompressible bytes (xorshift), the same for the same seed.
     fn noise(n: usize, seed: u64) -> Vec<u8> {

@@ -143,6 +143,11 @@ impl Upload {
         Ok(self.file.write(data)?)
     }
 
+    /// The file being written (a delta assembly writes into it directly).
+    pub fn incoming(&mut self) -> &mut IncomingFile {
+        &mut self.file
+    }
+
     /// Checks size and digest, writes the `.sha256` and `.sig` sidecars, then renames into
     /// place.
     pub fn finish(self) -> Result<PathBuf> {
@@ -217,7 +222,11 @@ impl Writer {
                         if let Some(a) = assembly.as_mut() {
                             a.finish(&mut upload)?;
                         }
-                        return upload.finish();
+                        let path = upload.finish()?;
+                        if let Some(a) = &assembly {
+                            a.remember(&path);
+                        }
+                        return Ok(path);
                     }
                     // The request went away: `upload` is dropped, removing its temp file.
                     None => return Err(Error::Abandoned),
