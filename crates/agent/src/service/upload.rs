@@ -97,7 +97,29 @@ impl AgentService {
         };
         let sent_bytes = assembly.as_ref().map(|a| a.sent_bytes());
         let writer = Writer::spawn(upload, assembly);
-        let mut writing = writer.write(first_data).await;
+        let finished = self
+            .write_stream(&call, writer, first_data, &mut stream, &file_name)
+            .await?;
+        self.shared.record(&call, &audit::ok(true));
+        let message = received(&file_name, sent_bytes, h_size);
+        tracing::info!(node = %self.shared.node_id, file = %finished.display(), "{message}");
+        Ok(Response::new(pb::PushReply {
+            path,
+            already: false,
+            message,
+        }))
+    }
+
+    /// Writes the stream's data (after `first`) through `writer` and finishes the file.
+    async fn write_stream(
+        &self,
+        call: &Call,
+        writer: Writer,
+        first: Vec<u8>,
+        stream: &mut Streaming<pb::PackageChunk>,
+        file_name: &str,
+    ) -> Result<std::path::PathBuf, Status> {
+        let mut writing = writer.write(first).await;
         while writing {
             match stream.next().await {
                 None => break,
@@ -107,20 +129,12 @@ impl AgentService {
                     let s = Status::cancelled(format!(
                         "push of {file_name} interrupted ({e}); package discarded"
                     ));
-                    return Err(self.denied(&call, s));
+                    return Err(self.denied(call, s));
                 }
             }
         }
         // Also the error that stopped the writer early (more data than announced, a disk error).
-        let finished = self.parsed(&call, writer.finish().await)?;
-        self.shared.record(&call, &audit::ok(true));
-        let message = received(&file_name, sent_bytes, h_size);
-        tracing::info!(node = %self.shared.node_id, file = %finished.display(), "{message}");
-        Ok(Response::new(pb::PushReply {
-            path,
-            already: false,
-            message,
-        }))
+        self.parsed(call, writer.finish().await)
     }
 
     /// The stream's first message: its header, and the data it carries.
