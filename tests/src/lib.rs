@@ -95,6 +95,32 @@ pub fn write_script(path: &Path, text: &str) {
 // ---------------------------------------------------------------------------------------------
 // Bounded waiting
 
+/// SIGSTOPs process `pid` and waits until the kernel shows every one of its threads stopped:
+/// the signal is delivered asynchronously, and a request sent right after `kill` returns could
+/// still be served by a thread that has not stopped yet.
+pub fn freeze(pid: u32) {
+    // SAFETY: kill(2) on a process the test started.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) },
+        0,
+        "SIGSTOP {pid}"
+    );
+    wait_until(Duration::from_secs(10), "the process to stop", || {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        })
+    });
+}
+
 /// Polls `f` every 20 ms until it returns true; panics naming `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();

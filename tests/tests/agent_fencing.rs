@@ -303,8 +303,8 @@ fn a_step_whose_deadline_passed_is_refused_and_changes_nothing() {
 
     // Sent in time to a frozen agent, which resumes after the deadline.
     let deadline = now_ms() + 1500;
-    // SAFETY: kill(2) on the agent we started (the guard still holds it, unreaped).
-    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) }, 0);
+    // Stopped for sure before the call is sent (the agent was started by this test).
+    orch_tests::freeze(agent.pid());
     let call = r.spawn(async move { c.install(install(deadline)).await });
     wait_until(Duration::from_secs(10), "the deadline to pass", || {
         now_ms() > deadline + 200
