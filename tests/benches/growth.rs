@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use orch_client::{Client, control as pb};
 use orch_tests::cluster::{CoordProc, spawn_coordinators_with};
-use orch_tests::fleet::Fleet;
+use orch_tests::fleet::{Fleet, terminal};
 use tokio::runtime::Runtime;
 
 const V0: &str = "4.2.0";
@@ -60,27 +60,12 @@ fn main() {
         .unwrap_or(if quick { 5 } else { 100 })
         .max(1);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = orch_tests::fleet::runtime();
     let work = tempfile::Builder::new()
         .prefix("orch-growth-")
         .tempdir()
         .unwrap();
-    let shm = Path::new("/dev/shm");
-    let agent_work = if shm.is_dir() {
-        tempfile::Builder::new()
-            .prefix("orch-growth-agents-")
-            .tempdir_in(shm)
-            .unwrap()
-    } else {
-        tempfile::Builder::new()
-            .prefix("orch-growth-agents-")
-            .tempdir()
-            .unwrap()
-    };
+    let agent_work = orch_tests::fleet::roots_dir("orch-growth-agents-");
     let pkgs = work.path().join("pkgs");
     let pkg0 = build_package(work.path(), &pkgs, V0);
     let pkg1 = build_package(work.path(), &pkgs, V1);
@@ -280,13 +265,6 @@ fn ms(d: Duration) -> f64 {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
-fn terminal(p: &str) -> bool {
-    matches!(
-        p,
-        "succeeded" | "rolled_back" | "rollback_failed" | "aborted"
-    )
 }
 
 fn client(addrs: &[String]) -> Client {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use orch_client::{Client, control as pb};
 use orch_tests::cluster::{CoordProc, now_ms, spawn_coordinators};
-use orch_tests::fleet::Fleet;
+use orch_tests::fleet::{Fleet, terminal};
 use orch_tests::proto as apb;
 use tokio::runtime::Runtime;
 
@@ -50,30 +50,12 @@ fn main() {
         std::process::exit(2);
     }
     let quick = std::env::var_os("ORCH_BENCH_QUICK").is_some();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = orch_tests::fleet::runtime();
     let work = tempfile::Builder::new()
         .prefix("orch-bench-")
         .tempdir()
         .unwrap();
-    // Agents' roots on tmpfs when there is one: their fsyncs are the agents' work, not the
-    // orchestration's, and on a shared disk they would also slow the coordinators' Raft log.
-    // Coordinators keep their data on the real disk (their fsyncs are part of the overhead).
-    let shm = Path::new("/dev/shm");
-    let agent_work = if shm.is_dir() {
-        tempfile::Builder::new()
-            .prefix("orch-bench-agents-")
-            .tempdir_in(shm)
-            .unwrap()
-    } else {
-        tempfile::Builder::new()
-            .prefix("orch-bench-agents-")
-            .tempdir()
-            .unwrap()
-    };
+    let agent_work = orch_tests::fleet::roots_dir("orch-bench-agents-");
     let pkgs = work.path().join("pkgs");
     let pkg0 = build_package(work.path(), &pkgs, V0);
     let pkg1 = build_package(work.path(), &pkgs, V1);
@@ -534,13 +516,6 @@ fn rollout_req(v: &str, sha: &str) -> pb::StartRolloutRequest {
         requested_by: "bench".into(),
         ..Default::default()
     }
-}
-
-fn terminal(p: &str) -> bool {
-    matches!(
-        p,
-        "succeeded" | "rolled_back" | "rollback_failed" | "aborted"
-    )
 }
 
 /// At which time the first event containing `needle` was recorded.

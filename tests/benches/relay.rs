@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use orch_client::{Client, control as pb};
 use orch_tests::cluster::{CoordProc, spawn_coordinators_with};
-use orch_tests::fleet::Fleet;
+use orch_tests::fleet::{Fleet, terminal};
 use orch_tests::http::http_get;
 use tokio::runtime::Runtime;
 
@@ -48,17 +48,11 @@ fn main() {
         Err(_) if quick => vec![5],
         Err(_) => vec![10, 50, 100],
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = orch_tests::fleet::runtime();
     let work = tempfile::Builder::new()
         .prefix("orch-relay-")
         .tempdir()
         .unwrap();
-    let shm = Path::new("/dev/shm");
-    let agents_dir = if shm.is_dir() { shm } else { work.path() };
     let pkgs = work.path().join("pkgs");
     let pkg0 = build_package(work.path(), &pkgs, V0, 0);
     let pkg1 = build_package(work.path(), &pkgs, V1, mb);
@@ -79,7 +73,7 @@ fn main() {
             _ => &[false, true],
         };
         for &relay in modes {
-            let r = run(&rt, work.path(), agents_dir, n, relay, &pkg0, &pkg1);
+            let r = run(&rt, work.path(), n, relay, &pkg0, &pkg1);
             println!(
                 "| {n} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} |",
                 if relay { "on" } else { "off" },
@@ -121,15 +115,7 @@ fn memory_mb(c: &CoordProc) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn run(
-    rt: &Runtime,
-    work: &Path,
-    agents_dir: &Path,
-    n: usize,
-    relay: bool,
-    pkg0: &Path,
-    pkg1: &Path,
-) -> RunResult {
+fn run(rt: &Runtime, work: &Path, n: usize, relay: bool, pkg0: &Path, pkg1: &Path) -> RunResult {
     let dir = tempfile::Builder::new()
         .prefix("run-")
         .tempdir_in(work)
@@ -141,10 +127,7 @@ fn run(
     }
     let coords: Vec<CoordProc> = spawn_coordinators_with(dir.path(), 1, "warn", None, &extra);
     let addrs: Vec<String> = coords.iter().map(|c| c.addr.clone()).collect();
-    let roots = tempfile::Builder::new()
-        .prefix("orch-relay-nodes-")
-        .tempdir_in(agents_dir)
-        .unwrap();
+    let roots = orch_tests::fleet::roots_dir("orch-relay-nodes-");
     let fleet = Fleet::start(rt, roots.path(), &Fleet::ids(n), &addrs, Some(pkg0));
     let mut client = Client::new(addrs.clone(), orch_tls::Security::Insecure);
     wait("all agents registered", || {
@@ -192,13 +175,6 @@ fn run(
         registered,
         after,
     }
-}
-
-fn terminal(p: &str) -> bool {
-    matches!(
-        p,
-        "succeeded" | "rolled_back" | "rollback_failed" | "aborted"
-    )
 }
 
 fn wait(what: &str, mut f: impl FnMut() -> bool) {

@@ -121,3 +121,33 @@ pub fn upload(rt: &Runtime, client: &mut Client, pkg: &Path) -> String {
     .unwrap();
     info.sha256
 }
+
+/// The benchmarks' runtime: 2 worker threads, as many as this machine has cores.
+pub fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A directory for the fleet's roots, on tmpfs when there is one: the agents' fsyncs are their
+/// own work, not what a benchmark measures, and on a shared disk they would also slow the
+/// coordinators' Raft log (coordinators keep their data on the real disk).
+pub fn roots_dir(prefix: &str) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let b = tempfile::Builder::new().prefix(prefix).clone();
+    if shm.is_dir() {
+        b.tempdir_in(shm).unwrap()
+    } else {
+        b.tempdir().unwrap()
+    }
+}
+
+/// A rollout phase from which nothing moves any more.
+pub fn terminal(phase: &str) -> bool {
+    matches!(
+        phase,
+        "succeeded" | "rolled_back" | "rollback_failed" | "aborted"
+    )
+}
