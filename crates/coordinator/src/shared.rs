@@ -225,6 +225,8 @@ impl Shared {
     }
 
     async fn probe_node_uncached(&self, node: &str, addr: &str) -> (bool, String) {
+        // The 3 s below is the probe's own; waiting for a turn is bounded by the probes ahead.
+        let _turn = self.agents.probe_turn().await;
         let mut c = match self.agents.client(node, addr) {
             Ok(c) => c,
             Err(e) => return (false, orch_types::error_chain(&e)),

@@ -61,12 +61,23 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest gRPC message exchanged with agents (push chunks are 256 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Channels to agents, one per (node, address).
+/// At most this many agent channels are kept open between calls. A channel is one HTTP/2
+/// connection with its buffers and service stack, about 35 KB on the leader (heap profile at
+/// 1,000 nodes in docs/benchmarks.md), and a rollout or a `status` touches every node: kept
+/// forever, 1,000 agents cost the leader 35 MB of mostly idle connections. Past the cap, the
+/// least recently used channel is dropped from the pool; calls still using it keep it until
+/// they end, and the next call to that node connects again.
+const MAX_IDLE_CHANNELS: usize = 256;
+
+/// Channels to agents, one per (node, address), the most recently used ones.
 pub struct AgentPool {
     security: Security,
-    channels: Mutex<HashMap<(String, String), Channel>>,
+    channels: Mutex<Channels>,
     /// Who holds which package, for peer relay (`None`: relay off, every push direct).
     seeds: Option<push::Seeds>,
+    /// Bounds the health probes of every node at once (`status`, a rollout's start) to about
+    /// the channels the pool keeps: all 1,000 at once opened 1,000 connections together.
+    probes: tokio::sync::Semaphore,
 }
 
 /// A node's registered address that cannot be dialed.
@@ -96,8 +107,9 @@ impl AgentPool {
     pub fn new(security: Security) -> AgentPool {
         AgentPool {
             security,
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels::default()),
             seeds: Some(push::Seeds::default()),
+            probes: tokio::sync::Semaphore::new(MAX_IDLE_CHANNELS),
         }
     }
 
@@ -105,6 +117,11 @@ impl AgentPool {
     pub fn with_relay(mut self, on: bool) -> AgentPool {
         self.seeds = on.then(push::Seeds::default);
         self
+    }
+
+    /// Waits for a turn to probe a node outside a rollout step (at most 256 probes run at once).
+    pub async fn probe_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.probes.acquire().await.ok()
     }
 
     /// A client for node `node` at `addr`. Under mTLS the agent must present the certificate
@@ -115,7 +132,7 @@ impl AgentPool {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let key = (node.to_string(), addr.to_string());
         let ch = match map.get(&key) {
-            Some(c) => c.clone(),
+            Some(c) => c,
             None => {
                 let c = self
                     .security
@@ -133,13 +150,47 @@ impl AgentPool {
                     // noticed by its call's deadline and reported by the liveness pings.
                     .keep_alive_timeout(Duration::from_secs(20))
                     .connect_lazy();
-                map.insert(key, c.clone());
+                map.insert(key, c.clone(), MAX_IDLE_CHANNELS);
                 c
             }
         };
         Ok(AgentClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+}
+
+/// The pool's channels with the order of their last use, so that the least recently used one
+/// can be dropped.
+#[derive(Default)]
+struct Channels {
+    map: HashMap<(String, String), (Channel, u64)>,
+    clock: u64,
+}
+
+impl Channels {
+    fn get(&mut self, key: &(String, String)) -> Option<Channel> {
+        self.clock += 1;
+        let (c, used) = self.map.get_mut(key)?;
+        *used = self.clock;
+        Some(c.clone())
+    }
+
+    /// Adds a channel, first dropping the least recently used ones beyond `cap - 1`.
+    fn insert(&mut self, key: (String, String), c: Channel, cap: usize) {
+        while self.map.len() >= cap.max(1) {
+            let Some(oldest) = self
+                .map
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.map.remove(&oldest);
+        }
+        self.clock += 1;
+        self.map.insert(key, (c, self.clock));
     }
 }
 
@@ -363,5 +414,32 @@ pub async fn release(pool: &AgentPool, node: &NodeId, addr: &str, fence: pb::Fen
             tracing::debug!(%node, "release not delivered: {}", s.message());
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel() -> Channel {
+        tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy()
+    }
+
+    fn key(n: &str) -> (String, String) {
+        (n.to_string(), "127.0.0.1:9".to_string())
+    }
+
+    #[tokio::test]
+    async fn the_pool_drops_the_least_recently_used_channel_past_its_cap() {
+        let mut c = Channels::default();
+        c.insert(key("n1"), channel(), 2);
+        c.insert(key("n2"), channel(), 2);
+        // n1 used after n2: n2 is the least recently used when n3 comes.
+        assert!(c.get(&key("n1")).is_some());
+        c.insert(key("n3"), channel(), 2);
+        assert_eq!(c.map.len(), 2);
+        assert!(c.get(&key("n2")).is_none());
+        assert!(c.get(&key("n1")).is_some());
+        assert!(c.get(&key("n3")).is_some());
     }
 }

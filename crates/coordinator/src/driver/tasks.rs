@@ -19,6 +19,13 @@ use crate::agents::{
 };
 use crate::state::Command;
 
+/// At most this many action tasks other than health gates run at once. Preflight puts every
+/// node's action in flight together: at 1,000 nodes, a task each at once held ~23 MB of task
+/// state plus a busy connection per agent on the leader, for calls that take milliseconds.
+/// The rest wait in the machine's in-flight list and start as tasks finish (each result is an
+/// applied entry, which re-syncs). Staging and committing are already 8 at a time.
+pub(super) const STEP_TASKS: usize = 256;
+
 /// The action tasks of the rollout being driven, by seq (seqs start again with each rollout).
 #[derive(Default)]
 pub(super) struct Tasks {
@@ -36,8 +43,8 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
     if tasks.rollout != Some(r.id) {
         // Another rollout: none of the previous one's tasks or early probes apply to it.
         for (_, slot) in tasks.slots.drain() {
-            if let Slot::Running(h) = slot {
-                h.abort();
+            if let Slot::Running { handle, .. } = slot {
+                handle.abort();
             }
         }
         for (_, g) in lock(&cx.early).drain() {
@@ -54,15 +61,15 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
     let seqs: HashSet<u64> = in_flight.iter().map(|a| a.seq).collect();
     tasks.retain(|seq, slot| {
         if !seqs.contains(seq) {
-            if let Slot::Running(h) = slot {
-                h.abort();
+            if let Slot::Running { handle, .. } = slot {
+                handle.abort();
             }
             return false;
         }
-        if let Slot::Running(h) = slot
-            && h.is_finished()
+        if let Slot::Running { handle, .. } = slot
+            && handle.is_finished()
         {
-            match futures::FutureExt::now_or_never(h) {
+            match futures::FutureExt::now_or_never(handle) {
                 // Recorded: the state read above may predate it, so never re-run it.
                 Some(Ok(Some(true))) => *slot = Slot::Recorded,
                 _ => return false,
@@ -78,10 +85,12 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
         }
         keep
     });
-    for a in in_flight {
-        if tasks.contains_key(&a.seq) {
-            continue;
-        }
+    let running = tasks
+        .values()
+        .filter(|s| matches!(s, Slot::Running { gate: false, .. }))
+        .count();
+    for a in to_start(in_flight, running, |seq| tasks.contains_key(&seq)) {
+        let gate = is_gate(a);
         // `fence` is the fence's step: with the term and the rollout it is what the agent checks.
         let span = tracing::info_span!(
             parent: &parent,
@@ -95,12 +104,44 @@ pub(super) fn sync_tasks(cx: &TaskCx, tasks: &mut Tasks, r: &ActiveView) {
         let h = cx.scope.spawn(
             perform_and_record(cx.clone(), r.id, r.package.clone(), a.clone()).instrument(span),
         );
-        tasks.insert(a.seq, Slot::Running(h));
+        tasks.insert(a.seq, Slot::Running { handle: h, gate });
     }
 }
 
+fn is_gate(a: &Action) -> bool {
+    matches!(a.kind, ActionKind::HealthGate { .. })
+}
+
+/// The in-flight actions to start a task for, in order, given how many non-gate tasks run and
+/// which actions have a task. Gates run as long as their policy says and must all run together
+/// (a bake gates every node at once); the other steps are short calls, at most [`STEP_TASKS`]
+/// at a time.
+fn to_start(
+    in_flight: &[Action],
+    mut running: usize,
+    has_task: impl Fn(u64) -> bool,
+) -> Vec<&Action> {
+    let mut out = Vec::new();
+    for a in in_flight {
+        if has_task(a.seq) {
+            continue;
+        }
+        if !is_gate(a) {
+            if running >= STEP_TASKS {
+                continue;
+            }
+            running += 1;
+        }
+        out.push(a);
+    }
+    out
+}
+
 enum Slot {
-    Running(JoinHandle<Option<bool>>),
+    Running {
+        handle: JoinHandle<Option<bool>>,
+        gate: bool,
+    },
     /// Finished and its result is in the log.
     Recorded,
 }
@@ -251,4 +292,55 @@ async fn record_performed(
         Err(CallError::Refused(error)) => ActionResult::Refused { error },
     };
     record(cx, rollout, action, result).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_types::Version;
+
+    fn action(seq: u64, kind: ActionKind) -> Action {
+        Action {
+            seq,
+            node: format!("n{seq}").parse().unwrap(),
+            kind,
+        }
+    }
+
+    fn gate(seq: u64) -> Action {
+        let expect: Version = "4.2.1".parse().unwrap();
+        action(
+            seq,
+            ActionKind::HealthGate {
+                min_healthy_time_ms: 0,
+                healthy_deadline_ms: 1,
+                expect,
+                failure_threshold: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn steps_start_at_most_the_cap_at_once_and_gates_always_start() {
+        let mut in_flight: Vec<Action> = (0..STEP_TASKS as u64 + 50)
+            .map(|s| action(s, ActionKind::Preflight))
+            .collect();
+        // Gates after the cap's worth of steps still start, all of them.
+        in_flight.extend((1000..1300).map(gate));
+        let seqs = |v: Vec<&Action>| v.iter().map(|a| a.seq).collect::<Vec<_>>();
+
+        let first = seqs(to_start(&in_flight, 0, |_| false));
+        let steps: Vec<u64> = (0..STEP_TASKS as u64).collect();
+        assert_eq!(first[..STEP_TASKS], steps[..]);
+        assert_eq!(first[STEP_TASKS..], (1000..1300).collect::<Vec<_>>()[..]);
+
+        // With the first ones running, nothing more starts until some finish; then the next
+        // ones in order, as many as finished.
+        let has = |s: u64| s < STEP_TASKS as u64 || s >= 1000;
+        assert!(to_start(&in_flight, STEP_TASKS, has).is_empty());
+        assert_eq!(
+            seqs(to_start(&in_flight, STEP_TASKS - 3, has)),
+            (STEP_TASKS as u64..STEP_TASKS as u64 + 3).collect::<Vec<_>>()
+        );
+    }
 }
