@@ -305,6 +305,7 @@ fn open_node(
         audit: audit::AuditLog::open(&agent_dir, config.node_id.as_str()),
         activate_timeout: config.activate_timeout,
         changed: Arc::new(tokio::sync::Notify::new()),
+        contact: Arc::new(register::Contact::new()),
         metrics: Arc::new(metrics::Metrics::new()),
         peers: relay::Peers::new(config.security.clone()),
     });
@@ -337,6 +338,7 @@ fn start_registration(
         shared.stamp.clone(),
         config.security.clone(),
         shared.changed.clone(),
+        shared.contact.clone(),
     )))
 }
 

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub activate_timeout: Duration,
     /// Wakes the registration loop when the node changed outside a step.
     pub changed: Arc<tokio::sync::Notify>,
+    /// When a coordinator's fenced step was last admitted (the registration loop waits).
+    pub contact: Arc<crate::register::Contact>,
     /// What `/metrics` serves (recorded here, in the service layer, as calls finish).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Channels to other agents, for peer relay.
@@ -78,6 +80,11 @@ impl Shared {
             what: &call.what,
             now_ms: audit::now_ms(),
         })?;
+        // Only a coordinator's fence: an operator's unfenced step must not delay the report
+        // of what it changed.
+        if call.fence.is_some() && call.caller.may_fence() {
+            self.contact.touch();
+        }
         self.publish(fences);
         Ok(())
     }

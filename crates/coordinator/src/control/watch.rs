@@ -32,6 +32,14 @@ pub(crate) struct Board<'a> {
     pub rev: Option<u64>,
 }
 
+/// A watch sends at most one message per this long. A large rollout applies entries and moves
+/// health gates hundreds of times a second, and each message costs a pass over the rollout's
+/// nodes (a gate lookup each while gates move): batched, a watch's cost per second stays
+/// bounded whatever the rate, on the leader that also drives the rollout. The watch channels
+/// it waits on keep only the latest value anyway, so no state is lost, only intermediate
+/// ones skipped, as they could be before.
+const COALESCE: Duration = Duration::from_millis(20);
+
 pub(super) type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::RolloutStatus, Status>> + Send>>;
 
 /// What a watch last sent of one rollout.
@@ -108,12 +116,16 @@ impl WatchCursor {
     /// the rollout has.
     fn delta(&mut self, s: &ClusterState, r: &Rollout, board: Board<'_>) -> pb::RolloutStatus {
         let mut nodes = Vec::new();
-        // Nodes whose agent does not answer: usually none; one pass over the registry.
-        let down_now: HashMap<&NodeId, &Unresponsive> = s
-            .nodes
-            .values()
-            .filter_map(|n| Some((&n.id, n.unresponsive.as_ref()?)))
-            .collect();
+        // Nodes whose agent does not answer: usually none, which the state knows without a
+        // pass over the registry; else one pass.
+        let down_now: HashMap<&NodeId, &Unresponsive> = if s.any_unresponsive() {
+            s.nodes
+                .values()
+                .filter_map(|n| Some((&n.id, n.unresponsive.as_ref()?)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let board_same = board.rev.is_some() && board.rev == self.board_rev;
         self.board_rev = board.rev;
         for (i, n) in r.nodes().enumerate() {
@@ -269,6 +281,11 @@ impl ControlService {
                 r = applied.changed() => if r.is_err() { return },
                 r = gates.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tx.closed() => return,
+            }
+            // Let the changes of the next moment join this one: see COALESCE.
+            tokio::select! {
+                _ = tokio::time::sleep(COALESCE) => {}
                 _ = tx.closed() => return,
             }
             let delta = {

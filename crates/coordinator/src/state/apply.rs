@@ -128,6 +128,7 @@ impl ClusterState {
             }
         }
         self.nodes.insert(new.id.clone(), new);
+        self.liveness = Default::default();
         Response::Ok
     }
 
@@ -150,6 +151,7 @@ impl ClusterState {
         match self.nodes.get_mut(id) {
             Some(n) => {
                 change(n);
+                self.liveness = Default::default();
                 Response::Ok
             }
             None => Response::Rejected(format!("node {id} is not registered")),
@@ -167,7 +169,10 @@ impl ClusterState {
             ));
         }
         match self.nodes.remove(id) {
-            Some(_) => Response::Ok,
+            Some(_) => {
+                self.liveness = Default::default();
+                Response::Ok
+            }
             None => Response::Rejected(format!("node {id} is not registered")),
         }
     }

@@ -218,7 +218,25 @@ pub struct ClusterState {
     /// Recently applied client requests and their responses (see [`Command::Request`]).
     #[serde(default)]
     pub requests: RequestWindow,
+    /// Derived from `nodes` (never serialized, ignored by `==`): whether any node is
+    /// unresponsive. Reset by every change of `nodes` (all in `apply`); see
+    /// [`ClusterState::any_unresponsive`].
+    #[serde(skip)]
+    liveness: LivenessCache,
 }
+
+/// Whether any registered node is unresponsive, computed on first use after a change.
+#[derive(Debug, Clone, Default)]
+struct LivenessCache(std::sync::OnceLock<bool>);
+
+impl PartialEq for LivenessCache {
+    /// A cache of `nodes`, which `==` compares already.
+    fn eq(&self, _: &LivenessCache) -> bool {
+        true
+    }
+}
+
+impl Eq for LivenessCache {}
 
 /// How many client request ids are remembered, and for how long (by the requests' own
 /// times): a client retries for at most its patience (30 s by default), far less than this.
@@ -262,6 +280,15 @@ impl RequestWindow {
 }
 
 impl ClusterState {
+    /// Whether any registered node is unresponsive. A watch asks on every applied entry and
+    /// nodes rarely are: one pass over the registry after each change of it, not per entry.
+    pub fn any_unresponsive(&self) -> bool {
+        *self
+            .liveness
+            .0
+            .get_or_init(|| self.nodes.values().any(|n| n.unresponsive.is_some()))
+    }
+
     /// The rollout that is not finished, if any (at most one at a time).
     pub fn active_rollout(&self) -> Option<&Rollout> {
         self.active().map(|(_, r)| r)
@@ -697,6 +724,45 @@ mod tests {
         assert_eq!(s.nodes[&n1].unresponsive, Some(u));
         s.apply(&register(vers("4.2.0", "permanent"), "a", None));
         assert_eq!(s.nodes[&n1].unresponsive, None);
+    }
+
+    /// `any_unresponsive` (cached between changes of the registry) follows every change:
+    /// liveness, registration, removal, and a state read back from a snapshot.
+    #[test]
+    fn any_unresponsive_follows_the_registry() {
+        let mut s = ClusterState::default();
+        let n1: NodeId = "n1".parse().unwrap();
+        assert!(!s.any_unresponsive());
+        s.apply(&register(vers("4.2.0", "permanent"), "a", None));
+        assert!(!s.any_unresponsive());
+        let down = |s: &mut ClusterState| {
+            s.apply(&Command::NodeLiveness {
+                id: n1.clone(),
+                unresponsive: Some(Unresponsive {
+                    since_ms: 5,
+                    detail: "no answer".into(),
+                }),
+            })
+        };
+        down(&mut s);
+        assert!(s.any_unresponsive());
+        let json = serde_json::to_string(&s).unwrap();
+        let read: ClusterState = serde_json::from_str(&json).unwrap();
+        assert!(read.any_unresponsive(), "after a snapshot");
+        assert_eq!(read, s);
+        s.apply(&Command::NodeLiveness {
+            id: n1.clone(),
+            unresponsive: None,
+        });
+        assert!(!s.any_unresponsive());
+        down(&mut s);
+        assert!(s.any_unresponsive());
+        s.apply(&register(vers("4.2.0", "permanent"), "a", None));
+        assert!(!s.any_unresponsive(), "a registration clears it");
+        down(&mut s);
+        assert!(s.any_unresponsive());
+        s.apply(&Command::RemoveNode { id: n1.clone() });
+        assert!(!s.any_unresponsive(), "removed");
     }
 
     /// "The latest rollout" and "the active one" go by number: after r999999 comes r1000000
