@@ -67,7 +67,12 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// forever, 1,000 agents cost the leader 35 MB of mostly idle connections. Past the cap, the
 /// least recently used channel is dropped from the pool; calls still using it keep it until
 /// they end, and the next call to that node connects again.
-const MAX_IDLE_CHANNELS: usize = 256;
+const MAX_IDLE_CHANNELS: usize = CALLS_AT_ONCE;
+
+/// How many short calls to agents (steps other than health gates, probes, releases, the
+/// planning preflight) the leader makes at once: the rest wait their turn. Each call holds a
+/// connection and a task; at 1,000 nodes, all at once was about 60 MB on the leader.
+pub const CALLS_AT_ONCE: usize = 256;
 
 /// Channels to agents, one per (node, address), the most recently used ones.
 pub struct AgentPool {
@@ -109,7 +114,7 @@ impl AgentPool {
             security,
             channels: Mutex::new(Channels::default()),
             seeds: Some(push::Seeds::default()),
-            probes: tokio::sync::Semaphore::new(MAX_IDLE_CHANNELS),
+            probes: tokio::sync::Semaphore::new(CALLS_AT_ONCE),
         }
     }
 

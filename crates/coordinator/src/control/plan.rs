@@ -94,7 +94,13 @@ impl ControlService {
                 (node, result)
             }
         });
-        futures::future::join_all(asks).await.into_iter().collect()
+        // In order, at most CALLS_AT_ONCE at a time (each holds a connection to its agent).
+        use futures::StreamExt;
+        let answers: Vec<_> = futures::stream::iter(asks)
+            .buffered(crate::agents::CALLS_AT_ONCE)
+            .collect()
+            .await;
+        answers.into_iter().collect()
     }
 
     /// The plan of a rollout of `spec`: preflight run for real, planned by the rollout machine.

@@ -24,7 +24,7 @@ use crate::state::Command;
 /// state plus a busy connection per agent on the leader, for calls that take milliseconds.
 /// The rest wait in the machine's in-flight list and start as tasks finish (each result is an
 /// applied entry, which re-syncs). Staging and committing are already 8 at a time.
-pub(super) const STEP_TASKS: usize = 256;
+pub(super) const STEP_TASKS: usize = crate::agents::CALLS_AT_ONCE;
 
 /// The action tasks of the rollout being driven, by seq (seqs start again with each rollout).
 #[derive(Default)]
