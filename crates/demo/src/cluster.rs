@@ -49,11 +49,37 @@ struct Reserved {
 
 impl Reserved {
     fn new(n: usize) -> Result<Reserved, DemoError> {
-        let free = (0..n)
-            .map(|_| {
-                TcpListener::bind("127.0.0.1:0").map_err(DemoError::io("find a free loopback port"))
-            })
-            .collect::<Result<_, _>>()?;
+        let mut free = std::collections::VecDeque::with_capacity(n);
+        // Below the kernel's ephemeral range: held or not, no outgoing connection's source port
+        // is ever drawn from there (a daemon binds its port a moment after the demo lets go,
+        // and under load that moment was long enough for another daemon's connection to take
+        // it). Each candidate is bound to check that nothing else listens there.
+        let (below, _) = ephemeral_range();
+        let low = below.saturating_sub(10_000).max(1024);
+        let span = u32::from(below.saturating_sub(low));
+        if span >= 1000 {
+            // A different start per run, so that two demos at once rarely try the same ports.
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+                ^ std::process::id();
+            for i in 0..span {
+                if free.len() == n {
+                    break;
+                }
+                let port = low + ((seed.wrapping_add(i) % span) as u16);
+                if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                    free.push_back(l);
+                }
+            }
+        }
+        // No room below the range (or every port there taken): the kernel's pick.
+        while free.len() < n {
+            let l = TcpListener::bind("127.0.0.1:0")
+                .map_err(DemoError::io("find a free loopback port"))?;
+            free.push_back(l);
+        }
         Ok(Reserved {
             free,
             picked: Vec::new(),
@@ -351,6 +377,16 @@ impl Drop for DemoCluster {
     }
 }
 
+/// The kernel's range for the source ports of outgoing connections (and for binding port 0).
+fn ephemeral_range() -> (u16, u16) {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(lo), Some(hi)) if lo <= hi => (lo, hi),
+        _ => (32768, 60999),
+    }
+}
+
 /// The demo's certificates in `base/certs` (one folder per party, `orchestrator certs init`
 /// style); parties missing from an earlier run with the same directory are issued.
 fn demo_certs(base: &Path, coordinators: u32, nodes: u32) -> Result<PathBuf, DemoError> {
@@ -388,6 +424,13 @@ mod tests {
     fn picked_ports_are_distinct_and_held_until_released() {
         let mut ports = Reserved::new(6).unwrap();
         let picked: Vec<u16> = (0..6).map(|_| ports.pick().unwrap()).collect();
+        let (lo, _) = ephemeral_range();
+        if lo >= 11_024 {
+            assert!(
+                picked.iter().all(|&p| p < lo),
+                "{picked:?}: outside the ephemeral range, where connections draw source ports"
+            );
+        }
         let distinct: std::collections::BTreeSet<u16> = picked.iter().copied().collect();
         assert_eq!(distinct.len(), 6, "{picked:?}");
         assert!(
