@@ -154,40 +154,43 @@ pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
     c.patience = a.cluster.timeout.unwrap_or(ONE_SHOT_TIMEOUT);
     let spinning = spinner_on(g);
     runtime()?.block_on(async move {
-        // Cut into chunks (for a delta upload) on another thread while it is checked and the
-        // rollout planned.
-        let chunking = a.package.clone().map(|p| {
-            tokio::task::spawn_blocking(move || -> Option<Vec<orch_package::chunks::Chunk>> {
-                let f = std::fs::File::open(&p).ok()?;
-                orch_package::chunks::chunk_reader(
-                    std::io::BufReader::with_capacity(1 << 20, f),
-                    &p,
-                )
-                .ok()
-            })
-        });
-        // A bad package is refused here, before anything is sent.
-        let checked = match &a.package {
-            Some(path) => Some(check_package(path, a.version)?),
+        // The package's digest, its chunks (for a delta upload) and its entries are checked
+        // at once, each in a pass of its own; the plan is asked for as soon as the digest is
+        // known, while the entries are still being checked.
+        let mut checks = a.package.clone().map(|p| Checks::start(p, a.version));
+        let header = match &mut checks {
+            Some(ch) => Some(ch.header().await?),
             None => None,
         };
         let req = pb::PlanRolloutRequest {
             start: Some(start_request(&a, String::new())),
-            package: checked.as_ref().map(|(_, h)| h.clone()),
+            package: header.clone(),
             // Ask first: a rollout that would be refused (another one runs, a node unknown,
             // preflight refuses) is refused before any byte of the package is uploaded.
             // Without a package there is no upload to spare: StartRollout runs preflight
             // itself before recording anything.
-            skip_preflight: !a.dry_run && checked.is_none(),
+            skip_preflight: !a.dry_run && header.is_none(),
         };
+        let what = if a.dry_run {
+            "planning (preflight)"
+        } else {
+            "checking the rollout"
+        };
+        let (plan, entries) = tokio::join!(spin(what, spinning, c.plan_rollout(req)), async {
+            match &mut checks {
+                Some(ch) => ch.entries().await,
+                None => Ok(()),
+            }
+        });
+        // A bad package is refused first, before anything is sent, whatever the plan says.
+        entries?;
+        let plan = plan?;
         if a.dry_run {
-            let plan = spin("planning (preflight)", spinning, c.plan_rollout(req)).await?;
             let paint = Paint {
                 on: use_color(g.color),
             };
             return crate::plan::show(&plan, g.json, paint);
         }
-        let plan = spin("checking the rollout", spinning, c.plan_rollout(req)).await?;
         if !plan.refusal.is_empty() {
             return Err(Exit::new(
                 1,
@@ -199,15 +202,13 @@ pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
             )
             .into());
         }
-        let package_sha256 = match &checked {
-            Some((path, header)) => {
-                let chunks = match chunking {
-                    Some(t) => t.await.ok().flatten(),
-                    None => None,
-                };
-                upload(&mut c, path, header.clone(), chunks).await?
+        let package_sha256 = match (checks, header) {
+            (Some(ch), Some(header)) => {
+                let path = ch.path.clone();
+                let chunks = ch.chunks().await;
+                upload(&mut c, &path, header, chunks).await?
             }
-            None => String::new(),
+            _ => String::new(),
         };
         let req = start_request(&a, package_sha256);
         let started = spin("starting the rollout", spinning, c.start_rollout(req)).await?;
@@ -241,23 +242,81 @@ pub fn rollout(mut a: RolloutArgs, g: &GlobalOpts) -> Result<()> {
     })
 }
 
-/// Checks the package here (a bad one is refused before anything is sent) and describes it,
-/// signature included, as the coordinators are told about it.
-fn check_package(
-    path: &std::path::Path,
-    version: orch_types::Version,
-) -> Result<(std::path::PathBuf, pb::UploadHeader)> {
-    let info = package::verify(path, None, Some(version), &Limits::default())?;
-    // FILE.sig travels with the package; coordinators and agents with trusted keys check it.
-    let signature = orch_release::signing::read_sig(path)?.unwrap_or_default();
-    let header = pb::UploadHeader {
-        name: info.name.clone(),
-        version: info.version.to_string(),
-        sha256: info.sha256.clone(),
-        size: info.size,
-        signature,
-    };
-    Ok((path.to_path_buf(), header))
+type Blocking<T> = tokio::task::JoinHandle<T>;
+
+/// A package being checked before its rollout, in three passes at once on the blocking pool:
+/// its digest (against its `.sha256` sidecar when there is one), its entries (structure, every
+/// entry's data and CRC, the limits, the manifest against the file name and the version), and
+/// its chunks for a delta upload. Together the checks of `package::verify`; apart, the plan
+/// can be asked for once the digest is known and no pass waits for another.
+struct Checks {
+    path: std::path::PathBuf,
+    digest: Option<Blocking<orch_package::Result<(String, u64)>>>,
+    entries: Option<Blocking<orch_release::Result<package::Contents>>>,
+    chunks: Option<Blocking<Option<Vec<orch_package::chunks::Chunk>>>>,
+}
+
+impl Checks {
+    fn start(path: std::path::PathBuf, version: orch_types::Version) -> Checks {
+        let p = path.clone();
+        let digest = tokio::task::spawn_blocking(move || package::digest_checked(&p, None));
+        let p = path.clone();
+        let entries = tokio::task::spawn_blocking(move || {
+            package::verify_entries(&p, Some(version), &Limits::default())
+        });
+        let p = path.clone();
+        // Only an optimisation: without chunks the whole package is uploaded.
+        let chunks = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&p).ok()?;
+            orch_package::chunks::chunk_reader(std::io::BufReader::with_capacity(1 << 20, f), &p)
+                .ok()
+        });
+        Checks {
+            path,
+            digest: Some(digest),
+            entries: Some(entries),
+            chunks: Some(chunks),
+        }
+    }
+
+    /// The package as the coordinators are told about it (signature included), once its digest
+    /// is checked. Its name and version come from its file name, which the entries' check holds
+    /// to the manifest: a package whose name or version lies fails there.
+    async fn header(&mut self) -> Result<pb::UploadHeader> {
+        let (sha256, size) = match self.digest.take() {
+            Some(t) => t.await??,
+            None => bail!("the package's digest was asked for twice"),
+        };
+        let (name, version) = match package::file_identity(&self.path) {
+            Ok(id) => id,
+            // What the full check says comes first, as `package::verify` would say it.
+            Err(e) => {
+                self.entries().await?;
+                return Err(e.into());
+            }
+        };
+        // FILE.sig travels with the package; coordinators and agents with trusted keys check it.
+        let signature = orch_release::signing::read_sig(&self.path)?.unwrap_or_default();
+        Ok(pb::UploadHeader {
+            name,
+            version: version.to_string(),
+            sha256,
+            size,
+            signature,
+        })
+    }
+
+    /// Waits for the entries' check (once; later calls return at once).
+    async fn entries(&mut self) -> Result<()> {
+        if let Some(t) = self.entries.take() {
+            t.await??;
+        }
+        Ok(())
+    }
+
+    async fn chunks(mut self) -> Option<Vec<orch_package::chunks::Chunk>> {
+        self.chunks.take()?.await.ok().flatten()
+    }
 }
 
 /// Uploads the checked package with its signature and returns its digest: as the chunks the

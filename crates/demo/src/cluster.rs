@@ -30,6 +30,80 @@ pub struct DemoCluster {
     children: Vec<(String, Child)>,
     /// Node roots whose demo service must be stopped.
     roots: Vec<PathBuf>,
+    /// Ports picked for the services and daemons, held until each one's user starts.
+    ports: Reserved,
+}
+
+/// Loopback ports picked for every service and daemon before any is started, each held
+/// (bound) until just before the process that listens on it starts. A port picked and released
+/// at once could be handed out again meanwhile: to another pick, or as the source port of a
+/// connection a daemon started earlier makes (an agent once failed with `Address already in
+/// use` at startup). The kernel gives a held port to neither.
+#[derive(Default)]
+struct Reserved {
+    /// Held and not handed out yet.
+    free: std::collections::VecDeque<TcpListener>,
+    /// Handed out, held until released.
+    picked: Vec<(u16, TcpListener)>,
+}
+
+impl Reserved {
+    fn new(n: usize) -> Result<Reserved, DemoError> {
+        let mut free = std::collections::VecDeque::with_capacity(n);
+        // Below the kernel's ephemeral range: held or not, no outgoing connection's source port
+        // is ever drawn from there (a daemon binds its port a moment after the demo lets go,
+        // and under load that moment was long enough for another daemon's connection to take
+        // it). Each candidate is bound to check that nothing else listens there.
+        let (below, _) = ephemeral_range();
+        let low = below.saturating_sub(10_000).max(1024);
+        let span = u32::from(below.saturating_sub(low));
+        if span >= 1000 {
+            // A different start per run, so that two demos at once rarely try the same ports.
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+                ^ std::process::id();
+            for i in 0..span {
+                if free.len() == n {
+                    break;
+                }
+                let port = low + ((seed.wrapping_add(i) % span) as u16);
+                if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                    free.push_back(l);
+                }
+            }
+        }
+        // No room below the range (or every port there taken): the kernel's pick.
+        while free.len() < n {
+            let l = TcpListener::bind("127.0.0.1:0")
+                .map_err(DemoError::io("find a free loopback port"))?;
+            free.push_back(l);
+        }
+        Ok(Reserved {
+            free,
+            picked: Vec::new(),
+        })
+    }
+
+    /// A port for one process, still held until [`Reserved::release`].
+    fn pick(&mut self) -> Result<u16, DemoError> {
+        let io = DemoError::io("find a free loopback port");
+        let Some(l) = self.free.pop_front() else {
+            return Err(io(std::io::Error::other("every reserved port is in use")));
+        };
+        let port = match l.local_addr() {
+            Ok(a) => a.port(),
+            Err(e) => return Err(io(e)),
+        };
+        self.picked.push((port, l));
+        Ok(port)
+    }
+
+    /// Stops holding `ports`: their process is about to bind them.
+    fn release(&mut self, ports: &[u16]) {
+        self.picked.retain(|(p, _)| !ports.contains(p));
+    }
 }
 
 impl DemoCluster {
@@ -51,6 +125,8 @@ impl DemoCluster {
             packages: Vec::new(),
             children: Vec::new(),
             roots: Vec::new(),
+            // A service per node, a listener and a dashboard per coordinator, an agent per node.
+            ports: Reserved::new(2 * (config.nodes + config.coordinators) as usize)?,
         };
         if !config.insecure {
             let dir = demo_certs(base, config.coordinators, config.nodes)?;
@@ -140,7 +216,7 @@ impl DemoCluster {
             let releases = root.join("releases");
             fs::create_dir_all(&releases)
                 .map_err(DemoError::io(format!("create {}", releases.display())))?;
-            let svc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let svc = SocketAddr::from(([127, 0, 0, 1], self.ports.pick()?));
             let conf = root.join("demo-service.toml");
             fs::write(&conf, format!("listen = \"{svc}\"\n"))
                 .map_err(DemoError::io(format!("write {}", conf.display())))?;
@@ -152,6 +228,8 @@ impl DemoCluster {
                 path: initial.to_path_buf(),
                 sha256: None,
             };
+            // The install's hook starts the service, which binds it.
+            self.ports.release(&[svc.port()]);
             store
                 .install(&source, true)
                 .map_err(DemoError::release(format!(
@@ -165,9 +243,10 @@ impl DemoCluster {
 
     fn spawn_coordinators(&mut self) -> Result<(), DemoError> {
         let base = self.config.dir.clone();
-        self.coordinators = (0..self.config.coordinators)
-            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-            .collect::<Result<_, _>>()?;
+        let ports = (0..self.config.coordinators)
+            .map(|_| self.ports.pick())
+            .collect::<Result<Vec<u16>, _>>()?;
+        self.coordinators = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let list = base.join("coordinators");
         fs::write(&list, self.coordinators.join(","))
             .map_err(DemoError::io(format!("write {}", list.display())))?;
@@ -183,7 +262,8 @@ impl DemoCluster {
                 base.join(format!("coordinator{id}")).display().to_string(),
             ];
             a.extend(self.tls_flags(&format!("coordinator-{id}")));
-            let http = format!("127.0.0.1:{}", free_port()?);
+            let http_port = self.ports.pick()?;
+            let http = format!("127.0.0.1:{http_port}");
             let scheme = if self.certs.is_some() {
                 "https"
             } else {
@@ -202,6 +282,7 @@ impl DemoCluster {
                 a.push("--bootstrap".into());
             }
             let log = base.join(format!("coordinator{id}.log"));
+            self.ports.release(&[ports[i], http_port]);
             self.spawn(&format!("coordinator {id}"), &log, &a)?;
         }
         Ok(())
@@ -211,6 +292,7 @@ impl DemoCluster {
         let base = self.config.dir.clone();
         for (i, svc) in self.services.clone().iter().enumerate() {
             let n = i + 1;
+            let port = self.ports.pick()?;
             let mut a = vec![
                 "agent".to_string(),
                 "--node-id".into(),
@@ -218,7 +300,7 @@ impl DemoCluster {
                 "--root-dir".into(),
                 base.join(format!("node{n}")).display().to_string(),
                 "--listen".into(),
-                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{port}"),
                 "--health-url".into(),
                 format!("http://{svc}/health"),
             ];
@@ -228,6 +310,7 @@ impl DemoCluster {
                 a.push(c.clone());
             }
             let log = base.join(format!("agent{n}.log"));
+            self.ports.release(&[port]);
             self.spawn(&format!("agent n{n}"), &log, &a)?;
         }
         Ok(())
@@ -294,11 +377,14 @@ impl Drop for DemoCluster {
     }
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(DemoError::io("find a free loopback port"))?;
-    Ok(l.local_addr()
-        .map_err(DemoError::io("find a free loopback port"))?
-        .port())
+/// The kernel's range for the source ports of outgoing connections (and for binding port 0).
+fn ephemeral_range() -> (u16, u16) {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(lo), Some(hi)) if lo <= hi => (lo, hi),
+        _ => (32768, 60999),
+    }
 }
 
 /// The demo's certificates in `base/certs` (one folder per party, `orchestrator certs init`
@@ -325,4 +411,41 @@ fn demo_certs(base: &Path, coordinators: u32, nodes: u32) -> Result<PathBuf, Dem
         }
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The port race at fleet start (`Address already in use`): a port the demo picked must
+    /// stay its own until the daemon that listens on it starts. Picking by binding port 0 and
+    /// letting go at once left it free for anyone in between.
+    #[test]
+    fn picked_ports_are_distinct_and_held_until_released() {
+        let mut ports = Reserved::new(6).unwrap();
+        let picked: Vec<u16> = (0..6).map(|_| ports.pick().unwrap()).collect();
+        let (lo, _) = ephemeral_range();
+        if lo >= 11_024 {
+            assert!(
+                picked.iter().all(|&p| p < lo),
+                "{picked:?}: outside the ephemeral range, where connections draw source ports"
+            );
+        }
+        let distinct: std::collections::BTreeSet<u16> = picked.iter().copied().collect();
+        assert_eq!(distinct.len(), 6, "{picked:?}");
+        assert!(
+            ports.pick().is_err(),
+            "only the reserved ports are handed out"
+        );
+        for &p in &picked {
+            assert!(
+                TcpListener::bind(("127.0.0.1", p)).is_err(),
+                "port {p} is free for anyone before its daemon starts"
+            );
+        }
+        ports.release(&picked[..1]);
+        let l = TcpListener::bind(("127.0.0.1", picked[0]));
+        assert!(l.is_ok(), "a released port is its daemon's to bind");
+        assert!(TcpListener::bind(("127.0.0.1", picked[1])).is_err());
+    }
 }

@@ -144,6 +144,9 @@ pub struct Assembly {
     pieces: Vec<Piece>,
     next: usize,
     files: HashMap<PathBuf, File>,
+    /// One buffer for every local piece: a fresh zeroed one per chunk cost an allocation (an
+    /// `mmap` and its page faults past glibc's threshold) and a memset per 64 KiB copied.
+    buf: Vec<u8>,
 }
 
 impl Assembly {
@@ -179,6 +182,7 @@ impl Assembly {
             pieces,
             next: 0,
             files: HashMap::new(),
+            buf: Vec::new(),
         })
     }
 
@@ -204,11 +208,12 @@ impl Assembly {
                 let f = File::open(path).map_err(local)?;
                 self.files.insert(path.clone(), f);
             }
-            let mut buf = vec![0u8; *len as usize];
+            // At most MAX_CHUNK bytes (a checked list's sizes).
+            self.buf.resize(*len as usize, 0);
             if let Some(f) = self.files.get(path) {
-                f.read_exact_at(&mut buf, *offset).map_err(local)?;
+                f.read_exact_at(&mut self.buf, *offset).map_err(local)?;
             }
-            out.write(&buf)?;
+            out.write(&self.buf)?;
             self.next += 1;
         }
         Ok(())

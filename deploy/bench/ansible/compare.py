@@ -34,6 +34,7 @@ import fcntl
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -247,10 +248,40 @@ class Fleet:
     ports: list = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ephemeral_range():
+    """The kernel's range for the source ports of outgoing connections (and for bind to port 0)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+class Ports:
+    """Ports for the Ansible fleet's services that nothing else on this machine is handed: none
+    from the kernel's ephemeral range, which every daemon's outgoing connection draws its source
+    port from (and the demo's fleet its ports), each checked free by binding it, and none twice.
+    A port picked by binding port 0 and then released could be taken meanwhile; so could a
+    demo agent's: `Address already in use` at fleet start (see `start_demo`)."""
+
+    def __init__(self):
+        lo, hi = ephemeral_range()
+        # Below the ephemeral range when there is room for a fleet, else above it.
+        self.candidates = list(range(20000, lo)) if lo - 20000 >= 1000 else list(range(hi + 1, 65536))
+        random.shuffle(self.candidates)
+        self.given = set()
+
+    def pick(self) -> int:
+        while self.candidates:
+            port = self.candidates.pop()
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            self.given.add(port)
+            return port
+        raise Fail("no free loopback port outside the ephemeral range")
 
 
 def listen_port(root: Path) -> int:
@@ -307,6 +338,9 @@ class Demo:
     def wait_ready(self, timeout_s=600) -> Fleet:
         deadline = time.monotonic() + timeout_s
         while DEMO_READY_LINE not in self.log_path.read_text(errors="replace"):
+            # A daemon that could not bind its port: the demo would wait for it in vain.
+            if port_taken(self.dir) is not None:
+                raise Fail(f"orchestrator demo: a daemon could not bind its port: see {self.dir}")
             if self.proc.poll() is not None:
                 raise Fail(f"orchestrator demo exited ({self.proc.returncode}) before it was ready: "
                            f"see {self.log_path}\n{tail(self.log_path)}")
@@ -334,6 +368,44 @@ class Demo:
         stop_services(self.bin, [self.dir / f"node{i}" for i in range(1, self.n + 1)])
 
 
+# What a daemon of the demo says when the port it was given was taken before it could bind it.
+PORT_TAKEN = "Address already in use"
+DEMO_ATTEMPTS = 3
+
+
+def start_demo(a, n: int, d: Path, cleanup):
+    """The demo's fleet, started again (from scratch) when one of its daemons could not bind the
+    port it was given, which another process took in between (the demo holds its ports until
+    each daemon starts, but a daemon still binds its port a moment after the demo lets go);
+    any other failure is reported at once."""
+    for attempt in range(1, DEMO_ATTEMPTS + 1):
+        demo = Demo(a, n, d)
+        cleanup.append(demo.stop)
+        try:
+            return demo, demo.wait_ready()
+        except Fail:
+            taken = port_taken(d)
+            if taken is None or attempt == DEMO_ATTEMPTS:
+                raise
+            log(f"orchestrator demo: {taken}: a port was taken before its daemon bound it; "
+                f"starting the fleet again ({attempt + 1} of {DEMO_ATTEMPTS})")
+            demo.stop()
+            cleanup.remove(demo.stop)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def port_taken(d: Path):
+    """The first daemon log line of the demo in d that reports a port already in use, if any."""
+    for f in sorted(d.glob("*.log")) + [d.parent / "orchestrator-demo.log"]:
+        try:
+            for line in f.read_text(errors="replace").splitlines():
+                if PORT_TAKEN in line:
+                    return f"{f.name}: {line.strip()[:200]}"
+        except OSError:
+            pass
+    return None
+
+
 def stop_services(bin_path: Path, roots):
     for root in roots:
         if (root / "run").exists():
@@ -345,10 +417,11 @@ def start_ansible_fleet(a, n: int, d: Path, base_zip: Path, cleanup) -> Fleet:
     """N roots like the demo's, BASE_VERSION installed (and started) by the release store."""
     fleet = Fleet("ansible")
     cleanup.append(lambda: stop_services(a.bin, fleet.roots))
+    ports = Ports()
     for i in range(1, n + 1):
         root = d / f"node{i}"
         (root / "releases").mkdir(parents=True)
-        port = free_port()
+        port = ports.pick()
         (root / "demo-service.toml").write_text(f'listen = "127.0.0.1:{port}"\n')
         fleet.roots.append(root)
         fleet.ports.append(port)
@@ -461,9 +534,7 @@ def run_size(a, n: int, packages, playbook: Path, results: list):
     cleanup = []
     try:
         log(f"\n== N = {n}: starting the orchestrator's fleet (orchestrator demo) and Ansible's")
-        demo = Demo(a, n, d / "orchestrator")
-        cleanup.append(demo.stop)
-        orch_fleet = demo.wait_ready()
+        demo, orch_fleet = start_demo(a, n, d / "orchestrator", cleanup)
         check_fleet(orch_fleet, BASE_VERSION)
         base_zip = d / "orchestrator" / "packages" / f"{PACKAGE_NAME}-{BASE_VERSION}.zip"
         ans_fleet = start_ansible_fleet(a, n, d / "ansible", base_zip, cleanup)

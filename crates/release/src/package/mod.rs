@@ -115,6 +115,47 @@ pub fn verify(
     limits: &Limits,
 ) -> Result<PackageInfo> {
     let (file, sha256, size) = open_verified(zip, expected_sha256)?;
+    let c = check_entries(zip, file, expected_version, limits)?;
+    Ok(PackageInfo {
+        name: c.name,
+        version: c.version,
+        sha256,
+        size,
+        entries: c.entries,
+        uncompressed_bytes: c.uncompressed_bytes,
+    })
+}
+
+/// What [`verify_entries`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Contents {
+    pub name: String,
+    pub version: Version,
+    pub entries: u64,
+    pub uncompressed_bytes: u64,
+}
+
+/// Everything [`verify`] checks but the digest (structure, every entry's data and CRC, the
+/// limits, the manifest against the file name), for a caller that hashes the file in a pass of
+/// its own at the same time (`rollout --package`: its digest and its chunks in one thread, this
+/// in another). Whoever uses the bytes checks their digest again: this is not evidence that a
+/// later read of the path yields these bytes.
+pub fn verify_entries(
+    zip: &Path,
+    expected_version: Option<Version>,
+    limits: &Limits,
+) -> Result<Contents> {
+    let file = File::open(zip).ctx("open package", zip)?;
+    check_entries(zip, file, expected_version, limits)
+}
+
+/// The checks of [`verify`] after the digest, on the open package.
+fn check_entries(
+    zip: &Path,
+    file: File,
+    expected_version: Option<Version>,
+    limits: &Limits,
+) -> Result<Contents> {
     let mut archive = open_checked(zip, file, limits)?;
     let mut total = 0u64;
     let mut manifest = None;
@@ -146,11 +187,9 @@ pub fn verify(
     }
     let manifest = manifest.ok_or_else(|| bad(zip, format!("it has no {MANIFEST}")))?;
     let (name, version) = check_identity(zip, &manifest, expected_version)?;
-    Ok(PackageInfo {
+    Ok(Contents {
         name,
         version,
-        sha256,
-        size,
         entries: archive.len() as u64,
         uncompressed_bytes: total,
     })
