@@ -116,8 +116,7 @@ impl WatchCursor {
     /// the rollout has.
     fn delta(&mut self, s: &ClusterState, r: &Rollout, board: Board<'_>) -> pb::RolloutStatus {
         let mut nodes = Vec::new();
-        // Nodes whose agent does not answer: usually none, which the state knows without a
-        // pass over the registry; else one pass.
+        // Nodes whose agent does not answer: usually none (one pass over the registry).
         let down_now: HashMap<&NodeId, &Unresponsive> = if s.any_unresponsive() {
             s.nodes
                 .values()

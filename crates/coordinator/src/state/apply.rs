@@ -128,7 +128,6 @@ impl ClusterState {
             }
         }
         self.nodes.insert(new.id.clone(), new);
-        self.liveness = Default::default();
         Response::Ok
     }
 
@@ -151,7 +150,6 @@ impl ClusterState {
         match self.nodes.get_mut(id) {
             Some(n) => {
                 change(n);
-                self.liveness = Default::default();
                 Response::Ok
             }
             None => Response::Rejected(format!("node {id} is not registered")),
@@ -169,10 +167,7 @@ impl ClusterState {
             ));
         }
         match self.nodes.remove(id) {
-            Some(_) => {
-                self.liveness = Default::default();
-                Response::Ok
-            }
+            Some(_) => Response::Ok,
             None => Response::Rejected(format!("node {id} is not registered")),
         }
     }

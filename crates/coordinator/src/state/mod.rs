@@ -218,25 +218,7 @@ pub struct ClusterState {
     /// Recently applied client requests and their responses (see [`Command::Request`]).
     #[serde(default)]
     pub requests: RequestWindow,
-    /// Derived from `nodes` (never serialized, ignored by `==`): whether any node is
-    /// unresponsive. Reset by every change of `nodes` (all in `apply`); see
-    /// [`ClusterState::any_unresponsive`].
-    #[serde(skip)]
-    liveness: LivenessCache,
 }
-
-/// Whether any registered node is unresponsive, computed on first use after a change.
-#[derive(Debug, Clone, Default)]
-struct LivenessCache(std::sync::OnceLock<bool>);
-
-impl PartialEq for LivenessCache {
-    /// A cache of `nodes`, which `==` compares already.
-    fn eq(&self, _: &LivenessCache) -> bool {
-        true
-    }
-}
-
-impl Eq for LivenessCache {}
 
 /// How many client request ids are remembered, and for how long (by the requests' own
 /// times): a client retries for at most its patience (30 s by default), far less than this.
@@ -280,13 +262,10 @@ impl RequestWindow {
 }
 
 impl ClusterState {
-    /// Whether any registered node is unresponsive. A watch asks on every applied entry and
-    /// nodes rarely are: one pass over the registry after each change of it, not per entry.
+    /// Whether any registered node is unresponsive: usually none, and then a watch message
+    /// needs no map of them.
     pub fn any_unresponsive(&self) -> bool {
-        *self
-            .liveness
-            .0
-            .get_or_init(|| self.nodes.values().any(|n| n.unresponsive.is_some()))
+        self.nodes.values().any(|n| n.unresponsive.is_some())
     }
 
     /// The rollout that is not finished, if any (at most one at a time).
@@ -726,7 +705,7 @@ mod tests {
         assert_eq!(s.nodes[&n1].unresponsive, None);
     }
 
-    /// `any_unresponsive` (cached between changes of the registry) follows every change:
+    /// `any_unresponsive` follows every change of the registry:
     /// liveness, registration, removal, and a state read back from a snapshot.
     #[test]
     fn any_unresponsive_follows_the_registry() {
